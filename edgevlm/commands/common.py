@@ -1,0 +1,76 @@
+"""Small helpers shared by the subcommands: output for people (rich tables) and for machines (one JSON line)."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, default=_default))
+
+
+def _default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]], file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for column in columns:
+        t.add_column(column)
+    for row in rows:
+        t.add_row(*(fmt(v) for v in row))
+    Console(file=file or sys.stdout).print(t)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def add_sampling_arguments(parser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(args) -> dict:
+    from ..errors import BadInputError
+    from ..runtimes.sampling import SamplingConfig
+
+    try:
+        SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    except ValueError as exc:
+        raise BadInputError(f"{exc}; fix the sampling option") from None
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def add_backend_arguments(parser) -> None:
+    parser.add_argument("--encoder", default=None, help="encoder artifact, e.g. onnx:int8 (bundle) or torch")
+    parser.add_argument("--decoder", default=None, help="decoder artifact, e.g. gguf:q4_k_m, mlx:4bit (bundle) or torch")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the runtimes")
+    parser.add_argument("--provider", default=None, help="force an ONNX Runtime provider (cpu, cuda, tensorrt, coreml)")
+
+
+def backend_options(args) -> dict:
+    options = {}
+    for name in ("threads", "provider"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return options

@@ -1,0 +1,87 @@
+"""edgevlm inspect PATH [--json]: family, parameter counts, shapes and image-token layout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("path", help="checkpoint folder or bundle")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+
+
+def checkpoint_summary(path: Path) -> dict:
+    from ..families import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    text = ckpt.decoder.config
+    return {
+        "kind": "checkpoint",
+        "path": str(path),
+        "family": ckpt.family,
+        "parameters": ckpt.parameter_counts(),
+        "tile_size": list(ckpt.preprocess.tile_size),
+        "resize_rule": ckpt.preprocess.resize_rule,
+        "image_layout": ckpt.layout.to_dict(),
+        "decoder": {
+            "hidden_size": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads,
+            "kv_heads": text.num_key_value_heads, "intermediate_size": text.intermediate_size,
+            "vocab_size": text.vocab_size, "context_length": ckpt.context_length,
+            "tie_word_embeddings": bool(text.tie_word_embeddings),
+        },
+        "stop_token_ids": ckpt.stop_token_ids,
+        "sha256": ckpt.source_sha256,
+    }
+
+
+def bundle_summary(path: Path) -> dict:
+    from dataclasses import asdict
+
+    from ..manifest import Manifest
+
+    manifest = Manifest.load(path)
+    return {
+        "kind": "bundle",
+        "path": str(path),
+        "family": manifest.family,
+        "format_version": manifest.format_version,
+        "edgevlm_version": manifest.edgevlm_version,
+        "source": manifest.source,
+        "tile_size": list(manifest.preprocess.tile_size),
+        "resize_rule": manifest.preprocess.resize_rule,
+        "image_layout": manifest.image_layout.to_dict(),
+        "encoder": asdict(manifest.encoder),
+        "decoder": asdict(manifest.decoder),
+        "artifacts": [
+            {"name": a.name, "role": a.role, "format": a.format, "precision": a.precision, "path": a.path, "bytes": a.bytes,
+             **({"details": a.details} if a.details else {})}
+            for a in manifest.artifacts
+        ],
+    }
+
+
+def main(args) -> int:
+    from ..loading import is_bundle
+    from .common import print_json, table
+
+    path = Path(args.path)
+    summary = bundle_summary(path) if is_bundle(path) else checkpoint_summary(path)
+    if args.json:
+        print_json(summary)
+        return 0
+    layout = summary["image_layout"]
+    rows = [
+        ("kind", summary["kind"]), ("family", summary["family"]),
+        ("tile size", "x".join(map(str, summary["tile_size"]))), ("resize rule", summary["resize_rule"]),
+        ("image tokens per tile", layout["tokens_per_tile"]), ("image layout", layout["kind"]),
+        ("image token", f"{layout['image_token']} (id {layout['image_token_id']})"),
+    ]
+    if "parameters" in summary:
+        rows += [(f"parameters: {k}", v) for k, v in summary["parameters"].items()]
+        rows += [(f"decoder {k}", v) for k, v in summary["decoder"].items()]
+    else:
+        rows += [(f"decoder {k}", v) for k, v in summary["decoder"].items()]
+    table(str(path), ["field", "value"], rows)
+    if summary.get("artifacts"):
+        table("artifacts", ["name", "role", "format", "precision", "MiB", "path"],
+              [(a["name"], a["role"], a["format"], a["precision"], a["bytes"] / 2**20, a["path"]) for a in summary["artifacts"]])
+    return 0

@@ -1,0 +1,122 @@
+"""`edgevlm export`: checkpoint -> bundle. Builds the manifest from the family adapter, then writes each requested
+artifact (encoder/decoder formats are plugins under edgevlm/export/) into an atomic bundle."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInputError
+from ..manifest import DecoderSpec, EncoderSpec, Manifest
+from .bundle import BundleWriter, write_bundle
+
+# format -> (module under edgevlm.export, precisions); the first precision is the default
+ENCODER_FORMATS = {"onnx": ("onnx", ("fp32", "fp16", "int8"))}
+DECODER_FORMATS = {
+    "gguf": ("gguf", ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")),
+    "mlx": ("mlx", ("fp32", "fp16", "8bit", "4bit")),
+}
+DEFAULT_MAX_TILES = 17  # SmolVLM splits up to 4x4 tiles + the global view
+
+
+@dataclass(frozen=True)
+class ArtifactRequest:
+    format: str
+    precision: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.format}:{self.precision}"
+
+
+def parse_requests(text: str | None, formats: dict, role: str) -> list[ArtifactRequest]:
+    """"onnx:fp32,onnx:int8" -> requests; a bad entry names the valid choices."""
+    requests = []
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        fmt, _, precision = item.partition(":")
+        if fmt not in formats:
+            raise BadInputError(f"unknown {role} format {fmt!r} in {item!r}; choose from {', '.join(formats)}")
+        precisions = formats[fmt][1]
+        precision = precision or precisions[0]
+        if precision not in precisions:
+            raise BadInputError(f"{role} {fmt} has no precision {precision!r}; choose from {', '.join(precisions)}")
+        requests.append(ArtifactRequest(fmt, precision))
+    return requests
+
+
+def build_manifest(ckpt, max_tiles: int) -> Manifest:
+    config = ckpt.decoder.config
+    tile_h, tile_w = ckpt.preprocess.tile_size
+    import torch
+
+    with torch.inference_mode():
+        probe = ckpt.vision(torch.zeros(1, 3, tile_h, tile_w))  # (1, T, D): the output shape, measured once
+    tokens, dim = int(probe.shape[1]), int(probe.shape[2])
+    if tokens != ckpt.layout.tokens_per_tile:
+        raise BadInputError(f"the vision module makes {tokens} tokens per tile but the processor expects "
+                            f"{ckpt.layout.tokens_per_tile}; the checkpoint's processor config does not match the model")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    rope_scaling = getattr(config, "rope_scaling", None)
+    if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", "default") == "default":
+        rope_scaling = None
+    tokenizer = ckpt.tokenizer
+    return Manifest(
+        family=ckpt.family,
+        source={"path": str(ckpt.path), "sha256": ckpt.source_sha256,
+                "architecture": type(ckpt.hf_model).__name__},
+        preprocess=ckpt.preprocess,
+        image_layout=ckpt.layout,
+        encoder=EncoderSpec("pixel_values", "image_embeds", ["tiles", 3, tile_h, tile_w], ["tiles", tokens, dim], max_tiles),
+        decoder=DecoderSpec(
+            architecture="llama", hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+            intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
+            context_length=ckpt.context_length, rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling, tie_word_embeddings=bool(config.tie_word_embeddings),
+        ),
+        tokenizer={
+            "path": "tokenizer", "chat_template": ckpt.chat_template, "stop_token_ids": ckpt.stop_token_ids,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        },
+    )
+
+
+def write_tokenizer(ckpt, writer: BundleWriter):
+    ckpt.tokenizer.save_pretrained(writer.root / "tokenizer")
+    return writer.artifact("tokenizer", "tokenizer", "hf-tokenizer", "-", "tokenizer")
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    encoders: list[ArtifactRequest],
+    decoders: list[ArtifactRequest],
+    max_tiles: int = DEFAULT_MAX_TILES,
+    force: bool = False,
+    progress=None,
+    options: dict | None = None,
+) -> Path:
+    from ..families import load_checkpoint
+
+    options = options or {}
+    log = progress or (lambda message: None)
+    if max_tiles < 1:
+        raise BadInputError(f"--max-tiles must be >= 1, got {max_tiles}")
+    output = Path(output)
+    if output.exists() and not force:
+        raise BadInputError(f"{output} already exists; choose another -o or pass --force to replace it")
+    log(f"loading {checkpoint}")
+    ckpt = load_checkpoint(checkpoint)
+    manifest = build_manifest(ckpt, max_tiles)
+    with write_bundle(output, manifest, overwrite=force) as writer:
+        manifest.artifacts.append(write_tokenizer(ckpt, writer))
+        for request in encoders:
+            log(f"encoder {request.name}")
+            module = importlib.import_module(f"{__package__}.{ENCODER_FORMATS[request.format][0]}")
+            manifest.artifacts.append(module.export_encoder(ckpt, manifest, writer, request.precision, log=log, **options))
+        for request in decoders:
+            log(f"decoder {request.name}")
+            module = importlib.import_module(f"{__package__}.{DECODER_FORMATS[request.format][0]}")
+            manifest.artifacts.append(module.export_decoder(ckpt, manifest, writer, request.precision, log=log, **options))
+    return output

@@ -1,0 +1,203 @@
+"""Decoder -> GGUF (arch `llama`) with gguf-py, then quantized by llama.cpp's own quantizer.
+
+Q and K rows are permuted the way llama.cpp's convert_hf_to_gguf.py does (HF rotate-half RoPE -> llama.cpp's
+interleaved RoPE); without it the logits are garbage. The tokenizer goes in as gguf-py's SpecialVocab plus the
+token list and types; the pre-tokenizer name is read from tokenizer.json, never guessed."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInputError, CheckpointError
+from ..manifest import Artifact
+from .bundle import BundleWriter
+
+# precision -> llama_ftype (llama.h)
+FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
+QK_K = 256  # K-quant super-block width: rows must be a multiple of it
+
+LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.LlamaModel.permute: rotate-half row order -> interleaved pairs."""
+    n_out, n_in = weight.shape
+    return weight.reshape(n_head, 2, n_out // n_head // 2, n_in).swapaxes(1, 2).reshape(n_out, n_in)
+
+
+def tokenizer_pre(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer (unknown names fail to load there, so refuse early here)."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    types = [p.get("type") for p in items]
+    if types == ["ByteLevel"] and pre.get("use_regex", True):
+        return "gpt-2"
+    if types == ["Digits", "ByteLevel"] and items[0].get("individual_digits"):
+        return "smollm"
+    raise CheckpointError(
+        f"the tokenizer's pre-tokenizer {types} has no known llama.cpp name; supported: plain ByteLevel (gpt-2) "
+        "and Digits+ByteLevel (smollm)"
+    )
+
+
+def write_vocab(writer, tokenizer, tokenizer_dir: Path, vocab_size: int, chat_template: str | None) -> None:
+    import gguf
+
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    if data.get("model", {}).get("type") != "BPE" or data["model"].get("byte_fallback"):
+        raise CheckpointError("only byte-level BPE tokenizers are exported to GGUF so far (SentencePiece is not)")
+    vocab = tokenizer.get_vocab()
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer_pre(data))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]
+    if chat_template and not special.chat_template:
+        special.chat_template = chat_template
+    special.add_to_gguf(writer)
+
+
+def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f32") -> Path:
+    """The decoder as an F32 or F16 GGUF: hyper-parameters, tokenizer and tensors."""
+    import gguf
+
+    spec = manifest.decoder
+    state = {k: v.detach().float().numpy() for k, v in ckpt.decoder.state_dict().items()}
+    if any(k.endswith(".bias") for k in state):
+        raise CheckpointError("the decoder has linear biases; the llama GGUF export supports bias-free Llama decoders")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(f"edgevlm {manifest.family} decoder")
+    writer.add_context_length(spec.context_length)
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_block_count(spec.n_layers)
+    writer.add_feed_forward_length(spec.intermediate_size)
+    writer.add_head_count(spec.n_heads)
+    writer.add_head_count_kv(spec.n_kv_heads)
+    writer.add_rope_dimension_count(spec.head_dim)
+    if spec.head_dim * spec.n_heads != spec.hidden_size:
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+    writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
+    writer.add_rope_freq_base(spec.rope_theta)
+    if spec.rope_scaling:
+        raise CheckpointError(f"RoPE scaling {spec.rope_scaling} is not exported to GGUF yet")
+    writer.add_vocab_size(spec.vocab_size)
+    writer.add_file_type(FTYPES[dtype])
+    write_vocab(writer, ckpt.tokenizer, tokenizer_dir, spec.vocab_size, manifest.tokenizer.get("chat_template"))
+
+    def matrix(array: np.ndarray) -> np.ndarray:
+        return array.astype(np.float16) if dtype == "f16" else array.astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", matrix(state["model.embed_tokens.weight"]))
+    for i in range(spec.n_layers):
+        for hf_name, gguf_name in LAYER_TENSORS.items():
+            array = state[f"model.layers.{i}.{hf_name}"]
+            if hf_name.startswith("self_attn.q_proj"):
+                array = permute_rope(array, spec.n_heads)
+            elif hf_name.startswith("self_attn.k_proj"):
+                array = permute_rope(array, spec.n_kv_heads)
+            is_norm = gguf_name.endswith("norm.weight")
+            writer.add_tensor(f"blk.{i}.{gguf_name}", array.astype(np.float32) if is_norm else matrix(array))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"].astype(np.float32))
+    if not spec.tie_word_embeddings:  # tied: llama.cpp falls back to token_embd
+        writer.add_tensor("output.weight", matrix(state["lm_head.weight"]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def quantize(source: Path, path: Path, precision: str, threads: int | None = None) -> None:
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    from ..runtimes.llamacpp_decoder import silence_llama_logs
+
+    silence_llama_logs(llama_cpp)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[precision]
+    params.nthread = threads or os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params))
+    if status != 0 or not path.is_file():
+        raise RuntimeError(f"llama.cpp's quantizer failed for {precision} (status {status})")
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return dict(Counter(t.tensor_type.name for t in reader.tensors))
+
+
+def k_quant_fallbacks(spec, precision: str) -> str | None:
+    if precision not in K_QUANTS:
+        return None
+    widths = {spec.hidden_size, spec.intermediate_size}
+    bad = sorted(w for w in widths if w % QK_K)
+    if not bad:
+        return None
+    return (f"row widths {bad} are not multiples of {QK_K}: llama.cpp stores those tensors in a legacy "
+            "quant (Q5_0/Q8_0/...) instead of a K-quant; see tensor_types")
+
+
+def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, threads: int | None = None, **_) -> Artifact:
+    folder = writer.root / "decoder"
+    folder.mkdir(exist_ok=True)
+    scratch = writer.root / ".work"
+    scratch.mkdir(exist_ok=True)
+    tokenizer_dir = writer.root / "tokenizer"
+    path = folder / f"{precision}.gguf"
+    if precision in ("f32", "f16"):
+        log(f"  writing {precision.upper()} GGUF")
+        write_gguf(ckpt, manifest, path, tokenizer_dir, precision)
+    else:
+        source = scratch / "f32.gguf"
+        if not source.exists():
+            log("  writing F32 GGUF (quantizer input)")
+            write_gguf(ckpt, manifest, source, tokenizer_dir, "f32")
+        log(f"  quantizing to {precision} with llama.cpp")
+        quantize(source, path, precision, threads)
+    details = {"ftype": FTYPES[precision], "tensor_types": tensor_types(path)}
+    note = k_quant_fallbacks(manifest.decoder, precision)
+    if note:
+        details["k_quant_fallback"] = note
+        log(f"  note: {note}")
+    return writer.artifact(f"gguf:{precision}", "decoder", "gguf", precision, f"decoder/{precision}.gguf", **details)
+
+
+def check_precision(precision: str) -> None:
+    if precision not in FTYPES:
+        raise BadInputError(f"unknown GGUF precision {precision!r}; choose from {', '.join(FTYPES)}")

@@ -1,0 +1,146 @@
+"""What every family gives the rest of edgevlm: the split at the seam, plus tokenizer, preprocessing and layout."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from ..layout import ImageLayout
+from ..preprocess import RESAMPLE_NAMES, PreprocessSpec
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+@dataclass
+class LoadedCheckpoint:
+    family: str
+    path: Path
+    hf_model: Any  # the transformers model, kept for parity checks
+    vision: torch.nn.Module  # pixel_values (tiles,3,H,W) float32 -> image_embeds (tiles,T,D)
+    decoder: Any  # transformers.LlamaForCausalLM sharing the checkpoint's tensors
+    tokenizer: Any
+    preprocess: PreprocessSpec
+    layout: ImageLayout
+    chat_template: str | None
+    stop_token_ids: list[int]
+    context_length: int
+    source_sha256: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def text_config(self):
+        return self.decoder.config
+
+    def parameter_counts(self) -> dict[str, int]:
+        vision = sum(p.numel() for p in self.vision.parameters())
+        seen: set[int] = set()
+        decoder = 0
+        for p in self.decoder.parameters():  # tied embeddings count once
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                decoder += p.numel()
+        return {"vision+projector": vision, "decoder": decoder, "total": vision + decoder}
+
+
+def read_config(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; pass a Hugging Face checkpoint folder (save_pretrained)")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc}); re-save the checkpoint") from None
+
+
+def check_files(path: Path) -> list[Path]:
+    """The weight files, after checking that weights, tokenizer and processor config are all present."""
+    weights = sorted(f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern))
+    if not weights:
+        raise CheckpointError(f"{path} has no weights (*.safetensors or pytorch_model*.bin); the checkpoint is incomplete")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); save the tokenizer beside the model")
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise CheckpointError(f"{path} has no preprocessor_config.json; save the processor beside the model")
+    return weights
+
+
+def checkpoint_sha256(path: Path, weights: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in [path / "config.json", *weights]:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_processor_config(path: Path) -> dict:
+    data: dict = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        file = path / name
+        if file.is_file():
+            loaded = json.loads(file.read_text())
+            data.update(loaded.get("image_processor", loaded) if name == "processor_config.json" else loaded)
+            if name == "processor_config.json":
+                data.update({k: v for k, v in loaded.items() if k != "image_processor"})
+    return data
+
+
+def read_chat_template(path: Path, tokenizer) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    return getattr(tokenizer, "chat_template", None)
+
+
+def resample_name(value) -> str:
+    return RESAMPLE_NAMES[int(value)] if isinstance(value, int) or str(value).isdigit() else str(value).lower()
+
+
+def build_decoder(text_config, state_dict: dict[str, torch.Tensor]):
+    """A plain LlamaForCausalLM whose parameters are the checkpoint's own tensors (no copy)."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    text_config = text_config.__class__.from_dict(text_config.to_dict())  # never mutate the caller's config
+    tied = state_dict["lm_head.weight"].data_ptr() == state_dict["model.embed_tokens.weight"].data_ptr()
+    text_config.tie_word_embeddings = tied
+    if getattr(text_config, "model_type", "llama") != "llama":
+        raise CheckpointError(f"the text decoder is {text_config.model_type!r}; edgevlm exports Llama-style decoders only")
+    with torch.device("meta"):
+        decoder = LlamaForCausalLM(text_config)
+    decoder.load_state_dict(state_dict, assign=True, strict=True)
+    decoder.model.rotary_emb = LlamaRotaryEmbedding(config=text_config)  # a non-persistent buffer, not in the state dict
+    return decoder.eval()
+
+
+def prefixed(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in module.state_dict(keep_vars=False).items()}
+
+
+def stop_ids(path: Path, config: dict, tokenizer, extra_tokens: tuple[str, ...] = ()) -> list[int]:
+    ids: set[int] = set()
+    gen_file = path / "generation_config.json"
+    sources = [config.get("eos_token_id"), config.get("text_config", {}).get("eos_token_id")]
+    if gen_file.is_file():
+        sources.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+    sources.append(tokenizer.eos_token_id)
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in extra_tokens if t in vocab)
+    return sorted(ids)

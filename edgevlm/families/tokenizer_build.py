@@ -1,0 +1,74 @@
+"""Byte-level BPE tokenizers built locally with the `tokenizers` library (no hub): for presets, tests and the
+reference model. Special tokens can be pinned to exact ids (presets carry the public models' ids)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# SmolVLM's own template (HuggingFaceTB/SmolVLM-256M-Instruct chat_template.json).
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def train_bpe(corpus: Iterable[str], vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE trained on ``corpus``; special tokens get the first ids, in order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return tokenizer
+
+
+def bpe_with_pinned_ids(corpus: Iterable[str], vocab_size: int, pinned: dict[int, str], n_merges: int = 2000):
+    """A byte-level BPE of exactly ``vocab_size`` entries with special tokens at the given ids; ids not used by
+    bytes, merges or specials are filled with unreachable ``<|unused_N|>`` entries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    base = train_bpe(corpus, 256 + n_merges, [])
+    free = iter(i for i in range(vocab_size) if i not in pinned)
+    vocab = {token: next(free) for token, _ in sorted(base.get_vocab().items(), key=lambda kv: kv[1])}
+    vocab.update({token: token_id for token_id, token in pinned.items()})
+    vocab.update({f"<|unused_{token_id}|>": token_id for token_id in free})
+    if len(vocab) != vocab_size:
+        raise ValueError(f"built {len(vocab)} tokens, wanted {vocab_size}")
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_merges(base)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(pinned.values()))
+    return tokenizer
+
+
+def _merges(tokenizer) -> list[tuple[str, str]]:
+    import json
+
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def wrap(tokenizer, *, bos: str | None, eos: str, pad: str | None = None, unk: str | None = None, chat_template: str | None = None):
+    """transformers' PreTrainedTokenizerFast around a `tokenizers` object."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad or eos, unk_token=unk)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast

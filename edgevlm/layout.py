@@ -1,0 +1,55 @@
+"""Where image embeddings go in the token stream: the placeholder a prompt carries and the text it expands to."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+LAYOUT_KINDS = ("repeat", "idefics3")
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """``repeat`` (LLaVA): the placeholder becomes ``tokens_per_tile`` image tokens.
+    ``idefics3``: per tile ``<fake><row_r_col_c>`` + image tokens, a newline per row, then the global view
+    ``\\n<fake><global-img>`` + image tokens + ``<fake>``; an unsplit image is only the global view."""
+
+    kind: str
+    placeholder: str  # what a user prompt contains, once per image
+    image_token: str
+    image_token_id: int
+    tokens_per_tile: int
+    fake_token: str | None = None
+    global_token: str | None = None
+    row_col_format: str | None = None  # e.g. "<row_{row}_col_{col}>", 1-based
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYOUT_KINDS:
+            raise ValueError(f"image layout kind {self.kind!r} is not one of {LAYOUT_KINDS}")
+        if self.tokens_per_tile <= 0:
+            raise ValueError("tokens_per_tile must be positive")
+        if self.kind == "idefics3" and not (self.fake_token and self.global_token and self.row_col_format):
+            raise ValueError("the idefics3 layout needs fake_token, global_token and row_col_format")
+
+    def expand(self, rows: int, cols: int) -> str:
+        """The text that replaces one placeholder for an image split into rows x cols tiles (0, 0 = unsplit)."""
+        image = self.image_token * self.tokens_per_tile
+        if self.kind == "repeat":
+            return image
+        global_view = f"{self.fake_token}{self.global_token}{image}{self.fake_token}"
+        if rows == 0 and cols == 0:
+            return global_view
+        text = ""
+        for r in range(rows):
+            for c in range(cols):
+                text += self.fake_token + self.row_col_format.format(row=r + 1, col=c + 1) + image
+            text += "\n"
+        return text + "\n" + global_view
+
+    def n_tiles(self, rows: int, cols: int) -> int:
+        return 1 if rows == 0 and cols == 0 else rows * cols + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ImageLayout":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

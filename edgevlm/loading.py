@@ -1,0 +1,55 @@
+"""Turning a path into a ready Session: a checkpoint folder runs on the torch backends, a bundle on its artifacts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import BadInputError
+from .runtimes.session import RuntimeSpec, Session
+
+TORCH = "torch"
+
+
+def spec_from_checkpoint(ckpt) -> RuntimeSpec:
+    return RuntimeSpec(
+        family=ckpt.family,
+        tokenizer=ckpt.tokenizer,
+        chat_template=ckpt.chat_template,
+        preprocess=ckpt.preprocess,
+        layout=ckpt.layout,
+        stop_token_ids=list(ckpt.stop_token_ids),
+        context_length=ckpt.context_length,
+    )
+
+
+def session_from_checkpoint(ckpt, n_ctx: int | None = None, **cache_options) -> Session:
+    from .runtimes.torch_backend import TorchDecoder, TorchEncoder
+
+    session = Session(
+        spec_from_checkpoint(ckpt),
+        TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}"),
+        TorchDecoder(ckpt.decoder, n_ctx=n_ctx),
+        **cache_options,
+    )
+    session.encoder_name = session.decoder_name = TORCH
+    return session
+
+
+def is_bundle(path: Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def load_session(path, encoder: str | None = None, decoder: str | None = None, n_ctx: int | None = None, **options) -> Session:
+    path = Path(path)
+    if is_bundle(path):
+        from .runtimes.bundle_loader import session_from_bundle
+
+        return session_from_bundle(path, encoder=encoder, decoder=decoder, n_ctx=n_ctx, **options)
+    for name, choice in (("encoder", encoder), ("decoder", decoder)):
+        if choice not in (None, TORCH):
+            raise BadInputError(
+                f"{path} is a checkpoint, which runs on the torch {name} only; export a bundle for --{name} {choice}"
+            )
+    from .families import load_checkpoint
+
+    options.pop("threads", None), options.pop("provider", None), options.pop("parity", None)
+    return session_from_checkpoint(load_checkpoint(path), n_ctx=n_ctx, **options)

@@ -1,0 +1,164 @@
+"""The bundle contract (manifest.json, schema version 1): everything a runtime needs, nothing guessed from shapes.
+Documented in docs/bundle-format.md. Loading checks the schema version and every artifact's sha256."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+from .layout import ImageLayout
+from .preprocess import PreprocessSpec
+
+FORMAT = "edgevlm-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ROLES = ("encoder", "decoder", "tokenizer", "engine")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the bundle root, POSIX separators
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Artifact:
+    """One runnable thing: an ONNX graph (+ external data), a GGUF, an MLX folder, a TensorRT plan, the tokenizer."""
+
+    name: str  # e.g. "onnx:int8", "gguf:q4_k_m", "mlx:4bit", "tokenizer"
+    role: str
+    format: str  # onnx | gguf | mlx | tensorrt | hf-tokenizer
+    precision: str
+    path: str  # main file or folder, relative
+    files: list[FileEntry]
+    details: dict[str, Any] = field(default_factory=dict)  # quantization method, fallbacks, TensorRT version, ...
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise BundleError(f"artifact {self.name}: role {self.role!r} is not one of {ROLES}")
+        self.files = [f if isinstance(f, FileEntry) else FileEntry(**f) for f in self.files]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    def verify(self, root: Path) -> None:
+        for entry in self.files:
+            file = root / entry.path
+            if not file.is_file():
+                raise BundleError(f"bundle {root} is incomplete: {entry.path} is missing (artifact {self.name}); re-export")
+            if file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256:
+                raise BundleError(
+                    f"bundle file {file} does not match its sha256 in the manifest (artifact {self.name}): it was changed "
+                    "or comes from another export; re-export the bundle"
+                )
+
+
+@dataclass
+class EncoderSpec:
+    input_name: str
+    output_name: str
+    input_shape: list  # ["tiles", 3, H, W]
+    output_shape: list  # ["tiles", T, D]
+    max_tiles: int
+    dtype: str = "float32"
+
+
+@dataclass
+class DecoderSpec:
+    architecture: str  # "llama"
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    context_length: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    position_scheme: str = "1d"  # "mrope" later (Qwen2-VL)
+    image_attention: str = "causal"
+
+
+@dataclass
+class Manifest:
+    family: str
+    source: dict  # {"path", "sha256", "architecture"}
+    preprocess: PreprocessSpec
+    image_layout: ImageLayout
+    encoder: EncoderSpec
+    decoder: DecoderSpec
+    tokenizer: dict  # {"path", "chat_template", "stop_token_ids", "bos_token_id", "eos_token_id"}
+    artifacts: list[Artifact] = field(default_factory=list)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    edgevlm_version: str = ""
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST) -> "Manifest":
+        if data.get("format") != FORMAT:
+            raise BundleError(f"{where} is not an edgevlm bundle manifest (format={data.get('format')!r})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"{where} has bundle format version {version}; this edgevlm reads version {FORMAT_VERSION}: re-export "
+                "the bundle with this edgevlm or install the edgevlm that wrote it"
+            )
+        try:
+            return cls(
+                family=data["family"],
+                source=data["source"],
+                preprocess=PreprocessSpec.from_dict(data["preprocess"]),
+                image_layout=ImageLayout.from_dict(data["image_layout"]),
+                encoder=EncoderSpec(**data["encoder"]),
+                decoder=DecoderSpec(**data["decoder"]),
+                tokenizer=data["tokenizer"],
+                artifacts=[Artifact(**a) for a in data.get("artifacts", [])],
+                format=data["format"],
+                format_version=version,
+                edgevlm_version=data.get("edgevlm_version", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the bundle") from None
+
+    @classmethod
+    def load(cls, bundle: str | Path) -> "Manifest":
+        bundle = Path(bundle)
+        file = bundle / MANIFEST
+        if not file.is_file():
+            raise BundleError(f"{bundle} is not a bundle: {MANIFEST} is missing; create one with `edgevlm export`")
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{file} is not valid JSON ({exc}); the bundle is damaged, re-export it") from None
+        return cls.from_dict(data, str(file))
+
+    def find(self, role: str, name: str | None = None) -> Artifact:
+        matches = [a for a in self.artifacts if a.role == role and (name is None or a.name == name)]
+        if not matches:
+            have = ", ".join(a.name for a in self.artifacts if a.role == role) or "none"
+            wanted = name or role
+            raise BundleError(f"the bundle has no {role} artifact {wanted!r} (it has: {have}); export it with `edgevlm export`")
+        return matches[0]
+
+    def names(self, role: str) -> list[str]:
+        return [a.name for a in self.artifacts if a.role == role]

@@ -1,0 +1,157 @@
+"""Image preprocessing that reproduces the Hugging Face processors bit for bit (PIL resize on uint8, then float32).
+
+One spec, three resize rules:
+- ``shortest_edge_crop`` (CLIP): resize the short side, then centre-crop;
+- ``fixed`` (SigLIP): resize to exactly (height, width);
+- ``idefics3``: resize the long side to ``longest_edge``, round both sides up to tile multiples, split into
+  full tiles in row-major order, and append the global view (the whole image resized to one tile).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
+RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3")
+MAX_TILE_SIDE_PIXELS = 4096  # the HF Idefics3 processor's absolute cap on a resized side
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    resize_rule: str
+    tile_size: tuple[int, int]  # (height, width) of one encoder input
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    shortest_edge: int | None = None  # shortest_edge_crop only
+    longest_edge: int | None = None  # idefics3 only: the first resize
+    image_splitting: bool = False  # idefics3 only
+    max_tiles: int = field(default=1)
+
+    def __post_init__(self) -> None:
+        if self.resize_rule not in RESIZE_RULES:
+            raise ValueError(f"resize_rule {self.resize_rule!r} is not one of {RESIZE_RULES}")
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"resample {self.resample!r} is not one of {sorted(RESAMPLE)}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError("image_mean and image_std need three values, std > 0")
+        if self.resize_rule == "shortest_edge_crop" and not self.shortest_edge:
+            raise ValueError("shortest_edge_crop needs shortest_edge")
+        if self.resize_rule == "idefics3" and not self.longest_edge:
+            raise ValueError("idefics3 resizing needs longest_edge")
+        object.__setattr__(self, "tile_size", tuple(int(v) for v in self.tile_size))
+        object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
+        object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
+
+
+@dataclass
+class PreprocessedImage:
+    pixel_values: np.ndarray  # (tiles, 3, H, W) float32
+    rows: int  # 0 when the image is not split (one global tile)
+    cols: int
+
+
+def _resize(image: Image.Image, height: int, width: int, resample: str) -> Image.Image:
+    if image.size == (width, height):
+        # PIL returns a copy for same-size resizes; the HF processors do the same, so no numeric change.
+        return image.copy()
+    return image.resize((width, height), resample=RESAMPLE[resample])
+
+
+def _normalize(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
+    # Same arithmetic and order as transformers.image_transforms.rescale/normalize.
+    scaled = (array.astype(np.float64) * spec.rescale_factor).astype(np.float32)
+    mean = np.asarray(spec.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.image_std, dtype=np.float32)[:, None, None]
+    return ((scaled - mean) / std).astype(np.float32)
+
+
+def _shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest, int(shortest * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    # transformers' Idefics3 _resize_output_size_rescale_to_max_len + scale_below_upper_bound.
+    aspect = width / height
+    if width >= height:
+        width = longest
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > MAX_TILE_SIDE_PIXELS:
+        width, height = MAX_TILE_SIDE_PIXELS, int(MAX_TILE_SIDE_PIXELS / aspect)
+    elif height > width and height > MAX_TILE_SIDE_PIXELS:
+        height, width = MAX_TILE_SIDE_PIXELS, int(MAX_TILE_SIDE_PIXELS * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def _tile_multiple_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
+
+
+def tile_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(rows, cols) of the split for an RGB image of this size; (0, 0) when only the global view is used."""
+    if spec.resize_rule != "idefics3" or not spec.image_splitting:
+        return 0, 0
+    tile = spec.tile_size[0]
+    h, w = _tile_multiple_size(*_longest_edge_size(height, width, spec.longest_edge), tile)
+    if h > tile or w > tile:
+        return (h - tile) // tile + 1, (w - tile) // tile + 1
+    return 0, 0
+
+
+def preprocess(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
+    """RGB PIL image -> (tiles, 3, H, W) float32, identical to the HF processor for the same config."""
+    width, height = image.size
+    th, tw = spec.tile_size
+    if spec.resize_rule == "fixed":
+        return PreprocessedImage(_normalize(_resize(image, th, tw, spec.resample), spec)[None], 0, 0)
+    if spec.resize_rule == "shortest_edge_crop":
+        h, w = _shortest_edge_size(height, width, spec.shortest_edge)
+        resized = np.asarray(_resize(image, h, w, spec.resample))
+        top, left = (h - th) // 2, (w - tw) // 2
+        if top < 0 or left < 0:
+            raise ValueError(f"crop {th}x{tw} is larger than the resized image {h}x{w}")
+        cropped = Image.fromarray(resized[top : top + th, left : left + tw])
+        return PreprocessedImage(_normalize(cropped, spec)[None], 0, 0)
+    # idefics3
+    h, w = _longest_edge_size(height, width, spec.longest_edge)
+    image = _resize(image, h, w, spec.resample)
+    if not spec.image_splitting:
+        return PreprocessedImage(_normalize(_resize(image, th, tw, spec.resample), spec)[None], 0, 0)
+    h, w = _tile_multiple_size(h, w, th)
+    image = _resize(image, h, w, spec.resample)
+    if h <= th and w <= tw:
+        return PreprocessedImage(_normalize(image, spec)[None], 0, 0)
+    rows, cols = (h - th) // th + 1, (w - tw) // tw + 1
+    tiles = [image.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th)) for r in range(rows) for c in range(cols)]
+    tiles.append(_resize(image, th, tw, spec.resample))  # the global view comes last
+    return PreprocessedImage(np.stack([_normalize(t, spec) for t in tiles]), rows, cols)

@@ -1,0 +1,61 @@
+"""The two protocols every backend implements, and the pieces of a prompt that flow between them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Segment:
+    """A run of prompt positions: token ids, or image-embedding rows (never both)."""
+
+    token_ids: np.ndarray | None = None  # (n,) int32
+    embeds: np.ndarray | None = None  # (n, D) float32
+
+    def __post_init__(self) -> None:
+        if (self.token_ids is None) == (self.embeds is None):
+            raise ValueError("a segment holds token ids or embeddings, exactly one of them")
+
+    def __len__(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else self.embeds.shape[0]
+
+    def slice(self, start: int, stop: int | None = None) -> "Segment":
+        if self.token_ids is not None:
+            return Segment(token_ids=self.token_ids[start:stop])
+        return Segment(embeds=self.embeds[start:stop])
+
+
+@dataclass
+class DecoderState:
+    """A snapshot of the decoder's sequence (KV) at ``n_past`` positions; opaque to everyone but its backend."""
+
+    payload: Any
+    n_past: int
+    nbytes: int
+
+
+class Encoder(Protocol):
+    name: str
+    artifact_id: str  # sha256 of the artifact (or of the checkpoint for torch): part of every cache key
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(tiles, 3, H, W) float32 -> (tiles, T, D) float32."""
+
+
+class Decoder(Protocol):
+    name: str
+    n_ctx: int
+    n_past: int
+    vocab_size: int
+
+    def prefill(self, segments: list[Segment]) -> np.ndarray:
+        """Append the segments at position n_past onwards; return the last position's logits (vocab,) float32."""
+
+    def truncate(self, n_past: int) -> None:
+        """Forget every position >= n_past."""
+
+    def snapshot(self) -> DecoderState: ...
+
+    def restore(self, state: DecoderState) -> None: ...

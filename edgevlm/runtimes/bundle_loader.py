@@ -1,0 +1,106 @@
+"""Opening a bundle: verify the manifest and the artifacts in use, pick backends, build the Session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BadInputError, BundleError
+from ..manifest import Manifest
+from .session import RuntimeSpec, Session
+
+# default choice when the caller names none: fastest first on a CPU
+ENCODER_PREFERENCE = ("tensorrt:fp16", "tensorrt:int8", "onnx:int8", "onnx:fp32", "onnx:fp16")
+DECODER_PREFERENCE = ("gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:f16", "gguf:f32",
+                      "mlx:8bit", "mlx:4bit", "mlx:fp16", "mlx:fp32")
+
+
+def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[str, ...]) -> str:
+    have = manifest.names(role) + (manifest.names("engine") if role == "encoder" else [])
+    if choice:
+        if choice == "torch" or choice in have:
+            return choice
+        raise BadInputError(f"the bundle has no {role} {choice!r}; it has: {', '.join(have) or 'none'} "
+                            "(export more with `edgevlm export --" + role + " ...`)")
+    for name in preference:
+        if name in have:
+            return name
+    raise BundleError(f"the bundle has no {role}; export one with `edgevlm export --{role} ...`")
+
+
+def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
+    from transformers import AutoTokenizer
+
+    manifest.find("tokenizer").verify(bundle)
+    tokenizer = AutoTokenizer.from_pretrained(bundle / manifest.tokenizer["path"])
+    return RuntimeSpec(
+        family=manifest.family,
+        tokenizer=tokenizer,
+        chat_template=manifest.tokenizer.get("chat_template"),
+        preprocess=manifest.preprocess,
+        layout=manifest.image_layout,
+        stop_token_ids=list(manifest.tokenizer.get("stop_token_ids", [])),
+        context_length=manifest.decoder.context_length,
+    )
+
+
+def source_checkpoint(manifest: Manifest):
+    """The checkpoint the bundle came from, for the torch reference backends (verify, eval)."""
+    from ..families import load_checkpoint
+
+    path = Path(manifest.source["path"])
+    if not (path / "config.json").is_file():
+        raise BadInputError(f"the torch backend needs the source checkpoint {path}, which is gone; run it on an artifact")
+    ckpt = load_checkpoint(path)
+    if ckpt.source_sha256 != manifest.source["sha256"]:
+        raise BundleError(f"the checkpoint at {path} changed since the bundle was exported (sha256 differs); re-export")
+    return ckpt
+
+
+def make_encoder(bundle: Path, manifest: Manifest, name: str, provider=None, threads=None, ckpt=None):
+    if name == "torch":
+        from .torch_backend import TorchEncoder
+
+        ckpt = ckpt or source_checkpoint(manifest)
+        return TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}")
+    if name.startswith("tensorrt:"):
+        from .tensorrt_encoder import TensorRTEncoder
+
+        return TensorRTEncoder(bundle, manifest.find("engine", name), manifest.encoder)
+    from .onnx_encoder import OnnxRuntimeEncoder
+
+    return OnnxRuntimeEncoder(bundle, manifest.find("encoder", name), manifest.encoder, provider=provider, threads=threads)
+
+
+def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, threads=None, parity=False, ckpt=None):
+    if name == "torch":
+        from .torch_backend import TorchDecoder
+
+        ckpt = ckpt or source_checkpoint(manifest)
+        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx)
+    artifact = manifest.find("decoder", name)
+    artifact.verify(bundle)
+    if artifact.format == "gguf":
+        from .llamacpp_decoder import LlamaCppDecoder
+
+        return LlamaCppDecoder(bundle / artifact.path, n_ctx=n_ctx, threads=threads, parity=parity,
+                               context_length=manifest.decoder.context_length)
+    from .mlx_decoder import MlxDecoder
+
+    return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length)
+
+
+def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,
+                        **cache_options) -> Session:
+    bundle = Path(path)
+    manifest = Manifest.load(bundle)
+    encoder_name = pick(manifest, "encoder", encoder, ENCODER_PREFERENCE)
+    decoder_name = pick(manifest, "decoder", decoder, DECODER_PREFERENCE)
+    ckpt = source_checkpoint(manifest) if "torch" in (encoder_name, decoder_name) else None
+    spec = runtime_spec(bundle, manifest)
+    session = Session(
+        spec,
+        make_encoder(bundle, manifest, encoder_name, provider=provider, threads=threads, ckpt=ckpt),
+        make_decoder(bundle, manifest, decoder_name, n_ctx=n_ctx, threads=threads, parity=parity, ckpt=ckpt),
+        **cache_options,
+    )
+    session.encoder_name, session.decoder_name = encoder_name, decoder_name
+    return session

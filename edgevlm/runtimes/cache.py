@@ -1,0 +1,61 @@
+"""A least-recently-used map bounded in bytes, with hit/miss counters: image embeddings and decoder prefix states."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+
+def nbytes_of(value: Any) -> int:
+    size = getattr(value, "nbytes", None)
+    if size is None:
+        raise TypeError(f"cannot size a {type(value).__name__} for the cache: it needs an .nbytes")
+    return int(size)
+
+
+class ByteLRU:
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> Any | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        return None
+
+    def peek(self, key: str) -> Any | None:
+        """Look without counting or reordering."""
+        return self._items.get(key)
+
+    def put(self, key: str, value: Any) -> bool:
+        """Store; returns False when the value alone is larger than the bound (then nothing is kept)."""
+        size = nbytes_of(value)
+        if key in self._items:
+            self.bytes -= nbytes_of(self._items.pop(key))
+        if size > self.max_bytes:
+            return False
+        while self.bytes + size > self.max_bytes and self._items:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= nbytes_of(old)
+            self.evictions += 1
+        self._items[key] = value
+        self.bytes += size
+        return True
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0

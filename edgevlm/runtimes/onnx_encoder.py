@@ -1,0 +1,70 @@
+"""Encoder backend on ONNX Runtime. Providers are tried TensorRT -> CUDA -> CoreML -> CPU unless one is forced;
+the provider reported is the one the session really uses (onnxruntime-gpu lists CUDA even without a GPU)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, BadInputError
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PREFERENCE = list(PROVIDERS.values())
+
+
+def choose_providers(available: list[str], forced: str | None) -> list[str]:
+    if forced:
+        name = PROVIDERS.get(forced.lower(), forced)
+        if name not in available:
+            raise BackendUnavailableError(
+                f"ONNX Runtime provider {forced!r} is not available here (available: {', '.join(available)}); "
+                "install the matching onnxruntime build or drop --provider"
+            )
+        return [name] if name == PROVIDERS["cpu"] else [name, PROVIDERS["cpu"]]
+    return [p for p in PREFERENCE if p in available] or available
+
+
+class OnnxRuntimeEncoder:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Path, artifact, encoder_spec, provider: str | None = None, threads: int | None = None,
+                 warmup: bool = True):
+        import onnxruntime as ort
+
+        artifact.verify(bundle)
+        self.artifact_id = f"{artifact.name}:{artifact.files[0].sha256}"
+        self.spec = encoder_spec
+        self.precision = artifact.precision
+        providers = choose_providers(ort.get_available_providers(), provider)
+        graph = bundle / artifact.path
+        optimized = artifact.details.get("cpu_optimized")
+        if providers[0] == PROVIDERS["cpu"] and optimized and (bundle / optimized).is_file():
+            graph = bundle / optimized  # saved offline by the exporter for this provider
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(graph), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        if provider and self.provider != providers[0]:
+            raise BackendUnavailableError(
+                f"ONNX Runtime could not start provider {providers[0]} (it fell back to {self.provider}); "
+                "check the GPU driver / CUDA libraries"
+            )
+        self.name = f"onnxruntime-{self.provider.removesuffix('ExecutionProvider').lower()}"
+        if warmup:
+            self.encode(np.zeros((1, *self.spec.input_shape[1:]), dtype=np.float32))
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        expected = tuple(self.spec.input_shape[1:])
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise BadInputError(f"encoder input must be (tiles, {', '.join(map(str, expected))}), got {pixel_values.shape}")
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        chunks = [pixel_values[i : i + self.spec.max_tiles] for i in range(0, len(pixel_values), self.spec.max_tiles)]
+        outputs = [self.session.run([self.spec.output_name], {self.spec.input_name: c})[0] for c in chunks]
+        return np.concatenate(outputs).astype(np.float32, copy=False)  # (tiles, T, D)

@@ -1,0 +1,62 @@
+"""Token sampling on a logits vector: greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class Sampler:
+    def __init__(self, config: SamplingConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+        """transformers' RepetitionPenaltyLogitsProcessor: divide positive, multiply negative scores of seen ids."""
+        penalty = self.config.repetition_penalty
+        if penalty == 1.0 or not history:
+            return logits
+        logits = logits.copy()
+        seen = np.unique(np.asarray(history, dtype=np.int64))
+        scores = logits[seen]
+        logits[seen] = np.where(scores < 0, scores * penalty, scores / penalty)
+        return logits
+
+    def sample(self, logits: np.ndarray, history: list[int]) -> int:
+        logits = self.penalize(np.asarray(logits, dtype=np.float32), history)
+        cfg = self.config
+        if cfg.temperature == 0.0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / cfg.temperature
+        if cfg.top_k and cfg.top_k < scaled.size:
+            kth = np.partition(scaled, -cfg.top_k)[-cfg.top_k]
+            scaled = np.where(scaled < kth, -np.inf, scaled)
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if cfg.top_p < 1.0:
+            order = np.argsort(-probs)
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, cfg.top_p) + 1)]  # smallest set reaching top_p
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
+        return int(self.rng.choice(probs.size, p=probs))

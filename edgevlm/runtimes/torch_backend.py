@@ -1,0 +1,77 @@
+"""The PyTorch reference backends: every exported artifact is compared against these."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from .base import DecoderState, Segment
+
+
+class TorchEncoder:
+    name = "torch"
+
+    def __init__(self, vision: torch.nn.Module, artifact_id: str):
+        self.vision = vision.eval()
+        self.artifact_id = artifact_id
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision(torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))).float().numpy()
+
+
+def _cache_nbytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class TorchDecoder:
+    """transformers' LlamaForCausalLM with a DynamicCache and explicit positions; a whole prompt is one forward."""
+
+    name = "torch"
+
+    def __init__(self, model, n_ctx: int | None = None):
+        from transformers import DynamicCache
+
+        self.model = model.eval()
+        self._new_cache = lambda: DynamicCache(config=model.config)
+        self.cache = self._new_cache()
+        self.n_past = 0
+        self.n_ctx = int(n_ctx or model.config.max_position_embeddings)
+        self.vocab_size = int(model.config.vocab_size)
+        self._embed = model.get_input_embeddings()
+
+    @torch.inference_mode()
+    def prefill(self, segments: list[Segment]) -> np.ndarray:
+        parts = [
+            self._embed(torch.from_numpy(s.token_ids.astype(np.int64))) if s.token_ids is not None
+            else torch.from_numpy(np.ascontiguousarray(s.embeds, dtype=np.float32))
+            for s in segments
+        ]
+        inputs = torch.cat(parts)[None]  # (1, L, D)
+        length = inputs.shape[1]
+        positions = torch.arange(self.n_past, self.n_past + length)[None]  # (1, L)
+        out = self.model(
+            inputs_embeds=inputs, position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+        )
+        self.n_past += length
+        return out.logits[0, -1].float().numpy()
+
+    def truncate(self, n_past: int) -> None:
+        if n_past == 0:
+            self.cache = self._new_cache()
+        elif n_past < self.n_past:
+            self.cache.crop(n_past - self.n_past)  # transformers 5: a negative count of positions to drop
+        self.n_past = min(self.n_past, n_past)
+
+    def snapshot(self) -> DecoderState:
+        return DecoderState(copy.deepcopy(self.cache), self.n_past, _cache_nbytes(self.cache))
+
+    def restore(self, state: DecoderState) -> None:
+        self.cache = copy.deepcopy(state.payload)
+        self.n_past = state.n_past

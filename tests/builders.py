@@ -1,0 +1,88 @@
+"""Tiny checkpoints built in the test session: real transformers classes and processors, random weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from edgevlm.families.tokenizer_build import CHATML_TEMPLATE, SMOLVLM_TEMPLATE, train_bpe, wrap
+
+CORPUS = [
+    "What colour is the circle? The circle is red. How many shapes are there? There are three shapes.",
+    "Describe the image. A blue square on the left and a green triangle at the top. Ünïcödé 12345 \t tabs",
+    "The quick brown fox jumps over the lazy dog 0123456789 !?., ;:'\"()[]{}",
+] * 20
+LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+IDEFICS3_SPECIALS = (
+    ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+    + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+)
+
+
+def text_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=2, pad_token_id=0,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def _tokenizer(specials, template):
+    return wrap(train_bpe(CORPUS, 400, specials), bos="<|endoftext|>", eos="<|im_end|>", chat_template=template)
+
+
+def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int = 32) -> Path:
+    from transformers import (
+        CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(LLAVA_SPECIALS, CHATML_TEMPLATE)
+    vision_kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=image_size, patch_size=8)
+    if tower == "clip":
+        vision = CLIPVisionConfig(**vision_kwargs)
+        strategy, extra = "default", 1
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    else:
+        vision = SiglipVisionConfig(**vision_kwargs)
+        strategy, extra = "full", 0
+        image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    config = LlavaConfig(
+        vision_config=vision, text_config=text_config(len(tokenizer)), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
+                               chat_template=CHATML_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_idefics3(out: Path, seed: int = 0, splitting: bool = True) -> Path:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(IDEFICS3_SPECIALS, SMOLVLM_TEMPLATE)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+    config = Idefics3Config(vision_config=vision, text_config=text_config(len(tokenizer)), scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model = Idefics3ForConditionalGeneration(config).eval()
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                                do_image_splitting=splitting)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=SMOLVLM_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,91 @@
+"""GGUF decoder + llama.cpp adapter against the PyTorch reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgevlm
+from edgevlm.errors import BadInputError, BundleError
+from edgevlm.manifest import Manifest
+from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+from edgevlm.verify import DECODER_NMSE, nmse
+
+CASES = [
+    ("llava-clip", "Look: <image> what colour is the circle?", ["small"]),
+    ("llava-clip", "Compare <image> and then <image> please.", ["small", "wide"]),
+    ("idefics3", "Here <image> is a picture. Describe it.", ["wide"]),
+    ("idefics3", "First <image> second <image> which is bigger?", ["small", "tall"]),
+    ("llava-siglip", "<image> Describe the image.", ["square"]),
+]
+
+
+@pytest.mark.parametrize("family,prompt,image_names", CASES)
+def test_f32_gguf_parity_with_pytorch(family, prompt, image_names, ckpts, bundles, images):
+    pics = [images[n] for n in image_names]
+    ref = edgevlm.load(ckpts[family]).generate(pics, prompt, max_tokens=32, stop_token_ids=[], return_logits=True)
+    session = edgevlm.load(bundles[family], encoder="torch", decoder="gguf:f32", parity=True, threads=1)
+    ours = session.generate(pics, prompt, max_tokens=32, stop_token_ids=[], return_logits=True)
+    assert ours.tokens == ref.tokens
+    assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE
+    assert ours.timings["n_image_tokens"] > 0
+
+
+def test_q8_0_gguf_keeps_greedy_tokens_on_a_tiny_model(ckpts, bundles, images):
+    prompt = "Look: <image> what colour is the circle?"
+    ref = edgevlm.load(ckpts["llava-clip"]).generate(images["small"], prompt, max_tokens=16, stop_token_ids=[],
+                                                     return_logits=True)
+    q8 = edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:q8_0", threads=1)
+    ours = q8.generate(images["small"], prompt, max_tokens=16, stop_token_ids=[], return_logits=True)
+    # random weights have little margin; Q8_0 still tracks the logits closely
+    assert nmse(np.stack(ours.logits[:1]), np.stack(ref.logits[:1])) <= 1e-3
+
+
+STRINGS = [
+    "Hello world", "  leading and   multiple   spaces ", "tabs\tand\nnewlines\n\n", "Ünïcödé ñ 日本語 😀",
+    "digits 0123456789 3.14159 -42", "<|im_start|>user\nWhat?<|im_end|>", "<image><image> mixed <|endoftext|>",
+    "The quick brown fox jumps over the lazy dog!?", "", "a",
+]
+
+
+@pytest.mark.parametrize("family", ["llava-clip", "idefics3"])
+def test_gguf_tokenizer_matches_hf(family, bundles):
+    from transformers import AutoTokenizer
+
+    bundle = bundles[family]
+    hf = AutoTokenizer.from_pretrained(bundle / "tokenizer")
+    decoder = LlamaCppDecoder(bundle / "decoder" / "f32.gguf", threads=1)
+    for text in STRINGS:
+        assert decoder.tokenize(text) == hf(text)["input_ids"], repr(text)
+
+
+def test_stock_llama_cpp_loads_and_generates(bundles):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(bundles["idefics3"] / "decoder" / "q8_0.gguf"), n_ctx=128, n_threads=1, verbose=False)
+    out = llm("The circle is", max_tokens=8, temperature=0.0)
+    assert out["usage"]["completion_tokens"] >= 1
+    assert isinstance(out["choices"][0]["text"], str)
+    assert llm.n_vocab() == Manifest.load(bundles["idefics3"]).decoder.vocab_size
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 100)
+    with pytest.raises(BundleError, match="broken.gguf.*corrupt"):
+        LlamaCppDecoder(bad, threads=1)
+
+
+def test_prompt_longer_than_context_fails_before_any_work(bundles, images):
+    session = edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:q8_0", n_ctx=48, threads=1)
+    with pytest.raises(BadInputError, match="decoder context is 48"):
+        session.generate(images["small"], "Describe the image in great detail please " * 3)
+    assert len(session.embed_cache) == 0 and session.decoder.n_past == 0
+
+
+def test_k_quant_fallback_is_reported(ckpts, tmp_path):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    out = export_checkpoint(ckpts["llava-clip"], tmp_path / "b", [], [ArtifactRequest("gguf", "q4_k_m")])
+    artifact = Manifest.load(out).find("decoder", "gguf:q4_k_m")
+    assert "not multiples of 256" in artifact.details["k_quant_fallback"]
+    assert sum(artifact.details["tensor_types"].values()) == 2 * 9 + 3

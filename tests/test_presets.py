@@ -1,0 +1,53 @@
+"""Architecture presets: exact public shapes, loadable by transformers, special tokens at their real ids."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgevlm.cli import main
+from edgevlm.families.presets import PRESETS, SMOLVLM_SPECIAL_IDS
+
+
+@pytest.fixture(scope="module")
+def smolvlm_256m(tmp_path_factory):
+    out = tmp_path_factory.mktemp("preset") / "smolvlm-256m"
+    assert main(["preset", "smolvlm-256m", "-o", str(out)]) == 0
+    return out
+
+
+def test_smolvlm_256m_shapes_in_transformers(smolvlm_256m):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(smolvlm_256m)
+    vision, text = config.vision_config, config.text_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
+            vision.patch_size, vision.image_size) == (768, 12, 12, 3072, 16, 512)
+    assert config.scale_factor == 4
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.vocab_size) == (576, 30, 9, 3, 1536, 49280)
+    assert text.rope_parameters["rope_theta"] == 100000
+    tokenizer = AutoTokenizer.from_pretrained(smolvlm_256m)
+    assert len(tokenizer) == 49280
+    for token_id, token in SMOLVLM_SPECIAL_IDS.items():
+        assert tokenizer.convert_tokens_to_ids(token) == token_id
+
+
+def test_smolvlm_256m_inspect_reports_228m(smolvlm_256m, capsys):
+    assert main(["inspect", str(smolvlm_256m), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["family"] == "idefics3"
+    assert 227e6 <= data["parameters"]["total"] <= 229e6
+    assert data["image_layout"]["tokens_per_tile"] == 64
+    assert data["decoder"]["tie_word_embeddings"] is True
+
+
+def test_smolvlm_500m_public_dims():
+    shape = PRESETS["smolvlm-500m"]
+    assert (shape.text_hidden, shape.text_layers, shape.text_heads, shape.text_kv_heads, shape.text_mlp) == (960, 32, 15, 5, 2560)
+    assert (shape.vision_hidden, shape.vision_layers, shape.image, shape.patch, shape.scale_factor) == (768, 12, 512, 16, 4)
+
+
+def test_preset_refuses_to_overwrite(smolvlm_256m, capsys):
+    assert main(["preset", "smolvlm-256m", "-o", str(smolvlm_256m)]) == 2
+    assert "--force" in capsys.readouterr().err
