@@ -45,6 +45,20 @@ def bundles(ckpts, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def mlx_bundles(ckpts, tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("mlx.core", reason="MLX is not installed on this platform (pip install 'mlx[cpu]' mlx-lm)")
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    root = tmp_path_factory.mktemp("mlx-bundles")
+    decoders = [ArtifactRequest("mlx", p) for p in ("fp32", "fp16", "8bit", "4bit")]
+    return {
+        name: export_checkpoint(ckpts[name], root / name, [ArtifactRequest("onnx", "fp32")], decoders, max_tiles=8,
+                                options={"group_size": 32})
+        for name in ("llava-clip", "idefics3")
+    }
+
+
+@pytest.fixture(scope="session")
 def images() -> dict[str, Image.Image]:
     return {
         "small": random_image(0, 50, 70),

@@ -9,13 +9,27 @@ import edgevlm
 from edgevlm.runtimes.base import Segment
 from conftest import random_image
 
-BACKENDS = ["torch", "llamacpp"]
+BACKENDS = ["torch", "llamacpp", "mlx"]
 QUESTION = "What colour is the circle?"
+
+
+@pytest.fixture()
+def bundles(request, bundles, mlx_bundles_lazy):
+    return {"gguf": bundles, "mlx": mlx_bundles_lazy}
+
+
+@pytest.fixture()
+def mlx_bundles_lazy(request):
+    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
+    return request.getfixturevalue("mlx_bundles") if backend == "mlx" else None
 
 
 def open_session(backend, ckpts, bundles, family="llava-clip", **options):
     if backend == "torch":
         return edgevlm.load(ckpts[family], **options)
+    if backend == "mlx":
+        return edgevlm.load(bundles["mlx"][family], encoder="onnx:fp32", decoder="mlx:fp32", **options)
+    bundles = bundles["gguf"]
     return edgevlm.load(bundles[family], encoder="onnx:fp32", decoder="gguf:f32", parity=True, threads=1, **options)
 
 

@@ -11,6 +11,16 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A compact role-token template (the reference model's): few tokens per turn, so training spends its compute on
+# the questions and answers. The assistant turn starts right after <|assistant|>.
+ROLE_TOKEN_TEMPLATE = (
+    "{% for message in messages %}{{ '<|user|>' if message['role'] == 'user' else '<|assistant|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}<|im_end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
 # SmolVLM's own template (HuggingFaceTB/SmolVLM-256M-Instruct chat_template.json).
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"

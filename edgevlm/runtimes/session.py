@@ -363,6 +363,20 @@ class Session:
         timings["total_ms"] = (t_end - t_start) * 1e3
         self.last_result = GenerationResult(text_final, tokens, finish, timings, all_logits if return_logits else None)
 
+    def teacher_forced_logits(self, image, prompt: str, tokens: Sequence[int]) -> list[np.ndarray]:
+        """Logits before each of ``tokens`` when the decoder is fed exactly those tokens (for parity checks)."""
+        images = [self._prepare_image(s) for s in ([] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image]))]
+        prompt_ids = self.tokenize(self.render([self.user_message(prompt, len(images))]), images)
+        timings = dict(preprocess_ms=0.0, encode_ms=0.0, prefill_ms=0.0, n_tiles=0, embed_cache_hits=0,
+                       embed_cache_misses=0, prefix_cache_hits=0, prefix_cache_misses=0)
+        self.decoder.truncate(0)
+        self._kv_keys = []
+        logits = [self.decoder.prefill(self._segments(prompt_ids, images, 0, len(prompt_ids.ids), timings))]
+        for token in list(tokens)[:-1]:
+            logits.append(self.decoder.prefill([Segment(token_ids=np.asarray([token], dtype=np.int32))]))
+        self.decoder.truncate(0)
+        return logits
+
     def generate(self, image=None, prompt: str = "", on_text: Callable[[str], None] | None = None, **kwargs) -> GenerationResult:
         for piece in self.stream(image, prompt, **kwargs):
             if on_text is not None:

@@ -1,0 +1,203 @@
+"""Benchmark scenarios: one bundle x target x image size x prompt length x new tokens, measured per backend pair
+with warm-up first and medians over repeats; the PyTorch reference and llama.cpp peers in the same run."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BadInputError
+
+SCHEMA = "edgevlm-bench/1"
+FILLER = "Please look at the picture carefully and describe every shape, colour and position you can see in it"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    image_size: tuple[int, int] = (512, 512)  # (width, height)
+    prompt_tokens: int = 24
+    new_tokens: int = 64
+    repeats: int = 5
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if min(self.image_size) < 1 or self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1 or self.threads < 1:
+            raise BadInputError(f"invalid scenario {self}: sizes, tokens, repeats and threads must be positive "
+                                "(new tokens >= 2, to time decoding)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise BadInputError(f"--image-size must look like 512x512, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise BadInputError(f"--image-size must be positive, got {text!r}")
+    return width, height
+
+
+def bench_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    from .. import scenes
+
+    return scenes.render(scenes.make_scene(7_000_000_000 + seed), size=max(size)).resize(size)
+
+
+def prompt_of(tokenizer, n_tokens: int, variant: int = 0) -> str:
+    """A question of about n_tokens text tokens (variant changes the first words, for warm-cache runs)."""
+    words = (f"Question {variant}: " + FILLER + " ").split() * (n_tokens + 8)
+    text = ""
+    for word in words:
+        candidate = (text + " " + word).strip()
+        if len(tokenizer(candidate, add_special_tokens=False)["input_ids"]) > n_tokens:
+            break
+        text = candidate
+    return text + "?"
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": median(values), "min": min(values, default=float("nan")), "max": max(values, default=float("nan"))}
+
+
+def peak_rss_mb() -> float:
+    scale = 1024 if platform.system() != "Darwin" else 1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def current_rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        return float("nan")
+
+
+def cold_reset(session) -> None:
+    session.embed_cache.clear()
+    session.prefix_cache.clear()
+    session.decoder.truncate(0)
+    session._kv_keys = []
+
+
+def run_session(session, scenario: Scenario, image: Image.Image, label: str, progress: Callable[[str], None]) -> dict:
+    tokenizer = session.spec.tokenizer
+    question, other = prompt_of(tokenizer, scenario.prompt_tokens, 0), prompt_of(tokenizer, scenario.prompt_tokens, 1)
+    kwargs = dict(max_tokens=scenario.new_tokens, stop_token_ids=[])
+    progress(f"{label}: warm-up")
+    cold_reset(session)
+    session.generate(image, question, **kwargs)
+    cold, warm = [], []
+    for i in range(scenario.repeats):
+        progress(f"{label}: repeat {i + 1}/{scenario.repeats}")
+        cold_reset(session)
+        cold.append(session.generate(image, question, **kwargs).timings)
+        warm.append(session.generate(image, other, **kwargs).timings)  # same image, new question
+    t0 = cold[0]
+    n_prefill = t0["n_prompt_tokens"]
+    prefill_ms = [t["prefill_ms"] for t in cold]
+    metrics = {
+        "preprocess_ms": summary([t["preprocess_ms"] for t in cold]),
+        "encode_ms": summary([t["encode_ms"] for t in cold]),
+        "encode_ms_per_tile": summary([t["encode_ms"] / max(t["n_tiles"], 1) for t in cold]),
+        "n_tiles": t0["n_tiles"],
+        "n_image_tokens": t0["n_image_tokens"],
+        "n_prompt_tokens": n_prefill,
+        "prefill_ms": summary(prefill_ms),
+        "prefill_tok_s": n_prefill / (median(prefill_ms) / 1e3),
+        "ttft_cold_ms": summary([t["ttft_ms"] for t in cold]),
+        "ttft_warm_ms": summary([t["ttft_ms"] for t in warm]),
+        "warm_prefix_cache_hits": sum(t["prefix_cache_hits"] for t in warm),
+        "decode_tok_s": summary([t["decode_tok_s"] for t in cold]),
+        "n_new_tokens": t0["n_new_tokens"],
+        "end_to_end_ms": summary([t["total_ms"] for t in cold]),
+        "rss_mb": current_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    metrics["ttft_warm_over_cold"] = metrics["ttft_warm_ms"]["median"] / metrics["ttft_cold_ms"]["median"]
+    return metrics
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+        with open("/proc/meminfo") as handle:
+            info["memory_gib"] = round(int(handle.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def environment_versions() -> dict:
+    versions = {}
+    for name in ("torch", "transformers", "onnxruntime", "llama_cpp", "mlx", "mlx_lm"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def llamacpp_python_peer(gguf: Path, scenario: Scenario, progress) -> dict:
+    """llama.cpp's own generation loop through llama-cpp-python's high-level API, text only, same GGUF and threads."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=scenario.threads, n_threads_batch=scenario.threads,
+                n_batch=512, verbose=False)
+    prompt = " ".join(["shape"] * scenario.prompt_tokens)
+    rates, ttfts = [], []
+    for i in range(scenario.repeats + 1):
+        progress(f"llama-cpp-python peer: {i}/{scenario.repeats}")
+        llm.reset()
+        start = time.perf_counter()
+        stamps = []
+        for _ in llm.create_completion(prompt, max_tokens=scenario.new_tokens, temperature=0.0, stream=True,
+                                       logit_bias=None):
+            stamps.append(time.perf_counter())
+        if i == 0 or len(stamps) < 3:
+            continue  # warm-up
+        ttfts.append((stamps[0] - start) * 1e3)
+        rates.append(1.0 / median(list(np.diff(stamps))))
+    return {"decode_tok_s": summary(rates), "ttft_text_only_ms": summary(ttfts), "n_new_tokens": scenario.new_tokens}
+
+
+def llama_bench_peer(binary: str, gguf: Path, scenario: Scenario) -> dict:
+    import json
+    import subprocess
+
+    out = subprocess.run([binary, "-m", str(gguf), "-p", str(scenario.prompt_tokens), "-n", str(scenario.new_tokens),
+                          "-t", str(scenario.threads), "-r", str(scenario.repeats), "-o", "json"],
+                         capture_output=True, text=True, check=True, timeout=600)
+    rows = json.loads(out.stdout)
+    result = {}
+    for row in rows:
+        key = "decode_tok_s" if row.get("n_gen") else "prefill_tok_s"
+        result[key] = {"median": row["avg_ts"], "min": row["avg_ts"] - row["stddev_ts"], "max": row["avg_ts"] + row["stddev_ts"]}
+    return result
+
+
+def artifact_bytes(bundle: Path | None, name: str) -> int | None:
+    if bundle is None or name == "torch":
+        return None
+    from ..manifest import Manifest
+
+    manifest = Manifest.load(bundle)
+    role = "decoder" if name.split(":")[0] in ("gguf", "mlx") else ("engine" if name.startswith("tensorrt") else "encoder")
+    return manifest.find(role, name).bytes

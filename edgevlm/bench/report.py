@@ -1,0 +1,109 @@
+"""Benchmark output: a table for people (rich and markdown), the JSON for machines, a PNG plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = ("run", "encode ms/tile", "image tok", "prefill ms", "TTFT cold ms", "TTFT warm ms", "decode tok/s",
+           "roofline", "e2e ms", "peak RSS MiB")
+
+
+def _m(metric) -> float | None:
+    return metric["median"] if isinstance(metric, dict) else metric
+
+
+def rows(result: dict) -> list[list[str]]:
+    out = []
+    for run in result["runs"]:
+        m = run["metrics"]
+        rl = run.get("roofline")
+        out.append([
+            run["name"], f"{_m(m['encode_ms_per_tile']):.1f}", str(m["n_image_tokens"]), f"{_m(m['prefill_ms']):.1f}",
+            f"{_m(m['ttft_cold_ms']):.1f}", f"{_m(m['ttft_warm_ms']):.1f}", f"{_m(m['decode_tok_s']):.1f}",
+            f"{rl['fraction']:.0%} of {rl['ceiling_tok_s']:.0f}" if rl else "-", f"{_m(m['end_to_end_ms']):.0f}",
+            f"{m['peak_rss_mb']:.0f}",
+        ])
+    for peer in result.get("peers", []):
+        if "metrics" in peer:
+            m = peer["metrics"]
+            out.append([peer["name"], "-", "-", "-", f"{_m(m.get('ttft_text_only_ms', {'median': float('nan')})):.1f} (text)",
+                        "-", f"{_m(m['decode_tok_s']):.1f}", "-", "-", "-"])
+        else:
+            out.append([peer["name"], "skipped: " + peer["skipped"], *["-"] * 8])
+    return out
+
+
+def print_table(result: dict, console) -> None:
+    from rich.table import Table
+
+    s = result["scenario"]
+    table = Table(title=f"{result['path']} | image {s['image_size'][0]}x{s['image_size'][1]}, ~{s['prompt_tokens']} prompt "
+                        f"tokens, {s['new_tokens']} new, {s['threads']} threads, medians of {s['repeats']}")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in rows(result):
+        table.add_row(*row)
+    console.print(table)
+    for run in result["runs"]:
+        if "vs_reference" in run:
+            v = run["vs_reference"]
+            extra = "".join(f", decode {r:.2f}x {name}" for name, r in run.get("vs_peers", {}).items())
+            console.print(f"{run['name']}: TTFT {v['ttft_cold']:.2f}x, decode {v['decode_tok_s']:.1f}x, "
+                          f"encode {v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
+                          f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
+
+
+def markdown(result: dict, command: str) -> str:
+    lines = [f"Command: `{command}`  ", f"Date: {result['date']}  ",
+             f"Machine: {result['machine'].get('cpu', result['machine']['processor'])}, {result['machine']['cpu_count']} cores, "
+             f"{result['machine'].get('memory_gib', '?')} GiB, copy bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
+    for run in result["runs"]:
+        if "vs_reference" in run:
+            v = run["vs_reference"]
+            extra = "".join(f"; decode {r:.2f}x {name}" for name, r in run.get("vs_peers", {}).items())
+            lines.append(f"\n- {run['name']}: cold TTFT {v['ttft_cold']:.2f}x, decode {v['decode_tok_s']:.1f}x, encode "
+                         f"{v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
+                         f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in result["runs"]]
+    cold = [_m(r["metrics"]["ttft_cold_ms"]) for r in result["runs"]]
+    warm = [_m(r["metrics"]["ttft_warm_ms"]) for r in result["runs"]]
+    rate = [_m(r["metrics"]["decode_tok_s"]) for r in result["runs"]]
+    peer_names = [p["name"] for p in result.get("peers", []) if "metrics" in p]
+    peer_rate = [_m(p["metrics"]["decode_tok_s"]) for p in result.get("peers", []) if "metrics" in p]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.6 * (len(names) + len(peer_names)) + 2.5))
+    y = range(len(names))
+    ax1.barh([i + 0.2 for i in y], cold, height=0.4, label="cold")
+    ax1.barh([i - 0.2 for i in y], warm, height=0.4, label="warm (same image)")
+    ax1.set_yticks(list(y), names)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("TTFT, ms (log)")
+    ax1.legend()
+    all_names, all_rates = names + peer_names, rate + peer_rate
+    ax2.barh(range(len(all_names)), all_rates, color=["C2"] * len(names) + ["C7"] * len(peer_names))
+    ax2.set_yticks(range(len(all_names)), all_names)
+    ax2.set_xlabel("decode tokens/s (median)")
+    fig.suptitle(f"edgevlm bench: {Path(result['path']).name} ({result['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(result: dict, out: Path, command: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "bench.json", "markdown": out / "bench.md", "plot": out / "bench.png"}
+    files["json"].write_text(json.dumps(result, indent=2) + "\n")
+    files["markdown"].write_text(markdown(result, command))
+    plot(result, files["plot"])
+    return files

@@ -1,0 +1,197 @@
+"""`edgevlm bench`: run every requested backend pair and the peers, then write JSON, markdown and a plot."""
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..errors import BadInputError
+from . import harness
+from .roofline import (gguf_weight_bytes_per_token, kv_bytes_per_token, measure_bandwidth_gbs, roofline,
+                       torch_weight_bytes_per_token)
+
+PEERS = ("torch", "llamacpp")
+
+
+def _list(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def plan_pairs(path: Path, encoders: str | None, decoders: str | None, target: str | None) -> list[tuple[str, str]]:
+    from ..loading import is_bundle
+    from ..manifest import Manifest
+
+    if not is_bundle(path):
+        return []
+    manifest = Manifest.load(path)
+    enc = _list(encoders) or [n for n in manifest.names("encoder") if n != "onnx:fp16"] or manifest.names("encoder")
+    dec = _list(decoders) or manifest.names("decoder")
+    if target == "cpu":
+        dec = [d for d in dec if d.startswith("gguf")]
+    elif target == "apple-silicon":
+        dec = [d for d in dec if d.startswith("mlx")]
+    for name in enc:
+        if name not in manifest.names("encoder") + manifest.names("engine"):
+            raise BadInputError(f"the bundle has no encoder {name!r}; it has {', '.join(manifest.names('encoder'))}")
+    for name in dec:
+        if name not in manifest.names("decoder"):
+            raise BadInputError(f"the bundle has no decoder {name!r}; it has {', '.join(manifest.names('decoder'))}")
+    return [(e, d) for e in enc for d in dec]
+
+
+def roofline_for(session, bandwidth: float, bundle: Path | None, decoder_name: str, context: int) -> dict | None:
+    spec = session.decoder
+    if decoder_name == "torch":
+        weights = torch_weight_bytes_per_token(spec.model)
+        kv_value_bytes = 4.0
+    elif decoder_name.startswith("gguf"):
+        from ..manifest import Manifest
+
+        weights = gguf_weight_bytes_per_token(bundle / Manifest.load(bundle).find("decoder", decoder_name).path)
+        kv_value_bytes = 2.0  # llama.cpp's default f16 KV
+    else:
+        return None
+    d = _decoder_shape(session, bundle)
+    kv = kv_bytes_per_token(d["n_layers"], d["n_kv_heads"], d["head_dim"], context, kv_value_bytes)
+    return roofline(bandwidth, weights, kv, 0.0).to_dict()
+
+
+def _decoder_shape(session, bundle: Path | None) -> dict:
+    if bundle is not None:
+        from ..manifest import Manifest
+
+        d = Manifest.load(bundle).decoder
+        return {"n_layers": d.n_layers, "n_kv_heads": d.n_kv_heads, "head_dim": d.head_dim}
+    c = session.decoder.model.config
+    return {"n_layers": c.num_hidden_layers, "n_kv_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads}
+
+
+def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None = None, decoders: str | None = None,
+              peers: str | None = "torch,llamacpp", target: str | None = None, llamacpp_bin: str | None = None,
+              progress: Callable[[str], None] = lambda m: None) -> dict:
+    import edgevlm
+    from ..loading import is_bundle
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path} does not exist; pass a checkpoint folder or a bundle")
+    peer_list = _list(peers)
+    for peer in peer_list:
+        if peer not in PEERS:
+            raise BadInputError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+    if target not in (None, "cpu", "cuda", "jetson-orin", "apple-silicon"):
+        raise BadInputError(f"unknown target {target!r}; see `edgevlm targets`")
+    bundle = path if is_bundle(path) else None
+    pairs = plan_pairs(path, encoders, decoders, target)
+    progress("measuring memory bandwidth")
+    bandwidth = measure_bandwidth_gbs()
+    image = harness.bench_image(scenario.image_size)
+    runs: list[dict] = []
+    if "torch" in peer_list or not pairs:
+        progress("PyTorch reference")
+        session = edgevlm.load(path, encoder="torch", decoder="torch")
+        metrics = harness.run_session(session, scenario, image, "torch", progress)
+        context = metrics["n_prompt_tokens"] + scenario.new_tokens // 2
+        rl = roofline_for(session, bandwidth, bundle, "torch", context)
+        rl["measured_tok_s"] = metrics["decode_tok_s"]["median"]
+        rl["fraction"] = rl["measured_tok_s"] / rl["ceiling_tok_s"]
+        runs.append({"name": "torch (transformers eager)", "kind": "reference", "encoder": "torch", "decoder": "torch",
+                     "metrics": metrics, "roofline": rl, "sizes": {}})
+        del session
+    for encoder, decoder in pairs:
+        label = f"{encoder} + {decoder}"
+        progress(label)
+        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads)
+        metrics = harness.run_session(session, scenario, image, label, progress)
+        context = metrics["n_prompt_tokens"] + scenario.new_tokens // 2
+        rl = roofline_for(session, bandwidth, bundle, decoder, context)
+        if rl:
+            rl["measured_tok_s"] = metrics["decode_tok_s"]["median"]
+            rl["fraction"] = rl["measured_tok_s"] / rl["ceiling_tok_s"]
+        runs.append({"name": label, "kind": "edgevlm", "encoder": encoder, "decoder": decoder,
+                     "encoder_backend": getattr(session.encoder, "name", encoder), "metrics": metrics, "roofline": rl,
+                     "sizes": {"encoder_bytes": harness.artifact_bytes(bundle, encoder),
+                               "decoder_bytes": harness.artifact_bytes(bundle, decoder)}})
+        del session
+    peer_runs = []
+    if "llamacpp" in peer_list and bundle is not None:
+        from ..manifest import Manifest
+
+        manifest = Manifest.load(bundle)
+        for decoder in sorted({d for _, d in pairs if d.startswith("gguf")}):
+            gguf = bundle / manifest.find("decoder", decoder).path
+            progress(f"llama-cpp-python peer on {decoder}")
+            peer_runs.append({"name": f"llama-cpp-python generate ({decoder})", "decoder": decoder,
+                              "metrics": harness.llamacpp_python_peer(gguf, scenario, progress)})
+            bench_binary = shutil.which("llama-bench", path=llamacpp_bin) if llamacpp_bin else shutil.which("llama-bench")
+            if bench_binary:
+                peer_runs.append({"name": f"llama-bench ({decoder})", "decoder": decoder,
+                                  "metrics": harness.llama_bench_peer(bench_binary, gguf, scenario)})
+            else:
+                peer_runs.append({"name": f"llama-bench ({decoder})", "decoder": decoder, "skipped":
+                                  "llama-bench not found on PATH (pass --llamacpp-bin DIR)"})
+        mtmd = shutil.which("llama-mtmd-cli", path=llamacpp_bin) if llamacpp_bin else shutil.which("llama-mtmd-cli")
+        if not mtmd:
+            peer_runs.append({"name": "llama-mtmd-cli", "skipped": "not found on PATH (pass --llamacpp-bin DIR); it "
+                              "needs its own mmproj GGUF, which edgevlm does not write"})
+    reference = runs[0]["metrics"] if runs and runs[0]["kind"] == "reference" else None
+    if reference:
+        for run in runs[1:]:
+            m = run["metrics"]
+            run["vs_reference"] = {
+                "ttft_cold": m["ttft_cold_ms"]["median"] / reference["ttft_cold_ms"]["median"],
+                "decode_tok_s": m["decode_tok_s"]["median"] / reference["decode_tok_s"]["median"],
+                "encode_ms_per_tile": m["encode_ms_per_tile"]["median"] / reference["encode_ms_per_tile"]["median"],
+            }
+            for peer in peer_runs:
+                if peer.get("decoder") == run["decoder"] and "metrics" in peer:
+                    run.setdefault("vs_peers", {})[peer["name"]] = (
+                        m["decode_tok_s"]["median"] / peer["metrics"]["decode_tok_s"]["median"])
+    return {
+        "schema": harness.SCHEMA,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "path": str(path),
+        "target": target or "cpu",
+        "scenario": {"image_size": list(scenario.image_size), "prompt_tokens": scenario.prompt_tokens,
+                     "new_tokens": scenario.new_tokens, "repeats": scenario.repeats, "threads": scenario.threads},
+        "machine": {**harness.machine(), "bandwidth_gbs": bandwidth, "versions": harness.environment_versions()},
+        "runs": runs,
+        "peers": peer_runs,
+    }
+
+
+def encoder_only(path: str | Path, tiles: int = 1, repeats: int = 5, threads: int = 2, progress=lambda m: None) -> dict:
+    """Per-tile encode latency: PyTorch eager vs every ONNX encoder of the bundle, same inputs, one run."""
+    import numpy as np
+    import torch
+
+    from ..manifest import Manifest
+    from ..runtimes.bundle_loader import make_encoder, source_checkpoint
+
+    path = Path(path)
+    manifest = Manifest.load(path)
+    ckpt = source_checkpoint(manifest)
+    torch.set_num_threads(threads)
+    pixels = np.random.default_rng(0).normal(size=(tiles, *manifest.encoder.input_shape[1:])).astype(np.float32)
+    rows = []
+    encoders = [("torch eager fp32", make_encoder(path, manifest, "torch", ckpt=ckpt))]
+    encoders += [(n, make_encoder(path, manifest, n, threads=threads)) for n in manifest.names("encoder")]
+    import time
+
+    for label, encoder in encoders:
+        progress(label)
+        encoder.encode(pixels)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encoder.encode(pixels)
+            times.append((time.perf_counter() - start) * 1e3 / tiles)
+        rows.append({"encoder": label, "backend": getattr(encoder, "name", label), "ms_per_tile": harness.summary(times)})
+    base = rows[0]["ms_per_tile"]["median"]
+    for row in rows:
+        row["vs_torch"] = row["ms_per_tile"]["median"] / base
+    return {"schema": harness.SCHEMA + "/encoder", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "path": str(path), "tiles": tiles, "repeats": repeats, "threads": threads,
+            "machine": {**harness.machine(), "versions": harness.environment_versions()}, "runs": rows}

@@ -1,0 +1,61 @@
+"""edgevlm bench PATH [...]: encode, TTFT (cold and warm), prefill and decode rates, memory, roofline."""
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("path", help="bundle (or checkpoint: PyTorch reference only)")
+    parser.add_argument("--target", default=None, help="cpu | cuda | jetson-orin | apple-silicon (filters the decoders)")
+    parser.add_argument("--encoder", default=None, help="comma list (default: every encoder but fp16)")
+    parser.add_argument("--decoder", default=None, help="comma list (default: every decoder)")
+    parser.add_argument("--image-size", default="512x512", help="WxH of the test image")
+    parser.add_argument("--prompt-tokens", type=int, default=24)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", default="torch,llamacpp", help="comma list of torch, llamacpp ('' for none)")
+    parser.add_argument("--llamacpp-bin", default=None, help="folder with llama.cpp binaries (llama-bench, llama-mtmd-cli)")
+    parser.add_argument("--encoder-only", action="store_true", help="per-tile encode latency of every encoder only")
+    parser.add_argument("-o", "--output", default=None, help="folder for bench.json, bench.md, bench.png")
+
+
+def main(args) -> int:
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from ..bench import harness, report
+    from ..bench.run import encoder_only, run_bench
+
+    console = Console(stderr=True)
+    command = "edgevlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "edgevlm bench"
+    with console.status("benchmarking") as status:
+        def progress(message: str) -> None:
+            status.update(message)
+
+        if args.encoder_only:
+            result = encoder_only(args.path, repeats=args.repeats, threads=args.threads, progress=progress)
+        else:
+            scenario = harness.Scenario(harness.parse_size(args.image_size), args.prompt_tokens, args.new_tokens,
+                                        args.repeats, args.threads)
+            result = run_bench(args.path, scenario, args.encoder, args.decoder, args.peers, args.target,
+                               args.llamacpp_bin, progress)
+    if args.encoder_only:
+        from .common import table
+
+        table(f"per-tile encode latency ({args.path}, {args.threads} threads, median of {args.repeats})",
+              ["encoder", "backend", "ms/tile", "min", "max", "vs torch"],
+              [(r["encoder"], r["backend"], r["ms_per_tile"]["median"], r["ms_per_tile"]["min"], r["ms_per_tile"]["max"],
+                f"{r['vs_torch']:.2f}x") for r in result["runs"]], file=sys.stderr)
+        if args.output:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+            (Path(args.output) / "encoder.json").write_text(json.dumps(result, indent=2) + "\n")
+    else:
+        report.print_table(result, Console(stderr=True, width=200))
+        if args.output:
+            files = report.write(result, Path(args.output), command)
+            console.print("wrote " + ", ".join(str(p) for p in files.values()))
+    print(json.dumps(result))  # the last stdout line is the JSON summary
+    return 0

@@ -1,0 +1,56 @@
+"""edgevlm chat PATH --image IMG: a multi-turn REPL; the decoder keeps the sequence between turns."""
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(parser) -> None:
+    from .common import add_backend_arguments, add_sampling_arguments
+
+    parser.add_argument("path", help="checkpoint folder or bundle")
+    parser.add_argument("--image", action="append", default=[], help="image for the first turn (repeatable)")
+    add_sampling_arguments(parser)
+    add_backend_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="show timings and cache hits after each answer")
+
+
+def main(args) -> int:
+    from .. import load
+    from ..images import load_image
+    from .common import sampling_kwargs
+
+    kwargs = sampling_kwargs(args)
+    images = [load_image(p) for p in args.image]
+    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **_options(args))
+    print(f"edgevlm chat: {session.encoder_name} encoder + {session.decoder_name} decoder. "
+          "Empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
+    first = True
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            session.reset()
+            first = True
+            continue
+        print("vlm> ", end="", flush=True)
+        result = session.chat(line, image=images if first and images else None,
+                              on_text=lambda s: print(s, end="", flush=True), **kwargs)
+        print()
+        first = False
+        if args.verbose:
+            t = result.timings
+            print(f"  [ttft {t['ttft_ms']:.0f} ms, prefill {t['prefill_ms']:.0f} ms for {t['n_prefilled_positions']} "
+                  f"new positions ({t['n_reused_positions']} reused), encode {t['encode_ms']:.0f} ms, "
+                  f"{t['decode_tok_s']:.1f} tok/s, embed cache hits {t['embed_cache_hits']}, "
+                  f"prefix cache hits {t['prefix_cache_hits']}]", file=sys.stderr)
+    return 0
+
+
+def _options(args) -> dict:
+    from .common import backend_options
+
+    return backend_options(args)

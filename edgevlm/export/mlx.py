@@ -1,0 +1,64 @@
+"""Decoder -> MLX (mlx-lm layout) through mlx-lm's own converter and affine quantization.
+
+The decoder is first written as a plain HF Llama folder (mlx-lm reads that), with `rope_theta` at the top level of
+config.json: mlx-lm ignores transformers-5's `rope_parameters` and would silently use 10000."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import BackendUnavailableError
+from ..manifest import Artifact
+from .bundle import BundleWriter
+
+# precision -> (dtype of unquantized tensors, bits or None)
+PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "8bit": ("float16", 8), "4bit": ("float16", 4)}
+
+
+def require_mlx():
+    try:
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"MLX is not available here ({exc}); on Linux `pip install 'mlx[cpu]' mlx-lm`, on Apple Silicon "
+            "`pip install mlx mlx-lm`"
+        ) from None
+
+
+def write_hf_llama(ckpt, manifest, folder: Path) -> Path:
+    """The decoder as a stock HF Llama checkpoint, with the tokenizer and chat template beside it."""
+    ckpt.decoder.save_pretrained(folder)
+    ckpt.tokenizer.save_pretrained(folder)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["rope_theta"] = manifest.decoder.rope_theta
+    config["eos_token_id"] = manifest.tokenizer["stop_token_ids"] or config.get("eos_token_id")
+    config_file.write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, group_size: int = 64, **_) -> Artifact:
+    require_mlx()
+    from mlx_lm import convert
+
+    scratch = writer.root / ".work"
+    scratch.mkdir(exist_ok=True)
+    hf_folder = scratch / "hf-llama"
+    if not hf_folder.exists():
+        log("  writing the decoder as an HF Llama folder for mlx-lm")
+        write_hf_llama(ckpt, manifest, hf_folder)
+    dtype, bits = PRECISIONS[precision]
+    out = writer.root / "decoder" / f"mlx-{precision}"
+    out.parent.mkdir(exist_ok=True)
+    log(f"  converting with mlx-lm ({precision}{f', group size {group_size}' if bits else ''})")
+    convert(str(hf_folder), mlx_path=str(out), quantize=bits is not None, q_bits=bits,
+            q_group_size=group_size if bits else None, dtype=dtype)
+    for stray in ("README.md",):  # mlx-lm writes a hub model card; nothing in it is true for a bundle
+        (out / stray).unlink(missing_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    if config.get("rope_theta") != manifest.decoder.rope_theta:
+        raise RuntimeError("mlx-lm dropped rope_theta from config.json; the MLX decoder would be wrong")
+    details = {"dtype": dtype, "bits": bits, "group_size": group_size if bits else None, "mode": "affine" if bits else None}
+    return writer.artifact(f"mlx:{precision}", "decoder", "mlx", precision, f"decoder/mlx-{precision}", **details)

@@ -1,0 +1,82 @@
+"""The benchmark harness on a tiny bundle: every metric present, roofline arithmetic, clear errors (no timing
+thresholds: speed goals live in benchmarks/, not in tests)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgevlm.bench.harness import Scenario, parse_size
+from edgevlm.bench.roofline import kv_bytes_per_token, roofline
+from edgevlm.cli import main
+from edgevlm.errors import BadInputError
+
+METRICS = ("preprocess_ms", "encode_ms", "encode_ms_per_tile", "n_tiles", "n_image_tokens", "n_prompt_tokens",
+           "prefill_ms", "prefill_tok_s", "ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "end_to_end_ms", "rss_mb",
+           "peak_rss_mb", "ttft_warm_over_cold", "n_new_tokens")
+
+
+def test_roofline_arithmetic():
+    # 10 GB/s over (1e8 weight bytes + KV) per token
+    kv = kv_bytes_per_token(n_layers=2, n_kv_heads=2, head_dim=16, context=100, bytes_per_value=2)
+    assert kv == 2 * 2 * 2 * 16 * 100 * 2
+    r = roofline(10.0, 100_000_000 - kv, kv, measured_tok_s=80.0)
+    assert r.ceiling_tok_s == pytest.approx(100.0)
+    assert r.fraction == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        roofline(0.0, 1, 0, 1.0)
+
+
+def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", str(bundles["idefics3"]), "--image-size", "64x48", "--prompt-tokens", "8", "--new-tokens",
+                 "6", "--repeats", "2", "--threads", "1", "--encoder", "onnx:int8", "--decoder", "gguf:q8_0", "-o", str(out)])
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result == json.loads((out / "bench.json").read_text())
+    assert result["schema"] == "edgevlm-bench/1" and result["machine"]["bandwidth_gbs"] > 0
+    names = [r["name"] for r in result["runs"]]
+    assert names == ["torch (transformers eager)", "onnx:int8 + gguf:q8_0"]
+    for run in result["runs"]:
+        for metric in METRICS:
+            assert metric in run["metrics"], metric
+        for metric in ("ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "prefill_ms"):
+            assert set(run["metrics"][metric]) == {"median", "min", "max"}
+        assert run["metrics"]["n_tiles"] == 3 and run["metrics"]["n_image_tokens"] == 12  # 64x48 -> 1x2 tiles + global
+        assert run["metrics"]["warm_prefix_cache_hits"] == 2  # the warm run skipped encoder and image prefill
+        assert run["roofline"]["ceiling_tok_s"] > 0 and 0 < run["roofline"]["fraction"]
+    ours = result["runs"][1]
+    assert ours["sizes"]["decoder_bytes"] > 0 and ours["sizes"]["encoder_bytes"] > 0
+    assert set(ours["vs_reference"]) == {"ttft_cold", "decode_tok_s", "encode_ms_per_tile"}
+    peers = {p["name"]: p for p in result["peers"]}
+    assert peers["llama-cpp-python generate (gguf:q8_0)"]["metrics"]["decode_tok_s"]["median"] > 0
+    assert "gguf:q8_0" in " ".join(peers)
+    assert (out / "bench.png").stat().st_size > 1000 and "| run |" in (out / "bench.md").read_text()
+
+
+def test_encoder_only_bench(bundles, capsys):
+    assert main(["bench", str(bundles["llava-clip"]), "--encoder-only", "--repeats", "2", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["encoder"] for r in result["runs"]][0] == "torch eager fp32"
+    assert {r["encoder"] for r in result["runs"][1:]} == {"onnx:fp32", "onnx:fp16", "onnx:int8"}
+    assert all(r["ms_per_tile"]["median"] > 0 for r in result["runs"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--image-size", "big"], "--image-size must look like"),
+    (["--peers", "ollama"], "unknown peer 'ollama'"),
+    (["--decoder", "gguf:q2_k"], "no decoder 'gguf:q2_k'"),
+    (["--target", "tpu"], "unknown target 'tpu'"),
+    (["--new-tokens", "1"], "new tokens >= 2"),
+])
+def test_bad_bench_options(argv, needle, bundles, capsys):
+    code = main(["bench", str(bundles["llava-clip"]), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_parse_size_and_scenario_validation():
+    assert parse_size("800x600") == (800, 600)
+    with pytest.raises(BadInputError):
+        Scenario(repeats=0)
