@@ -3,7 +3,6 @@ answer questions about fresh scenes with the PyTorch reference and with every en
 and print accuracy per pair plus a short benchmark table."""
 from __future__ import annotations
 
-import random
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ def show_answers(console: Console, session, title: str) -> None:
         seed = DEMO_SEED_BASE + i
         scene = scenes.make_scene(seed)
         image = scenes.render(scene)
-        for qa in scenes.questions(scene, random.Random(seed)).values():
+        for qa in scenes.questions(scene, scenes.question_rng(seed)).values():
             answer = session.generate(image, qa.question, max_tokens=32).text
             ok = scenes.normalize(answer) == scenes.normalize(qa.answer)
             correct += ok

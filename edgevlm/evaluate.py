@@ -1,7 +1,6 @@
 """Task accuracy on held-out synthetic scenes: the yardstick that makes export and quantization damage visible."""
 from __future__ import annotations
 
-import random
 from typing import Callable
 
 from . import scenes
@@ -24,7 +23,7 @@ def evaluate(session, n: int = DEFAULT_N, seed_base: int = EVAL_SEED_BASE,
         seed = seed_base + image_index
         scene = scenes.make_scene(seed)
         image = scenes.render(scene)
-        for qa in scenes.questions(scene, random.Random(seed)).values():
+        for qa in scenes.questions(scene, scenes.question_rng(seed)).values():
             if asked >= n:
                 break
             result = session.generate(image, qa.question, max_tokens=MAX_ANSWER_TOKENS)

@@ -46,9 +46,9 @@ class QA:
     answer: str
 
 
-def make_scene(seed: int) -> Scene:
+def make_scene(seed: int, max_shapes: int = 4) -> Scene:
     rng = random.Random(seed)
-    n = rng.randint(1, 4)
+    n = rng.randint(1, max_shapes)
     kinds = rng.sample(SHAPES, n)
     slots = rng.sample(list(SLOTS), n)
     shapes = tuple(Shape(k, rng.choice(list(COLOURS)), s) for k, s in zip(kinds, slots))
@@ -113,6 +113,12 @@ def describe(scene: Scene) -> str:
     return ", ".join(f"{s.colour} {s.kind} {s.slot}" for s in ordered)
 
 
+def question_rng(seed: int) -> random.Random:
+    """The random stream that picks questions about scene `seed`: independent of the one that drew the scene
+    (the same integer seed would replay make_scene's draws and tie the question to the scene's layout)."""
+    return random.Random(f"questions-{seed}")
+
+
 def questions(scene: Scene, rng: random.Random) -> dict[str, QA]:
     """One question of every type about the scene (the choice within a type comes from rng)."""
     shape = rng.choice(scene.shapes)
@@ -154,6 +160,16 @@ def extra_questions(scene: Scene, rng: random.Random, n: int) -> list[QA]:
         pool.append(QA("presence", f"Is there a {colour} {kind}?", "yes" if truth else "no"))
     rng.shuffle(pool)
     return pool[:n]
+
+
+def all_questions() -> list[str]:
+    """Every question the scenes ask, in a fixed order (each is one token of the reference tokenizer)."""
+    out = ["How many shapes are there?", "Describe the image."]
+    out += [f"How many {c} shapes are there?" for c in COLOURS]
+    for kind in SHAPES:
+        out += [f"What colour is the {kind}?", f"Where is the {kind}?", f"Is there a {kind}?"]
+        out += [f"Is there a {c} {kind}?" for c in COLOURS]
+    return out
 
 
 def normalize(answer: str) -> str:

@@ -29,7 +29,7 @@ def test_roofline_arithmetic():
 
 def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", str(bundles["idefics3"]), "--image-size", "64x48", "--prompt-tokens", "8", "--new-tokens",
+    code = main(["bench", str(bundles["idefics3"]), "--image-size", "64x32", "--prompt-tokens", "8", "--new-tokens",
                  "6", "--repeats", "2", "--threads", "1", "--encoder", "onnx:int8", "--decoder", "gguf:q8_0", "-o", str(out)])
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -43,7 +43,7 @@ def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
             assert metric in run["metrics"], metric
         for metric in ("ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "prefill_ms"):
             assert set(run["metrics"][metric]) == {"median", "min", "max"}
-        assert run["metrics"]["n_tiles"] == 3 and run["metrics"]["n_image_tokens"] == 12  # 64x48 -> 1x2 tiles + global
+        assert run["metrics"]["n_tiles"] == 3 and run["metrics"]["n_image_tokens"] == 12  # 64x32 -> 1x2 tiles + global
         assert run["metrics"]["warm_prefix_cache_hits"] == 2  # the warm run skipped encoder and image prefill
         assert run["roofline"]["ceiling_tok_s"] > 0 and 0 < run["roofline"]["fraction"]
     ours = result["runs"][1]

@@ -33,7 +33,13 @@ def test_fp16_mlx_tracks_pytorch(family, prompt, image_names, ckpts, mlx_bundles
     session = edgevlm.load(mlx_bundles[family], encoder="torch", decoder="mlx:fp16")
     logits = session.teacher_forced_logits(pics, prompt, ref.tokens)
     assert nmse(np.stack(logits), np.stack(ref.logits)) <= 1e-4
-    assert [int(np.argmax(l)) for l in logits] == ref.tokens
+    # Random weights leave near-ties that fp16 rounding may flip; wherever the reference's top two logits are
+    # apart by more than fp16 noise the tokens must agree (identical greedy tokens on the trained reference model
+    # are checked in test_reference.py).
+    for ours, theirs, token in zip(logits, ref.logits, ref.tokens):
+        top2 = np.sort(theirs)[-2:]
+        if top2[1] - top2[0] > 0.05:
+            assert int(np.argmax(ours)) == token
 
 
 def test_quantized_layout_and_config(mlx_bundles):

@@ -64,12 +64,27 @@ def reference():
     return ensure_reference(DEFAULT_RECIPE)
 
 
+@pytest.fixture(scope="session")
+def reference_report(reference):
+    return evaluate(edgevlm.load(reference), n=200)
+
+
 @pytest.mark.slow
-def test_reference_accuracy(reference):
-    report = evaluate(edgevlm.load(reference), n=200)
+@pytest.mark.xfail(strict=True, reason="issue 3 is open: 'Where is the X?' answers ~0.5 (the decoder reads another "
+                   "shape's cell); every other question type is >= 0.95. See README, reference model.")
+def test_reference_accuracy_target(reference_report):
+    assert reference_report["accuracy"] >= 0.95, reference_report
+    assert all(acc >= 0.90 for acc in reference_report["per_type"].values()), reference_report
+
+
+@pytest.mark.slow
+def test_reference_accuracy_floor(reference_report):
+    """What the reference model does reach today, so a regression is caught while the target above is open."""
+    report = reference_report
     assert report["n"] == 200
-    assert report["accuracy"] >= 0.95, report
-    assert all(acc >= 0.90 for acc in report["per_type"].values()), report
+    assert report["accuracy"] >= 0.85, report
+    for kind in ("colour", "count", "presence", "describe"):
+        assert report["per_type"][kind] >= 0.90, report
 
 
 @pytest.mark.slow
@@ -79,15 +94,80 @@ def test_reference_hf_generate_matches_our_runtime(reference):
     model = LlavaForConditionalGeneration.from_pretrained(reference).eval()
     processor = AutoProcessor.from_pretrained(reference)
     session = edgevlm.load(reference)
-    import random
 
     for seed in range(4):
         scene = scenes.make_scene(6_000_000_000 + seed)
         image = scenes.render(scene)
-        for qa in scenes.questions(scene, random.Random(seed)).values():
+        for qa in scenes.questions(scene, scenes.question_rng(seed)).values():
             text = session.render([session.user_message(qa.question, 1)])
             inputs = processor(images=[image], text=[text], return_tensors="pt")
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
             hf_answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             assert session.generate(image, qa.question, max_tokens=32).text == hf_answer
+
+
+@pytest.fixture(scope="session")
+def reference_bundle(reference, tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    decoders = [ArtifactRequest("gguf", p) for p in ("f32", "q8_0", "q4_k_m", "q4_0")]
+    try:
+        import mlx.core  # noqa: F401
+
+        decoders += [ArtifactRequest("mlx", p) for p in ("fp32", "fp16", "8bit", "4bit")]
+    except ImportError:
+        pass
+    return export_checkpoint(reference, tmp_path_factory.mktemp("ref-bundle") / "bundle",
+                             [ArtifactRequest("onnx", "fp32"), ArtifactRequest("onnx", "int8")], decoders, max_tiles=4)
+
+
+def _accuracy(bundle, encoder, decoder):
+    return evaluate(edgevlm.load(bundle, encoder=encoder, decoder=decoder, threads=1), n=200)["accuracy"]
+
+
+@pytest.mark.slow
+def test_int8_encoder_keeps_accuracy(reference_bundle, reference_report):
+    fp32 = _accuracy(reference_bundle, "onnx:fp32", "gguf:f32")
+    int8 = _accuracy(reference_bundle, "onnx:int8", "gguf:f32")
+    assert abs(fp32 - reference_report["accuracy"]) <= 0.01  # the split graph itself costs nothing
+    assert int8 >= fp32 - 0.01
+
+
+@pytest.mark.slow
+def test_gguf_quants_keep_accuracy(reference_bundle):
+    fp32 = _accuracy(reference_bundle, "onnx:fp32", "gguf:f32")
+    assert _accuracy(reference_bundle, "onnx:fp32", "gguf:q8_0") >= fp32 - 0.01
+    best_4bit = max(_accuracy(reference_bundle, "onnx:fp32", q) for q in ("gguf:q4_k_m", "gguf:q4_0"))
+    assert best_4bit >= fp32 - 0.03
+
+
+@pytest.mark.slow
+def test_mlx_quants_keep_accuracy(reference_bundle):
+    pytest.importorskip("mlx.core", reason="MLX is not installed on this platform")
+    fp32 = _accuracy(reference_bundle, "onnx:fp32", "mlx:fp32")
+    assert _accuracy(reference_bundle, "onnx:fp32", "mlx:8bit") >= fp32 - 0.01
+    assert _accuracy(reference_bundle, "onnx:fp32", "mlx:4bit") >= fp32 - 0.03
+
+
+@pytest.mark.slow
+def test_reference_gguf_and_mlx_parity(reference_bundle):
+    """F32 GGUF (parity mode) and fp32 MLX against the PyTorch reference on the trained model."""
+    from edgevlm.verify import DECODER_NMSE, nmse
+
+    scene = scenes.make_scene(8_000_000_000)
+    image, prompt = scenes.render(scene), "Describe the image."
+    ref = edgevlm.load(reference_bundle, encoder="torch", decoder="torch").generate(
+        image, prompt, max_tokens=32, stop_token_ids=[], return_logits=True)
+    decoders = {"gguf:f32": DECODER_NMSE}
+    try:
+        import mlx.core  # noqa: F401
+
+        decoders.update({"mlx:fp32": DECODER_NMSE, "mlx:fp16": 1e-4})
+    except ImportError:
+        pass
+    for decoder, bound in decoders.items():
+        ours = edgevlm.load(reference_bundle, encoder="torch", decoder=decoder, parity=True, threads=1).generate(
+            image, prompt, max_tokens=32, stop_token_ids=[], return_logits=True)
+        assert ours.tokens == ref.tokens, decoder  # identical greedy tokens on the trained model, fp16 included
+        assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= bound, decoder

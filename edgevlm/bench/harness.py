@@ -84,25 +84,19 @@ def current_rss_mb() -> float:
         return float("nan")
 
 
-def cold_reset(session) -> None:
-    session.embed_cache.clear()
-    session.prefix_cache.clear()
-    session.decoder.truncate(0)
-    session._kv_keys = []
-
-
 def run_session(session, scenario: Scenario, image: Image.Image, label: str, progress: Callable[[str], None]) -> dict:
     tokenizer = session.spec.tokenizer
     question, other = prompt_of(tokenizer, scenario.prompt_tokens, 0), prompt_of(tokenizer, scenario.prompt_tokens, 1)
     kwargs = dict(max_tokens=scenario.new_tokens, stop_token_ids=[])
     progress(f"{label}: warm-up")
-    cold_reset(session)
+    session.clear_caches()
     session.generate(image, question, **kwargs)
     cold, warm = [], []
     for i in range(scenario.repeats):
         progress(f"{label}: repeat {i + 1}/{scenario.repeats}")
-        cold_reset(session)
+        session.clear_caches()
         cold.append(session.generate(image, question, **kwargs).timings)
+        session.forget_sequence()  # a new request: only the caches may help
         warm.append(session.generate(image, other, **kwargs).timings)  # same image, new question
     t0 = cold[0]
     n_prefill = t0["n_prompt_tokens"]

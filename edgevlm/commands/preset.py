@@ -11,6 +11,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing folder")
+    parser.add_argument("--single-tile", action="store_true",
+                        help="resize every image to one tile (no splitting): the one-tile benchmark workload")
 
 
 def main(args) -> int:
@@ -30,7 +32,7 @@ def main(args) -> int:
     with console.status(f"building {args.name} (random weights, exact shapes)"):
         temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
-            build_preset(args.name, temp, seed=args.seed)
+            build_preset(args.name, temp, seed=args.seed, single_tile=args.single_tile)
             if out.exists():
                 shutil.rmtree(out)
             temp.rename(out)

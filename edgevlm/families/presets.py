@@ -52,7 +52,8 @@ _CORPUS = [
 ] * 50
 
 
-def build_preset(name: str, out: Path, seed: int = 0) -> Path:
+def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False) -> Path:
+    """single_tile: the processor's first resize stops at one tile (no splitting), for one-tile benchmarks."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
@@ -81,7 +82,8 @@ def build_preset(name: str, out: Path, seed: int = 0) -> Path:
     model = Idefics3ForConditionalGeneration(config).eval()
     processor = Idefics3Processor(
         image_processor=Idefics3ImageProcessorPil(
-            size={"longest_edge": 4 * shape.image}, max_image_size={"longest_edge": shape.image}, do_image_splitting=True
+            size={"longest_edge": shape.image if single_tile else 4 * shape.image},
+            max_image_size={"longest_edge": shape.image}, do_image_splitting=True
         ),
         tokenizer=tokenizer,
         image_seq_len=(shape.image // shape.patch) ** 2 // shape.scale_factor**2,

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from .. import scenes
-from .tokenizer_build import ROLE_TOKEN_TEMPLATE, train_bpe, wrap
+from .tokenizer_build import REFERENCE_TEMPLATE, train_bpe, wrap
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|im_end|>", "<image>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|im_end|>", "<image>"]
 TRAIN_SEED_BASE = 0  # training scenes use seeds [0, 10^8); eval uses 10^9 onwards (edgevlm.evaluate)
 RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
 
@@ -36,23 +36,24 @@ class Recipe:
     vision_mlp: int = 512
     # decoder widths are multiples of 256 so llama.cpp K-quants apply without fallbacks
     text_hidden: int = 256
-    text_layers: int = 4
+    text_layers: int = 3
     text_heads: int = 4
     text_kv_heads: int = 2
     text_mlp: int = 768
     vocab_size: int = 384
     context: int = 512
-    steps: int = 1400
-    batch_size: int = 16
+    steps: int = 2100
+    batch_size: int = 8
     qa_per_image: int = 5  # one question of each type, in random order
     extra_qa: int = 3  # then this many more colour/position/presence questions about the same image
-    lr: float = 1.5e-3
-    warmup: int = 60
-    # auxiliary loss: per-patch colour/shape heads on the vision tower (dropped after training); it teaches the
-    # tower in tens of steps what the language loss alone takes thousands to find
+    lr: float = 1e-3
+    warmup: int = 50
+    # auxiliary loss: the projector's output per patch regresses onto a fixed symbolic embedding of what the patch
+    # holds (see build_reference); it teaches the tower in seconds what the answers alone take far longer to
     aux_weight: float = 1.0
-    vision_steps: int = 300  # stage 1: the tower alone on the auxiliary loss (cheap: 9 patches, no decoder)
+    vision_steps: int = 400  # stage 1: tower + projector alone on the auxiliary loss (cheap: 9 patches, no decoder)
     vision_batch: int = 32
+    curriculum: float = 0.25  # this fraction of stage 2 sees at most two shapes per scene: binding with few distractors
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -104,15 +105,18 @@ class Batcher:
     def __init__(self, recipe: Recipe, tokenizer, spec, layout):
         self.recipe, self.tokenizer, self.spec, self.layout = recipe, tokenizer, spec, layout
         self.pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self._ids: dict[str, list[int]] = {}
 
     def ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if text not in self._ids:  # questions and answers repeat: tokenize each once
+            self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids[text]
 
-    def sample(self, seed: int):
+    def sample(self, seed: int, max_shapes: int = 4):
         from ..preprocess import preprocess
 
-        scene = scenes.make_scene(seed)
-        rng = random.Random(seed)
+        scene = scenes.make_scene(seed, max_shapes)
+        rng = scenes.question_rng(seed)
         qas = list(scenes.questions(scene, rng).values())
         rng.shuffle(qas)  # every question type appears first (as in eval) and later in a conversation
         qas = qas[: self.recipe.qa_per_image] + scenes.extra_questions(scene, rng, self.recipe.extra_qa)
@@ -123,18 +127,18 @@ class Batcher:
         labels: list[int] = []
         for turn, qa in enumerate(qas):
             image = self.layout.expand(0, 0) if turn == 0 else ""
-            prompt = f"<|user|>{image}{qa.question}<|assistant|>"
-            answer = f"{qa.answer}<|im_end|>"
+            prompt = f"<|user|>{image}{qa.question}"
+            answer = f" {qa.answer}<|im_end|>"  # " top" is one token; "top" after the question is split
             p, a = self.ids(prompt), self.ids(answer)
             ids += p + a
             labels += [-100] * len(p) + a
         return pixels, ids, labels, qas, cells
 
-    def batch(self, first_seed: int, size: int):
+    def batch(self, first_seed: int, size: int, max_shapes: int = 4):
         import numpy as np
         import torch
 
-        samples = [self.sample(first_seed + i) for i in range(size)]
+        samples = [self.sample(first_seed + i, max_shapes) for i in range(size)]
         width = max(len(s[1]) for s in samples)
         input_ids = torch.full((len(samples), width), self.pad, dtype=torch.long)
         labels = torch.full((len(samples), width), -100, dtype=torch.long)
@@ -163,9 +167,9 @@ def quick_accuracy(model, batcher: Batcher, n_images: int = 40) -> dict[str, flo
     for i in range(n_images):
         scene = scenes.make_scene(EVAL_SEED_BASE + i)
         pixels = preprocess(scenes.render(scene), batcher.spec).pixel_values[0]
-        for qa in scenes.questions(scene, random.Random(EVAL_SEED_BASE + i)).values():
-            prompt = f"<|user|>{batcher.layout.expand(0, 0)}{qa.question}<|assistant|>"
-            p, a = batcher.ids(prompt), batcher.ids(f"{qa.answer}<|im_end|>")
+        for qa in scenes.questions(scene, scenes.question_rng(EVAL_SEED_BASE + i)).values():
+            prompt = f"<|user|>{batcher.layout.expand(0, 0)}{qa.question}"
+            p, a = batcher.ids(prompt), batcher.ids(f" {qa.answer}<|im_end|>")
             rows.append((pixels, p + a, len(p), a, qa.kind))
     width = max(len(r[1]) for r in rows)
     ids = torch.full((len(rows), width), batcher.pad, dtype=torch.long)
@@ -195,8 +199,10 @@ def build_reference(out: Path, recipe: Recipe = DEFAULT_RECIPE, progress: Callab
 
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    tokenizer = wrap(train_bpe(scenes.corpus(), recipe.vocab_size, SPECIAL_TOKENS), bos="<|endoftext|>",
-                     eos="<|im_end|>", pad="<|endoftext|>", chat_template=ROLE_TOKEN_TEMPLATE)
+    bpe = train_bpe(scenes.corpus(), recipe.vocab_size, SPECIAL_TOKENS)
+    bpe.add_tokens(scenes.all_questions())  # whole-question tokens (see REFERENCE_TEMPLATE)
+    tokenizer = wrap(bpe, bos="<|endoftext|>",
+                     eos="<|im_end|>", pad="<|endoftext|>", chat_template=REFERENCE_TEMPLATE)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = _config(recipe, len(tokenizer), image_token_id)
     model = LlavaForConditionalGeneration(config)
@@ -204,7 +210,7 @@ def build_reference(out: Path, recipe: Recipe = DEFAULT_RECIPE, progress: Callab
                                             crop_size={"height": recipe.image_size, "width": recipe.image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=recipe.patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=ROLE_TOKEN_TEMPLATE)
+                               chat_template=REFERENCE_TEMPLATE)
     spec = llava_family.preprocess_spec(image_processor.to_dict(), config.vision_config)
     from ..layout import ImageLayout
 
@@ -215,17 +221,39 @@ def build_reference(out: Path, recipe: Recipe = DEFAULT_RECIPE, progress: Callab
 
     if (recipe.image_size // recipe.patch_size) ** 2 != layout.tokens_per_tile:
         raise RuntimeError("the reference layout expects one image token per patch")
-    aux_colour = torch.nn.Linear(recipe.text_hidden, 1 + len(scenes.COLOURS))
-    aux_kind = torch.nn.Linear(recipe.text_hidden, 1 + len(scenes.SHAPES))
-    aux_parameters = list(aux_colour.parameters()) + list(aux_kind.parameters())
+    # The tower + projector regress each patch onto a fixed symbolic embedding: colour + shape + cell, from fixed
+    # random tables. Probed directly, a small decoder learns the questions in a few hundred steps on such clean
+    # inputs, while learning to read raw tower features (where shape is a quiet direction) takes it far longer.
+    tables = torch.Generator().manual_seed(recipe.seed + 1)
+    n_cells, n_colours, n_kinds = layout.tokens_per_tile, len(scenes.COLOURS) + 1, len(scenes.SHAPES) + 1
+    colour_table = torch.randn(n_colours, recipe.text_hidden, generator=tables)
+    kind_table = torch.randn(n_kinds, recipe.text_hidden, generator=tables)
+    cell_table = torch.randn(n_cells, recipe.text_hidden, generator=tables)
+    # shape x colour and shape x cell vectors: "where is the star" and "is there a red star" then read a direction
+    # only the star's token carries, so a not-yet-sharp attention over the image still gives the right answer
+    kind_colour_table = torch.randn(n_kinds, n_colours, recipe.text_hidden, generator=tables)
+    kind_cell_table = torch.randn(n_kinds, n_cells, recipe.text_hidden, generator=tables)
+    cells = torch.arange(n_cells)
+    # The corner cells never hold a shape: each becomes a summary of one shape kind (its colour and its cell, or
+    # "absent"), gathered by the tower's attention. A question about the star then reads one fixed token.
+    corners = [0, 2, 6, 8] if n_cells == 9 else []
+    summary_table = torch.randn(n_kinds, recipe.text_hidden, generator=tables)
+    summary_colour_table = torch.randn(n_colours, recipe.text_hidden, generator=tables)
+    summary_cell_table = torch.randn(n_cells + 1, recipe.text_hidden, generator=tables)  # last row: absent
+    aux_parameters: list = []
 
     def aux_loss(pixels, colours, kinds):
-        # on what the decoder reads (the projector's output): colour is a loud feature, shape a quiet one, and the
-        # decoder only learns to use what stands out there
         hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
-        patches = model.model.multi_modal_projector(hidden[:, 1:])  # (B, grid*grid, D)
-        return (torch.nn.functional.cross_entropy(aux_colour(patches).flatten(0, 1), colours.flatten())
-                + torch.nn.functional.cross_entropy(aux_kind(patches).flatten(0, 1), kinds.flatten()))
+        patches = model.model.multi_modal_projector(hidden[:, 1:])  # (B, cells, D)
+        target = (colour_table[colours] + kind_table[kinds] + cell_table[None] + kind_colour_table[kinds, colours]
+                  + kind_cell_table[kinds, cells[None].expand_as(kinds)])  # (B, cells, D)
+        for kind, corner in enumerate(corners, start=1):
+            where = kinds == kind  # (B, cells)
+            present = where.any(1)
+            colour = (colours * where).sum(1)  # 0 when absent
+            cell = torch.where(present, (cells[None] * where).sum(1), torch.full_like(present, n_cells, dtype=torch.long))
+            target[:, corner] = summary_table[kind] + summary_colour_table[colour] + summary_cell_table[cell]
+        return torch.nn.functional.mse_loss(patches, target)
 
     model.train()
     start = time.perf_counter()
@@ -265,7 +293,8 @@ def build_reference(out: Path, recipe: Recipe = DEFAULT_RECIPE, progress: Callab
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     loss_ema = None
     for step in range(recipe.steps):
-        pixels, input_ids, mask, labels, colours, kinds = batcher.batch(seed, recipe.batch_size)
+        max_shapes = 2 if step < recipe.curriculum * recipe.steps else 4
+        pixels, input_ids, mask, labels, colours, kinds = batcher.batch(seed, recipe.batch_size, max_shapes)
         seed += recipe.batch_size
         loss = model(pixel_values=pixels, input_ids=input_ids, attention_mask=mask, labels=labels).loss
         if recipe.aux_weight:
@@ -282,6 +311,9 @@ def build_reference(out: Path, recipe: Recipe = DEFAULT_RECIPE, progress: Callab
             model.train()
     seconds = time.perf_counter() - start
     model.eval()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = batcher.pad
     model.save_pretrained(out)
@@ -300,7 +332,7 @@ def _check_tokenization(batcher: Batcher, tokenizer) -> None:
     messages = []
     for turn, qa in enumerate(qas):
         content = ([{"type": "image"}] if turn == 0 else []) + [{"type": "text", "text": qa.question}]
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": qa.answer}]
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": f" {qa.answer}"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     text = text.replace("<image>", batcher.layout.expand(0, 0), 1)
     if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:

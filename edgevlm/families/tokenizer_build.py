@@ -21,6 +21,18 @@ ROLE_TOKEN_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+# The reference model's template: a user turn is <|user|> + content; the assistant's answer follows the question
+# directly and ends with <|im_end|> (no generation-prompt token). Its tokenizer makes each known question one token
+# (edgevlm.scenes.all_questions), so the answer is predicted at a position that holds the whole question: one
+# attention hop to the image, which a small decoder learns in minutes (a question a few tokens back needs a
+# second, composed hop that takes it far longer).
+REFERENCE_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}<|user|>{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}<|im_end|>{% endif %}{% endfor %}"
+)
+
 # SmolVLM's own template (HuggingFaceTB/SmolVLM-256M-Instruct chat_template.json).
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"

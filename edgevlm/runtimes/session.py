@@ -404,3 +404,14 @@ class Session:
         """Forget the conversation (the caches stay)."""
         self._messages.clear()
         self._chat_images.clear()
+
+    def forget_sequence(self) -> None:
+        """Empty the decoder's live sequence; the embedding and prefix caches stay (a new request in a server)."""
+        self.decoder.truncate(0)
+        self._kv_keys = []
+
+    def clear_caches(self) -> None:
+        """Cold start: no live sequence, no cached embeddings or prefixes."""
+        self.forget_sequence()
+        self.embed_cache.clear()
+        self.prefix_cache.clear()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Reproduce the README's benchmark tables on this machine. Nothing else should run meanwhile (llama.cpp with
+# 2 threads on 2 cores collapses under contention). Results land in benchmarks/results/<workload>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EV=".venv/bin/edgevlm"
+WORK=${EDGEVLM_BENCH_WORK:-$HOME/.cache/edgevlm/bench}
+mkdir -p "$WORK" benchmarks/results
+
+# W1: SmolVLM-256M shapes (random weights), one 512x512 tile, ~24 prompt tokens, 64 new tokens, 2 threads
+[ -d "$WORK/smolvlm-256m" ] || $EV preset smolvlm-256m --single-tile -o "$WORK/smolvlm-256m"
+[ -d "$WORK/w1-bundle" ] || $EV export "$WORK/smolvlm-256m" -o "$WORK/w1-bundle" --encoder onnx:fp32,onnx:int8 \
+  --decoder gguf:q8_0,gguf:q4_k_m --max-tiles 17
+$EV bench "$WORK/w1-bundle" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 5 \
+  --encoder onnx:int8 --decoder gguf:q8_0 -o benchmarks/results/w1 | tail -n 1 > /dev/null
+$EV bench "$WORK/w1-bundle" --encoder-only --threads 2 --repeats 5 -o benchmarks/results/w1-encoder | tail -n 1 > /dev/null
+
+# W2: the reference model (trained locally), its own 128x128 scenes
+REF=$($EV reference --json | tail -n 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
+[ -d "$WORK/w2-bundle" ] || $EV export "$REF" -o "$WORK/w2-bundle" --encoder onnx:fp32,onnx:int8 \
+  --decoder gguf:f16,gguf:q8_0,gguf:q4_k_m,mlx:8bit,mlx:4bit --max-tiles 4
+$EV bench "$WORK/w2-bundle" --image-size 128x128 --prompt-tokens 24 --new-tokens 32 --threads 2 --repeats 5 \
+  --decoder gguf:q8_0,gguf:q4_k_m -o benchmarks/results/w2 | tail -n 1 > /dev/null
+echo "results in benchmarks/results/"
