@@ -43,7 +43,7 @@ def show_answers(console: Console, session, title: str) -> None:
         scene = scenes.make_scene(seed)
         image = scenes.render(scene)
         for qa in scenes.questions(scene, scenes.question_rng(seed)).values():
-            answer = session.generate(image, qa.question, max_tokens=32).text
+            answer = session.generate(image, qa.question, max_tokens=32).text.strip()
             ok = scenes.normalize(answer) == scenes.normalize(qa.answer)
             correct += ok
             total += 1

@@ -4,8 +4,9 @@ The decoder is first written as a plain HF Llama folder (mlx-lm reads that), wit
 config.json: mlx-lm ignores transformers-5's `rope_parameters` and would silently use 10000."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import shutil
 from pathlib import Path
 
 from ..errors import BackendUnavailableError
@@ -53,8 +54,9 @@ def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
     out = writer.root / "decoder" / f"mlx-{precision}"
     out.parent.mkdir(exist_ok=True)
     log(f"  converting with mlx-lm ({precision}{f', group size {group_size}' if bits else ''})")
-    convert(str(hf_folder), mlx_path=str(out), quantize=bits is not None, q_bits=bits,
-            q_group_size=group_size if bits else None, dtype=dtype)
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints [INFO] lines; our log says what happens
+        convert(str(hf_folder), mlx_path=str(out), quantize=bits is not None, q_bits=bits,
+                q_group_size=group_size if bits else None, dtype=dtype)
     for stray in ("README.md",):  # mlx-lm writes a hub model card; nothing in it is true for a bundle
         (out / stray).unlink(missing_ok=True)
     config = json.loads((out / "config.json").read_text())

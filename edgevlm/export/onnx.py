@@ -20,6 +20,7 @@ def _quiet_exporter() -> None:
     for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.onnx._internal.exporter._registration"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="torch.onnx")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # pytree deprecations inside torch.export
 
 
 def export_graph(vision, encoder_spec, path: Path) -> Path:
@@ -57,9 +58,16 @@ class HalfPrecision(torch.nn.Module):
 def quantize_int8(fp32_path: Path, path: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # MatMul/Gemm weights to int8 with per-channel scales; activations quantized on the fly.
-    quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm"])
+    # MatMul/Gemm weights to int8 with per-channel scales; activations quantized on the fly. (ORT logs a hint about
+    # its pre-processing pass on the root logger; the graph it would fold is already ORT-optimized at load.)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
     return path
 
 
