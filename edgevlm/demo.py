@@ -70,9 +70,6 @@ def main() -> int:
         decoders.append(ArtifactRequest("mlx", "4bit"))
     except ImportError:
         console.print("MLX is not installed: skipping the mlx:4bit decoder")
-    from .export.exporter import DECODER_FORMATS
-
-    decoders = [d for d in decoders if d.format in DECODER_FORMATS]
     start = time.perf_counter()
     with console.status("exporting the bundle (ONNX fp32+int8 encoder, GGUF decoders)"):
         export_checkpoint(ckpt, bundle, [ArtifactRequest("onnx", "fp32"), ArtifactRequest("onnx", "int8")], decoders,

@@ -44,13 +44,21 @@ def print_table(result: dict, console) -> None:
     for row in rows(result):
         table.add_row(*row)
     console.print(table)
+    for line in ratios(result):
+        console.print(line)
+
+
+def ratios(result: dict) -> list[str]:
+    """One line per edgevlm run: its ratios to the PyTorch reference and to the llama.cpp peers of the same run."""
+    lines = []
     for run in result["runs"]:
         if "vs_reference" in run:
             v = run["vs_reference"]
-            extra = "".join(f", decode {r:.2f}x {name}" for name, r in run.get("vs_peers", {}).items())
-            console.print(f"{run['name']}: TTFT {v['ttft_cold']:.2f}x, decode {v['decode_tok_s']:.1f}x, "
-                          f"encode {v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
-                          f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
+            extra = "".join(f"; decode {r:.2f}x {name}" for name, r in run.get("vs_peers", {}).items())
+            lines.append(f"{run['name']}: cold TTFT {v['ttft_cold']:.2f}x, decode {v['decode_tok_s']:.1f}x, encode "
+                         f"{v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
+                         f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
+    return lines
 
 
 def markdown(result: dict, command: str) -> str:
@@ -59,13 +67,7 @@ def markdown(result: dict, command: str) -> str:
              f"{result['machine'].get('memory_gib', '?')} GiB, copy bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
-    for run in result["runs"]:
-        if "vs_reference" in run:
-            v = run["vs_reference"]
-            extra = "".join(f"; decode {r:.2f}x {name}" for name, r in run.get("vs_peers", {}).items())
-            lines.append(f"\n- {run['name']}: cold TTFT {v['ttft_cold']:.2f}x, decode {v['decode_tok_s']:.1f}x, encode "
-                         f"{v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
-                         f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
+    lines += [""] + [f"- {line}" for line in ratios(result)]
     return "\n".join(lines) + "\n"
 
 

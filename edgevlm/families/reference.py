@@ -243,8 +243,11 @@ def build_reference(out: Path, recipe: Recipe = DEFAULT_RECIPE, progress: Callab
     aux_parameters: list = []
 
     def aux_loss(pixels, colours, kinds):
-        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
-        patches = model.model.multi_modal_projector(hidden[:, 1:])  # (B, cells, D)
+        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        layers = config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        features = torch.cat([states[i][:, 1:] for i in layers], dim=-1)  # what LLaVA's projector reads, CLS dropped
+        patches = model.model.multi_modal_projector(features)  # (B, cells, D)
         target = (colour_table[colours] + kind_table[kinds] + cell_table[None] + kind_colour_table[kinds, colours]
                   + kind_cell_table[kinds, cells[None].expand_as(kinds)])  # (B, cells, D)
         for kind, corner in enumerate(corners, start=1):

@@ -11,16 +11,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# A compact role-token template (the reference model's): few tokens per turn, so training spends its compute on
-# the questions and answers. The assistant turn starts right after <|assistant|>.
-ROLE_TOKEN_TEMPLATE = (
-    "{% for message in messages %}{{ '<|user|>' if message['role'] == 'user' else '<|assistant|>' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] != 'user' %}<|im_end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
 # The reference model's template: a user turn is <|user|> + content; the assistant's answer follows the question
 # directly and ends with <|im_end|> (no generation-prompt token). Its tokenizer makes each known question one token
 # (edgevlm.scenes.all_questions), so the answer is predicted at a position that holds the whole question: one
