@@ -51,7 +51,8 @@ class Decoder(Protocol):
     vocab_size: int
 
     def prefill(self, segments: list[Segment]) -> np.ndarray:
-        """Append the segments at position n_past onwards; return the last position's logits (vocab,) float32."""
+        """Append the segments at position n_past onwards; return the last position's logits (vocab,) float32.
+        The array may be a view into the backend's buffer, valid until the next call: copy it to keep it."""
 
     def truncate(self, n_past: int) -> None:
         """Forget every position >= n_past."""

@@ -328,33 +328,38 @@ class Session:
         step_times: list[float] = []
         finish = "length"
         emitted = ""
-        t_first = None
+        tail_start = 0
+        t_first = t_last = None
         for _ in range(max_tokens):
             if return_logits:
                 all_logits.append(logits.copy())
             token = sampler.sample(logits, history)
-            if t_first is None:
-                t_first = time.perf_counter()
+            now = time.perf_counter()
+            if t_first is not None:
+                step_times.append(now - t_last)  # the whole per-token loop: decode, sampling, detokenizing
+            t_first = t_first or now
+            t_last = now
             if token in stops:
                 finish = "stop"
                 break
             tokens.append(token)
             history.append(token)
-            text_now = self.spec.tokenizer.decode(tokens, skip_special_tokens=True)
-            if len(text_now) > len(emitted) and not text_now.endswith("\ufffd"):
-                yield text_now[len(emitted):]
-                emitted = text_now
+            # detokenize a short tail only (whole-text decoding each step grows with the answer); a piece that ends
+            # inside a multi-byte character waits for the next token
+            tail = self.spec.tokenizer.decode(tokens[tail_start:], skip_special_tokens=True)
+            if tail and not tail.endswith("\ufffd"):
+                yield tail
+                emitted += tail
+                tail_start = len(tokens)
             if len(tokens) == max_tokens:
                 break
             if self.decoder.n_past >= self.decoder.n_ctx:
                 finish = "context"
                 break
-            t0 = time.perf_counter()
             logits = self.decoder.prefill([Segment(token_ids=np.asarray([token], dtype=np.int32))])
-            step_times.append(time.perf_counter() - t0)
             self._kv_keys.append(token)
         text_final = self.spec.tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text_final) > len(emitted):
+        if text_final.startswith(emitted) and len(text_final) > len(emitted):
             yield text_final[len(emitted):]
         t_end = time.perf_counter()
         timings["ttft_ms"] = ((t_first or t_end) - t_start) * 1e3
@@ -371,9 +376,9 @@ class Session:
                        embed_cache_misses=0, prefix_cache_hits=0, prefix_cache_misses=0)
         self.decoder.truncate(0)
         self._kv_keys = []
-        logits = [self.decoder.prefill(self._segments(prompt_ids, images, 0, len(prompt_ids.ids), timings))]
+        logits = [self.decoder.prefill(self._segments(prompt_ids, images, 0, len(prompt_ids.ids), timings)).copy()]
         for token in list(tokens)[:-1]:
-            logits.append(self.decoder.prefill([Segment(token_ids=np.asarray([token], dtype=np.int32))]))
+            logits.append(self.decoder.prefill([Segment(token_ids=np.asarray([token], dtype=np.int32))]).copy())
         self.decoder.truncate(0)
         return logits
 
