@@ -100,12 +100,11 @@ def quantize_static_qdq_int8(fp32_path: Path, path: Path, calibration) -> Path:
 INT8_METHODS = {"dynamic": quantize_dynamic_int8, "static_qdq": quantize_static_qdq_int8}
 
 
-def calibration_tiles(manifest, n: int = CALIBRATION_TILES) -> list:
+def calibration_tiles(manifest, n: int = CALIBRATION_TILES, seed: int = 3_000_000_000) -> list:
     from .. import scenes
     from ..preprocess import preprocess
 
     tiles = []
-    seed = 3_000_000_000
     while len(tiles) < n:
         image = scenes.render(scenes.make_scene(seed), size=max(manifest.preprocess.tile_size))
         tiles.extend(preprocess(image, manifest.preprocess).pixel_values)
@@ -134,27 +133,37 @@ def measure(graph: Path, inputs, reference) -> dict:
     return {"ms_per_tile": statistics.median(times), "cosine": cosine(np.concatenate(outputs), reference)}
 
 
+STATIC_MIN_SPEEDUP = 0.9  # static QDQ must be >= 10% faster to win: timing noise alone never flips the choice
+
+
 def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
-    """Both int8 methods, measured on reference tiles; keeps the faster one whose cosine to fp32 is >= 0.99."""
+    """Both int8 methods; accuracy is judged on held-out tiles (fresh scenes plus Gaussian noise, since users' images
+    are not our scenes and static ranges clip what calibration never saw). Dynamic is kept unless static QDQ is as
+    accurate (cosine >= 0.99) and clearly faster."""
     import numpy as np
     import onnxruntime as ort
 
-    tiles = np.stack(calibration_tiles(manifest)).astype(np.float32)
+    calibration = np.stack(calibration_tiles(manifest)).astype(np.float32)
+    fresh = np.stack(calibration_tiles(manifest, 8, seed=3_500_000_000)).astype(np.float32)
+    noise = np.random.default_rng(0).normal(size=(4, *fresh.shape[1:])).astype(np.float32)
+    held_out = np.concatenate([fresh, noise])
     fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     name = fp32.get_inputs()[0].name
-    reference = np.concatenate([fp32.run(None, {name: tiles[i : i + 1]})[0] for i in range(len(tiles))])
+    reference = np.concatenate([fp32.run(None, {name: held_out[i : i + 1]})[0] for i in range(len(held_out))])
     candidates = {}
     for method, quantize in INT8_METHODS.items():
         candidate = path.with_name(f".{method}.{path.name}")
-        quantize(fp32_path, candidate, [{name: tiles[i : i + 1]} for i in range(len(tiles))])
-        candidates[method] = {**measure(candidate, tiles, reference), "graph": candidate}
+        quantize(fp32_path, candidate, [{name: calibration[i : i + 1]} for i in range(len(calibration))])
+        candidates[method] = {**measure(candidate, held_out, reference), "graph": candidate}
         log(f"  int8 {method}: {candidates[method]['ms_per_tile']:.1f} ms/tile, cosine {candidates[method]['cosine']:.4f}")
-    accurate = {m: c for m, c in candidates.items() if c["cosine"] >= 0.99} or candidates
-    chosen = min(accurate, key=lambda m: accurate[m]["ms_per_tile"])
+    static, dynamic = candidates["static_qdq"], candidates["dynamic"]
+    wins = static["cosine"] >= 0.99 and static["ms_per_tile"] <= STATIC_MIN_SPEEDUP * dynamic["ms_per_tile"]
+    chosen = "static_qdq" if wins else "dynamic"
     candidates[chosen]["graph"].replace(path)
     for c in candidates.values():
         c.pop("graph").unlink(missing_ok=True)
-    return {"quantization": chosen, "candidates": candidates, "calibration": f"{len(tiles)} reference-scene tiles"}
+    return {"quantization": chosen, "candidates": candidates,
+            "calibration": f"{len(calibration)} reference-scene tiles; judged on {len(held_out)} held-out tiles"}
 
 
 def save_cpu_optimized(graph: Path, optimized: Path) -> Path:
