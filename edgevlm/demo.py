@@ -54,7 +54,9 @@ def show_answers(console: Console, session, title: str) -> None:
 
 def main() -> int:
     from . import load
+    from .errors import BackendUnavailableError
     from .evaluate import evaluate
+    from .export.mlx import require_mlx
     from .export.exporter import ArtifactRequest, export_checkpoint
     from .families.reference import cache_root
 
@@ -65,11 +67,10 @@ def main() -> int:
     bundle = cache_root() / "demo" / f"bundle-{ckpt.name}"
     decoders = [ArtifactRequest("gguf", "q8_0"), ArtifactRequest("gguf", "q4_k_m")]
     try:
-        import mlx.core  # noqa: F401
-
+        require_mlx()
         decoders.append(ArtifactRequest("mlx", "4bit"))
-    except ImportError:
-        console.print("MLX is not installed: skipping the mlx:4bit decoder")
+    except BackendUnavailableError as exc:
+        console.print(f"skipping the mlx:4bit decoder: {exc}")
     start = time.perf_counter()
     with console.status("exporting the bundle (ONNX fp32+int8 encoder, GGUF decoders)"):
         export_checkpoint(ckpt, bundle, [ArtifactRequest("onnx", "fp32"), ArtifactRequest("onnx", "int8")], decoders,

@@ -63,17 +63,9 @@ class ImageCalibrator:
 
 
 def calibration_batches(manifest: Manifest, n_tiles: int = 64, batch: int = 8) -> list[np.ndarray]:
-    from .. import scenes
-    from ..preprocess import preprocess
+    from .onnx import calibration_tiles  # the same reference-scene tiles the ONNX int8 calibration uses
 
-    tiles = []
-    seed = 3_000_000_000
-    while len(tiles) < n_tiles:
-        pixels = preprocess(scenes.render(scenes.make_scene(seed), size=max(manifest.preprocess.tile_size)),
-                            manifest.preprocess).pixel_values
-        tiles.extend(pixels)
-        seed += 1
-    stacked = np.stack(tiles[:n_tiles]).astype(np.float32)
+    stacked = np.stack(calibration_tiles(manifest, n_tiles)).astype(np.float32)
     return [stacked[i : i + batch] for i in range(0, n_tiles, batch)]
 
 

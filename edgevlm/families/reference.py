@@ -156,6 +156,7 @@ class Batcher:
 def quick_accuracy(model, batcher: Batcher, n_images: int = 40) -> dict[str, float]:
     """Teacher-forced exact match on held-out single-turn questions (every answer token is the argmax): equal to
     greedy exact match, at the cost of one batched forward. For watching training, not for reporting."""
+    import numpy as np
     import torch
 
     from ..evaluate import EVAL_SEED_BASE
@@ -177,7 +178,7 @@ def quick_accuracy(model, batcher: Batcher, n_images: int = 40) -> dict[str, flo
     for j, (_, seq, _, _, _) in enumerate(rows):
         ids[j, : len(seq)] = torch.tensor(seq)
         mask[j, : len(seq)] = 1
-    pixels = torch.from_numpy(__import__("numpy").stack([r[0] for r in rows]))
+    pixels = torch.from_numpy(np.stack([r[0] for r in rows]))
     with torch.inference_mode():
         predicted = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits.argmax(-1)
     for j, (_, _, n_prompt, answer, kind) in enumerate(rows):

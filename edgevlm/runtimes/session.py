@@ -206,9 +206,7 @@ class Session:
         segments: list[Segment] = []
         pos = start
         image_rows: dict[int, np.ndarray] = {}
-        offsets = {}
         for run_start, run_stop, idx in prompt.runs:
-            offsets.setdefault(idx, run_start)
             if run_stop <= start or run_start >= stop:
                 continue
             if pos < run_start:
