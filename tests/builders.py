@@ -31,11 +31,50 @@ def text_config(vocab_size: int, **overrides):
     return LlamaConfig(**values)
 
 
+# LLaVA-1.5's conversation format (Vicuna v1), as its HF chat template renders it.
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
 def _tokenizer(specials, template):
     return wrap(train_bpe(CORPUS, 400, specials), bos="<|endoftext|>", eos="<|im_end|>", chat_template=template)
 
 
-def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int = 32) -> Path:
+def sentencepiece_tokenizer(folder: Path):
+    """A Llama-2-style tokenizer: SentencePiece BPE with byte fallback (<unk>, <s>, </s> at 0-2), trained here and
+    saved as tokenizer.model beside the checkpoint, as real LLaVA-1.5 checkpoints ship it, plus <image> added."""
+    import io
+
+    import sentencepiece
+    from tokenizers import normalizers
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=420, model_type="bpe", byte_fallback=True,
+        split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False, legacy=True)
+    # the tokenizer.json layout Llama-2 and llava-1.5 ship: "▁" prepended by the normalizer (always, as
+    # SentencePiece's dummy prefix), no pre-tokenizer (transformers 5 would convert to a Metaspace that skips the
+    # prefix before a leading space)
+    tokenizer._tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tokenizer._tokenizer.pre_tokenizer = None
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = LLAVA15_TEMPLATE
+    return tokenizer
+
+
+def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int = 32, vocab: str = "bpe") -> Path:
     from transformers import (
         CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig,
     )
@@ -43,7 +82,13 @@ def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int =
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(LLAVA_SPECIALS, CHATML_TEMPLATE)
+    if vocab == "sentencepiece":
+        tokenizer = sentencepiece_tokenizer(out)
+        template = LLAVA15_TEMPLATE
+        text_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0}
+    else:
+        tokenizer, template = _tokenizer(LLAVA_SPECIALS, CHATML_TEMPLATE), CHATML_TEMPLATE
+        text_ids = {}
     vision_kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          image_size=image_size, patch_size=8)
     if tower == "clip":
@@ -55,13 +100,14 @@ def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int =
         strategy, extra = "full", 0
         image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     config = LlavaConfig(
-        vision_config=vision, text_config=text_config(len(tokenizer)), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+        vision_config=vision, text_config=text_config(len(tokenizer), **text_ids),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(config).eval()
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
-                               chat_template=CHATML_TEMPLATE)
+                               chat_template=template)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

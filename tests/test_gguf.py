@@ -58,6 +58,56 @@ def test_gguf_tokenizer_matches_hf(family, bundles):
         assert decoder.tokenize(text) == hf(text)["input_ids"], repr(text)
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_bundles(tmp_path_factory):
+    """A LLaVA checkpoint with a Llama-2-style SentencePiece tokenizer, exported twice: with tokenizer.model beside
+    it (piece scores from SentencePiece) and without (scores from tokenizer.json's merge ranks)."""
+    import shutil
+
+    from builders import build_llava
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    root = tmp_path_factory.mktemp("spm")
+    ckpt = build_llava(root / "ckpt", "clip", seed=4, vocab="sentencepiece")
+    bare = shutil.copytree(ckpt, root / "ckpt-no-model")
+    (bare / "tokenizer.model").unlink()
+    decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0")]
+    return ckpt, {name: export_checkpoint(source, root / name, [], decoders)
+                  for name, source in (("with-model", ckpt), ("merges-only", bare))}
+
+
+@pytest.mark.parametrize("variant", ["with-model", "merges-only"])
+def test_sentencepiece_vocab_tokenizes_like_hf_and_sentencepiece(variant, sentencepiece_bundles):
+    import gguf
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    ckpt, bundles = sentencepiece_bundles
+    bundle = bundles[variant]
+    reader = gguf.GGUFReader(str(bundle / "decoder" / "f32.gguf"))
+    model_field = reader.fields["tokenizer.ggml.model"]
+    assert bytes(model_field.parts[model_field.data[0]]).decode() == "llama"
+    hf = AutoTokenizer.from_pretrained(bundle / "tokenizer")
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    decoder = LlamaCppDecoder(bundle / "decoder" / "f32.gguf", threads=1)
+    strings = STRINGS + ["USER: <image>\nWhat is this? ASSISTANT:", "<image><image> mixed </s>"]
+    for text in strings:
+        assert decoder.tokenize(text) == hf(text)["input_ids"], repr(text)
+        if "<" not in text:  # the HF tokenizer itself agrees with SentencePiece
+            assert hf(text, add_special_tokens=False)["input_ids"] == spm.encode(text), repr(text)
+    assert decoder.tokenize("a")[0] == hf.bos_token_id == 1  # add_bos, like Llama-2
+
+
+def test_sentencepiece_gguf_parity_with_pytorch(sentencepiece_bundles, images):
+    ckpt, bundles = sentencepiece_bundles
+    prompt = "USER: <image>\nWhat colour is the circle? ASSISTANT:"
+    ref = edgevlm.load(ckpt).generate(images["small"], prompt, max_tokens=32, stop_token_ids=[], return_logits=True)
+    session = edgevlm.load(bundles["with-model"], encoder="torch", decoder="gguf:f32", parity=True, threads=1)
+    ours = session.generate(images["small"], prompt, max_tokens=32, stop_token_ids=[], return_logits=True)
+    assert ours.tokens == ref.tokens
+    assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE
+
+
 def test_stock_llama_cpp_loads_and_generates(bundles):
     from llama_cpp import Llama
 

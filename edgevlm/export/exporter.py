@@ -3,6 +3,7 @@ artifact (encoder/decoder formats are plugins under edgevlm/export/) into an ato
 from __future__ import annotations
 
 import importlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
 
 def write_tokenizer(ckpt, writer: BundleWriter):
     ckpt.tokenizer.save_pretrained(writer.root / "tokenizer")
+    sentencepiece_model = Path(ckpt.path) / "tokenizer.model"
+    if sentencepiece_model.is_file():  # its piece scores make the GGUF tokenize exactly like SentencePiece
+        shutil.copyfile(sentencepiece_model, writer.root / "tokenizer" / "tokenizer.model")
     return writer.artifact("tokenizer", "tokenizer", "hf-tokenizer", "-", "tokenizer")
 
 

@@ -6,6 +6,7 @@ token list and types; the pre-tokenizer name is read from tokenizer.json, never 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -58,11 +59,32 @@ def write_vocab(writer, tokenizer, tokenizer_dir: Path, vocab_size: int, chat_te
     import gguf
 
     data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    if data.get("model", {}).get("type") != "BPE" or data["model"].get("byte_fallback"):
-        raise CheckpointError("only byte-level BPE tokenizers are exported to GGUF so far (SentencePiece is not)")
-    vocab = tokenizer.get_vocab()
+    model = data.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        write_sentencepiece_vocab(writer, tokenizer, tokenizer_dir, data, vocab_size)
+    elif model.get("type") == "BPE":
+        write_byte_level_vocab(writer, tokenizer, data, vocab_size)
+    else:
+        raise CheckpointError(
+            f"the tokenizer model {model.get('type')!r} is not exported to GGUF; supported: byte-level BPE (GPT-2 "
+            "style) and SentencePiece BPE with byte fallback (Llama/Mistral style)"
+        )
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=model.get("type") == "BPE" and not model.get("byte_fallback"),
+                                n_vocab=vocab_size)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]
+    if chat_template and not special.chat_template:
+        special.chat_template = chat_template
+    special.add_to_gguf(writer)
+
+
+def _token_table(tokenizer, data: dict, vocab_size: int, normal_type) -> tuple[list[str], list[int]]:
+    """Token strings and llama.cpp token types by id; ids the tokenizer lacks (embedding padding) become UNUSED."""
+    import gguf
+
     added = {t["id"]: t for t in data.get("added_tokens", [])}
-    by_id = {i: t for t, i in vocab.items()}
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in by_id:
@@ -73,18 +95,87 @@ def write_vocab(writer, tokenizer, tokenizer_dir: Path, vocab_size: int, chat_te
             types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
+            types.append(normal_type(by_id[i]))
+    return tokens, types
+
+
+def write_byte_level_vocab(writer, tokenizer, data: dict, vocab_size: int) -> None:
+    import gguf
+
+    tokens, types = _token_table(tokenizer, data, vocab_size, lambda _: gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tokenizer_pre(data))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size)
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
-    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]
-    if chat_template and not special.chat_template:
-        special.chat_template = chat_template
-    special.add_to_gguf(writer)
+
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def sentencepiece_scores(tokenizer_dir: Path, data: dict, tokens: list[str]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges the best-scoring pair first. The scores come from tokenizer.model
+    when the checkpoint ships it; otherwise from tokenizer.json's merge ranks, which HF's converter derives from
+    those same scores (a piece made by merge rank r scores -r)."""
+    model_file = tokenizer_dir / "tokenizer.model"
+    if model_file.is_file():
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        base = processor.vocab_size()
+        return [processor.GetScore(i) if i < base else -1000.0 for i in range(len(tokens))]
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(data["model"].get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    unranked = -float(len(rank) + 1)  # single characters and bytes: never the result of a merge
+    return [-float(rank[t]) if t in rank else unranked for t in tokens]
+
+
+def write_sentencepiece_vocab(writer, tokenizer, tokenizer_dir: Path, data: dict, vocab_size: int) -> None:
+    import gguf
+
+    unk = tokenizer.unk_token
+
+    def piece_type(piece: str):
+        if piece == unk:
+            return gguf.TokenType.UNKNOWN
+        return gguf.TokenType.BYTE if BYTE_PIECE.fullmatch(piece) else gguf.TokenType.NORMAL
+
+    tokens, types = _token_table(tokenizer, data, vocab_size, piece_type)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(sentencepiece_scores(tokenizer_dir, data, tokens))
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(adds_space_prefix(data))
+
+
+def sentencepiece_note(tokenizer_dir: Path) -> str | None:
+    """llama.cpp's SentencePiece tokenizer always adds the dummy "▁" prefix, also after special tokens and before a
+    leading space, as SentencePiece itself does. A tokenizer.json whose Metaspace prefixes only the first piece
+    (transformers' legacy=False) tokenizes those two cases differently from the GGUF; edgevlm's runtime tokenizes
+    with the bundle's HF tokenizer and is unaffected, stock llama.cpp is."""
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    if not data.get("model", {}).get("byte_fallback"):
+        return None
+    pre = data.get("pre_tokenizer") or {}
+    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if any(i.get("type") == "Metaspace" and i.get("prepend_scheme") == "first" for i in items):
+        return ("the tokenizer is SentencePiece with legacy=False: stock llama.cpp adds a space prefix after special "
+                "tokens and before leading spaces where it does not (edgevlm's runtime uses the HF tokenizer)")
+    return None
+
+
+def adds_space_prefix(data: dict) -> bool:
+    """Whether the tokenizer prepends "▁" to the text (Metaspace prepend_scheme, or the older Prepend normalizer)."""
+    pre = data.get("pre_tokenizer") or {}
+    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for item in items:
+        if item.get("type") == "Metaspace":
+            return item.get("prepend_scheme", "always") != "never" and item.get("add_prefix_space", True)
+    norm = data.get("normalizer") or {}
+    norms = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    return any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in norms)
 
 
 def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f32") -> Path:
@@ -194,6 +285,10 @@ def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
     note = k_quant_fallbacks(manifest.decoder, precision)
     if note:
         details["k_quant_fallback"] = note
+        log(f"  note: {note}")
+    note = sentencepiece_note(tokenizer_dir)
+    if note:
+        details["tokenizer_note"] = note
         log(f"  note: {note}")
     return writer.artifact(f"gguf:{precision}", "decoder", "gguf", precision, f"decoder/{precision}.gguf", **details)
 
