@@ -17,8 +17,9 @@ $EV bench "$WORK/w1-bundle" --encoder-only --threads 2 --repeats 5 -o benchmarks
 
 # W2: the reference model (trained locally), its own 128x128 scenes
 REF=$($EV reference --json | tail -n 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
-[ -d "$WORK/w2-bundle" ] || $EV export "$REF" -o "$WORK/w2-bundle" --encoder onnx:fp32,onnx:int8 \
+W2="$WORK/w2-bundle-$(basename "$REF")"  # keyed by the recipe hash: a retrained model gets a fresh bundle
+[ -d "$W2" ] || $EV export "$REF" -o "$W2" --encoder onnx:fp32,onnx:int8 \
   --decoder gguf:f16,gguf:q8_0,gguf:q4_k_m,mlx:8bit,mlx:4bit --max-tiles 4
-$EV bench "$WORK/w2-bundle" --image-size 128x128 --prompt-tokens 24 --new-tokens 32 --threads 2 --repeats 5 \
+$EV bench "$W2" --image-size 128x128 --prompt-tokens 24 --new-tokens 32 --threads 2 --repeats 5 \
   --decoder gguf:q8_0,gguf:q4_k_m -o benchmarks/results/w2 | tail -n 1 > /dev/null
 echo "results in benchmarks/results/"
