@@ -15,6 +15,14 @@ $EV bench "$WORK/w1-bundle" --image-size 512x512 --prompt-tokens 24 --new-tokens
   --encoder onnx:int8 --decoder gguf:q8_0 -o benchmarks/results/w1 | tail -n 1 > /dev/null
 $EV bench "$WORK/w1-bundle" --encoder-only --threads 2 --repeats 5 -o benchmarks/results/w1-encoder | tail -n 1 > /dev/null
 
+# W1-split: the same model as SmolVLM ships its processor (image splitting on): a 512x512 image becomes 16 tiles +
+# the global view, 1,088 image tokens. Where the KV-cache reuse pays most: a new question skips all of them.
+[ -d "$WORK/smolvlm-256m-split" ] || $EV preset smolvlm-256m -o "$WORK/smolvlm-256m-split"
+[ -d "$WORK/w1-split-bundle" ] || $EV export "$WORK/smolvlm-256m-split" -o "$WORK/w1-split-bundle" \
+  --encoder onnx:int8 --decoder gguf:q8_0 --max-tiles 17
+$EV bench "$WORK/w1-split-bundle" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 3 \
+  --encoder onnx:int8 --decoder gguf:q8_0 -o benchmarks/results/w1-split | tail -n 1 > /dev/null
+
 # W2: the reference model (trained locally), its own 128x128 scenes
 REF=$($EV reference --json | tail -n 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
 W2="$WORK/w2-bundle-$(basename "$REF")"  # keyed by the recipe hash: a retrained model gets a fresh bundle
