@@ -53,6 +53,21 @@ def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
     assert peers["llama-cpp-python generate (gguf:q8_0)"]["metrics"]["decode_tok_s"]["median"] > 0
     assert "gguf:q8_0" in " ".join(peers)
     assert (out / "bench.png").stat().st_size > 1000 and "| run |" in (out / "bench.md").read_text()
+    assert all(run["isolated"] for run in result["runs"])  # each pair measured in its own process
+    assert all(run["metrics"]["peak_rss_mb"] > 0 for run in result["runs"])
+
+
+def test_bench_in_process_and_errors_from_the_child(bundles, capsys):
+    from edgevlm.bench.run import measure_isolated
+
+    code = main(["bench", str(bundles["llava-clip"]), "--image-size", "32x32", "--prompt-tokens", "4", "--new-tokens",
+                 "2", "--repeats", "1", "--threads", "1", "--encoder", "onnx:fp32", "--decoder", "gguf:f32",
+                 "--peers", "", "--in-process"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["name"] for r in result["runs"]] == ["onnx:fp32 + gguf:f32"] and "isolated" not in result["runs"][0]
+    with pytest.raises(BadInputError, match="mlx:3bit"):  # the child's clear error comes back as the same error
+        measure_isolated(bundles["llava-clip"], "onnx:fp32", "mlx:3bit", Scenario((32, 32), 4, 2, 1, 1), 20.0)
 
 
 def test_encoder_only_bench(bundles, capsys):

@@ -69,10 +69,77 @@ def _decoder_shape(session, bundle: Path | None) -> dict:
             "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads}
 
 
+def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scenario, bandwidth: float,
+            progress: Callable[[str], None] = lambda m: None) -> dict:
+    """One backend pair: load, warm up, repeat; returns its run record."""
+    import edgevlm
+    from ..loading import is_bundle
+
+    path = Path(path)
+    bundle = path if is_bundle(path) else None
+    image = harness.bench_image(scenario.image_size)
+    reference = (encoder, decoder) == ("torch", "torch")
+    label = "torch" if reference else f"{encoder} + {decoder}"
+    if reference:
+        session = edgevlm.load(path, encoder="torch", decoder="torch")
+    else:
+        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads)
+    metrics = harness.run_session(session, scenario, image, label, progress)
+    context = metrics["n_prompt_tokens"] + scenario.new_tokens // 2
+    rl = roofline_for(session, bandwidth, bundle, decoder, context, metrics["decode_tok_s"]["median"])
+    if reference:
+        return {"name": "torch (transformers eager)", "kind": "reference", "encoder": "torch", "decoder": "torch",
+                "metrics": metrics, "roofline": rl, "sizes": {}}
+    return {"name": label, "kind": "edgevlm", "encoder": encoder, "decoder": decoder,
+            "encoder_backend": getattr(session.encoder, "name", encoder), "metrics": metrics, "roofline": rl,
+            "sizes": {"encoder_bytes": harness.artifact_bytes(bundle, encoder),
+                      "decoder_bytes": harness.artifact_bytes(bundle, decoder)}}
+
+
+def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: harness.Scenario, bandwidth: float,
+                     progress: Callable[[str], None] = lambda m: None) -> dict:
+    """`measure` in a child process (edgevlm.bench.child): progress comes back on its stderr, the record on stdout."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    request = {"path": str(path), "encoder": encoder, "decoder": decoder, "bandwidth": bandwidth,
+               "scenario": dataclasses.asdict(scenario)}
+    with tempfile.TemporaryFile("w+") as out:
+        child = subprocess.Popen([sys.executable, "-m", "edgevlm.bench.child", json.dumps(request)], stdout=out,
+                                 stderr=subprocess.PIPE, text=True)
+        tail: list[str] = []
+        for line in child.stderr:
+            if line.startswith(CHILD_PROGRESS):
+                progress(line[len(CHILD_PROGRESS):].strip())
+            else:
+                tail = (tail + [line.rstrip()])[-20:]
+        child.wait()
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+    if child.returncode != 0 or not lines:
+        detail = "\n".join(tail[-8:])
+        raise RuntimeError(f"the benchmark run {encoder} + {decoder} failed in its child process "
+                           f"(exit {child.returncode}):\n{detail}")
+    record = json.loads(lines[-1])
+    if "error" in record:
+        from .. import errors
+
+        raise getattr(errors, record.get("type", ""), BadInputError)(record["error"])
+    record["isolated"] = True
+    return record
+
+
+CHILD_PROGRESS = "edgevlm-progress: "
+
+
 def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None = None, decoders: str | None = None,
               peers: str | None = "torch,llamacpp", target: str | None = None, llamacpp_bin: str | None = None,
-              progress: Callable[[str], None] = lambda m: None) -> dict:
-    import edgevlm
+              progress: Callable[[str], None] = lambda m: None, isolate: bool = True) -> dict:
+    """isolate: each backend pair runs in a fresh Python process, so its peak RSS is its own (ru_maxrss covers a
+    whole process: in one process every run would inherit the peaks of the runs before it)."""
     from ..loading import is_bundle
 
     path = Path(path)
@@ -88,29 +155,15 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
     pairs = plan_pairs(path, encoders, decoders, target)
     progress("measuring memory bandwidth")
     bandwidth = measure_bandwidth_gbs()
-    image = harness.bench_image(scenario.image_size)
+    plan = [("torch", "torch")] if "torch" in peer_list or not pairs else []
     runs: list[dict] = []
-    if "torch" in peer_list or not pairs:
-        progress("PyTorch reference")
-        session = edgevlm.load(path, encoder="torch", decoder="torch")
-        metrics = harness.run_session(session, scenario, image, "torch", progress)
-        context = metrics["n_prompt_tokens"] + scenario.new_tokens // 2
-        rl = roofline_for(session, bandwidth, bundle, "torch", context, metrics["decode_tok_s"]["median"])
-        runs.append({"name": "torch (transformers eager)", "kind": "reference", "encoder": "torch", "decoder": "torch",
-                     "metrics": metrics, "roofline": rl, "sizes": {}})
-        del session
-    for encoder, decoder in pairs:
-        label = f"{encoder} + {decoder}"
+    for encoder, decoder in plan + pairs:
+        label = "PyTorch reference" if (encoder, decoder) == ("torch", "torch") else f"{encoder} + {decoder}"
         progress(label)
-        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads)
-        metrics = harness.run_session(session, scenario, image, label, progress)
-        context = metrics["n_prompt_tokens"] + scenario.new_tokens // 2
-        rl = roofline_for(session, bandwidth, bundle, decoder, context, metrics["decode_tok_s"]["median"])
-        runs.append({"name": label, "kind": "edgevlm", "encoder": encoder, "decoder": decoder,
-                     "encoder_backend": getattr(session.encoder, "name", encoder), "metrics": metrics, "roofline": rl,
-                     "sizes": {"encoder_bytes": harness.artifact_bytes(bundle, encoder),
-                               "decoder_bytes": harness.artifact_bytes(bundle, decoder)}})
-        del session
+        if isolate:
+            runs.append(measure_isolated(path, encoder, decoder, scenario, bandwidth, progress))
+        else:
+            runs.append(measure(path, encoder, decoder, scenario, bandwidth, progress))
     peer_runs = []
     if "llamacpp" in peer_list and bundle is not None:
         from ..manifest import Manifest
