@@ -29,5 +29,5 @@ W2="$WORK/w2-bundle-$(basename "$REF")"  # keyed by the recipe hash: a retrained
 [ -d "$W2" ] || $EV export "$REF" -o "$W2" --encoder onnx:fp32,onnx:int8 \
   --decoder gguf:f16,gguf:q8_0,gguf:q4_k_m,mlx:8bit,mlx:4bit --max-tiles 4
 $EV bench "$W2" --image-size 128x128 --prompt-tokens 24 --new-tokens 32 --threads 2 --repeats 5 \
-  --decoder gguf:q8_0,gguf:q4_k_m -o benchmarks/results/w2 | tail -n 1 > /dev/null
+  --decoder gguf:q8_0,gguf:q4_k_m,mlx:4bit --accuracy 200 -o benchmarks/results/w2 | tail -n 1 > /dev/null
 echo "results in benchmarks/results/"

@@ -54,6 +54,9 @@ def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
     assert "gguf:q8_0" in " ".join(peers)
     assert (out / "bench.png").stat().st_size > 1000 and "| run |" in (out / "bench.md").read_text()
     assert all(run["isolated"] for run in result["runs"])  # each pair measured in its own process
+    drift = ours["metrics"]["drift"]  # teacher-forced on the reference's 6 greedy tokens
+    assert drift["n_tokens"] == 6 and 0.0 <= drift["top1_agreement"] <= 1.0 and 0.0 <= drift["logits_nmse"] < 1.0
+    assert "top-1 vs ref" in (out / "bench.md").read_text()
     assert all(run["metrics"]["peak_rss_mb"] > 0 for run in result["runs"])
 
 
@@ -61,11 +64,17 @@ def test_bench_in_process_and_errors_from_the_child(bundles, capsys):
     from edgevlm.bench.run import measure_isolated
 
     code = main(["bench", str(bundles["llava-clip"]), "--image-size", "32x32", "--prompt-tokens", "4", "--new-tokens",
-                 "2", "--repeats", "1", "--threads", "1", "--encoder", "onnx:fp32", "--decoder", "gguf:f32",
-                 "--peers", "", "--in-process"])
+                 "4", "--repeats", "1", "--threads", "1", "--encoder", "onnx:fp32", "--decoder", "gguf:f32",
+                 "--peers", "torch", "--in-process", "--accuracy", "5"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [r["name"] for r in result["runs"]] == ["onnx:fp32 + gguf:f32"] and "isolated" not in result["runs"][0]
+    reference, ours = result["runs"]
+    assert ours["name"] == "onnx:fp32 + gguf:f32" and "isolated" not in ours
+    # fp32 ONNX + F32 GGUF follow the reference token for token on the bench prompt
+    assert ours["metrics"]["drift"]["top1_agreement"] == 1.0 and ours["metrics"]["drift"]["logits_nmse"] < 1e-3
+    for run in (reference, ours):
+        assert run["metrics"]["task_accuracy"]["n"] == 5 and 0.0 <= run["metrics"]["task_accuracy"]["accuracy"] <= 1.0
+    assert "accuracy_points" in ours["vs_reference"]
     with pytest.raises(BadInputError, match="mlx:3bit"):  # the child's clear error comes back as the same error
         measure_isolated(bundles["llava-clip"], "onnx:fp32", "mlx:3bit", Scenario((32, 32), 4, 2, 1, 1), 20.0)
 

@@ -20,7 +20,7 @@ def main() -> int:
 
     try:
         record = measure(request["path"], request["encoder"], request["decoder"], Scenario(**values),
-                         request["bandwidth"], progress)
+                         request["bandwidth"], progress, request.get("trace"), request.get("accuracy_n", 0))
     except EdgeVLMError as error:  # a clear error stays a clear error in the parent
         print(json.dumps({"error": str(error), "type": type(error).__name__}))
         return 0

@@ -71,6 +71,13 @@ def summary(values: list[float]) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS. On Linux /proc's VmHWM: ru_maxrss also counts the parent's peak at fork time,
+    which a child started by a large benchmark process inherits through exec."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
     scale = 1024 if platform.system() != "Darwin" else 1
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
@@ -121,6 +128,26 @@ def run_session(session, scenario: Scenario, image: Image.Image, label: str, pro
     }
     metrics["ttft_warm_over_cold"] = metrics["ttft_warm_ms"]["median"] / metrics["ttft_cold_ms"]["median"]
     return metrics
+
+
+def save_trace(session, scenario: Scenario, image: Image.Image, path: str) -> None:
+    """The reference's greedy tokens and logits on the bench prompt (what the other runs' drift is measured on)."""
+    question = prompt_of(session.spec.tokenizer, scenario.prompt_tokens, 0)
+    result = session.generate(image, question, max_tokens=scenario.new_tokens, stop_token_ids=[], return_logits=True)
+    np.savez(path, tokens=np.asarray(result.tokens, dtype=np.int64), logits=np.stack(result.logits))  # (new, vocab)
+
+
+def drift(session, scenario: Scenario, image: Image.Image, path: str) -> dict:
+    """Teacher-forced on the reference's tokens: how often our top-1 equals the reference's, and the logit NMSE."""
+    from ..verify import nmse
+
+    trace = np.load(path)
+    question = prompt_of(session.spec.tokenizer, scenario.prompt_tokens, 0)
+    logits = np.stack(session.teacher_forced_logits(image, question, trace["tokens"].tolist()))  # (new, vocab)
+    reference = trace["logits"]
+    return {"n_tokens": int(len(trace["tokens"])),
+            "top1_agreement": float(np.mean(logits.argmax(-1) == reference.argmax(-1))),
+            "logits_nmse": nmse(logits, reference)}
 
 
 def machine() -> dict:

@@ -5,7 +5,25 @@ import json
 from pathlib import Path
 
 COLUMNS = ("run", "encode ms/tile", "image tok", "prefill ms", "TTFT cold ms", "TTFT warm ms", "decode tok/s",
-           "roofline", "e2e ms", "peak RSS MiB")
+           "roofline", "e2e ms", "peak RSS MiB", "top-1 vs ref")
+ACCURACY_COLUMN = "task accuracy"
+
+
+def columns(result: dict) -> tuple[str, ...]:
+    with_accuracy = any("task_accuracy" in r["metrics"] for r in result["runs"])
+    return COLUMNS + ((ACCURACY_COLUMN,) if with_accuracy else ())
+
+
+def _drift(m: dict, reference: bool) -> str:
+    if reference:
+        return "ref"
+    d = m.get("drift")
+    return f"{d['top1_agreement']:.0%} (NMSE {d['logits_nmse']:.1e})" if d else "-"
+
+
+def _accuracy(m: dict) -> str:
+    a = m.get("task_accuracy")
+    return f"{a['accuracy']:.3f} (n={a['n']})" if a else "-"
 
 
 def _m(metric) -> float | None:
@@ -13,6 +31,8 @@ def _m(metric) -> float | None:
 
 
 def rows(result: dict) -> list[list[str]]:
+    width = len(columns(result))
+    with_accuracy = width > len(COLUMNS)
     out = []
     for run in result["runs"]:
         m = run["metrics"]
@@ -21,15 +41,15 @@ def rows(result: dict) -> list[list[str]]:
             run["name"], f"{_m(m['encode_ms_per_tile']):.1f}", str(m["n_image_tokens"]), f"{_m(m['prefill_ms']):.1f}",
             f"{_m(m['ttft_cold_ms']):.1f}", f"{_m(m['ttft_warm_ms']):.1f}", f"{_m(m['decode_tok_s']):.1f}",
             f"{rl['fraction']:.0%} of {rl['ceiling_tok_s']:.0f}" if rl else "-", f"{_m(m['end_to_end_ms']):.0f}",
-            f"{m['peak_rss_mb']:.0f}",
-        ])
+            f"{m['peak_rss_mb']:.0f}", _drift(m, run.get("kind") == "reference"),
+        ] + ([_accuracy(m)] if with_accuracy else []))
     for peer in result.get("peers", []):
         if "metrics" in peer:
             m = peer["metrics"]
             out.append([peer["name"], "-", "-", "-", f"{_m(m.get('ttft_text_only_ms', {'median': float('nan')})):.1f} (text)",
-                        "-", f"{_m(m['decode_tok_s']):.1f}", "-", "-", "-"])
+                        "-", f"{_m(m['decode_tok_s']):.1f}", *["-"] * (width - 7)])
         else:
-            out.append([peer["name"], "skipped: " + peer["skipped"], *["-"] * 8])
+            out.append([peer["name"], "skipped: " + peer["skipped"], *["-"] * (width - 2)])
     return out
 
 
@@ -39,7 +59,7 @@ def print_table(result: dict, console) -> None:
     s = result["scenario"]
     table = Table(title=f"{result['path']} | image {s['image_size'][0]}x{s['image_size'][1]}, ~{s['prompt_tokens']} prompt "
                         f"tokens, {s['new_tokens']} new, {s['threads']} threads, medians of {s['repeats']}")
-    for column in COLUMNS:
+    for column in columns(result):
         table.add_column(column)
     for row in rows(result):
         table.add_row(*row)
@@ -55,7 +75,10 @@ def ratios(result: dict) -> list[str]:
         if "vs_reference" in run:
             v = run["vs_reference"]
             extra = "".join(f"; decode {r:.2f}x {name}" for name, r in run.get("vs_peers", {}).items())
-            lines.append(f"{run['name']}: cold TTFT {v['ttft_cold']:.2f}x, decode {v['decode_tok_s']:.1f}x, encode "
+            if "accuracy_points" in v:
+                extra += f"; task accuracy {v['accuracy_points']:+.1f} points vs the reference"
+            decode = f"{v['decode_tok_s']:.1f}" if v["decode_tok_s"] >= 1 else f"{v['decode_tok_s']:.2f}"
+            lines.append(f"{run['name']}: cold TTFT {v['ttft_cold']:.2f}x, decode {decode}x, encode "
                          f"{v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
                          f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
     return lines
@@ -65,7 +88,7 @@ def markdown(result: dict, command: str) -> str:
     lines = [f"Command: `{command}`  ", f"Date: {result['date']}  ",
              f"Machine: {result['machine'].get('cpu', result['machine']['processor'])}, {result['machine']['cpu_count']} cores, "
              f"{result['machine'].get('memory_gib', '?')} GiB, copy bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "| " + " | ".join(columns(result)) + " |", "|" + "---|" * len(columns(result))]
     lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
     lines += [""] + [f"- {line}" for line in ratios(result)]
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -70,8 +71,12 @@ def _decoder_shape(session, bundle: Path | None) -> dict:
 
 
 def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scenario, bandwidth: float,
-            progress: Callable[[str], None] = lambda m: None) -> dict:
-    """One backend pair: load, warm up, repeat; returns its run record."""
+            progress: Callable[[str], None] = lambda m: None, trace: str | None = None, accuracy_n: int = 0) -> dict:
+    """One backend pair: load, warm up, repeat; returns its run record.
+
+    trace: a .npz path. The PyTorch reference writes its greedy tokens and logits on the bench prompt there; every
+    other run reads them and reports its drift (top-1 agreement and logit NMSE, teacher-forced on those tokens).
+    accuracy_n: also score this many reference-scene questions (`edgevlm eval`; meaningful for the reference model)."""
     import edgevlm
     from ..loading import is_bundle
 
@@ -87,6 +92,18 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
     metrics = harness.run_session(session, scenario, image, label, progress)
     context = metrics["n_prompt_tokens"] + scenario.new_tokens // 2
     rl = roofline_for(session, bandwidth, bundle, decoder, context, metrics["decode_tok_s"]["median"])
+    if trace:
+        progress(f"{label}: drift")
+        if reference:
+            harness.save_trace(session, scenario, image, trace)
+        elif Path(trace).is_file():
+            metrics["drift"] = harness.drift(session, scenario, image, trace)
+    if accuracy_n:
+        from ..evaluate import evaluate
+
+        progress(f"{label}: {accuracy_n} reference-scene questions")
+        report = evaluate(session, n=accuracy_n)
+        metrics["task_accuracy"] = {"accuracy": report["accuracy"], "n": report["n"], "per_type": report["per_type"]}
     if reference:
         return {"name": "torch (transformers eager)", "kind": "reference", "encoder": "torch", "decoder": "torch",
                 "metrics": metrics, "roofline": rl, "sizes": {}}
@@ -97,7 +114,8 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
 
 
 def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: harness.Scenario, bandwidth: float,
-                     progress: Callable[[str], None] = lambda m: None) -> dict:
+                     progress: Callable[[str], None] = lambda m: None, trace: str | None = None,
+                     accuracy_n: int = 0) -> dict:
     """`measure` in a child process (edgevlm.bench.child): progress comes back on its stderr, the record on stdout."""
     import dataclasses
     import json
@@ -106,7 +124,7 @@ def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: har
     import tempfile
 
     request = {"path": str(path), "encoder": encoder, "decoder": decoder, "bandwidth": bandwidth,
-               "scenario": dataclasses.asdict(scenario)}
+               "scenario": dataclasses.asdict(scenario), "trace": trace, "accuracy_n": accuracy_n}
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen([sys.executable, "-m", "edgevlm.bench.child", json.dumps(request)], stdout=out,
                                  stderr=subprocess.PIPE, text=True)
@@ -137,7 +155,7 @@ CHILD_PROGRESS = "edgevlm-progress: "
 
 def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None = None, decoders: str | None = None,
               peers: str | None = "torch,llamacpp", target: str | None = None, llamacpp_bin: str | None = None,
-              progress: Callable[[str], None] = lambda m: None, isolate: bool = True) -> dict:
+              progress: Callable[[str], None] = lambda m: None, isolate: bool = True, accuracy_n: int = 0) -> dict:
     """isolate: each backend pair runs in a fresh Python process, so its peak RSS is its own (ru_maxrss covers a
     whole process: in one process every run would inherit the peaks of the runs before it)."""
     from ..loading import is_bundle
@@ -151,19 +169,21 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
             raise BadInputError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
     if target not in (None, "cpu", "cuda", "jetson-orin", "apple-silicon"):
         raise BadInputError(f"unknown target {target!r}; see `edgevlm targets`")
+    if accuracy_n < 0:
+        raise BadInputError(f"--accuracy must be a number of questions >= 0, got {accuracy_n}")
     bundle = path if is_bundle(path) else None
     pairs = plan_pairs(path, encoders, decoders, target)
     progress("measuring memory bandwidth")
     bandwidth = measure_bandwidth_gbs()
     plan = [("torch", "torch")] if "torch" in peer_list or not pairs else []
     runs: list[dict] = []
-    for encoder, decoder in plan + pairs:
-        label = "PyTorch reference" if (encoder, decoder) == ("torch", "torch") else f"{encoder} + {decoder}"
-        progress(label)
-        if isolate:
-            runs.append(measure_isolated(path, encoder, decoder, scenario, bandwidth, progress))
-        else:
-            runs.append(measure(path, encoder, decoder, scenario, bandwidth, progress))
+    with tempfile.TemporaryDirectory(prefix="edgevlm-bench-") as scratch:
+        trace = str(Path(scratch) / "reference-trace.npz")
+        for encoder, decoder in plan + pairs:
+            label = "PyTorch reference" if (encoder, decoder) == ("torch", "torch") else f"{encoder} + {decoder}"
+            progress(label)
+            run = measure_isolated if isolate else measure
+            runs.append(run(path, encoder, decoder, scenario, bandwidth, progress, trace, accuracy_n))
     peer_runs = []
     if "llamacpp" in peer_list and bundle is not None:
         from ..manifest import Manifest
@@ -194,6 +214,9 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
                 "decode_tok_s": m["decode_tok_s"]["median"] / reference["decode_tok_s"]["median"],
                 "encode_ms_per_tile": m["encode_ms_per_tile"]["median"] / reference["encode_ms_per_tile"]["median"],
             }
+            if "task_accuracy" in m and "task_accuracy" in reference:
+                run["vs_reference"]["accuracy_points"] = 100 * (m["task_accuracy"]["accuracy"]
+                                                                - reference["task_accuracy"]["accuracy"])
             for peer in peer_runs:
                 if peer.get("decoder") == run["decoder"] and "metrics" in peer:
                     run.setdefault("vs_peers", {})[peer["name"]] = (

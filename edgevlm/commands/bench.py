@@ -15,6 +15,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--peers", default="torch,llamacpp", help="comma list of torch, llamacpp ('' for none)")
     parser.add_argument("--llamacpp-bin", default=None, help="folder with llama.cpp binaries (llama-bench, llama-mtmd-cli)")
     parser.add_argument("--encoder-only", action="store_true", help="per-tile encode latency of every encoder only")
+    parser.add_argument("--accuracy", type=int, default=0, metavar="N",
+                        help="also score N reference-scene questions per run (task accuracy drift; for the reference model)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every backend pair in this process (faster to start; peak RSS then accumulates)")
     parser.add_argument("-o", "--output", default=None, help="folder for bench.json, bench.md, bench.png")
@@ -43,7 +45,8 @@ def main(args) -> int:
             scenario = harness.Scenario(harness.parse_size(args.image_size), args.prompt_tokens, args.new_tokens,
                                         args.repeats, args.threads)
             result = run_bench(args.path, scenario, args.encoder, args.decoder, args.peers, args.target,
-                               args.llamacpp_bin, progress, isolate=not args.in_process)
+                               args.llamacpp_bin, progress, isolate=not args.in_process,
+                               accuracy_n=args.accuracy)
     if args.encoder_only:
         from .common import table
 
