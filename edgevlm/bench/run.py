@@ -13,6 +13,7 @@ from .roofline import (gguf_weight_bytes_per_token, kv_bytes_per_token, measure_
                        torch_weight_bytes_per_token)
 
 PEERS = ("torch", "llamacpp")
+CHILD_PROGRESS = "edgevlm-progress: "  # prefix of the progress lines an isolated run writes to its stderr
 
 
 def _list(text: str | None) -> list[str]:
@@ -121,7 +122,6 @@ def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: har
     import json
     import subprocess
     import sys
-    import tempfile
 
     request = {"path": str(path), "encoder": encoder, "decoder": decoder, "bandwidth": bandwidth,
                "scenario": dataclasses.asdict(scenario), "trace": trace, "accuracy_n": accuracy_n}
@@ -148,9 +148,6 @@ def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: har
         raise getattr(errors, record.get("type", ""), BadInputError)(record["error"])
     record["isolated"] = True
     return record
-
-
-CHILD_PROGRESS = "edgevlm-progress: "
 
 
 def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None = None, decoders: str | None = None,

@@ -2,7 +2,8 @@
 
 Q and K rows are permuted the way llama.cpp's convert_hf_to_gguf.py does (HF rotate-half RoPE -> llama.cpp's
 interleaved RoPE); without it the logits are garbage. The tokenizer goes in as gguf-py's SpecialVocab plus the
-token list and types; the pre-tokenizer name is read from tokenizer.json, never guessed."""
+token list and types: byte-level BPE (`gpt2`, the pre-tokenizer name read from tokenizer.json, never guessed) or
+SentencePiece BPE with byte fallback (`llama`, with piece scores)."""
 from __future__ import annotations
 
 import json
@@ -40,12 +41,17 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, n_out // n_head // 2, n_in).swapaxes(1, 2).reshape(n_out, n_in)
 
 
+def _pre_tokenizers(tokenizer_json: dict) -> list[dict]:
+    """tokenizer.json's pre-tokenizer steps, a Sequence unpacked."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+
+
 def tokenizer_pre(tokenizer_json: dict) -> str:
     """llama.cpp's name for the pre-tokenizer (unknown names fail to load there, so refuse early here)."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    items = _pre_tokenizers(tokenizer_json)
     types = [p.get("type") for p in items]
-    if types == ["ByteLevel"] and pre.get("use_regex", True):
+    if types == ["ByteLevel"] and items[0].get("use_regex", True):
         return "gpt-2"
     if types == ["Digits", "ByteLevel"] and items[0].get("individual_digits"):
         return "smollm"
@@ -158,8 +164,7 @@ def sentencepiece_note(tokenizer_dir: Path) -> str | None:
     data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
     if not data.get("model", {}).get("byte_fallback"):
         return None
-    pre = data.get("pre_tokenizer") or {}
-    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    items = _pre_tokenizers(data)
     if any(i.get("type") == "Metaspace" and i.get("prepend_scheme") == "first" for i in items):
         return ("the tokenizer is SentencePiece with legacy=False: stock llama.cpp adds a space prefix after special "
                 "tokens and before leading spaces where it does not (edgevlm's runtime uses the HF tokenizer)")
@@ -168,8 +173,7 @@ def sentencepiece_note(tokenizer_dir: Path) -> str | None:
 
 def adds_space_prefix(data: dict) -> bool:
     """Whether the tokenizer prepends "▁" to the text (Metaspace prepend_scheme, or the older Prepend normalizer)."""
-    pre = data.get("pre_tokenizer") or {}
-    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    items = _pre_tokenizers(data)
     for item in items:
         if item.get("type") == "Metaspace":
             return item.get("prepend_scheme", "always") != "never" and item.get("add_prefix_space", True)
