@@ -17,6 +17,7 @@ COMMANDS = {
     "export": "export a checkpoint to an edge bundle (ONNX encoder, GGUF/MLX decoder)",
     "run": "answer one prompt about one or more images",
     "chat": "multi-turn chat about an image (the KV cache is kept between turns)",
+    "serve": "serve a bundle over an OpenAI-compatible HTTP API (/v1/chat/completions)",
     "eval": "task accuracy of the reference model on held-out synthetic scenes",
     "verify": "check every artifact of a bundle against the PyTorch reference",
     "build-engine": "build a TensorRT engine for the encoder on this device",

@@ -1,6 +1,7 @@
 """Loading user images safely: clear errors for missing, corrupt, empty and oversized files; every mode to RGB."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -48,22 +49,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
-    """Open a path or take a PIL image, verify it, and return it decoded as RGB."""
+def load_image(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+    """Open a path, take encoded image bytes (e.g. a data URL's payload) or a PIL image, verify it, and return it
+    decoded as RGB."""
     if isinstance(source, Image.Image):
         _check_size(source, "(in memory)")
         return to_rgb(source)
+    if isinstance(source, (bytes, bytearray)):
+        return _decode(io.BytesIO(source), "(image bytes)")
     path = Path(source)
     if not path.is_file():
         raise BadInputError(f"image not found: {path}; check the path")
+    return _decode(path, str(path))
+
+
+def _decode(file, name: str) -> Image.Image:
     # The header gives the size before decoding, so a bomb is refused without allocating it.
     Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(path) as image:
-            _check_size(image, str(path))
+        with Image.open(file) as image:
+            _check_size(image, name)
             image.load()
             return to_rgb(image)
     except BadInputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadInputError(f"cannot read image {path}: not a valid or complete image file ({exc})") from None
+        raise BadInputError(f"cannot read image {name}: not a valid or complete image file ({exc})") from None

@@ -288,6 +288,7 @@ class Session:
         raw: bool = False,
         return_logits: bool = False,
         _messages: list[dict] | None = None,
+        _images: list | None = None,
     ) -> Iterator[str]:
         """Yield text pieces as tokens arrive; the final GenerationResult is ``self.last_result``."""
         t_start = time.perf_counter()
@@ -298,7 +299,7 @@ class Session:
         sampler = Sampler(SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed))
         sources = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
         if _messages is not None:
-            sources = self._chat_images
+            sources = self._chat_images if _images is None else _images
         images = [self._prepare_image(s) for s in sources]
         if raw:
             text = prompt
@@ -385,6 +386,18 @@ class Session:
             if on_text is not None:
                 on_text(piece)
         return self.last_result
+
+    def stream_conversation(self, messages: list[dict], images: Sequence = (), **kwargs) -> Iterator[str]:
+        """A whole conversation in one request (what a server gets): user/assistant turns whose content lists
+        {"type": "image"} and {"type": "text"} items, `images` in the order of those items. The live sequence and
+        the prefix cache make a request that extends the previous conversation prefill only its new turns."""
+        n_slots = sum(item.get("type") == "image" for m in messages for item in m.get("content", [])
+                      if isinstance(m.get("content"), list))
+        if n_slots != len(images):
+            raise BadInputError(f"the messages have {n_slots} image items but {len(images)} images were given")
+        if not messages or messages[-1].get("role") != "user":
+            raise BadInputError("the conversation must end with a user message")
+        return self.stream(_messages=messages, _images=list(images), **kwargs)
 
     def chat(self, prompt: str, image=None, on_text: Callable[[str], None] | None = None, **kwargs) -> GenerationResult:
         """One turn of a conversation; the decoder keeps the sequence, so a turn prefills only its new tokens."""

@@ -1,0 +1,35 @@
+"""edgevlm serve PATH: an OpenAI-compatible HTTP API (POST /v1/chat/completions, GET /v1/models, GET /health)."""
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(parser) -> None:
+    from .common import add_backend_arguments
+
+    parser.add_argument("path", help="checkpoint folder or bundle")
+    add_backend_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    from .. import load
+    from ..server import make_server
+    from .common import backend_options
+
+    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **backend_options(args))
+    model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
+    server = make_server(session, model, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"edgevlm serve: {model} ({session.encoder_name} encoder) on http://{host}:{port}/v1/chat/completions "
+          "(Ctrl-C to stop)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
