@@ -80,3 +80,13 @@ def test_huge_image_refused_before_decoding(tmp_path, monkeypatch):
     Image.new("RGB", (20, 20)).save(small)
     with pytest.raises(BadInputError, match="EDGEVLM_MAX_IMAGE_PIXELS"):
         load_image(small)
+
+
+def test_encoded_bytes_load_like_the_file(tmp_path):
+    rng = np.random.default_rng(7)
+    path = tmp_path / "pic.png"
+    Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA").save(path)
+    data = path.read_bytes()
+    assert np.array_equal(np.asarray(load_image(data)), np.asarray(load_image(path)))
+    with pytest.raises(BadInputError, match=r"image bytes.*not a valid or complete image"):
+        load_image(data[: len(data) // 2])
