@@ -9,7 +9,9 @@ import torch
 import edgevlm
 from edgevlm import scenes
 from edgevlm.evaluate import evaluate
-from edgevlm.families.reference import DEFAULT_RECIPE, TINY_RECIPE, build_reference, ensure_reference, weights_sha256
+from edgevlm.families.reference import (
+    DEFAULT_RECIPE, TINY_RECIPE, TRAIN_THREADS, build_reference, ensure_reference, weights_sha256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +22,17 @@ def tiny_reference(tmp_path_factory):
 
 
 def test_training_is_deterministic(tiny_reference, tmp_path):
+    import torch
+
     again = tmp_path / "b"
-    build_reference(again, TINY_RECIPE)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # whatever the caller set, training runs with its own fixed thread count
+    try:
+        facts = build_reference(again, TINY_RECIPE)
+        assert torch.get_num_threads() == 1  # and gives the caller's setting back
+    finally:
+        torch.set_num_threads(previous)
+    assert facts["torch_threads"] == TRAIN_THREADS
     assert weights_sha256(tiny_reference) == weights_sha256(again)
 
 

@@ -21,6 +21,7 @@ from .tokenizer_build import REFERENCE_TEMPLATE, train_bpe, wrap
 SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|im_end|>", "<image>"]
 TRAIN_SEED_BASE = 0  # training scenes use seeds [0, 10^8); eval uses 10^9 onwards (edgevlm.evaluate)
 RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
+TRAIN_THREADS = 2  # torch threads for training, fixed: the weights depend on it (the 5-minute budget assumes 2)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,21 @@ def quick_accuracy(model, batcher: Batcher, n_images: int = 40) -> dict[str, flo
 
 def build_reference(out: Path, recipe: Recipe = DEFAULT_RECIPE, progress: Callable[[int, int, float], None] | None = None,
                     monitor: tuple[int, Callable[[int, dict], None]] | None = None) -> dict:
-    """Train and save; returns training facts (seconds, final loss, parameters)."""
+    """Train and save; returns training facts (seconds, final loss, parameters).
+
+    torch's CPU kernels split some reductions by thread count, so the weights depend on it: training always runs
+    with TRAIN_THREADS (a test session that had set 1 thread built different weights than the 2-thread CLI)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        return _train_and_save(out, recipe, progress, monitor)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_and_save(out: Path, recipe: Recipe, progress, monitor) -> dict:
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
