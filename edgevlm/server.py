@@ -78,13 +78,16 @@ def image_source(url: str):
 
 
 def sampling_options(body: dict) -> dict:
-    options: dict[str, Any] = {"max_tokens": int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)}
-    if body.get("temperature") is not None:
-        options["temperature"] = float(body["temperature"])
-    if body.get("top_p") is not None:
-        options["top_p"] = float(body["top_p"])
-    if body.get("seed") is not None:
-        options["seed"] = int(body["seed"])
+    try:
+        options: dict[str, Any] = {"max_tokens": int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)}
+        if body.get("temperature") is not None:
+            options["temperature"] = float(body["temperature"])
+        if body.get("top_p") is not None:
+            options["top_p"] = float(body["top_p"])
+        if body.get("seed") is not None:
+            options["seed"] = int(body["seed"])
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"max_tokens, temperature, top_p and seed must be numbers ({exc})") from None
     return options
 
 

@@ -91,6 +91,7 @@ def test_multi_turn_conversation_matches_chat(api, images):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}},
                                                 {"type": "text", "text": "hi"}]}]}, "data URL"),
     ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "must be numbers"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
                                                 {"type": "text", "text": "hi"}]}]}, "not a valid or complete image"),
