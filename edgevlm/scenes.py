@@ -92,6 +92,20 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BOX)
 
 
+def scene_tiles(spec, n: int, seed: int):
+    """n preprocessed encoder tiles (n, 3, H, W) float32 from the scenes seed, seed + 1, ... (rendered at the tile
+    size): calibration and probe inputs that look like what the encoder sees at run time."""
+    import numpy as np
+
+    from .preprocess import preprocess
+
+    tiles = []
+    while len(tiles) < n:
+        tiles.extend(preprocess(render(make_scene(seed), size=max(spec.tile_size)), spec).pixel_values)
+        seed += 1
+    return np.stack(tiles[:n]).astype(np.float32)
+
+
 def cell_labels(scene: Scene, grid: int) -> tuple[list[int], list[int]]:
     """Per patch of a grid x grid patch layout (row-major): colour and shape index of the scene cell (3x3) the
     patch lies in, 0 = empty. An auxiliary training target for the vision tower."""

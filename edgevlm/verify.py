@@ -27,12 +27,10 @@ def nmse(ours: np.ndarray, ref: np.ndarray) -> float:
 def _probe_inputs(manifest, n_tiles: int = 3, seed: int = 0) -> np.ndarray:
     """Fresh encoder inputs: real preprocessed scene tiles plus Gaussian noise tiles."""
     from . import scenes
-    from .preprocess import preprocess
 
-    tile = preprocess(scenes.render(scenes.make_scene(4_000_000_000 + seed), size=max(manifest.preprocess.tile_size)),
-                      manifest.preprocess).pixel_values
+    tile = scenes.scene_tiles(manifest.preprocess, 1, 4_000_000_000 + seed)
     noise = np.random.default_rng(seed).normal(size=(n_tiles - 1, *tile.shape[1:])).astype(np.float32)
-    return np.concatenate([tile[:1], noise])
+    return np.concatenate([tile, noise])
 
 
 def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dict]:

@@ -100,29 +100,19 @@ def quantize_static_qdq_int8(fp32_path: Path, path: Path, calibration) -> Path:
 INT8_METHODS = {"dynamic": quantize_dynamic_int8, "static_qdq": quantize_static_qdq_int8}
 
 
-def calibration_tiles(manifest, n: int = CALIBRATION_TILES, seed: int = 3_000_000_000) -> list:
+def calibration_tiles(manifest, n: int = CALIBRATION_TILES, seed: int = 3_000_000_000):
+    """The int8 calibration set (ONNX static QDQ and TensorRT): reference-scene tiles, (n, 3, H, W) float32."""
     from .. import scenes
-    from ..preprocess import preprocess
 
-    tiles = []
-    while len(tiles) < n:
-        image = scenes.render(scenes.make_scene(seed), size=max(manifest.preprocess.tile_size))
-        tiles.extend(preprocess(image, manifest.preprocess).pixel_values)
-        seed += 1
-    return tiles[:n]
+    return scenes.scene_tiles(manifest.preprocess, n, seed)
 
 
-def measure(graph: Path, inputs, reference) -> dict:
-    """Median ms per tile (one tile per run, after a warm-up) and cosine to the fp32 graph's outputs."""
-    import statistics
+def run_per_tile(session, inputs) -> tuple:
+    """One tile per run (after a warm-up): the outputs, concatenated, and the ms of each run."""
     import time
 
     import numpy as np
-    import onnxruntime as ort
 
-    from ..verify import cosine
-
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     session.run(None, {name: inputs[:1]})
     times, outputs = [], []
@@ -130,7 +120,19 @@ def measure(graph: Path, inputs, reference) -> dict:
         start = time.perf_counter()
         outputs.append(session.run(None, {name: inputs[i : i + 1]})[0])
         times.append((time.perf_counter() - start) * 1e3)
-    return {"ms_per_tile": statistics.median(times), "cosine": cosine(np.concatenate(outputs), reference)}
+    return np.concatenate(outputs), times
+
+
+def measure(graph: Path, inputs, reference) -> dict:
+    """Median ms per tile and cosine to the fp32 graph's outputs."""
+    import statistics
+
+    import onnxruntime as ort
+
+    from ..verify import cosine
+
+    outputs, times = run_per_tile(ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]), inputs)
+    return {"ms_per_tile": statistics.median(times), "cosine": cosine(outputs, reference)}
 
 
 STATIC_MIN_SPEEDUP = 0.9  # static QDQ must be >= 10% faster to win: timing noise alone never flips the choice
@@ -143,13 +145,13 @@ def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    calibration = np.stack(calibration_tiles(manifest)).astype(np.float32)
-    fresh = np.stack(calibration_tiles(manifest, 8, seed=3_500_000_000)).astype(np.float32)
+    calibration = calibration_tiles(manifest)
+    fresh = calibration_tiles(manifest, 8, seed=3_500_000_000)
     noise = np.random.default_rng(0).normal(size=(4, *fresh.shape[1:])).astype(np.float32)
     held_out = np.concatenate([fresh, noise])
     fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     name = fp32.get_inputs()[0].name
-    reference = np.concatenate([fp32.run(None, {name: held_out[i : i + 1]})[0] for i in range(len(held_out))])
+    reference, _ = run_per_tile(fp32, held_out)
     candidates = {}
     for method, quantize in INT8_METHODS.items():
         candidate = path.with_name(f".{method}.{path.name}")

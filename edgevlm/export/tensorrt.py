@@ -65,7 +65,7 @@ class ImageCalibrator:
 def calibration_batches(manifest: Manifest, n_tiles: int = 64, batch: int = 8) -> list[np.ndarray]:
     from .onnx import calibration_tiles  # the same reference-scene tiles the ONNX int8 calibration uses
 
-    stacked = np.stack(calibration_tiles(manifest, n_tiles)).astype(np.float32)
+    stacked = calibration_tiles(manifest, n_tiles)
     return [stacked[i : i + batch] for i in range(0, n_tiles, batch)]
 
 
