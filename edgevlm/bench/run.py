@@ -133,12 +133,12 @@ def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: har
             if line.startswith(CHILD_PROGRESS):
                 progress(line[len(CHILD_PROGRESS):].strip())
             else:
-                tail = (tail + [line.rstrip()])[-20:]
+                tail = (tail + [line.rstrip()])[-8:]
         child.wait()
         out.seek(0)
         lines = out.read().strip().splitlines()
     if child.returncode != 0 or not lines:
-        detail = "\n".join(tail[-8:])
+        detail = "\n".join(tail)
         raise RuntimeError(f"the benchmark run {encoder} + {decoder} failed in its child process "
                            f"(exit {child.returncode}):\n{detail}")
     record = json.loads(lines[-1])

@@ -41,15 +41,15 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, 2, n_out // n_head // 2, n_in).swapaxes(1, 2).reshape(n_out, n_in)
 
 
-def _pre_tokenizers(tokenizer_json: dict) -> list[dict]:
-    """tokenizer.json's pre-tokenizer steps, a Sequence unpacked."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    return pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+def _steps(tokenizer_json: dict, part: str = "pre_tokenizer", sequence_key: str = "pretokenizers") -> list[dict]:
+    """The steps of one tokenizer.json stage (pre-tokenizer or normalizer), a Sequence unpacked."""
+    stage = tokenizer_json.get(part) or {}
+    return stage.get(sequence_key, [stage]) if stage.get("type") == "Sequence" else [stage]
 
 
 def tokenizer_pre(tokenizer_json: dict) -> str:
     """llama.cpp's name for the pre-tokenizer (unknown names fail to load there, so refuse early here)."""
-    items = _pre_tokenizers(tokenizer_json)
+    items = _steps(tokenizer_json)
     types = [p.get("type") for p in items]
     if types == ["ByteLevel"] and items[0].get("use_regex", True):
         return "gpt-2"
@@ -164,7 +164,7 @@ def sentencepiece_note(tokenizer_dir: Path) -> str | None:
     data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
     if not data.get("model", {}).get("byte_fallback"):
         return None
-    items = _pre_tokenizers(data)
+    items = _steps(data)
     if any(i.get("type") == "Metaspace" and i.get("prepend_scheme") == "first" for i in items):
         return ("the tokenizer is SentencePiece with legacy=False: stock llama.cpp adds a space prefix after special "
                 "tokens and before leading spaces where it does not (edgevlm's runtime uses the HF tokenizer)")
@@ -173,13 +173,11 @@ def sentencepiece_note(tokenizer_dir: Path) -> str | None:
 
 def adds_space_prefix(data: dict) -> bool:
     """Whether the tokenizer prepends "▁" to the text (Metaspace prepend_scheme, or the older Prepend normalizer)."""
-    items = _pre_tokenizers(data)
-    for item in items:
+    for item in _steps(data):
         if item.get("type") == "Metaspace":
             return item.get("prepend_scheme", "always") != "never" and item.get("add_prefix_space", True)
-    norm = data.get("normalizer") or {}
-    norms = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
-    return any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in norms)
+    normalizers = _steps(data, "normalizer", "normalizers")
+    return any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers)
 
 
 def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f32") -> Path:

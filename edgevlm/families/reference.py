@@ -263,7 +263,6 @@ def _train_and_save(out: Path, recipe: Recipe, progress, monitor) -> dict:
     summary_table = torch.randn(n_kinds, recipe.text_hidden, generator=tables)
     summary_colour_table = torch.randn(n_colours, recipe.text_hidden, generator=tables)
     summary_cell_table = torch.randn(n_cells + 1, recipe.text_hidden, generator=tables)  # last row: absent
-    aux_parameters: list = []
 
     def aux_loss(pixels, colours, kinds):
         states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
@@ -295,7 +294,7 @@ def _train_and_save(out: Path, recipe: Recipe, progress, monitor) -> dict:
 
     # stage 1: the vision tower learns colour and shape per patch
     vision_parameters = (list(model.model.vision_tower.parameters())
-                         + list(model.model.multi_modal_projector.parameters()) + aux_parameters)
+                         + list(model.model.multi_modal_projector.parameters()))
     optimizer = torch.optim.AdamW(vision_parameters, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     for step in range(recipe.vision_steps):
         pixels, _, _, _, colours, kinds = batcher.batch(seed, recipe.vision_batch)
@@ -307,7 +306,7 @@ def _train_and_save(out: Path, recipe: Recipe, progress, monitor) -> dict:
         report(step + 1, loss.item())
 
     # stage 2: the whole VLM on the answers (the auxiliary loss keeps the tower honest)
-    parameters = list(model.parameters()) + aux_parameters
+    parameters = list(model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:

@@ -391,8 +391,8 @@ class Session:
         """A whole conversation in one request (what a server gets): user/assistant turns whose content lists
         {"type": "image"} and {"type": "text"} items, `images` in the order of those items. The live sequence and
         the prefix cache make a request that extends the previous conversation prefill only its new turns."""
-        n_slots = sum(item.get("type") == "image" for m in messages for item in m.get("content", [])
-                      if isinstance(m.get("content"), list))
+        n_slots = sum(item.get("type") == "image" for m in messages if isinstance(m.get("content"), list)
+                      for item in m["content"])
         if n_slots != len(images):
             raise BadInputError(f"the messages have {n_slots} image items but {len(images)} images were given")
         if not messages or messages[-1].get("role") != "user":
