@@ -17,7 +17,7 @@ demo: $(READY)
 	$(PY) -m edgevlm.demo
 
 test: $(READY)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 bench: $(READY)
 	bash benchmarks/run_all.sh

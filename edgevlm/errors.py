@@ -21,3 +21,7 @@ class BundleError(EdgeVLMError):
 
 class BackendUnavailableError(EdgeVLMError):
     """A runtime (TensorRT, CUDA, MLX, llama.cpp) that is not installed or has no device here."""
+
+
+class ExportError(EdgeVLMError):
+    """An export that cannot meet its accuracy contract (e.g. an int8 encoder below the ladder's cosine)."""

@@ -3,25 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# artifact precision -> (metric, threshold)
-ENCODER_THRESHOLDS = {"fp32": ("max_rel_err", 1e-4), "fp16": ("cosine", 0.999), "int8": ("cosine", 0.99)}
-DECODER_NMSE = 1e-5  # F32/F16 GGUF and fp32 MLX
+from .errors import BackendUnavailableError, EdgeVLMError
+from .metrics import DECODER_GATES, DECODER_NMSE, ENCODER_GATES, cosine, max_rel_err, nmse, top1_agreement  # noqa: F401
 
-
-def max_rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
-    """Largest absolute difference relative to the reference's largest magnitude (elementwise ratios explode
-    where the reference is ~0)."""
-    return float(np.abs(ours.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
-
-
-def cosine(ours: np.ndarray, ref: np.ndarray) -> float:
-    a, b = ours.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-
-
-def nmse(ours: np.ndarray, ref: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    return float(((ours.astype(np.float64) - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))
+PROBE_SCENES = 3  # fixed probe set for decoders: scenes x one question, teacher-forced on the reference's tokens
+PROBE_TOKENS = 16
 
 
 def _probe_inputs(manifest, n_tiles: int = 3, seed: int = 0) -> np.ndarray:
@@ -33,8 +19,17 @@ def _probe_inputs(manifest, n_tiles: int = 3, seed: int = 0) -> np.ndarray:
     return np.concatenate([tile, noise])
 
 
+def _failure(name: str, role: str, exc: Exception) -> dict:
+    """Only a backend that is not installed here is "skipped"; every other load or run failure is a FAIL."""
+    if isinstance(exc, BackendUnavailableError):
+        return {"artifact": name, "role": role, "status": "skipped", "note": str(exc)}
+    note = str(exc) if isinstance(exc, EdgeVLMError) else f"{type(exc).__name__}: {exc}"
+    return {"artifact": name, "role": role, "status": "FAIL", "note": note}
+
+
 def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dict]:
-    """Every encoder and decoder artifact against the PyTorch reference (the bundle's source checkpoint)."""
+    """Every artifact against the PyTorch reference (the bundle's source checkpoint), each judged by its gate in
+    metrics.py. Rows: status "pass", "FAIL" or "skipped" (backend not installed here)."""
     from pathlib import Path
 
     from . import scenes
@@ -48,6 +43,12 @@ def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dic
     ckpt = source_checkpoint(manifest)
     log = progress or (lambda message: None)
     rows: list[dict] = []
+    try:
+        manifest.find("tokenizer").verify(bundle)
+        rows.append({"artifact": "tokenizer", "role": "tokenizer", "criterion": "sha256 as in the manifest",
+                     "status": "pass"})
+    except Exception as exc:
+        rows.append(_failure("tokenizer", "tokenizer", exc))
     pixels = _probe_inputs(manifest)
     import torch
 
@@ -57,39 +58,44 @@ def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dic
         log(f"encoder {name}")
         try:
             ours = make_encoder(bundle, manifest, name, threads=threads).encode(pixels)
-        except Exception as exc:  # a backend missing here is a row, not a crash
-            rows.append({"artifact": name, "role": "encoder", "status": "skipped", "note": str(exc)})
-            continue
-        precision = name.split(":")[1]
-        metric, threshold = ENCODER_THRESHOLDS.get(precision, ("cosine", 0.99))
-        values = {"max_rel_err": max_rel_err(ours, ref), "cosine": cosine(ours, ref)}
-        ok = values[metric] <= threshold if metric == "max_rel_err" else values[metric] >= threshold
-        rows.append({"artifact": name, "role": "encoder", **values, "criterion": f"{metric} {'<=' if metric == 'max_rel_err' else '>='} {threshold}",
-                     "status": "pass" if ok else "FAIL"})
-
-    spec = runtime_spec(bundle, manifest)
-    scene = scenes.make_scene(4_000_000_001)
-    image, question = scenes.render(scene), "Describe the image."
-    reference = Session(spec, TorchEncoder(ckpt.vision, "torch"), TorchDecoder(ckpt.decoder))
-    ref_result = reference.generate(image, question, max_tokens=16, stop_token_ids=[], return_logits=True)
-    for name in manifest.names("decoder"):
-        log(f"decoder {name}")
-        precision = name.split(":")[1]
-        exact = precision in ("f32", "f16", "fp32")
-        try:
-            decoder = make_decoder(bundle, manifest, name, threads=threads, parity=exact)
         except Exception as exc:
-            rows.append({"artifact": name, "role": "decoder", "status": "skipped", "note": str(exc)})
+            rows.append(_failure(name, "encoder", exc))
             continue
-        session = Session(spec, TorchEncoder(ckpt.vision, "torch"), decoder)
-        logits = session.teacher_forced_logits(image, question, ref_result.tokens)
-        error = nmse(np.stack(logits), np.stack(ref_result.logits))
-        agree = float(np.mean([int(np.argmax(a) == np.argmax(b)) for a, b in zip(logits, ref_result.logits)]))
-        row = {"artifact": name, "role": "decoder", "nmse": error, "greedy_agreement": agree}
-        if exact:
-            ok = error <= DECODER_NMSE and agree == 1.0
-            row.update(criterion=f"nmse <= {DECODER_NMSE}, tokens identical", status="pass" if ok else "FAIL")
-        else:
-            row.update(criterion="quantized: judged by `edgevlm eval` accuracy", status="info")
-        rows.append(row)
+        gate = ENCODER_GATES.get(name.split(":")[1], ENCODER_GATES["int8"])
+        values = {"max_rel_err": max_rel_err(ours, ref), "cosine": cosine(ours, ref)}
+        rows.append({"artifact": name, "role": "encoder", **values, "criterion": gate.criterion,
+                     "status": "pass" if gate.passes(values) else "FAIL"})
+
+    decoders = manifest.names("decoder")
+    if not decoders:
+        return rows
+    try:
+        spec = runtime_spec(bundle, manifest)
+    except Exception as exc:
+        return rows + [_failure(name, "decoder", exc) for name in decoders]
+    probes = []
+    reference = Session(spec, TorchEncoder(ckpt.vision, "torch"), TorchDecoder(ckpt.decoder))
+    for i in range(PROBE_SCENES):
+        image, question = scenes.render(scenes.make_scene(4_000_000_001 + i)), "Describe the image."
+        result = reference.generate(image, question, max_tokens=PROBE_TOKENS, stop_token_ids=[], return_logits=True)
+        probes.append((image, question, result))
+    ref_logits = np.concatenate([np.stack(r.logits) for _, _, r in probes])  # (positions, vocab)
+    for name in decoders:
+        log(f"decoder {name}")
+        gate = DECODER_GATES.get(name)
+        if gate is None:
+            rows.append({"artifact": name, "role": "decoder", "status": "FAIL",
+                         "note": f"no parity gate for {name}; this edgevlm gates {', '.join(DECODER_GATES)}"})
+            continue
+        try:
+            decoder = make_decoder(bundle, manifest, name, threads=threads, parity=gate.min_agreement == 1.0)
+            session = Session(spec, TorchEncoder(ckpt.vision, "torch"), decoder)
+            logits = np.concatenate([np.stack(session.teacher_forced_logits(image, question, result.tokens))
+                                     for image, question, result in probes])
+        except Exception as exc:
+            rows.append(_failure(name, "decoder", exc))
+            continue
+        values = {"nmse": nmse(logits, ref_logits), "greedy_agreement": top1_agreement(logits, ref_logits)}
+        rows.append({"artifact": name, "role": "decoder", **values, "criterion": gate.criterion,
+                     "status": "pass" if gate.passes(values) else "FAIL"})
     return rows

@@ -10,19 +10,57 @@ PYTHON=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }  # pip.conf names an index folder that may be absent
+# qemu-user lets the tests run ONNX Runtime's AVX2-only int8 kernels on any x86-64 CPU (tests/test_int8_portability.py)
+if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing qemu-user (Debian) for the int8 portability tests"
+  { apt-get install -y -q qemu-user || { apt-get update -q && apt-get install -y -q qemu-user; }; } >/dev/null 2>&1 \
+    || echo "warning: could not install qemu-user; the int8 portability tests will not run"
+fi
 quiet "${PIP[@]}" install --upgrade pip wheel setuptools
 quiet "${PIP[@]}" install torch==2.13.0
 
-mkdir -p "$WHEELHOUSE"
-if ! ls "$WHEELHOUSE"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
-  echo "building llama-cpp-python $LLAMA_CPP_VERSION from source once (about 9 minutes on 2 cores); cached in $WHEELHOUSE"
-  # libmtmd (llama.cpp's own multimodal lib) is not used: edgevlm feeds its own image embeddings.
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
-    "${PIP[@]}" wheel --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELHOUSE"
+# The wheel is keyed by its build flags and by this CPU's instruction sets: it is built for this CPU, so a wheel built
+# on an AVX-512 machine would die with SIGILL on an AVX2-only one.
+CPU_FLAGS=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -E '^(avx|fma|f16c|sse|amx|bmi)' | sort | tr '\n' ' ' || true)
+# On x86-64, this CPU's instruction sets one by one instead of -march=native, without AMX: -march=native turns on
+# ggml's AMX kernels wherever the CPU lists AMX, and in a VM that does not grant the tile state they die with SIGILL
+# (seen on a Sapphire Rapids VM: `tilezero` in ggml_backend_amx_mul_mat). AVX-512 VNNI does the int8 work instead.
+ggml_isa_args() {
+  local flag option args=(-DGGML_NATIVE=OFF)
+  for pair in sse4_2:SSE42 f16c:F16C fma:FMA bmi2:BMI2 avx:AVX avx2:AVX2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+              avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    flag=${pair%%:*}; option=${pair##*:}
+    if [[ " $CPU_FLAGS " == *" $flag "* ]]; then args+=("-DGGML_$option=ON"); else args+=("-DGGML_$option=OFF"); fi
+  done
+  args+=(-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  echo "${args[*]}"
+}
+if [ -z "${CMAKE_ARGS:-}" ] && [ "$(uname -m)" = x86_64 ]; then
+  LLAMA_CMAKE_ARGS="-DLLAVA_BUILD=OFF $(ggml_isa_args)"
+else
+  LLAMA_CMAKE_ARGS=${CMAKE_ARGS:--DLLAVA_BUILD=OFF}
 fi
-quiet "${PIP[@]}" install --find-links "$WHEELHOUSE" -e ".[all]"
+WHEEL_KEY=$(printf '%s|%s|%s|%s' "$LLAMA_CPP_VERSION" "$LLAMA_CMAKE_ARGS" "$CPU_FLAGS" "$(uname -m)" | sha256sum | cut -c1-16)
+WHEEL_DIR="$WHEELHOUSE/llama-cpp-python-$LLAMA_CPP_VERSION-$WHEEL_KEY"
+mkdir -p "$WHEEL_DIR"
+if ! ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $LLAMA_CPP_VERSION from source once (about 9 minutes on 2 cores); cached in $WHEEL_DIR"
+  # libmtmd (llama.cpp's own multimodal lib) is not used: edgevlm feeds its own image embeddings.
+  # Built into a temporary folder and moved in whole, so an interrupted build leaves no half wheel behind.
+  TMP_WHEELS=$(mktemp -d "$WHEELHOUSE/.build-XXXXXX")
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} CMAKE_ARGS="$LLAMA_CMAKE_ARGS" \
+    "${PIP[@]}" wheel --no-cache-dir --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$TMP_WHEELS"
+  mv "$TMP_WHEELS"/llama_cpp_python-*.whl "$WHEEL_DIR"/ && rmdir "$TMP_WHEELS"
+  printf 'version=%s\ncmake_args=%s\ncpu_flags=%s\n' "$LLAMA_CPP_VERSION" "$LLAMA_CMAKE_ARGS" "$CPU_FLAGS" > "$WHEEL_DIR/KEY"
+fi
+# pip keeps an installed llama-cpp-python of the same version, so a venv built from another wheel gets this one
+if [ "$(cat "$VENV/.llama-cpp-wheel-key" 2>/dev/null)" != "$WHEEL_KEY" ]; then
+  quiet "${PIP[@]}" install --no-deps --force-reinstall "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+  echo "$WHEEL_KEY" > "$VENV/.llama-cpp-wheel-key"
+fi
+quiet "${PIP[@]}" install --find-links "$WHEEL_DIR" -e ".[all]"
 "$VENV/bin/python" - <<'PY'
-import torch, llama_cpp, onnxruntime, gguf  # fail here, not in the middle of a test run
+import torch, llama_cpp, onnxruntime, gguf, mlx.core, mlx_lm  # fail here, not in the middle of a test run
 assert "+cpu" in torch.__version__ or not torch.cuda.is_available(), torch.__version__
 print(f"edgevlm venv ready: torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, onnxruntime {onnxruntime.__version__}")
 PY

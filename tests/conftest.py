@@ -14,6 +14,70 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import builders  # noqa: E402
 
+# What `.[all]` installs. Under CI=true a backend that cannot be imported fails the run at once (instead of turning
+# its tests into skips), and any skipped test not marked `gpu` fails it at the end.
+CI_BACKENDS = ("torch", "transformers", "onnxruntime", "onnx", "llama_cpp", "gguf", "mlx.core", "mlx_lm", "matplotlib",
+               "psutil")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config):
+    if not in_ci():
+        return
+    import importlib
+
+    broken = []
+    for module in CI_BACKENDS:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any failure to import is the message
+            broken.append(f"{module} ({type(exc).__name__}: {exc})")
+    if broken:
+        pytest.exit(f"CI=true: these backends, which .[all] installs, cannot be imported: {'; '.join(broken)}; "
+                    "re-run scripts/setup-venv.sh (or `make clean test`)", returncode=3)
+
+
+def _gpu_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA GPU here"
+    except ImportError:
+        return "TensorRT is not installed here (it needs an NVIDIA GPU)"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    reason = _gpu_missing() if gpu_items else None
+    for item in gpu_items if reason else []:
+        item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))
+
+
+_SKIPPED_IN_CI: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "gpu" not in report.keywords and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED_IN_CI.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if in_ci() and _SKIPPED_IN_CI and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if in_ci() and _SKIPPED_IN_CI:
+        terminalreporter.write_line(f"CI=true: {len(_SKIPPED_IN_CI)} test(s) skipped that are not marked gpu "
+                                    "(CI installs everything they need):", red=True)
+        for line in _SKIPPED_IN_CI:
+            terminalreporter.write_line(f"  {line}", red=True)
+
 
 def random_image(seed: int, width: int, height: int) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -46,7 +110,7 @@ def bundles(ckpts, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def mlx_bundles(ckpts, tmp_path_factory) -> dict[str, Path]:
-    pytest.importorskip("mlx.core", reason="MLX is not installed on this platform (pip install 'mlx[cpu]' mlx-lm)")
+    pytest.importorskip("mlx.core", reason="MLX is not installed on this platform (pip install 'mlx[cpu]' mlx-lm)")  # CI: fails
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
     root = tmp_path_factory.mktemp("mlx-bundles")

@@ -55,7 +55,9 @@ def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
     assert (out / "bench.png").stat().st_size > 1000 and "| run |" in (out / "bench.md").read_text()
     assert all(run["isolated"] for run in result["runs"])  # each pair measured in its own process
     drift = ours["metrics"]["drift"]  # teacher-forced on the reference's 6 greedy tokens
-    assert drift["n_tokens"] == 6 and 0.0 <= drift["top1_agreement"] <= 1.0 and 0.0 <= drift["logits_nmse"] < 1.0
+    # int8 encoder + Q8_0 decoder against the reference on its own tokens: within the q8_0 gate's nmse x 10 (the
+    # int8 image rows add their own error) and the same tokens at most positions
+    assert drift["n_tokens"] == 6 and drift["logits_nmse"] <= 1e-2 and drift["top1_agreement"] >= 0.5, drift
     assert "top-1 vs ref" in (out / "bench.md").read_text()
     assert all(run["metrics"]["peak_rss_mb"] > 0 for run in result["runs"])
 
@@ -70,10 +72,13 @@ def test_bench_in_process_and_errors_from_the_child(bundles, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     reference, ours = result["runs"]
     assert ours["name"] == "onnx:fp32 + gguf:f32" and "isolated" not in ours
-    # fp32 ONNX + F32 GGUF follow the reference token for token on the bench prompt
+    # fp32 ONNX + F32 GGUF follow the reference token for token on the bench prompt; the bench runs llama.cpp as
+    # users do (f16 KV cache), hence 1e-3 and not the parity mode's 1e-5
     assert ours["metrics"]["drift"]["top1_agreement"] == 1.0 and ours["metrics"]["drift"]["logits_nmse"] < 1e-3
     for run in (reference, ours):
-        assert run["metrics"]["task_accuracy"]["n"] == 5 and 0.0 <= run["metrics"]["task_accuracy"]["accuracy"] <= 1.0
+        assert run["metrics"]["task_accuracy"]["n"] == 5
+    # the same answers, so the same task accuracy (whatever a random-weight model scores)
+    assert ours["metrics"]["task_accuracy"]["accuracy"] == reference["metrics"]["task_accuracy"]["accuracy"]
     assert "accuracy_points" in ours["vs_reference"]
     with pytest.raises(BadInputError, match="mlx:3bit"):  # the child's clear error comes back as the same error
         measure_isolated(bundles["llava-clip"], "onnx:fp32", "mlx:3bit", Scenario((32, 32), 4, 2, 1, 1), 20.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from edgevlm.cli import main
+from edgevlm.metrics import DECODER_GATES
 
 
 def test_verify_bundle_table(bundles, capsys):
@@ -15,7 +16,9 @@ def test_verify_bundle_table(bundles, capsys):
     assert rows["onnx:int8"]["status"] == "pass" and rows["onnx:int8"]["cosine"] >= 0.99
     assert rows["gguf:f32"]["status"] == "pass" and rows["gguf:f32"]["nmse"] <= 1e-5
     assert rows["gguf:f32"]["greedy_agreement"] == 1.0
-    assert rows["gguf:q8_0"]["status"] == "info" and rows["gguf:q8_0"]["nmse"] < 1e-2
+    assert rows["gguf:q8_0"]["status"] == "pass" and rows["gguf:q8_0"]["criterion"] == DECODER_GATES["gguf:q8_0"].criterion
+    assert rows["gguf:q8_0"]["nmse"] <= DECODER_GATES["gguf:q8_0"].max_nmse
+    assert rows["tokenizer"]["status"] == "pass"
 
 
 def test_targets_say_what_runs_here(capsys):

@@ -30,14 +30,17 @@ def test_f32_gguf_parity_with_pytorch(family, prompt, image_names, ckpts, bundle
     assert ours.timings["n_image_tokens"] > 0
 
 
-def test_q8_0_gguf_keeps_greedy_tokens_on_a_tiny_model(ckpts, bundles, images):
+def test_q8_0_gguf_passes_its_gate_teacher_forced_on_a_tiny_model(ckpts, bundles, images):
+    """Q8_0 against PyTorch on the reference's own 16 greedy tokens: the ladder's q8_0 gate (nmse, top-1 agreement)."""
+    from edgevlm.metrics import DECODER_GATES, top1_agreement
+
     prompt = "Look: <image> what colour is the circle?"
     ref = edgevlm.load(ckpts["llava-clip"]).generate(images["small"], prompt, max_tokens=16, stop_token_ids=[],
                                                      return_logits=True)
-    q8 = edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:q8_0", threads=1)
-    ours = q8.generate(images["small"], prompt, max_tokens=16, stop_token_ids=[], return_logits=True)
-    # random weights have little margin; Q8_0 still tracks the logits closely
-    assert nmse(np.stack(ours.logits[:1]), np.stack(ref.logits[:1])) <= 1e-3
+    q8 = edgevlm.load(bundles["llava-clip"], encoder="torch", decoder="gguf:q8_0", threads=1)
+    ours = np.stack(q8.teacher_forced_logits(images["small"], prompt, ref.tokens))
+    values = {"nmse": nmse(ours, np.stack(ref.logits)), "greedy_agreement": top1_agreement(ours, np.stack(ref.logits))}
+    assert DECODER_GATES["gguf:q8_0"].passes(values), values
 
 
 STRINGS = [
@@ -108,14 +111,27 @@ def test_sentencepiece_gguf_parity_with_pytorch(sentencepiece_bundles, images):
     assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE
 
 
-def test_stock_llama_cpp_loads_and_generates(bundles):
+@pytest.mark.parametrize("precision", ["f32", "q8_0"])
+def test_stock_llama_cpp_gives_our_logits_on_a_text_prompt(precision, bundles):
+    """llama-cpp-python's own `Llama` (every position's logits) and LlamaCppDecoder on the same GGUF and prompt."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(bundles["idefics3"] / "decoder" / "q8_0.gguf"), n_ctx=128, n_threads=1, verbose=False)
-    out = llm("The circle is", max_tokens=8, temperature=0.0)
-    assert out["usage"]["completion_tokens"] >= 1
-    assert isinstance(out["choices"][0]["text"], str)
+    from edgevlm.runtimes.base import Segment
+
+    path = bundles["idefics3"] / "decoder" / f"{precision}.gguf"
+    llm = Llama(model_path=str(path), n_ctx=128, n_threads=1, logits_all=True, flash_attn=False, type_k=0, type_v=0,
+                verbose=False)
     assert llm.n_vocab() == Manifest.load(bundles["idefics3"]).decoder.vocab_size
+    ids = llm.tokenize(b"The circle is red and the square is", add_bos=True, special=True)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])  # (positions, vocab)
+    ours = LlamaCppDecoder(path, threads=1, parity=True)
+    assert ours.tokenize("The circle is red and the square is") == ids
+    mine = [ours.prefill([Segment(token_ids=np.asarray(ids[:n], dtype=np.int32))]).copy() if n == 1 else
+            ours.prefill([Segment(token_ids=np.asarray(ids[n - 1 : n], dtype=np.int32))]).copy()
+            for n in range(1, len(ids) + 1)]
+    assert np.abs(np.stack(mine) - theirs).max() <= 1e-4 * np.abs(theirs).max()
+    assert list(np.argmax(theirs, axis=-1)) == list(np.argmax(np.stack(mine), axis=-1))
 
 
 def test_corrupt_gguf_is_a_clear_error(tmp_path):

@@ -53,9 +53,21 @@ def test_quantized_layout_and_config(mlx_bundles):
         assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
 
 
-def test_stock_mlx_lm_loads_and_generates(mlx_bundles):
-    from mlx_lm import generate, load
+@pytest.mark.parametrize("precision", ["fp32", "4bit"])
+def test_stock_mlx_lm_generates_our_greedy_tokens_on_a_text_prompt(precision, mlx_bundles):
+    """mlx-lm's own load + stream_generate (greedy) and MlxDecoder on the same folder and prompt ids."""
+    from mlx_lm import load, stream_generate
 
-    model, tokenizer = load(str(mlx_bundles["idefics3"] / "decoder" / "mlx-4bit"))
-    text = generate(model, tokenizer, prompt="The circle is", max_tokens=5, verbose=False)
-    assert isinstance(text, str) and len(tokenizer.encode(text, add_special_tokens=False)) >= 1
+    from edgevlm.runtimes.base import Segment
+    from edgevlm.runtimes.mlx_decoder import MlxDecoder
+
+    folder = mlx_bundles["idefics3"] / "decoder" / f"mlx-{precision}"
+    model, tokenizer = load(str(folder))
+    ids = tokenizer.encode("The circle is red and the square is")
+    stock = [r.token for r in stream_generate(model, tokenizer, prompt=ids, max_tokens=12)]
+    ours, decoder = [], MlxDecoder(folder, n_ctx=512)
+    logits = decoder.prefill([Segment(token_ids=np.asarray(ids, dtype=np.int32))])
+    for _ in range(len(stock)):
+        ours.append(int(np.argmax(logits)))
+        logits = decoder.prefill([Segment(token_ids=np.asarray(ours[-1:], dtype=np.int32))])
+    assert len(stock) >= 1 and ours == stock

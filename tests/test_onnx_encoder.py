@@ -45,10 +45,26 @@ def test_many_tiles_in_one_call_equal_per_tile_calls(family, bundles, pixels):
     assert np.allclose(together, one_by_one, atol=1e-5)
 
 
-def test_more_tiles_than_the_graph_bound_are_chunked(bundles):
-    enc = encoder(bundles["idefics3"], "onnx:fp32")  # exported with max_tiles=8
-    many = np.random.default_rng(1).normal(size=(11, 3, 32, 32)).astype(np.float32)
-    assert np.allclose(enc.encode(many)[9:], enc.encode(many[9:]), atol=1e-5)
+def test_more_tiles_than_the_graph_bound_are_run_in_chunks_of_the_bound(ckpts, tmp_path):
+    """A graph exported for at most 2 tiles (below the runtime's TILES_PER_RUN) never gets more than 2 per run."""
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+    from edgevlm.runtimes.onnx_encoder import TILES_PER_RUN
+
+    bundle = export_checkpoint(ckpts["idefics3"], tmp_path / "b", [ArtifactRequest("onnx", "fp32")], [], max_tiles=2)
+    enc = encoder(bundle, "onnx:fp32")
+    assert enc.spec.max_tiles == 2 < TILES_PER_RUN
+    run, batches = enc.session.run, []
+
+    def recording_run(names, feeds):
+        batches.append(len(feeds[enc.spec.input_name]))
+        return run(names, feeds)
+
+    enc.session.run = recording_run
+    many = np.random.default_rng(1).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    out = enc.encode(many)
+    assert batches == [2, 2, 1]
+    one_by_one = np.concatenate([enc.encode(many[i : i + 1]) for i in range(5)])
+    assert np.allclose(out, one_by_one, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -64,10 +80,23 @@ def test_int8_cosine(family, ckpts, bundles, pixels):
     assert cosine(ours, reference(ckpts, family, pixels)) >= 0.99
 
 
-def test_provider_reported_is_the_one_used(bundles):
+def test_cpu_graph_runs_on_the_cpu_provider_and_says_so(bundles):
+    import onnxruntime as ort
+
+    manifest = Manifest.load(bundles["llava-clip"])
     enc = encoder(bundles["llava-clip"], "onnx:fp32")
-    assert enc.provider == enc.session.get_providers()[0]
-    assert enc.name.startswith("onnxruntime-")
+    assert ort.get_available_providers()[-1] == "CPUExecutionProvider"
+    assert enc.session.get_providers() == ["CPUExecutionProvider"]  # the CPU-only onnxruntime wheel
+    assert enc.provider == "CPUExecutionProvider" and enc.name == "onnxruntime-cpu"
+    # the CPU provider runs the graph ORT optimized offline for it
+    assert enc.session._model_path.endswith(manifest.find("encoder", "onnx:fp32").details["cpu_optimized"])
+
+
+def test_forcing_a_provider_this_onnxruntime_lacks_is_refused(bundles):
+    manifest = Manifest.load(bundles["llava-clip"])
+    with pytest.raises(BackendUnavailableError, match="'cuda' is not available here"):
+        OnnxRuntimeEncoder(bundles["llava-clip"], manifest.find("encoder", "onnx:fp32"), manifest.encoder,
+                           provider="cuda", threads=1)
 
 
 def test_forcing_a_missing_provider_is_a_clear_error():

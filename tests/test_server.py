@@ -55,7 +55,7 @@ def test_completion_equals_the_session_and_reuses_the_cache(api, images):
     assert reply["object"] == "chat.completion"
     assert reply["choices"][0]["message"]["content"] == reference.text
     assert reply["usage"]["completion_tokens"] == len(reference.tokens)
-    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+    assert reply["choices"][0]["finish_reason"] == reference.finish_reason
     again = json.loads(post(base, body)[1])  # same image, same question: a new request restores the cached prefix
     assert again["choices"][0]["message"]["content"] == reference.text
     assert again["timings"]["prefix_cache_hits"] >= 1 and again["timings"]["encode_ms"] == 0
@@ -64,7 +64,8 @@ def test_completion_equals_the_session_and_reuses_the_cache(api, images):
 def test_streaming_sends_the_same_text(api):
     base, _, data_url = api
     body = {"messages": [user(data_url, QUESTION)], "max_tokens": 8}
-    whole = json.loads(post(base, body)[1])["choices"][0]["message"]["content"]
+    whole_reply = json.loads(post(base, body)[1])
+    whole = whole_reply["choices"][0]["message"]["content"]
     status, raw = post(base, {**body, "stream": True})
     assert status == 200
     events = [line[len("data: "):] for line in raw.decode().splitlines() if line.startswith("data: ")]
@@ -72,7 +73,8 @@ def test_streaming_sends_the_same_text(api):
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    expected = "length" if whole_reply["usage"]["completion_tokens"] == 8 else "stop"  # 8 = max_tokens
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole_reply["choices"][0]["finish_reason"] == expected
 
 
 def test_multi_turn_conversation_matches_chat(api, images):

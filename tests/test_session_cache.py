@@ -9,7 +9,8 @@ import edgevlm
 from edgevlm.runtimes.base import Segment
 from conftest import random_image
 
-BACKENDS = ["torch", "llamacpp", "mlx"]
+# "llamacpp-default": a Q8_0 GGUF as users run it (f16 KV cache, llama.cpp's default attention), not parity mode
+BACKENDS = ["torch", "llamacpp", "llamacpp-default", "mlx"]
 QUESTION = "What colour is the circle?"
 
 
@@ -30,6 +31,8 @@ def open_session(backend, ckpts, bundles, family="llava-clip", **options):
     if backend == "mlx":
         return edgevlm.load(bundles["mlx"][family], encoder="onnx:fp32", decoder="mlx:fp32", **options)
     bundles = bundles["gguf"]
+    if backend == "llamacpp-default":
+        return edgevlm.load(bundles[family], encoder="onnx:fp32", decoder="gguf:q8_0", threads=1, **options)
     return edgevlm.load(bundles[family], encoder="onnx:fp32", decoder="gguf:f32", parity=True, threads=1, **options)
 
 

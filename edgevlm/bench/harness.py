@@ -139,7 +139,7 @@ def save_trace(session, scenario: Scenario, image: Image.Image, path: str) -> No
 
 def drift(session, scenario: Scenario, image: Image.Image, path: str) -> dict:
     """Teacher-forced on the reference's tokens: how often our top-1 equals the reference's, and the logit NMSE."""
-    from ..verify import nmse
+    from ..metrics import nmse
 
     trace = np.load(path)
     question = prompt_of(session.spec.tokenizer, scenario.prompt_tokens, 0)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError, BundleError
-from ..export.tensorrt import require_tensorrt
+from ..export.tensorrt import gpu_identity, require_tensorrt
 
 
 class TensorRTEncoder:
@@ -17,7 +17,7 @@ class TensorRTEncoder:
         import torch
 
         artifact.verify(bundle)
-        gpu = torch.cuda.get_device_name(0)
+        gpu = gpu_identity()["gpu"]
         if artifact.details.get("gpu") != gpu or artifact.details.get("tensorrt_version") != trt.__version__:
             raise BundleError(
                 f"{artifact.path} was built for {artifact.details.get('gpu')} with TensorRT "
@@ -39,7 +39,9 @@ class TensorRTEncoder:
     def _run(self, chunk: np.ndarray) -> np.ndarray:
         torch = self._torch
         inputs = torch.from_numpy(chunk).cuda()
-        self.context.set_input_shape(self.spec.input_name, tuple(inputs.shape))
+        if not self.context.set_input_shape(self.spec.input_name, tuple(inputs.shape)):
+            raise BadInputError(f"the TensorRT engine refuses input shape {tuple(inputs.shape)} (its profile allows "
+                                f"1..{self.max_tiles} tiles)")
         out_shape = tuple(self.context.get_tensor_shape(self.spec.output_name))
         output = torch.empty(out_shape, dtype=torch.float32, device="cuda")
         self.context.set_tensor_address(self.spec.input_name, inputs.data_ptr())

@@ -1,0 +1,143 @@
+"""`edgevlm verify` is a gate: tampered files and damaged quantizations FAIL (exit 1) and name what failed; only a
+backend that is not installed here is "skipped"."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgevlm.cli import main
+from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+from edgevlm.manifest import Manifest, sha256_file
+
+
+def _verify(bundle, capsys) -> tuple[int, dict]:
+    code = main(["verify", str(bundle), "--threads", "1", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return code, out
+
+
+def _rehash(bundle, relative: str) -> None:
+    """Make the manifest agree with a file changed on purpose, so that only the numbers can catch the damage."""
+    manifest = Manifest.load(bundle)
+    for artifact in manifest.artifacts:
+        for entry in artifact.files:
+            if entry.path == relative:
+                entry.sha256, entry.bytes = sha256_file(bundle / relative), (bundle / relative).stat().st_size
+    (bundle / "manifest.json").write_text(manifest.to_json())
+
+
+@pytest.fixture(scope="module")
+def every_kind(ckpts, tmp_path_factory):
+    """One small bundle with each artifact kind: ONNX, GGUF, MLX safetensors, tokenizer."""
+    return export_checkpoint(ckpts["llava-clip"], tmp_path_factory.mktemp("kinds") / "bundle",
+                             [ArtifactRequest("onnx", "fp32")], [ArtifactRequest("gguf", "q8_0"), ArtifactRequest("mlx", "8bit")],
+                             max_tiles=4)
+
+
+def test_an_intact_bundle_passes_every_row(every_kind, capsys):
+    code, out = _verify(every_kind, capsys)
+    assert code == 0 and out["status"] == "pass"
+    assert {r["artifact"]: r["status"] for r in out["rows"]} == {
+        "tokenizer": "pass", "onnx:fp32": "pass", "gguf:q8_0": "pass", "mlx:8bit": "pass"}
+
+
+@pytest.mark.parametrize("relative,artifact", [
+    ("encoder/fp32.onnx", "onnx:fp32"),
+    ("decoder/q8_0.gguf", "gguf:q8_0"),
+    ("decoder/mlx-8bit/model.safetensors", "mlx:8bit"),
+    ("tokenizer/tokenizer.json", "tokenizer"),
+])
+def test_one_flipped_byte_fails_verify_naming_the_file(relative, artifact, every_kind, tmp_path, capsys):
+    bundle = shutil.copytree(every_kind, tmp_path / "b")
+    data = bytearray((bundle / relative).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / relative).write_bytes(bytes(data))
+    code, out = _verify(bundle, capsys)
+    assert code == 1 and out["status"] == "FAIL"
+    rows = {r["artifact"]: r for r in out["rows"]}
+    assert rows[artifact]["status"] == "FAIL" and relative in rows[artifact]["note"]
+    failed = {name for name, row in rows.items() if row["status"] == "FAIL"}
+    # a damaged tokenizer takes the decoders down with it (they cannot run without it); nothing else fails
+    assert failed == ({artifact, "gguf:q8_0", "mlx:8bit"} if artifact == "tokenizer" else {artifact})
+    code = main(["verify", str(bundle), "--threads", "1"])  # the table form names it too
+    assert code == 1 and f"FAIL {artifact}" in capsys.readouterr().err
+
+
+def test_an_f32_gguf_without_the_qk_permutation_fails_and_the_correct_one_passes(ckpts, tmp_path, capsys, monkeypatch):
+    """On random weights attention is nearly uniform, so only the exact rung sees a missing RoPE permutation; the
+    quantized rungs are damaged on the trained reference model below."""
+    from edgevlm.export import gguf as gguf_export
+
+    decoders = [ArtifactRequest("gguf", "f32")]
+    good = export_checkpoint(ckpts["llava-siglip"], tmp_path / "good", [], decoders)
+    monkeypatch.setattr(gguf_export, "permute_rope", lambda array, n_head: array)  # the classic converter bug
+    bad = export_checkpoint(ckpts["llava-siglip"], tmp_path / "bad", [], decoders)
+    code, out = _verify(good, capsys)
+    assert code == 0, out
+    code, out = _verify(bad, capsys)
+    rows = {r["artifact"]: r for r in out["rows"]}
+    assert code == 1 and rows["gguf:f32"]["status"] == "FAIL", rows
+
+
+@pytest.mark.parametrize("family", ["llava-clip", "idefics3"])
+def test_every_precision_the_cli_offers_passes_its_gate_on_a_tiny_model(family, ckpts, tmp_path, capsys):
+    """The parity ladder for every encoder and decoder precision `edgevlm export` accepts."""
+    from edgevlm.export.exporter import DECODER_FORMATS, ENCODER_FORMATS
+    from edgevlm.metrics import DECODER_GATES, ENCODER_GATES
+
+    encoders = [ArtifactRequest(f, p) for f, (_, precisions) in ENCODER_FORMATS.items() for p in precisions]
+    decoders = [ArtifactRequest(f, p) for f, (_, precisions) in DECODER_FORMATS.items() for p in precisions]
+    assert {r.name for r in decoders} == set(DECODER_GATES)  # one gate per offered precision, no more
+    assert {r.precision for r in encoders} <= set(ENCODER_GATES)
+    bundle = export_checkpoint(ckpts[family], tmp_path / "all", encoders, decoders, max_tiles=4)
+    code, out = _verify(bundle, capsys)
+    rows = {r["artifact"]: r for r in out["rows"]}
+    assert {name for name, row in rows.items() if row["status"] != "pass"} == set(), rows
+    assert code == 0 and len(rows) == 1 + len(encoders) + len(decoders)
+    for name in ("gguf:f32", "gguf:f16", "mlx:fp32"):
+        assert rows[name]["greedy_agreement"] == 1.0
+
+
+def test_verify_without_a_bundle_is_bad_input(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def _swap_tensors(path, a: str, b: str) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    tensors = {t.name: t for t in reader.tensors}
+    first, second = tensors[a].data, tensors[b].data
+    held = np.array(first, copy=True)
+    first[...] = second
+    second[...] = held
+    reader.data.flush()
+
+
+@pytest.mark.slow
+def test_damaged_quantized_ggufs_fail_verify_on_the_reference_model(tmp_path, capsys, monkeypatch):
+    """Two layers' attn_q swapped inside the quantized files, and an export that skips the Q/K permutation: FAIL;
+    the correct export of the same model: pass."""
+    from edgevlm.export import gguf as gguf_export
+    from edgevlm.families.reference import DEFAULT_RECIPE, ensure_reference
+
+    reference = ensure_reference(DEFAULT_RECIPE)
+    decoders = [ArtifactRequest("gguf", p) for p in ("q8_0", "q4_k_m", "q4_0")]
+    bundle = export_checkpoint(reference, tmp_path / "ref", [], decoders)
+    code, out = _verify(bundle, capsys)
+    assert code == 0, out["rows"]
+    for quant in ("q8_0", "q4_k_m"):
+        _swap_tensors(bundle / "decoder" / f"{quant}.gguf", "blk.0.attn_q.weight", "blk.1.attn_q.weight")
+        _rehash(bundle, f"decoder/{quant}.gguf")
+    code, out = _verify(bundle, capsys)
+    rows = {r["artifact"]: r for r in out["rows"]}
+    assert code == 1 and rows["gguf:q8_0"]["status"] == rows["gguf:q4_k_m"]["status"] == "FAIL", rows
+    assert rows["gguf:q4_0"]["status"] == "pass"  # untouched
+    monkeypatch.setattr(gguf_export, "permute_rope", lambda array, n_head: array)
+    unpermuted = export_checkpoint(reference, tmp_path / "unpermuted", [], [ArtifactRequest("gguf", "q8_0")])
+    code, out = _verify(unpermuted, capsys)
+    assert code == 1 and out["rows"][-1]["artifact"] == "gguf:q8_0" and out["rows"][-1]["status"] == "FAIL", out
