@@ -56,7 +56,7 @@ def main() -> int:
     from . import load
     from .errors import BackendUnavailableError
     from .evaluate import evaluate
-    from .export.mlx import require_mlx
+    from .backends import require_mlx
     from .export.exporter import ArtifactRequest, export_checkpoint
     from .families.reference import cache_root
 

@@ -63,6 +63,16 @@ def load_image(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
     return _decode(path, str(path))
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are stored sideways), as transformers' load_image and mlx-vlm do."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is not worth refusing the pixels for
+        return image
+
+
 def _decode(file, name: str) -> Image.Image:
     # The header gives the size before decoding, so a bomb is refused without allocating it.
     Image.MAX_IMAGE_PIXELS = None
@@ -70,7 +80,7 @@ def _decode(file, name: str) -> Image.Image:
         with Image.open(file) as image:
             _check_size(image, name)
             image.load()
-            return to_rgb(image)
+            return to_rgb(_upright(image))
     except BadInputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -11,27 +11,24 @@ TORCH = "torch"
 
 def spec_from_checkpoint(ckpt) -> RuntimeSpec:
     return RuntimeSpec(
-        family=ckpt.family,
         tokenizer=ckpt.tokenizer,
         chat_template=ckpt.chat_template,
         preprocess=ckpt.preprocess,
         layout=ckpt.layout,
         stop_token_ids=list(ckpt.stop_token_ids),
-        context_length=ckpt.context_length,
     )
 
 
 def session_from_checkpoint(ckpt, n_ctx: int | None = None, **cache_options) -> Session:
     from .runtimes.torch_backend import TorchDecoder, TorchEncoder
 
-    session = Session(
+    return Session(
         spec_from_checkpoint(ckpt),
         TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}"),
         TorchDecoder(ckpt.decoder, n_ctx=n_ctx),
+        encoder_name=TORCH, decoder_name=TORCH,
         **cache_options,
     )
-    session.encoder_name = session.decoder_name = TORCH
-    return session
 
 
 def is_bundle(path: Path) -> bool:
@@ -51,5 +48,10 @@ def load_session(path, encoder: str | None = None, decoder: str | None = None, n
             )
     from .families import load_checkpoint
 
-    options.pop("threads", None), options.pop("provider", None), options.pop("parity", None)
+    threads = options.pop("threads", None)
+    options.pop("provider", None), options.pop("parity", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))  # the PyTorch reference honours --threads too (process-wide)
     return session_from_checkpoint(load_checkpoint(path), n_ctx=n_ctx, **options)

@@ -78,7 +78,7 @@ class EncoderSpec:
 
 @dataclass
 class DecoderSpec:
-    architecture: str  # "llama"
+    architecture: str  # a row of decoder_arch.ARCHITECTURES ("llama")
     hidden_size: int
     n_layers: int
     n_heads: int
@@ -91,8 +91,22 @@ class DecoderSpec:
     rope_theta: float
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
-    position_scheme: str = "1d"  # "mrope" later (Qwen2-VL)
-    image_attention: str = "causal"
+    position_scheme: str = "1d"  # positions.POSITION_SCHEMES ("mrope" arrives with Qwen2-VL)
+    image_attention: str = "causal"  # positions.IMAGE_ATTENTION
+
+
+def _check_supported(where: str, decoder: dict) -> None:
+    """A contract value this runtime does not implement is refused, never run with the wrong semantics."""
+    from .decoder_arch import ARCHITECTURES
+    from .positions import IMAGE_ATTENTION, POSITION_SCHEMES
+
+    for field_name, supported, default in (("architecture", tuple(ARCHITECTURES), None),
+                                           ("position_scheme", POSITION_SCHEMES, "1d"),
+                                           ("image_attention", IMAGE_ATTENTION, "causal")):
+        value = decoder.get(field_name, default)
+        if value not in supported:
+            raise BundleError(f"{where}: decoder.{field_name} is {value!r}, which this edgevlm cannot run (it supports "
+                              f"{', '.join(supported)}); upgrade edgevlm or re-export the bundle")
 
 
 @dataclass
@@ -123,6 +137,8 @@ class Manifest:
                 f"{where} has bundle format version {version}; this edgevlm reads version {FORMAT_VERSION}: re-export "
                 "the bundle with this edgevlm or install the edgevlm that wrote it"
             )
+        decoder = data.get("decoder") if isinstance(data.get("decoder"), dict) else {}
+        _check_supported(where, decoder)
         try:
             return cls(
                 family=data["family"],

@@ -98,8 +98,8 @@ class ChatService:
         self.session, self.model_name = session, model_name
         self.lock = threading.Lock()
 
-    def complete(self, body: dict) -> Iterator[str]:
-        """Text pieces of the answer; `self.session.last_result` holds the whole result afterwards. Call under lock."""
+    def complete(self, body: dict) -> Iterator:
+        """Deltas of the answer, the last one carrying the whole GenerationResult. Call under lock."""
         messages, images = parse_messages(body)
         self.session.forget_sequence()  # a new request: only the caches (embeddings, prefixes) carry over
         return self.session.stream_conversation(messages, images, **sampling_options(body))
@@ -161,20 +161,20 @@ def make_handler(service: ChatService):
             completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             with service.lock:
                 try:
-                    pieces = service.complete(body)
+                    deltas = service.complete(body)
                     if body.get("stream"):
-                        self._stream(pieces, completion_id)
+                        self._stream(deltas, completion_id)
                     else:
-                        "".join(pieces)  # generate; the whole result lands in last_result
-                        self._json(200, service.response(service.session.last_result, completion_id))
+                        result = [d.result for d in deltas][-1]
+                        self._json(200, service.response(result, completion_id))
                 except EdgeVLMError as exc:
                     self._error(400, str(exc))
                 except Exception as exc:  # noqa: BLE001 (a server answers, it does not die)
                     self._error(500, f"{type(exc).__name__}: {exc}", "server_error")
 
-        def _stream(self, pieces: Iterator[str], completion_id: str) -> None:
-            # the first piece is computed before the headers go out, so bad input still gets a plain 400
-            first = next(pieces, None)
+        def _stream(self, deltas: Iterator, completion_id: str) -> None:
+            # the first delta is computed before the headers go out, so bad input still gets a plain 400
+            first = next(deltas, None)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -189,16 +189,19 @@ def make_handler(service: ChatService):
                 self.wfile.flush()
 
             event({"role": "assistant"})
+            result = None
             try:
-                if first is not None:
-                    event({"content": first})
-                    for piece in pieces:
-                        event({"content": piece})
+                delta = first
+                while delta is not None:
+                    if delta.result is not None:
+                        result = delta.result
+                    elif delta.text:
+                        event({"content": delta.text})
+                    delta = next(deltas, None)
             except Exception as exc:  # noqa: BLE001 (headers are out: report in the stream)
                 self.wfile.write(f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 return
-            result = service.session.last_result
             event({}, "stop" if result.finish_reason == "stop" else "length")
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()

@@ -127,9 +127,7 @@ def test_stock_llama_cpp_gives_our_logits_on_a_text_prompt(precision, bundles):
     theirs = np.array(llm.scores[: len(ids)])  # (positions, vocab)
     ours = LlamaCppDecoder(path, threads=1, parity=True)
     assert ours.tokenize("The circle is red and the square is") == ids
-    mine = [ours.prefill([Segment(token_ids=np.asarray(ids[:n], dtype=np.int32))]).copy() if n == 1 else
-            ours.prefill([Segment(token_ids=np.asarray(ids[n - 1 : n], dtype=np.int32))]).copy()
-            for n in range(1, len(ids) + 1)]
+    mine = [ours.prefill([Segment.tokens(ids[n : n + 1], n)]).copy() for n in range(len(ids))]
     assert np.abs(np.stack(mine) - theirs).max() <= 1e-4 * np.abs(theirs).max()
     assert list(np.argmax(theirs, axis=-1)) == list(np.argmax(np.stack(mine), axis=-1))
 

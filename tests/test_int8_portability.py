@@ -51,10 +51,15 @@ def qemu():
 
 @pytest.mark.parametrize("family", ["llava-siglip", "llava-clip", "idefics3"])
 def test_int8_encoder_gives_the_same_numbers_on_the_avx2_path(family, qemu, ckpts, bundles, tmp_path):
+    from edgevlm.export.onnx import WEIGHT_TYPES, quantize_dynamic_int8
+
     bundle = bundles[family]
     artifact = Manifest.load(bundle).find("encoder", "onnx:int8")
-    assert artifact.details["weight_type"] == "uint8"
-    graphs = [bundle / artifact.path, bundle / artifact.details["cpu_optimized"]]  # the CPU provider runs the latter
+    assert artifact.details["weight_type"] in WEIGHT_TYPES.values()
+    # the shipped graph (the CPU provider runs its ORT-optimized copy) and both portable weight forms
+    graphs = [bundle / artifact.path, bundle / artifact.details["cpu_optimized"]]
+    for weight in WEIGHT_TYPES:
+        graphs.append(quantize_dynamic_int8(bundle / "encoder" / "fp32.onnx", tmp_path / f"{weight}.onnx", weight=weight))
     pixels = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
     with torch.inference_mode():
         ref = load_checkpoint(ckpts[family]).vision(torch.from_numpy(pixels)).numpy()
@@ -63,6 +68,15 @@ def test_int8_encoder_gives_the_same_numbers_on_the_avx2_path(family, qemu, ckpt
     for ours, theirs in zip(native, avx2):
         assert np.abs(ours - theirs).max() <= 1e-6 * np.abs(ours).max()  # exact integer accumulation on both paths
         assert cosine(theirs, ref) >= 0.99
+
+
+def test_int8_method_rule_is_by_accuracy_and_deterministic():
+    from edgevlm.export.onnx import choose_int8
+
+    assert choose_int8({"dynamic": 0.999, "static_qdq": 0.9999, "dynamic_u8": 0.9999}) == "dynamic"  # fastest first
+    assert choose_int8({"dynamic": 0.993, "static_qdq": 0.996, "dynamic_u8": 0.999}) == "static_qdq"
+    assert choose_int8({"dynamic": 0.991, "static_qdq": 0.990, "dynamic_u8": 0.994}) == "dynamic_u8"  # most accurate
+    assert choose_int8({"dynamic": 0.98, "static_qdq": 0.95, "dynamic_u8": 0.985}) is None  # refused
 
 
 def test_the_emulation_reaches_the_saturating_kernel(qemu, bundles, tmp_path):

@@ -66,8 +66,8 @@ def test_stock_mlx_lm_generates_our_greedy_tokens_on_a_text_prompt(precision, ml
     ids = tokenizer.encode("The circle is red and the square is")
     stock = [r.token for r in stream_generate(model, tokenizer, prompt=ids, max_tokens=12)]
     ours, decoder = [], MlxDecoder(folder, n_ctx=512)
-    logits = decoder.prefill([Segment(token_ids=np.asarray(ids, dtype=np.int32))])
+    logits = decoder.prefill([Segment.tokens(ids, 0)])
     for _ in range(len(stock)):
         ours.append(int(np.argmax(logits)))
-        logits = decoder.prefill([Segment(token_ids=np.asarray(ours[-1:], dtype=np.int32))])
+        logits = decoder.prefill([Segment.tokens(ours[-1:], len(ids) + len(ours) - 1)])
     assert len(stock) >= 1 and ours == stock

@@ -46,15 +46,17 @@ def test_chunked_prefill_equals_one_prefill(backend, ckpts, bundles):
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 300, 40).astype(np.int32)
     embeds = rng.normal(size=(16, 64)).astype(np.float32)
-    one = [Segment(token_ids=ids[:10]), Segment(embeds=embeds), Segment(token_ids=ids[10:])]
+    pos = np.arange(56, dtype=np.int32)
+    one = [Segment(pos[:10], token_ids=ids[:10]), Segment(pos[10:26], embeds=embeds), Segment(pos[26:], token_ids=ids[10:])]
     full = session.decoder.prefill(one).copy()  # backends may return a view of their buffer
     session.decoder.truncate(0)
-    chunks = [Segment(token_ids=ids[:3]), Segment(token_ids=ids[3:10]), Segment(embeds=embeds[:5]),
-              Segment(embeds=embeds[5:]), Segment(token_ids=ids[10:25])]
+    chunks = [Segment(pos[:3], token_ids=ids[:3]), Segment(pos[3:10], token_ids=ids[3:10]),
+              Segment(pos[10:15], embeds=embeds[:5]), Segment(pos[15:26], embeds=embeds[5:]),
+              Segment(pos[26:41], token_ids=ids[10:25])]
     session.decoder.prefill(chunks)
     last = None
-    for token in ids[25:]:  # then token by token
-        last = session.decoder.prefill([Segment(token_ids=np.array([token], np.int32))])
+    for i, token in enumerate(ids[25:]):  # then token by token
+        last = session.decoder.prefill([Segment.tokens([token], 41 + i)])
     assert session.decoder.n_past == 56
     assert np.allclose(full, last, atol=1e-4, rtol=1e-4), np.abs(full - last).max()
 
@@ -102,8 +104,7 @@ def test_multi_turn_prefills_only_new_tokens(backend, ckpts, bundles, images):
     messages = [fresh.user_message("What is this?", 1),
                 {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
                 fresh.user_message("And the colour?", 0)]
-    fresh._chat_images = [image]
-    replay = fresh.generate(_messages=messages, max_tokens=6, stop_token_ids=[])
+    replay = [d.result for d in fresh.stream_conversation(messages, [image], max_tokens=6, stop_token_ids=[])][-1]
     assert replay.tokens == second.tokens
 
 
@@ -134,6 +135,9 @@ def test_prefix_cache_eviction_respects_bound(ckpts, images):
 
 def test_streaming_pieces_join_to_the_text(ckpts, images):
     session = edgevlm.load(ckpts["idefics3"])
-    pieces = list(session.stream(images["small"], QUESTION, max_tokens=10, stop_token_ids=[]))
-    assert "".join(pieces) == session.last_result.text
-    assert session.last_result.finish_reason == "length"
+    deltas = list(session.stream_conversation([session.user_message(QUESTION, 1)], [images["small"]], max_tokens=10,
+                                              stop_token_ids=[]))
+    result = deltas[-1].result
+    assert "".join(d.text for d in deltas) == result.text
+    assert result.finish_reason == "length"
+    assert "".join(session.stream(images["small"], QUESTION, max_tokens=10, stop_token_ids=[])) == result.text

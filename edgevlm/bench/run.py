@@ -87,7 +87,7 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
     reference = (encoder, decoder) == ("torch", "torch")
     label = "torch" if reference else f"{encoder} + {decoder}"
     if reference:
-        session = edgevlm.load(path, encoder="torch", decoder="torch")
+        session = edgevlm.load(path, encoder="torch", decoder="torch", threads=scenario.threads)  # same threads as ours
     else:
         session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads)
     metrics = harness.run_session(session, scenario, image, label, progress)

@@ -64,12 +64,43 @@ def sampling_kwargs(args) -> dict:
 def add_backend_arguments(parser) -> None:
     parser.add_argument("--encoder", default=None, help="encoder artifact, e.g. onnx:int8 (bundle) or torch")
     parser.add_argument("--decoder", default=None, help="decoder artifact, e.g. gguf:q4_k_m, mlx:4bit (bundle) or torch")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the runtimes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for every backend, the PyTorch reference included (default: physical cores)")
     parser.add_argument("--provider", default=None, help="force an ONNX Runtime provider (cpu, cuda, tensorrt, coreml)")
+    add_memory_arguments(parser)
+
+
+def add_memory_arguments(parser) -> None:
+    parser.add_argument("--n-ctx", type=int, default=None,
+                        help="decoder context in positions (default: the model's, at most 4096 for llama.cpp, whose KV "
+                             "cache is allocated whole at load)")
+    parser.add_argument("--embed-cache-mb", type=float, default=None, help="image-embedding cache bound (default 256)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=None, help="prefix KV-state cache bound (default 512)")
+
+
+def memory_options(args) -> dict:
+    from ..errors import BadInputError
+
+    options = {}
+    if getattr(args, "n_ctx", None) is not None:
+        if args.n_ctx < 16:
+            raise BadInputError(f"--n-ctx must be >= 16, got {args.n_ctx}")
+        options["n_ctx"] = args.n_ctx
+    for flag, key in (("embed_cache_mb", "embed_cache_bytes"), ("prefix_cache_mb", "prefix_cache_bytes")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if value < 0:
+                raise BadInputError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+            options[key] = int(value * (1 << 20))
+    return options
 
 
 def backend_options(args) -> dict:
-    options = {}
+    from ..errors import BadInputError
+
+    options = memory_options(args)
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise BadInputError(f"--threads must be >= 1, got {args.threads}")
     for name in ("threads", "provider"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)

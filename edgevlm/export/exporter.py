@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..decoder_arch import architecture_for_model_type
 from ..errors import BadInputError
 from ..manifest import DecoderSpec, EncoderSpec, Manifest
 from .bundle import BundleWriter, write_bundle
@@ -70,7 +71,7 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
         image_layout=ckpt.layout,
         encoder=EncoderSpec("pixel_values", "image_embeds", ["tiles", 3, tile_h, tile_w], ["tiles", tokens, dim], max_tiles),
         decoder=DecoderSpec(
-            architecture="llama", hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
+            architecture=architecture_for_model_type(getattr(config, "model_type", "llama")).name, hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
             n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
             intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
             context_length=ckpt.context_length, rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(rope_theta),

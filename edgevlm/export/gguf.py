@@ -13,26 +13,22 @@ from pathlib import Path
 
 import numpy as np
 
+from ..decoder_arch import architecture
 from ..errors import BadInputError, CheckpointError
 from ..manifest import Artifact
 from .bundle import BundleWriter
 
-# precision -> llama_ftype (llama.h)
-FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+# precision -> gguf-py's LlamaFileType member (= llama.h's llama_ftype, which the quantizer takes)
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q4_0": "MOSTLY_Q4_0", "q8_0": "MOSTLY_Q8_0",
+              "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 QK_K = 256  # K-quant super-block width: rows must be a multiple of it
 
-LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
+
+def file_type(precision: str) -> int:
+    import gguf
+
+    return int(getattr(gguf.LlamaFileType, FILE_TYPES[precision]))
 
 
 def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -185,10 +181,14 @@ def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f3
     import gguf
 
     spec = manifest.decoder
+    arch = architecture(spec.architecture)
     state = {k: v.detach().float().numpy() for k, v in ckpt.decoder.state_dict().items()}
-    if any(k.endswith(".bias") for k in state):
-        raise CheckpointError("the decoder has linear biases; the llama GGUF export supports bias-free Llama decoders")
-    writer = gguf.GGUFWriter(str(path), "llama")
+    n_blocks = spec.n_layers
+    names = {k: arch.gguf_tensor_name(k, n_blocks) for k in state}
+    stray = [k for k in state if k.endswith(".bias") and names[k].split(".")[-2] not in arch.bias_tensors]
+    if stray:
+        raise CheckpointError(f"the decoder has biases {stray[:3]} that the {arch.name} GGUF layout has no place for")
+    writer = gguf.GGUFWriter(str(path), arch.gguf_arch_name())
     writer.add_name(f"edgevlm {manifest.family} decoder")
     writer.add_context_length(spec.context_length)
     writer.add_embedding_length(spec.hidden_size)
@@ -205,25 +205,23 @@ def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f3
     if spec.rope_scaling:
         raise CheckpointError(f"RoPE scaling {spec.rope_scaling} is not exported to GGUF yet")
     writer.add_vocab_size(spec.vocab_size)
-    writer.add_file_type(FTYPES[dtype])
+    writer.add_file_type(file_type(dtype))
     write_vocab(writer, ckpt.tokenizer, tokenizer_dir, spec.vocab_size, manifest.tokenizer.get("chat_template"))
 
     def matrix(array: np.ndarray) -> np.ndarray:
         return array.astype(np.float16) if dtype == "f16" else array.astype(np.float32)
 
-    writer.add_tensor("token_embd.weight", matrix(state["model.embed_tokens.weight"]))
-    for i in range(spec.n_layers):
-        for hf_name, gguf_name in LAYER_TENSORS.items():
-            array = state[f"model.layers.{i}.{hf_name}"]
-            if hf_name.startswith("self_attn.q_proj"):
-                array = permute_rope(array, spec.n_heads)
-            elif hf_name.startswith("self_attn.k_proj"):
-                array = permute_rope(array, spec.n_kv_heads)
-            is_norm = gguf_name.endswith("norm.weight")
-            writer.add_tensor(f"blk.{i}.{gguf_name}", array.astype(np.float32) if is_norm else matrix(array))
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"].astype(np.float32))
-    if not spec.tie_word_embeddings:  # tied: llama.cpp falls back to token_embd
-        writer.add_tensor("output.weight", matrix(state["lm_head.weight"]))
+    for hf_name, array in state.items():
+        gguf_name = names[hf_name]
+        if gguf_name == "output.weight" and spec.tie_word_embeddings:
+            continue  # tied: llama.cpp falls back to token_embd
+        kind = gguf_name.split(".")[-2]  # attn_q, attn_k, ffn_up, attn_norm, ...
+        if arch.permute_qk and kind == "attn_q" and hf_name.endswith(".weight"):
+            array = permute_rope(array, spec.n_heads)
+        elif arch.permute_qk and kind == "attn_k" and hf_name.endswith(".weight"):
+            array = permute_rope(array, spec.n_kv_heads)
+        keep_f32 = kind.endswith("norm") or hf_name.endswith(".bias")  # norms and biases stay F32, as llama.cpp's
+        writer.add_tensor(gguf_name, array.astype(np.float32) if keep_f32 else matrix(array))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -237,11 +235,11 @@ def quantize(source: Path, path: Path, precision: str, threads: int | None = Non
 
     import llama_cpp
 
-    from ..runtimes.llamacpp_decoder import silence_llama_logs
+    from ..backends import silence_llama_logs
 
     silence_llama_logs(llama_cpp)
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[precision]
+    params.ftype = file_type(precision)
     params.nthread = threads or os.cpu_count() or 1
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params))
     if status != 0 or not path.is_file():
@@ -283,7 +281,7 @@ def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
             write_gguf(ckpt, manifest, source, tokenizer_dir, "f32")
         log(f"  quantizing to {precision} with llama.cpp")
         quantize(source, path, precision, threads)
-    details = {"ftype": FTYPES[precision], "tensor_types": tensor_types(path)}
+    details = {"ftype": file_type(precision), "tensor_types": tensor_types(path)}
     note = k_quant_fallbacks(manifest.decoder, precision)
     if note:
         details["k_quant_fallback"] = note
@@ -296,5 +294,5 @@ def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
 
 
 def check_precision(precision: str) -> None:
-    if precision not in FTYPES:
-        raise BadInputError(f"unknown GGUF precision {precision!r}; choose from {', '.join(FTYPES)}")
+    if precision not in FILE_TYPES:
+        raise BadInputError(f"unknown GGUF precision {precision!r}; choose from {', '.join(FILE_TYPES)}")

@@ -1,6 +1,6 @@
 """Decoder -> MLX (mlx-lm layout) through mlx-lm's own converter and affine quantization.
 
-The decoder is first written as a plain HF Llama folder (mlx-lm reads that), with `rope_theta` at the top level of
+The decoder is first written as a plain HF checkpoint folder of its own class (mlx-lm reads that), with `rope_theta` at the top level of
 config.json: mlx-lm ignores transformers-5's `rope_parameters` and would silently use 10000."""
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import io
 import json
 from pathlib import Path
 
-from ..errors import BackendUnavailableError
+from ..backends import require_mlx
+from ..decoder_arch import architecture
+from ..errors import CheckpointError
 from ..manifest import Artifact
 from .bundle import BundleWriter
 
@@ -17,23 +19,16 @@ from .bundle import BundleWriter
 PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "8bit": ("float16", 8), "4bit": ("float16", 4)}
 
 
-def require_mlx():
-    try:
-        import mlx.core  # noqa: F401
-        import mlx_lm  # noqa: F401
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"MLX is not available here ({exc}); on Linux `pip install 'mlx[cpu]' mlx-lm`, on Apple Silicon "
-            "`pip install mlx mlx-lm`"
-        ) from None
-
-
-def write_hf_llama(ckpt, manifest, folder: Path) -> Path:
-    """The decoder as a stock HF Llama checkpoint, with the tokenizer and chat template beside it."""
+def write_hf_decoder(ckpt, manifest, folder: Path) -> Path:
+    """The decoder as a stock HF checkpoint of its own class, with the tokenizer and chat template beside it."""
+    arch = architecture(manifest.decoder.architecture)
+    if manifest.decoder.rope_scaling:  # mlx-lm reads only top-level rope keys: refuse rather than drop it silently
+        raise CheckpointError(f"RoPE scaling {manifest.decoder.rope_scaling} is not exported to MLX yet")
     ckpt.decoder.save_pretrained(folder)
     ckpt.tokenizer.save_pretrained(folder)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
+    config["model_type"] = arch.mlx_model_type
     config["rope_theta"] = manifest.decoder.rope_theta
     config["eos_token_id"] = manifest.tokenizer["stop_token_ids"] or config.get("eos_token_id")
     config_file.write_text(json.dumps(config, indent=2))
@@ -46,10 +41,10 @@ def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
 
     scratch = writer.root / ".work"
     scratch.mkdir(exist_ok=True)
-    hf_folder = scratch / "hf-llama"
+    hf_folder = scratch / "hf-decoder"
     if not hf_folder.exists():
-        log("  writing the decoder as an HF Llama folder for mlx-lm")
-        write_hf_llama(ckpt, manifest, hf_folder)
+        log("  writing the decoder as an HF checkpoint folder for mlx-lm")
+        write_hf_decoder(ckpt, manifest, hf_folder)
     dtype, bits = PRECISIONS[precision]
     out = writer.root / "decoder" / f"mlx-{precision}"
     out.parent.mkdir(exist_ok=True)

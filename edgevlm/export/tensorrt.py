@@ -9,34 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, BadInputError
+from ..backends import gpu_identity, require_tensorrt  # noqa: F401 - require_tensorrt is re-exported for callers
+from ..errors import BadInputError
 from ..manifest import Artifact, FileEntry, Manifest, sha256_file
 
 PRECISIONS = ("fp16", "int8")
 WORKSPACE_BYTES = 2 << 30
-
-
-def require_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"TensorRT is not installed ({exc}); it needs an NVIDIA GPU: on Jetson it comes with JetPack, elsewhere "
-            "`pip install tensorrt` from NVIDIA's index"
-        ) from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("TensorRT needs a CUDA GPU and a CUDA build of torch; none is available here")
-    return trt
-
-
-def gpu_identity() -> dict:
-    """The device an engine is built for and must run on (engines do not move between GPUs or TensorRT versions)."""
-    import torch
-
-    return {"gpu": torch.cuda.get_device_name(0),
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
 
 
 def profile_shapes(spec, max_tiles: int | None, opt_tiles: int | None) -> tuple[int, int, int]:

@@ -109,19 +109,23 @@ def resample_name(value) -> str:
 
 
 def build_decoder(text_config, state_dict: dict[str, torch.Tensor]):
-    """A plain LlamaForCausalLM whose parameters are the checkpoint's own tensors (no copy)."""
-    from transformers import LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    """The text decoder as a plain transformers causal LM (the class its row in decoder_arch names) whose parameters
+    are the checkpoint's own tensors (no copy)."""
+    import transformers
 
+    from ..decoder_arch import architecture_for_model_type
+
+    arch = architecture_for_model_type(getattr(text_config, "model_type", "llama"))
+    model_class = getattr(transformers, arch.hf_class)
+    modeling = __import__(model_class.__module__, fromlist=[arch.hf_rotary_class])
     text_config = text_config.__class__.from_dict(text_config.to_dict())  # never mutate the caller's config
     tied = state_dict["lm_head.weight"].data_ptr() == state_dict["model.embed_tokens.weight"].data_ptr()
     text_config.tie_word_embeddings = tied
-    if getattr(text_config, "model_type", "llama") != "llama":
-        raise CheckpointError(f"the text decoder is {text_config.model_type!r}; edgevlm exports Llama-style decoders only")
     with torch.device("meta"):
-        decoder = LlamaForCausalLM(text_config)
+        decoder = model_class(text_config)
     decoder.load_state_dict(state_dict, assign=True, strict=True)
-    decoder.model.rotary_emb = LlamaRotaryEmbedding(config=text_config)  # a non-persistent buffer, not in the state dict
+    # a non-persistent buffer, not in the state dict
+    decoder.model.rotary_emb = getattr(modeling, arch.hf_rotary_class)(config=text_config)
     return decoder.eval()
 
 

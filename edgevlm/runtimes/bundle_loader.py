@@ -32,13 +32,12 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
     manifest.find("tokenizer").verify(bundle)
     tokenizer = AutoTokenizer.from_pretrained(bundle / manifest.tokenizer["path"])
     return RuntimeSpec(
-        family=manifest.family,
         tokenizer=tokenizer,
         chat_template=manifest.tokenizer.get("chat_template"),
         preprocess=manifest.preprocess,
         layout=manifest.image_layout,
         stop_token_ids=list(manifest.tokenizer.get("stop_token_ids", [])),
-        context_length=manifest.decoder.context_length,
+        position_scheme=manifest.decoder.position_scheme,
     )
 
 
@@ -95,12 +94,15 @@ def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=No
     encoder_name = pick(manifest, "encoder", encoder, ENCODER_PREFERENCE)
     decoder_name = pick(manifest, "decoder", decoder, DECODER_PREFERENCE)
     ckpt = source_checkpoint(manifest) if "torch" in (encoder_name, decoder_name) else None
+    if ckpt is not None and threads:
+        import torch
+
+        torch.set_num_threads(int(threads))  # the torch backends honour --threads too
     spec = runtime_spec(bundle, manifest)
-    session = Session(
+    return Session(
         spec,
         make_encoder(bundle, manifest, encoder_name, provider=provider, threads=threads, ckpt=ckpt),
         make_decoder(bundle, manifest, decoder_name, n_ctx=n_ctx, threads=threads, parity=parity, ckpt=ckpt),
+        encoder_name=encoder_name, decoder_name=decoder_name,
         **cache_options,
     )
-    session.encoder_name, session.decoder_name = encoder_name, decoder_name
-    return session

@@ -56,6 +56,13 @@ class ByteLRU:
         self.bytes += size
         return True
 
+    def pop(self, key: str) -> Any | None:
+        """Drop an entry (a state that turned out unusable); returns it, or None."""
+        value = self._items.pop(key, None)
+        if value is not None:
+            self.bytes -= nbytes_of(value)
+        return value
+
     def clear(self) -> None:
         self._items.clear()
         self.bytes = 0

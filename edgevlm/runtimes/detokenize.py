@@ -1,8 +1,10 @@
 """Incremental detokenization: text pieces as tokens arrive whose concatenation is exactly the decoded whole.
 
 Decoding each new token alone is wrong for SentencePiece vocabularies (the decoder strips the leading "▁", so words
-glue together) and for byte-fallback pieces (a character split over tokens). As HF's TextStreamer and vLLM do, decode
-a window that starts a few tokens back and emit only what the window adds beyond its own prefix."""
+glue together) and for byte-fallback pieces (a character split over tokens). Here every step decodes the whole answer
+and emits what it adds, up to the first U+FFFD: an incomplete (or, from a confused model, invalid) UTF-8 sequence is
+held back until later bytes complete it or the answer ends, so nothing emitted ever changes afterwards. Decoding the
+whole answer per token costs ~O(n) tokenizer work per step: microseconds at the lengths a device generates."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,20 +16,18 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         self.tokens: list[int] = []
-        self._prefix_offset = 0  # window start
-        self._read_offset = 0  # tokens before this are already emitted
         self.emitted = ""
 
     def add(self, token: int) -> str:
-        """The text `token` completes ("" while a character or word is still open)."""
+        """The text `token` completes ("" while a character is still open)."""
         self.tokens.append(int(token))
-        prefix = self._decode(self.tokens[self._prefix_offset : self._read_offset])
-        window = self._decode(self.tokens[self._prefix_offset :])
-        if len(window) <= len(prefix) or window.endswith(REPLACEMENT) or not window.startswith(prefix):
+        text = self._decode(self.tokens)
+        if not text.startswith(self.emitted):  # a decoder that rewrites earlier text: wait for the end
             return ""
-        piece = window[len(prefix) :]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.tokens)
-        self.emitted += piece
+        held = text.find(REPLACEMENT, len(self.emitted))
+        stable = text if held < 0 else text[:held]
+        piece = stable[len(self.emitted) :]
+        self.emitted = stable if piece else self.emitted
         return piece
 
     def finish(self) -> str:

@@ -8,51 +8,25 @@ it is slower (see flash_attention_type)."""
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..backends import physical_cores, require_llama_cpp, silence_llama_logs
 from ..errors import BackendUnavailableError, BundleError
 from .base import DecoderState, Segment
 
-GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
-FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, FLASH_ATTN_AUTO = 0, 1, -1
-DEFAULT_N_CTX = 4096
+DEFAULT_N_CTX = 4096  # unless --n-ctx says otherwise: the KV cache is allocated whole at load
 DEFAULT_N_BATCH = 512
-
-_LOG_CALLBACK = None
-
-
-def _llama():
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"llama-cpp-python is not installed ({exc}); `pip install llama-cpp-python==0.3.36` (see README)"
-        ) from None
-    return llama_cpp
-
-
-def silence_llama_logs(llama_cpp) -> None:
-    """llama.cpp logs every tensor at load; keep warnings and errors only."""
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is None:
-        def callback(level, text, user_data):
-            if level in (2, 4) and os.environ.get("EDGEVLM_LLAMA_LOG"):  # GGML_LOG_LEVEL_WARN / ERROR
-                print(text.decode(errors="replace"), end="")
-
-        _LOG_CALLBACK = llama_cpp.llama_log_callback(callback)
-        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-
 
 def flash_attention_type(llama_cpp, wanted: bool | None) -> int:
     """Flash attention pays on GPUs. llama.cpp's CPU kernel decodes at long context at half the speed of the plain
     one here (SmolVLM-256M q8_0 after 1,088 image rows: 27 vs 61 tok/s; prefill 15% faster), so a CPU-only build
     gets it off unless asked for."""
     if wanted is None:
-        return FLASH_ATTN_AUTO if llama_cpp.llama_supports_gpu_offload() else FLASH_ATTN_DISABLED
-    return FLASH_ATTN_ENABLED if wanted else FLASH_ATTN_DISABLED
+        gpu = llama_cpp.llama_supports_gpu_offload()
+        return llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if wanted else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
 class LlamaCppDecoder:
@@ -61,7 +35,7 @@ class LlamaCppDecoder:
     def __init__(self, gguf_path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  n_batch: int = DEFAULT_N_BATCH, parity: bool = False, context_length: int | None = None,
                  flash_attn: bool | None = None):
-        llama_cpp = _llama()
+        llama_cpp = require_llama_cpp()
         self._lib = llama_cpp
         silence_llama_logs(llama_cpp)
         llama_cpp.llama_backend_init()
@@ -72,7 +46,7 @@ class LlamaCppDecoder:
             raise BundleError(f"llama.cpp could not load {path}: the GGUF is corrupt or not a llama model; re-export it")
         self.n_ctx = int(n_ctx or min(context_length or DEFAULT_N_CTX, DEFAULT_N_CTX))
         self.n_batch = int(n_batch)
-        self.threads = int(threads or os.cpu_count() or 1)
+        self.threads = int(threads or physical_cores())
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx
         params.n_batch = self.n_batch
@@ -82,9 +56,9 @@ class LlamaCppDecoder:
         params.n_threads_batch = self.threads
         params.no_perf = True
         if parity:
-            params.flash_attn_type = FLASH_ATTN_DISABLED
-            params.type_k = GGML_TYPE_F32
-            params.type_v = GGML_TYPE_F32
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            params.type_k = llama_cpp.GGML_TYPE_F32
+            params.type_v = llama_cpp.GGML_TYPE_F32
         else:
             params.flash_attn_type = flash_attention_type(llama_cpp, flash_attn)
         self.parity = parity
@@ -100,17 +74,21 @@ class LlamaCppDecoder:
         self._tokens = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._embeds = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
         self.n_past = 0
+        self.next_position = 0
 
-    def _decode(self, batch, n: int, start_pos: int, want_logits: bool) -> None:
+    def _decode(self, batch, positions: np.ndarray, want_logits: bool) -> None:
+        n = len(positions)
         for i in range(n):
-            batch.pos[i] = start_pos + i
+            batch.pos[i] = int(positions[i])
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1 if (want_logits and i == n - 1) else 0
         batch.n_tokens = n
         status = self._lib.llama_decode(self.ctx, batch)
         if status != 0:
-            raise RuntimeError(f"llama_decode failed with status {status} at position {start_pos} (n={n}, n_ctx={self.n_ctx})")
+            # llama_decode: 1 = no KV slot for the batch, 2 = aborted, < 0 = error; the positions it did take stay
+            raise RuntimeError(f"llama_decode failed with status {status} at position {int(positions[0])} "
+                               f"(n={n}, n_ctx={self.n_ctx})")
 
     def prefill(self, segments: list[Segment]) -> np.ndarray:
         total = sum(len(s) for s in segments)
@@ -122,41 +100,55 @@ class LlamaCppDecoder:
                 piece = segment.slice(start, start + self.n_batch)
                 n = len(piece)
                 last = done + n == total
+                if piece.positions.ndim != 1:
+                    raise BundleError(f"this llama.cpp adapter takes 1-D positions; the bundle gives {piece.positions.shape[1]} "
+                                      "per token (a position scheme this edgevlm version cannot run on llama.cpp)")
                 if piece.token_ids is not None:
                     ids = np.ascontiguousarray(piece.token_ids, dtype=np.int32)
                     ctypes.memmove(self._tokens.token, ids.ctypes.data, ids.nbytes)
-                    self._decode(self._tokens, n, self.n_past, last)
+                    self._decode(self._tokens, piece.positions, last)
                 else:
                     rows = np.ascontiguousarray(piece.embeds, dtype=np.float32)  # (n, n_embd)
                     if rows.shape[1] != self.n_embd:
                         raise BundleError(f"image embeddings have width {rows.shape[1]} but the GGUF decoder expects "
                                           f"{self.n_embd}; the encoder and decoder come from different models")
                     ctypes.memmove(self._embeds.embd, rows.ctypes.data, rows.nbytes)
-                    self._decode(self._embeds, n, self.n_past, last)
+                    self._decode(self._embeds, piece.positions, last)
                 self.n_past += n
+                self.next_position = max(self.next_position, int(piece.positions.max()) + 1)
                 done += n
         # A view of llama.cpp's buffer, valid until the next decode: the session samples from it at once, and
         # copying 49k floats per token is measurable at ~100 tok/s. Callers that keep logits copy them.
         return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
 
-    def truncate(self, n_past: int) -> None:
+    def truncate(self, n_past: int, next_position: int | None = None) -> None:
+        """Keep the first n_past positions (1-D: positions 0..n_past-1, so llama.cpp removes p >= n_past)."""
         if n_past < self.n_past:
             if not self._lib.llama_memory_seq_rm(self.memory, 0, n_past, -1):
-                raise RuntimeError("llama.cpp could not truncate the sequence")
+                self._forget()
+                raise RuntimeError("llama.cpp could not truncate the sequence; it was cleared")
             self.n_past = n_past
+        self.next_position = n_past if next_position is None else next_position
+
+    def _forget(self) -> None:
+        self._lib.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        self.n_past = self.next_position = 0
 
     def snapshot(self) -> DecoderState:
         size = self._lib.llama_state_seq_get_size(self.ctx, 0)
         buffer = (ctypes.c_uint8 * size)()
         written = self._lib.llama_state_seq_get_data(self.ctx, buffer, size, 0)
-        return DecoderState(bytes(buffer[:written]), self.n_past, int(written))
+        # string_at copies once in C; bytes(buffer[:n]) went through a Python list of ints (~1 s per 25 MB)
+        return DecoderState(ctypes.string_at(buffer, written), self.n_past, int(written), self.next_position)
 
     def restore(self, state: DecoderState) -> None:
-        self._lib.llama_memory_seq_rm(self.memory, 0, -1, -1)
-        data = (ctypes.c_uint8 * state.nbytes).from_buffer_copy(state.payload)
-        if self._lib.llama_state_seq_set_data(self.ctx, data, state.nbytes, 0) == 0:
+        """Replace the sequence by a snapshot; if llama.cpp refuses it the sequence is left empty (n_past 0)."""
+        self._forget()
+        data = ctypes.cast(ctypes.c_char_p(state.payload), ctypes.POINTER(ctypes.c_uint8))  # read-only, no copy
+        if self._lib.llama_state_seq_set_data(self.ctx, data, state.nbytes, 0) == 0:  # bytes read; 0 = refused
+            self._forget()
             raise RuntimeError("llama.cpp refused a saved sequence state (different model or context settings)")
-        self.n_past = state.n_past
+        self.n_past, self.next_position = state.n_past, state.next_position
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """llama.cpp's own tokenizer (for checking that the GGUF vocabulary matches the HF one)."""

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.mlx import require_mlx
+from ..errors import BundleError
+from ..backends import require_mlx
 from .base import DecoderState, Segment
 
 
@@ -26,38 +27,63 @@ class MlxDecoder:
         self.cache = self._make_cache()
         self.n_ctx = int(n_ctx)
         self.n_past = 0
+        self.next_position = 0
         self.vocab_size = int(self.config["vocab_size"])
         self.device = str(mx.default_device())
+        embedding = self.model.model.embed_tokens
+        self.dtype = getattr(embedding, "scales", embedding.weight).dtype  # quantized: the dtype of its scales
 
     def prefill(self, segments: list[Segment]) -> np.ndarray:
         mx = self._mx
         logits = None
         for segment in segments:
             n = len(segment)
+            # mlx-lm's models take RoPE positions from the cache offset: a segment must continue the sequence there
+            expected = np.arange(self.n_past, self.n_past + n)
+            if segment.positions.ndim != 1 or not np.array_equal(segment.positions, expected):
+                raise BundleError("mlx-lm places tokens at its cache offset; this segment's positions do not continue "
+                                  "the sequence there (a position scheme the MLX backend cannot run)")
             if segment.token_ids is not None:
                 logits = self.model(mx.array(segment.token_ids.astype(np.int32))[None], cache=self.cache)
             else:
-                # mlx-lm uses `inputs` only for its shape when input_embeddings are given
-                embeds = mx.array(np.ascontiguousarray(segment.embeds, dtype=np.float32))[None]  # (1, n, D)
+                # mlx-lm uses `inputs` only for its shape when input_embeddings are given; rows enter in the
+                # model's own dtype, as its token embeddings do
+                embeds = mx.array(np.ascontiguousarray(segment.embeds, dtype=np.float32))[None].astype(self.dtype)
                 logits = self.model(mx.zeros((1, n), dtype=mx.int32), cache=self.cache, input_embeddings=embeds)
             self.n_past += n
+            self.next_position = self.n_past
         last = logits[0, -1].astype(mx.float32)
         mx.eval(last)
         return np.array(last)
 
-    def truncate(self, n_past: int) -> None:
-        from mlx_lm.models.cache import trim_prompt_cache
+    def truncate(self, n_past: int, next_position: int | None = None) -> None:
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
         if n_past == 0:
             self.cache = self._make_cache()
         elif n_past < self.n_past:
-            trim_prompt_cache(self.cache, self.n_past - n_past)
+            wanted = self.n_past - n_past
+            trimmed = trim_prompt_cache(self.cache, wanted) if can_trim_prompt_cache(self.cache) else 0
+            if trimmed != wanted:  # e.g. a rotating (sliding-window) cache: start over rather than lie about n_past
+                self.cache = self._make_cache()
+                self.n_past = self.next_position = 0
+                raise RuntimeError(f"mlx-lm's cache could trim {trimmed} of {wanted} positions; the sequence was cleared")
         self.n_past = min(self.n_past, n_past)
+        self.next_position = self.n_past if next_position is None else next_position
 
     def snapshot(self) -> DecoderState:
-        nbytes = sum(getattr(c, "nbytes", 0) for c in self.cache)
-        return DecoderState(copy.deepcopy(self.cache), self.n_past, int(nbytes))
+        nbytes = sum(_nbytes(c) for c in self.cache)
+        return DecoderState(copy.deepcopy(self.cache), self.n_past, int(nbytes), self.next_position)
 
     def restore(self, state: DecoderState) -> None:
         self.cache = copy.deepcopy(state.payload)
-        self.n_past = state.n_past
+        self.n_past, self.next_position = state.n_past, state.next_position
+
+
+def _nbytes(cache) -> int:
+    """Bytes of one layer's cache; counted from its arrays where the class has no nbytes (the prefix LRU is bounded
+    in bytes, so 0 would make it unbounded)."""
+    nbytes = getattr(cache, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes)
+    return sum(int(getattr(a, "nbytes", 0)) for a in getattr(cache, "state", ()) or ())

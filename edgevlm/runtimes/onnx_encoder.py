@@ -2,11 +2,11 @@
 the provider reported is the one the session really uses (onnxruntime-gpu lists CUDA even without a GPU)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..backends import physical_cores
 from ..errors import BackendUnavailableError, BadInputError
 
 PROVIDERS = {
@@ -52,7 +52,7 @@ class OnnxRuntimeEncoder:
         if providers[0] == PROVIDERS["cpu"] and optimized and (bundle / optimized).is_file():
             graph = bundle / optimized  # saved offline by the exporter for this provider
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or physical_cores()
         options.log_severity_level = 3
         # ORT's idle worker threads spin for a while after each run; llama.cpp prefills right after the encode on
         # the same cores, so spinning only steals its time

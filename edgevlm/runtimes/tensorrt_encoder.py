@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError, BundleError
-from ..export.tensorrt import gpu_identity, require_tensorrt
+from ..backends import gpu_identity, require_tensorrt
 
 
 class TensorRTEncoder:

@@ -42,6 +42,7 @@ class TorchDecoder:
         self._new_cache = lambda: DynamicCache(config=model.config)
         self.cache = self._new_cache()
         self.n_past = 0
+        self.next_position = 0
         self.n_ctx = int(n_ctx or model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
         self._embed = model.get_input_embeddings()
@@ -55,23 +56,28 @@ class TorchDecoder:
         ]
         inputs = torch.cat(parts)[None]  # (1, L, D)
         length = inputs.shape[1]
-        positions = torch.arange(self.n_past, self.n_past + length)[None]  # (1, L)
+        positions = np.concatenate([s.positions for s in segments])  # (L,) or (L, k)
+        position_ids = torch.from_numpy(positions.astype(np.int64))[None]  # (1, L)
+        if positions.ndim == 2:  # (L, k) -> (k, 1, L), transformers' multi-axis position_ids
+            position_ids = position_ids.permute(2, 0, 1)
         out = self.model(
-            inputs_embeds=inputs, position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            inputs_embeds=inputs, position_ids=position_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1
         )
         self.n_past += length
+        self.next_position = max(self.next_position, int(positions.max()) + 1)
         return out.logits[0, -1].float().numpy()
 
-    def truncate(self, n_past: int) -> None:
+    def truncate(self, n_past: int, next_position: int | None = None) -> None:
         if n_past == 0:
             self.cache = self._new_cache()
         elif n_past < self.n_past:
             self.cache.crop(n_past - self.n_past)  # transformers 5: a negative count of positions to drop
         self.n_past = min(self.n_past, n_past)
+        self.next_position = self.n_past if next_position is None else next_position
 
     def snapshot(self) -> DecoderState:
-        return DecoderState(copy.deepcopy(self.cache), self.n_past, _cache_nbytes(self.cache))
+        return DecoderState(copy.deepcopy(self.cache), self.n_past, _cache_nbytes(self.cache), self.next_position)
 
     def restore(self, state: DecoderState) -> None:
         self.cache = copy.deepcopy(state.payload)
-        self.n_past = state.n_past
+        self.n_past, self.next_position = state.n_past, state.next_position

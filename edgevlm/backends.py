@@ -1,0 +1,78 @@
+"""Backend availability and process-wide backend setup, shared by export and the runtimes (a leaf module: export
+and runtimes never import each other). Each `require_*` returns the module or raises BackendUnavailableError."""
+from __future__ import annotations
+
+import ctypes
+import os
+
+from .errors import BackendUnavailableError
+
+# ggml.h's enum ggml_log_level (llama-cpp-python does not export it)
+GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
+_LOG_CALLBACK = None
+
+
+def physical_cores() -> int:
+    """Default thread count: physical cores, as llama.cpp and ONNX Runtime choose (hyper-threads only contend)."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def require_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"llama-cpp-python is not installed ({exc}); `pip install llama-cpp-python==0.3.36` (see README)"
+        ) from None
+    return llama_cpp
+
+
+def silence_llama_logs(llama_cpp) -> None:
+    """llama.cpp logs every tensor at load; keep warnings and errors, and print them only when EDGEVLM_LLAMA_LOG is set."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        def callback(level, text, user_data):
+            if level in (GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR) and os.environ.get("EDGEVLM_LLAMA_LOG"):
+                print(text.decode(errors="replace"), end="")
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(callback)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def require_mlx():
+    try:
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"MLX is not available here ({exc}); on Linux `pip install 'mlx[cpu]' mlx-lm`, on Apple Silicon "
+            "`pip install mlx mlx-lm`"
+        ) from None
+
+
+def require_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"TensorRT is not installed ({exc}); it needs an NVIDIA GPU: on Jetson it comes with JetPack, elsewhere "
+            "`pip install tensorrt` from NVIDIA's index"
+        ) from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("TensorRT needs a CUDA GPU and a CUDA build of torch; none is available here")
+    return trt
+
+
+def gpu_identity() -> dict:
+    """The device a TensorRT engine is built for and must run on (engines do not move between GPUs)."""
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(0),
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}

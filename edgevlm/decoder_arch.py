@@ -1,0 +1,66 @@
+"""One row per decoder architecture: everything export and the runtimes need to know about a decoder type. Adding a
+decoder type (qwen2, gemma, ...) is a row here plus its tests. A leaf module: gguf-py and transformers are imported
+only by the functions that need them (export), never by the runtime."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    name: str  # the manifest's decoder.architecture
+    hf_model_types: tuple[str, ...]  # text_config.model_type values this row takes
+    hf_class: str  # transformers class of the text decoder
+    hf_rotary_class: str  # its rotary-embedding class (a non-persistent buffer rebuilt after loading)
+    gguf_arch: str  # gguf-py MODEL_ARCH member
+    permute_qk: bool  # llama.cpp's converter permutes Q/K rows (rotate-half -> interleaved RoPE)
+    bias_tensors: tuple[str, ...]  # linear biases the GGUF carries (F32); any other bias is refused
+    mlx_model_type: str  # mlx-lm model module
+    position_schemes: tuple[str, ...]  # the manifest's decoder.position_scheme values it can run
+
+    def __post_init__(self) -> None:
+        if not (self.name and self.hf_model_types and self.position_schemes):
+            raise ValueError(f"incomplete decoder architecture row {self}")
+
+    def gguf_model_arch(self):
+        import gguf
+
+        return getattr(gguf.MODEL_ARCH, self.gguf_arch)
+
+    def gguf_arch_name(self) -> str:
+        import gguf
+
+        return gguf.MODEL_ARCH_NAMES[self.gguf_model_arch()]
+
+    def gguf_tensor_name(self, hf_name: str, n_blocks: int) -> str:
+        """gguf-py's name for an HF decoder tensor (e.g. model.layers.0.self_attn.q_proj.weight -> blk.0.attn_q.weight)."""
+        import gguf
+
+        mapped = gguf.get_tensor_name_map(self.gguf_model_arch(), n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise KeyError(f"gguf-py has no {self.gguf_arch} name for {hf_name}")
+        return mapped
+
+
+ARCHITECTURES = {
+    "llama": DecoderArch(
+        name="llama", hf_model_types=("llama",), hf_class="LlamaForCausalLM", hf_rotary_class="LlamaRotaryEmbedding",
+        gguf_arch="LLAMA", permute_qk=True, bias_tensors=(), mlx_model_type="llama", position_schemes=("1d",),
+    ),
+}
+
+
+def architecture(name: str) -> DecoderArch:
+    if name not in ARCHITECTURES:
+        raise KeyError(name)
+    return ARCHITECTURES[name]
+
+
+def architecture_for_model_type(model_type: str) -> DecoderArch:
+    for row in ARCHITECTURES.values():
+        if model_type in row.hf_model_types:
+            return row
+    from .errors import CheckpointError
+
+    supported = ", ".join(t for row in ARCHITECTURES.values() for t in row.hf_model_types)
+    raise CheckpointError(f"the text decoder is {model_type!r}; this edgevlm exports decoders of type {supported}")

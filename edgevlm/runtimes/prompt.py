@@ -1,0 +1,138 @@
+"""Prompt building, pure: messages -> chat text -> token ids with image-token runs, the identity of every position
+(for KV reuse), where each image ends (prefix-cache boundaries), and every position's decoder position."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BadInputError
+from ..images import load_image
+from ..layout import ImageLayout
+from ..positions import PositionPlan, plan_positions
+from ..preprocess import PreprocessSpec, tile_grid
+
+
+@dataclass
+class RuntimeSpec:
+    """Everything the session needs besides the two backends; built from a checkpoint or a bundle manifest."""
+
+    tokenizer: Any
+    chat_template: str | None
+    preprocess: PreprocessSpec
+    layout: ImageLayout
+    stop_token_ids: list[int]
+    position_scheme: str = "1d"
+
+
+@dataclass
+class PreparedImage:
+    rgb: Image.Image
+    key: str  # content hash: decoded pixels + preprocessing + encoder artifact
+    rows: int
+    cols: int
+    n_rows_embedded: int  # tiles * tokens per tile
+
+
+@dataclass
+class Prompt:
+    ids: np.ndarray  # (N,) token ids with image tokens in place
+    keys: list  # per position: token id, or (image key, row of that image)
+    runs: list[tuple[int, int, int, int]]  # (start, stop, image index, first row) of each image-token run
+    positions: PositionPlan
+    boundaries: list[int] = field(default_factory=list)  # position right after each image's last row
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def image_key(rgb: Image.Image, preprocess: PreprocessSpec, encoder_id: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{rgb.size}".encode())
+    digest.update(rgb.tobytes())
+    digest.update(json.dumps(preprocess.to_dict(), sort_keys=True).encode())
+    digest.update(encoder_id.encode())
+    return digest.hexdigest()
+
+
+def prepare_image(spec: RuntimeSpec, source, encoder_id: str) -> PreparedImage:
+    rgb = load_image(source)
+    rows, cols = tile_grid(rgb.size[1], rgb.size[0], spec.preprocess)
+    n_rows = spec.layout.n_tiles(rows, cols) * spec.layout.tokens_per_tile
+    return PreparedImage(rgb, image_key(rgb, spec.preprocess, encoder_id), rows, cols, n_rows)
+
+
+def render(spec: RuntimeSpec, messages: list[dict]) -> str:
+    """The chat template applied to messages whose content lists {"type": "image"} and {"type": "text"} items."""
+    if not spec.chat_template:
+        return "".join(spec.layout.placeholder if item["type"] == "image" else item["text"]
+                       for message in messages for item in message["content"])
+    return spec.tokenizer.apply_chat_template(messages, chat_template=spec.chat_template, tokenize=False,
+                                              add_generation_prompt=True)
+
+
+def user_message(spec: RuntimeSpec, prompt: str, n_images: int) -> dict:
+    placeholder = spec.layout.placeholder
+    if placeholder not in prompt:
+        return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}
+    if prompt.count(placeholder) != n_images:
+        raise BadInputError(
+            f"the prompt has {prompt.count(placeholder)} {placeholder} placeholders but {n_images} images were "
+            f"given; use one {placeholder} per image, or none to put the images first"
+        )
+    content: list[dict] = []
+    pieces = prompt.split(placeholder)
+    for i, piece in enumerate(pieces):
+        if piece:
+            content.append({"type": "text", "text": piece})
+        if i < len(pieces) - 1:
+            content.append({"type": "image"})
+    return {"role": "user", "content": content}
+
+
+def tokenize(spec: RuntimeSpec, text: str, images: list[PreparedImage]) -> Prompt:
+    layout = spec.layout
+    pieces = text.split(layout.placeholder)
+    if len(pieces) - 1 != len(images):
+        raise BadInputError(f"the prompt text has {len(pieces) - 1} image placeholders but {len(images)} images were given")
+    expanded = pieces[0]
+    for image, piece in zip(images, pieces[1:]):
+        expanded += layout.expand(image.rows, image.cols) + piece
+    ids = np.asarray(spec.tokenizer(expanded, add_special_tokens=True)["input_ids"], dtype=np.int32)
+    is_image = ids == layout.image_token_id
+    keys: list = ids.tolist()
+    runs: list[tuple[int, int, int, int]] = []
+    boundaries: list[int] = []
+    rows_done = [0] * len(images)
+    image_index, pos = 0, 0
+    while pos < len(ids):
+        if not is_image[pos]:
+            pos += 1
+            continue
+        if image_index >= len(images):
+            raise BadInputError("the prompt contains more image tokens than the images given explain; "
+                                "do not type image tokens yourself")
+        stop = pos
+        while stop < len(ids) and is_image[stop]:
+            stop += 1
+        # a run never takes more rows than the current image still needs: images side by side (nothing between
+        # them) form one stretch of image tokens that belongs to several images
+        image = images[image_index]
+        stop = min(stop, pos + image.n_rows_embedded - rows_done[image_index])
+        first = rows_done[image_index]
+        for p in range(pos, stop):
+            keys[p] = (image.key, first + p - pos)
+        runs.append((pos, stop, image_index, first))
+        rows_done[image_index] += stop - pos
+        if rows_done[image_index] == image.n_rows_embedded:
+            boundaries.append(stop)
+            image_index += 1
+        pos = stop
+    if image_index != len(images):
+        raise BadInputError("image tokens in the prompt do not match the images' tile layout; do not type image "
+                            "tokens yourself")
+    return Prompt(ids, keys, runs, plan_positions(spec.position_scheme, len(ids)), boundaries)
