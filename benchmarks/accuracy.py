@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import edgevlm
-from edgevlm.evaluate import evaluate
+from edgevlm.reference.evaluate import evaluate
 from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
-from edgevlm.families.reference import cache_root, ensure_reference
+from edgevlm.reference.train import cache_root, ensure_reference
 from edgevlm.manifest import Manifest
 
 PAIRS = [("torch", "torch")] + [("onnx:fp32", d) for d in (

@@ -17,7 +17,7 @@ N_EVAL = 100
 
 
 def build_reference(console: Console) -> Path:
-    from .families.reference import DEFAULT_RECIPE, ensure_reference, reference_path
+    from .reference.train import DEFAULT_RECIPE, ensure_reference, reference_path
 
     path = reference_path(DEFAULT_RECIPE)
     if (path / "edgevlm_reference.json").is_file():
@@ -32,7 +32,7 @@ def build_reference(console: Console) -> Path:
 
 
 def show_answers(console: Console, session, title: str) -> None:
-    from . import scenes
+    from .reference import scenes
 
     table = Table(title=title)
     for column in ("image", "question", "answer", "truth", ""):
@@ -55,10 +55,10 @@ def show_answers(console: Console, session, title: str) -> None:
 def main() -> int:
     from . import load
     from .errors import BackendUnavailableError
-    from .evaluate import evaluate
+    from .reference.evaluate import evaluate
     from .backends import require_mlx
     from .export.exporter import ArtifactRequest, export_checkpoint
-    from .families.reference import cache_root
+    from .reference.train import cache_root
 
     console = Console()
     ckpt = build_reference(console)

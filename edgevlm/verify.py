@@ -12,7 +12,7 @@ PROBE_TOKENS = 16
 
 def _probe_inputs(manifest, n_tiles: int = 3, seed: int = 0) -> np.ndarray:
     """Fresh encoder inputs: real preprocessed scene tiles plus Gaussian noise tiles."""
-    from . import scenes
+    from .reference import scenes
 
     tile = scenes.scene_tiles(manifest.preprocess, 1, 4_000_000_000 + seed)
     noise = np.random.default_rng(seed).normal(size=(n_tiles - 1, *tile.shape[1:])).astype(np.float32)
@@ -32,7 +32,7 @@ def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dic
     metrics.py. Rows: status "pass", "FAIL" or "skipped" (backend not installed here)."""
     from pathlib import Path
 
-    from . import scenes
+    from .reference import scenes
     from .manifest import Manifest
     from .runtimes.bundle_loader import make_decoder, make_encoder, runtime_spec, source_checkpoint
     from .runtimes.session import Session

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from edgevlm.families.tokenizer_build import CHATML_TEMPLATE, SMOLVLM_TEMPLATE, train_bpe, wrap
+from edgevlm.reference.tokenizers import CHATML_TEMPLATE, SMOLVLM_TEMPLATE, train_bpe, wrap
 
 CORPUS = [
     "What colour is the circle? The circle is red. How many shapes are there? There are three shapes.",

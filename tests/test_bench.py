@@ -13,7 +13,7 @@ from edgevlm.errors import BadInputError
 
 METRICS = ("preprocess_ms", "encode_ms", "encode_ms_per_tile", "n_tiles", "n_image_tokens", "n_prompt_tokens",
            "prefill_ms", "prefill_tok_s", "ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "end_to_end_ms", "rss_mb",
-           "peak_rss_mb", "ttft_warm_over_cold", "n_new_tokens")
+           "peak_rss_mb", "ttft_warm_over_cold", "n_new_tokens", "snapshot_ms", "snapshot_over_ttft_cold")
 
 
 def test_roofline_arithmetic():
@@ -45,6 +45,7 @@ def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
             assert set(run["metrics"][metric]) == {"median", "min", "max"}
         assert run["metrics"]["n_tiles"] == 3 and run["metrics"]["n_image_tokens"] == 12  # 64x32 -> 1x2 tiles + global
         assert run["metrics"]["warm_prefix_cache_hits"] == 2  # the warm run skipped encoder and image prefill
+        assert 0 < run["metrics"]["snapshot_over_ttft_cold"] < 1  # each cold run saved the image prefix once
         assert run["roofline"]["ceiling_tok_s"] > 0 and 0 < run["roofline"]["fraction"]
     ours = result["runs"][1]
     assert ours["sizes"]["decoder_bytes"] > 0 and ours["sizes"]["encoder_bytes"] > 0
@@ -109,3 +110,14 @@ def test_parse_size_and_scenario_validation():
     assert parse_size("800x600") == (800, 600)
     with pytest.raises(BadInputError):
         Scenario(repeats=0)
+
+
+def test_bench_passes_memory_flags_to_every_run(bundles, capsys):
+    """--prefix-cache-mb 0 reaches the child processes: no warm run can restore an image prefix."""
+    code = main(["bench", str(bundles["llava-clip"]), "--image-size", "32x32", "--prompt-tokens", "4", "--new-tokens",
+                 "2", "--repeats", "1", "--threads", "1", "--encoder", "onnx:fp32", "--decoder", "gguf:q8_0",
+                 "--peers", "torch", "--prefix-cache-mb", "0", "--n-ctx", "256"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [run["metrics"]["warm_prefix_cache_hits"] for run in result["runs"]] == [0, 0]
+    assert result["scenario"]["prefix_cache_bytes"] == 0 and result["scenario"]["n_ctx"] == 256

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from edgevlm.cli import main
-from edgevlm.families.presets import PRESETS, SMOLVLM_SPECIAL_IDS
+from edgevlm.reference.presets import PRESETS, SMOLVLM_SPECIAL_IDS
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import edgevlm
-from edgevlm import scenes
-from edgevlm.evaluate import evaluate
-from edgevlm.families.reference import (
+from edgevlm.reference import scenes
+from edgevlm.reference.evaluate import evaluate
+from edgevlm.reference.train import (
     DEFAULT_RECIPE, TINY_RECIPE, TRAIN_THREADS, build_reference, ensure_reference, weights_sha256,
 )
 

@@ -127,8 +127,8 @@ def test_two_images_back_to_back_match_hf(ckpts, images):
 
 @pytest.mark.slow
 def test_two_images_back_to_back_on_the_reference_model(tmp_path, capsys):
-    from edgevlm import scenes
-    from edgevlm.families.reference import DEFAULT_RECIPE, ensure_reference
+    from edgevlm.reference import scenes
+    from edgevlm.reference.train import DEFAULT_RECIPE, ensure_reference
 
     reference = ensure_reference(DEFAULT_RECIPE)
     ckpt = load_checkpoint(reference)

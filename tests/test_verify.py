@@ -123,7 +123,7 @@ def test_damaged_quantized_ggufs_fail_verify_on_the_reference_model(tmp_path, ca
     """Two layers' attn_q swapped inside the quantized files, and an export that skips the Q/K permutation: FAIL;
     the correct export of the same model: pass."""
     from edgevlm.export import gguf as gguf_export
-    from edgevlm.families.reference import DEFAULT_RECIPE, ensure_reference
+    from edgevlm.reference.train import DEFAULT_RECIPE, ensure_reference
 
     reference = ensure_reference(DEFAULT_RECIPE)
     decoders = [ArtifactRequest("gguf", p) for p in ("q8_0", "q4_k_m", "q4_0")]

@@ -27,6 +27,13 @@ class Scenario:
     new_tokens: int = 64
     repeats: int = 5
     threads: int = 2
+    n_ctx: int | None = None  # --n-ctx, --embed-cache-mb, --prefix-cache-mb: as for run/chat/serve
+    embed_cache_bytes: int | None = None
+    prefix_cache_bytes: int | None = None
+
+    def session_options(self) -> dict:
+        names = ("n_ctx", "embed_cache_bytes", "prefix_cache_bytes")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def __post_init__(self) -> None:
         if min(self.image_size) < 1 or self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1 or self.threads < 1:
@@ -45,7 +52,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def bench_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    from .. import scenes
+    from ..reference import scenes
 
     return scenes.render(scenes.make_scene(7_000_000_000 + seed), size=max(size)).resize(size)
 
@@ -116,6 +123,7 @@ def run_session(session, scenario: Scenario, image: Image.Image, label: str, pro
         "n_image_tokens": t0["n_image_tokens"],
         "n_prompt_tokens": n_prefill,
         "prefill_ms": summary(prefill_ms),
+        "snapshot_ms": summary([t["snapshot_ms"] for t in cold]),  # saving the image prefix's KV state, cold runs
         "prefill_tok_s": n_prefill / (median(prefill_ms) / 1e3),
         "ttft_cold_ms": summary([t["ttft_ms"] for t in cold]),
         "ttft_warm_ms": summary([t["ttft_ms"] for t in warm]),
@@ -127,6 +135,7 @@ def run_session(session, scenario: Scenario, image: Image.Image, label: str, pro
         "peak_rss_mb": peak_rss_mb(),
     }
     metrics["ttft_warm_over_cold"] = metrics["ttft_warm_ms"]["median"] / metrics["ttft_cold_ms"]["median"]
+    metrics["snapshot_over_ttft_cold"] = metrics["snapshot_ms"]["median"] / metrics["ttft_cold_ms"]["median"]
     return metrics
 
 

@@ -87,9 +87,11 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
     reference = (encoder, decoder) == ("torch", "torch")
     label = "torch" if reference else f"{encoder} + {decoder}"
     if reference:
-        session = edgevlm.load(path, encoder="torch", decoder="torch", threads=scenario.threads)  # same threads as ours
+        session = edgevlm.load(path, encoder="torch", decoder="torch", threads=scenario.threads,  # same threads as ours
+                               **scenario.session_options())
     else:
-        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads)
+        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads,
+                               **scenario.session_options())
     metrics = harness.run_session(session, scenario, image, label, progress)
     context = metrics["n_prompt_tokens"] + scenario.new_tokens // 2
     rl = roofline_for(session, bandwidth, bundle, decoder, context, metrics["decode_tok_s"]["median"])
@@ -100,7 +102,7 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
         elif Path(trace).is_file():
             metrics["drift"] = harness.drift(session, scenario, image, trace)
     if accuracy_n:
-        from ..evaluate import evaluate
+        from ..reference.evaluate import evaluate
 
         progress(f"{label}: {accuracy_n} reference-scene questions")
         report = evaluate(session, n=accuracy_n)
@@ -224,7 +226,8 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
         "path": str(path),
         "target": target or "cpu",
         "scenario": {"image_size": list(scenario.image_size), "prompt_tokens": scenario.prompt_tokens,
-                     "new_tokens": scenario.new_tokens, "repeats": scenario.repeats, "threads": scenario.threads},
+                     "new_tokens": scenario.new_tokens, "repeats": scenario.repeats, "threads": scenario.threads,
+                     **scenario.session_options()},
         "machine": {**harness.machine(), "bandwidth_gbs": bandwidth, "versions": harness.environment_versions()},
         "runs": runs,
         "peers": peer_runs,

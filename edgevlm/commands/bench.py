@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=24)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="threads for every run, the PyTorch reference included")
     parser.add_argument("--peers", default="torch,llamacpp", help="comma list of torch, llamacpp ('' for none)")
     parser.add_argument("--llamacpp-bin", default=None, help="folder with llama.cpp binaries (llama-bench, llama-mtmd-cli)")
     parser.add_argument("--encoder-only", action="store_true", help="per-tile encode latency of every encoder only")
@@ -20,6 +20,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run every backend pair in this process (faster to start; peak RSS then accumulates)")
     parser.add_argument("-o", "--output", default=None, help="folder for bench.json, bench.md, bench.png")
+    from .common import add_memory_arguments
+
+    add_memory_arguments(parser)
 
 
 def main(args) -> int:
@@ -32,6 +35,7 @@ def main(args) -> int:
 
     from ..bench import harness, report
     from ..bench.run import encoder_only, run_bench
+    from .common import memory_options
 
     console = Console(stderr=True)
     command = "edgevlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "edgevlm bench"
@@ -43,7 +47,7 @@ def main(args) -> int:
             result = encoder_only(args.path, repeats=args.repeats, threads=args.threads, progress=progress)
         else:
             scenario = harness.Scenario(harness.parse_size(args.image_size), args.prompt_tokens, args.new_tokens,
-                                        args.repeats, args.threads)
+                                        args.repeats, args.threads, **memory_options(args))
             result = run_bench(args.path, scenario, args.encoder, args.decoder, args.peers, args.target,
                                args.llamacpp_bin, progress, isolate=not args.in_process,
                                accuracy_n=args.accuracy)

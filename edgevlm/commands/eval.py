@@ -19,8 +19,8 @@ def main(args) -> int:
 
     from .. import load
     from ..errors import BadInputError
-    from ..evaluate import evaluate
-    from ..families.reference import reference_path
+    from ..reference.evaluate import evaluate
+    from ..reference.train import reference_path
     from .common import backend_options, print_json, table
 
     if args.n < 1:

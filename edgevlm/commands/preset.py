@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from ..families.presets import PRESETS
+    from ..reference.presets import PRESETS
 
     parser.add_argument("name", choices=sorted(PRESETS), help="public model whose shapes to copy")
     parser.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
@@ -22,7 +22,7 @@ def main(args) -> int:
     from rich.console import Console
 
     from ..errors import BadInputError
-    from ..families.presets import build_preset
+    from ..reference.presets import build_preset
 
     out = Path(args.output).absolute()
     if out.exists() and not args.force:

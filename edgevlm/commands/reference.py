@@ -14,7 +14,7 @@ def main(args) -> int:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..families.reference import DEFAULT_RECIPE, ensure_reference, reference_path
+    from ..reference.train import DEFAULT_RECIPE, ensure_reference, reference_path
     from .common import print_json
 
     out = Path(args.output) if args.output else reference_path(DEFAULT_RECIPE)

@@ -138,7 +138,7 @@ def choose_int8(cosines: dict[str, float]) -> str | None:
 
 def calibration_tiles(manifest, n: int = CALIBRATION_TILES, seed: int = 3_000_000_000):
     """The int8 calibration set (ONNX static QDQ and TensorRT): reference-scene tiles, (n, 3, H, W) float32."""
-    from .. import scenes
+    from ..reference import scenes
 
     return scenes.scene_tiles(manifest.preprocess, n, seed)
 

@@ -30,7 +30,7 @@ def profile_shapes(spec, max_tiles: int | None, opt_tiles: int | None) -> tuple[
 
 def calibration_batches(manifest: Manifest, n_tiles: int = 64, batch: int = 8) -> list[np.ndarray]:
     """The same reference-scene tiles the ONNX int8 calibration uses, in batches of at most `batch` tiles."""
-    from .. import scenes
+    from ..reference import scenes
 
     if batch < 1:
         raise BadInputError(f"calibration batch must be >= 1, got {batch}")

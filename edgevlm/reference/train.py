@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import scenes
-from .tokenizer_build import REFERENCE_TEMPLATE, train_bpe, wrap
+from . import scenes
+from .tokenizers import REFERENCE_TEMPLATE, train_bpe, wrap
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|im_end|>", "<image>"]
 TRAIN_SEED_BASE = 0  # training scenes use seeds [0, 10^8); eval uses 10^9 onwards (edgevlm.evaluate)
@@ -164,7 +164,7 @@ def quick_accuracy(model, batcher: Batcher, n_images: int = 40) -> dict[str, flo
     import numpy as np
     import torch
 
-    from ..evaluate import EVAL_SEED_BASE
+    from .evaluate import EVAL_SEED_BASE
 
     hits: dict[str, list[int]] = {t: [] for t in scenes.QUESTION_TYPES}
     rows = []
@@ -383,6 +383,6 @@ def ensure_reference(recipe: Recipe = DEFAULT_RECIPE, out: Path | None = None, f
 
 
 def weights_sha256(path: Path) -> str:
-    from .base import checkpoint_sha256
+    from ..families.base import checkpoint_sha256
 
     return checkpoint_sha256(Path(path), sorted(Path(path).glob("*.safetensors")))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tokenizer_build import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
+from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def scene_tiles(spec, n: int, seed: int):
     size): calibration and probe inputs that look like what the encoder sees at run time."""
     import numpy as np
 
-    from .preprocess import preprocess
+    from ..preprocess import preprocess
 
     tiles = []
     while len(tiles) < n:

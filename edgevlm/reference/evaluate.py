@@ -5,7 +5,7 @@ from typing import Callable
 
 from . import scenes
 
-EVAL_SEED_BASE = 1_000_000_000  # disjoint from training seeds (edgevlm.families.reference.TRAIN_SEED_BASE + steps*batch)
+EVAL_SEED_BASE = 1_000_000_000  # disjoint from training seeds (edgevlm.reference.train.TRAIN_SEED_BASE + steps*batch)
 DEFAULT_N = 200
 MAX_ANSWER_TOKENS = 32
 
