@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends import gpu_identity, require_tensorrt  # noqa: F401 - require_tensorrt is re-exported for callers
+from ..backends import gpu_identity, require_tensorrt
 from ..errors import BadInputError
 from ..manifest import Artifact, FileEntry, Manifest, sha256_file
 

@@ -23,7 +23,7 @@ from .base import Decoder, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
-from .reuse import plan_reuse
+from .reuse import plan_reuse, prefix_key
 from .sampling import Sampler, SamplingConfig
 
 DEFAULT_MAX_TOKENS = 64
@@ -188,8 +188,6 @@ class Session:
         return logits
 
     def _prefix_cache_key(self, prompt: Prompt, stop: int) -> str:
-        from .reuse import prefix_key
-
         return prefix_key(self._decoder_id, prompt.keys, stop)
 
     # ---- the one generation primitive ------------------------------------------------------------------------
