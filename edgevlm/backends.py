@@ -22,6 +22,21 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
+MAX_THREADS = 1024
+
+
+def thread_count(threads: int | None) -> int:
+    """A validated thread count (default: physical cores): the C libraries take it as a 32-bit int, and a huge or
+    negative one crashed llama.cpp instead of failing."""
+    from .errors import BadInputError
+
+    if threads is None:
+        return physical_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise BadInputError(f"--threads must be 1..{MAX_THREADS}, got {threads!r}")
+    return threads
+
+
 def require_llama_cpp():
     try:
         import llama_cpp

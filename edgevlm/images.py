@@ -58,8 +58,12 @@ def load_image(source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         return _decode(io.BytesIO(source), "(image bytes)")
     path = Path(source)
-    if not path.is_file():
-        raise BadInputError(f"image not found: {path}; check the path")
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise BadInputError(f"image path {str(path)[:80]!r} cannot be opened ({type(exc).__name__}); check the path") from None
+    if not found:
+        raise BadInputError(f"image not found: {str(path)[:200]}; check the path")
     return _decode(path, str(path))
 
 

@@ -48,10 +48,17 @@ def load_session(path, encoder: str | None = None, decoder: str | None = None, n
             )
     from .families import load_checkpoint
 
+    from .backends import thread_count
+
     threads = options.pop("threads", None)
+    thread_count(threads)  # validated even though only torch uses it here
     options.pop("provider", None), options.pop("parity", None)
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))  # the PyTorch reference honours --threads too (process-wide)
-    return session_from_checkpoint(load_checkpoint(path), n_ctx=n_ctx, **options)
+    ckpt = load_checkpoint(path)
+    if n_ctx is not None and not 1 <= n_ctx <= ckpt.context_length:
+        raise BadInputError(f"--n-ctx {n_ctx} is beyond the model's context of {ckpt.context_length} positions; "
+                            "choose at most that")
+    return session_from_checkpoint(ckpt, n_ctx=n_ctx, **options)

@@ -55,6 +55,11 @@ class Artifact:
         return sum(f.bytes for f in self.files)
 
     def verify(self, root: Path) -> None:
+        inside = Path(root).resolve()
+        for relative in [self.path] + [entry.path for entry in self.files]:
+            resolved = (Path(root) / relative).resolve()
+            if resolved != inside and inside not in resolved.parents:  # a symlink may still point outside
+                raise BundleError(f"bundle {root}: {relative} (artifact {self.name}) leads outside the bundle; refused")
         for entry in self.files:
             file = root / entry.path
             if not file.is_file():
@@ -139,6 +144,9 @@ class Manifest:
             )
         decoder = data.get("decoder") if isinstance(data.get("decoder"), dict) else {}
         _check_supported(where, decoder)
+        from .manifest_check import validate
+
+        validate(data, where)  # field by field: after this, construction below cannot meet a wrong type
         try:
             return cls(
                 family=data["family"],

@@ -86,8 +86,14 @@ def sampling_options(body: dict) -> dict:
             options["top_p"] = float(body["top_p"])
         if body.get("seed") is not None:
             options["seed"] = int(body["seed"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise BadInputError(f"max_tokens, temperature, top_p and seed must be numbers ({exc})") from None
+    from .runtimes.sampling import SamplingConfig
+
+    try:
+        SamplingConfig(options.get("temperature", 0.0), 0, options.get("top_p", 1.0), 1.0, options.get("seed"))
+    except ValueError as exc:
+        raise BadInputError(f"{exc}; fix the sampling options") from None
     return options
 
 

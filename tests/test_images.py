@@ -90,3 +90,14 @@ def test_encoded_bytes_load_like_the_file(tmp_path):
     assert np.array_equal(np.asarray(load_image(data)), np.asarray(load_image(path)))
     with pytest.raises(BadInputError, match=r"image bytes.*not a valid or complete image"):
         load_image(data[: len(data) // 2])
+
+
+def test_an_impossible_path_is_a_clear_error():
+    """Found by the request-body fuzzer: a 300-character 'path' raised OSError (file name too long)."""
+    from edgevlm.errors import BadInputError
+    from edgevlm.images import load_image
+
+    with pytest.raises(BadInputError, match="cannot be opened"):
+        load_image("a" * 300)
+    with pytest.raises(BadInputError, match="image not found"):
+        load_image("x\x00y")

@@ -320,10 +320,16 @@ def test_n_ctx_and_cache_flags(bundles, tmp_path, images, capsys):
     assert main(argv + ["--n-ctx", "20"]) == 2
     err = capsys.readouterr().err
     assert "decoder context is 20" in err and "raise --n-ctx" in err
-    session = edgevlm.load(bundles["llava-clip"], decoder="gguf:q8_0", n_ctx=6000, threads=1,
+    session = edgevlm.load(bundles["llava-clip"], decoder="gguf:q8_0", n_ctx=300, threads=1,
                            embed_cache_bytes=1 << 20, prefix_cache_bytes=2 << 20)
-    assert session.decoder.n_ctx == 6000  # not capped at 4096 when asked
+    assert session.decoder.n_ctx == 300
     assert session.embed_cache.max_bytes == 1 << 20 and session.prefix_cache.max_bytes == 2 << 20
+    assert main(argv + ["--n-ctx", "6000"]) == 2  # the tiny model's context is 512
+    assert "beyond the model's context of 512" in capsys.readouterr().err
+    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+
+    big = LlamaCppDecoder(bundles["llava-clip"] / "decoder" / "q8_0.gguf", n_ctx=6000, context_length=8192, threads=1)
+    assert big.n_ctx == 6000  # not capped at 4096 when a model's context allows more
     assert main(argv + ["--embed-cache-mb", "-1"]) == 2
 
 

@@ -39,6 +39,11 @@ class Scenario:
         if min(self.image_size) < 1 or self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1 or self.threads < 1:
             raise BadInputError(f"invalid scenario {self}: sizes, tokens, repeats and threads must be positive "
                                 "(new tokens >= 2, to time decoding)")
+        limits = {"image side": (max(self.image_size), 16384), "prompt tokens": (self.prompt_tokens, 65536),
+                  "new tokens": (self.new_tokens, 65536), "repeats": (self.repeats, 1000), "threads": (self.threads, 1024)}
+        for name, (value, limit) in limits.items():
+            if value > limit:
+                raise BadInputError(f"{name} {value} is beyond what a benchmark can run (at most {limit})")
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -39,6 +39,10 @@ def main(args) -> int:
 
     console = Console(stderr=True)
     command = "edgevlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "edgevlm bench"
+    from ..errors import BadInputError
+
+    if not 0 <= args.accuracy <= 100_000:
+        raise BadInputError(f"--accuracy must be 0..100000 questions, got {args.accuracy}")
     with console.status("benchmarking") as status:
         def progress(message: str) -> None:
             status.update(message)

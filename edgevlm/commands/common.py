@@ -83,24 +83,33 @@ def memory_options(args) -> dict:
 
     options = {}
     if getattr(args, "n_ctx", None) is not None:
-        if args.n_ctx < 16:
-            raise BadInputError(f"--n-ctx must be >= 16, got {args.n_ctx}")
+        if not 16 <= args.n_ctx <= MAX_N_CTX:
+            raise BadInputError(f"--n-ctx must be 16..{MAX_N_CTX} (and at most the model's context), got {args.n_ctx}")
         options["n_ctx"] = args.n_ctx
     for flag, key in (("embed_cache_mb", "embed_cache_bytes"), ("prefix_cache_mb", "prefix_cache_bytes")):
         value = getattr(args, flag, None)
         if value is not None:
-            if value < 0:
-                raise BadInputError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+            if not 0 <= value <= 1 << 20:  # NaN fails too
+                raise BadInputError(f"--{flag.replace('_', '-')} must be 0..{1 << 20} MiB, got {value}")
             options[key] = int(value * (1 << 20))
     return options
+
+
+MAX_N_CTX = 1 << 20
+
+
+def check_threads(threads: int | None) -> None:
+    from ..backends import thread_count
+
+    if threads is not None:
+        thread_count(threads)
 
 
 def backend_options(args) -> dict:
     from ..errors import BadInputError
 
     options = memory_options(args)
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        raise BadInputError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(getattr(args, "threads", None))
     for name in ("threads", "provider"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)

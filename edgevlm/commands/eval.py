@@ -23,8 +23,8 @@ def main(args) -> int:
     from ..reference.train import reference_path
     from .common import backend_options, print_json, table
 
-    if args.n < 1:
-        raise BadInputError(f"--n must be >= 1, got {args.n}")
+    if not 1 <= args.n <= 100_000:
+        raise BadInputError(f"--n must be 1..100000, got {args.n}")
     path = args.path or reference_path()
     session = load(path, encoder=args.encoder, decoder=args.decoder, **backend_options(args))
     with Progress(transient=True, console=None) as progress:

@@ -15,6 +15,9 @@ def main(args) -> int:
     from ..verify import verify_bundle
     from .common import print_json, table
 
+    from .common import check_threads
+
+    check_threads(args.threads)
     console = Console(stderr=True)
     with console.status("verifying") as status:
         rows = verify_bundle(args.bundle, threads=args.threads, progress=lambda m: status.update(m))

@@ -30,19 +30,50 @@ class BundleWriter:
         return Artifact(name, role, fmt, precision, relpath, entries, details)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def recover_interrupted(target: Path) -> None:
+    """Clean up after exports of `target` that were killed (kill -9, OOM killer, power loss), as long as the process
+    that wrote them is gone: a `.NAME.partial-PID-*` folder is removed, and a `.NAME.old-PID` folder (the previous
+    bundle, moved aside just before the new one was renamed in) is put back when the target is missing."""
+    for leftover in sorted(target.parent.glob(f".{target.name}.*")):
+        kind, _, rest = leftover.name[len(target.name) + 2 :].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("partial", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not target.exists() and (leftover / MANIFEST).is_file():
+            leftover.rename(target)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextmanager
 def write_bundle(target: str | Path, manifest: Manifest, overwrite: bool = False) -> Iterator[BundleWriter]:
-    """Yield a writer on a temporary folder; the caller appends artifacts to ``manifest.artifacts``."""
+    """Yield a writer on a temporary folder; the caller appends artifacts to ``manifest.artifacts``. At every moment
+    the target is either absent, the previous complete bundle, or the new complete one (a kill between the two
+    renames leaves the previous one aside, which the next export of the target puts back)."""
     target = Path(target).absolute()
+    if target.parent.is_dir():
+        recover_interrupted(target)
     if target.exists() and not overwrite:
         raise BadInputError(f"{target} already exists; choose another -o or pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:
         yield BundleWriter(temp)
         shutil.rmtree(temp / ".work", ignore_errors=True)  # intermediates (fp32 graph, F32 GGUF) shared by variants
         manifest.edgevlm_version = __version__
-        (temp / MANIFEST).write_text(manifest.to_json())
+        manifest_tmp = temp / f"{MANIFEST}.tmp"
+        manifest_tmp.write_text(manifest.to_json())
+        manifest_tmp.rename(temp / MANIFEST)  # a folder with manifest.json is complete
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)

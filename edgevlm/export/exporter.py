@@ -10,7 +10,7 @@ from pathlib import Path
 from ..decoder_arch import architecture_for_model_type
 from ..errors import BadInputError
 from ..manifest import DecoderSpec, EncoderSpec, Manifest
-from .bundle import BundleWriter, write_bundle
+from .bundle import BundleWriter, recover_interrupted, write_bundle
 
 # format -> (module under edgevlm.export, precisions); the first precision is the default
 ENCODER_FORMATS = {"onnx": ("onnx", ("fp32", "fp16", "int8"))}
@@ -109,6 +109,8 @@ def export_checkpoint(
     if max_tiles < 1:
         raise BadInputError(f"--max-tiles must be >= 1, got {max_tiles}")
     output = Path(output)
+    if output.parent.is_dir():
+        recover_interrupted(output.absolute())  # leftovers of a killed export of this target
     if output.exists() and not force:
         raise BadInputError(f"{output} already exists; choose another -o or pass --force to replace it")
     log(f"loading {checkpoint}")

@@ -30,7 +30,12 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
     from transformers import AutoTokenizer
 
     manifest.find("tokenizer").verify(bundle)
-    tokenizer = AutoTokenizer.from_pretrained(bundle / manifest.tokenizer["path"])
+    folder = bundle / manifest.tokenizer["path"]
+    try:  # local files only: a mangled path must never become a hub repo id
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the tokenizer files are the problem
+        raise BundleError(f"the bundle's tokenizer in {folder} cannot be loaded ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); re-export the bundle") from None
     return RuntimeSpec(
         tokenizer=tokenizer,
         chat_template=manifest.tokenizer.get("chat_template"),
@@ -91,6 +96,9 @@ def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=No
                         **cache_options) -> Session:
     bundle = Path(path)
     manifest = Manifest.load(bundle)
+    if n_ctx is not None and not 1 <= n_ctx <= manifest.decoder.context_length:
+        raise BadInputError(f"--n-ctx {n_ctx} is beyond the model's context of {manifest.decoder.context_length} "
+                            "positions; choose at most that")
     encoder_name = pick(manifest, "encoder", encoder, ENCODER_PREFERENCE)
     decoder_name = pick(manifest, "decoder", decoder, DECODER_PREFERENCE)
     ckpt = source_checkpoint(manifest) if "torch" in (encoder_name, decoder_name) else None

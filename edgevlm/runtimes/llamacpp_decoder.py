@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends import physical_cores, require_llama_cpp, silence_llama_logs
+from ..backends import require_llama_cpp, silence_llama_logs, thread_count
 from ..errors import BackendUnavailableError, BundleError
 from .base import DecoderState, Segment
 
@@ -46,7 +46,7 @@ class LlamaCppDecoder:
             raise BundleError(f"llama.cpp could not load {path}: the GGUF is corrupt or not a llama model; re-export it")
         self.n_ctx = int(n_ctx or min(context_length or DEFAULT_N_CTX, DEFAULT_N_CTX))
         self.n_batch = int(n_batch)
-        self.threads = int(threads or physical_cores())
+        self.threads = thread_count(threads)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx
         params.n_batch = self.n_batch

@@ -22,7 +22,10 @@ class MlxDecoder:
         from mlx_lm.utils import load_model
 
         self._mx = mx
-        self.model, self.config = load_model(Path(folder))
+        try:
+            self.model, self.config = load_model(Path(folder))
+        except Exception as exc:  # noqa: BLE001 - mlx-lm's own errors for a malformed folder: the bundle's problem
+            raise BundleError(f"mlx-lm cannot load {folder} ({type(exc).__name__}: {str(exc)[:200]}); re-export it") from None
         self._make_cache = lambda: make_prompt_cache(self.model)
         self.cache = self._make_cache()
         self.n_ctx = int(n_ctx)

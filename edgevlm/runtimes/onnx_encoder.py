@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends import physical_cores
-from ..errors import BackendUnavailableError, BadInputError
+from ..backends import thread_count
+from ..errors import BackendUnavailableError, BadInputError, BundleError
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -52,12 +52,23 @@ class OnnxRuntimeEncoder:
         if providers[0] == PROVIDERS["cpu"] and optimized and (bundle / optimized).is_file():
             graph = bundle / optimized  # saved offline by the exporter for this provider
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or physical_cores()
+        options.intra_op_num_threads = thread_count(threads)
         options.log_severity_level = 3
         # ORT's idle worker threads spin for a while after each run; llama.cpp prefills right after the encode on
         # the same cores, so spinning only steals its time
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(graph), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(graph), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT's own error types: a graph it cannot load is the bundle's problem
+            raise BundleError(f"ONNX Runtime cannot load {graph.name} ({str(exc)[:200]}); re-export the bundle") from None
+        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        if encoder_spec.input_name not in names[0] or encoder_spec.output_name not in names[1]:
+            raise BundleError(f"{graph.name} has inputs {names[0]} and outputs {names[1]}, but the manifest names "
+                              f"{encoder_spec.input_name!r} and {encoder_spec.output_name!r}; re-export the bundle")
+        graph_shape = next(i.shape for i in self.session.get_inputs() if i.name == encoder_spec.input_name)[1:]
+        if [d for d in graph_shape if isinstance(d, int)] != list(encoder_spec.input_shape[1:]):
+            raise BundleError(f"{graph.name} takes tiles of {graph_shape} but the manifest says "
+                              f"{encoder_spec.input_shape[1:]}; re-export the bundle")
         self.provider = self.session.get_providers()[0]
         if provider and self.provider != providers[0]:
             raise BackendUnavailableError(

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import BadInputError
+from ..errors import BadInputError, BundleError
 from ..images import load_image
 from ..layout import ImageLayout
 from ..positions import PositionPlan, plan_positions
@@ -71,8 +71,14 @@ def render(spec: RuntimeSpec, messages: list[dict]) -> str:
     if not spec.chat_template:
         return "".join(spec.layout.placeholder if item["type"] == "image" else item["text"]
                        for message in messages for item in message["content"])
-    return spec.tokenizer.apply_chat_template(messages, chat_template=spec.chat_template, tokenize=False,
-                                              add_generation_prompt=True)
+    import jinja2
+
+    try:
+        return spec.tokenizer.apply_chat_template(messages, chat_template=spec.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+    except jinja2.TemplateError as exc:  # a template edited by hand: the bundle's problem, said in one line
+        raise BundleError(f"the chat template cannot be rendered ({type(exc).__name__}: {exc}); fix "
+                          "tokenizer.chat_template in manifest.json or re-export the bundle") from None
 
 
 def user_message(spec: RuntimeSpec, prompt: str, n_images: int) -> dict:
