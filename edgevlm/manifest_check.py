@@ -81,7 +81,8 @@ def relative_path(v) -> str | None:
     if not isinstance(v, str) or not v or len(v) > 1024 or "\\" in v or "\x00" in v or ":" in v:
         return expected
     path = PurePosixPath(v)
-    return None if not path.is_absolute() and ".." not in path.parts else expected
+    too_long = any(len(part.encode()) > 255 for part in path.parts)  # the file system's name limit
+    return None if not path.is_absolute() and ".." not in path.parts and not too_long else expected
 
 
 def free_form(v) -> str | None:
@@ -119,11 +120,12 @@ def validate(data: Any, where: str) -> None:
         "image_layout": (free_form, True), "encoder": (free_form, True), "decoder": (free_form, True),
         "tokenizer": (free_form, True), "artifacts": (list_of(free_form), True),
     })
+    size = integer(1, 1 << 24)  # generous for any real model, and inside the 32-bit ints the C libraries take
     decoder = _section(where, "decoder", data["decoder"], {
-        "architecture": (string(tuple(ARCHITECTURES)), True), "hidden_size": (integer(1), True),
-        "n_layers": (integer(1), True), "n_heads": (integer(1), True), "n_kv_heads": (integer(1), True),
-        "head_dim": (integer(1), True), "intermediate_size": (integer(1), True), "vocab_size": (integer(1), True),
-        "context_length": (integer(1), True), "rms_norm_eps": (number(positive=True), True),
+        "architecture": (string(tuple(ARCHITECTURES)), True), "hidden_size": (size, True),
+        "n_layers": (size, True), "n_heads": (size, True), "n_kv_heads": (size, True),
+        "head_dim": (size, True), "intermediate_size": (size, True), "vocab_size": (size, True),
+        "context_length": (size, True), "rms_norm_eps": (number(positive=True), True),
         "rope_theta": (number(positive=True), True), "rope_scaling": (optional(free_form), False),
         "tie_word_embeddings": (boolean, False), "position_scheme": (string(POSITION_SCHEMES), False),
         "image_attention": (string(IMAGE_ATTENTION), False),
@@ -133,20 +135,21 @@ def validate(data: Any, where: str) -> None:
     _section(where, "encoder", data["encoder"], {
         "input_name": (string(max_len=256), True), "output_name": (string(max_len=256), True),
         "input_shape": (shape("tiles", 3), True), "output_shape": (shape("tiles", 2), True),
-        "max_tiles": (integer(1), True), "dtype": (string(("float32",)), False),
+        "max_tiles": (integer(1, 1 << 16), True), "dtype": (string(("float32",)), False),
     })
     _section(where, "image_layout", data["image_layout"], {
         "kind": (string(LAYOUT_KINDS), True), "placeholder": (string(max_len=256), True),
         "image_token": (string(max_len=256), True), "image_token_id": (token_id, True),
-        "tokens_per_tile": (integer(1), True), "fake_token": (optional(string(max_len=256)), False),
+        "tokens_per_tile": (integer(1, 1 << 20), True), "fake_token": (optional(string(max_len=256)), False),
         "global_token": (optional(string(max_len=256)), False), "row_col_format": (optional(string(max_len=256)), False),
     })
+    pixels = integer(1, 16384)  # image sides in pixels
     _section(where, "preprocess", data["preprocess"], {
-        "resize_rule": (string(RESIZE_RULES), True), "tile_size": (list_of(integer(1), 2), True),
+        "resize_rule": (string(RESIZE_RULES), True), "tile_size": (list_of(pixels, 2), True),
         "resample": (string(tuple(RESAMPLE)), False), "rescale_factor": (number(positive=True), False),
         "image_mean": (list_of(number(), 3), False), "image_std": (list_of(number(positive=True), 3), False),
-        "shortest_edge": (optional(integer(1)), False), "longest_edge": (optional(integer(1)), False),
-        "image_splitting": (boolean, False), "max_tiles": (integer(1), False),
+        "shortest_edge": (optional(pixels), False), "longest_edge": (optional(pixels), False),
+        "image_splitting": (boolean, False), "max_tiles": (integer(1, 1 << 16), False),
     })
     _section(where, "tokenizer", data["tokenizer"], {
         "path": (relative_path, True), "chat_template": (optional(text), False),
@@ -161,6 +164,11 @@ def validate(data: Any, where: str) -> None:
             "format": (string(tuple(f for f, _ in ARTIFACT_FORMATS.values())), True), "precision": (string(max_len=64), True),
             "path": (relative_path, True), "files": (list_of(free_form, min_length=1), True), "details": (free_form, False),
         })
+        optimized = artifact.get("details", {}).get("cpu_optimized")  # the one detail a runtime opens
+        if optimized is not None and (relative_path(optimized) is not None
+                                      or optimized not in [f.get("path") for f in artifact["files"]]):
+            raise BundleError(f"{where}: {label}.details.cpu_optimized is {_show(optimized)}; expected the path of one "
+                              "of the artifact's files")
         kind = artifact["name"].split(":")[0]
         expected_format, expected_role = ARTIFACT_FORMATS.get(kind, (None, None))
         if (artifact["format"], artifact["role"]) != (expected_format, expected_role):

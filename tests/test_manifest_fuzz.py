@@ -2,7 +2,6 @@
 or ends in edgevlm's own error naming the field; never a traceback, never a file outside the bundle."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -13,34 +12,9 @@ import pytest
 import edgevlm
 from edgevlm.errors import BundleError, EdgeVLMError
 from edgevlm.manifest import Manifest, sha256_file
+from fuzzers import DELETE, leaves, mutate
 
 MUTATIONS = [None, -1, 0, 10**12, "", [], {}, 3.5, True, "../x", "/etc/passwd", "a" * 300, "tiles", "{% bad"]
-DELETE = object()
-
-
-def leaves(value, path=()):
-    """Every field path of the JSON, containers included."""
-    yield path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from leaves(item, path + (key,))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from leaves(item, path + (index,))
-
-
-def mutate(data, path, new):
-    data = copy.deepcopy(data)
-    parent = data
-    for key in path[:-1]:
-        parent = parent[key]
-    if new is DELETE:
-        del parent[path[-1]]
-    else:
-        parent[path[-1]] = new
-    return data
-
-
 @pytest.fixture(scope="module")
 def fuzz_bundle(bundles, tmp_path_factory):
     return shutil.copytree(bundles["llava-clip"], tmp_path_factory.mktemp("fuzz") / "bundle")
@@ -117,6 +91,10 @@ def test_wrong_types_are_named_with_field_and_value(bundles, images, tmp_path):
         (("tokenizer", "path"), "elsewhere", "tokenizer.path 'elsewhere' is not the tokenizer artifact's path", False),
         (("artifacts", 1, "format"), "mlx", "has format 'mlx' and role 'encoder'", False),
         (("encoder", "input_shape"), ["tiles", 3, 10**12, 32], "encoder.input_shape is", False),
+        # found by benchmarks/fuzz.py at 10,000 cases: a huge resize, a detail used as a path, a name too long
+        (("preprocess", "shortest_edge"), 10**12, "preprocess.shortest_edge is 1000000000000", False),
+        (("artifacts", 1, "details", "cpu_optimized"), 3.5, "details.cpu_optimized is 3.5", False),
+        (("artifacts", 1, "path"), "a" * 300, "expected a relative path inside the bundle", False),
         (("encoder", "output_name"), "logits", "but the manifest names 'pixel_values' and 'logits'", True),
         (("tokenizer", "chat_template"), "{% bad", "the chat template cannot be rendered", True),
     ]:
