@@ -136,11 +136,11 @@ def choose_int8(cosines: dict[str, float]) -> str | None:
     return best if cosines[best] >= INT8_MIN_COSINE else None
 
 
-def calibration_tiles(manifest, n: int = CALIBRATION_TILES, seed: int = 3_000_000_000):
+def calibration_tiles(manifest, n: int = CALIBRATION_TILES, seed: int | None = None):
     """The int8 calibration set (ONNX static QDQ and TensorRT): reference-scene tiles, (n, 3, H, W) float32."""
     from ..reference import scenes
 
-    return scenes.scene_tiles(manifest.preprocess, n, seed)
+    return scenes.scene_tiles(manifest.preprocess, n, scenes.CALIBRATION_SEED if seed is None else seed)
 
 
 def run_per_tile(session, inputs) -> tuple:

@@ -34,7 +34,7 @@ def calibration_batches(manifest: Manifest, n_tiles: int = 64, batch: int = 8) -
 
     if batch < 1:
         raise BadInputError(f"calibration batch must be >= 1, got {batch}")
-    stacked = scenes.scene_tiles(manifest.preprocess, n_tiles, 3_000_000_000)
+    stacked = scenes.scene_tiles(manifest.preprocess, n_tiles, scenes.CALIBRATION_SEED)
     return [stacked[i : i + batch] for i in range(0, n_tiles, batch)]
 
 

@@ -92,6 +92,9 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BOX)
 
 
+CALIBRATION_SEED = 3_000_000_000  # int8 calibration tiles (ONNX static QDQ and TensorRT): one set for both
+
+
 def scene_tiles(spec, n: int, seed: int):
     """n preprocessed encoder tiles (n, 3, H, W) float32 from the scenes seed, seed + 1, ... (rendered at the tile
     size): calibration and probe inputs that look like what the encoder sees at run time."""
