@@ -47,6 +47,19 @@ def require_llama_cpp():
     return llama_cpp
 
 
+def require_mtmd():
+    """llama.cpp's multimodal library (libmtmd) through llama-cpp-python; absent from wheels built with
+    -DLLAVA_BUILD=OFF, where loading llama_cpp.mtmd_cpp fails to find the shared library."""
+    require_llama_cpp()
+    try:
+        from llama_cpp import mtmd_cpp
+    except (ImportError, OSError, FileNotFoundError) as exc:
+        raise BackendUnavailableError(
+            f"llama-cpp-python was built without libmtmd ({str(exc)[:120]}); rebuild it with -DLLAVA_BUILD=ON "
+            "(scripts/setup-venv.sh does)") from None
+    return mtmd_cpp
+
+
 def silence_llama_logs(llama_cpp) -> None:
     """llama.cpp logs every tensor at load; keep warnings and errors, and print them only when EDGEVLM_LLAMA_LOG is set."""
     global _LOG_CALLBACK
@@ -57,6 +70,13 @@ def silence_llama_logs(llama_cpp) -> None:
 
         _LOG_CALLBACK = llama_cpp.llama_log_callback(callback)
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def silence_mtmd_logs(llama_cpp, mtmd_cpp) -> None:
+    """clip.cpp and mtmd log through their own hooks (every key and tensor at load): same rule as llama.cpp's."""
+    silence_llama_logs(llama_cpp)
+    mtmd_cpp.mtmd_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 def require_mlx():

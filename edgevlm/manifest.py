@@ -16,6 +16,7 @@ FORMAT = "edgevlm-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ROLES = ("encoder", "decoder", "tokenizer", "engine")
+MMPROJ_FORMAT = "gguf-mmproj"  # llama.cpp's vision half, for llama-mtmd-cli / llama-server / Ollama
 
 
 def sha256_file(path: Path) -> str:
@@ -184,5 +185,6 @@ class Manifest:
             raise BundleError(f"the bundle has no {role} artifact {wanted!r} (it has: {have}); export it with `edgevlm export`")
         return matches[0]
 
-    def names(self, role: str) -> list[str]:
-        return [a.name for a in self.artifacts if a.role == role]
+    def names(self, role: str, runnable: bool = False) -> list[str]:
+        """runnable: only what edgevlm's own runtime runs (an mmproj is for llama.cpp's mtmd, see runtimes/mtmd.py)."""
+        return [a.name for a in self.artifacts if a.role == role and not (runnable and a.format == MMPROJ_FORMAT)]

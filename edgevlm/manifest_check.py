@@ -15,7 +15,8 @@ from .errors import BundleError
 Check = Callable[[Any], str | None]  # returns what was expected, or None when the value is fine
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 ARTIFACT_FORMATS = {"onnx": ("onnx", "encoder"), "gguf": ("gguf", "decoder"), "mlx": ("mlx", "decoder"),
-                    "tensorrt": ("tensorrt", "engine"), "tokenizer": ("hf-tokenizer", "tokenizer")}
+                    "tensorrt": ("tensorrt", "engine"), "tokenizer": ("hf-tokenizer", "tokenizer"),
+                    "mmproj": ("gguf-mmproj", "encoder")}
 
 
 def _show(value: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import BackendUnavailableError, EdgeVLMError
-from .metrics import DECODER_GATES, DECODER_NMSE, ENCODER_GATES, cosine, max_rel_err, nmse, top1_agreement  # noqa: F401
+from .metrics import DECODER_GATES, DECODER_NMSE, ENCODER_GATES, MMPROJ_GATES, cosine, max_rel_err, nmse, top1_agreement  # noqa: F401
 
 PROBE_SCENES = 3  # fixed probe set for decoders: scenes x one question, teacher-forced on the reference's tokens
 PROBE_TOKENS = 16
@@ -25,6 +25,46 @@ def _failure(name: str, role: str, exc: Exception) -> dict:
         return {"artifact": name, "role": role, "status": "skipped", "note": str(exc)}
     note = str(exc) if isinstance(exc, EdgeVLMError) else f"{type(exc).__name__}: {exc}"
     return {"artifact": name, "role": role, "status": "FAIL", "note": note}
+
+
+def verify_mmproj(bundle, manifest, name: str, ckpt, threads: int | None) -> dict:
+    """An mmproj artifact run by libmtmd itself (with the bundle's GGUF decoder, which mtmd needs to load it) on a
+    probe scene of a size whose tiles mtmd cuts exactly as edgevlm's preprocessing does, tile by tile against the
+    PyTorch encoder; the worst tile is judged."""
+    import torch
+
+    from .preprocess import preprocess
+    from .reference import scenes
+    from .runtimes.mtmd import MtmdPipeline
+
+    artifact = manifest.find("encoder", name)
+    artifact.verify(bundle)
+    ggufs = [n for n in manifest.names("decoder") if n.startswith("gguf:")]
+    if not ggufs:
+        return {"artifact": name, "role": "encoder", "status": "skipped",
+                "note": "libmtmd loads an mmproj only beside a GGUF decoder; export one with --decoder gguf:..."}
+    spec = manifest.preprocess
+    side = spec.longest_edge if manifest.image_layout.kind == "idefics3" and spec.longest_edge else spec.tile_size[0]
+    image = scenes.render(scenes.make_scene(4_000_000_000), size=side)
+    with torch.inference_mode():
+        reference = ckpt.vision(torch.from_numpy(preprocess(image, spec).pixel_values)).numpy()  # (tiles, T, D)
+    pipeline = MtmdPipeline(bundle / manifest.find("decoder", ggufs[0]).path, bundle / artifact.path, n_ctx=512,
+                            threads=threads, parity=True)
+    try:
+        tokenized = pipeline.tokenize(f"{pipeline.marker}\n", [np.asarray(image)])
+        tiles, _ = pipeline.encode(tokenized)
+        pipeline.free(tokenized)
+    finally:
+        pipeline.close()
+    gate = MMPROJ_GATES[artifact.precision]
+    if len(tiles) != len(reference) or any(t.shape != r.shape for t, r in zip(tiles, reference)):
+        return {"artifact": name, "role": "encoder", "status": "FAIL", "criterion": gate.criterion,
+                "note": f"libmtmd made {len(tiles)} tiles of {tiles[0].shape if tiles else '-'} where edgevlm makes "
+                        f"{len(reference)} of {reference.shape[1:]}"}
+    worst = min(range(len(tiles)), key=lambda i: cosine(tiles[i], reference[i]))
+    values = {"max_rel_err": max_rel_err(tiles[worst], reference[worst]), "cosine": cosine(tiles[worst], reference[worst])}
+    return {"artifact": name, "role": "encoder", **values, "criterion": f"{gate.criterion} (worst of {len(tiles)} tiles)",
+            "status": "pass" if gate.passes(values) else "FAIL"}
 
 
 def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dict]:
@@ -54,7 +94,13 @@ def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dic
 
     with torch.inference_mode():
         ref = ckpt.vision(torch.from_numpy(pixels)).numpy()
-    for name in manifest.names("encoder") + manifest.names("engine"):
+    for name in [n for n in manifest.names("encoder") if n not in manifest.names("encoder", runnable=True)]:
+        log(f"encoder {name} (through llama.cpp's libmtmd)")
+        try:
+            rows.append(verify_mmproj(bundle, manifest, name, ckpt, threads))
+        except Exception as exc:
+            rows.append(_failure(name, "encoder", exc))
+    for name in manifest.names("encoder", runnable=True) + manifest.names("engine"):
         log(f"encoder {name}")
         try:
             ours = make_encoder(bundle, manifest, name, threads=threads).encode(pixels)

@@ -36,16 +36,16 @@ ggml_isa_args() {
   echo "${args[*]}"
 }
 if [ -z "${CMAKE_ARGS:-}" ] && [ "$(uname -m)" = x86_64 ]; then
-  LLAMA_CMAKE_ARGS="-DLLAVA_BUILD=OFF $(ggml_isa_args)"
+  LLAMA_CMAKE_ARGS="-DLLAVA_BUILD=ON $(ggml_isa_args)"
 else
-  LLAMA_CMAKE_ARGS=${CMAKE_ARGS:--DLLAVA_BUILD=OFF}
+  LLAMA_CMAKE_ARGS=${CMAKE_ARGS:--DLLAVA_BUILD=ON}
 fi
 WHEEL_KEY=$(printf '%s|%s|%s|%s' "$LLAMA_CPP_VERSION" "$LLAMA_CMAKE_ARGS" "$CPU_FLAGS" "$(uname -m)" | sha256sum | cut -c1-16)
 WHEEL_DIR="$WHEELHOUSE/llama-cpp-python-$LLAMA_CPP_VERSION-$WHEEL_KEY"
 mkdir -p "$WHEEL_DIR"
 if ! ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $LLAMA_CPP_VERSION from source once (about 9 minutes on 2 cores); cached in $WHEEL_DIR"
-  # libmtmd (llama.cpp's own multimodal lib) is not used: edgevlm feeds its own image embeddings.
+  # With libmtmd (llama.cpp's own multimodal library): the mmproj tests and the in-process mtmd bench peer use it.
   # Built into a temporary folder and moved in whole, so an interrupted build leaves no half wheel behind.
   TMP_WHEELS=$(mktemp -d "$WHEELHOUSE/.build-XXXXXX")
   CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} CMAKE_ARGS="$LLAMA_CMAKE_ARGS" \
@@ -60,7 +60,7 @@ if [ "$(cat "$VENV/.llama-cpp-wheel-key" 2>/dev/null)" != "$WHEEL_KEY" ]; then
 fi
 quiet "${PIP[@]}" install --find-links "$WHEEL_DIR" -e ".[all]"
 "$VENV/bin/python" - <<'PY'
-import torch, llama_cpp, onnxruntime, gguf, mlx.core, mlx_lm  # fail here, not in the middle of a test run
+import torch, llama_cpp, llama_cpp.mtmd_cpp, onnxruntime, gguf, mlx.core, mlx_lm  # fail here, not mid-test-run
 assert "+cpu" in torch.__version__ or not torch.cuda.is_available(), torch.__version__
 print(f"edgevlm venv ready: torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, onnxruntime {onnxruntime.__version__}")
 PY

@@ -41,8 +41,14 @@ LLAVA15_TEMPLATE = (
 )
 
 
-def _tokenizer(specials, template):
-    return wrap(train_bpe(CORPUS, 400, specials), bos="<|endoftext|>", eos="<|im_end|>", chat_template=template)
+# SmolVLM's real vocabulary has "\n\n" as one token, and llama.cpp's mtmd inserts it by that piece between the tiles
+# and the global view: the tiny Idefics3 tokenizer learns it too.
+PARAGRAPHS = ["Rows of shapes.\n\nThe next row.\n\n\n\nEnd.\n"] * 40
+
+
+def _tokenizer(specials, template, extra_corpus: tuple[str, ...] | list[str] = ()):
+    return wrap(train_bpe(CORPUS + list(extra_corpus), 400, specials), bos="<|endoftext|>", eos="<|im_end|>",
+                chat_template=template)
 
 
 def sentencepiece_tokenizer(folder: Path):
@@ -119,7 +125,7 @@ def build_idefics3(out: Path, seed: int = 0, splitting: bool = True) -> Path:
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(IDEFICS3_SPECIALS, SMOLVLM_TEMPLATE)
+    tokenizer = _tokenizer(IDEFICS3_SPECIALS, SMOLVLM_TEMPLATE, PARAGRAPHS)
     vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=32, patch_size=8)
     config = Idefics3Config(vision_config=vision, text_config=text_config(len(tokenizer)), scale_factor=2,

@@ -16,8 +16,8 @@ import builders  # noqa: E402
 
 # What `.[all]` installs. Under CI=true a backend that cannot be imported fails the run at once (instead of turning
 # its tests into skips), and any skipped test not marked `gpu` fails it at the end.
-CI_BACKENDS = ("torch", "transformers", "onnxruntime", "onnx", "llama_cpp", "gguf", "mlx.core", "mlx_lm", "matplotlib",
-               "psutil")
+CI_BACKENDS = ("torch", "transformers", "onnxruntime", "onnx", "llama_cpp", "llama_cpp.mtmd_cpp", "gguf", "mlx.core",
+               "mlx_lm", "matplotlib", "psutil")
 
 
 def in_ci() -> bool:

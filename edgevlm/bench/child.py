@@ -19,8 +19,16 @@ def main() -> int:
         print(CHILD_PROGRESS + message, file=sys.stderr, flush=True)
 
     try:
-        record = measure(request["path"], request["encoder"], request["decoder"], Scenario(**values),
-                         request["bandwidth"], progress, request.get("trace"), request.get("accuracy_n", 0))
+        if request.get("peer") == "mtmd":  # llama.cpp's own multimodal path, alone in this process
+            from pathlib import Path
+
+            from .harness import mtmd_peer
+
+            record = mtmd_peer(Path(request["path"]), request["decoder"], request["mmproj"], request["texts"],
+                               request["placeholder"], Scenario(**values), progress)
+        else:
+            record = measure(request["path"], request["encoder"], request["decoder"], Scenario(**values),
+                             request["bandwidth"], progress, request.get("trace"), request.get("accuracy_n", 0))
     except EdgeVLMError as error:  # a clear error stays a clear error in the parent
         print(json.dumps({"error": str(error), "type": type(error).__name__}))
         return 0

@@ -213,6 +213,87 @@ def llamacpp_python_peer(gguf: Path, scenario: Scenario, progress) -> dict:
     return {"decode_tok_s": summary(rates), "ttft_text_only_ms": summary(ttfts), "n_new_tokens": scenario.new_tokens}
 
 
+def mtmd_prompts(bundle: Path, scenario: Scenario) -> tuple[list[str], str]:
+    """The bench's two questions rendered by the bundle's chat template, with mtmd's media marker where edgevlm puts
+    the image (rendered here, so that the peer's own process never imports transformers)."""
+    from ..manifest import Manifest
+    from ..runtimes.bundle_loader import runtime_spec
+    from ..runtimes.prompt import render, user_message
+
+    manifest = Manifest.load(bundle)
+    spec = runtime_spec(bundle, manifest)
+    texts = []
+    for variant in (0, 1):
+        question = prompt_of(spec.tokenizer, scenario.prompt_tokens, variant)
+        texts.append(render(spec, [user_message(spec, question, 1)]))
+    return texts, spec.layout.placeholder
+
+
+def mtmd_peer(bundle: Path, decoder: str, mmproj: str, texts: list[str], placeholder: str, scenario: Scenario,
+              progress: Callable[[str], None]) -> dict:
+    """llama.cpp's own multimodal path in this process (edgevlm.runtimes.mtmd: what llama-mtmd-cli and llama-server
+    run) on the bundle's decoder GGUF and mmproj, same image, questions and threads as edgevlm's runs. Cold: an
+    empty KV cache; warm: the same image with the other question, the prefix reused as llama-server's prompt cache
+    does (mtmd still tokenizes and preprocesses the image, as the server does per request)."""
+    from ..manifest import Manifest
+    from ..runtimes.mtmd import MtmdPipeline
+
+    manifest = Manifest.load(bundle)
+    gguf, projector = manifest.find("decoder", decoder), manifest.find("encoder", mmproj)
+    gguf.verify(bundle)
+    projector.verify(bundle)
+    pipeline = MtmdPipeline(bundle / gguf.path, bundle / projector.path, n_ctx=scenario.n_ctx or 4096,
+                            threads=scenario.threads)
+    rgb = np.asarray(bench_image(scenario.image_size))  # (H, W, 3) uint8, decoded once like edgevlm's runs
+    prompts = [text.replace(placeholder, pipeline.marker) for text in texts]
+
+    def ask(text: str, reuse: bool) -> dict:
+        start = time.perf_counter()
+        tokenized = pipeline.tokenize(text, [rgb])
+        tokenized_at = time.perf_counter()
+        done = pipeline.prefill(tokenized, reuse=reuse)
+        tokens, stamps = pipeline.generate(scenario.new_tokens)
+        steps = np.diff(stamps) * 1e3
+        result = {"tokenize_ms": (tokenized_at - start) * 1e3, "ttft_ms": (stamps[0] - start) * 1e3,
+                  "decode_tok_s": 1e3 / median(list(steps)) if len(steps) else 0.0, "n_new_tokens": len(tokens),
+                  "n_tiles": sum(c.kind == "image" for c in tokenized.chunks),
+                  "n_image_tokens": sum(c.n_tokens for c in tokenized.chunks if c.kind == "image"),
+                  "n_prompt_tokens": tokenized.n_pos, **done}
+        pipeline.free(tokenized)
+        return result
+
+    progress(f"llama.cpp mtmd peer ({mmproj} + {decoder}): warm-up")
+    pipeline.clear()
+    ask(prompts[0], reuse=False)
+    cold, warm = [], []
+    for i in range(scenario.repeats):
+        progress(f"llama.cpp mtmd peer: repeat {i + 1}/{scenario.repeats}")
+        pipeline.clear()
+        cold.append(ask(prompts[0], reuse=False))
+        warm.append(ask(prompts[1], reuse=True))  # same image, new question
+    pipeline.close()
+    first = cold[0]
+    return {
+        "tokenize_ms": summary([c["tokenize_ms"] for c in cold]),  # mtmd's tokenizer + image preprocessing
+        "encode_ms_per_tile": summary([sum(c["encode_ms"]) / max(c["encoded_tiles"], 1) for c in cold]),
+        "n_tiles": first["n_tiles"], "n_image_tokens": first["n_image_tokens"],
+        "n_prompt_tokens": first["n_prompt_tokens"],
+        "prefill_decode_ms": summary([c["decode_ms"] for c in cold]),
+        "ttft_cold_ms": summary([c["ttft_ms"] for c in cold]),
+        "ttft_warm_ms": summary([w["ttft_ms"] for w in warm]),
+        "warm_reused_positions": first_or_nan([w["reused_positions"] for w in warm]),
+        "warm_encoded_tiles": sum(w["encoded_tiles"] for w in warm),
+        "decode_tok_s": summary([c["decode_tok_s"] for c in cold]),
+        "n_new_tokens": first["n_new_tokens"],
+        "rss_mb": current_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def first_or_nan(values: list) -> float:
+    return float(values[0]) if values else float("nan")
+
+
 def llama_bench_peer(binary: str, gguf: Path, scenario: Scenario) -> dict:
     import json
     import subprocess

@@ -44,7 +44,13 @@ def rows(result: dict) -> list[list[str]]:
             f"{m['peak_rss_mb']:.0f}", _drift(m, run.get("kind") == "reference"),
         ] + ([_accuracy(m)] if with_accuracy else []))
     for peer in result.get("peers", []):
-        if "metrics" in peer:
+        if peer.get("kind") == "llama.cpp mtmd" and "metrics" in peer:  # a full multimodal run: every column it has
+            m = peer["metrics"]
+            out.append([peer["name"], f"{_m(m['encode_ms_per_tile']):.1f}", str(m["n_image_tokens"]),
+                        f"{_m(m['prefill_decode_ms']):.1f}", f"{_m(m['ttft_cold_ms']):.1f}", f"{_m(m['ttft_warm_ms']):.1f}",
+                        f"{_m(m['decode_tok_s']):.1f}", "-", "-", f"{m['peak_rss_mb']:.0f}", "-"]
+                       + (["-"] if with_accuracy else []))
+        elif "metrics" in peer:
             m = peer["metrics"]
             out.append([peer["name"], "-", "-", "-", f"{_m(m.get('ttft_text_only_ms', {'median': float('nan')})):.1f} (text)",
                         "-", f"{_m(m['decode_tok_s']):.1f}", *["-"] * (width - 7)])
@@ -74,7 +80,7 @@ def ratios(result: dict) -> list[str]:
     for run in result["runs"]:
         if "vs_reference" in run:
             v = run["vs_reference"]
-            extra = "".join(f"; decode {r:.2f}x {name}" for name, r in run.get("vs_peers", {}).items())
+            extra = "".join(_peer_ratios(name, r) for name, r in run.get("vs_peers", {}).items())
             if "accuracy_points" in v:
                 extra += f"; task accuracy {v['accuracy_points']:+.1f} points vs the reference"
             decode = f"{v['decode_tok_s']:.1f}" if v["decode_tok_s"] >= 1 else f"{v['decode_tok_s']:.2f}"
@@ -82,6 +88,13 @@ def ratios(result: dict) -> list[str]:
                          f"{v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
                          f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
     return lines
+
+
+def _peer_ratios(name: str, r: dict) -> str:
+    if "ttft_cold" not in r:
+        return f"; decode {r['decode_tok_s']:.2f}x {name}"
+    return (f"; vs {name}: cold TTFT {r['ttft_cold']:.2f}x, warm TTFT {r['ttft_warm']:.2f}x, decode "
+            f"{r['decode_tok_s']:.2f}x, peak RSS {r['peak_rss']:.2f}x")
 
 
 def markdown(result: dict, command: str) -> str:
@@ -100,12 +113,14 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in result["runs"]]
-    cold = [_m(r["metrics"]["ttft_cold_ms"]) for r in result["runs"]]
-    warm = [_m(r["metrics"]["ttft_warm_ms"]) for r in result["runs"]]
-    rate = [_m(r["metrics"]["decode_tok_s"]) for r in result["runs"]]
-    peer_names = [p["name"] for p in result.get("peers", []) if "metrics" in p]
-    peer_rate = [_m(p["metrics"]["decode_tok_s"]) for p in result.get("peers", []) if "metrics" in p]
+    multimodal = result["runs"] + [p for p in result.get("peers", []) if "ttft_cold_ms" in p.get("metrics", {})]
+    names = [r["name"] for r in multimodal]
+    cold = [_m(r["metrics"]["ttft_cold_ms"]) for r in multimodal]
+    warm = [_m(r["metrics"]["ttft_warm_ms"]) for r in multimodal]
+    rate = [_m(r["metrics"]["decode_tok_s"]) for r in multimodal]
+    text_peers = [p for p in result.get("peers", []) if "metrics" in p and p not in multimodal]
+    peer_names = [p["name"] for p in text_peers]
+    peer_rate = [_m(p["metrics"]["decode_tok_s"]) for p in text_peers]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.6 * (len(names) + len(peer_names)) + 2.5))
     y = range(len(names))
     ax1.barh([i + 0.2 for i in y], cold, height=0.4, label="cold")

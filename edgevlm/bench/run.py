@@ -27,15 +27,17 @@ def plan_pairs(path: Path, encoders: str | None, decoders: str | None, target: s
     if not is_bundle(path):
         return []
     manifest = Manifest.load(path)
-    enc = _list(encoders) or [n for n in manifest.names("encoder") if n != "onnx:fp16"] or manifest.names("encoder")
+    runnable = manifest.names("encoder", runnable=True)
+    enc = _list(encoders) or [n for n in runnable if n != "onnx:fp16"] or runnable
     dec = _list(decoders) or manifest.names("decoder")
     if target == "cpu":
         dec = [d for d in dec if d.startswith("gguf")]
     elif target == "apple-silicon":
         dec = [d for d in dec if d.startswith("mlx")]
     for name in enc:
-        if name not in manifest.names("encoder") + manifest.names("engine"):
-            raise BadInputError(f"the bundle has no encoder {name!r}; it has {', '.join(manifest.names('encoder'))}")
+        if name not in runnable + manifest.names("engine"):
+            raise BadInputError(f"the bundle has no encoder {name!r} edgevlm runs; it has {', '.join(runnable)} (an "
+                                "mmproj is measured as the llama.cpp mtmd peer)")
     for name in dec:
         if name not in manifest.names("decoder"):
             raise BadInputError(f"the bundle has no decoder {name!r}; it has {', '.join(manifest.names('decoder'))}")
@@ -121,12 +123,19 @@ def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: har
                      accuracy_n: int = 0) -> dict:
     """`measure` in a child process (edgevlm.bench.child): progress comes back on its stderr, the record on stdout."""
     import dataclasses
+
+    request = {"path": str(path), "encoder": encoder, "decoder": decoder, "bandwidth": bandwidth,
+               "scenario": dataclasses.asdict(scenario), "trace": trace, "accuracy_n": accuracy_n}
+    return run_child(request, f"{encoder} + {decoder}", progress)
+
+
+def run_child(request: dict, label: str, progress: Callable[[str], None]) -> dict:
+    """One request to edgevlm.bench.child in a fresh process: progress comes back on its stderr, the record on
+    stdout."""
     import json
     import subprocess
     import sys
 
-    request = {"path": str(path), "encoder": encoder, "decoder": decoder, "bandwidth": bandwidth,
-               "scenario": dataclasses.asdict(scenario), "trace": trace, "accuracy_n": accuracy_n}
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen([sys.executable, "-m", "edgevlm.bench.child", json.dumps(request)], stdout=out,
                                  stderr=subprocess.PIPE, text=True)
@@ -141,8 +150,7 @@ def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: har
         lines = out.read().strip().splitlines()
     if child.returncode != 0 or not lines:
         detail = "\n".join(tail)
-        raise RuntimeError(f"the benchmark run {encoder} + {decoder} failed in its child process "
-                           f"(exit {child.returncode}):\n{detail}")
+        raise RuntimeError(f"the benchmark run {label} failed in its child process (exit {child.returncode}):\n{detail}")
     record = json.loads(lines[-1])
     if "error" in record:
         from .. import errors
@@ -150,6 +158,40 @@ def measure_isolated(path: str | Path, encoder: str, decoder: str, scenario: har
         raise getattr(errors, record.get("type", ""), BadInputError)(record["error"])
     record["isolated"] = True
     return record
+
+
+def mtmd_peers(bundle: Path, pairs: list[tuple[str, str]], scenario: harness.Scenario, isolate: bool,
+               progress: Callable[[str], None]) -> list[dict]:
+    """llama.cpp's own multimodal path on each benchmarked GGUF decoder with the bundle's mmproj (f16 first, as
+    llama.cpp's converter writes it by default)."""
+    import dataclasses
+
+    from ..commands.inspect import MMPROJ_PREFERENCE
+    from ..manifest import Manifest
+
+    manifest = Manifest.load(bundle)
+    mmprojs = [n for n in MMPROJ_PREFERENCE if n in manifest.names("encoder")]
+    decoders = sorted({d for _, d in pairs if d.startswith("gguf")})
+    if not decoders:
+        return []
+    if not mmprojs:
+        return [{"name": "llama.cpp mtmd (in-process)", "skipped": "the bundle has no mmproj; export it with "
+                 "--encoder gguf:f16 to measure llama.cpp's own multimodal path"}]
+    texts, placeholder = harness.mtmd_prompts(bundle, scenario)
+    runs = []
+    for decoder in decoders:
+        label = f"llama.cpp mtmd ({mmprojs[0]} + {decoder})"
+        progress(label)
+        if isolate:
+            request = {"peer": "mtmd", "path": str(bundle), "decoder": decoder, "mmproj": mmprojs[0], "texts": texts,
+                       "placeholder": placeholder, "scenario": dataclasses.asdict(scenario)}
+            metrics = run_child(request, label, progress)
+            metrics.pop("isolated", None)
+        else:
+            metrics = harness.mtmd_peer(bundle, decoder, mmprojs[0], texts, placeholder, scenario, progress)
+        runs.append({"name": label, "kind": "llama.cpp mtmd", "decoder": decoder, "encoder": mmprojs[0],
+                     "metrics": metrics, "isolated": isolate})
+    return runs
 
 
 def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None = None, decoders: str | None = None,
@@ -200,10 +242,7 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
             else:
                 peer_runs.append({"name": f"llama-bench ({decoder})", "decoder": decoder, "skipped":
                                   "llama-bench not found on PATH (pass --llamacpp-bin DIR)"})
-        mtmd = shutil.which("llama-mtmd-cli", path=llamacpp_bin) if llamacpp_bin else shutil.which("llama-mtmd-cli")
-        if not mtmd:
-            peer_runs.append({"name": "llama-mtmd-cli", "skipped": "not found on PATH (pass --llamacpp-bin DIR); it "
-                              "needs its own mmproj GGUF, which edgevlm does not write"})
+        peer_runs += mtmd_peers(bundle, pairs, scenario, isolate, progress)
     reference = runs[0]["metrics"] if runs and runs[0]["kind"] == "reference" else None
     if reference:
         for run in runs[1:]:
@@ -216,10 +255,20 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
             if "task_accuracy" in m and "task_accuracy" in reference:
                 run["vs_reference"]["accuracy_points"] = 100 * (m["task_accuracy"]["accuracy"]
                                                                 - reference["task_accuracy"]["accuracy"])
-            for peer in peer_runs:
-                if peer.get("decoder") == run["decoder"] and "metrics" in peer:
-                    run.setdefault("vs_peers", {})[peer["name"]] = (
-                        m["decode_tok_s"]["median"] / peer["metrics"]["decode_tok_s"]["median"])
+    for run in runs:
+        if run["kind"] != "edgevlm":
+            continue
+        m = run["metrics"]
+        for peer in peer_runs:
+            if peer.get("decoder") != run["decoder"] or "metrics" not in peer:
+                continue
+            ratios = {"decode_tok_s": m["decode_tok_s"]["median"] / peer["metrics"]["decode_tok_s"]["median"]}
+            if peer.get("kind") == "llama.cpp mtmd":  # edgevlm over llama.cpp's own multimodal path: < 1 is faster
+                pm = peer["metrics"]
+                ratios |= {"ttft_cold": m["ttft_cold_ms"]["median"] / pm["ttft_cold_ms"]["median"],
+                           "ttft_warm": m["ttft_warm_ms"]["median"] / pm["ttft_warm_ms"]["median"],
+                           "peak_rss": m["peak_rss_mb"] / pm["peak_rss_mb"]}
+            run.setdefault("vs_peers", {})[peer["name"]] = ratios
     return {
         "schema": harness.SCHEMA,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -249,7 +298,7 @@ def encoder_only(path: str | Path, tiles: int = 1, repeats: int = 5, threads: in
     pixels = np.random.default_rng(0).normal(size=(tiles, *manifest.encoder.input_shape[1:])).astype(np.float32)
     rows = []
     encoders = [("torch eager fp32", make_encoder(path, manifest, "torch", ckpt=ckpt))]
-    encoders += [(n, make_encoder(path, manifest, n, threads=threads)) for n in manifest.names("encoder")]
+    encoders += [(n, make_encoder(path, manifest, n, threads=threads)) for n in manifest.names("encoder", runnable=True)]
     import time
 
     for label, encoder in encoders:

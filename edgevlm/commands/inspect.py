@@ -33,13 +33,34 @@ def checkpoint_summary(path: Path) -> dict:
     }
 
 
+MMPROJ_PREFERENCE = ("mmproj:f16", "mmproj:f32", "mmproj:q8_0")
+
+
+def llama_cpp_usage(path: Path, manifest) -> dict | None:
+    """How to run the bundle in stock llama.cpp: its decoder GGUF with its mmproj (libmtmd reads both)."""
+    from ..runtimes.bundle_loader import DECODER_PREFERENCE
+
+    mmprojs = [n for n in MMPROJ_PREFERENCE if n in manifest.names("encoder")]
+    ggufs = [n for n in DECODER_PREFERENCE if n.startswith("gguf:") and n in manifest.names("decoder")]
+    if not mmprojs or not ggufs:
+        return None
+    model = path / manifest.find("decoder", ggufs[0]).path
+    mmproj = path / manifest.find("encoder", mmprojs[0]).path
+    return {
+        "decoder": ggufs[0], "mmproj": mmprojs[0],
+        "cli": f'llama-mtmd-cli -m {model} --mmproj {mmproj} --image IMAGE.jpg -p "Describe the image."',
+        "server": f"llama-server -m {model} --mmproj {mmproj} --host 127.0.0.1 --port 8080",
+        "notes": manifest.find("encoder", mmprojs[0]).details.get("notes", []),
+    }
+
+
 def bundle_summary(path: Path) -> dict:
     from dataclasses import asdict
 
     from ..manifest import Manifest
 
     manifest = Manifest.load(path)
-    return {
+    summary = {
         "kind": "bundle",
         "path": str(path),
         "family": manifest.family,
@@ -57,6 +78,10 @@ def bundle_summary(path: Path) -> dict:
             for a in manifest.artifacts
         ],
     }
+    usage = llama_cpp_usage(path, manifest)
+    if usage:
+        summary["llama_cpp"] = usage
+    return summary
 
 
 def main(args) -> int:
@@ -84,4 +109,9 @@ def main(args) -> int:
     if summary.get("artifacts"):
         table("artifacts", ["name", "role", "format", "precision", "MiB", "path"],
               [(a["name"], a["role"], a["format"], a["precision"], a["bytes"] / 2**20, a["path"]) for a in summary["artifacts"]])
+    if summary.get("llama_cpp"):
+        usage = summary["llama_cpp"]
+        table("in stock llama.cpp (libmtmd)", ["what", "command"],
+              [("one question", usage["cli"]), ("OpenAI server", usage["server"])]
+              + [("note", note) for note in usage["notes"]])
     return 0

@@ -13,7 +13,9 @@ from ..manifest import DecoderSpec, EncoderSpec, Manifest
 from .bundle import BundleWriter, recover_interrupted, write_bundle
 
 # format -> (module under edgevlm.export, precisions); the first precision is the default
-ENCODER_FORMATS = {"onnx": ("onnx", ("fp32", "fp16", "int8"))}
+# "gguf" on the encoder side is llama.cpp's mmproj (artifact name mmproj:<precision>); "mmproj" is the same writer
+ENCODER_FORMATS = {"onnx": ("onnx", ("fp32", "fp16", "int8")), "gguf": ("mmproj", ("f16", "f32", "q8_0")),
+                   "mmproj": ("mmproj", ("f16", "f32", "q8_0"))}
 DECODER_FORMATS = {
     "gguf": ("gguf", ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")),
     "mlx": ("mlx", ("fp32", "fp16", "8bit", "4bit")),
@@ -42,7 +44,9 @@ def parse_requests(text: str | None, formats: dict, role: str) -> list[ArtifactR
         precision = precision or precisions[0]
         if precision not in precisions:
             raise BadInputError(f"{role} {fmt} has no precision {precision!r}; choose from {', '.join(precisions)}")
-        requests.append(ArtifactRequest(fmt, precision))
+        request = ArtifactRequest(formats[fmt][0] if fmt == "gguf" and role == "encoder" else fmt, precision)
+        if request not in requests:  # gguf:f16 and mmproj:f16 name the same encoder artifact
+            requests.append(request)
     return requests
 
 
@@ -115,6 +119,10 @@ def export_checkpoint(
         raise BadInputError(f"{output} already exists; choose another -o or pass --force to replace it")
     log(f"loading {checkpoint}")
     ckpt = load_checkpoint(checkpoint)
+    for request in encoders:  # refuse what cannot be written before the slow artifacts are
+        module = importlib.import_module(f"{__package__}.{ENCODER_FORMATS[request.format][0]}")
+        if hasattr(module, "check_encoder"):
+            module.check_encoder(ckpt, request.precision)
     manifest = build_manifest(ckpt, max_tiles)
     with write_bundle(output, manifest, overwrite=force) as writer:
         manifest.artifacts.append(write_tokenizer(ckpt, writer))

@@ -14,10 +14,13 @@ DECODER_PREFERENCE = ("gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "g
 
 
 def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[str, ...]) -> str:
-    have = manifest.names(role) + (manifest.names("engine") if role == "encoder" else [])
+    have = manifest.names(role, runnable=True) + (manifest.names("engine") if role == "encoder" else [])
     if choice:
         if choice == "torch" or choice in have:
             return choice
+        if role == "encoder" and choice in manifest.names("encoder"):
+            raise BadInputError(f"{choice} is llama.cpp's mmproj, which edgevlm does not run itself (see `edgevlm inspect "
+                                f"BUNDLE` for the llama.cpp command line); choose from {', '.join(have) or 'none'}")
         raise BadInputError(f"the bundle has no {role} {choice!r}; it has: {', '.join(have) or 'none'} "
                             "(export more with `edgevlm export --" + role + " ...`)")
     for name in preference:

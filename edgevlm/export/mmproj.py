@@ -1,0 +1,254 @@
+"""Vision half -> llama.cpp's mmproj GGUF (general.architecture "clip"): the file libmtmd (llama-mtmd-cli,
+llama-server --mmproj, Ollama, LM Studio) loads beside the decoder GGUF.
+
+Written with gguf-py's GGUFWriter and key constants, tensor by tensor from the family's vision module (not from
+on-disk names, which transformers 5 renamed). clip.cpp asserts every key's type (u32 / f32 / bool / f32[3] / i32[])
+and looks tensors up by exact name; the one name table is TENSORS below. What mtmd at the pinned llama.cpp cannot
+compute like the checkpoint is refused with the reason (see `plan_mmproj`). Research and upstream references:
+../shared/notes/mmproj-feasibility.md."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInputError
+from ..manifest import Artifact
+from .bundle import BundleWriter
+
+PRECISIONS = ("f16", "f32", "q8_0")
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+PINNED_LLAMA_CPP = "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)"
+Q8_0_BLOCK = 32  # ggml's Q8_0 block: rows must be a multiple of it
+# The separators mtmd inserts around idefics3 tiles, looked up as single tokens by their exact text (lookup_token in
+# mtmd.cpp); a missing one becomes token -1 in the prompt and llama_decode fails.
+IDEFICS3_PIECES = ("\n", "\n\n", "<fake_token_around_image>", "<global-img>")
+
+# per ViT layer: GGUF suffix -> attribute path in a transformers CLIP/SigLIP/Idefics3 encoder layer
+LAYER_TENSORS = {
+    "ln1": "layer_norm1", "ln2": "layer_norm2",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2",
+}
+# tower activation (transformers name) -> the clip.cpp flag that selects its FFN op (neither flag = quick GELU)
+TOWER_ACTIVATIONS = {"gelu_pytorch_tanh": "use_gelu", "gelu_new": "use_gelu", "gelu": "use_gelu",
+                     "quick_gelu": None, "silu": "use_silu"}
+
+
+@dataclass
+class MmprojPlan:
+    """Everything the file will hold, decided before a byte is written."""
+
+    projector_type: str  # "idefics3" | "mlp"
+    u32: dict[str, int]
+    f32: dict[str, float]
+    flags: dict[str, bool]
+    mean_std: tuple[list[float], list[float]]
+    feature_layers: list[int] | None
+    tensors: dict[str, np.ndarray]  # GGUF name -> float32 array in torch order (the writer reverses to ggml's ne)
+    notes: list[str] = field(default_factory=list)
+
+
+def _numpy(tensor) -> np.ndarray:
+    return tensor.detach().to("cpu").float().numpy()
+
+
+def _vit_tensors(embeddings, layers, n_layers: int) -> dict[str, np.ndarray]:
+    tensors = {"v.patch_embd.weight": _numpy(embeddings.patch_embedding.weight),  # (D, 3, p, p)
+               "v.position_embd.weight": _numpy(embeddings.position_embedding.weight)}  # (P [+1], D)
+    if embeddings.patch_embedding.bias is not None:
+        tensors["v.patch_embd.bias"] = _numpy(embeddings.patch_embedding.bias)
+    for i in range(n_layers):
+        for short, attr in LAYER_TENSORS.items():
+            module = layers[i].get_submodule(attr)
+            tensors[f"v.blk.{i}.{short}.weight"] = _numpy(module.weight)
+            tensors[f"v.blk.{i}.{short}.bias"] = _numpy(module.bias)
+    return tensors
+
+
+def _activation_flags(hidden_act: str, where: str) -> tuple[dict[str, bool], list[str]]:
+    if hidden_act not in TOWER_ACTIVATIONS:
+        raise BadInputError(f"the {where} activation {hidden_act!r} has no counterpart in llama.cpp's clip.cpp "
+                            f"(it has tanh GELU, quick GELU and SiLU); this checkpoint cannot be written as an mmproj")
+    flag = TOWER_ACTIVATIONS[hidden_act]
+    notes = ["the tower's erf GELU runs as tanh GELU in clip.cpp (<= 4.7e-4 per activation)"] if hidden_act == "gelu" else []
+    return ({flag: True} if flag else {}), notes
+
+
+def _common_u32(vision_config, text_hidden: int, n_layers: int) -> dict[str, int]:
+    return {"projection_dim": int(text_hidden), "image_size": int(vision_config.image_size),
+            "patch_size": int(vision_config.patch_size), "embedding_length": int(vision_config.hidden_size),
+            "feed_forward_length": int(vision_config.intermediate_size), "block_count": int(n_layers),
+            "head_count": int(vision_config.num_attention_heads)}
+
+
+def single_token_pieces(tokenizer, pieces: tuple[str, ...]) -> list[str]:
+    """The pieces that are not one token of the vocabulary (mtmd finds them by their exact decoded text)."""
+    missing = []
+    for piece in pieces:
+        ids = tokenizer.encode(piece, add_special_tokens=False)
+        if not (len(ids) == 1 and tokenizer.decode(ids) == piece):
+            missing.append(piece)
+    return missing
+
+
+def plan_idefics3(ckpt) -> MmprojPlan:
+    hf = ckpt.hf_model
+    config, vision_config = hf.config, hf.config.vision_config
+    vision_model = hf.model.vision_model
+    missing = single_token_pieces(ckpt.tokenizer, IDEFICS3_PIECES)
+    if missing:
+        raise BadInputError(f"llama.cpp's mtmd inserts {', '.join(map(repr, missing))} around each tile as single "
+                            "tokens, but this tokenizer has no such token; an mmproj of this checkpoint could not run in "
+                            "llama.cpp (export --encoder onnx:... instead)")
+    flags, notes = _activation_flags(vision_config.hidden_act, "vision tower")
+    scale = int(config.scale_factor)
+    if scale not in (2, 4):
+        raise BadInputError(f"clip.cpp's idefics3 graph takes a pixel-shuffle scale of 2 or 4, this checkpoint has {scale}")
+    n_layers = int(vision_config.num_hidden_layers)
+    tensors = _vit_tensors(vision_model.embeddings, vision_model.encoder.layers, n_layers)
+    tensors["v.post_ln.weight"] = _numpy(vision_model.post_layernorm.weight)
+    tensors["v.post_ln.bias"] = _numpy(vision_model.post_layernorm.bias)
+    tensors["mm.model.fc.weight"] = _numpy(hf.model.connector.modality_projection.proj.weight)  # (T, D * s^2)
+    spec = ckpt.preprocess
+    u32 = _common_u32(vision_config, config.text_config.hidden_size, n_layers)
+    u32 |= {"scale_factor": scale, "preproc_image_size": int(spec.longest_edge)}
+    if not spec.image_splitting:
+        notes.append("the checkpoint does not split images but mtmd always does (a grid of at least 1x1 plus the "
+                     "overview): mtmd gives images twice the tokens edgevlm does")
+    notes.append("mtmd always adds the overview tile, also for images no larger than one tile, where HF gives one tile")
+    return MmprojPlan("idefics3", u32, {"layer_norm_epsilon": float(vision_config.layer_norm_eps)}, flags,
+                      (list(spec.image_mean), list(spec.image_std)), None, tensors, notes)
+
+
+def plan_llava(ckpt) -> MmprojPlan:
+    hf = ckpt.hf_model
+    config, vision_config = hf.config, hf.config.vision_config
+    if vision_config.model_type in ("clip_vision_model", "clip"):
+        raise BadInputError(
+            f"LLaVA with a CLIP tower cannot be written as an mmproj for {PINNED_LLAMA_CPP}: its llava graph appends "
+            "the CLS embedding after the patches but selects rows as if it came first, so every patch gets its "
+            "neighbour's position (ggml-org/llama.cpp issue 25814, fix PR 25844 not merged); export --encoder onnx:... "
+            "for this checkpoint")
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy != "full":
+        raise BadInputError(f"vision_feature_select_strategy {strategy!r} drops the first patch of a SigLIP tower; "
+                            "mtmd's llava graph keeps every patch (it drops a row only for a CLS token)")
+    projector_act = getattr(config, "projector_hidden_act", "gelu")
+    if projector_act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
+        raise BadInputError(f"the projector activation {projector_act!r} is not the GELU mtmd's mlp projector computes")
+    flags, notes = _activation_flags(vision_config.hidden_act, "vision tower")
+    if projector_act == "gelu":
+        notes.append("the projector's erf GELU runs as tanh GELU in mtmd (<= 4.7e-4 per activation)")
+    n_total = int(vision_config.num_hidden_layers)
+    requested = config.vision_feature_layer
+    requested = [requested] if isinstance(requested, int) else list(requested)
+    # HF indexes hidden_states (0 = embeddings, n = last layer); clip.cpp takes the same non-negative index
+    feature_layers = [layer if layer >= 0 else n_total + 1 + layer for layer in requested]
+    if feature_layers != sorted(feature_layers) or not all(0 < f <= n_total for f in feature_layers):
+        raise BadInputError(f"vision_feature_layer {requested} must be ascending layers of the tower for mtmd "
+                            "(it concatenates feature layers in ascending order)")
+    n_layers = max(feature_layers)  # layers after the deepest feature layer are never run
+    tower = hf.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    tensors = _vit_tensors(tower.embeddings, tower.encoder.layers, n_layers)
+    projector = hf.model.multi_modal_projector
+    for gguf_index, linear in ((0, projector.linear_1), (2, projector.linear_2)):  # mtmd reads mm.0 and mm.2, never mm.1
+        tensors[f"mm.{gguf_index}.weight"] = _numpy(linear.weight)
+        bias = linear.bias if linear.bias is not None else np.zeros(linear.weight.shape[0], np.float32)
+        tensors[f"mm.{gguf_index}.bias"] = bias if isinstance(bias, np.ndarray) else _numpy(bias)
+    spec = ckpt.preprocess
+    if spec.tile_size[0] != spec.tile_size[1]:
+        raise BadInputError(f"mtmd's llava graph takes square images only; this checkpoint's tile is {spec.tile_size}")
+    notes.append("mtmd pads non-square images to a square (LLaVA-1.5's expand2square); edgevlm resizes them like the "
+                 "checkpoint's processor, so only square images see the same pixels")
+    return MmprojPlan("mlp", _common_u32(vision_config, config.text_config.hidden_size, n_layers),
+                      {"layer_norm_epsilon": float(vision_config.layer_norm_eps)}, flags,
+                      (list(spec.image_mean), list(spec.image_std)), feature_layers, tensors, notes)
+
+
+PLANNERS = {"idefics3": plan_idefics3, "llava": plan_llava}
+
+
+def plan_mmproj(ckpt) -> MmprojPlan:
+    if ckpt.family not in PLANNERS:
+        raise BadInputError(f"the {ckpt.family} family has no llama.cpp mmproj writer; choose from {', '.join(PLANNERS)}")
+    return PLANNERS[ckpt.family](ckpt)
+
+
+def stored(name: str, array: np.ndarray, precision: str) -> tuple[np.ndarray, object | None, str]:
+    """(data, raw ggml type or None, ggml type name) for one tensor: only 2-D matrices of the blocks are stored
+    below F32 (clip.cpp's convention: norms, biases, embeddings and the patch conv stay F32)."""
+    import gguf
+
+    matrix = array.ndim == 2 and name.startswith(("v.blk.", "mm.")) and name.endswith(".weight")
+    if precision == "f32" or not matrix:
+        return np.ascontiguousarray(array, np.float32), None, "F32"
+    if precision == "q8_0" and array.shape[1] % Q8_0_BLOCK == 0:
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(np.ascontiguousarray(array, np.float32), q8), q8, "Q8_0"
+    return np.ascontiguousarray(array, np.float16), None, "F16"
+
+
+def write_mmproj(plan: MmprojPlan, path: Path, precision: str, name: str = "edgevlm mmproj") -> dict[str, int]:
+    """Write the GGUF; returns how many tensors went in at each ggml type."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])  # "clip"
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(name)
+    writer.add_file_type(FILE_TYPES[precision])
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(plan.projector_type)
+    u32 = plan.u32
+    writer.add_vision_projection_dim(u32["projection_dim"])
+    writer.add_vision_image_size(u32["image_size"])
+    writer.add_vision_patch_size(u32["patch_size"])
+    writer.add_vision_embedding_length(u32["embedding_length"])
+    writer.add_vision_feed_forward_length(u32["feed_forward_length"])
+    writer.add_vision_block_count(u32["block_count"])
+    writer.add_vision_head_count(u32["head_count"])
+    writer.add_vision_attention_layernorm_eps(plan.f32["layer_norm_epsilon"])
+    writer.add_vision_image_mean([float(v) for v in plan.mean_std[0]])  # FLOAT32[3], as clip.cpp asserts
+    writer.add_vision_image_std([float(v) for v in plan.mean_std[1]])
+    if plan.flags.get("use_gelu"):
+        writer.add_vision_use_gelu(True)
+    if plan.flags.get("use_silu"):
+        writer.add_vision_use_silu(True)
+    if "scale_factor" in u32:
+        writer.add_vision_projector_scale_factor(u32["scale_factor"])
+    if "preproc_image_size" in u32:
+        writer.add_vision_preproc_image_size(u32["preproc_image_size"])
+    if plan.feature_layers is not None:
+        # INT32[] (python ints); gguf 0.19 has no helper. Explicit layers also avoid upstream issue 25817 (one layer
+        # lost when the key is absent).
+        writer.add_array("clip.vision.feature_layer", [int(v) for v in plan.feature_layers])
+    counts: dict[str, int] = {}
+    for tensor_name, array in plan.tensors.items():
+        data, raw_dtype, type_name = stored(tensor_name, array, precision)
+        writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
+        counts[type_name] = counts.get(type_name, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts
+
+
+def check_encoder(ckpt, precision: str) -> None:
+    """Refuse before any artifact is written (the export would otherwise fail after the slow ones)."""
+    plan_mmproj(ckpt)
+
+
+def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, **_) -> Artifact:
+    plan = plan_mmproj(ckpt)
+    folder = writer.root / "encoder"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"mmproj-{precision}.gguf"
+    log(f"  writing the llama.cpp mmproj ({plan.projector_type}, {len(plan.tensors)} tensors, {precision})")
+    counts = write_mmproj(plan, path, precision, name=f"{manifest.family} vision ({Path(str(ckpt.path)).name})")
+    return writer.artifact(f"mmproj:{precision}", "encoder", "gguf-mmproj", precision, f"encoder/{path.name}",
+                           consumer="llama.cpp mtmd (llama-mtmd-cli, llama-server --mmproj)",
+                           projector_type=plan.projector_type, tensor_types=counts, tested_with=PINNED_LLAMA_CPP,
+                           notes=plan.notes)
