@@ -8,19 +8,21 @@ WORK=${EDGEVLM_BENCH_WORK:-$HOME/.cache/edgevlm/bench}
 mkdir -p "$WORK" benchmarks/results
 
 # W1: SmolVLM-256M shapes (random weights), one 512x512 tile, ~24 prompt tokens, 64 new tokens, 2 threads
-[ -d "$WORK/smolvlm-256m" ] || $EV preset smolvlm-256m --single-tile -o "$WORK/smolvlm-256m"
-[ -d "$WORK/w1-bundle" ] || $EV export "$WORK/smolvlm-256m" -o "$WORK/w1-bundle" --encoder onnx:fp32,onnx:int8 \
-  --decoder gguf:q8_0,gguf:q4_k_m --max-tiles 17
-$EV bench "$WORK/w1-bundle" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 5 \
+# (presets suffixed -2 have "\n\n" as one token, as SmolVLM's vocabulary does: llama.cpp's mtmd needs it)
+[ -d "$WORK/smolvlm-256m-2" ] || $EV preset smolvlm-256m --single-tile -o "$WORK/smolvlm-256m-2"
+# (bundles named -mmproj carry llama.cpp's mmproj too: the bench runs llama.cpp's own multimodal path as a peer)
+[ -d "$WORK/w1-bundle-mmproj" ] || $EV export "$WORK/smolvlm-256m-2" -o "$WORK/w1-bundle-mmproj" \
+  --encoder onnx:fp32,onnx:int8,gguf:f16 --decoder gguf:q8_0,gguf:q4_k_m --max-tiles 17
+$EV bench "$WORK/w1-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 5 \
   --encoder onnx:int8 --decoder gguf:q8_0 -o benchmarks/results/w1 | tail -n 1 > /dev/null
-$EV bench "$WORK/w1-bundle" --encoder-only --threads 2 --repeats 5 -o benchmarks/results/w1-encoder | tail -n 1 > /dev/null
+$EV bench "$WORK/w1-bundle-mmproj" --encoder-only --threads 2 --repeats 5 -o benchmarks/results/w1-encoder | tail -n 1 > /dev/null
 
 # W1-split: the same model as SmolVLM ships its processor (image splitting on): a 512x512 image becomes 16 tiles +
 # the global view, 1,088 image tokens. Where the KV-cache reuse pays most: a new question skips all of them.
-[ -d "$WORK/smolvlm-256m-split" ] || $EV preset smolvlm-256m -o "$WORK/smolvlm-256m-split"
-[ -d "$WORK/w1-split-bundle" ] || $EV export "$WORK/smolvlm-256m-split" -o "$WORK/w1-split-bundle" \
-  --encoder onnx:int8 --decoder gguf:q8_0 --max-tiles 17
-$EV bench "$WORK/w1-split-bundle" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 3 \
+[ -d "$WORK/smolvlm-256m-split-2" ] || $EV preset smolvlm-256m -o "$WORK/smolvlm-256m-split-2"
+[ -d "$WORK/w1-split-bundle-mmproj" ] || $EV export "$WORK/smolvlm-256m-split-2" -o "$WORK/w1-split-bundle-mmproj" \
+  --encoder onnx:int8,gguf:f16 --decoder gguf:q8_0 --max-tiles 17
+$EV bench "$WORK/w1-split-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 3 \
   --encoder onnx:int8 --decoder gguf:q8_0 -o benchmarks/results/w1-split | tail -n 1 > /dev/null
 
 # W2: the reference model (trained locally), its own 128x128 scenes

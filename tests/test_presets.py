@@ -31,6 +31,10 @@ def test_smolvlm_256m_shapes_in_transformers(smolvlm_256m):
     assert len(tokenizer) == 49280
     for token_id, token in SMOLVLM_SPECIAL_IDS.items():
         assert tokenizer.convert_tokens_to_ids(token) == token_id
+    # as in SmolVLM's real vocabulary: llama.cpp's mtmd inserts these by their piece (else no mmproj can be exported)
+    from edgevlm.export.mmproj import IDEFICS3_PIECES, single_token_pieces
+
+    assert single_token_pieces(tokenizer, IDEFICS3_PIECES) == []
 
 
 def test_smolvlm_256m_inspect_reports_228m(smolvlm_256m, capsys):

@@ -49,6 +49,9 @@ _CORPUS = [
     "User: What is in this image? Assistant: A red circle on the left and two blue squares at the top.",
     "The quick brown fox jumps over the lazy dog. 0123456789. How many shapes are there? Three.",
     "Describe the chart, the table, the document and the photo in detail, line by line.",
+    # "\n\n" is one token in SmolVLM's vocabulary; GPT-2's pre-tokenizer keeps it whole only at the end of a
+    # whitespace run that is followed by more whitespace or by the end of the text
+    "First paragraph.\n\n\nSecond paragraph, after blank lines.\n\n",
 ] * 50
 
 
