@@ -37,7 +37,23 @@ def thread_count(threads: int | None) -> int:
     return threads
 
 
+def _promote_libstdcxx() -> None:
+    """Seen on an H200 (CUDA 13, llama-cpp-python 0.3.36 built with -DGGML_CUDA=on): libggml-cuda.so exports copies
+    of libstdc++'s stream templates; once numpy or tokenizers has loaded libstdc++ privately, llama.cpp's model load
+    calls into those copies and dies with SIGSEGV in llama_model::print_info. Making the system libstdc++ global
+    before llama.cpp loads (what LD_PRELOAD=libstdc++.so.6 also fixes) keeps the calls in one library."""
+    import ctypes.util
+
+    name = ctypes.util.find_library("stdc++")
+    if name and os.name == "posix":
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass
+
+
 def require_llama_cpp():
+    _promote_libstdcxx()
     try:
         import llama_cpp
     except ImportError as exc:

@@ -153,3 +153,22 @@ def test_k_quant_fallback_is_reported(ckpts, tmp_path):
     artifact = Manifest.load(out).find("decoder", "gguf:q4_k_m")
     assert "not multiples of 256" in artifact.details["k_quant_fallback"]
     assert sum(artifact.details["tensor_types"].values()) == 2 * 9 + 3
+
+
+def test_llama_cpp_loads_with_the_system_libstdcxx_global():
+    """Seen on an H200 (CUDA 13 build of llama-cpp-python 0.3.36): libggml-cuda.so exports copies of libstdc++'s
+    stream templates, and once numpy or tokenizers had loaded libstdc++ privately, every llama.cpp model load died
+    with SIGSEGV in llama_model::print_info (edgevlm.load always imports them first). require_llama_cpp makes the
+    system libstdc++ global first, which fixed it there (as LD_PRELOAD=libstdc++.so.6 does). This CPU build does not
+    crash without it, so the test checks the mechanism: the symbol llama.cpp called is globally visible."""
+    import subprocess
+    import sys
+
+    probe = ("import ctypes, numpy, tokenizers\n{setup}\n"
+             "try:\n    ctypes.CDLL(None)._ZNSo9_M_insertIlEERSoT_\n    print('global')\n"
+             "except AttributeError:\n    print('private')\n")
+    plain = subprocess.run([sys.executable, "-c", probe.format(setup="import llama_cpp")], capture_output=True, text=True)
+    ours = subprocess.run([sys.executable, "-c", probe.format(
+        setup="from edgevlm.backends import require_llama_cpp\nrequire_llama_cpp()")], capture_output=True, text=True)
+    assert plain.stdout.strip() == "private", plain.stderr  # what crashed on the GPU machine
+    assert ours.stdout.strip() == "global", ours.stderr

@@ -244,3 +244,24 @@ def test_verify_runs_the_mmproj_through_libmtmd(mmproj_bundles):
     for precision, floor in (("f32", 0.999), ("f16", 0.999), ("q8_0", 0.99)):
         row = rows[f"mmproj:{precision}"]
         assert row["status"] == "pass" and row["cosine"] >= floor and "worst of 5 tiles" in row["criterion"], row
+
+
+def test_bench_runs_llama_cpp_mtmd_as_a_peer(mmproj_bundles):
+    """The in-process peer: llama.cpp's own multimodal path on the bundle's mmproj and decoder GGUF, in its own
+    process, with the same image, questions and threads; its warm run reuses the image chunks' KV as llama-server
+    does, and edgevlm's run gets its ratios against it."""
+    from edgevlm.bench.harness import Scenario
+    from edgevlm.bench.run import run_bench
+
+    scenario = Scenario(image_size=(64, 64), prompt_tokens=8, new_tokens=4, repeats=1, threads=2)
+    result = run_bench(mmproj_bundles["idefics3"], scenario, encoders="onnx:fp32", decoders="gguf:f32", peers="llamacpp")
+    peer = next(p for p in result["peers"] if p.get("kind") == "llama.cpp mtmd")
+    m = peer["metrics"]
+    assert peer["encoder"] == "mmproj:f16" and peer["isolated"] is True
+    assert (m["n_tiles"], m["n_image_tokens"]) == (5, 20)  # 2x2 slices + the overview, as edgevlm lays it out
+    assert m["warm_encoded_tiles"] == 0 and m["warm_reused_positions"] > 20  # the image chunks' KV was kept
+    assert 0 < m["ttft_warm_ms"]["median"] < m["ttft_cold_ms"]["median"] and m["decode_tok_s"]["median"] > 0
+    assert m["peak_rss_mb"] > 0 and m["n_new_tokens"] == 4
+    ratios = result["runs"][0]["vs_peers"][peer["name"]]
+    assert set(ratios) == {"decode_tok_s", "ttft_cold", "ttft_warm", "peak_rss"}
+
