@@ -264,4 +264,3 @@ def test_bench_runs_llama_cpp_mtmd_as_a_peer(mmproj_bundles):
     assert m["peak_rss_mb"] > 0 and m["n_new_tokens"] == 4
     ratios = result["runs"][0]["vs_peers"][peer["name"]]
     assert set(ratios) == {"decode_tok_s", "ttft_cold", "ttft_warm", "peak_rss"}
-
