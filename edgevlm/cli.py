@@ -38,6 +38,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+EXPORT_ONLY_PACKAGES = ("torch", "transformers", "safetensors", "onnx", "onnxscript", "sentencepiece")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -52,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeVLMError as exc:
         print(f"edgevlm {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        if exc.name not in EXPORT_ONLY_PACKAGES:
+            raise
+        # a runtime-only install (edgevlm[runtime]) has no torch or transformers: say which extra brings them
+        print(f"edgevlm {args.command}: error: this needs {exc.name}, which a runtime-only install leaves out; "
+              "pip install 'edgevlm[export]' (or run a bundle with --encoder/--decoder artifacts, not torch)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

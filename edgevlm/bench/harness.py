@@ -180,12 +180,16 @@ def machine() -> dict:
 
 
 def environment_versions() -> dict:
+    """Installed versions, read from package metadata: importing torch or transformers just to report their versions
+    would put them in a torch-free run's process."""
+    from importlib import metadata
+
     versions = {}
-    for name in ("torch", "transformers", "onnxruntime", "llama_cpp", "mlx", "mlx_lm"):
+    for name, distribution in (("torch", "torch"), ("transformers", "transformers"), ("onnxruntime", "onnxruntime"),
+                               ("llama_cpp", "llama-cpp-python"), ("mlx", "mlx"), ("mlx_lm", "mlx-lm")):
         try:
-            module = __import__(name)
-            versions[name] = getattr(module, "__version__", "?")
-        except ImportError:
+            versions[name] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
 

@@ -30,15 +30,12 @@ def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[st
 
 
 def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
-    from transformers import AutoTokenizer
+    """Tokenizer and chat template without transformers (runtimes/tokenizer.py): a device needs neither it nor torch,
+    and a CUDA torch loaded beside a CUDA llama.cpp is one more thing that can break."""
+    from .tokenizer import BundleTokenizer
 
     manifest.find("tokenizer").verify(bundle)
-    folder = bundle / manifest.tokenizer["path"]
-    try:  # local files only: a mangled path must never become a hub repo id
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the tokenizer files are the problem
-        raise BundleError(f"the bundle's tokenizer in {folder} cannot be loaded ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); re-export the bundle") from None
+    tokenizer = BundleTokenizer(bundle / manifest.tokenizer["path"])
     return RuntimeSpec(
         tokenizer=tokenizer,
         chat_template=manifest.tokenizer.get("chat_template"),
