@@ -29,6 +29,51 @@ def flash_attention_type(llama_cpp, wanted: bool | None) -> int:
     return llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if wanted else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp picks a random seed
+
+
+def sampler_chain(llama_cpp, config, n_vocab: int, penalty_window: int, final: bool = True):
+    """llama.cpp's sampler chain in the order edgevlm's numpy Sampler applies the same settings: repetition penalty
+    (transformers' rule, over the whole history), then greedy; or temperature, top-k, top-p and a seeded draw.
+    final=False leaves out the last step (greedy / draw), for comparing what each setting keeps."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+    if config.repetition_penalty != 1.0:
+        add(llama_cpp.llama_sampler_init_penalties(n_vocab, penalty_window, config.repetition_penalty, 0.0, 0.0))
+    if config.temperature == 0.0:
+        if final:
+            add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    add(llama_cpp.llama_sampler_init_temp(config.temperature))
+    if config.top_k:
+        add(llama_cpp.llama_sampler_init_top_k(config.top_k))
+    if config.top_p < 1.0:
+        add(llama_cpp.llama_sampler_init_top_p(config.top_p, 1))
+    if final:
+        add(llama_cpp.llama_sampler_init_dist(DEFAULT_SEED if config.seed is None else config.seed % 2**32))
+    return chain
+
+
+class NativeSampler:
+    """Samples from the context's last logits with llama.cpp's chain: no copy of the vocabulary-sized logits into
+    Python per token. Greedy picks equal the numpy Sampler's; seeded draws come from llama.cpp's own RNG."""
+
+    def __init__(self, decoder: "LlamaCppDecoder", config, history: list[int]):
+        self._lib, self._ctx = decoder._lib, decoder.ctx
+        self.chain = sampler_chain(self._lib, config, decoder.vocab_size, decoder.n_ctx)
+        if config.repetition_penalty != 1.0:  # the penalty sees the prompt too, as transformers' does
+            for token in history:
+                self._lib.llama_sampler_accept(self.chain, int(token))
+
+    def sample(self, logits, history) -> int:  # the logits are already in llama.cpp's context
+        return int(self._lib.llama_sampler_sample(self.chain, self._ctx, -1))
+
+    def close(self) -> None:
+        if self.chain:
+            self._lib.llama_sampler_free(self.chain)
+            self.chain = None
+
+
 class LlamaCppDecoder:
     name = "llamacpp"
 
@@ -120,6 +165,9 @@ class LlamaCppDecoder:
         # A view of llama.cpp's buffer, valid until the next decode: the session samples from it at once, and
         # copying 49k floats per token is measurable at ~100 tok/s. Callers that keep logits copy them.
         return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
+
+    def sampler(self, config, history: list[int]) -> NativeSampler:
+        return NativeSampler(self, config, history)
 
     def truncate(self, n_past: int, next_position: int | None = None) -> None:
         """Keep the first n_past positions (1-D: positions 0..n_past-1, so llama.cpp removes p >= n_past)."""

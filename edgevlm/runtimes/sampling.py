@@ -46,10 +46,16 @@ class Sampler:
         return logits
 
     def sample(self, logits: np.ndarray, history: list[int]) -> int:
+        if self.config.temperature == 0.0:
+            return int(np.argmax(self.penalize(np.asarray(logits, dtype=np.float32), history)))
+        probs = self.distribution(logits, history)
+        return int(self.rng.choice(probs.size, p=probs))
+
+    def distribution(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+        """The probabilities sampling draws from (temperature > 0): penalties, temperature, top-k, then top-p; zero
+        outside the kept set."""
         logits = self.penalize(np.asarray(logits, dtype=np.float32), history)
         cfg = self.config
-        if cfg.temperature == 0.0:
-            return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / cfg.temperature
         if cfg.top_k and cfg.top_k < scaled.size:
             kth = np.partition(scaled, -cfg.top_k)[-cfg.top_k]
@@ -63,4 +69,4 @@ class Sampler:
             mask = np.zeros_like(probs)
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
-        return int(self.rng.choice(probs.size, p=probs))
+        return probs

@@ -211,7 +211,7 @@ class Session:
         t_start = time.perf_counter()
         if max_tokens < 1:
             raise BadInputError(f"max_tokens must be >= 1, got {max_tokens}")
-        sampler = Sampler(SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed))
+        config = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
         prepared = [self._prepare_image(s) for s in images]
         text = raw_text if raw_text is not None else self.render(messages or [])
         prompt = self.tokenize(text, prepared)
@@ -231,6 +231,8 @@ class Session:
         finish = "length"
         detok = IncrementalDetokenizer(self.spec.tokenizer)
         t_first = None
+        native = getattr(self.decoder, "sampler", None)  # llama.cpp's own sampler chain, on its own logits
+        sampler = native(config, history) if native is not None else Sampler(config)
         try:
             logits = self._prefill(prompt, prepared, timings)
             position = prompt.positions.next_position
@@ -268,6 +270,8 @@ class Session:
         except BaseException:
             self.forget_sequence()  # whatever the decoder holds now is not what the record says
             raise
+        finally:
+            getattr(sampler, "close", lambda: None)()
         rest = detok.finish()
         if rest:
             yield Delta(rest)
