@@ -49,6 +49,10 @@ def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
         assert run["roofline"]["ceiling_tok_s"] > 0 and 0 < run["roofline"]["fraction"]
     ours = result["runs"][1]
     assert ours["sizes"]["decoder_bytes"] > 0 and ours["sizes"]["encoder_bytes"] > 0
+    memory = ours["metrics"]["memory"]  # where the peak goes, MiB
+    assert memory["before_load"] > 0 and memory["peak"] == ours["metrics"]["peak_rss_mb"]
+    assert 0 < memory["decoder_weights"] < 5 and 0 < memory["encoder_graph"] < 5 and memory["kv_cache_allocated"] > 0
+    assert memory["before_load"] + memory["decoder_weights"] + memory["encoder_graph"] <= memory["peak"]
     assert set(ours["vs_reference"]) == {"ttft_cold", "decode_tok_s", "encode_ms_per_tile"}
     peers = {p["name"]: p for p in result["peers"]}
     assert peers["llama-cpp-python generate (gguf:q8_0)"]["metrics"]["decode_tok_s"]["median"] > 0

@@ -103,6 +103,35 @@ def current_rss_mb() -> float:
         return float("nan")
 
 
+def memory_breakdown(session, bundle: Path | None, encoder: str, decoder: str, rss_before_load: float,
+                     rss_after_load: float, peak_rss: float) -> dict:
+    """Where a run's memory goes, in MiB: what the process held before loading (Python and the libraries it
+    imported), what loading added, the parts edgevlm knows the size of (the decoder's weights as llama.cpp or the
+    file holds them, its KV cache as allocated, the encoder graph file, the caches' contents), and the rest of the peak
+    (ONNX Runtime's arena and activations, llama.cpp's compute buffers, Python objects)."""
+    mib = 2**20
+    out = {"before_load": rss_before_load, "load_added": rss_after_load - rss_before_load, "peak": peak_rss}
+    dec = session.decoder
+    model_bytes = getattr(dec, "model_bytes", None)
+    if model_bytes is None and bundle is not None and decoder != "torch":
+        model_bytes = artifact_bytes(bundle, decoder)
+    if model_bytes:
+        out["decoder_weights"] = model_bytes / mib
+    if bundle is not None and decoder.startswith("gguf"):
+        from ..manifest import Manifest
+
+        d = Manifest.load(bundle).decoder
+        kv_bytes = 2 if not getattr(dec, "parity", False) else 4  # f16 KV (f32 in parity mode)
+        out["kv_cache_allocated"] = dec.n_ctx * d.n_layers * d.n_kv_heads * d.head_dim * 2 * kv_bytes / mib
+    graph_bytes = getattr(session.encoder, "graph_bytes", None)  # the one graph ONNX Runtime loaded
+    if graph_bytes:
+        out["encoder_graph"] = graph_bytes / mib
+    out["caches_in_use"] = (session.embed_cache.bytes + session.prefix_cache.bytes) / mib
+    known = sum(out.get(k, 0.0) for k in ("decoder_weights", "kv_cache_allocated", "encoder_graph", "caches_in_use"))
+    out["rest_of_peak"] = peak_rss - rss_before_load - known
+    return out
+
+
 def run_session(session, scenario: Scenario, image: Image.Image, label: str, progress: Callable[[str], None]) -> dict:
     tokenizer = session.spec.tokenizer
     question, other = prompt_of(tokenizer, scenario.prompt_tokens, 0), prompt_of(tokenizer, scenario.prompt_tokens, 1)

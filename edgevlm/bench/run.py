@@ -88,13 +88,17 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
     image = harness.bench_image(scenario.image_size)
     reference = (encoder, decoder) == ("torch", "torch")
     label = "torch" if reference else f"{encoder} + {decoder}"
+    rss_before_load = harness.current_rss_mb()
     if reference:
         session = edgevlm.load(path, encoder="torch", decoder="torch", threads=scenario.threads,  # same threads as ours
                                **scenario.session_options())
     else:
         session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads,
                                **scenario.session_options())
+    rss_after_load = harness.current_rss_mb()
     metrics = harness.run_session(session, scenario, image, label, progress)
+    metrics["memory"] = harness.memory_breakdown(session, bundle, encoder, decoder, rss_before_load, rss_after_load,
+                                                 metrics["peak_rss_mb"])
     context = metrics["n_prompt_tokens"] + scenario.new_tokens // 2
     rl = roofline_for(session, bandwidth, bundle, decoder, context, metrics["decode_tok_s"]["median"])
     if trace:

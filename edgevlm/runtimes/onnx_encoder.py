@@ -30,9 +30,11 @@ def choose_providers(available: list[str], forced: str | None) -> list[str]:
     return [p for p in PREFERENCE if p in available] or available
 
 
-# Tiles per ORT run. CPU throughput per tile is flat beyond a few tiles, while ORT's arena keeps the peak of the
-# largest run: 17 SmolVLM tiles at once held 4.1 GB, 4 at a time 1.2 GB, at the same ms/tile.
+# Tiles per ORT run. ORT's arena keeps the peak of the largest run, and on a CPU a bigger batch is not faster per
+# tile: 17 SmolVLM-256M int8 tiles (512x512, 2 threads, Xeon) at 1/2/4 per run took 384/451/438 ms per tile with a
+# process peak of 495/706/1,086 MiB (17 at once: 4.1 GB). Accelerators gain from batching, so they keep 4.
 TILES_PER_RUN = 4
+CPU_TILES_PER_RUN = 1
 
 
 class OnnxRuntimeEncoder:
@@ -57,6 +59,7 @@ class OnnxRuntimeEncoder:
         # ORT's idle worker threads spin for a while after each run; llama.cpp prefills right after the encode on
         # the same cores, so spinning only steals its time
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.graph_bytes = graph.stat().st_size + sum(f.stat().st_size for f in graph.parent.glob(f"{graph.name}.data"))
         try:
             self.session = ort.InferenceSession(str(graph), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT's own error types: a graph it cannot load is the bundle's problem
@@ -84,7 +87,8 @@ class OnnxRuntimeEncoder:
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise BadInputError(f"encoder input must be (tiles, {', '.join(map(str, expected))}), got {pixel_values.shape}")
         pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        step = max(1, min(self.spec.max_tiles, TILES_PER_RUN))
+        per_run = CPU_TILES_PER_RUN if self.provider == PROVIDERS["cpu"] else TILES_PER_RUN
+        step = max(1, min(self.spec.max_tiles, per_run))
         chunks = [pixel_values[i : i + step] for i in range(0, len(pixel_values), step)]
         outputs = [self.session.run([self.spec.output_name], {self.spec.input_name: c})[0] for c in chunks]
         return np.concatenate(outputs).astype(np.float32, copy=False)  # (tiles, T, D)
