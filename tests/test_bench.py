@@ -125,3 +125,17 @@ def test_bench_passes_memory_flags_to_every_run(bundles, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [run["metrics"]["warm_prefix_cache_hits"] for run in result["runs"]] == [0, 0]
     assert result["scenario"]["prefix_cache_bytes"] == 0 and result["scenario"]["n_ctx"] == 256
+
+
+def test_report_rows_show_llama_bench_prompt_rate_not_nan():
+    """llama-bench reports a prompt-processing rate and no TTFT: its row shows the rate (it showed "nan (text)")."""
+    from edgevlm.bench.report import rows
+
+    rate = {"median": 250.0, "min": 240.0, "max": 260.0}
+    result = {"runs": [], "peers": [
+        {"name": "llama-bench (gguf:q8_0)", "metrics": {"decode_tok_s": {**rate, "median": 95.0}, "prefill_tok_s": rate}},
+        {"name": "llama-cpp-python generate (gguf:q8_0)",
+         "metrics": {"decode_tok_s": rate, "ttft_text_only_ms": {"median": 120.0, "min": 1.0, "max": 2.0}}}]}
+    bench, loop = rows(result)
+    assert bench[3] == "pp 250 tok/s" and bench[4] == "-" and bench[6] == "95.0" and "nan" not in " ".join(bench)
+    assert loop[3] == "-" and loop[4] == "120.0 (text)"

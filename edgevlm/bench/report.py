@@ -50,10 +50,11 @@ def rows(result: dict) -> list[list[str]]:
                         f"{_m(m['prefill_decode_ms']):.1f}", f"{_m(m['ttft_cold_ms']):.1f}", f"{_m(m['ttft_warm_ms']):.1f}",
                         f"{_m(m['decode_tok_s']):.1f}", "-", "-", f"{m['peak_rss_mb']:.0f}", "-"]
                        + (["-"] if with_accuracy else []))
-        elif "metrics" in peer:
+        elif "metrics" in peer:  # text-only peers: llama-cpp-python's loop (TTFT of a text prompt), llama-bench (pp rate)
             m = peer["metrics"]
-            out.append([peer["name"], "-", "-", "-", f"{_m(m.get('ttft_text_only_ms', {'median': float('nan')})):.1f} (text)",
-                        "-", f"{_m(m['decode_tok_s']):.1f}", *["-"] * (width - 7)])
+            prefill = f"pp {_m(m['prefill_tok_s']):.0f} tok/s" if "prefill_tok_s" in m else "-"
+            ttft = f"{_m(m['ttft_text_only_ms']):.1f} (text)" if "ttft_text_only_ms" in m else "-"
+            out.append([peer["name"], "-", "-", prefill, ttft, "-", f"{_m(m['decode_tok_s']):.1f}", *["-"] * (width - 7)])
         else:
             out.append([peer["name"], "skipped: " + peer["skipped"], *["-"] * (width - 2)])
     return out
