@@ -71,3 +71,22 @@ def test_sessions_with_either_sampler_answer_alike(bundles, images):
     session.decoder.sampler = None  # the numpy reference
     assert [ask(), ask(repetition_penalty=1.3)] == native
     assert seeded[0] == seeded[1]
+
+
+def test_the_one_token_step_equals_a_one_token_prefill(bundles):
+    """The decode loop's fast path (a batch whose fixed fields are set once) gives prefill's logits, bit for bit."""
+    from edgevlm.manifest import Manifest
+    from edgevlm.runtimes.base import Segment
+    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+
+    bundle = bundles["llava-siglip"]
+    path = bundle / Manifest.load(bundle).find("decoder", "gguf:f32").path
+    stepped, prefilled = (LlamaCppDecoder(path, n_ctx=64, threads=1, parity=True) for _ in range(2))
+    prompt = np.asarray([1, 5, 9, 13, 17], dtype=np.int32)
+    for decoder in (stepped, prefilled):
+        decoder.prefill([Segment.tokens(prompt, 0)])
+    for position, token in enumerate([21, 25, 29, 33], start=len(prompt)):
+        a = stepped.step(token, position).copy()
+        b = prefilled.prefill([Segment.tokens(np.asarray([token], dtype=np.int32), position)]).copy()
+        assert np.array_equal(a, b) and stepped.n_past == prefilled.n_past == position + 1
+    assert stepped.next_position == prefilled.next_position == len(prompt) + 4

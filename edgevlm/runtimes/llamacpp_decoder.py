@@ -118,6 +118,9 @@ class LlamaCppDecoder:
         self.model_bytes = int(llama_cpp.llama_model_size(self.model))
         self._tokens = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._embeds = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._one = llama_cpp.llama_batch_init(1, 0, 1)  # the decode loop's batch: fixed fields set once
+        self._one.n_tokens, self._one.n_seq_id[0], self._one.logits[0] = 1, 1, 1
+        self._one.seq_id[0][0] = 0
         self.n_past = 0
         self.next_position = 0
 
@@ -166,6 +169,18 @@ class LlamaCppDecoder:
         # copying 49k floats per token is measurable at ~100 tok/s. Callers that keep logits copy them.
         return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
 
+    def step(self, token: int, position: int) -> np.ndarray:
+        """One generated token at a 1-D position: what prefill does for a one-token segment, without building one."""
+        if self.n_past >= self.n_ctx:
+            raise RuntimeError(f"{self.n_past + 1} positions exceed the llama.cpp context of {self.n_ctx}")
+        self._one.token[0], self._one.pos[0] = token, position
+        status = self._lib.llama_decode(self.ctx, self._one)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} at position {position} (n_ctx={self.n_ctx})")
+        self.n_past += 1
+        self.next_position = max(self.next_position, position + 1)
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
+
     def sampler(self, config, history: list[int]) -> NativeSampler:
         return NativeSampler(self, config, history)
 
@@ -212,6 +227,7 @@ class LlamaCppDecoder:
         if getattr(self, "ctx", None):
             self._lib.llama_batch_free(self._tokens)
             self._lib.llama_batch_free(self._embeds)
+            self._lib.llama_batch_free(self._one)
             self._lib.llama_free(self.ctx)
             self._lib.llama_model_free(self.model)
             self.ctx = None

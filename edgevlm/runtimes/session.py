@@ -232,6 +232,7 @@ class Session:
         detok = IncrementalDetokenizer(self.spec.tokenizer)
         t_first = None
         native = getattr(self.decoder, "sampler", None)  # llama.cpp's own sampler chain, on its own logits
+        step = getattr(self.decoder, "step", None) if self.spec.position_scheme == "1d" else None
         sampler = native(config, history) if native is not None else Sampler(config)
         try:
             logits = self._prefill(prompt, prepared, timings)
@@ -258,8 +259,11 @@ class Session:
                     if piece:
                         yield Delta(piece)
                     break
-                logits = self.decoder.prefill([Segment(text_positions(self.spec.position_scheme, position, 1),
-                                                       token_ids=np.asarray([token], dtype=np.int32))])
+                if step is not None:  # the decoder's own one-token path (llama.cpp: a batch set up once)
+                    logits = step(token, position)
+                else:
+                    logits = self.decoder.prefill([Segment(text_positions(self.spec.position_scheme, position, 1),
+                                                           token_ids=np.asarray([token], dtype=np.int32))])
                 self._kv_keys.append(token)
                 position += 1
                 step_ms.append((time.perf_counter() - t0) * 1e3)  # decode, sampling, detokenizing: not the consumer
