@@ -264,3 +264,16 @@ def test_bench_runs_llama_cpp_mtmd_as_a_peer(mmproj_bundles):
     assert m["peak_rss_mb"] > 0 and m["n_new_tokens"] == 4
     ratios = result["runs"][0]["vs_peers"][peer["name"]]
     assert set(ratios) == {"decode_tok_s", "ttft_cold", "ttft_warm", "peak_rss"}
+
+
+def test_a_bundle_whose_only_encoder_is_an_mmproj_says_what_to_do(ckpts, tmp_path, capsys):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    bundle = export_checkpoint(ckpts["idefics3"], tmp_path / "mmproj-only", [ArtifactRequest("mmproj", "f16")],
+                               [ArtifactRequest("gguf", "q8_0")], max_tiles=4)
+    image = tmp_path / "image.png"
+    random_image(3, 40, 30).save(image)
+    code = main(["run", str(bundle), "--image", str(image), "--prompt", "What?", "--max-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "mmproj:f16" in err and "onnx" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err

@@ -26,6 +26,11 @@ def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[st
     for name in preference:
         if name in have:
             return name
+    mmprojs = [n for n in manifest.names(role) if n not in have] if role == "encoder" else []
+    if mmprojs:
+        raise BundleError(f"the bundle's only encoder is llama.cpp's mmproj ({', '.join(mmprojs)}), which edgevlm does "
+                          "not run itself; export an ONNX encoder too (--encoder onnx:int8) or run the bundle in "
+                          "llama.cpp (`edgevlm inspect BUNDLE` prints the command)")
     raise BundleError(f"the bundle has no {role}; export one with `edgevlm export --{role} ...`")
 
 
