@@ -17,6 +17,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ROLES = ("encoder", "decoder", "tokenizer", "engine")
 MMPROJ_FORMAT = "gguf-mmproj"  # llama.cpp's vision half, for llama-mtmd-cli / llama-server / Ollama
+MMPROJ_PRECISIONS = ("f16", "f32", "q8_0")  # preferred first: f16 is what llama.cpp's own converter writes
 
 
 def sha256_file(path: Path) -> str:
@@ -188,3 +189,8 @@ class Manifest:
     def names(self, role: str, runnable: bool = False) -> list[str]:
         """runnable: only what edgevlm's own runtime runs (an mmproj is for llama.cpp's mtmd, see runtimes/mtmd.py)."""
         return [a.name for a in self.artifacts if a.role == role and not (runnable and a.format == MMPROJ_FORMAT)]
+
+    def mmproj_names(self) -> list[str]:
+        """The bundle's llama.cpp mmproj artifacts, preferred first."""
+        have = {a.precision: a.name for a in self.artifacts if a.format == MMPROJ_FORMAT}
+        return [have[p] for p in MMPROJ_PRECISIONS if p in have]

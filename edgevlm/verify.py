@@ -94,7 +94,7 @@ def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dic
 
     with torch.inference_mode():
         ref = ckpt.vision(torch.from_numpy(pixels)).numpy()
-    for name in [n for n in manifest.names("encoder") if n not in manifest.names("encoder", runnable=True)]:
+    for name in manifest.mmproj_names():
         log(f"encoder {name} (through llama.cpp's libmtmd)")
         try:
             rows.append(verify_mmproj(bundle, manifest, name, ckpt, threads))

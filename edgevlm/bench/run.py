@@ -170,11 +170,9 @@ def mtmd_peers(bundle: Path, pairs: list[tuple[str, str]], scenario: harness.Sce
     llama.cpp's converter writes it by default)."""
     import dataclasses
 
-    from ..commands.inspect import MMPROJ_PREFERENCE
     from ..manifest import Manifest
 
-    manifest = Manifest.load(bundle)
-    mmprojs = [n for n in MMPROJ_PREFERENCE if n in manifest.names("encoder")]
+    mmprojs = Manifest.load(bundle).mmproj_names()
     decoders = sorted({d for _, d in pairs if d.startswith("gguf")})
     if not decoders:
         return []

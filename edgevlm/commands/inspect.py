@@ -33,14 +33,11 @@ def checkpoint_summary(path: Path) -> dict:
     }
 
 
-MMPROJ_PREFERENCE = ("mmproj:f16", "mmproj:f32", "mmproj:q8_0")
-
-
 def llama_cpp_usage(path: Path, manifest) -> dict | None:
     """How to run the bundle in stock llama.cpp: its decoder GGUF with its mmproj (libmtmd reads both)."""
     from ..runtimes.bundle_loader import DECODER_PREFERENCE
 
-    mmprojs = [n for n in MMPROJ_PREFERENCE if n in manifest.names("encoder")]
+    mmprojs = manifest.mmproj_names()
     ggufs = [n for n in DECODER_PREFERENCE if n.startswith("gguf:") and n in manifest.names("decoder")]
     if not mmprojs or not ggufs:
         return None

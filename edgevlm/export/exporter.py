@@ -9,13 +9,13 @@ from pathlib import Path
 
 from ..decoder_arch import architecture_for_model_type
 from ..errors import BadInputError
-from ..manifest import DecoderSpec, EncoderSpec, Manifest
+from ..manifest import MMPROJ_PRECISIONS, DecoderSpec, EncoderSpec, Manifest
 from .bundle import BundleWriter, recover_interrupted, write_bundle
 
 # format -> (module under edgevlm.export, precisions); the first precision is the default
 # "gguf" on the encoder side is llama.cpp's mmproj (artifact name mmproj:<precision>); "mmproj" is the same writer
-ENCODER_FORMATS = {"onnx": ("onnx", ("fp32", "fp16", "int8")), "gguf": ("mmproj", ("f16", "f32", "q8_0")),
-                   "mmproj": ("mmproj", ("f16", "f32", "q8_0"))}
+ENCODER_FORMATS = {"onnx": ("onnx", ("fp32", "fp16", "int8")), "gguf": ("mmproj", MMPROJ_PRECISIONS),
+                   "mmproj": ("mmproj", MMPROJ_PRECISIONS)}
 DECODER_FORMATS = {
     "gguf": ("gguf", ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")),
     "mlx": ("mlx", ("fp32", "fp16", "8bit", "4bit")),
@@ -44,7 +44,7 @@ def parse_requests(text: str | None, formats: dict, role: str) -> list[ArtifactR
         precision = precision or precisions[0]
         if precision not in precisions:
             raise BadInputError(f"{role} {fmt} has no precision {precision!r}; choose from {', '.join(precisions)}")
-        request = ArtifactRequest(formats[fmt][0] if fmt == "gguf" and role == "encoder" else fmt, precision)
+        request = ArtifactRequest(formats[fmt][0], precision)  # the writer module's name is the canonical format
         if request not in requests:  # gguf:f16 and mmproj:f16 name the same encoder artifact
             requests.append(request)
     return requests

@@ -17,7 +17,6 @@ from ..errors import BadInputError
 from ..manifest import Artifact
 from .bundle import BundleWriter
 
-PRECISIONS = ("f16", "f32", "q8_0")
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 PINNED_LLAMA_CPP = "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)"
 Q8_0_BLOCK = 32  # ggml's Q8_0 block: rows must be a multiple of it

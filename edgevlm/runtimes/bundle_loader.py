@@ -18,7 +18,7 @@ def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[st
     if choice:
         if choice == "torch" or choice in have:
             return choice
-        if role == "encoder" and choice in manifest.names("encoder"):
+        if role == "encoder" and choice in manifest.mmproj_names():
             raise BadInputError(f"{choice} is llama.cpp's mmproj, which edgevlm does not run itself (see `edgevlm inspect "
                                 f"BUNDLE` for the llama.cpp command line); choose from {', '.join(have) or 'none'}")
         raise BadInputError(f"the bundle has no {role} {choice!r}; it has: {', '.join(have) or 'none'} "
@@ -26,7 +26,7 @@ def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[st
     for name in preference:
         if name in have:
             return name
-    mmprojs = [n for n in manifest.names(role) if n not in have] if role == "encoder" else []
+    mmprojs = manifest.mmproj_names() if role == "encoder" else []
     if mmprojs:
         raise BundleError(f"the bundle's only encoder is llama.cpp's mmproj ({', '.join(mmprojs)}), which edgevlm does "
                           "not run itself; export an ONNX encoder too (--encoder onnx:int8) or run the bundle in "

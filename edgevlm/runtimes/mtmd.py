@@ -134,19 +134,23 @@ class MtmdPipeline:
             tokenized.handle = None
 
     # -- vision -----------------------------------------------------------------------------------------------------
+    def _encode_chunk(self, tokenized: Tokenized, i: int):
+        """mtmd's encoder on image chunk i; its embeddings stay in mtmd's output buffer (mtmd_get_output_embd)."""
+        chunk = self._mtmd.mtmd_input_chunks_get(tokenized.handle, i)
+        if self._mtmd.mtmd_encode_chunk(self.mctx, chunk) != 0:
+            raise RuntimeError(f"mtmd_encode_chunk failed on chunk {i}")
+        return chunk
+
     def encode(self, tokenized: Tokenized) -> tuple[list[np.ndarray], list[float]]:
         """Every image chunk through mtmd's encoder: embeddings (n_tokens, n_embd) and milliseconds per chunk."""
-        mtmd = self._mtmd
         out, times = [], []
         for i, info in enumerate(tokenized.chunks):
             if info.kind != "image":
                 continue
-            chunk = mtmd.mtmd_input_chunks_get(tokenized.handle, i)
             start = time.perf_counter()
-            if mtmd.mtmd_encode_chunk(self.mctx, chunk) != 0:
-                raise RuntimeError(f"mtmd_encode_chunk failed on chunk {i}")
+            self._encode_chunk(tokenized, i)
             times.append((time.perf_counter() - start) * 1e3)
-            pointer = mtmd.mtmd_get_output_embd(self.mctx)
+            pointer = self._mtmd.mtmd_get_output_embd(self.mctx)
             out.append(np.ctypeslib.as_array(pointer, shape=(info.n_tokens * self.n_embd,))
                        .reshape(info.n_tokens, self.n_embd).copy())  # (n_tokens, n_embd)
         return out, times
@@ -192,15 +196,14 @@ class MtmdPipeline:
             last = i == len(chunks) - 1
             info = chunks[i]
             start = time.perf_counter()
-            if info.kind == "text" and i == n_chunks and n_text:
-                n_past = self._decode_tokens(info.token_ids[n_text:], n_past, last)
-            elif info.kind == "text":
-                n_past = self._decode_tokens(info.token_ids, n_past, last)
+            if info.kind == "text":  # only the first chunk computed can be partly cached
+                n_past = self._decode_tokens(info.token_ids[n_text if i == n_chunks else 0:], n_past, last)
             else:  # what mtmd_helper_eval_chunk_single does, timed in its two steps
-                chunk = mtmd.mtmd_input_chunks_get(tokenized.handle, i)
-                if mtmd.mtmd_encode_chunk(self.mctx, chunk) != 0:
+                try:
+                    chunk = self._encode_chunk(tokenized, i)
+                except RuntimeError:
                     self.clear()
-                    raise RuntimeError(f"mtmd_encode_chunk failed on chunk {i}")
+                    raise
                 encoded = time.perf_counter()
                 encode_ms.append((encoded - start) * 1e3)
                 new_n_past = lib.llama_pos(0)
