@@ -47,6 +47,13 @@ ARCHITECTURES = {
         name="llama", hf_model_types=("llama",), hf_class="LlamaForCausalLM", hf_rotary_class="LlamaRotaryEmbedding",
         gguf_arch="LLAMA", permute_qk=True, bias_tensors=(), mlx_model_type="llama", position_schemes=("1d",),
     ),
+    # Qwen2 / Qwen2.5 (InternVL3, LLaVA-OneVision): q/k/v biases; llama.cpp's qwen2 arch uses NEOX (rotate-half)
+    # RoPE, so Q/K go in unpermuted (llama-model.cpp llama_model_rope_type: QWEN2 -> LLAMA_ROPE_TYPE_NEOX)
+    "qwen2": DecoderArch(
+        name="qwen2", hf_model_types=("qwen2",), hf_class="Qwen2ForCausalLM", hf_rotary_class="Qwen2RotaryEmbedding",
+        gguf_arch="QWEN2", permute_qk=False, bias_tensors=("attn_q", "attn_k", "attn_v"), mlx_model_type="qwen2",
+        position_schemes=("1d",),
+    ),
 }
 
 

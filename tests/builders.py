@@ -19,8 +19,8 @@ IDEFICS3_SPECIALS = (
 )
 
 
-def text_config(vocab_size: int, **overrides):
-    from transformers import LlamaConfig
+def text_config(vocab_size: int, decoder: str = "llama", **overrides):
+    from transformers import LlamaConfig, Qwen2Config
 
     values = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -28,6 +28,8 @@ def text_config(vocab_size: int, **overrides):
         bos_token_id=0, eos_token_id=2, pad_token_id=0,
     )
     values.update(overrides)
+    if decoder == "qwen2":  # Qwen2's q/k/v biases come with the class
+        return Qwen2Config(**values, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     return LlamaConfig(**values)
 
 
@@ -46,8 +48,8 @@ LLAVA15_TEMPLATE = (
 PARAGRAPHS = ["Rows of shapes.\n\nThe next row.\n\n\n\nEnd.\n"] * 40
 
 
-def _tokenizer(specials, template, extra_corpus: tuple[str, ...] | list[str] = ()):
-    return wrap(train_bpe(CORPUS + list(extra_corpus), 400, specials), bos="<|endoftext|>", eos="<|im_end|>",
+def _tokenizer(specials, template, extra_corpus: tuple[str, ...] | list[str] = (), pre: str = "gpt-2"):
+    return wrap(train_bpe(CORPUS + list(extra_corpus), 400, specials, pre=pre), bos="<|endoftext|>", eos="<|im_end|>",
                 chat_template=template)
 
 
@@ -80,7 +82,10 @@ def sentencepiece_tokenizer(folder: Path):
     return tokenizer
 
 
-def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int = 32, vocab: str = "bpe") -> Path:
+def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int = 32, vocab: str = "bpe",
+                decoder: str = "llama", tied: bool = False) -> Path:
+    """decoder="qwen2": a LLaVA with a Qwen2 decoder and Qwen2's byte-level BPE pre-tokenizer (the layout of
+    llava-interleave-qwen: LlavaForConditionalGeneration + SigLIP + Qwen2)."""
     from transformers import (
         CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig,
     )
@@ -93,8 +98,8 @@ def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int =
         template = LLAVA15_TEMPLATE
         text_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": 0}
     else:
-        tokenizer, template = _tokenizer(LLAVA_SPECIALS, CHATML_TEMPLATE), CHATML_TEMPLATE
-        text_ids = {}
+        tokenizer = _tokenizer(LLAVA_SPECIALS, CHATML_TEMPLATE, pre="qwen2" if decoder == "qwen2" else "gpt-2")
+        template, text_ids = CHATML_TEMPLATE, {}
     vision_kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          image_size=image_size, patch_size=8)
     if tower == "clip":
@@ -106,11 +111,16 @@ def build_llava(out: Path, tower: str = "clip", seed: int = 0, image_size: int =
         strategy, extra = "full", 0
         image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
     config = LlavaConfig(
-        vision_config=vision, text_config=text_config(len(tokenizer), **text_ids),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_config=vision, text_config=text_config(len(tokenizer), decoder, tie_word_embeddings=tied, **text_ids),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2, tie_word_embeddings=tied,
         vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(config).eval()
+    if decoder == "qwen2":  # transformers initialises the q/k/v biases to zero: make them matter to the parity tests
+        with torch.no_grad():
+            for name, param in model.model.language_model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0.0, 0.5)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
                                chat_template=template)
@@ -137,4 +147,31 @@ def build_idefics3(out: Path, seed: int = 0, splitting: bool = True) -> Path:
                                   chat_template=SMOLVLM_TEMPLATE)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+def build_smolvlm2(out: Path, seed: int = 0) -> Path:
+    """SmolVLM2 (SmolVLMForConditionalGeneration, model_type smolvlm). Its processor class needs torchvision and
+    num2words, so the parts are saved one by one, as the Hub checkpoints ship them: image processor, tokenizer,
+    processor_config.json (image_seq_len) and the chat template."""
+    import json
+
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(IDEFICS3_SPECIALS, DEFAULT_CHAT_TEMPLATE, PARAGRAPHS)
+    vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=32, patch_size=8)
+    config = SmolVLMConfig(vision_config=vision, text_config=text_config(len(tokenizer)).to_dict(), scale_factor=2,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model = SmolVLMForConditionalGeneration(config).eval()
+    model.save_pretrained(out)
+    SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                             do_image_splitting=True).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_len": 4, "processor_class": "SmolVLMProcessor"}))
     return out

@@ -92,6 +92,9 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         "llava-siglip": builders.build_llava(root / "llava-siglip", "siglip", seed=1),
         "idefics3": builders.build_idefics3(root / "idefics3", seed=2),
         "idefics3-nosplit": builders.build_idefics3(root / "idefics3-nosplit", seed=3, splitting=False),
+        "smolvlm2": builders.build_smolvlm2(root / "smolvlm2", seed=5),
+        "llava-qwen2": builders.build_llava(root / "llava-qwen2", "siglip", seed=6, decoder="qwen2"),
+        "llava-qwen2-tied": builders.build_llava(root / "llava-qwen2-tied", "siglip", seed=7, decoder="qwen2", tied=True),
     }
 
 

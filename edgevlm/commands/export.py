@@ -34,9 +34,13 @@ def main(args) -> int:
             console.log(message)
             status.update(message.strip())
 
+        def tensor_progress(done: int, total: int, name: str) -> None:
+            status.update(f"writing tensors {done}/{total} ({name})")
+
         out = export_checkpoint(args.checkpoint, args.output, encoders, decoders, max_tiles=args.max_tiles,
                                 force=args.force, progress=log,
-                                options={"threads": args.threads, "group_size": args.mlx_group_size})
+                                options={"threads": args.threads, "group_size": args.mlx_group_size,
+                                         "tensor_progress": tensor_progress})
     manifest = Manifest.load(out)
     rows = [(a.name, a.role, a.precision, a.bytes / 2**20, a.path) for a in manifest.artifacts]
     if args.json:

@@ -2,6 +2,7 @@
 artifact (encoder/decoder formats are plugins under edgevlm/export/) into an atomic bundle."""
 from __future__ import annotations
 
+import gc
 import importlib
 import shutil
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
     import torch
 
     with torch.inference_mode():
-        probe = ckpt.vision(torch.zeros(1, 3, tile_h, tile_w))  # (1, T, D): the output shape, measured once
+        probe = ckpt.vision(torch.zeros(1, 3, tile_h, tile_w, dtype=ckpt.vision_dtype))  # (1, T, D): the output shape, measured once
     tokens, dim = int(probe.shape[1]), int(probe.shape[2])
     if tokens != ckpt.layout.tokens_per_tile:
         raise BadInputError(f"the vision module makes {tokens} tokens per tile but the processor expects "
@@ -108,7 +109,7 @@ def export_checkpoint(
 ) -> Path:
     from ..families import load_checkpoint
 
-    options = options or {}
+    options = dict(options or {})
     log = progress or (lambda message: None)
     if max_tiles < 1:
         raise BadInputError(f"--max-tiles must be >= 1, got {max_tiles}")
@@ -118,20 +119,42 @@ def export_checkpoint(
     if output.exists() and not force:
         raise BadInputError(f"{output} already exists; choose another -o or pass --force to replace it")
     log(f"loading {checkpoint}")
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, dtype="auto")  # stored dtype: no fp32 copy of a bf16 checkpoint
     for request in encoders:  # refuse what cannot be written before the slow artifacts are
-        module = importlib.import_module(f"{__package__}.{ENCODER_FORMATS[request.format][0]}")
+        module = _module(ENCODER_FORMATS, request)
         if hasattr(module, "check_encoder"):
             module.check_encoder(ckpt, request.precision)
     manifest = build_manifest(ckpt, max_tiles)
+    tensor_progress = options.pop("tensor_progress", None)
     with write_bundle(output, manifest, overwrite=force) as writer:
         manifest.artifacts.append(write_tokenizer(ckpt, writer))
-        for request in encoders:
-            log(f"encoder {request.name}")
-            module = importlib.import_module(f"{__package__}.{ENCODER_FORMATS[request.format][0]}")
-            manifest.artifacts.append(module.export_encoder(ckpt, manifest, writer, request.precision, log=log, **options))
+        # Memory: the decoder's inputs (GGUF files, the quantizer's 16-bit input, mlx-lm's HF folder) are written
+        # first, straight from the stored-dtype weights; then the decoder is freed before llama.cpp's quantizer,
+        # mlx-lm and the vision export run, so no step holds two copies of the model.
         for request in decoders:
+            log(f"decoder {request.name}: writing from the checkpoint")
+            _module(DECODER_FORMATS, request).prepare_decoder(ckpt, manifest, writer, request.precision, log=log,
+                                                             tensor_progress=tensor_progress, **options)
+        ckpt.release_decoder()
+        gc.collect()
+        decoder_artifacts = []
+        for i, request in enumerate(decoders):
             log(f"decoder {request.name}")
-            module = importlib.import_module(f"{__package__}.{DECODER_FORMATS[request.format][0]}")
-            manifest.artifacts.append(module.export_decoder(ckpt, manifest, writer, request.precision, log=log, **options))
+            module = _module(DECODER_FORMATS, request)
+            decoder_artifacts.append(module.export_decoder(ckpt, manifest, writer, request.precision, log=log, **options))
+            if all(r.format != request.format for r in decoders[i + 1 :]):
+                module.release_intermediates(writer)
+        if encoders:
+            ckpt.vision.float()  # the encoder graphs are exported in fp32 (fp16/int8 variants derive from it)
+        for i, request in enumerate(encoders):
+            log(f"encoder {request.name}")
+            module = _module(ENCODER_FORMATS, request)
+            manifest.artifacts.append(module.export_encoder(ckpt, manifest, writer, request.precision, log=log, **options))
+            if all(r.format != request.format for r in encoders[i + 1 :]) and hasattr(module, "release_intermediates"):
+                module.release_intermediates(writer)
+        manifest.artifacts.extend(decoder_artifacts)
     return output
+
+
+def _module(formats: dict, request: ArtifactRequest):
+    return importlib.import_module(f"{__package__}.{formats[request.format][0]}")

@@ -15,11 +15,12 @@ import numpy as np
 
 from ..decoder_arch import architecture
 from ..errors import BadInputError, CheckpointError
+from ..reference.tokenizers import QWEN2_SPLIT
 from ..manifest import Artifact
 from .bundle import BundleWriter
 
 # precision -> gguf-py's LlamaFileType member (= llama.h's llama_ftype, which the quantizer takes)
-FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q4_0": "MOSTLY_Q4_0", "q8_0": "MOSTLY_Q8_0",
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q4_0": "MOSTLY_Q4_0", "q8_0": "MOSTLY_Q8_0",
               "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
 K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
 QK_K = 256  # K-quant super-block width: rows must be a multiple of it
@@ -51,9 +52,12 @@ def tokenizer_pre(tokenizer_json: dict) -> str:
         return "gpt-2"
     if types == ["Digits", "ByteLevel"] and items[0].get("individual_digits"):
         return "smollm"
+    if (types == ["Split", "ByteLevel"] and items[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT
+            and not items[1].get("use_regex", True)):
+        return "qwen2"  # llama-vocab.cpp LLAMA_VOCAB_PRE_TYPE_QWEN2: the same regex
     raise CheckpointError(
-        f"the tokenizer's pre-tokenizer {types} has no known llama.cpp name; supported: plain ByteLevel (gpt-2) "
-        "and Digits+ByteLevel (smollm)"
+        f"the tokenizer's pre-tokenizer {types} has no known llama.cpp name; supported: plain ByteLevel (gpt-2), "
+        "Digits+ByteLevel (smollm) and Qwen2's Split+ByteLevel (qwen2)"
     )
 
 
@@ -176,18 +180,24 @@ def adds_space_prefix(data: dict) -> bool:
     return any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in normalizers)
 
 
-def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f32") -> Path:
-    """The decoder as an F32 or F16 GGUF: hyper-parameters, tokenizer and tensors."""
+# GGUF tensor type per written precision for matrices; norms and biases are always F32, as llama.cpp's converter
+# writes them. "bf16" is only the quantizer's input for bf16 checkpoints (no rounding of their weights).
+MATRIX_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+
+
+def intermediate_precision(ckpt) -> str:
+    """The quantizer's input: 16 bits, never an F32 copy of a checkpoint (bf16 stays bf16: F16 could overflow)."""
+    import torch
+
+    dtype = next(ckpt.decoder.parameters()).dtype
+    return "bf16" if dtype == torch.bfloat16 else "f16"
+
+
+def _writer_header(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str):
     import gguf
 
     spec = manifest.decoder
     arch = architecture(spec.architecture)
-    state = {k: v.detach().float().numpy() for k, v in ckpt.decoder.state_dict().items()}
-    n_blocks = spec.n_layers
-    names = {k: arch.gguf_tensor_name(k, n_blocks) for k in state}
-    stray = [k for k in state if k.endswith(".bias") and names[k].split(".")[-2] not in arch.bias_tensors]
-    if stray:
-        raise CheckpointError(f"the decoder has biases {stray[:3]} that the {arch.name} GGUF layout has no place for")
     writer = gguf.GGUFWriter(str(path), arch.gguf_arch_name())
     writer.add_name(f"edgevlm {manifest.family} decoder")
     writer.add_context_length(spec.context_length)
@@ -207,26 +217,60 @@ def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f3
     writer.add_vocab_size(spec.vocab_size)
     writer.add_file_type(file_type(dtype))
     write_vocab(writer, ckpt.tokenizer, tokenizer_dir, spec.vocab_size, manifest.tokenizer.get("chat_template"))
+    return writer
 
-    def matrix(array: np.ndarray) -> np.ndarray:
-        return array.astype(np.float16) if dtype == "f16" else array.astype(np.float32)
 
-    for hf_name, array in state.items():
+def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f32", progress=None) -> Path:
+    """The decoder as an F32, F16 or BF16 GGUF: hyper-parameters, tokenizer and tensors. Tensors are converted and
+    written one at a time from the checkpoint's own (stored-dtype) tensors: the writer never holds a copy of the
+    model. progress(done, total, name) is called per tensor."""
+    import gguf
+    import torch
+
+    spec = manifest.decoder
+    arch = architecture(spec.architecture)
+    state = ckpt.decoder.state_dict()  # references to the model's tensors, no copies
+    n_blocks = spec.n_layers
+    names = {k: arch.gguf_tensor_name(k, n_blocks) for k in state}
+    stray = [k for k in state if k.endswith(".bias") and names[k].split(".")[-2] not in arch.bias_tensors]
+    if stray:
+        raise CheckpointError(f"the decoder has biases {stray[:3]} that the {arch.name} GGUF layout has no place for")
+    plan = []  # (hf name, gguf name, GGML type name)
+    for hf_name in state:
         gguf_name = names[hf_name]
         if gguf_name == "output.weight" and spec.tie_word_embeddings:
             continue  # tied: llama.cpp falls back to token_embd
         kind = gguf_name.split(".")[-2]  # attn_q, attn_k, ffn_up, attn_norm, ...
-        if arch.permute_qk and kind == "attn_q" and hf_name.endswith(".weight"):
-            array = permute_rope(array, spec.n_heads)
-        elif arch.permute_qk and kind == "attn_k" and hf_name.endswith(".weight"):
-            array = permute_rope(array, spec.n_kv_heads)
-        keep_f32 = kind.endswith("norm") or hf_name.endswith(".bias")  # norms and biases stay F32, as llama.cpp's
-        writer.add_tensor(gguf_name, array.astype(np.float32) if keep_f32 else matrix(array))
+        keep_f32 = kind.endswith("norm") or hf_name.endswith(".bias") or state[hf_name].dim() < 2
+        plan.append((hf_name, gguf_name, "F32" if keep_f32 else MATRIX_TYPES[dtype]))
+
+    def converted(hf_name: str, type_name: str) -> np.ndarray:
+        tensor = state[hf_name].detach()
+        kind = names[hf_name].split(".")[-2]
+        if arch.permute_qk and hf_name.endswith(".weight") and kind in ("attn_q", "attn_k"):
+            tensor = torch.from_numpy(permute_rope(tensor.float().numpy(), spec.n_heads if kind == "attn_q" else spec.n_kv_heads))
+        if type_name == "BF16":  # the stored bits, viewed as uint16 (gguf-py takes raw BF16 that way)
+            return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        return tensor.to(torch.float16 if type_name == "F16" else torch.float32).contiguous().numpy()
+
+    writer = _writer_header(ckpt, manifest, path, tokenizer_dir, dtype)
+    for hf_name, gguf_name, type_name in plan:
+        shape = tuple(state[hf_name].shape)
+        nbytes = int(np.prod(shape)) * (4 if type_name == "F32" else 2)
+        raw = gguf.GGMLQuantizationType.BF16 if type_name == "BF16" else None
+        writer.add_tensor_info(gguf_name, shape, np.dtype(np.uint16 if raw else MATRIX_DTYPES[type_name]), nbytes, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for done, (hf_name, gguf_name, type_name) in enumerate(plan, 1):
+        writer.write_tensor_data(converted(hf_name, type_name))
+        if progress:
+            progress(done, len(plan), gguf_name)
     writer.close()
     return path
+
+
+MATRIX_DTYPES = {"F32": np.float32, "F16": np.float16}
 
 
 def quantize(source: Path, path: Path, precision: str, threads: int | None = None) -> None:
@@ -264,21 +308,37 @@ def k_quant_fallbacks(spec, precision: str) -> str | None:
             "quant (Q5_0/Q8_0/...) instead of a K-quant; see tensor_types")
 
 
-def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, threads: int | None = None, **_) -> Artifact:
-    folder = writer.root / "decoder"
-    folder.mkdir(exist_ok=True)
-    scratch = writer.root / ".work"
-    scratch.mkdir(exist_ok=True)
+def _intermediate(writer: BundleWriter) -> Path | None:
+    found = sorted((writer.root / ".work").glob("intermediate-*.gguf"))
+    return found[0] if found else None
+
+
+def prepare_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, tensor_progress=None, **_) -> None:
+    """Everything that needs the torch decoder: an F32/F16 GGUF itself, or the 16-bit quantizer input (written
+    once for all quantized GGUFs). Runs before the exporter releases the decoder's weights."""
+    (writer.root / "decoder").mkdir(exist_ok=True)
     tokenizer_dir = writer.root / "tokenizer"
-    path = folder / f"{precision}.gguf"
     if precision in ("f32", "f16"):
         log(f"  writing {precision.upper()} GGUF")
-        write_gguf(ckpt, manifest, path, tokenizer_dir, precision)
-    else:
-        source = scratch / "f32.gguf"
-        if not source.exists():
-            log("  writing F32 GGUF (quantizer input)")
-            write_gguf(ckpt, manifest, source, tokenizer_dir, "f32")
+        write_gguf(ckpt, manifest, writer.root / "decoder" / f"{precision}.gguf", tokenizer_dir, precision,
+                   progress=tensor_progress)
+    elif _intermediate(writer) is None:
+        source_precision = intermediate_precision(ckpt)
+        scratch = writer.root / ".work"
+        scratch.mkdir(exist_ok=True)
+        log(f"  writing {source_precision.upper()} GGUF (quantizer input)")
+        write_gguf(ckpt, manifest, scratch / f"intermediate-{source_precision}.gguf", tokenizer_dir, source_precision,
+                   progress=tensor_progress)
+
+
+def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, threads: int | None = None, **_) -> Artifact:
+    """The artifact, from what prepare_decoder wrote (the torch decoder may be gone by now)."""
+    tokenizer_dir = writer.root / "tokenizer"
+    path = writer.root / "decoder" / f"{precision}.gguf"
+    if precision not in ("f32", "f16"):
+        source = _intermediate(writer)
+        if source is None:
+            raise RuntimeError("the quantizer input is missing; prepare_decoder must run first")
         log(f"  quantizing to {precision} with llama.cpp")
         quantize(source, path, precision, threads)
     details = {"ftype": file_type(precision), "tensor_types": tensor_types(path)}
@@ -291,6 +351,13 @@ def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
         details["tokenizer_note"] = note
         log(f"  note: {note}")
     return writer.artifact(f"gguf:{precision}", "decoder", "gguf", precision, f"decoder/{precision}.gguf", **details)
+
+
+def release_intermediates(writer: BundleWriter) -> None:
+    """Deleted once every quantized GGUF is written: it is as large as the decoder."""
+    source = _intermediate(writer)
+    if source is not None:
+        source.unlink()
 
 
 def check_precision(precision: str) -> None:

@@ -35,16 +35,26 @@ def write_hf_decoder(ckpt, manifest, folder: Path) -> Path:
     return folder
 
 
-def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, group_size: int = 64, **_) -> Artifact:
+def prepare_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, **_) -> None:
+    """The part that needs the torch decoder (its HF folder, written once); runs before the exporter releases it."""
     require_mlx()
-    from mlx_lm import convert
-
-    scratch = writer.root / ".work"
-    scratch.mkdir(exist_ok=True)
-    hf_folder = scratch / "hf-decoder"
+    hf_folder = writer.root / ".work" / "hf-decoder"
     if not hf_folder.exists():
+        hf_folder.parent.mkdir(exist_ok=True)
         log("  writing the decoder as an HF checkpoint folder for mlx-lm")
         write_hf_decoder(ckpt, manifest, hf_folder)
+
+
+def release_intermediates(writer: BundleWriter) -> None:
+    import shutil
+
+    shutil.rmtree(writer.root / ".work" / "hf-decoder", ignore_errors=True)
+
+
+def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, group_size: int = 64, **_) -> Artifact:
+    from mlx_lm import convert
+
+    hf_folder = writer.root / ".work" / "hf-decoder"
     dtype, bits = PRECISIONS[precision]
     out = writer.root / "decoder" / f"mlx-{precision}"
     out.parent.mkdir(exist_ok=True)

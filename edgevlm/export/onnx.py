@@ -250,5 +250,7 @@ def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
     return artifact
 
 
-def finish(writer: BundleWriter) -> None:
-    shutil.rmtree(writer.root / ".work", ignore_errors=True)
+def release_intermediates(writer: BundleWriter) -> None:
+    """The fp32 graph every variant starts from, deleted once all are written."""
+    for path in (writer.root / ".work").glob("fp32.onnx*"):
+        path.unlink()

@@ -11,6 +11,7 @@ from .base import LoadedCheckpoint, read_config
 FAMILIES = {
     "LlavaForConditionalGeneration": "llava",
     "Idefics3ForConditionalGeneration": "idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3",  # SmolVLM2
 }
 
 
@@ -23,15 +24,16 @@ def family_name(config: dict) -> str:
     raise CheckpointError(f"unsupported architecture {found}; supported: {', '.join(sorted(FAMILIES))}")
 
 
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Load an HF checkpoint folder through its family adapter (CPU, float32)."""
+def load_checkpoint(path: str | Path, dtype: str = "float32") -> LoadedCheckpoint:
+    """Load an HF checkpoint folder through its family adapter on the CPU: float32 for the reference and parity
+    checks, dtype="auto" (the stored dtype) for export."""
     path = Path(path)
     config = read_config(path)
     module = importlib.import_module(f"{__name__}.{family_name(config)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar for small checkpoints is noise
-    return module.load(path, config)
+    return module.load(path, config, dtype)
 
 
 __all__ = ["FAMILIES", "LoadedCheckpoint", "family_name", "load_checkpoint"]

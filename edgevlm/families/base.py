@@ -35,6 +35,23 @@ class LoadedCheckpoint:
     extra: dict = field(default_factory=dict)
 
     @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    def release_decoder(self) -> None:
+        """Free the decoder's weights (export writes every decoder artifact's inputs first, then this, so that the
+        vision export never holds the decoder too). The modules stay, on the meta device; the torch decoder cannot
+        run afterwards."""
+        owned = {p.data_ptr() for p in self.decoder.parameters()}
+        for model in (self.decoder, self.hf_model):
+            for module in model.modules():
+                for name, param in list(module.named_parameters(recurse=False)):
+                    if param.data_ptr() in owned:
+                        setattr(module, name, torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                                 requires_grad=False))
+        self.extra["decoder_released"] = True
+
+    @property
     def text_config(self):
         return self.decoder.config
 
@@ -106,6 +123,15 @@ def read_chat_template(path: Path, tokenizer) -> str | None:
 
 def resample_name(value) -> str:
     return RESAMPLE_NAMES[int(value)] if isinstance(value, int) or str(value).isdigit() else str(value).lower()
+
+
+def torch_dtype(name: str):
+    """"float32" (the default: reference and parity) or "auto" (the checkpoint's stored dtype: export)."""
+    if name == "auto":
+        return "auto"
+    if name != "float32":
+        raise ValueError(f"checkpoint dtype {name!r}: use 'float32' or 'auto'")
+    return torch.float32
 
 
 def build_decoder(text_config, state_dict: dict[str, torch.Tensor]):

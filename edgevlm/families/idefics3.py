@@ -1,4 +1,7 @@
-"""Idefics3 / SmolVLM: SigLIP, pixel-shuffle connector, image splitting into tiles + a global view, Llama decoder."""
+"""Idefics3 / SmolVLM / SmolVLM2: SigLIP, pixel-shuffle connector, image splitting into tiles + a global view, Llama
+decoder. SmolVLM2 (`SmolVLMForConditionalGeneration`) subclasses Idefics3 with the same submodules, processor rule
+and prompt layout (transformers' processing_smolvlm builds the same strings as Idefics3's); it is loaded with its own
+class. Video input is not exported."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,11 +52,14 @@ def preprocess_spec(processor: dict, vision_config) -> PreprocessSpec:
     )
 
 
-def load(path: Path, config_json: dict) -> base.LoadedCheckpoint:
-    from transformers import AutoTokenizer, Idefics3ForConditionalGeneration
+def load(path: Path, config_json: dict, dtype: str = "float32") -> base.LoadedCheckpoint:
+    import transformers
+    from transformers import AutoTokenizer
 
     weights = base.check_files(path)
-    hf_model = Idefics3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    # the class the config names: loading SmolVLM2 as Idefics3 works but warns about the model type
+    class_name = next(a for a in config_json.get("architectures", []) if a in ARCHITECTURES)
+    hf_model = getattr(transformers, class_name).from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
     config = hf_model.config
     vision_config = config.vision_config
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -56,11 +56,11 @@ def tokens_per_tile(config, vision_config) -> int:
     return patches + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
 
 
-def load(path: Path, config_json: dict) -> base.LoadedCheckpoint:
+def load(path: Path, config_json: dict, dtype: str = "float32") -> base.LoadedCheckpoint:
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     weights = base.check_files(path)
-    hf_model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    hf_model = LlavaForConditionalGeneration.from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
     config = hf_model.config
     vision_config = config.vision_config
     if vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):

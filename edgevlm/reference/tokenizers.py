@@ -33,12 +33,24 @@ SMOLVLM_TEMPLATE = (
 )
 
 
-def train_bpe(corpus: Iterable[str], vocab_size: int, special_tokens: list[str]):
-    """A byte-level BPE trained on ``corpus``; special tokens get the first ids, in order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Qwen2's pre-tokenizer split (transformers/models/qwen2/tokenization_qwen2.py PRETOKENIZE_REGEX)
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def train_bpe(corpus: Iterable[str], vocab_size: int, special_tokens: list[str], pre: str = "gpt-2"):
+    """A byte-level BPE trained on ``corpus``; special tokens get the first ids, in order. pre: "gpt-2" (plain
+    ByteLevel) or "qwen2" (NFC + Qwen2's regex split + ByteLevel without its own regex, as Qwen2 ships it)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre == "qwen2":
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
