@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped")
 
 
 @dataclass(frozen=True)
 class ImageLayout:
     """``repeat`` (LLaVA): the placeholder becomes ``tokens_per_tile`` image tokens.
     ``idefics3``: per tile ``<fake><row_r_col_c>`` + image tokens, a newline per row, then the global view
-    ``\\n<fake><global-img>`` + image tokens + ``<fake>``; an unsplit image is only the global view."""
+    ``\\n<fake><global-img>`` + image tokens + ``<fake>``; an unsplit image is only the global view.
+    ``wrapped`` (InternVL): ``<img>`` + image tokens for every tile (the thumbnail last) + ``</img>``; the
+    placeholder may be the image token itself (InternVL's is ``<IMG_CONTEXT>``): it is split on before expanding."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -20,6 +22,8 @@ class ImageLayout:
     fake_token: str | None = None
     global_token: str | None = None
     row_col_format: str | None = None  # e.g. "<row_{row}_col_{col}>", 1-based
+    start_token: str | None = None  # wrapped: before an image's rows (InternVL "<img>")
+    end_token: str | None = None  # wrapped: after them ("</img>")
 
     def __post_init__(self) -> None:
         if self.kind not in LAYOUT_KINDS:
@@ -28,12 +32,16 @@ class ImageLayout:
             raise ValueError("tokens_per_tile must be positive")
         if self.kind == "idefics3" and not (self.fake_token and self.global_token and self.row_col_format):
             raise ValueError("the idefics3 layout needs fake_token, global_token and row_col_format")
+        if self.kind == "wrapped" and not (self.start_token and self.end_token):
+            raise ValueError("the wrapped layout needs start_token and end_token")
 
     def expand(self, rows: int, cols: int) -> str:
         """The text that replaces one placeholder for an image split into rows x cols tiles (0, 0 = unsplit)."""
         image = self.image_token * self.tokens_per_tile
         if self.kind == "repeat":
             return image
+        if self.kind == "wrapped":
+            return self.start_token + image * self.n_tiles(rows, cols) + self.end_token
         global_view = f"{self.fake_token}{self.global_token}{image}{self.fake_token}"
         if rows == 0 and cols == 0:
             return global_view

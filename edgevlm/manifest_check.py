@@ -143,6 +143,7 @@ def validate(data: Any, where: str) -> None:
         "image_token": (string(max_len=256), True), "image_token_id": (token_id, True),
         "tokens_per_tile": (integer(1, 1 << 20), True), "fake_token": (optional(string(max_len=256)), False),
         "global_token": (optional(string(max_len=256)), False), "row_col_format": (optional(string(max_len=256)), False),
+        "start_token": (optional(string(max_len=256)), False), "end_token": (optional(string(max_len=256)), False),
     })
     pixels = integer(1, 16384)  # image sides in pixels
     _section(where, "preprocess", data["preprocess"], {
@@ -151,6 +152,7 @@ def validate(data: Any, where: str) -> None:
         "image_mean": (list_of(number(), 3), False), "image_std": (list_of(number(positive=True), 3), False),
         "shortest_edge": (optional(pixels), False), "longest_edge": (optional(pixels), False),
         "image_splitting": (boolean, False), "max_tiles": (integer(1, 1 << 16), False),
+        "min_tiles": (integer(1, 1 << 16), False),
     })
     _section(where, "tokenizer", data["tokenizer"], {
         "path": (relative_path, True), "chat_template": (optional(text), False),

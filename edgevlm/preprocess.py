@@ -4,7 +4,10 @@ One spec, three resize rules:
 - ``shortest_edge_crop`` (CLIP): resize the short side, then centre-crop;
 - ``fixed`` (SigLIP): resize to exactly (height, width);
 - ``idefics3``: resize the long side to ``longest_edge``, round both sides up to tile multiples, split into
-  full tiles in row-major order, and append the global view (the whole image resized to one tile).
+  full tiles in row-major order, and append the global view (the whole image resized to one tile);
+- ``internvl`` (GotOcr2's crop_to_patches): pick the cols x rows grid (min_tiles <= cols*rows <= max_tiles) whose
+  aspect ratio is closest to the image's, resize the whole image to it, cut tiles row-major, and append a
+  thumbnail (the image resized to one tile) when there is more than one tile.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from PIL import Image
 
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
-RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3")
+RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl")
 MAX_TILE_SIDE_PIXELS = 4096  # the HF Idefics3 processor's absolute cap on a resized side
 
 
@@ -31,7 +34,8 @@ class PreprocessSpec:
     shortest_edge: int | None = None  # shortest_edge_crop only
     longest_edge: int | None = None  # idefics3 only: the first resize
     image_splitting: bool = False  # idefics3 only
-    max_tiles: int = field(default=1)
+    max_tiles: int = field(default=1)  # internvl: the grid's largest tile count (the thumbnail comes on top)
+    min_tiles: int = 1  # internvl only
 
     def __post_init__(self) -> None:
         if self.resize_rule not in RESIZE_RULES:
@@ -44,6 +48,8 @@ class PreprocessSpec:
             raise ValueError("shortest_edge_crop needs shortest_edge")
         if self.resize_rule == "idefics3" and not self.longest_edge:
             raise ValueError("idefics3 resizing needs longest_edge")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(f"tile counts need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({self.max_tiles})")
         object.__setattr__(self, "tile_size", tuple(int(v) for v in self.tile_size))
         object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
@@ -117,8 +123,29 @@ def _tile_multiple_size(height: int, width: int, tile: int) -> tuple[int, int]:
     return height, width
 
 
+def internvl_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(rows, cols): transformers' GotOcr2 get_optimal_tiled_canvas. Candidates ordered by tile count (cols outer,
+    rows inner, stable sort); the closest aspect ratio wins; on a tie, the larger grid wins while the image's area
+    exceeds half the grid's."""
+    th, tw = spec.tile_size
+    candidates = sorted(((c, r) for c in range(1, spec.max_tiles + 1) for r in range(1, spec.max_tiles + 1)
+                         if spec.min_tiles <= c * r <= spec.max_tiles), key=lambda cr: cr[0] * cr[1])
+    aspect, area = width / height, width * height
+    best_diff, best = float("inf"), (1, 1)
+    for cols, rows in candidates:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * th * tw * cols * rows:
+            best = (cols, rows)
+    return best[1], best[0]
+
+
 def tile_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
     """(rows, cols) of the split for an RGB image of this size; (0, 0) when only the global view is used."""
+    if spec.resize_rule == "internvl":
+        rows, cols = internvl_grid(height, width, spec) if spec.max_tiles > 1 else (1, 1)
+        return (0, 0) if rows * cols == 1 else (rows, cols)
     if spec.resize_rule != "idefics3" or not spec.image_splitting:
         return 0, 0
     tile = spec.tile_size[0]
@@ -142,6 +169,14 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
             raise ValueError(f"crop {th}x{tw} is larger than the resized image {h}x{w}")
         cropped = Image.fromarray(resized[top : top + th, left : left + tw])
         return PreprocessedImage(_normalize(cropped, spec)[None], 0, 0)
+    if spec.resize_rule == "internvl":
+        rows, cols = tile_grid(height, width, spec)
+        if rows == 0:
+            return PreprocessedImage(_normalize(_resize(image, th, tw, spec.resample), spec)[None], 0, 0)
+        canvas = _resize(image, rows * th, cols * tw, spec.resample)
+        tiles = [canvas.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th)) for r in range(rows) for c in range(cols)]
+        tiles.append(_resize(image, th, tw, spec.resample))  # the thumbnail comes last
+        return PreprocessedImage(np.stack([_normalize(t, spec) for t in tiles]), rows, cols)
     # idefics3
     h, w = _longest_edge_size(height, width, spec.longest_edge)
     image = _resize(image, h, w, spec.resample)

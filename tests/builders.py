@@ -175,3 +175,69 @@ def build_smolvlm2(out: Path, seed: int = 0) -> Path:
     (out / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"image_seq_len": 4, "processor_class": "SmolVLMProcessor"}))
     return out
+
+
+# InternVL3's chat template as transformers' convert_internvl_weights_to_hf.py writes it: ChatML, images as
+# "<IMG_CONTEXT>\n"
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\\n' }}{% elif content['type'] == 'video' %}{{ '<video>\\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+
+
+def build_internvl(out: Path, seed: int = 0, tied: bool = False, max_patches: int = 6) -> Path:
+    """InternVL3-shaped (-hf layout): InternViT (CLS, learned positions), pixel shuffle 0.5, a Qwen2 decoder with
+    random q/k/v biases. The processor needs torchvision (video), so its parts are saved one by one."""
+    import json
+
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, PreTrainedTokenizerFast
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from edgevlm.reference.tokenizers import train_bpe
+
+    torch.manual_seed(seed)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe(CORPUS, 400, INTERNVL_SPECIALS, pre="qwen2"), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    tokenizer.chat_template = INTERNVL_TEMPLATE
+    vision = InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  image_size=32, patch_size=8)
+    text = text_config(len(tokenizer), "qwen2", tie_word_embeddings=tied, bos_token_id=None,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                            image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default", tie_word_embeddings=tied)
+    model = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # zero at init: make the CLS token, positions and q/k/v biases matter
+        model.model.vision_tower.embeddings.cls_token.normal_()
+        model.model.vision_tower.embeddings.position_embeddings.normal_()
+        for name, param in model.model.language_model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(out)
+    GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, min_patches=1, max_patches=max_patches,
+                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_length": 4, "processor_class": "InternVLProcessor"}))
+    return out
+
+
+def internvl_processor(path: Path):
+    """transformers' own InternVLProcessor for images: its constructor insists on a torchvision video processor,
+    which this subclass lets be None (nothing else changes)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, InternVLProcessor
+
+    class ImagesOnly(InternVLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
+                      video_processor=None, image_seq_length=4, chat_template=INTERNVL_TEMPLATE)

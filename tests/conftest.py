@@ -95,6 +95,8 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         "smolvlm2": builders.build_smolvlm2(root / "smolvlm2", seed=5),
         "llava-qwen2": builders.build_llava(root / "llava-qwen2", "siglip", seed=6, decoder="qwen2"),
         "llava-qwen2-tied": builders.build_llava(root / "llava-qwen2-tied", "siglip", seed=7, decoder="qwen2", tied=True),
+        "internvl": builders.build_internvl(root / "internvl", seed=8),
+        "internvl-tied": builders.build_internvl(root / "internvl-tied", seed=9, tied=True),
     }
 
 

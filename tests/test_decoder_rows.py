@@ -1,5 +1,6 @@
-"""SmolVLM2 through the idefics3 family, and the qwen2 decoder row (a LLaVA with a Qwen2 decoder, tied and untied
-output): HF pixels, ids and greedy tokens; ONNX, F32 GGUF and fp32 MLX parity; stock llama.cpp's tokenizer."""
+"""SmolVLM2 through the idefics3 family, InternVL3 (its own family, Qwen2 decoder), and the qwen2 decoder row (also
+a LLaVA with a Qwen2 decoder), each with tied and untied output: HF pixels, ids and greedy tokens; ONNX, F32 GGUF
+and fp32 MLX parity; stock llama.cpp's tokenizer and logits."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,8 @@ from edgevlm.preprocess import preprocess
 from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
 from edgevlm.verify import DECODER_NMSE, nmse
 
-NEW = ["smolvlm2", "llava-qwen2", "llava-qwen2-tied"]
+NEW = ["smolvlm2", "llava-qwen2", "llava-qwen2-tied", "internvl", "internvl-tied"]
+QWEN2 = ["llava-qwen2", "llava-qwen2-tied", "internvl", "internvl-tied"]
 PROMPT = "Look: <image> what colour is the circle?"
 
 
@@ -89,6 +91,10 @@ def test_greedy_tokens_equal_model_generate(family, ckpts, images):
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                   "pixel_values": torch.from_numpy(hf["pixel_values"]),
                   "pixel_attention_mask": torch.from_numpy(hf["pixel_attention_mask"])}
+    elif family.startswith("internvl"):
+        from builders import internvl_processor
+
+        inputs = internvl_processor(ckpts[family])(images=[image], text=[text], return_tensors="pt")
     else:
         from transformers import AutoProcessor
 
@@ -97,13 +103,55 @@ def test_greedy_tokens_equal_model_generate(family, ckpts, images):
     with torch.inference_mode():
         out = ckpt.hf_model.generate(**inputs, max_new_tokens=16, do_sample=False)
     expected = out[0, inputs["input_ids"].shape[1]:].tolist()
-    assert session.generate(image, "Describe <image> the image.", max_tokens=16, stop_token_ids=[]).tokens == expected
+    prompt = "Describe <image> the image.".replace("<image>", ckpt.layout.placeholder)
+    assert session.generate(image, prompt, max_tokens=16, stop_token_ids=[]).tokens == expected
+
+
+@pytest.mark.parametrize("image_name", ["small", "wide", "tall", "tiny", "square"])
+def test_internvl_pixels_and_ids_match_hf_processor(image_name, ckpts, images):
+    """transformers' own InternVLProcessor (crop_to_patches forced on, as it does): tiles, thumbnail, ids."""
+    from builders import internvl_processor
+
+    ckpt = load_checkpoint(ckpts["internvl"])
+    session = session_from_checkpoint(ckpt)
+    image = images[image_name]
+    text = session.render([session.user_message("What colour is the circle?", 1)])
+    hf = internvl_processor(ckpts["internvl"])(images=[image], text=[text], return_tensors="np")
+    ours = preprocess(image, ckpt.preprocess)
+    assert hf["pixel_values"].shape == ours.pixel_values.shape
+    assert np.abs(hf["pixel_values"] - ours.pixel_values).max() <= 1e-6
+    assert session.tokenize(text, [session._prepare_image(image)]).ids.tolist() == hf["input_ids"][0].tolist()
+
+
+def test_internvl_vision_equals_hf_image_features(ckpts, images):
+    ckpt = load_checkpoint(ckpts["internvl"])
+    pixels = torch.from_numpy(preprocess(images["wide"], ckpt.preprocess).pixel_values)  # grid + thumbnail
+    assert pixels.shape[0] > 1
+    with torch.inference_mode():
+        ours = ckpt.vision(pixels)
+        hf = ckpt.hf_model.model.get_image_features(pixel_values=pixels).pooler_output
+    assert ours.shape == (pixels.shape[0], ckpt.layout.tokens_per_tile, ckpt.decoder.config.hidden_size)
+    assert torch.allclose(ours.reshape(hf.shape), hf, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["smolvlm2", "internvl"])
+def test_onnx_fp32_encoder_matches_torch(family, ckpts, new_bundles, images):
+    from edgevlm.runtimes.onnx_encoder import OnnxRuntimeEncoder
+
+    ckpt = load_checkpoint(ckpts[family])
+    pixels = preprocess(images["wide"], ckpt.preprocess).pixel_values
+    with torch.inference_mode():
+        ref = ckpt.vision(torch.from_numpy(pixels)).numpy()
+    manifest = Manifest.load(new_bundles[family])
+    ours = OnnxRuntimeEncoder(new_bundles[family], manifest.find("encoder", "onnx:fp32"), manifest.encoder,
+                              threads=1).encode(pixels)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_qwen2_decoder_is_a_stock_qwen2_with_biases(ckpts):
     from transformers import Qwen2ForCausalLM
 
-    for name in ("llava-qwen2", "llava-qwen2-tied"):
+    for name in QWEN2:
         ckpt = load_checkpoint(ckpts[name])
         assert isinstance(ckpt.decoder, Qwen2ForCausalLM)
         assert ckpt.decoder.model.layers[0].self_attn.q_proj.bias.abs().max() > 0.1  # the builder made them matter
@@ -114,7 +162,8 @@ def test_qwen2_decoder_is_a_stock_qwen2_with_biases(ckpts):
 @pytest.mark.parametrize("decoder", ["gguf:f32", "mlx:fp32"])
 def test_f32_decoders_parity_with_pytorch(family, decoder, ckpts, new_bundles, images):
     pics = [images["small"], images["wide"]]
-    prompt = "First <image> second <image> which is bigger?"
+    placeholder = Manifest.load(new_bundles[family]).image_layout.placeholder
+    prompt = "First <image> second <image> which is bigger?".replace("<image>", placeholder)
     ref = edgevlm.load(ckpts[family]).generate(pics, prompt, max_tokens=24, stop_token_ids=[], return_logits=True)
     session = edgevlm.load(new_bundles[family], encoder="onnx:fp32", decoder=decoder, threads=1)
     ours = session.generate(pics, prompt, max_tokens=24, stop_token_ids=[], return_logits=True)
@@ -125,7 +174,7 @@ def test_f32_decoders_parity_with_pytorch(family, decoder, ckpts, new_bundles, i
 def test_qwen2_gguf_layout(new_bundles):
     import gguf
 
-    for name, tied in (("llava-qwen2", False), ("llava-qwen2-tied", True)):
+    for name, tied in (("llava-qwen2", False), ("llava-qwen2-tied", True), ("internvl", False), ("internvl-tied", True)):
         reader = gguf.GGUFReader(str(new_bundles[name] / "decoder" / "f32.gguf"))
         arch = reader.fields["general.architecture"]
         assert bytes(arch.parts[arch.data[0]]).decode() == "qwen2"
@@ -148,7 +197,7 @@ STRINGS = [
 ]
 
 
-@pytest.mark.parametrize("family", ["llava-qwen2", "smolvlm2"])
+@pytest.mark.parametrize("family", ["llava-qwen2", "smolvlm2", "internvl"])
 def test_stock_llama_cpp_tokenizes_and_predicts_like_hf(family, new_bundles):
     """llama.cpp's own tokenizer (pre-tokenizer qwen2 / smollm) gives HF's ids; llama-cpp-python's `Llama` gives
     LlamaCppDecoder's logits on the same GGUF."""
@@ -170,3 +219,34 @@ def test_stock_llama_cpp_tokenizes_and_predicts_like_hf(family, new_bundles):
     theirs = np.array(llm.scores[: len(ids)])
     mine = np.stack([ours.prefill([Segment.tokens(ids[n : n + 1], n)]).copy() for n in range(len(ids))])
     assert np.abs(mine - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_verify_passes_every_artifact_of_an_internvl_bundle(new_bundles, capsys):
+    import json
+
+    from edgevlm.cli import main
+
+    code = main(["verify", str(new_bundles["internvl"]), "--threads", "1", "--json"])
+    rows = {r["artifact"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    assert code == 0, rows
+    assert rows["onnx:fp32"]["max_rel_err"] <= 1e-4
+    assert rows["gguf:f32"]["nmse"] <= 1e-5 and rows["gguf:f32"]["greedy_agreement"] == 1.0
+    assert rows["mlx:fp32"]["nmse"] <= 1e-5
+    assert all(r["status"] == "pass" for r in rows.values()), rows
+
+
+def test_inspect_lists_families_and_decoder_rows(ckpts, capsys):
+    import json
+
+    from edgevlm.cli import main
+
+    assert main(["inspect", "--supported", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {f["architecture"]: f["family"] for f in info["families"]}["SmolVLMForConditionalGeneration"] == "idefics3"
+    rows = {d["name"]: d for d in info["decoders"]}
+    assert rows["qwen2"]["gguf_arch"] == "qwen2" and rows["qwen2"]["permute_qk"] is False
+    assert rows["llama"]["permute_qk"] is True
+    assert main(["inspect", str(ckpts["internvl"]), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["family"] == "internvl" and summary["decoder"]["architecture"] == "qwen2"
+    assert summary["image_layout"]["start_token"] == "<img>" and summary["resize_rule"] == "internvl"

@@ -1,28 +1,36 @@
-"""edgevlm inspect PATH [--json]: family, parameter counts, shapes and image-token layout."""
+"""edgevlm inspect PATH [--json]: family, parameter counts, shapes and image-token layout.
+edgevlm inspect --supported [--json]: the architectures edgevlm exports and its decoder-architecture table."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("path", help="checkpoint folder or bundle")
+    parser.add_argument("path", nargs="?", help="checkpoint folder or bundle")
+    parser.add_argument("--supported", action="store_true", help="list the model families and decoder architectures")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
 
 def checkpoint_summary(path: Path) -> dict:
     from ..families import load_checkpoint
 
-    ckpt = load_checkpoint(path)
+    from ..decoder_arch import architecture_for_model_type
+
+    ckpt = load_checkpoint(path, dtype="auto")
     text = ckpt.decoder.config
+    arch = architecture_for_model_type(text.model_type)
     return {
         "kind": "checkpoint",
         "path": str(path),
         "family": ckpt.family,
+        "architecture": type(ckpt.hf_model).__name__,
+        "dtype": str(next(ckpt.decoder.parameters()).dtype).removeprefix("torch."),
         "parameters": ckpt.parameter_counts(),
         "tile_size": list(ckpt.preprocess.tile_size),
         "resize_rule": ckpt.preprocess.resize_rule,
         "image_layout": ckpt.layout.to_dict(),
         "decoder": {
+            "architecture": arch.name, "gguf_arch": arch.gguf_arch_name(), "mlx_model_type": arch.mlx_model_type,
             "hidden_size": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads,
             "kv_heads": text.num_key_value_heads, "intermediate_size": text.intermediate_size,
             "vocab_size": text.vocab_size, "context_length": ckpt.context_length,
@@ -81,10 +89,39 @@ def bundle_summary(path: Path) -> dict:
     return summary
 
 
+def supported() -> dict:
+    from ..decoder_arch import ARCHITECTURES
+    from ..families import FAMILIES
+
+    return {
+        "families": [{"architecture": a, "family": f} for a, f in FAMILIES.items()],
+        "decoders": [{"name": r.name, "hf_model_types": list(r.hf_model_types), "hf_class": r.hf_class,
+                      "gguf_arch": r.gguf_arch_name(), "permute_qk": r.permute_qk, "bias_tensors": list(r.bias_tensors),
+                      "mlx_model_type": r.mlx_model_type, "position_schemes": list(r.position_schemes)}
+                     for r in ARCHITECTURES.values()],
+    }
+
+
 def main(args) -> int:
+    from ..errors import BadInputError
     from ..loading import is_bundle
     from .common import print_json, table
 
+    if args.supported:
+        info = supported()
+        if args.json:
+            print_json(info)
+        else:
+            table("checkpoint architectures", ["architecture (config.json)", "family"],
+                  [(f["architecture"], f["family"]) for f in info["families"]])
+            table("decoder architectures", ["row", "text model_type", "HF class", "GGUF arch", "Q/K permuted",
+                                            "biases (F32)", "MLX model", "positions"],
+                  [(d["name"], ", ".join(d["hf_model_types"]), d["hf_class"], d["gguf_arch"], d["permute_qk"],
+                    ", ".join(d["bias_tensors"]) or "-", d["mlx_model_type"], ", ".join(d["position_schemes"]))
+                   for d in info["decoders"]])
+        return 0
+    if not args.path:
+        raise BadInputError("edgevlm inspect needs a checkpoint folder or bundle (or --supported)")
     path = Path(args.path)
     summary = bundle_summary(path) if is_bundle(path) else checkpoint_summary(path)
     if args.json:

@@ -13,6 +13,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing folder")
     parser.add_argument("--single-tile", action="store_true",
                         help="resize every image to one tile (no splitting): the one-tile benchmark workload")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights made and saved in this dtype (bfloat16: as the public checkpoints ship)")
 
 
 def main(args) -> int:
@@ -32,7 +34,7 @@ def main(args) -> int:
     with console.status(f"building {args.name} (random weights, exact shapes)"):
         temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
-            build_preset(args.name, temp, seed=args.seed, single_tile=args.single_tile)
+            build_preset(args.name, temp, seed=args.seed, single_tile=args.single_tile, dtype=args.dtype)
             if out.exists():
                 shutil.rmtree(out)
             temp.rename(out)

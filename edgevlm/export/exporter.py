@@ -65,7 +65,9 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     rope_scaling = getattr(config, "rope_scaling", None)
-    if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", "default") == "default":
+    # "dynamic" NTK scaling changes nothing up to max_position_embeddings, which is the context edgevlm uses
+    # (InternVL3-1B ships factor 2 dynamic); any other scaling is kept and refused by the writers that lack it
+    if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", "default") in ("default", "dynamic"):
         rope_scaling = None
     tokenizer = ckpt.tokenizer
     return Manifest(

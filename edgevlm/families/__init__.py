@@ -12,6 +12,7 @@ FAMILIES = {
     "LlavaForConditionalGeneration": "llava",
     "Idefics3ForConditionalGeneration": "idefics3",
     "SmolVLMForConditionalGeneration": "idefics3",  # SmolVLM2
+    "InternVLForConditionalGeneration": "internvl",  # InternVL3 -hf checkpoints
 }
 
 

@@ -11,7 +11,7 @@ from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 @dataclass(frozen=True)
 class SmolVLMShape:
-    """Idefics3-architecture shapes (HuggingFaceTB/SmolVLM-*-Instruct config.json)."""
+    """Idefics3-architecture shapes (HuggingFaceTB/SmolVLM-*-Instruct and SmolVLM2-* config.json)."""
 
     text_hidden: int
     text_layers: int
@@ -28,6 +28,30 @@ class SmolVLMShape:
     vocab: int = 49280
     rope_theta: float = 100000.0
     context: int = 8192
+    architecture: str = "idefics3"  # "smolvlm": SmolVLM2's SmolVLMForConditionalGeneration
+    tied: bool = True
+
+
+@dataclass(frozen=True)
+class InternVLShape:
+    """InternVL3 -hf shapes (OpenGVLab/InternVL3-*-hf config.json): InternViT + pixel shuffle 0.5 + Qwen2."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_mlp: int
+    vision_hidden: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    vision_mlp: int = 4096
+    patch: int = 14
+    image: int = 448
+    vocab: int = 151674
+    rope_theta: float = 1000000.0
+    context: int = 32768
+    tied: bool = False
+    max_patches: int = 12
 
 
 PRESETS = {
@@ -35,6 +59,23 @@ PRESETS = {
     "smolvlm-256m": SmolVLMShape(text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, text_mlp=1536),
     # SigLIP-B/16 512 + SmolLM2-360M
     "smolvlm-500m": SmolVLMShape(text_hidden=960, text_layers=32, text_heads=15, text_kv_heads=5, text_mlp=2560),
+    # SmolVLM2-256M-Video-Instruct / -500M-Video-Instruct: the SmolVLM shapes above (their config.json as quoted by
+    # third-party copies; the official files were not readable offline), with an untied lm_head, which is what
+    # makes the published 256M (tied, the total is 228M)
+    "smolvlm2-256m": SmolVLMShape(text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, text_mlp=1536,
+                                  architecture="smolvlm", tied=False),
+    "smolvlm2-500m": SmolVLMShape(text_hidden=960, text_layers=32, text_heads=15, text_kv_heads=5, text_mlp=2560,
+                                  architecture="smolvlm", tied=False),
+    # SmolVLM2-2.2B-Instruct: hidden 2048, 24 layers, head_dim 64, MLP 8192, context 8192, scale factor 3 and image
+    # token 49190 from its config.json; SigLIP-so400m/14 at 384 (1152 wide, 27 layers, 16 heads, MLP 4304: 81 tokens
+    # per tile) and SmolLM2-1.7B's 32 heads without GQA and rope_theta 130000 are that decoder's and tower's
+    # published shapes, not read from this checkpoint's own file
+    "smolvlm2-2.2b": SmolVLMShape(text_hidden=2048, text_layers=24, text_heads=32, text_kv_heads=32, text_mlp=8192,
+                                  vision_hidden=1152, vision_layers=27, vision_heads=16, vision_mlp=4304, patch=14,
+                                  image=384, scale_factor=3, rope_theta=130000.0, architecture="smolvlm", tied=False),
+    # InternVL3-1B-hf: InternViT-300M-448px (1024 wide, 24 layers, 16 heads, MLP 4096, patch 14) + Qwen2.5-0.5B-shaped
+    # decoder (896 wide, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab 151674, rope_theta 1e6, context 32768)
+    "internvl3-1b": InternVLShape(text_hidden=896, text_layers=24, text_heads=14, text_kv_heads=2, text_mlp=4864),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -55,20 +96,50 @@ _CORPUS = [
 ] * 50
 
 
-def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False) -> Path:
-    """single_tile: the processor's first resize stops at one tile (no splitting), for one-tile benchmarks."""
+# Qwen2's special tokens at their ids in InternVL3's vocabulary (151674 entries)
+INTERNVL_SPECIAL_IDS = {
+    151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>",
+    151665: "<img>", 151666: "</img>", 151667: "<IMG_CONTEXT>",
+}
+
+DTYPES = ("float32", "bfloat16")
+
+
+def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False, dtype: str = "float32") -> Path:
+    """single_tile: the processor's first resize stops at one tile (no splitting), for one-tile benchmarks.
+    dtype "bfloat16": weights made and saved in bf16, as the public checkpoints ship (never an fp32 copy)."""
     import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {DTYPES}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        torch.manual_seed(seed)
+        shape = PRESETS[name]
+        if isinstance(shape, InternVLShape):
+            return _build_internvl(shape, out, single_tile)
+        return _build_smolvlm(shape, out, single_tile)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_smolvlm(shape: SmolVLMShape, out: Path, single_tile: bool) -> Path:
+    import json
+
+    import transformers
+    from transformers import Idefics3Processor, LlamaConfig
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    shape = PRESETS[name]
-    torch.manual_seed(seed)
     tokenizer = wrap(
         bpe_with_pinned_ids(_CORPUS, shape.vocab, SMOLVLM_SPECIAL_IDS, n_merges=1000),
         bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>", chat_template=SMOLVLM_TEMPLATE,
     )
-    vision = Idefics3VisionConfig(
+    vision_class = Idefics3VisionConfig
+    if shape.architecture == "smolvlm":
+        from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig as vision_class
+    vision = vision_class(
         hidden_size=shape.vision_hidden, intermediate_size=shape.vision_mlp, num_hidden_layers=shape.vision_layers,
         num_attention_heads=shape.vision_heads, image_size=shape.image, patch_size=shape.patch,
     )
@@ -76,22 +147,73 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False)
         vocab_size=shape.vocab, hidden_size=shape.text_hidden, intermediate_size=shape.text_mlp,
         num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
         num_key_value_heads=shape.text_kv_heads, max_position_embeddings=shape.context, rms_norm_eps=1e-5,
-        rope_theta=shape.rope_theta, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        rope_theta=shape.rope_theta, tie_word_embeddings=shape.tied, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
-    config = Idefics3Config(
-        vision_config=vision, text_config=text, scale_factor=shape.scale_factor,
-        image_token_id=49190, tie_word_embeddings=True,
+    prefix = "SmolVLM" if shape.architecture == "smolvlm" else "Idefics3"
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=shape.scale_factor,
+        image_token_id=49190, tie_word_embeddings=shape.tied,
     )
-    model = Idefics3ForConditionalGeneration(config).eval()
-    processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessorPil(
-            size={"longest_edge": shape.image if single_tile else 4 * shape.image},
-            max_image_size={"longest_edge": shape.image}, do_image_splitting=True
-        ),
-        tokenizer=tokenizer,
-        image_seq_len=(shape.image // shape.patch) ** 2 // shape.scale_factor**2,
-        chat_template=SMOLVLM_TEMPLATE,
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": shape.image if single_tile else 4 * shape.image},
+        max_image_size={"longest_edge": shape.image}, do_image_splitting=True
     )
+    image_seq_len = (shape.image // shape.patch) ** 2 // shape.scale_factor**2
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    if shape.architecture == "smolvlm":
+        # SmolVLMProcessor needs torchvision (video) to be built: its files are written one by one, as on the Hub
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+        SmolVLMImageProcessorPil(**{k: getattr(image_processor, k) for k in ("size", "max_image_size", "do_image_splitting")}
+                                 ).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+        (out / "processor_config.json").write_text(json.dumps({"image_seq_len": image_seq_len,
+                                                               "processor_class": "SmolVLMProcessor"}))
+        return out
+    Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
+                      chat_template=SMOLVLM_TEMPLATE).save_pretrained(out)
+    return out
+
+
+INTERNVL_TEMPLATE = (  # transformers' convert_internvl_weights_to_hf.py: ChatML, an image is "<IMG_CONTEXT>\n"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _build_internvl(shape: InternVLShape, out: Path, single_tile: bool) -> Path:
+    import json
+
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .tokenizers import wrap
+
+    tokenizer = wrap(bpe_with_pinned_ids(_CORPUS, shape.vocab, INTERNVL_SPECIAL_IDS, n_merges=1000, pre="qwen2"),
+                     bos=None, eos="<|im_end|>", pad="<|endoftext|>", chat_template=INTERNVL_TEMPLATE,
+                     start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>")
+    vision = InternVLVisionConfig(hidden_size=shape.vision_hidden, num_hidden_layers=shape.vision_layers,
+                                  num_attention_heads=shape.vision_heads, intermediate_size=shape.vision_mlp,
+                                  image_size=shape.image, patch_size=shape.patch, attention_bias=True)
+    text = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.text_hidden, intermediate_size=shape.text_mlp,
+                       num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+                       num_key_value_heads=shape.text_kv_heads, max_position_embeddings=shape.context, rms_norm_eps=1e-6,
+                       rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+                       tie_word_embeddings=shape.tied, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+    seq_len = (shape.image // shape.patch) ** 2 // 4
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667, image_seq_length=seq_len,
+                            downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                            tie_word_embeddings=shape.tied)
+    InternVLForConditionalGeneration(config).eval().save_pretrained(out)
+    GotOcr2ImageProcessorPil(size={"height": shape.image, "width": shape.image}, min_patches=1,
+                             max_patches=1 if single_tile else shape.max_patches, crop_to_patches=True,
+                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_length": seq_len, "processor_class": "InternVLProcessor"}))
     return out

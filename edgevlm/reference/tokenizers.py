@@ -62,12 +62,13 @@ def train_bpe(corpus: Iterable[str], vocab_size: int, special_tokens: list[str],
     return tokenizer
 
 
-def bpe_with_pinned_ids(corpus: Iterable[str], vocab_size: int, pinned: dict[int, str], n_merges: int = 2000):
+def bpe_with_pinned_ids(corpus: Iterable[str], vocab_size: int, pinned: dict[int, str], n_merges: int = 2000,
+                        pre: str = "gpt-2"):
     """A byte-level BPE of exactly ``vocab_size`` entries with special tokens at the given ids; ids not used by
     bytes, merges or specials are filled with unreachable ``<|unused_N|>`` entries."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    base = train_bpe(corpus, 256 + n_merges, [])
+    base = train_bpe(corpus, 256 + n_merges, [], pre=pre)
     free = iter(i for i in range(vocab_size) if i not in pinned)
     vocab = {token: next(free) for token, _ in sorted(base.get_vocab().items(), key=lambda kv: kv[1])}
     vocab.update({token: token_id for token_id, token in pinned.items()})
@@ -75,7 +76,8 @@ def bpe_with_pinned_ids(corpus: Iterable[str], vocab_size: int, pinned: dict[int
     if len(vocab) != vocab_size:
         raise ValueError(f"built {len(vocab)} tokens, wanted {vocab_size}")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=_merges(base)))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.normalizer = base.normalizer
+    tokenizer.pre_tokenizer = base.pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(pinned.values()))
     return tokenizer
@@ -88,11 +90,14 @@ def _merges(tokenizer) -> list[tuple[str, str]]:
     return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
 
 
-def wrap(tokenizer, *, bos: str | None, eos: str, pad: str | None = None, unk: str | None = None, chat_template: str | None = None):
-    """transformers' PreTrainedTokenizerFast around a `tokenizers` object."""
+def wrap(tokenizer, *, bos: str | None, eos: str, pad: str | None = None, unk: str | None = None, chat_template: str | None = None,
+         **named_tokens):
+    """transformers' PreTrainedTokenizerFast around a `tokenizers` object. named_tokens: extra named special tokens
+    (InternVL's start_image_token="<img>", ...), saved in tokenizer_config.json as the real checkpoints have them."""
     from transformers import PreTrainedTokenizerFast
 
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad or eos, unk_token=unk)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad or eos, unk_token=unk,
+                                   **({"extra_special_tokens": named_tokens} if named_tokens else {}))
     if chat_template:
         fast.chat_template = chat_template
     return fast
