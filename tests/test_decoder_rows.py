@@ -250,3 +250,26 @@ def test_inspect_lists_families_and_decoder_rows(ckpts, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["family"] == "internvl" and summary["decoder"]["architecture"] == "qwen2"
     assert summary["image_layout"]["start_token"] == "<img>" and summary["resize_rule"] == "internvl"
+
+
+@pytest.mark.parametrize("family", ["smolvlm2", "internvl"])
+def test_torch_free_tokenizer_and_template_equal_transformers(family, new_bundles):
+    """The runtime's own tokenizer (tokenizers + jinja2) on Qwen2's NFC + regex-split pre-tokenizer and InternVL's
+    named special tokens, and SmolVLM2's template with its video branch."""
+    from test_tokenizer import TEXTS, conversations
+    from transformers import AutoTokenizer
+
+    from edgevlm.runtimes.tokenizer import BundleTokenizer
+
+    manifest = Manifest.load(new_bundles[family])
+    folder = new_bundles[family] / manifest.tokenizer["path"]
+    hf, ours = AutoTokenizer.from_pretrained(folder), BundleTokenizer(folder)
+    for text in TEXTS + STRINGS + ["<img><IMG_CONTEXT></img>\n", "ﬁ composed é vs e\u0301"]:
+        for special in (True, False):
+            ids = hf(text, add_special_tokens=special)["input_ids"]
+            assert ours(text, add_special_tokens=special)["input_ids"] == ids, (text, special)
+            assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True), text
+    for messages in conversations():
+        template = manifest.tokenizer["chat_template"]
+        assert ours.apply_chat_template(messages, chat_template=template, add_generation_prompt=True) == \
+            hf.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)

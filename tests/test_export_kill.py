@@ -16,7 +16,7 @@ from edgevlm.manifest import Manifest
 # (a line of the export's log to wait for, seconds to wait after it): points across the ONNX, GGUF and MLX stages
 KILL_POINTS = [
     ("loading", 0.0), ("vision module to ONNX", 0.2), ("quantizing to int8", 0.0), ("quantizing to int8", 0.5),
-    ("int8 dynamic", 0.0), ("int8 static_qdq", 0.1), ("F32 GGUF", 0.0), ("q8_0 with llama.cpp", 0.0),
+    ("int8 dynamic", 0.0), ("encoder onnx:int8", 0.0), ("F16 GGUF", 0.0), ("q8_0 with llama.cpp", 0.0),
     ("HF checkpoint folder for mlx-lm", 0.0), ("converting with mlx-lm", 0.3), ("converting with mlx-lm", 1.5),
 ]
 

@@ -34,6 +34,9 @@ class ArtifactRequest:
         return f"{self.format}:{self.precision}"
 
 
+INT8_REQUEST = ArtifactRequest("onnx", "int8")
+
+
 def parse_requests(text: str | None, formats: dict, role: str) -> list[ArtifactRequest]:
     """"onnx:fp32,onnx:int8" -> requests; a bad entry names the valid choices."""
     requests = []
@@ -148,12 +151,20 @@ def export_checkpoint(
                 module.release_intermediates(writer)
         if encoders:
             ckpt.vision.float()  # the encoder graphs are exported in fp32 (fp16/int8 variants derive from it)
-        for i, request in enumerate(encoders):
+        # onnx:int8 last: it needs only the fp32 graph, so the torch vision half is freed before the quantizers run
+        ordered = sorted(encoders, key=lambda r: r == INT8_REQUEST)
+        encoder_artifacts = {}
+        for i, request in enumerate(ordered):
             log(f"encoder {request.name}")
             module = _module(ENCODER_FORMATS, request)
-            manifest.artifacts.append(module.export_encoder(ckpt, manifest, writer, request.precision, log=log, **options))
-            if all(r.format != request.format for r in encoders[i + 1 :]) and hasattr(module, "release_intermediates"):
+            if request == INT8_REQUEST:
+                module.ensure_fp32_graph(ckpt, manifest, writer, log)
+                ckpt.release_weights()
+                gc.collect()
+            encoder_artifacts[request] = module.export_encoder(ckpt, manifest, writer, request.precision, log=log, **options)
+            if all(r.format != request.format for r in ordered[i + 1 :]) and hasattr(module, "release_intermediates"):
                 module.release_intermediates(writer)
+        manifest.artifacts.extend(encoder_artifacts[r] for r in encoders)
         manifest.artifacts.extend(decoder_artifacts)
     return output
 

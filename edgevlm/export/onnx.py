@@ -185,8 +185,11 @@ def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
     fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     name = fp32.get_inputs()[0].name
     reference, _ = run_per_tile(fp32, held_out)
+    del fp32  # a second copy of the weights while the quantizers hold theirs
     candidates = {}
     for method, (quantize, weight) in INT8_METHODS.items():
+        if any(c["cosine"] >= INT8_PREFERRED_COSINE for c in candidates.values()):
+            break  # choose_int8 takes the first method at the preferred cosine: the rest cannot change the choice
         candidate = path.with_name(f".{method}.{path.name}")
         quantize(fp32_path, candidate, [{name: calibration[i : i + 1]} for i in range(len(calibration))], weight=weight)
         candidates[method] = {**measure(candidate, held_out, reference), "weight_type": WEIGHT_TYPES[weight],
@@ -220,15 +223,23 @@ def save_cpu_optimized(graph: Path, optimized: Path) -> Path:
     return optimized
 
 
-def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, **_) -> Artifact:
-    folder = writer.root / "encoder"
-    folder.mkdir(exist_ok=True)
+def ensure_fp32_graph(ckpt, manifest, writer: BundleWriter, log=print) -> Path:
+    """The fp32 graph every variant starts from, exported once (the only step of onnx:int8 that needs torch)."""
     scratch = writer.root / ".work"
     scratch.mkdir(exist_ok=True)
     fp32 = scratch / "fp32.onnx"
     if not fp32.exists():
         log("  exporting the vision module to ONNX (fp32)")
         export_graph(ckpt.vision, manifest.encoder, fp32)
+    return fp32
+
+
+def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, **_) -> Artifact:
+    folder = writer.root / "encoder"
+    folder.mkdir(exist_ok=True)
+    scratch = writer.root / ".work"
+    scratch.mkdir(exist_ok=True)
+    fp32 = ensure_fp32_graph(ckpt, manifest, writer, log)
     graph = folder / f"{precision}.onnx"
     if precision == "fp32":
         shutil.copy(fp32, graph)

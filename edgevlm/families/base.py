@@ -42,14 +42,21 @@ class LoadedCheckpoint:
         """Free the decoder's weights (export writes every decoder artifact's inputs first, then this, so that the
         vision export never holds the decoder too). The modules stay, on the meta device; the torch decoder cannot
         run afterwards."""
-        owned = {p.data_ptr() for p in self.decoder.parameters()}
-        for model in (self.decoder, self.hf_model):
+        self._to_meta({p.data_ptr() for p in self.decoder.parameters()})
+        self.extra["decoder_released"] = True
+
+    def release_weights(self) -> None:
+        """Free every weight (the last export steps need only files already written)."""
+        self._to_meta({p.data_ptr() for m in (self.decoder, self.hf_model, self.vision) for p in m.parameters()})
+        self.extra["weights_released"] = True
+
+    def _to_meta(self, owned: set[int]) -> None:
+        for model in (self.decoder, self.hf_model, self.vision):
             for module in model.modules():
                 for name, param in list(module.named_parameters(recurse=False)):
                     if param.data_ptr() in owned:
                         setattr(module, name, torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
                                                                  requires_grad=False))
-        self.extra["decoder_released"] = True
 
     @property
     def text_config(self):

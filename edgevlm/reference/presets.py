@@ -54,6 +54,26 @@ class InternVLShape:
     max_patches: int = 12
 
 
+@dataclass(frozen=True)
+class LlavaShape:
+    """LLaVA-1.5 shapes (llava-hf/llava-1.5-*-hf config.json): CLIP ViT-L/14 at 336, 2-layer GELU projector, Llama-2."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_mlp: int
+    vision_hidden: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    vision_mlp: int = 4096
+    patch: int = 14
+    image: int = 336
+    vocab: int = 32064
+    rope_theta: float = 10000.0
+    context: int = 4096
+
+
 PRESETS = {
     # SigLIP-B/16 512 + SmolLM2-135M
     "smolvlm-256m": SmolVLMShape(text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, text_mlp=1536),
@@ -76,6 +96,9 @@ PRESETS = {
     # InternVL3-1B-hf: InternViT-300M-448px (1024 wide, 24 layers, 16 heads, MLP 4096, patch 14) + Qwen2.5-0.5B-shaped
     # decoder (896 wide, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab 151674, rope_theta 1e6, context 32768)
     "internvl3-1b": InternVLShape(text_hidden=896, text_layers=24, text_heads=14, text_kv_heads=2, text_mlp=4864),
+    # llava-1.5-7b-hf: CLIP ViT-L/14-336 + Llama-2-7B (4096 wide, 32 layers, 32 heads, MLP 11008, vocab 32064 with
+    # <image> at 32000). The tokenizer here is byte-level BPE, not Llama-2's SentencePiece: only the shapes matter
+    "llava-1.5-7b": LlavaShape(text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32, text_mlp=11008),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -119,6 +142,8 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
         shape = PRESETS[name]
         if isinstance(shape, InternVLShape):
             return _build_internvl(shape, out, single_tile)
+        if isinstance(shape, LlavaShape):
+            return _build_llava(shape, out)
         return _build_smolvlm(shape, out, single_tile)
     finally:
         torch.set_default_dtype(previous)
@@ -216,4 +241,42 @@ def _build_internvl(shape: InternVLShape, out: Path, single_tile: bool) -> Path:
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(INTERNVL_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"image_seq_length": seq_len, "processor_class": "InternVLProcessor"}))
+    return out
+
+
+LLAVA15_TEMPLATE = (  # llava-hf/llava-1.5-*-hf chat_template.json
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA15_SPECIAL_IDS = {0: "<unk>", 1: "<s>", 2: "</s>", 32000: "<image>", 32001: "<pad>"}
+
+
+def _build_llava(shape: LlavaShape, out: Path) -> Path:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from .tokenizers import wrap
+
+    tokenizer = wrap(bpe_with_pinned_ids(_CORPUS, shape.vocab, LLAVA15_SPECIAL_IDS, n_merges=1000),
+                     bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", chat_template=LLAVA15_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_mlp,
+                              num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+                              image_size=shape.image, patch_size=shape.patch, projection_dim=768)
+    text = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.text_hidden, intermediate_size=shape.text_mlp,
+                       num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+                       num_key_value_heads=shape.text_kv_heads, max_position_embeddings=shape.context, rms_norm_eps=1e-5,
+                       rope_theta=shape.rope_theta, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=32001)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu", tie_word_embeddings=False)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(out)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": shape.image},
+                                           crop_size={"height": shape.image, "width": shape.image})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=shape.patch,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=LLAVA15_TEMPLATE).save_pretrained(out)
     return out
