@@ -23,6 +23,7 @@ COMMANDS = {
     "build-engine": "build a TensorRT engine for the encoder on this device",
     "targets": "what this machine can run, and why not the rest",
     "bench": "benchmark a checkpoint or bundle: encode, TTFT, tokens/s, memory, roofline",
+    "plan": "will a bundle fit a device: memory item by item, verdict and predicted tokens/s",
 }
 
 

@@ -2,7 +2,6 @@
 artifact (encoder/decoder formats are plugins under edgevlm/export/) into an atomic bundle."""
 from __future__ import annotations
 
-import gc
 import importlib
 import shutil
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from ..decoder_arch import architecture_for_model_type
 from ..errors import BadInputError
 from ..manifest import MMPROJ_PRECISIONS, DecoderSpec, EncoderSpec, Manifest
 from .bundle import BundleWriter, recover_interrupted, write_bundle
+from .memory import release_memory
 
 # format -> (module under edgevlm.export, precisions); the first precision is the default
 # "gguf" on the encoder side is llama.cpp's mmproj (artifact name mmproj:<precision>); "mmproj" is the same writer
@@ -141,7 +141,7 @@ def export_checkpoint(
             _module(DECODER_FORMATS, request).prepare_decoder(ckpt, manifest, writer, request.precision, log=log,
                                                              tensor_progress=tensor_progress, **options)
         ckpt.release_decoder()
-        gc.collect()
+        release_memory()
         decoder_artifacts = []
         for i, request in enumerate(decoders):
             log(f"decoder {request.name}")
@@ -160,7 +160,7 @@ def export_checkpoint(
             if request == INT8_REQUEST:
                 module.ensure_fp32_graph(ckpt, manifest, writer, log)
                 ckpt.release_weights()
-                gc.collect()
+                release_memory()
             encoder_artifacts[request] = module.export_encoder(ckpt, manifest, writer, request.precision, log=log, **options)
             if all(r.format != request.format for r in ordered[i + 1 :]) and hasattr(module, "release_intermediates"):
                 module.release_intermediates(writer)

@@ -59,9 +59,18 @@ def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
     out = writer.root / "decoder" / f"mlx-{precision}"
     out.parent.mkdir(exist_ok=True)
     log(f"  converting with mlx-lm ({precision}{f', group size {group_size}' if bits else ''})")
-    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints [INFO] lines; our log says what happens
-        convert(str(hf_folder), mlx_path=str(out), quantize=bits is not None, q_bits=bits,
-                q_group_size=group_size if bits else None, dtype=dtype)
+    import mlx.core as mx
+
+    # MLX keeps freed buffers in its own cache: without a limit the conversion's peak and everything after it
+    # (the vision export) count them too (SmolVLM2-2.2B: +1.8 GB)
+    previous_limit = mx.set_cache_limit(0)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints [INFO] lines; our log says what happens
+            convert(str(hf_folder), mlx_path=str(out), quantize=bits is not None, q_bits=bits,
+                    q_group_size=group_size if bits else None, dtype=dtype)
+    finally:
+        mx.clear_cache()
+        mx.set_cache_limit(previous_limit)
     for stray in ("README.md",):  # mlx-lm writes a hub model card; nothing in it is true for a bundle
         (out / stray).unlink(missing_ok=True)
     config = json.loads((out / "config.json").read_text())

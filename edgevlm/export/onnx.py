@@ -12,6 +12,7 @@ import torch
 from ..errors import ExportError
 from ..manifest import Artifact
 from .bundle import BundleWriter
+from .memory import release_memory
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph itself
 CALIBRATION_TILES = 16  # reference-scene tiles for static QDQ calibration and for choosing the int8 method
@@ -186,6 +187,7 @@ def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
     name = fp32.get_inputs()[0].name
     reference, _ = run_per_tile(fp32, held_out)
     del fp32  # a second copy of the weights while the quantizers hold theirs
+    release_memory()
     candidates = {}
     for method, (quantize, weight) in INT8_METHODS.items():
         if any(c["cosine"] >= INT8_PREFERRED_COSINE for c in candidates.values()):
@@ -194,6 +196,7 @@ def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
         quantize(fp32_path, candidate, [{name: calibration[i : i + 1]} for i in range(len(calibration))], weight=weight)
         candidates[method] = {**measure(candidate, held_out, reference), "weight_type": WEIGHT_TYPES[weight],
                               "graph": candidate}
+        release_memory()  # the quantizer's copies of the model
         log(f"  int8 {method} ({WEIGHT_TYPES[weight]} weights): cosine {candidates[method]['cosine']:.4f} on held-out "
             f"tiles ({candidates[method]['ms_per_tile']:.1f} ms/tile here)")
     chosen = choose_int8({m: c["cosine"] for m, c in candidates.items()})

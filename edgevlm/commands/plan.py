@@ -1,0 +1,70 @@
+"""edgevlm plan BUNDLE --device ID [--images N] [--image-size WxH] [--context N] [--parallel N] [--json]:
+will each decoder x encoder of the bundle fit the device, item by item, and how fast will it decode.
+`--device this-machine` measures this machine; `--device-file F` adds devices (schema: edgevlm/plan/devices.json)."""
+from __future__ import annotations
+
+MIB = 1 << 20
+ITEMS = ("decoder_weights", "encoder_weights", "encoder_activations", "kv_cache", "compute_buffer", "caches",
+         "runtime_overhead", "margin")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("bundle", help="an edge bundle (folder with manifest.json)")
+    parser.add_argument("--device", required=True, help="device id from the table (or this-machine, measured here)")
+    parser.add_argument("--device-file", default=None, help="a JSON file of more devices (same schema as the table)")
+    parser.add_argument("--images", type=int, default=1, help="images in one conversation (default 1)")
+    parser.add_argument("--image-size", default=None,
+                        help="WIDTHxHEIGHT of each image (default: the largest the preprocessing keeps)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="positions per sequence (default: the runtime's, at most 4096 and the model's)")
+    parser.add_argument("--parallel", type=int, default=1, help="sequences decoded together (default 1)")
+    parser.add_argument("--embed-cache-mb", type=float, default=None, help="image-embedding cache bound (default 256)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=None, help="prefix KV-state cache bound (default 512)")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+
+
+def main(args) -> int:
+    from ..plan.bundle import PlanRequest, parse_image_size, plan_bundle
+    from ..plan.devices import get_device
+    from .common import memory_options, print_json
+
+    device = get_device(args.device, args.device_file)
+    caches = memory_options(args)  # validates the two cache bounds the way run/serve do
+    request = PlanRequest(images=args.images, image_size=parse_image_size(args.image_size) if args.image_size else None,
+                          context=args.context, parallel=args.parallel,
+                          embed_cache_bytes=caches.get("embed_cache_bytes"),
+                          prefix_cache_bytes=caches.get("prefix_cache_bytes"))
+    result = plan_bundle(args.bundle, device, request)
+    if args.json:
+        print_json(result)
+    else:
+        show(result)
+    return 0
+
+
+def show(result: dict) -> None:
+    from .common import table
+
+    device, images = result["device"], result["images"]
+    table(f"{device['name']} ({device['id']})", ["field", "value"], [
+        ("usable memory MiB", result["usable_bytes"] / MIB), ("basis", device["usable_basis"]),
+        ("bandwidth GB/s", device["bandwidth_gbs"]), ("decode efficiency", result["decode_efficiency"]),
+        ("context / sequence", result["context"]), ("sequences", result["parallel"]),
+        ("KV positions (llama.cpp, padded)", result["n_ctx"]),
+        ("images", f"{images['count']} x {images['width']}x{images['height']}: {images['n_tiles']} tiles "
+                   f"({images['rows']}x{images['cols']} + global) of {images['max_tiles']} max"),
+        ("positions per image", f"{images['positions_per_image']} ({images['image_rows']} image rows + "
+                                f"{images['text_tokens']} text, {'counted' if images['text_tokens_exact'] else 'assumed'})"),
+    ])
+    options = result["options"]
+    rows = [(item.replace("_", " "), *[o["memory"][item] / MIB for o in options]) for item in ITEMS]
+    rows += [("total", *[o["memory"]["total"] / MIB for o in options]), ("verdict", *[o["verdict"] for o in options]),
+             ("decode tok/s (after the images)", *[o["decode_tok_s"] for o in options]),
+             ("decode tok/s (full context)", *[o["decode_tok_s_full_context"] for o in options])]
+    table(f"memory (MiB) and decode speed: {result['bundle']}",
+          ["item", *[f"{o['encoder']} + {o['decoder']}" for o in options]], rows)
+    table("how each item is sized", ["item", "basis"], list(result["basis"].items()))
+    advice = "nothing fits; lower the context, the image size, the cache bounds or the quant"
+    print(f"recommended: {result['recommended'] or advice}")
+    for line in result["skipped"]:
+        print(f"skipped {line}")

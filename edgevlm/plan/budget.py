@@ -1,0 +1,342 @@
+"""The arithmetic of a memory and speed budget: KV cache, GGUF weights per quantization, image positions, llama.cpp's
+compute buffer, the encoder's activations, the decode roofline, and the itemised plan with its verdict.
+
+Pure functions of shapes and counts (no torch, no transformers; gguf-py only for its block-size table). All sizes are
+bytes. llama.cpp rules are cited from ggml-org/llama.cpp@007dbbf3fd17eefe9b47fee45f48f7ba5e62b714
+(src/llama-quant.cpp, src/llama-context.cpp)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..layout import ImageLayout
+from ..preprocess import PreprocessSpec, tile_grid
+
+MIB = 1 << 20
+GIB = 1 << 30
+LLAMA_CTX_PAD = 256  # llama-context.cpp: cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
+KV_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}  # --kv-type -> GGML type
+# edgevlm's GGUF precisions -> the type llama.cpp's quantizer gives most tensors (llama_ftype_get_default_type)
+PRECISION_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K",
+                   "q4_k_m": "Q4_K", "q4_0": "Q4_0"}
+UNQUANTIZED = ("F32", "F16", "BF16")
+MIXED_K_QUANTS = ("q4_k_m", "q5_k_m")  # the two that give attn_v / ffn_down of some layers Q6_K
+# tensor_type_fallback: a K-quant whose row width is not a multiple of 256 becomes this legacy quant (32-wide blocks)
+K_QUANT_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+# Decode reaches this fraction of the bandwidth roofline. Measured copy bandwidth (this-machine, the figure `edgevlm
+# bench` measures): 0.45, the median of the llama.cpp decode fractions in benchmarks/results (w1 q8_0 0.48, w1-split
+# q8_0 0.42, w2 q8_0 0.59 and q4_k_m 0.35). Published peak bandwidth (the device table): 0.55, the low end of the
+# 0.55-0.8 the notes give (serve-plan-scale.md 2.4; jetson-mem-bench: 60-80 % of peak sustained).
+DECODE_EFFICIENCY_MEASURED = 0.45
+DECODE_EFFICIENCY_PEAK = 0.55
+# The ONNX encoder's activations per tile in one run, per input pixel: ~197 MiB per 512x512 tile (SigLIP-B/16,
+# SmolVLM-256M int8, ORT CPU: process peaks of 495/706/1,086 MiB at 1/2/4 tiles per run, runtimes/onnx_encoder.py).
+# Linear in pixels; attention grows with the square of the patch count, so larger tiles are under-estimated.
+ENCODER_ACTIVATION_BYTES_PER_PIXEL = 788
+# Process, libraries and runtime contexts before any model: CPU measured here (benchmarks/results/w1: 38 MiB before
+# load + ~274 MiB of library and ORT/llama.cpp session setup); GPU targets add a CUDA context and cuBLAS workspaces
+# (0.5 GB, the notes' unverified default).
+RUNTIME_OVERHEAD_BYTES = {"cpu": 320 * MIB, "apple-silicon": 320 * MIB, "cuda": 512 * MIB, "jetson-orin": 512 * MIB}
+
+
+def ggml_block(type_name: str) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a GGML type from gguf-py's table: F16 (1, 2), Q8_0 (32, 34)."""
+    import gguf
+
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    except KeyError:
+        raise ValueError(f"unknown GGML type {type_name!r}") from None
+    return int(block), int(size)
+
+
+def row_bytes(type_name: str, n_cols: int) -> int:
+    """Bytes of one row of n_cols elements; the row must hold whole blocks (llama.cpp refuses otherwise)."""
+    block, size = ggml_block(type_name)
+    if n_cols <= 0 or n_cols % block:
+        raise ValueError(f"a {type_name} row needs a positive multiple of {block} elements, got {n_cols}")
+    return n_cols // block * size
+
+
+def tensor_bytes(type_name: str, shape: Sequence[int]) -> int:
+    """shape in numpy order: the last axis is the row (ggml's ne[0]); every other axis counts rows."""
+    return math.prod(int(d) for d in shape[:-1]) * row_bytes(type_name, int(shape[-1]))
+
+
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int, kv_type: str = "f16",
+                   n_seq: int = 1) -> int:
+    """K and V of every layer: 2 x n_layers x [n_ctx * n_seq positions, n_kv_heads * head_dim] in kv_type.
+    30 layers, 3 KV heads of 64, 4096 positions, f16: 2*30*4096*192*2 = 94,371,840 (llama.cpp logs 90.00 MiB)."""
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"kv_type {kv_type!r} is not one of {tuple(KV_TYPES)}")
+    if min(n_layers, n_kv_heads, head_dim, n_ctx, n_seq) <= 0:
+        raise ValueError("layers, KV heads, head_dim, n_ctx and n_seq must be positive")
+    return 2 * n_layers * n_ctx * n_seq * row_bytes(KV_TYPES[kv_type], n_kv_heads * head_dim)
+
+
+def llama_cpp_n_ctx(context: int, n_seq: int = 1) -> int:
+    """The KV positions llama.cpp allocates for n_seq sequences of `context`: the total, padded up to 256."""
+    total = context * n_seq
+    return -(-total // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
+
+
+# --- GGUF weights --------------------------------------------------------------------------------------------
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama-quant.cpp: the first and last eighth of the layers and every third one between get more bits."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else None
+
+
+def _quantizable(name: str, shape: Sequence[int]) -> bool:
+    """tensor_allows_quantization, the rules a llama-style decoder meets: 2-D+ weights, not norms or router gates."""
+    return len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name \
+        and "ffn_gate_inp.weight" not in name
+
+
+def _fallback(type_name: str, n_cols: int) -> str:
+    """tensor_type_fallback: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 when the row is not whole blocks; F16 if even
+    that does not divide. Other types have no fallback (llama.cpp fails the quantization)."""
+    if n_cols % ggml_block(type_name)[0] == 0:
+        return type_name
+    if type_name not in K_QUANT_FALLBACK:
+        raise ValueError(f"a row of {n_cols} cannot be stored as {type_name} and llama.cpp has no fallback for it")
+    fallback = K_QUANT_FALLBACK[type_name]
+    return fallback if n_cols % ggml_block(fallback)[0] == 0 else "F16"
+
+
+def _mixed_type(name: str, n_cols: int, precision: str, default: str, tied: bool, counts: dict) -> str:
+    """llama_tensor_get_type_impl for the ftypes edgevlm writes (no imatrix, no MoE, not Falcon)."""
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        if n_cols % ggml_block(default)[0]:
+            return "Q8_0"
+        return default if default == "Q8_0" else "Q6_K"
+    layer = _layer(name)
+    if precision in MIXED_K_QUANTS and layer is not None:
+        # the quantizer visits tensors by layer, so its running attn_v / ffn_down counters equal the layer index
+        if ("attn_v.weight" in name or "attn_qkv.weight" in name) and use_more_bits(layer, counts["attn_v"]):
+            return "Q6_K"
+        if "ffn_down" in name and use_more_bits(layer, counts["layers"]):
+            return "Q6_K"
+    return default
+
+
+def gguf_tensor_types(tensors: Sequence[tuple[str, Sequence[int]]], precision: str) -> dict[str, str]:
+    """name -> GGML type llama.cpp's quantizer gives each tensor of a decoder at `precision` (shapes in numpy order).
+    1-D tensors (norms, biases) stay F32, as edgevlm writes them; output.weight (or token_embd when tied) gets Q6_K
+    under any K/legacy quant; Q4_K_M and Q5_K_M give Q6_K to attn_v and ffn_down of the layers use_more_bits picks;
+    rows that are not whole 256-blocks fall back (K_QUANT_FALLBACK)."""
+    if precision not in PRECISION_TYPES:
+        raise ValueError(f"GGUF precision {precision!r} is not one of {tuple(PRECISION_TYPES)}")
+    default = PRECISION_TYPES[precision]
+    names = [name for name, _ in tensors]
+    tied = "output.weight" not in names
+    counts = {"attn_v": sum("attn_v.weight" in n or "attn_qkv.weight" in n for n in names),
+              "layers": len({_layer(n) for n in names} - {None})}
+    types = {}
+    for name, shape in tensors:
+        if not _quantizable(name, shape):
+            types[name] = "F32"
+        elif default in UNQUANTIZED:
+            types[name] = default
+        else:
+            n_cols = int(shape[-1])
+            types[name] = _fallback(_mixed_type(name, n_cols, precision, default, tied, counts), n_cols)
+    return types
+
+
+def gguf_weight_bytes(tensors: Sequence[tuple[str, Sequence[int]]], precision: str) -> dict[str, int]:
+    """name -> bytes of each tensor at `precision` (see gguf_tensor_types); sum the values for the file's tensors."""
+    types = gguf_tensor_types(tensors, precision)
+    return {name: tensor_bytes(types[name], shape) for name, shape in tensors}
+
+
+def llama_decoder_tensors(hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                          intermediate: int, vocab: int, tied: bool, biases: Sequence[str] = ()) -> list:
+    """(name, numpy-order shape) of a llama-style decoder's GGUF tensors, as edgevlm's writer names them."""
+    q, kv = n_heads * head_dim, n_kv_heads * head_dim
+    rows = {"attn_q": q, "attn_k": kv, "attn_v": kv}
+    tensors = [("token_embd.weight", (vocab, hidden))]
+    for i in range(n_layers):
+        tensors += [(f"blk.{i}.attn_norm.weight", (hidden,)), (f"blk.{i}.attn_q.weight", (q, hidden)),
+                    (f"blk.{i}.attn_k.weight", (kv, hidden)), (f"blk.{i}.attn_v.weight", (kv, hidden)),
+                    (f"blk.{i}.attn_output.weight", (hidden, q)), (f"blk.{i}.ffn_norm.weight", (hidden,)),
+                    (f"blk.{i}.ffn_gate.weight", (intermediate, hidden)), (f"blk.{i}.ffn_up.weight", (intermediate, hidden)),
+                    (f"blk.{i}.ffn_down.weight", (hidden, intermediate))]
+        tensors += [(f"blk.{i}.{b}.bias", (rows[b],)) for b in biases]
+    tensors.append(("output_norm.weight", (hidden,)))
+    if not tied:
+        tensors.append(("output.weight", (vocab, hidden)))
+    return tensors
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple  # numpy order (the GGUF header stores ggml order, reversed here)
+    type_name: str
+    n_bytes: int
+
+
+def read_gguf_tensors(path: str | Path) -> list[GGUFTensor]:
+    """The tensors of an existing GGUF with their exact stored bytes (header only; the data is not read)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return [GGUFTensor(t.name, tuple(int(d) for d in reversed(list(t.shape))), t.tensor_type.name, int(t.n_bytes))
+            for t in reader.tensors]
+
+
+# --- images --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    rows: int  # the split (0, 0 = one global tile)
+    cols: int
+    n_tiles: int  # encoder inputs, the global view or thumbnail included
+    image_rows: int  # embedding rows the encoder gives: n_tiles x tokens_per_tile
+    text_tokens: int  # the layout's markers: row/col tokens, newlines, wrappers
+    exact: bool  # text_tokens counted by the bundle's tokenizer (else assumed: one token per marker and newline)
+
+    @property
+    def positions(self) -> int:
+        return self.image_rows + self.text_tokens
+
+
+def _assumed_text_tokens(layout: ImageLayout, rows: int, cols: int) -> int:
+    """Markers of ImageLayout.expand, one token each (true for SmolVLM's tokenizer, where "\\n\\n" is two tokens)."""
+    if layout.kind == "repeat":
+        return 0
+    if layout.kind == "wrapped":
+        return 2  # start + end
+    if rows == 0 and cols == 0:
+        return 3  # <fake><global-img> ... <fake>
+    return rows * cols * 2 + rows + 4  # <fake><row_r_col_c> per tile, "\n" per row, "\n<fake><global-img>" ... "<fake>"
+
+
+def image_tokens(layout: ImageLayout, preprocess: PreprocessSpec, width: int, height: int,
+                 count_text: Callable[[str], int] | None = None) -> ImageTokens:
+    """Decoder positions one width x height image takes: the tile grid the preprocessing picks (tile_grid), the
+    embedding rows of its tiles and the layout's text around them. count_text(text) -> tokens (the bundle's tokenizer
+    without special tokens) makes the count exact; merges with the prompt text around the placeholder are not seen."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    rows, cols = tile_grid(height, width, preprocess)
+    n_tiles = layout.n_tiles(rows, cols)
+    image_rows = n_tiles * layout.tokens_per_tile
+    if count_text is None:
+        return ImageTokens(rows, cols, n_tiles, image_rows, _assumed_text_tokens(layout, rows, cols), False)
+    return ImageTokens(rows, cols, n_tiles, image_rows, count_text(layout.expand(rows, cols)) - image_rows, True)
+
+
+def largest_image(preprocess: PreprocessSpec) -> tuple[int, int]:
+    """(width, height) of the largest square image the preprocessing keeps: the worst case when none is given."""
+    tile_h, tile_w = preprocess.tile_size
+    if preprocess.resize_rule == "idefics3" and preprocess.image_splitting:
+        return preprocess.longest_edge, preprocess.longest_edge
+    if preprocess.resize_rule == "internvl":
+        side = math.isqrt(preprocess.max_tiles)
+        return tile_w * side, tile_h * side
+    return tile_w, tile_h
+
+
+def encoder_activation_bytes(n_tiles: int, tiles_per_run: int, tile_height: int, tile_width: int,
+                             bytes_per_tile: int | None = None) -> int:
+    """The encoder's activation peak: the tiles of one run (the runtime encodes tiles_per_run at a time) at
+    bytes_per_tile each (a measured figure when the bundle has one, else ENCODER_ACTIVATION_BYTES_PER_PIXEL)."""
+    if min(n_tiles, tiles_per_run, tile_height, tile_width) <= 0:
+        raise ValueError("tiles, tiles per run and the tile size must be positive")
+    per_tile = bytes_per_tile if bytes_per_tile is not None else ENCODER_ACTIVATION_BYTES_PER_PIXEL * tile_height * tile_width
+    return min(n_tiles, tiles_per_run) * int(per_tile)
+
+
+# --- llama.cpp compute buffer and decode speed ---------------------------------------------------------------
+
+
+def llama_cpp_compute_buffer_bytes(n_vocab: int, n_embd: int, n_heads: int, n_ctx: int, n_ubatch: int = 512,
+                                   flash_attn: bool = False, n_outputs: int = 1) -> int:
+    """llama.cpp's compute buffer, reserved for a full ubatch: the peak of the attention scratch and the logits, since
+    ggml-alloc reuses memory between them (Ollama's GraphSize for llama-style models, fs/ggml/ggml.go):
+        attention = 4 * ub * (1 + 4*d + n_ctx*(1 + H))   # f32 KQ scores [n_ctx, ub, H] + mask + [d, ub] activations
+        logits    = 4 * ub * (d + V)                     # f32 logits [V, ub] and the last hidden state
+    With flash attention the KQ scores are never materialised: attention = 4*ub*(1 + 4*d) + 2*ub*n_ctx (f16 mask;
+    derived). Plus the output buffer, V f32 logits per output sequence. Checked here (llama-cpp-python 0.3.36, CPU,
+    SmolVLM-256M q8_0, ub 512): 99.6 MiB measured vs 97.4 at n_ctx 4096, 166.4 vs 164.5 at 8192, 98.5 vs 97.4 with
+    flash attention; Ollama found the formula off by up to 2x on GPUs (ollama#10359), so treat it as an estimate."""
+    if min(n_vocab, n_embd, n_heads, n_ctx, n_ubatch, n_outputs) <= 0:
+        raise ValueError("vocabulary, widths, heads, n_ctx, n_ubatch and n_outputs must be positive")
+    if flash_attn:
+        attention = 4 * n_ubatch * (1 + 4 * n_embd) + 2 * n_ubatch * n_ctx
+    else:
+        attention = 4 * n_ubatch * (1 + 4 * n_embd + n_ctx * (1 + n_heads))
+    logits = 4 * n_ubatch * (n_embd + n_vocab)
+    return max(attention, logits) + 4 * n_vocab * n_outputs
+
+
+def decode_tokens_per_second(weight_bytes: int, kv_bytes_read: float, bandwidth_gbs: float,
+                             efficiency: float = DECODE_EFFICIENCY_PEAK) -> float:
+    """Decode steps per second: the bandwidth roofline (bench/roofline.py: bandwidth / (weights + KV read per step))
+    times the sustained efficiency (DECODE_EFFICIENCY_PEAK for published peaks, _MEASURED for measured copies)."""
+    from ..bench.roofline import roofline
+
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")
+    return roofline(bandwidth_gbs, int(weight_bytes), float(kv_bytes_read), 0.0).ceiling_tok_s * efficiency
+
+
+# --- the plan ------------------------------------------------------------------------------------------------
+
+
+def default_margin_bytes(memory_bytes: int) -> int:
+    """llama.cpp --fit-target's 1 GiB; 0.5 GiB on devices of 8 GiB or less (serve-plan-scale.md 2.4)."""
+    return GIB // 2 if memory_bytes <= 8 * GIB else GIB
+
+
+VERDICTS = ("fits", "tight", "does not fit")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What one decoder x encoder option needs on a device, item by item (bytes)."""
+
+    decoder_weights: int
+    encoder_weights: int
+    encoder_activations: int
+    kv_cache: int
+    compute_buffer: int
+    caches: int  # the embedding and prefix caches' byte bounds (resident at worst)
+    runtime_overhead: int
+    margin: int  # headroom kept free (other processes, allocator slack, formula error)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"MemoryPlan.{f.name} must be a non-negative int of bytes, got {value!r}")
+
+    @property
+    def needed(self) -> int:
+        """Everything but the margin."""
+        return sum(getattr(self, f.name) for f in fields(self)) - self.margin
+
+    @property
+    def total(self) -> int:
+        return self.needed + self.margin
+
+    def verdict(self, usable_bytes: int) -> str:
+        """fits: needed + margin <= usable; tight: only by eating into the margin; else does not fit."""
+        if self.total <= usable_bytes:
+            return "fits"
+        return "tight" if self.needed <= usable_bytes else "does not fit"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "needed": self.needed, "total": self.total}
