@@ -55,3 +55,19 @@ def test_smolvlm_500m_public_dims():
 def test_preset_refuses_to_overwrite(smolvlm_256m, capsys):
     assert main(["preset", "smolvlm-256m", "-o", str(smolvlm_256m)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_new_presets_public_dims():
+    """SmolVLM2 and InternVL3 presets: the published shapes (81 tokens per 384-px tile at scale 3 for 2.2B; 256 per
+    448-px tile at shuffle 0.5 for InternVL3), the class each is saved as, untied heads like the public models."""
+    from edgevlm.reference.presets import InternVLShape, LlavaShape
+
+    big = PRESETS["smolvlm2-2.2b"]
+    assert (big.text_hidden, big.text_layers, big.text_mlp, big.context) == (2048, 24, 8192, 8192)
+    assert (big.image // big.patch) ** 2 // big.scale_factor**2 == 81 and big.architecture == "smolvlm"
+    assert PRESETS["smolvlm2-256m"].architecture == "smolvlm" and not PRESETS["smolvlm2-256m"].tied
+    internvl = PRESETS["internvl3-1b"]
+    assert isinstance(internvl, InternVLShape) and (internvl.image // internvl.patch) ** 2 // 4 == 256
+    assert (internvl.text_hidden, internvl.text_layers, internvl.text_heads, internvl.text_kv_heads,
+            internvl.vocab) == (896, 24, 14, 2, 151674)
+    assert isinstance(PRESETS["llava-1.5-7b"], LlavaShape) and PRESETS["llava-1.5-7b"].text_mlp == 11008

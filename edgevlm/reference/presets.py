@@ -10,14 +10,20 @@ from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
 @dataclass(frozen=True)
-class SmolVLMShape:
-    """Idefics3-architecture shapes (HuggingFaceTB/SmolVLM-*-Instruct and SmolVLM2-* config.json)."""
+class DecoderShape:
+    """The text decoder's dimensions every preset states (its family's shape class adds the rest, with defaults)."""
 
     text_hidden: int
     text_layers: int
     text_heads: int
     text_kv_heads: int
     text_mlp: int
+
+
+@dataclass(frozen=True)
+class SmolVLMShape(DecoderShape):
+    """Idefics3-architecture shapes (HuggingFaceTB/SmolVLM-*-Instruct and SmolVLM2-* config.json)."""
+
     vision_hidden: int = 768
     vision_layers: int = 12
     vision_heads: int = 12
@@ -33,14 +39,9 @@ class SmolVLMShape:
 
 
 @dataclass(frozen=True)
-class InternVLShape:
+class InternVLShape(DecoderShape):
     """InternVL3 -hf shapes (OpenGVLab/InternVL3-*-hf config.json): InternViT + pixel shuffle 0.5 + Qwen2."""
 
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    text_mlp: int
     vision_hidden: int = 1024
     vision_layers: int = 24
     vision_heads: int = 16
@@ -55,14 +56,9 @@ class InternVLShape:
 
 
 @dataclass(frozen=True)
-class LlavaShape:
+class LlavaShape(DecoderShape):
     """LLaVA-1.5 shapes (llava-hf/llava-1.5-*-hf config.json): CLIP ViT-L/14 at 336, 2-layer GELU projector, Llama-2."""
 
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    text_mlp: int
     vision_hidden: int = 1024
     vision_layers: int = 24
     vision_heads: int = 16
