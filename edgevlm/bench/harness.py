@@ -120,9 +120,11 @@ def memory_breakdown(session, bundle: Path | None, encoder: str, decoder: str, r
     if bundle is not None and decoder.startswith("gguf"):
         from ..manifest import Manifest
 
+        from ..plan.budget import kv_cache_bytes
+
         d = Manifest.load(bundle).decoder
-        kv_bytes = 2 if not getattr(dec, "parity", False) else 4  # f16 KV (f32 in parity mode)
-        out["kv_cache_allocated"] = dec.n_ctx * d.n_layers * d.n_kv_heads * d.head_dim * 2 * kv_bytes / mib
+        kv_type = "f32" if getattr(dec, "parity", False) else "f16"  # the llama.cpp decoder's KV (f32 in parity mode)
+        out["kv_cache_allocated"] = kv_cache_bytes(d.n_layers, d.n_kv_heads, d.head_dim, dec.n_ctx, kv_type) / mib
     graph_bytes = getattr(session.encoder, "graph_bytes", None)  # the one graph ONNX Runtime loaded
     if graph_bytes:
         out["encoder_graph"] = graph_bytes / mib

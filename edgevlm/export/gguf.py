@@ -183,6 +183,7 @@ def adds_space_prefix(data: dict) -> bool:
 # GGUF tensor type per written precision for matrices; norms and biases are always F32, as llama.cpp's converter
 # writes them. "bf16" is only the quantizer's input for bf16 checkpoints (no rounding of their weights).
 MATRIX_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+MATRIX_DTYPES = {"F32": np.float32, "F16": np.float16}  # BF16 goes in as raw uint16
 
 
 def intermediate_precision(ckpt) -> str:
@@ -244,9 +245,9 @@ def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f3
         keep_f32 = kind.endswith("norm") or hf_name.endswith(".bias") or state[hf_name].dim() < 2
         plan.append((hf_name, gguf_name, "F32" if keep_f32 else MATRIX_TYPES[dtype]))
 
-    def converted(hf_name: str, type_name: str) -> np.ndarray:
+    def converted(hf_name: str, gguf_name: str, type_name: str) -> np.ndarray:
         tensor = state[hf_name].detach()
-        kind = names[hf_name].split(".")[-2]
+        kind = gguf_name.split(".")[-2]
         if arch.permute_qk and hf_name.endswith(".weight") and kind in ("attn_q", "attn_k"):
             tensor = torch.from_numpy(permute_rope(tensor.float().numpy(), spec.n_heads if kind == "attn_q" else spec.n_kv_heads))
         if type_name == "BF16":  # the stored bits, viewed as uint16 (gguf-py takes raw BF16 that way)
@@ -263,14 +264,12 @@ def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f3
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for done, (hf_name, gguf_name, type_name) in enumerate(plan, 1):
-        writer.write_tensor_data(converted(hf_name, type_name))
+        writer.write_tensor_data(converted(hf_name, gguf_name, type_name))
         if progress:
             progress(done, len(plan), gguf_name)
     writer.close()
     return path
 
-
-MATRIX_DTYPES = {"F32": np.float32, "F16": np.float16}
 
 
 def quantize(source: Path, path: Path, precision: str, threads: int | None = None) -> None:

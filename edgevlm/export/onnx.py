@@ -240,9 +240,8 @@ def ensure_fp32_graph(ckpt, manifest, writer: BundleWriter, log=print) -> Path:
 def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, **_) -> Artifact:
     folder = writer.root / "encoder"
     folder.mkdir(exist_ok=True)
-    scratch = writer.root / ".work"
-    scratch.mkdir(exist_ok=True)
     fp32 = ensure_fp32_graph(ckpt, manifest, writer, log)
+    scratch = fp32.parent
     graph = folder / f"{precision}.onnx"
     if precision == "fp32":
         shutil.copy(fp32, graph)

@@ -162,6 +162,11 @@ def build_decoder(text_config, state_dict: dict[str, torch.Tensor]):
     return decoder.eval()
 
 
+def decoder_from(text_config, language_model: torch.nn.Module, lm_head: torch.nn.Module):
+    """build_decoder from a VLM's language model (keys become model.*) and its lm_head: the families' common split."""
+    return build_decoder(text_config, {**prefixed(language_model, "model."), "lm_head.weight": lm_head.weight})
+
+
 def prefixed(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}{k}": v for k, v in module.state_dict(keep_vars=False).items()}
 

@@ -72,10 +72,7 @@ def load(path: Path, config_json: dict, dtype: str = "float32") -> base.LoadedCh
         "idefics3", image_token, image_token, image_token_id, image_seq_len,
         fake_token="<fake_token_around_image>", global_token="<global-img>", row_col_format="<row_{row}_col_{col}>",
     )
-    decoder = base.build_decoder(
-        config.text_config,
-        {**base.prefixed(hf_model.model.text_model, "model."), "lm_head.weight": hf_model.lm_head.weight},
-    )
+    decoder = base.decoder_from(config.text_config, hf_model.model.text_model, hf_model.lm_head)
     return base.LoadedCheckpoint(
         family="idefics3",
         path=path,

@@ -28,9 +28,7 @@ class InternVLVision(torch.nn.Module):
         self.feature_layer = config.vision_feature_layer
         self.drop_cls = config.vision_feature_select_strategy == "default"
         self.shrink = round(1 / config.downsample_ratio)  # 2 for InternVL3's 0.5
-        image, patch = config.vision_config.image_size, config.vision_config.patch_size
-        self.side = (image[0] if isinstance(image, (list, tuple)) else image) // (
-            patch[0] if isinstance(patch, (list, tuple)) else patch)
+        self.side = _side(config.vision_config.image_size) // _side(config.vision_config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.feature_layer == -1:
@@ -47,6 +45,7 @@ class InternVLVision(torch.nn.Module):
 
 
 def _side(value) -> int:
+    """A square size as configs write it: 448, [448, 448] or {"height": 448, ...}."""
     if isinstance(value, dict):
         return int(value.get("height") or value.get("shortest_edge") or value.get("longest_edge"))
     return int(value[0] if isinstance(value, (list, tuple)) else value)
@@ -90,10 +89,7 @@ def load(path: Path, config_json: dict, dtype: str = "float32") -> base.LoadedCh
         raise CheckpointError(f"the tokenizer lacks the image delimiters {start!r} / {end!r}; re-save the tokenizer")
     layout = ImageLayout("wrapped", image_token, image_token, int(config.image_token_id), tokens_per_tile,
                          start_token=start, end_token=end)
-    decoder = base.build_decoder(
-        config.text_config,
-        {**base.prefixed(hf_model.model.language_model, "model."), "lm_head.weight": hf_model.lm_head.weight},
-    )
+    decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
     return base.LoadedCheckpoint(
         family="internvl",
         path=path,

@@ -70,10 +70,7 @@ def load(path: Path, config_json: dict, dtype: str = "float32") -> base.LoadedCh
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     vision = LlavaVision(hf_model, config.vision_feature_layer, strategy).eval()
-    decoder = base.build_decoder(
-        config.text_config,
-        {**base.prefixed(hf_model.model.language_model, "model."), "lm_head.weight": hf_model.lm_head.weight},
-    )
+    decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
     layout = ImageLayout("repeat", image_token, image_token, image_token_id, tokens_per_tile(config, vision_config))
     return base.LoadedCheckpoint(
         family="llava",

@@ -73,12 +73,11 @@ def resolve_context(requested: int | None, context_length: int, default: int) ->
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (width, height)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise BadInputError(f"--image-size must be WIDTHxHEIGHT in pixels (e.g. 1024x768), got {text!r}") from None
-    if not (0 < width <= 1 << 16 and 0 < height <= 1 << 16):
+    """'WxH' -> (width, height): the bench's parser, with the planner's own bound on the sides."""
+    from ..bench.harness import parse_size
+
+    width, height = parse_size(text)
+    if max(width, height) > 1 << 16:
         raise BadInputError(f"--image-size sides must be 1..65536 pixels, got {text!r}")
     return width, height
 
