@@ -24,6 +24,8 @@ COMMANDS = {
     "targets": "what this machine can run, and why not the rest",
     "bench": "benchmark a checkpoint or bundle: encode, TTFT, tokens/s, memory, roofline",
     "plan": "will a bundle fit a device: memory item by item, verdict and predicted tokens/s",
+    "sweep": "run the checkpoint x quantization x device matrix (locally or on a Ray cluster) into one report",
+    "agent": "join this machine to a sweep's Ray cluster as a device or build host (or start the head)",
 }
 
 

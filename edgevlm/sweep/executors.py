@@ -1,0 +1,245 @@
+"""Executors: where and when each stage runs. One interface, `run(stages, context, on_record, log) -> pending keys`.
+
+- `local`: this machine; stages run in a small pool of subprocesses, a device stage (bench, eval, build-engine) runs
+  alone, so benchmarks measure nothing but themselves. A device whose target this machine lacks stays pending.
+- `ray`: a Ray cluster (Ray core). Devices join with `edgevlm agent`: node labels name the device, its target and
+  role, and a `edgevlm_bench` resource of 1 is the device's exclusive token, which every device stage takes. Build
+  stages go to nodes labelled role=builder. A device with no live node leaves its stages pending ("waiting for
+  device X"); the sweep stops after `wait_s` of waiting with nothing running, never hangs.
+
+Both schedule from the driver: a stage is submitted once the stages it needs have succeeded; one whose need failed
+is recorded as blocked. `on_start(stage)` is called as each stage is handed to a worker (progress display)."""
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Callable
+
+from .matrix import Stage
+from .stages import fingerprint, run_stage
+
+LABEL_DEVICE = "edgevlm.io/device"
+LABEL_TARGET = "edgevlm.io/target"
+LABEL_ROLE = "edgevlm.io/role"
+BENCH_RESOURCE = "edgevlm_bench"  # 1 per device node: the token that makes device stages exclusive there
+
+
+class Scheduler:
+    """The dependency bookkeeping both executors share."""
+
+    def __init__(self, stages: list[Stage], done: set[str], on_record: Callable[[dict], None]):
+        self.todo = [s for s in stages if s.key not in done]
+        self.ok = set(done)
+        self.failed: set[str] = set()
+        self.on_record = on_record
+
+    def finish(self, record: dict) -> None:
+        (self.ok if record["status"] == "ok" else self.failed).add(record["key"])
+        self.on_record(record)
+
+    def ready(self) -> list[Stage]:
+        """Stages whose needs all succeeded (taken off the to-do list by `take`); blocked ones are recorded."""
+        out = []
+        for stage in list(self.todo):
+            broken = [k for k in stage.after if k in self.failed]
+            if broken:
+                self.todo.remove(stage)
+                now = time.time()
+                self.finish({"key": stage.key, "kind": stage.kind, "bundle": stage.bundle,
+                             "cell": {k: stage.cell[k] for k in ("checkpoint", "encoder", "decoder")},
+                             "device": stage.device_id, "node": None, "started": now, "ended": now, "seconds": 0.0,
+                             "status": "blocked", "error": f"needs {', '.join(broken)}, which failed"})
+            elif all(k in self.ok for k in stage.after):
+                out.append(stage)
+        return out
+
+    def take(self, stage: Stage) -> None:
+        self.todo.remove(stage)
+
+    def give_back(self, stage: Stage) -> None:
+        """A stage taken but never started (its node left before it was placed): pending again."""
+        self.todo.append(stage)
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, jobs: int = 1, wait_s: float = 0.0):
+        if not 1 <= jobs <= 64:
+            raise ValueError(f"jobs must be 1..64, got {jobs}")
+        self.jobs = jobs
+        self.wait_s = wait_s
+
+    def missing_device(self, stage: Stage, context: dict) -> str | None:
+        """Every device is this machine here: one whose target this machine cannot run waits."""
+        if not stage.device:
+            return None
+        available = fingerprint(context["timeout_s"])["available_targets"]
+        target = stage.device["target"]
+        if target in available:
+            return None
+        return f"waiting for device {stage.device_id}: this machine (local executor) has no {target} target"
+
+    def run(self, stages: list[Stage], context: dict, done: set[str], on_record, log=print,
+            on_start=None) -> list[str]:
+        scheduler = Scheduler(stages, done, on_record)
+        waiting: dict[str, str] = {}
+        running: dict[Future, Stage] = {}
+        host = socket.gethostname()
+        with ThreadPoolExecutor(self.jobs) as pool:
+            while True:
+                exclusive_running = any(s.exclusive for s in running.values())
+                for stage in scheduler.ready():
+                    why = self.missing_device(stage, context)
+                    if why:
+                        if stage.key not in waiting:
+                            log(why)
+                        waiting[stage.key] = why
+                        continue
+                    if exclusive_running or len(running) >= self.jobs or (stage.exclusive and running):
+                        continue
+                    scheduler.take(stage)
+                    node = {"node_id": "local", "hostname": host,
+                            "labels": {LABEL_ROLE: "device" if stage.device else "builder",
+                                       LABEL_DEVICE: stage.device_id}}
+                    running[pool.submit(run_stage, stage.to_dict(), context, node)] = stage
+                    if on_start:
+                        on_start(stage)
+                    exclusive_running = stage.exclusive
+                if not running:
+                    return [s.key for s in scheduler.todo]
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    running.pop(future)
+                    scheduler.finish(future.result())
+
+
+def _remote_stage(stage: dict, context: dict) -> dict:
+    """Runs on the node Ray chose: the node's id and labels go into the record."""
+    import ray
+
+    runtime = ray.get_runtime_context()
+    node = {"node_id": runtime.get_node_id(), "hostname": socket.gethostname(),
+            "labels": dict(runtime.get_node_labels())}
+    return run_stage(stage, context, node)
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, address: str | None = None, wait_s: float = 300.0, poll_s: float = 1.0):
+        self.address = address
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self._orphaned: dict[str, float] = {}  # stage key -> when its node was first seen gone
+
+    def connect(self):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=self.address or "auto", log_to_driver=False, logging_level="ERROR")
+        return ray
+
+    @staticmethod
+    def live_labels(ray) -> list[dict]:
+        return [dict(n.get("Labels") or {}) for n in ray.nodes() if n.get("Alive")]
+
+    def placement(self, stage: Stage) -> dict:
+        """Ray options: device stages to the device's node, holding its bench token; builds to builder nodes."""
+        if stage.device:
+            return {"label_selector": {LABEL_DEVICE: stage.device_id}, "resources": {BENCH_RESOURCE: 1},
+                    "num_cpus": 0, "max_retries": 0}  # a bench is never retried: a failure is a record
+        return {"label_selector": {LABEL_ROLE: "builder"}, "num_cpus": 1, "max_retries": 1}
+
+    def missing_node(self, stage: Stage, nodes: list[dict]) -> str | None:
+        if stage.device:
+            if any(n.get(LABEL_DEVICE) == stage.device_id for n in nodes):
+                return None
+            return f"waiting for device {stage.device_id}: no node labelled {LABEL_DEVICE}={stage.device_id} has joined"
+        if any(n.get(LABEL_ROLE) == "builder" for n in nodes):
+            return None
+        return f"waiting for a build host: no node labelled {LABEL_ROLE}=builder has joined"
+
+    def run(self, stages: list[Stage], context: dict, done: set[str], on_record, log=print,
+            on_start=None) -> list[str]:
+        ray = self.connect()
+        remote = ray.remote(_remote_stage)
+        scheduler = Scheduler(stages, done, on_record)
+        running: dict = {}  # ObjectRef -> (stage, submitted at)
+        waiting: dict[str, str] = {}
+        waited_since = None
+        while True:
+            nodes = self.live_labels(ray)
+            for stage in scheduler.ready():
+                why = self.missing_node(stage, nodes)
+                if why:
+                    if waiting.get(stage.key) != why:
+                        log(why)
+                    waiting[stage.key] = why
+                    continue
+                waiting.pop(stage.key, None)
+                scheduler.take(stage)
+                ref = remote.options(**self.placement(stage)).remote(stage.to_dict(), context)
+                running[ref] = (stage, time.time())
+                if on_start:
+                    on_start(stage)
+            if not running:
+                if not waiting:
+                    return [s.key for s in scheduler.todo]
+                waited_since = waited_since or time.time()
+                if time.time() - waited_since >= self.wait_s:
+                    log(f"gave up after {self.wait_s:.0f} s; still waiting: " + "; ".join(sorted(set(waiting.values()))))
+                    return [s.key for s in scheduler.todo]
+                time.sleep(self.poll_s)
+                continue
+            waited_since = None
+            self.withdraw_orphans(ray, running, nodes, scheduler, log)
+            if not running:
+                continue
+            finished, _ = ray.wait(list(running), num_returns=1, timeout=self.poll_s)
+            for ref in finished:
+                stage, submitted = running.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the node or worker died under the stage
+                    first_line = str(exc).splitlines()[0] if str(exc) else ""
+                    record = failed_record(stage, submitted, f"{type(exc).__name__}: {first_line}")
+                scheduler.finish(record)
+
+
+    def withdraw_orphans(self, ray, running: dict, nodes: list[dict], scheduler: Scheduler, log) -> None:
+        """A stage whose node left while it was submitted would wait in Ray forever (a queued one) or until Ray
+        notices (a running one): after `wait_s` without the node it is cancelled and recorded as failed; a re-run
+        completes it."""
+        now = time.time()
+        for ref, (stage, submitted) in list(running.items()):
+            why = self.missing_node(stage, nodes)
+            if not why:
+                self._orphaned.pop(stage.key, None)
+                continue
+            if now - self._orphaned.setdefault(stage.key, now) < self.wait_s:
+                continue
+            ray.cancel(ref, force=True)
+            running.pop(ref)
+            self._orphaned.pop(stage.key, None)
+            where = stage.device_id or "the build host"
+            log(f"{stage.key}: the node for {where} left the cluster; recorded as failed")
+            scheduler.finish(failed_record(stage, submitted, f"NodeLost: the node for {where} left the cluster "
+                                                             f"and did not come back within {self.wait_s:.0f} s"))
+
+
+def failed_record(stage: Stage, started: float, error: str) -> dict:
+    now = time.time()
+    return {"key": stage.key, "kind": stage.kind, "bundle": stage.bundle,
+            "cell": {k: stage.cell[k] for k in ("checkpoint", "encoder", "decoder")}, "device": stage.device_id,
+            "node": None, "started": started, "ended": now, "seconds": round(now - started, 3), "status": "failed",
+            "error": error[:2000]}
+
+
+def make_executor(name: str, **options):
+    if name == "local":
+        return LocalExecutor(jobs=options.get("jobs", 1))
+    if name == "ray":
+        return RayExecutor(address=options.get("address"), wait_s=options.get("wait_s", 300.0))
+    raise ValueError(f"unknown executor {name!r}; choose local or ray")

@@ -1,0 +1,225 @@
+"""One stage, run on whatever node the executor chose: the matching `edgevlm` command in a subprocess (its memory is
+its own and freed when it ends; a crash is a failed record, not a dead worker), its JSON output kept in the record,
+with the node, the times and, on devices, the device's fingerprint and the planner's prediction."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .bundles import IDENTITY, is_exported, verified_bundle
+
+STAGE_TIMEOUT_S = 6 * 3600
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def edgevlm_command(args: list[str], timeout: float, cwd: Path | None = None) -> dict | list:
+    """Run `python -m edgevlm ARGS`; the last stdout line is its JSON. A failure raises with stderr's last line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "edgevlm", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        raise StageFailed(f"edgevlm {args[0]} ran past {timeout:.0f} s") from None
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if line.strip()]
+        why = errors[-1] if errors else f"exit status {done.returncode}"
+        if done.returncode == 1 and lines:  # verify reports a FAIL row with exit 1 and its JSON
+            try:
+                return {"exit_status": 1, **json.loads(lines[-1])}
+            except json.JSONDecodeError:
+                pass
+        raise StageFailed(why)
+    if not lines:
+        raise StageFailed(f"edgevlm {args[0]} printed nothing")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        try:
+            return json.loads(done.stdout)  # print_json writes one indented document
+        except json.JSONDecodeError:
+            raise StageFailed(f"edgevlm {args[0]} did not end with JSON: {lines[-1][:200]}") from None
+
+
+_FINGERPRINT: dict = {}
+
+
+def fingerprint(timeout: float) -> dict:
+    """What this node is, once per process: `edgevlm targets`, memory, CPU, and the power mode where there is one."""
+    if not _FINGERPRINT:
+        import psutil
+
+        found = edgevlm_command(["targets", "--json"], timeout)
+        machine = found.get("machine", {}) if isinstance(found, dict) else {}
+        _FINGERPRINT.update({
+            "hostname": socket.gethostname(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "memory_total_mib": round(psutil.virtual_memory().total / 2**20),
+            "targets": {k: v for k, v in machine.items() if k != "llama_cpp_system_info"},
+            "available_targets": [t["name"] for t in found.get("targets", []) if t.get("available")],
+            "power_mode": _power_mode(),
+        })
+    import psutil
+
+    return {**_FINGERPRINT, "memory_available_mib": round(psutil.virtual_memory().available / 2**20)}
+
+
+def _cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _power_mode() -> str | None:
+    """Jetson's nvpmodel mode (benchmarks depend on it); None elsewhere."""
+    if not shutil.which("nvpmodel"):
+        return None
+    try:
+        out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return " ".join(out.split())[:200] or None
+
+
+def device_bundle(stage: dict, context: dict) -> Path:
+    """The bundle as the device uses it: the store's copy (checked against its sha256s), or for a TensorRT cell the
+    device's own linked copy, where build-engine writes the engine (engines are per device)."""
+    store = Path(context["store"])
+    shared = verified_bundle(store, stage["bundle"])
+    if not stage["cell"]["encoder"].startswith("tensorrt:"):
+        return shared
+    local = Path(context["out"]) / "devices" / stage["device"]["id"] / stage["bundle"]
+    if not local.exists():
+        partial = local.with_name(f".{local.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(shared, partial, copy_function=_link_or_copy)
+        partial.rename(local)
+    return local
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_export(stage: dict, context: dict) -> dict:
+    store = Path(context["store"])
+    final = store / stage["bundle"]
+    if is_exported(store, stage["bundle"]):
+        return {"cached": True, "bundle_path": str(final)}
+    store.mkdir(parents=True, exist_ok=True)
+    partial = store / f".{stage['bundle']}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    cell = stage["cell"]
+    try:
+        artifacts = edgevlm_command(["export", cell["checkpoint"], "-o", str(partial), "--encoder", cell["encoder"],
+                                     "--decoder", cell["decoder"], "--max-tiles", str(cell["identity"]["max_tiles"]),
+                                     "--json"], context["timeout_s"])
+        (partial / IDENTITY).write_text(json.dumps(cell["identity"], indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(final, ignore_errors=True)  # a bundle without its identity file is a leftover
+        partial.rename(final)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return {"cached": False, "bundle_path": str(final), "artifacts": artifacts}
+
+
+def run_verify(stage: dict, context: dict) -> dict:
+    bundle = verified_bundle(Path(context["store"]), stage["bundle"])
+    result = edgevlm_command(["verify", str(bundle), "--json", "--threads", str(context["threads"])],
+                             context["timeout_s"])
+    if result.get("status") != "pass":
+        failed = [r["artifact"] for r in result.get("rows", []) if r.get("status") == "FAIL"]
+        raise StageFailed(f"verify failed for {', '.join(failed) or 'the bundle'}")
+    return {"status": result["status"], "rows": result["rows"]}
+
+
+def run_build_engine(stage: dict, context: dict) -> dict:
+    bundle = device_bundle(stage, context)
+    precision = stage["cell"]["encoder"].split(":", 1)[1]
+    done = subprocess.run([sys.executable, "-m", "edgevlm", "build-engine", str(bundle), "--precision", precision],
+                          capture_output=True, text=True, timeout=context["timeout_s"])
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if line.strip()]
+        raise StageFailed(errors[-1] if errors else f"build-engine exit status {done.returncode}")
+    return {"bundle_path": str(bundle), "output": done.stdout.strip()[-500:]}
+
+
+def run_eval(stage: dict, context: dict) -> dict:
+    bundle = device_bundle(stage, context)
+    cell = stage["cell"]
+    result = edgevlm_command(["eval", str(bundle), "--n", str(context["accuracy"]), "--encoder", cell["encoder"],
+                              "--decoder", cell["decoder"], "--threads", str(context["threads"]), "--json"],
+                             context["timeout_s"])
+    return {"accuracy": result["accuracy"], "n": result["n"], "per_type": result.get("per_type")}
+
+
+def run_bench(stage: dict, context: dict) -> dict:
+    bundle = device_bundle(stage, context)
+    cell = stage["cell"]
+    result = edgevlm_command(["bench", str(bundle), "--encoder", cell["encoder"], "--decoder", cell["decoder"],
+                              "--peers", "", *context["bench_args"]], context["timeout_s"])
+    runs = [r for r in result.get("runs", []) if r.get("kind") != "reference"]
+    if not runs:
+        raise StageFailed(f"bench ran no {cell['encoder']} + {cell['decoder']} pair")
+    metrics = runs[0]["metrics"]
+    median = {k: (v["median"] if isinstance(v, dict) and "median" in v else v) for k, v in metrics.items()
+              if isinstance(v, (int, float)) or (isinstance(v, dict) and "median" in v)}
+    return {"run": runs[0]["name"], "metrics": median, "date": result.get("date"),
+            "prediction": prediction(bundle, stage)}
+
+
+def prediction(bundle: Path, stage: dict) -> dict | None:
+    """The planner's memory total, verdict and decode tok/s for this pair on this device (None if it cannot say)."""
+    from ..errors import EdgeVLMError
+    from ..plan.bundle import PlanRequest, plan_bundle
+    from ..plan.devices import THIS_MACHINE, get_device
+
+    try:
+        device = get_device(stage["device"].get("plan_device") or THIS_MACHINE)
+        plan = plan_bundle(str(bundle), device, PlanRequest())
+    except (EdgeVLMError, OSError, ValueError) as exc:
+        return {"error": str(exc)}
+    for option in plan["options"]:
+        if option["encoder"] == stage["cell"]["encoder"] and option["decoder"] == stage["cell"]["decoder"]:
+            memory = option["memory"]
+            # run_mib: what one request's process holds (no cache contents, no safety margin), the figure to set
+            # beside a bench's peak RSS; memory_mib: the total the verdict is judged on
+            return {"device": device.id, "memory_mib": round(memory["total"] / 2**20, 1),
+                    "run_mib": round((memory["needed"] - memory["caches"]) / 2**20, 1),
+                    "verdict": option["verdict"], "decode_tok_s": option["decode_tok_s"]}
+    return None
+
+
+RUNNERS = {"export": run_export, "verify": run_verify, "build-engine": run_build_engine, "eval": run_eval,
+           "bench": run_bench}
+
+
+def run_stage(stage: dict, context: dict, node: dict) -> dict:
+    """Run one stage and return its record (a failure is a record with its error, never an exception)."""
+    started = time.time()
+    record = {"key": stage["key"], "kind": stage["kind"], "bundle": stage["bundle"],
+              "cell": {k: stage["cell"][k] for k in ("checkpoint", "encoder", "decoder")},
+              "device": stage["device"]["id"] if stage["device"] else None, "node": node, "started": started}
+    try:
+        if stage["device"]:
+            record["fingerprint"] = fingerprint(context["timeout_s"])
+        record["result"] = RUNNERS[stage["kind"]](stage, context)
+        record["status"], record["error"] = "ok", None
+    except Exception as exc:  # noqa: BLE001 - recorded with its message; the sweep goes on with the rest
+        record["status"], record["error"] = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+    record["ended"] = time.time()
+    record["seconds"] = round(record["ended"] - started, 3)
+    return record
