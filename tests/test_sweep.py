@@ -284,11 +284,41 @@ def test_sweep_and_agent_cli(reference, tmp_path, capsys):
     assert main(["agent", "--head", "10.0.0.5", "--device", "jetson-orin-nano-super-8gb", "--num-gpus", "1",
                  "--print"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line == ("ray start --disable-usage-stats --include-dashboard=false --address=10.0.0.5:6379 "
+    assert line == ("ray start --disable-usage-stats --address=10.0.0.5:6379 "
                     "--labels=edgevlm.io/role=device,edgevlm.io/device=jetson-orin-nano-super-8gb,"
                     "edgevlm.io/target=jetson-orin '--resources={\"edgevlm_bench\":1}' --num-gpus=1")
     assert main(["agent", "--start-head", "--print"]) == 0
-    assert capsys.readouterr().out.strip() == ("ray start --disable-usage-stats --include-dashboard=false --head "
-                                               "--port=6379 --labels=edgevlm.io/role=builder")
+    assert capsys.readouterr().out.strip() == ("ray start --disable-usage-stats --head --port=6379 "
+                                               "--include-dashboard=false --labels=edgevlm.io/role=builder")
     assert main(["agent", "--head", "h", "--print"]) == 2
     assert "say what this machine is: --device ID or --builder" in capsys.readouterr().err
+
+
+def test_agent_starts_a_head_and_a_device_that_ray_accepts(tmp_path):
+    """The commands `edgevlm agent` runs are ones Ray 2.60's `ray start` accepts, and give the labels and the bench
+    token the executor routes by."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    agent = [sys.executable, "-m", "edgevlm", "agent", "--num-cpus", "1", "--node-ip", "127.0.0.1"]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    try:
+        subprocess.run(agent + ["--start-head", "--port", str(port)], check=True, env=env, timeout=120,
+                       capture_output=True)
+        subprocess.run(agent + ["--head", f"127.0.0.1:{port}", "--device", "dev-c=cpu"], check=True, env=env,
+                       timeout=120, capture_output=True)
+        probe_nodes = ("import json, ray; ray.init(address='auto', log_to_driver=False, logging_level='ERROR'); "
+                       "print(json.dumps([[n['Labels'], n['Resources']] for n in ray.nodes() if n['Alive']]))")
+        out = subprocess.run([sys.executable, "-c", probe_nodes], env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                             check=True, timeout=120, capture_output=True, text=True).stdout
+        nodes = json.loads(out.strip().splitlines()[-1])
+        roles = sorted((labels.get(LABEL_ROLE), labels.get(LABEL_DEVICE), labels.get(LABEL_TARGET),
+                        resources.get(BENCH_RESOURCE)) for labels, resources in nodes)
+        assert roles == [("builder", None, None, None), ("device", "dev-c", "cpu", 1.0)]
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, timeout=120, capture_output=True)

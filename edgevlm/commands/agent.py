@@ -22,6 +22,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="head port (with --start-head)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule here (default: all)")
     parser.add_argument("--num-gpus", type=int, default=None, help="GPUs (Jetson: give 1; Ray's NVML probe misses it)")
+    parser.add_argument("--node-ip", default=None, help="this node's address as the others reach it (default: Ray's "
+                                                        "guess; 127.0.0.1 for a cluster on one machine)")
     parser.add_argument("--print", action="store_true", help="print the command instead of running it")
 
 
@@ -30,11 +32,11 @@ def ray_start_command(args) -> list[str]:
     from ..sweep.executors import BENCH_RESOURCE, LABEL_DEVICE, LABEL_ROLE, LABEL_TARGET
     from ..sweep.spec import parse_device
 
-    command = ["ray", "start", "--disable-usage-stats", "--include-dashboard=false"]
+    command = ["ray", "start", "--disable-usage-stats"]
     if args.start_head:
         if not 1 <= args.port <= 65535:
             raise BadInputError(f"--port must be 1..65535, got {args.port}")
-        command += ["--head", f"--port={args.port}"]
+        command += ["--head", f"--port={args.port}", "--include-dashboard=false"]  # Ray core only: no dashboard
     else:
         host = args.head if ":" in args.head else f"{args.head}:{DEFAULT_PORT}"
         command += [f"--address={host}"]
@@ -53,6 +55,8 @@ def ray_start_command(args) -> list[str]:
         import json
 
         command.append("--resources=" + json.dumps(resources, separators=(",", ":")))
+    if args.node_ip:
+        command.append(f"--node-ip-address={args.node_ip}")
     for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus)):
         if value is not None:
             if value < 0:
@@ -65,6 +69,8 @@ def main(args) -> int:
     import shlex
     import shutil
     import subprocess
+    import sys
+    from pathlib import Path
 
     from ..errors import BadInputError
 
@@ -72,6 +78,8 @@ def main(args) -> int:
     if args.print:
         print(shlex.join(command))
         return 0
-    if not shutil.which("ray"):
+    beside = Path(sys.executable).with_name("ray")  # a venv's ray script, when the venv is not on PATH
+    ray = shutil.which("ray") or (str(beside) if beside.is_file() else None)
+    if not ray:
         raise BadInputError("the ray command is not installed here: pip install 'edgevlm[ray]' (or use --print)")
-    return subprocess.run(command).returncode
+    return subprocess.run([ray, *command[1:]]).returncode

@@ -36,8 +36,6 @@ def build_spec(args):
     from ..sweep.spec import SweepSpec, read_spec
 
     data = read_spec(Path(args.spec)).to_dict() if args.spec else {}
-    if args.spec:
-        data["devices"] = [{k: v for k, v in d.items()} for d in data["devices"]]
     for flag, key in (("checkpoints", "checkpoints"), ("encoder", "encoders"), ("decoder", "decoders"),
                       ("devices", "devices"), ("accuracy", "accuracy"), ("max_tiles", "max_tiles")):
         value = getattr(args, flag)

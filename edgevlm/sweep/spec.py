@@ -137,8 +137,8 @@ class SweepSpec:
 def _as_list(value, name: str) -> list:
     if isinstance(value, str):
         return [s.strip() for s in value.split(",") if s.strip()]
-    if isinstance(value, list) and all(isinstance(v, (str, dict)) for v in value):
-        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, dict)) for v in value):
+        return list(value)
     raise BadInputError(f"{name} must be a list (or a comma-separated string), got {value!r}")
 
 
