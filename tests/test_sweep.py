@@ -15,7 +15,8 @@ import pytest
 
 from edgevlm.errors import BadInputError
 from edgevlm.sweep import records
-from edgevlm.sweep.executors import BENCH_RESOURCE, LABEL_DEVICE, LABEL_ROLE, LABEL_TARGET, LocalExecutor, RayExecutor
+from edgevlm.sweep.executors import (BENCH_RESOURCE, BUILDER_RESOURCE, LABEL_DEVICE, LABEL_ROLE, LABEL_TARGET,
+                                     LocalExecutor, RayExecutor, device_resource)
 from edgevlm.sweep.matrix import expand
 from edgevlm.sweep.run import run_sweep
 from edgevlm.sweep.spec import SweepDevice, SweepSpec, Workload, parse_device, read_spec
@@ -190,12 +191,13 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, object_store_memory=75 << 20, include_dashboard=False, labels={LABEL_ROLE: "builder"}))
+        num_cpus=1, object_store_memory=75 << 20, include_dashboard=False, labels={LABEL_ROLE: "builder"},
+        resources={BUILDER_RESOURCE: 1000}))
     nodes = {}
 
     def add_device(device: str):
         nodes[device] = cluster.add_node(
-            num_cpus=1, object_store_memory=75 << 20, resources={BENCH_RESOURCE: 1},
+            num_cpus=1, object_store_memory=75 << 20, resources={BENCH_RESOURCE: 1, device_resource(device): 1000},
             labels={LABEL_DEVICE: device, LABEL_TARGET: "cpu", LABEL_ROLE: "device"})
         cluster.wait_for_nodes()
         return nodes[device]
@@ -236,13 +238,17 @@ def test_ray_sweep_waits_for_a_missing_device_then_a_killed_node_fails_its_stage
     folder, store = tmp_path / "sweep", tmp_path / "store"
     logs: list[str] = []
     start = time.monotonic()
-    first = run_sweep(spec, folder, RayExecutor(wait_s=2, poll_s=0.2), store=store, log=logs.append)
+    # this test routes by the numeric resources `edgevlm agent` sets beside the labels (Ray before 2.49)
+    first = run_sweep(spec, folder, RayExecutor(wait_s=2, poll_s=0.2, routing="resources"), store=store,
+                      log=logs.append)
     # dev-b never joined: its stages stay pending with a clear line, and the sweep ends by itself
     assert time.monotonic() - start < 120
     assert "waiting for device dev-b: no node labelled edgevlm.io/device=dev-b has joined" in logs
     assert sorted(k.split(":")[0] for k in first.pending) == ["bench", "eval"]
     assert all(k.endswith("@dev-b") for k in first.pending)
     assert {r["status"] for r in first.ran} == {"ok"} and len(first.ran) == 4  # export, verify, dev-a's eval + bench
+    assert all(r["node"]["labels"].get(LABEL_DEVICE) == r["device"] for r in first.ran if r["device"])
+    assert all(r["node"]["labels"].get(LABEL_ROLE) == "builder" for r in first.ran if not r["device"])
 
     # dev-b joins, and its node is killed while its first stage runs: its stages are recorded as failed (device
     # stages are not retried and no other node is dev-b), the earlier records stay as they were
@@ -255,7 +261,7 @@ def test_ray_sweep_waits_for_a_missing_device_then_a_killed_node_fails_its_stage
             killer.append(threading.Timer(0.3, cluster.remove_node, args=(node_b,)))
             killer[0].start()
 
-    second = run_sweep(spec, folder, RayExecutor(wait_s=2, poll_s=0.2), store=store, log=logs.append,
+    second = run_sweep(spec, folder, RayExecutor(wait_s=2, poll_s=0.2, routing="resources"), store=store, log=logs.append,
                        on_start=kill_on_start)
     killer[0].join()
     assert second.ran and {(r["status"], r["device"]) for r in second.ran} == {("failed", "dev-b")}
@@ -286,10 +292,12 @@ def test_sweep_and_agent_cli(reference, tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert line == ("ray start --disable-usage-stats --address=10.0.0.5:6379 "
                     "--labels=edgevlm.io/role=device,edgevlm.io/device=jetson-orin-nano-super-8gb,"
-                    "edgevlm.io/target=jetson-orin '--resources={\"edgevlm_bench\":1}' --num-gpus=1")
+                    "edgevlm.io/target=jetson-orin "
+                    "'--resources={\"edgevlm_bench\":1,\"edgevlm_device:jetson-orin-nano-super-8gb\":1000}' --num-gpus=1")
     assert main(["agent", "--start-head", "--print"]) == 0
     assert capsys.readouterr().out.strip() == ("ray start --disable-usage-stats --head --port=6379 "
-                                               "--include-dashboard=false --labels=edgevlm.io/role=builder")
+                                               "--include-dashboard=false --labels=edgevlm.io/role=builder "
+                                               "'--resources={\"edgevlm_builder\":1000}'")
     assert main(["agent", "--head", "h", "--print"]) == 2
     assert "say what this machine is: --device ID or --builder" in capsys.readouterr().err
 

@@ -29,7 +29,8 @@ def add_arguments(parser) -> None:
 
 def ray_start_command(args) -> list[str]:
     from ..errors import BadInputError
-    from ..sweep.executors import BENCH_RESOURCE, LABEL_DEVICE, LABEL_ROLE, LABEL_TARGET
+    from ..sweep.executors import (BENCH_RESOURCE, BUILDER_RESOURCE, LABEL_DEVICE, LABEL_ROLE, LABEL_TARGET,
+                                   device_resource)
     from ..sweep.spec import parse_device
 
     command = ["ray", "start", "--disable-usage-stats"]
@@ -45,9 +46,10 @@ def ray_start_command(args) -> list[str]:
     if args.device:
         device = parse_device(args.device)
         labels = {LABEL_ROLE: "device", LABEL_DEVICE: device.id, LABEL_TARGET: device.target}
-        resources = {BENCH_RESOURCE: 1}
+        resources = {BENCH_RESOURCE: 1, device_resource(device.id): 1000}  # the numeric fallback for the label
     elif args.builder or args.start_head:
         labels = {LABEL_ROLE: "builder"}
+        resources = {BUILDER_RESOURCE: 1000}
     else:
         raise BadInputError("say what this machine is: --device ID or --builder")
     command.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))

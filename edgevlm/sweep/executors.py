@@ -23,6 +23,15 @@ LABEL_DEVICE = "edgevlm.io/device"
 LABEL_TARGET = "edgevlm.io/target"
 LABEL_ROLE = "edgevlm.io/role"
 BENCH_RESOURCE = "edgevlm_bench"  # 1 per device node: the token that makes device stages exclusive there
+LABELS_SINCE = (2, 49)  # Ray's node labels (beta) and label_selector; before that, routing uses numeric resources
+
+
+def device_resource(device_id: str) -> str:
+    """The numeric fallback for the device label: a device node carries 1000 of it (never the limit)."""
+    return f"edgevlm_device:{device_id}"
+
+
+BUILDER_RESOURCE = "edgevlm_builder"
 
 
 class Scheduler:
@@ -128,7 +137,10 @@ def _remote_stage(stage: dict, context: dict) -> dict:
 class RayExecutor:
     name = "ray"
 
-    def __init__(self, address: str | None = None, wait_s: float = 300.0, poll_s: float = 1.0):
+    def __init__(self, address: str | None = None, wait_s: float = 300.0, poll_s: float = 1.0, routing: str = "auto"):
+        if routing not in ("auto", "labels", "resources"):
+            raise ValueError(f"routing must be auto, labels or resources, got {routing!r}")
+        self.routing = routing
         self.address = address
         self.wait_s = wait_s
         self.poll_s = poll_s
@@ -142,35 +154,41 @@ class RayExecutor:
         return ray
 
     @staticmethod
-    def live_labels(ray) -> list[dict]:
-        return [dict(n.get("Labels") or {}) for n in ray.nodes() if n.get("Alive")]
+    def live_nodes(ray) -> list[dict]:
+        """Each live node's labels, with its custom resources as keys too (the fallback route)."""
+        return [{**dict(n.get("Resources") or {}), **dict(n.get("Labels") or {})} for n in ray.nodes() if n.get("Alive")]
 
-    def placement(self, stage: Stage) -> dict:
-        """Ray options: device stages to the device's node, holding its bench token; builds to builder nodes."""
+    def placement(self, stage: Stage, labels: bool = True) -> dict:
+        """Ray options: device stages to the device's node, holding its bench token; builds to builder nodes. By
+        label, or (labels=False, a Ray without label_selector) by the numeric resources `edgevlm agent` also sets."""
         if stage.device:
-            return {"label_selector": {LABEL_DEVICE: stage.device_id}, "resources": {BENCH_RESOURCE: 1},
-                    "num_cpus": 0, "max_retries": 0}  # a bench is never retried: a failure is a record
-        return {"label_selector": {LABEL_ROLE: "builder"}, "num_cpus": 1, "max_retries": 1}
+            route = ({"label_selector": {LABEL_DEVICE: stage.device_id}, "resources": {BENCH_RESOURCE: 1}} if labels
+                     else {"resources": {BENCH_RESOURCE: 1, device_resource(stage.device_id): 1}})
+            return {**route, "num_cpus": 0, "max_retries": 0}  # a bench is never retried: a failure is a record
+        route = {"label_selector": {LABEL_ROLE: "builder"}} if labels else {"resources": {BUILDER_RESOURCE: 1}}
+        return {**route, "num_cpus": 1, "max_retries": 1}
 
     def missing_node(self, stage: Stage, nodes: list[dict]) -> str | None:
         if stage.device:
-            if any(n.get(LABEL_DEVICE) == stage.device_id for n in nodes):
+            if any(n.get(LABEL_DEVICE) == stage.device_id or device_resource(stage.device_id) in n for n in nodes):
                 return None
             return f"waiting for device {stage.device_id}: no node labelled {LABEL_DEVICE}={stage.device_id} has joined"
-        if any(n.get(LABEL_ROLE) == "builder" for n in nodes):
+        if any(n.get(LABEL_ROLE) == "builder" or BUILDER_RESOURCE in n for n in nodes):
             return None
         return f"waiting for a build host: no node labelled {LABEL_ROLE}=builder has joined"
 
     def run(self, stages: list[Stage], context: dict, done: set[str], on_record, log=print,
             on_start=None) -> list[str]:
         ray = self.connect()
+        labels = (tuple(int(p) for p in ray.__version__.split(".")[:2]) >= LABELS_SINCE if self.routing == "auto"
+                  else self.routing == "labels")
         remote = ray.remote(_remote_stage)
         scheduler = Scheduler(stages, done, on_record)
         running: dict = {}  # ObjectRef -> (stage, submitted at)
         waiting: dict[str, str] = {}
         waited_since = None
         while True:
-            nodes = self.live_labels(ray)
+            nodes = self.live_nodes(ray)
             for stage in scheduler.ready():
                 why = self.missing_node(stage, nodes)
                 if why:
@@ -180,7 +198,7 @@ class RayExecutor:
                     continue
                 waiting.pop(stage.key, None)
                 scheduler.take(stage)
-                ref = remote.options(**self.placement(stage)).remote(stage.to_dict(), context)
+                ref = remote.options(**self.placement(stage, labels)).remote(stage.to_dict(), context)
                 running[ref] = (stage, time.time())
                 if on_start:
                     on_start(stage)
