@@ -2,6 +2,7 @@
 int8 (onnxruntime dynamic quantization). Each also gets an ORT-optimized CPU graph saved offline."""
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import warnings
@@ -40,8 +41,23 @@ def export_graph(vision, encoder_spec, path: Path) -> Path:
             output_names=[encoder_spec.output_name], dynamic_shapes=({0: tiles},),
             external_data=n_bytes > EXTERNAL_DATA_BYTES, verbose=False,
         )
+    _drop_rewriter_state()
     onnx.checker.check_model(str(path), full_check=False)
     return path
+
+
+def _drop_rewriter_state() -> None:
+    """onnxscript's rewrite rules are module-level objects whose pattern matchers keep the last graph they matched,
+    and through it every weight the exporter put in that graph: the fp32 vision tower (SmolVLM2-2.2B: 1.66 GB) stayed
+    alive after the torch weights were freed. A matcher sets all of these again at the start of each match."""
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to clear
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_match", "_current_node", "_tracer"):
+                obj.__dict__.pop(attr, None)
 
 
 class HalfPrecision(torch.nn.Module):

@@ -43,7 +43,20 @@ class LoadedCheckpoint:
         vision export never holds the decoder too). The modules stay, on the meta device; the torch decoder cannot
         run afterwards."""
         self._to_meta({p.data_ptr() for p in self.decoder.parameters()})
+        self._own_vision_weights()
         self.extra["decoder_released"] = True
+
+    def _own_vision_weights(self) -> None:
+        """Private copies of the vision weights, which are views of the checkpoint's file mapping: while any view
+        lives the whole mapping stays, and every decoder page read to write the decoder's inputs counts in RSS until
+        the vision export (SmolVLM2-2.2B: 4.4 GB mapped against 0.85 GB of bf16 vision weights)."""
+        copies: dict = {}
+        for param in self.vision.parameters():
+            if param.device.type != "meta":
+                key = (param.data_ptr(), param.shape, param.stride(), param.dtype)  # tied weights stay tied
+                if key not in copies:
+                    copies[key] = param.data.clone()
+                param.data = copies[key]
 
     def release_weights(self) -> None:
         """Free every weight (the last export steps need only files already written)."""
