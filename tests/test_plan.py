@@ -314,3 +314,37 @@ def test_plan_command_refuses_a_context_past_the_model(tmp_path, capsys):
     assert resolve_context(None, 1024, 4096) == 1024 and resolve_context(None, 8192, 4096) == 4096
     assert cli_main(["plan", str(bundle), "--device", "nope"]) == 2
     assert "known devices: apple-m1-16gb" in capsys.readouterr().err
+
+
+def test_plan_png_draws_stacked_bars_and_refuses_a_bad_path(tmp_path, capsys):
+    from PIL import Image
+
+    bundle = _tiny_bundle(tmp_path)
+    out = tmp_path / "plan.png"
+    assert cli_main(["plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--png", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["options"][0]["verdict"] == "fits"
+    image = np.asarray(Image.open(out).convert("L"))
+    assert image.shape[0] >= 400 and image.shape[1] >= 600
+    assert (image < 128).mean() > 0.01  # bars, labels and the usable line were drawn
+    assert cli_main(["plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--png", str(tmp_path / "no" / "x.png")]) == 2
+    assert "--png wants a .png file in an existing folder" in capsys.readouterr().err
+
+
+def test_run_warns_at_start_when_the_bundle_will_not_fit_this_machine(bundles, tmp_path, capsys):
+    """The planner's verdict for the pair that runs, against the memory available before loading: a prefix-cache
+    bound larger than this machine's memory is a warning line (the run itself goes on); the defaults fit silently."""
+    import psutil
+    from PIL import Image
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), "red").save(image)
+    bundle = str(bundles["llava-clip"])
+    base = ["run", bundle, "--image", str(image), "--prompt", "What is it?", "--max-tokens", "2", "--encoder",
+            "onnx:int8", "--decoder", "gguf:q8_0"]
+    assert cli_main(base) == 0
+    assert "warning:" not in capsys.readouterr().err
+    too_big = int(psutil.virtual_memory().total / MIB * 2)
+    assert cli_main(base + ["--prefix-cache-mb", str(too_big)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: onnx:int8 + gguf:q8_0 at context" in err and "MiB is available here" in err
+    assert f"edgevlm plan {bundle} --device this-machine" in err

@@ -21,7 +21,15 @@ def main(args) -> int:
 
     kwargs = sampling_kwargs(args)
     images = [load_image(p) for p in args.image]
-    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **_options(args))
+    from ..plan.fit import fit_warning, machine_before_load
+
+    machine = machine_before_load()
+    options = _options(args)
+    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)
+    warning = fit_warning(args.path, machine, session.encoder_name, session.decoder_name, options.get("n_ctx"),
+                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"))
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"edgevlm chat: {session.encoder_name} encoder + {session.decoder_name} decoder. "
           "Empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
     first = True

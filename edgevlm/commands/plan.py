@@ -1,4 +1,4 @@
-"""edgevlm plan BUNDLE --device ID [--images N] [--image-size WxH] [--context N] [--parallel N] [--json]:
+"""edgevlm plan BUNDLE --device ID [--images N] [--image-size WxH] [--context N] [--parallel N] [--json] [--png F]:
 will each decoder x encoder of the bundle fit the device, item by item, and how fast will it decode.
 `--device this-machine` measures this machine; `--device-file F` adds devices (schema: edgevlm/plan/devices.json)."""
 from __future__ import annotations
@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--embed-cache-mb", type=float, default=None, help="image-embedding cache bound (default 256)")
     parser.add_argument("--prefix-cache-mb", type=float, default=None, help="prefix KV-state cache bound (default 512)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    parser.add_argument("--png", default=None, metavar="FILE",
+                        help="also draw the plan: stacked memory bars per option with the device's usable line")
 
 
 def main(args) -> int:
@@ -35,6 +37,8 @@ def main(args) -> int:
                           embed_cache_bytes=caches.get("embed_cache_bytes"),
                           prefix_cache_bytes=caches.get("prefix_cache_bytes"))
     result = plan_bundle(args.bundle, device, request)
+    if args.png:
+        plot(result, args.png)
     if args.json:
         print_json(result)
     else:
@@ -68,3 +72,42 @@ def show(result: dict) -> None:
     print(f"recommended: {result['recommended'] or advice}")
     for line in result["skipped"]:
         print(f"skipped {line}")
+
+
+def plot(result: dict, path) -> None:
+    """Stacked memory bars, one per encoder + decoder option, item by item, with the device's usable memory as a line
+    (an option whose bar crosses it does not fit; one that crosses only with its margin is tight)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..errors import BadInputError
+
+    path = Path(path)
+    if path.suffix.lower() != ".png" or not path.parent.is_dir():
+        raise BadInputError(f"--png wants a .png file in an existing folder, got {path}")
+    options = result["options"]
+    names = [f"{o['encoder']}\n+ {o['decoder']}" for o in options]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(options) + 3), 5))
+    bottom = [0.0] * len(options)
+    for i, item in enumerate(ITEMS):
+        heights = [o["memory"][item] / MIB for o in options]
+        ax.bar(names, heights, bottom=bottom, color=f"C{i}", label=item.replace("_", " "),
+               hatch="//" if item == "margin" else None, alpha=0.6 if item == "margin" else 1.0)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    usable = result["usable_bytes"] / MIB
+    ax.axhline(usable, color="black", linestyle="--", label=f"usable: {usable:,.0f} MiB")
+    for x, (o, top) in enumerate(zip(options, bottom)):
+        ax.text(x, top, o["verdict"], ha="center", va="bottom", fontsize=8)
+    images = result["images"]
+    ax.set_ylabel("MiB")
+    ax.set_title(f"{Path(result['bundle']).name} on {result['device']['name']}: context {result['context']}, "
+                 f"{images['count']} x {images['width']}x{images['height']} ({images['n_tiles']} tiles)", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

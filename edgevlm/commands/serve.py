@@ -20,7 +20,15 @@ def main(args) -> int:
     from ..server import make_server
     from .common import backend_options
 
-    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **backend_options(args))
+    from ..plan.fit import fit_warning, machine_before_load
+
+    machine = machine_before_load()
+    options = backend_options(args)
+    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)
+    warning = fit_warning(args.path, machine, session.encoder_name, session.decoder_name, options.get("n_ctx"),
+                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"))
+    if warning:
+        print(warning, file=sys.stderr)
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
     server = make_server(session, model, args.host, args.port)
     host, port = server.server_address[:2]
