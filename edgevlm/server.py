@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import hmac
 import json
+import queue
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import BadInputError, EdgeVLMError
 
 MAX_BODY_BYTES = 64 * 2**20  # a few large base64 images
+MAX_COMPLETION_TOKENS = 1 << 16
 
 
-def parse_messages(body: dict) -> tuple[list[dict], list[Any]]:
+def parse_messages(body: dict, allow_local: Path | None = None) -> tuple[list[dict], list[Any]]:
     """OpenAI chat messages -> the session's messages ({"type": "image"} / {"type": "text"} items) and the images
     (decoded bytes from data URLs, or local paths) in order."""
     messages = body.get("messages")
@@ -42,7 +48,7 @@ def parse_messages(body: dict) -> tuple[list[dict], list[Any]]:
                 elif kind == "image_url":
                     url = part.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
-                    images.append(image_source(str(url or "")))
+                    images.append(image_source(str(url or ""), allow_local))
                     items.append({"type": "image"})
                 else:
                     raise BadInputError(f"messages[{i}] has a content part of type {kind!r}; use 'text' or 'image_url'")
@@ -61,9 +67,10 @@ def parse_messages(body: dict) -> tuple[list[dict], list[Any]]:
     return merged, images
 
 
-def image_source(url: str):
-    """data:image/...;base64,... -> bytes; file:///path or a plain path -> the path. Remote URLs are refused: an
-    edge server should not fetch from the network on a client's behalf."""
+def image_source(url: str, allow_local: Path | None = None):
+    """data:image/...;base64,... -> bytes. A local path (file:///path or a plain path) only under `allow_local`
+    (`--allow-local-images DIR`), resolved with symlinks, so a client cannot make the server read any file the
+    process can. Remote URLs are refused: an edge server should not fetch from the network on a client's behalf."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header or not payload:
@@ -74,12 +81,25 @@ def image_source(url: str):
             raise BadInputError("the image data URL is not valid base64") from None
     if url.startswith(("http://", "https://")):
         raise BadInputError("remote image URLs are not fetched; send the image as a data URL (base64) or a local path")
-    return url.removeprefix("file://")
+    if allow_local is None:
+        raise BadInputError("local image paths are refused by this server; send the image as a data URL (base64), "
+                            "or start it with --allow-local-images DIR")
+    root = Path(allow_local).resolve()
+    path = Path(url.removeprefix("file://")).expanduser()
+    resolved = (root / path if not path.is_absolute() else path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise BadInputError(f"image path {url!r} is outside the folder this server may read ({root})")
+    return str(resolved)
 
 
 def sampling_options(body: dict) -> dict:
+    """OpenAI's request fields -> the session's sampling options; `n` > 1 and malformed `stop` are refused."""
+    n = body.get("n", 1)
+    if n not in (None, 1):
+        raise BadInputError(f"n={n!r}: this server returns one choice per request; send n=1 (or several requests)")
     try:
-        options: dict[str, Any] = {"max_tokens": int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)}
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        options: dict[str, Any] = {"max_tokens": 256 if limit is None else int(limit)}
         if body.get("temperature") is not None:
             options["temperature"] = float(body["temperature"])
         if body.get("top_p") is not None:
@@ -88,6 +108,8 @@ def sampling_options(body: dict) -> dict:
             options["seed"] = int(body["seed"])
     except (TypeError, ValueError, OverflowError) as exc:
         raise BadInputError(f"max_tokens, temperature, top_p and seed must be numbers ({exc})") from None
+    if not 1 <= options["max_tokens"] <= MAX_COMPLETION_TOKENS:
+        raise BadInputError(f"max_tokens must be 1..{MAX_COMPLETION_TOKENS}, got {options['max_tokens']}")
     from .runtimes.sampling import SamplingConfig
 
     try:
@@ -97,90 +119,336 @@ def sampling_options(body: dict) -> dict:
     return options
 
 
-class ChatService:
-    """The session behind the API, with the lock that serialises requests."""
+def stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not 1 <= len(stop) <= 4 or not all(isinstance(x, str) and x for x in stop):
+        raise BadInputError("'stop' must be a non-empty string or a list of 1-4 non-empty strings")
+    return stop
 
-    def __init__(self, session, model_name: str):
+
+class ChatService:
+    """The session behind the API. Only the engine's thread calls `complete` in a server."""
+
+    def __init__(self, session, model_name: str, allow_local_images: Path | None = None):
         self.session, self.model_name = session, model_name
-        self.lock = threading.Lock()
+        self.allow_local_images = allow_local_images
 
     def complete(self, body: dict) -> Iterator:
-        """Deltas of the answer, the last one carrying the whole GenerationResult. Call under lock."""
-        messages, images = parse_messages(body)
+        """Deltas of the answer, the last one carrying the whole GenerationResult."""
+        messages, images = parse_messages(body, self.allow_local_images)
+        options = sampling_options(body)
+        stops = stop_strings(body)
+        if stops:
+            options["stop"] = stops
         self.session.forget_sequence()  # a new request: only the caches (embeddings, prefixes) carry over
-        return self.session.stream_conversation(messages, images, **sampling_options(body))
+        return self.session.stream_conversation(messages, images, **options)
 
     def response(self, result, completion_id: str) -> dict:
-        t = result.timings
         return {
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": "length" if result.finish_reason != "stop" else "stop"}],
-            "usage": {"prompt_tokens": t["n_prompt_tokens"], "completion_tokens": t["n_new_tokens"],
-                      "total_tokens": t["n_prompt_tokens"] + t["n_new_tokens"]},
-            "timings": t,
+                         "finish_reason": finish_reason(result)}],
+            "usage": usage(result), "timings": result.timings,
         }
 
 
-def make_handler(service: ChatService):
+def finish_reason(result) -> str:
+    return "stop" if result.finish_reason == "stop" else "length"
+
+
+def usage(result) -> dict:
+    t = result.timings
+    return {"prompt_tokens": t["n_prompt_tokens"], "completion_tokens": t["n_new_tokens"],
+            "total_tokens": t["n_prompt_tokens"] + t["n_new_tokens"]}
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request as the engine sees it: its events go to the handler through `events` (text pieces, then a
+    ("done", result) or ("error", status, message) tuple)."""
+
+    body: dict
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class Metrics:
+    """Counters, gauges and histograms, rendered in Prometheus' text format at /metrics."""
+
+    TTFT_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+    RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 1000)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[str, int] = {}  # outcome -> count
+        self.cancelled = 0
+        self.active = 0
+        self.ttft = [0] * (len(self.TTFT_BUCKETS_MS) + 1)
+        self.ttft_sum = 0.0
+        self.rate = [0] * (len(self.RATE_BUCKETS) + 1)
+        self.rate_sum = 0.0
+        self.cache = {"prefix_cache_hits": 0, "prefix_cache_misses": 0, "embed_cache_hits": 0, "embed_cache_misses": 0}
+
+    def count(self, outcome: str) -> None:
+        with self.lock:
+            self.requests[outcome] = self.requests.get(outcome, 0) + 1
+
+    def observe(self, timings: dict) -> None:
+        with self.lock:
+            ttft, rate = timings.get("ttft_ms"), timings.get("decode_tok_s")
+            if isinstance(ttft, (int, float)):
+                self.ttft[bisect.bisect_left(self.TTFT_BUCKETS_MS, ttft)] += 1
+                self.ttft_sum += ttft
+            if isinstance(rate, (int, float)) and rate > 0:
+                self.rate[bisect.bisect_left(self.RATE_BUCKETS, rate)] += 1
+                self.rate_sum += rate
+            for key in self.cache:
+                value = timings.get(key)
+                if isinstance(value, (int, float)):
+                    self.cache[key] += int(value)
+
+    def render(self, queue_depth: int, kv_used: int | None, kv_size: int | None) -> str:
+        lines = ["# TYPE edgevlm_requests_total counter"]
+        with self.lock:
+            for outcome, n in sorted(self.requests.items()):
+                lines.append(f'edgevlm_requests_total{{outcome="{outcome}"}} {n}')
+            lines += ["# TYPE edgevlm_cancelled_total counter", f"edgevlm_cancelled_total {self.cancelled}",
+                      "# TYPE edgevlm_queue_depth gauge", f"edgevlm_queue_depth {queue_depth}",
+                      "# TYPE edgevlm_active_sequences gauge", f"edgevlm_active_sequences {self.active}"]
+            for name, buckets, counts, total in (("edgevlm_ttft_ms", self.TTFT_BUCKETS_MS, self.ttft, self.ttft_sum),
+                                                 ("edgevlm_decode_tok_s", self.RATE_BUCKETS, self.rate, self.rate_sum)):
+                lines.append(f"# TYPE {name} histogram")
+                running = 0
+                for bound, n in zip((*buckets, "+Inf"), counts):
+                    running += n
+                    lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
+                lines += [f"{name}_sum {total}", f"{name}_count {running}"]
+            for key, value in self.cache.items():
+                lines += [f"# TYPE edgevlm_{key}_total counter", f"edgevlm_{key}_total {value}"]
+            hits = self.cache["prefix_cache_hits"] + self.cache["embed_cache_hits"]
+            looks = hits + self.cache["prefix_cache_misses"] + self.cache["embed_cache_misses"]
+            lines += ["# TYPE edgevlm_cache_hit_ratio gauge", f"edgevlm_cache_hit_ratio {hits / looks if looks else 0.0}"]
+        if kv_used is not None and kv_size:
+            lines += ["# TYPE edgevlm_kv_occupancy gauge", f"edgevlm_kv_occupancy {kv_used / kv_size}"]
+        return "\n".join(lines) + "\n"
+
+
+class Engine(threading.Thread):
+    """The one thread that touches the session: jobs wait in a bounded queue (a full queue is a 429 at once) and run
+    one at a time; a job's text goes to its handler through the job's own queue, so a client that stops reading
+    holds only its own handler thread, and a cancelled job stops at its next token."""
+
+    def __init__(self, service: ChatService, capacity: int = 8, metrics: Metrics | None = None):
+        super().__init__(daemon=True, name="edgevlm-engine")
+        if not 1 <= capacity <= 4096:
+            raise ValueError(f"queue capacity must be 1..4096, got {capacity}")
+        self.service, self.metrics = service, metrics or Metrics()
+        self.jobs: queue.Queue = queue.Queue(maxsize=capacity)
+        self.alive_since = time.time()
+        self.last_error: str | None = None
+
+    def submit(self, job: Job) -> Job:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if job.cancelled.is_set():
+                self.metrics.cancelled += 1
+                continue
+            self.metrics.active = 1
+            try:
+                self.serve(job)
+            except Exception as exc:  # noqa: BLE001 - the engine outlives any request
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                job.events.put(("error", 500, self.last_error))
+            finally:
+                self.metrics.active = 0
+
+    def serve(self, job: Job) -> None:
+        try:
+            deltas = self.service.complete(job.body)
+            delta = next(deltas, None)  # bad input surfaces here, before any text
+        except EdgeVLMError as exc:
+            job.events.put(("error", 400, str(exc)))
+            return
+        result = None
+        try:
+            while delta is not None:
+                if job.cancelled.is_set():
+                    self.metrics.cancelled += 1
+                    return
+                if delta.result is not None:
+                    result = delta.result
+                elif delta.text:
+                    job.events.put(delta.text)
+                delta = next(deltas, None)
+        finally:
+            deltas.close()  # a cancel ends the decode loop here, at a token boundary
+        self.metrics.observe(result.timings)
+        job.events.put(("done", result))
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+
+def make_handler(service: ChatService, engine: Engine, options: "ServerOptions"):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = options.socket_timeout_s  # a client that stalls sending or reading loses its connection, not ours
 
         def log_message(self, format, *args):  # quiet: the CLI prints one line per request itself
             pass
 
-        def _json(self, status: int, payload: dict) -> None:
+        def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            if status >= 400 and status != 404:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
 
-        def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-            self._json(status, {"error": {"message": message, "type": kind}})
+        def _error(self, status: int, message: str, kind: str = "invalid_request_error", headers=None) -> None:
+            engine.metrics.count(str(status))
+            self._json(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+
+        def _authorized(self) -> bool:
+            if not options.api_key:
+                return True
+            given = self.headers.get("Authorization", "")
+            if hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
+                return True
+            self._error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error")
+            return False
 
         def do_GET(self):
-            if self.path == "/health":
-                self._json(200, {"status": "ok"})
-            elif self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": service.model_name, "object": "model",
-                                                             "owned_by": "edgevlm"}]})
+            path = self.path.split("?", 1)[0]
+            if path == "/health":
+                alive = engine.is_alive()
+                self._json(200 if alive else 503, {"status": "ok" if alive else "engine stopped",
+                                                   "queue_depth": engine.jobs.qsize(),
+                                                   "active_sequences": engine.metrics.active,
+                                                   **({"last_error": engine.last_error} if engine.last_error else {})})
+            elif path == "/metrics":
+                decoder = service.session.decoder
+                data = engine.metrics.render(engine.jobs.qsize(), getattr(decoder, "n_past", None),
+                                             getattr(decoder, "n_ctx", None)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            elif path == "/v1/models":
+                if self._authorized():
+                    self._json(200, {"object": "list", "data": [{"id": service.model_name, "object": "model",
+                                                                 "owned_by": "edgevlm"}]})
             else:
                 self._error(404, f"no route {self.path}; try POST /v1/chat/completions", "not_found")
+
+        def _read_body(self) -> dict | None:
+            raw_length = self.headers.get("Content-Length")
+            if raw_length is None:
+                self._error(411, "a Content-Length header is required")
+                return None
+            if not raw_length.strip().isdigit():
+                self._error(400, f"Content-Length must be a non-negative integer, got {raw_length[:40]!r}")
+                return None
+            length = int(raw_length)
+            if length > MAX_BODY_BYTES:
+                self._error(413, f"the request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+                return None
+            try:
+                raw = self.rfile.read(length)
+            except (TimeoutError, OSError):
+                self._error(408, f"the request body did not arrive within {options.socket_timeout_s:.0f} s")
+                return None
+            if len(raw) < length:
+                self._error(400, f"the request body ended after {len(raw)} of {length} bytes")
+                return None
+            try:
+                body = json.loads(raw or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("not an object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._error(400, f"the request body is not a JSON object ({exc})")
+                return None
+            return body
 
         def do_POST(self):
             if self.path != "/v1/chat/completions":
                 self._error(404, f"no route {self.path}; try POST /v1/chat/completions", "not_found")
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                self._error(413, f"the request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+            if not self._authorized():
+                return
+            body = self._read_body()
+            if body is None:
+                return
+            stream_options = body.get("stream_options")
+            if stream_options is not None and not isinstance(stream_options, dict):
+                self._error(400, "'stream_options' must be an object")
                 return
             try:
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                self._error(400, f"the request body is not a JSON object ({exc})")
+                job = engine.submit(Job(body))
+            except QueueFull:
+                self._error(429, f"the server is busy ({engine.jobs.maxsize} requests waiting); retry shortly",
+                            "rate_limit_error", {"Retry-After": "1"})
                 return
             completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-            with service.lock:
-                try:
-                    deltas = service.complete(body)
-                    if body.get("stream"):
-                        self._stream(deltas, completion_id)
-                    else:
-                        result = [d.result for d in deltas][-1]
-                        self._json(200, service.response(result, completion_id))
-                except EdgeVLMError as exc:
-                    self._error(400, str(exc))
-                except Exception as exc:  # noqa: BLE001 (a server answers, it does not die)
-                    self._error(500, f"{type(exc).__name__}: {exc}", "server_error")
+            try:
+                if body.get("stream"):
+                    self._stream(job, completion_id, bool((stream_options or {}).get("include_usage")))
+                else:
+                    self._whole(job, completion_id)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
+                job.cancelled.set()  # the client left or stopped reading: free the engine at its next token
+                engine.metrics.count("disconnected")
+                self.close_connection = True
 
-        def _stream(self, deltas: Iterator, completion_id: str) -> None:
-            # the first delta is computed before the headers go out, so bad input still gets a plain 400
-            first = next(deltas, None)
+        def _next(self, job: Job):
+            deadline = job.submitted + options.request_timeout_s
+            try:
+                return job.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                job.cancelled.set()
+                return ("error", 504, f"the request took longer than {options.request_timeout_s:.0f} s "
+                                      "(--request-timeout); it was cancelled")
+
+        def _whole(self, job: Job, completion_id: str) -> None:
+            while True:
+                event = self._next(job)
+                if isinstance(event, tuple):
+                    break
+            if event[0] == "error":
+                self._error(event[1], event[2], "server_error" if event[1] >= 500 else "invalid_request_error")
+                return
+            engine.metrics.count("200")
+            self._json(200, service.response(event[1], completion_id))
+
+        def _stream(self, job: Job, completion_id: str, include_usage: bool) -> None:
+            # the first event is awaited before the headers go out, so bad input still gets a plain 4xx
+            event = self._next(job)
+            if isinstance(event, tuple) and event[0] == "error":
+                self._error(event[1], event[2], "server_error" if event[1] >= 500 else "invalid_request_error")
+                return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -188,32 +456,97 @@ def make_handler(service: ChatService):
             self.end_headers()
             self.close_connection = True
 
-            def event(delta: dict, finish: str | None = None) -> None:
-                chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                         "model": service.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            def send(chunk: dict) -> None:
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
 
-            event({"role": "assistant"})
-            result = None
-            try:
-                delta = first
-                while delta is not None:
-                    if delta.result is not None:
-                        result = delta.result
-                    elif delta.text:
-                        event({"content": delta.text})
-                    delta = next(deltas, None)
-            except Exception as exc:  # noqa: BLE001 (headers are out: report in the stream)
-                self.wfile.write(f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode())
-                self.wfile.write(b"data: [DONE]\n\n")
-                return
-            event({}, "stop" if result.finish_reason == "stop" else "length")
+            def event_chunk(delta: dict, finish: str | None = None) -> dict:
+                return {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                        "model": service.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+            send(event_chunk({"role": "assistant"}))
+            while not isinstance(event, tuple):
+                send(event_chunk({"content": event}))
+                event = self._next(job)
+            if event[0] == "error":  # headers are out: report in the stream
+                send({"error": {"message": event[2], "type": "server_error", "code": event[1]}})
+                engine.metrics.count(str(event[1]))
+            else:
+                result = event[1]
+                send(event_chunk({}, finish_reason(result)))
+                if include_usage:
+                    send({"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                          "model": service.model_name, "choices": [], "usage": usage(result)})
+                engine.metrics.count("200")
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 
     return Handler
 
 
-def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    return ThreadingHTTPServer((host, port), make_handler(ChatService(session, model_name)))
+@dataclass(frozen=True)
+class ServerOptions:
+    capacity: int = 8  # requests waiting for the engine; more get 429 at once
+    request_timeout_s: float = 300.0
+    socket_timeout_s: float = 30.0
+    api_key: str | None = None
+    allow_local_images: str | None = None
+    max_connections: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.capacity <= 4096:
+            raise BadInputError(f"--queue must be 1..4096, got {self.capacity}")
+        for name in ("request_timeout_s", "socket_timeout_s"):
+            value = getattr(self, name)
+            if not 0.1 <= value <= 86400:  # NaN fails too
+                raise BadInputError(f"{name.replace('_s', '').replace('_', '-')} must be 0.1..86400 seconds, got {value}")
+        if not 1 <= self.max_connections <= 65536:
+            raise BadInputError(f"--max-connections must be 1..65536, got {self.max_connections}")
+        if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
+            raise BadInputError(f"--allow-local-images {self.allow_local_images}: not a folder")
+        if self.api_key is not None and not self.api_key.strip():
+            raise BadInputError("--api-key is empty")
+
+
+class EdgeServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` at once (one more gets a 503 and is closed); `close`
+    stops the engine too."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, engine: Engine, max_connections: int):
+        super().__init__(address, handler)
+        self.engine = engine
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            body = b'{"error": {"message": "too many connections; retry shortly", "type": "rate_limit_error", "code": 503}}'
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def server_close(self):
+        super().server_close()
+        self.engine.stop()
+
+
+def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                options: ServerOptions | None = None) -> EdgeServer:
+    options = options or ServerOptions()
+    allow = Path(options.allow_local_images) if options.allow_local_images else None
+    service = ChatService(session, model_name, allow)
+    engine = Engine(service, options.capacity)
+    engine.start()
+    return EdgeServer((host, port), make_handler(service, engine, options), engine, options.max_connections)

@@ -97,8 +97,14 @@ def test_multi_turn_conversation_matches_chat(api, images):
     ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
                                                 {"type": "text", "text": "hi"}]}]}, "not a valid or complete image"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/no/such.png"}},
-                                                {"type": "text", "text": "hi"}]}]}, "image not found"),
+    # local paths are refused unless the server was started with --allow-local-images DIR (tests below)
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}},
+                                                {"type": "text", "text": "hi"}]}]}, "local image paths are refused"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "one choice per request"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "'stop' must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, "max_tokens must be 1.."),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}},
+                                                {"type": "text", "text": "hi"}]}]}, "not valid base64"),
 ])
 def test_bad_requests_are_clear_400s(api, body, needle):
     status, raw = post(api[0], body)
@@ -128,7 +134,301 @@ def test_serve_command_starts_and_answers(bundles):
         match = re.search(r"http://[\d.]+:(\d+)/v1/chat/completions", line)
         assert match, line
         with urllib.request.urlopen(f"http://127.0.0.1:{match.group(1)}/health", timeout=60) as response:
-            assert json.loads(response.read()) == {"status": "ok"}
+            health = json.loads(response.read())  # the engine's state besides "ok" (queue, active sequences)
+            assert health == {"status": "ok", "queue_depth": 0, "active_sequences": 0}
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# --- issue 17: one engine, a bounded queue, safety, OpenAI compatibility ----------------------------------------------
+
+
+def start(session, **options):
+    from edgevlm.server import ServerOptions
+
+    server = make_server(session, "tiny", port=0, options=ServerOptions(**options))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def stop(server):
+    server.shutdown()
+    server.server_close()
+
+
+def raw_request(port: int, data: bytes, timeout: float = 30) -> tuple[int, bytes]:
+    """Send bytes as they are (malformed headers included) and read the whole answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    answer = b"".join(chunks)
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+    return status, answer.partition(b"\r\n\r\n")[2]
+
+
+@pytest.fixture(scope="module")
+def session(bundles):
+    return edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+
+
+def test_the_official_openai_client_streams_and_not(session, images, api):
+    import openai
+
+    _, _, data_url = api
+    server, base = start(session, api_key="secret")
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="secret", max_retries=0, timeout=120)
+        messages = [user(data_url, QUESTION)]
+        whole = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8, seed=1)
+        reference = session.generate(images["small"], QUESTION, max_tokens=8)
+        assert whole.choices[0].message.content == reference.text
+        assert whole.usage.completion_tokens == len(reference.tokens)
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, stream=True,
+                                                     stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == reference.text
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(reference.tokens)
+        with pytest.raises(openai.BadRequestError, match="one choice per request"):
+            client.chat.completions.create(model="tiny", messages=messages, n=2)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        stop(server)
+
+
+def test_stop_strings_cut_the_answer_in_the_whole_and_the_streamed_reply(session, images, api):
+    base, _, data_url = api
+    reference = session.generate(images["small"], QUESTION, max_tokens=16).text
+    assert len(reference) >= 4, reference
+    cut = reference[2:4]  # a stop string from inside the greedy answer
+    expected = reference[:reference.find(cut)]
+    body = {"messages": [user(data_url, QUESTION)], "max_tokens": 16, "stop": [cut, "never-appears"]}
+    reply = json.loads(post(base, body)[1])
+    assert reply["choices"][0]["message"]["content"] == expected
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    raw = post(base, {**body, "stream": True})[1].decode()
+    chunks = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+
+
+def test_local_images_only_under_the_allowed_folder(session, images, tmp_path, api):
+    base_api, _, data_url = api
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    images["small"].save(allowed / "small.png")
+    images["small"].save(tmp_path / "outside.png")
+    (allowed / "link.png").symlink_to(tmp_path / "outside.png")
+    server, base = start(session, allow_local_images=str(allowed))
+    try:
+        by_data = json.loads(post(base_api, {"messages": [user(data_url, QUESTION)], "max_tokens": 6})[1])
+        for url in (str(allowed / "small.png"), "file://" + str(allowed / "small.png"), "small.png"):
+            status, raw = post(base, {"messages": [user(url, QUESTION)], "max_tokens": 6})
+            assert status == 200, raw
+            assert json.loads(raw)["choices"][0]["message"]["content"] == by_data["choices"][0]["message"]["content"]
+        for url in (str(tmp_path / "outside.png"), str(allowed / ".." / "outside.png"), "../outside.png",
+                    str(allowed / "link.png")):
+            status, raw = post(base, {"messages": [user(url, QUESTION)], "max_tokens": 6})
+            assert status == 400 and "outside the folder this server may read" in json.loads(raw)["error"]["message"]
+    finally:
+        stop(server)
+
+
+def test_malformed_http_gets_a_4xx_and_the_server_keeps_serving(session, api):
+    server, base = start(session, socket_timeout_s=1.0)
+    port = server.server_address[1]
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    try:
+        cases = [
+            (head + b"Content-Length: abc\r\n\r\n{}", 400, b"Content-Length must be a non-negative integer"),
+            (head + b"Content-Length: -5\r\n\r\n{}", 400, b"Content-Length must be a non-negative integer"),
+            (head + b"\r\n", 411, b"Content-Length header is required"),
+            (head + b"Content-Length: 999999999999\r\n\r\n", 413, b"the limit is"),
+            (head + b"Content-Length: 50\r\n\r\n{\"messages\"", 408, b"did not arrive within 1 s"),
+            (head + b"Content-Length: 4\r\n\r\n\xff\xfe\x00{", 400, b"not a JSON object"),
+            (head + b"Content-Length: 2\r\n\r\n[]", 400, b"not a JSON object"),
+        ]
+        for data, status, needle in cases:
+            got, body = raw_request(port, data)
+            assert got == status and needle in body, (data, got, body)
+        status, raw = post(base, {"messages": [user(api[2], QUESTION)], "max_tokens": 4})
+        assert status == 200, raw
+    finally:
+        stop(server)
+
+
+class SlowSession:
+    """The real session, its text re-cut into one-character deltas with a pause before each (to hold the engine
+    busy or cancel mid-answer: the tiny model's byte-level text arrives in a few large pieces); everything else is
+    the session's own."""
+
+    def __init__(self, session, pause_s: float, gate: threading.Event | None = None):
+        self.session, self.pause_s, self.gate = session, pause_s, gate
+        self.closed = threading.Event()
+        self.yielded = 0
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def stream_conversation(self, *args, **kwargs):
+        import time
+
+        from edgevlm.runtimes.session import Delta
+
+        deltas = self.session.stream_conversation(*args, **kwargs)
+        try:
+            for delta in deltas:
+                for piece in (list(delta.text) if delta.result is None else [None]):
+                    if self.gate is not None:
+                        self.gate.wait(60)
+                    time.sleep(self.pause_s)
+                    self.yielded += 1
+                    yield Delta(piece) if piece is not None else delta
+        finally:
+            deltas.close()
+            self.closed.set()
+
+
+def metric(base: str, name: str) -> float:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+              or line.startswith(name + "{")]
+    return sum(values)
+
+
+def test_a_full_queue_answers_429_at_once_and_a_disconnect_frees_the_engine(session, api):
+    import socket
+    import time
+
+    _, _, data_url = api
+    gate = threading.Event()
+    slow = SlowSession(session, 0.05, gate)
+    server, base = start(slow, capacity=1)
+    body = json.dumps({"messages": [user(data_url, QUESTION)], "max_tokens": 40, "stream": True}).encode()
+    try:
+        # one request holds the engine (gated), one waits in the queue: a third is refused at once
+        first = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+        first.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        for _ in range(100):
+            if metric(base, "edgevlm_active_sequences") == 1:
+                break
+            time.sleep(0.05)
+        waiting = threading.Thread(target=post, args=(base, {"messages": [user(data_url, QUESTION)], "max_tokens": 2}))
+        waiting.start()
+        for _ in range(100):
+            if metric(base, "edgevlm_queue_depth") == 1:
+                break
+            time.sleep(0.05)
+        started = time.monotonic()
+        request = urllib.request.Request(f"{base}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as busy:
+            urllib.request.urlopen(request, timeout=30)
+        assert busy.value.code == 429 and busy.value.headers["Retry-After"] == "1"
+        assert "busy" in json.loads(busy.value.read())["error"]["message"]
+        assert time.monotonic() - started < 5  # refused, not queued behind the gated request
+        # the first client reads one chunk and leaves: its answer stops within a step, the waiting one is served
+        gate.set()
+        assert first.recv(4096).startswith(b"HTTP/1.1 200")
+        first.close()
+        assert slow.closed.wait(30)
+        waiting.join(60)
+        for _ in range(100):
+            if metric(base, "edgevlm_cancelled_total") + metric(base, 'edgevlm_requests_total{outcome="disconnected"}') >= 1:
+                break
+            time.sleep(0.05)
+        assert metric(base, "edgevlm_cancelled_total") >= 1
+        assert slow.yielded < 40  # stopped a few pieces after the client left, not at the end of its answer
+        assert metric(base, "edgevlm_active_sequences") == 0
+        with urllib.request.urlopen(f"{base}/health", timeout=30) as response:
+            assert json.loads(response.read())["status"] == "ok"
+    finally:
+        gate.set()
+        stop(server)
+
+
+def test_32_concurrent_clients_get_the_answers_they_get_alone(session, images, api):
+    """Mixed images, mixed streaming, greedy: every answer equals the same request served alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, base = start(session, capacity=64)
+    try:
+        urls = {}
+        for name in ("small", "wide", "tall", "square"):
+            buffer = io.BytesIO()
+            images[name].save(buffer, format="PNG")
+            urls[name] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        questions = [QUESTION, "How many shapes are there?"]
+        cases = [(name, q, stream) for name in urls for q in questions for stream in (False, True)] * 2  # 32
+
+        def ask(case):
+            name, question, stream = case
+            status, raw = post(base, {"messages": [user(urls[name], question)], "max_tokens": 6, "stream": stream})
+            assert status == 200, raw
+            if not stream:
+                return json.loads(raw)["choices"][0]["message"]["content"]
+            return "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                           for line in raw.decode().splitlines() if line.startswith("data: {"))
+
+        alone = {(n, q): ask((n, q, False)) for n in urls for q in questions}
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(ask, cases))
+        assert answers == [alone[(n, q)] for n, q, _ in cases]
+        assert metric(base, 'edgevlm_requests_total{outcome="200"}') == len(alone) + len(cases)
+    finally:
+        stop(server)
+
+
+def test_sequential_requests_do_not_grow_memory(session, api):
+    """The 1,000-request run is a benchmark; here 150 after a warm-up, with the same per-request bound."""
+    import psutil
+
+    server, base = start(session)
+    body = {"messages": [user(api[2], QUESTION)], "max_tokens": 4}
+    try:
+        for _ in range(20):
+            assert post(base, body)[0] == 200
+        before = psutil.Process().memory_info().rss
+        for i in range(150):
+            assert post(base, {**body, "stream": i % 2 == 1})[0] == 200
+        grown = psutil.Process().memory_info().rss - before
+        assert grown < 150 * 50_000, f"RSS grew {grown / 2**20:.1f} MiB over 150 requests"
+    finally:
+        stop(server)
+
+
+def test_serve_refuses_bad_server_options_before_loading(bundles, tmp_path, capsys):
+    from edgevlm.cli import main
+
+    bundle = str(bundles["llava-clip"])
+    for argv, needle in ((["--allow-local-images", str(tmp_path / "nope")], "not a folder"),
+                         (["--queue", "0"], "--queue must be 1..4096"),
+                         (["--request-timeout", "nan"], "request-timeout must be 0.1..86400"),
+                         (["--port", "70000"], "--port must be 0..65535")):
+        assert main(["serve", bundle, *argv]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_stop_filter_holds_back_only_what_could_start_a_stop_string():
+    from edgevlm.runtimes.stop import StopFilter
+
+    f = StopFilter(["END", "xy"])
+    assert f.feed("abcE") == "abc"  # "E" may begin "END"
+    assert f.feed("Nope x") == "ENope "  # "EN" + "ope": no stop; "x" may begin "xy"
+    assert f.feed("z E") == "xz "
+    assert f.feed("ND and more") == "" and f.stopped
+    assert f.sent == "abcENope xz " and f.feed("later") == "" and f.flush() == ""
+    g = StopFilter(["##"])
+    assert g.feed("a#") == "a" and g.flush() == "#" and g.sent == "a#" and not g.stopped

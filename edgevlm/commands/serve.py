@@ -11,17 +11,32 @@ def add_arguments(parser) -> None:
     add_backend_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--queue", type=int, default=8, help="requests that may wait for the model; more get 429")
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take (504 after)")
+    parser.add_argument("--socket-timeout", type=float, default=30.0,
+                        help="seconds a client may stall sending or reading before its connection is dropped")
+    parser.add_argument("--max-connections", type=int, default=64, help="open connections at once (503 beyond)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set EDGEVLM_API_KEY)")
+    parser.add_argument("--allow-local-images", default=None, metavar="DIR",
+                        help="let requests name image files under DIR (default: data URLs only)")
 
 
 def main(args) -> int:
     from pathlib import Path
 
+    import os
+
     from .. import load
-    from ..server import make_server
+    from ..errors import BadInputError
+    from ..plan.fit import fit_warning, machine_before_load
+    from ..server import ServerOptions, make_server
     from .common import backend_options
 
-    from ..plan.fit import fit_warning, machine_before_load
-
+    if not 0 <= args.port <= 65535:
+        raise BadInputError(f"--port must be 0..65535, got {args.port}")
+    server_options = ServerOptions(args.queue, args.request_timeout, args.socket_timeout,
+                                   args.api_key or os.environ.get("EDGEVLM_API_KEY") or None, args.allow_local_images,
+                                   args.max_connections)  # validated before the model loads
     machine = machine_before_load()
     options = backend_options(args)
     session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)
@@ -30,8 +45,11 @@ def main(args) -> int:
     if warning:
         print(warning, file=sys.stderr)
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
-    server = make_server(session, model, args.host, args.port)
+    server = make_server(session, model, args.host, args.port, server_options)
     host, port = server.server_address[:2]
+    if host not in ("127.0.0.1", "::1", "localhost") and not server_options.api_key:
+        print(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model",
+              file=sys.stderr)
     print(f"edgevlm serve: {model} ({session.encoder_name} encoder) on http://{host}:{port}/v1/chat/completions "
           "(Ctrl-C to stop)", file=sys.stderr)
     try:

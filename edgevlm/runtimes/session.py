@@ -25,6 +25,7 @@ from .detokenize import IncrementalDetokenizer
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .reuse import plan_reuse, prefix_key
 from .sampling import Sampler, SamplingConfig
+from .stop import StopFilter
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_EMBED_CACHE_BYTES = 256 << 20
@@ -204,14 +205,20 @@ class Session:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        stop: Sequence[str] | None = None,
         return_logits: bool = False,
     ) -> Iterator[Delta]:
         """Answer a conversation (or `raw_text`, a prompt with placeholders used as is): text deltas as tokens
-        arrive, then one Delta carrying the GenerationResult. Deltas joined equal the result's text exactly."""
+        arrive, then one Delta carrying the GenerationResult. Deltas joined equal the result's text exactly.
+        `stop`: strings that end the answer (not included in it; finish reason "stop")."""
         t_start = time.perf_counter()
         if max_tokens < 1:
             raise BadInputError(f"max_tokens must be >= 1, got {max_tokens}")
         config = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+        try:
+            stop_filter = StopFilter(stop) if stop else None
+        except ValueError as exc:
+            raise BadInputError(f"{exc}; got {stop!r}") from None
         prepared = [self._prepare_image(s) for s in images]
         text = raw_text if raw_text is not None else self.render(messages or [])
         prompt = self.tokenize(text, prepared)
@@ -249,6 +256,14 @@ class Session:
                 tokens.append(token)
                 history.append(token)
                 piece = detok.add(token)
+                if stop_filter is not None:
+                    piece = stop_filter.feed(piece)
+                    if stop_filter.stopped:
+                        step_ms.append((time.perf_counter() - t0) * 1e3)
+                        finish = "stop"
+                        if piece:
+                            yield Delta(piece)
+                        break
                 if len(tokens) == max_tokens:
                     step_ms.append((time.perf_counter() - t0) * 1e3)
                     if piece:
@@ -277,6 +292,9 @@ class Session:
         finally:
             getattr(sampler, "close", lambda: None)()
         rest = detok.finish()
+        if stop_filter is not None:
+            rest = stop_filter.feed(rest) + stop_filter.flush()
+            finish = "stop" if stop_filter.stopped else finish  # the stop may complete in the detokenizer's tail
         if rest:
             yield Delta(rest)
         t_end = time.perf_counter()
@@ -284,7 +302,8 @@ class Session:
         timings["decode_tok_s"] = 1e3 / statistics.median(step_ms) if step_ms else 0.0
         timings["n_new_tokens"] = len(tokens)
         timings["total_ms"] = (t_end - t_start) * 1e3
-        yield Delta("", GenerationResult(detok.text, tokens, finish, timings, all_logits if return_logits else None))
+        text = detok.text if stop_filter is None else stop_filter.sent
+        yield Delta("", GenerationResult(text, tokens, finish, timings, all_logits if return_logits else None))
 
     # ---- built on respond ------------------------------------------------------------------------------------
     def _start_conversation(self, image, prompt: str, raw: bool) -> tuple[list[dict] | None, list]:
