@@ -1,5 +1,6 @@
-"""An OpenAI-compatible HTTP API over one Session (`edgevlm serve`): POST /v1/chat/completions (images as data URLs
-or local paths, optional SSE streaming), GET /v1/models, GET /health. Standard library only.
+"""An OpenAI-compatible HTTP API over one Session (`edgevlm serve`): POST /v1/chat/completions (images as data URLs,
+or local paths under --allow-local-images; optional SSE streaming), GET /v1/models, /health, /metrics, and a chat
+page at /. Standard library only.
 
 One session serves every request, one at a time (llama.cpp's context is not thread-safe); that is also what makes
 the KV cache pay: a follow-up question about the same image restores the image prefix instead of re-encoding it."""
@@ -23,6 +24,7 @@ from .errors import BadInputError, EdgeVLMError
 
 MAX_BODY_BYTES = 64 * 2**20  # a few large base64 images
 MAX_COMPLETION_TOKENS = 1 << 16
+CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
 
 
 def parse_messages(body: dict, allow_local: Path | None = None) -> tuple[list[dict], list[Any]]:
@@ -342,7 +344,16 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
 
         def do_GET(self):
             path = self.path.split("?", 1)[0]
-            if path == "/health":
+            if path in ("/", "/index.html"):  # the chat page: one self-contained file, no CDN
+                data = CHAT_PAGE.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data: blob:; "
+                                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+                self.end_headers()
+                self.wfile.write(data)
+            elif path == "/health":
                 alive = engine.is_alive()
                 self._json(200 if alive else 503, {"status": "ok" if alive else "engine stopped",
                                                    "queue_depth": engine.jobs.qsize(),
@@ -473,7 +484,7 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
                 engine.metrics.count(str(event[1]))
             else:
                 result = event[1]
-                send(event_chunk({}, finish_reason(result)))
+                send({**event_chunk({}, finish_reason(result)), "timings": result.timings})  # TTFT, rates, cache hits
                 if include_usage:
                     send({"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
                           "model": service.model_name, "choices": [], "usage": usage(result)})

@@ -16,6 +16,12 @@ if [ "$(uname -m)" = x86_64 ] && ! command -v qemu-x86_64 >/dev/null && command 
   { apt-get install -y -q qemu-user || { apt-get update -q && apt-get install -y -q qemu-user; }; } >/dev/null 2>&1 \
     || echo "warning: could not install qemu-user; the int8 portability tests will not run"
 fi
+# Chromium (Debian's) is the browser the chat page's test drives through Playwright (tests/test_chat_page.py)
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium (Debian) for the chat page's browser test"
+  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1 \
+    || echo "warning: could not install chromium; the chat page's browser test will not run"
+fi
 quiet "${PIP[@]}" install --upgrade pip wheel setuptools
 quiet "${PIP[@]}" install torch==2.13.0
 
