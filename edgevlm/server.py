@@ -503,6 +503,8 @@ class ServerOptions:
     api_key: str | None = None
     allow_local_images: str | None = None
     max_connections: int = 64
+    cache_dir: str | None = None  # the disk tier of the embedding and prefix caches (survives restarts)
+    cache_dir_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         if not 1 <= self.capacity <= 4096:
@@ -515,6 +517,10 @@ class ServerOptions:
             raise BadInputError(f"--max-connections must be 1..65536, got {self.max_connections}")
         if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
             raise BadInputError(f"--allow-local-images {self.allow_local_images}: not a folder")
+        if not 0 <= self.cache_dir_bytes <= 1 << 50:
+            raise BadInputError(f"--cache-dir-mb must be 0..{1 << 30}, got {self.cache_dir_bytes >> 20}")
+        if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise BadInputError(f"--cache-dir {self.cache_dir}: exists and is not a folder")
         if self.api_key is not None and not self.api_key.strip():
             raise BadInputError("--api-key is empty")
 
@@ -557,6 +563,10 @@ def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8
                 options: ServerOptions | None = None) -> EdgeServer:
     options = options or ServerOptions()
     allow = Path(options.allow_local_images) if options.allow_local_images else None
+    if options.cache_dir:
+        from .runtimes.disk_cache import DiskCache
+
+        session.disk_cache = DiskCache(options.cache_dir, options.cache_dir_bytes)
     service = ChatService(session, model_name, allow)
     engine = Engine(service, options.capacity)
     engine.start()

@@ -432,3 +432,49 @@ def test_stop_filter_holds_back_only_what_could_start_a_stop_string():
     assert f.sent == "abcENope xz " and f.feed("later") == "" and f.flush() == ""
     g = StopFilter(["##"])
     assert g.feed("a#") == "a" and g.flush() == "#" and g.sent == "a#" and not g.stopped
+
+
+def test_disk_cache_survives_a_restart_and_ignores_bad_files(bundles, api, tmp_path):
+    """Restart the server, ask about the same image: no encoder run, no image prefill, same greedy answer; a
+    truncated or foreign file is deleted, never loaded; a state of another decoder is never restored."""
+    cache = tmp_path / "cache"
+    body = {"messages": [user(api[2], QUESTION)], "max_tokens": 8}
+
+    def serve_once(decoder: str = "gguf:f32") -> list[dict]:
+        session = edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder=decoder, threads=1)
+        server, base = start(session, cache_dir=str(cache))
+        try:
+            return [json.loads(post(base, body)[1])]
+        finally:
+            stop(server)
+
+    [cold] = serve_once()
+    assert cold["timings"]["encode_ms"] > 0 and cold["timings"]["disk_cache_hits"] == 0
+    files = sorted(cache.glob("*.evc"))
+    assert len(files) == 2  # the image's embeddings and the image-prefix KV state
+    [warm] = serve_once()  # a new process' worth of state: new session, new server, same folder
+    assert warm["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+    t = warm["timings"]
+    assert t["encode_ms"] == 0 and t["prefix_cache_hits"] == 1 and t["disk_cache_hits"] == 1
+    assert t["n_prefilled_positions"] < cold["timings"]["n_prefilled_positions"]
+    # a q8_0 decoder never gets the f32 decoder's state (it does reuse the image embeddings)
+    [other] = serve_once("gguf:q8_0")
+    assert other["timings"]["prefix_cache_hits"] == 0 and other["timings"]["encode_ms"] == 0
+    # damaged files: truncated, and another file's bytes under this name; both ignored and deleted
+    for path in files:
+        path.write_bytes(path.read_bytes()[:100])
+    [after] = serve_once()
+    assert after["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+    assert after["timings"]["encode_ms"] > 0 and after["timings"]["disk_cache_hits"] == 0
+    assert not any(p.exists() and p.stat().st_size == 100 for p in files)
+    from edgevlm.runtimes.disk_cache import DiskCache
+
+    disk = DiskCache(tmp_path / "unit", 1000)
+    assert disk.put("ns", "a", b"x" * 400) and disk.put("ns", "b", b"y" * 400)
+    assert disk.put("ns", "c", b"z" * 400)  # over the bound: the least recently used goes
+    assert disk.get("ns", "a") is None and disk.get("ns", "c")[1] == b"z" * 400
+    assert disk.get("other-namespace", "c") is None
+    assert disk.put("ns", "d", b"d" * 100) and disk.put("ns", "e", b"e" * 100)
+    disk._path("ns", "e").write_bytes(disk._path("ns", "d").read_bytes())  # another entry's file under e's name
+    assert disk.get("ns", "e") is None and not disk._path("ns", "e").exists() and disk.get("ns", "d")[1] == b"d" * 100
+    assert not disk.put("ns", "huge", b"q" * 2000)

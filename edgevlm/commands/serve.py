@@ -17,6 +17,9 @@ def add_arguments(parser) -> None:
                         help="seconds a client may stall sending or reading before its connection is dropped")
     parser.add_argument("--max-connections", type=int, default=64, help="open connections at once (503 beyond)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set EDGEVLM_API_KEY)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="keep image embeddings and image-prefix KV states here across restarts")
+    parser.add_argument("--cache-dir-mb", type=float, default=2048.0, help="bound of --cache-dir (default 2048 MiB)")
     parser.add_argument("--allow-local-images", default=None, metavar="DIR",
                         help="let requests name image files under DIR (default: data URLs only)")
 
@@ -36,7 +39,9 @@ def main(args) -> int:
         raise BadInputError(f"--port must be 0..65535, got {args.port}")
     server_options = ServerOptions(args.queue, args.request_timeout, args.socket_timeout,
                                    args.api_key or os.environ.get("EDGEVLM_API_KEY") or None, args.allow_local_images,
-                                   args.max_connections)  # validated before the model loads
+                                   args.max_connections, args.cache_dir,
+                                   int(args.cache_dir_mb * (1 << 20)) if args.cache_dir_mb == args.cache_dir_mb
+                                   else -1)  # validated before the model loads (NaN is refused)
     machine = machine_before_load()
     options = backend_options(args)
     session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)

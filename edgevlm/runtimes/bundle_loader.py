@@ -91,7 +91,8 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
         from .llamacpp_decoder import LlamaCppDecoder
 
         return LlamaCppDecoder(bundle / artifact.path, n_ctx=n_ctx, threads=threads, parity=parity,
-                               context_length=manifest.decoder.context_length)
+                               context_length=manifest.decoder.context_length,
+                               artifact_id=f"{artifact.name}:{artifact.files[0].sha256}")
     from .mlx_decoder import MlxDecoder
 
     return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length)

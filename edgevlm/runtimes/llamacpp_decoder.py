@@ -79,7 +79,7 @@ class LlamaCppDecoder:
 
     def __init__(self, gguf_path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  n_batch: int = DEFAULT_N_BATCH, parity: bool = False, context_length: int | None = None,
-                 flash_attn: bool | None = None):
+                 flash_attn: bool | None = None, artifact_id: str | None = None):
         llama_cpp = require_llama_cpp()
         self._lib = llama_cpp
         silence_llama_logs(llama_cpp)
@@ -107,6 +107,10 @@ class LlamaCppDecoder:
         else:
             params.flash_attn_type = flash_attention_type(llama_cpp, flash_attn)
         self.parity = parity
+        self.artifact_id = artifact_id or f"gguf:{path.name}"
+        # what a saved sequence state depends on: the weights, the KV type, the context and batch settings
+        self.state_signature = (f"llama.cpp {llama_cpp.__version__}|{self.artifact_id}|n_ctx={self.n_ctx}|"
+                                f"n_batch={self.n_batch}|kv={'f32' if parity else 'f16'}|fa={int(params.flash_attn_type)}")
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)

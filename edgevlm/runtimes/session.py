@@ -19,7 +19,7 @@ from ..errors import BadInputError
 from ..positions import text_positions
 from ..preprocess import preprocess
 from . import prompt as prompts
-from .base import Decoder, Encoder, Segment
+from .base import Decoder, DecoderState, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
@@ -31,7 +31,8 @@ DEFAULT_MAX_TOKENS = 64
 DEFAULT_EMBED_CACHE_BYTES = 256 << 20
 DEFAULT_PREFIX_CACHE_BYTES = 512 << 20
 TIMING_KEYS = ("preprocess_ms", "encode_ms", "prefill_ms", "snapshot_ms")
-COUNTER_KEYS = ("n_tiles", "embed_cache_hits", "embed_cache_misses", "prefix_cache_hits", "prefix_cache_misses")
+COUNTER_KEYS = ("n_tiles", "embed_cache_hits", "embed_cache_misses", "prefix_cache_hits", "prefix_cache_misses",
+                "disk_cache_hits")
 
 
 @dataclass
@@ -77,9 +78,16 @@ class Session:
         self.decoder_name = decoder_name or getattr(decoder, "name", "")
         self.embed_cache = ByteLRU(embed_cache_bytes)
         self.prefix_cache = ByteLRU(prefix_cache_bytes)
+        self._disk_restores = 0
+        self.disk_cache = None  # DiskCache: embeddings and prefix states that survive a restart (serve --cache-dir)
         self._kv_keys: list = []  # identity of every position the decoder holds, always true
         self._messages: list[dict] = []  # the conversation `chat` continues
         self._chat_images: list = []
+
+    @property
+    def _state_namespace(self) -> str | None:
+        """What a saved KV state must have been written by to be restored here (None: states stay in memory)."""
+        return getattr(self.decoder, "state_signature", None) if self.disk_cache is not None else None
 
     @property
     def _decoder_id(self) -> str:
@@ -104,6 +112,13 @@ class Session:
         if cached is not None:
             timings["embed_cache_hits"] += 1
             return cached
+        if self.disk_cache is not None:
+            rows = self.disk_cache.get_array("embeddings", image.key)
+            if rows is not None and rows.shape[0] == image.n_rows_embedded:
+                timings["embed_cache_hits"] += 1
+                timings["disk_cache_hits"] += 1
+                self.embed_cache.put(image.key, rows)
+                return rows
         timings["embed_cache_misses"] += 1
         t0 = time.perf_counter()
         pre = preprocess(image.rgb, self.spec.preprocess)
@@ -120,6 +135,8 @@ class Session:
                 "the encoder and the manifest's image layout disagree"
             )
         self.embed_cache.put(image.key, rows)
+        if self.disk_cache is not None:
+            self.disk_cache.put_array("embeddings", image.key, rows)
         return rows
 
     def _segments(self, prompt: Prompt, images: list[PreparedImage], start: int, stop: int, timings: dict) -> list[Segment]:
@@ -144,6 +161,13 @@ class Session:
         """Restore a cached prefix; a state that is not the boundary it was stored for, or that the decoder refuses,
         is dropped and the sequence starts empty."""
         state = self.prefix_cache.peek(key)
+        if state is None and self._state_namespace is not None:
+            found = self.disk_cache.get(self._state_namespace, key)
+            if found is not None:
+                header, payload = found
+                state = DecoderState(payload, header.get("n_past"), len(payload), header.get("next_position"))
+                self.prefix_cache.put(key, state)
+                self._disk_restores += 1
         if state is None or state.n_past != boundary:
             self.prefix_cache.pop(key)
             return False
@@ -158,12 +182,16 @@ class Session:
 
     def _prefill(self, prompt: Prompt, images: list[PreparedImage], timings: dict) -> np.ndarray:
         n = len(prompt)
+        namespace = self._state_namespace
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
-                          lambda key: key in self.prefix_cache)
+                          lambda key: key in self.prefix_cache or (namespace is not None
+                                                                   and self.disk_cache.has(namespace, key)))
+        self._disk_restores = 0
         reuse, store_at = plan.reuse, plan.store_at
         if plan.restore_key is not None:
             if self._restore(plan.restore_key, reuse):
                 timings["prefix_cache_hits"] += 1
+                timings["disk_cache_hits"] += self._disk_restores
                 self._kv_keys = list(prompt.keys[:reuse])
             else:  # cold after all
                 timings["prefix_cache_misses"] += 1
@@ -182,7 +210,11 @@ class Session:
             self._kv_keys.extend(prompt.keys[start:stop])
             if stop == store_at:
                 t0 = time.perf_counter()
-                self.prefix_cache.put(self._prefix_cache_key(prompt, stop), self.decoder.snapshot())
+                state = self.decoder.snapshot()
+                self.prefix_cache.put(self._prefix_cache_key(prompt, stop), state)
+                if namespace is not None:
+                    self.disk_cache.put(namespace, self._prefix_cache_key(prompt, stop), bytes(state.payload),
+                                        n_past=state.n_past, next_position=state.next_position)
                 timings["snapshot_ms"] += (time.perf_counter() - t0) * 1e3
             start = stop
         timings["n_prefilled_positions"] = n - reuse
