@@ -145,7 +145,8 @@ class ChatService:
         stops = stop_strings(body)
         if stops:
             options["stop"] = stops
-        self.session.forget_sequence()  # a new request: only the caches (embeddings, prefixes) carry over
+        # the live sequence stays: a follow-up turn of the conversation it holds prefills only its new tokens; any
+        # other request keeps the part it shares (system prompt, image) and the session truncates the rest
         return self.session.stream_conversation(messages, images, **options)
 
     def response(self, result, completion_id: str) -> dict:

@@ -56,9 +56,15 @@ def test_completion_equals_the_session_and_reuses_the_cache(api, images):
     assert reply["choices"][0]["message"]["content"] == reference.text
     assert reply["usage"]["completion_tokens"] == len(reference.tokens)
     assert reply["choices"][0]["finish_reason"] == reference.finish_reason
-    again = json.loads(post(base, body)[1])  # same image, same question: a new request restores the cached prefix
+    # another request takes the live sequence; then the same image and question restore the cached image prefix
+    assert post(base, {"messages": [{"role": "user", "content": "Something else entirely."}], "max_tokens": 2})[0] == 200
+    again = json.loads(post(base, body)[1])
     assert again["choices"][0]["message"]["content"] == reference.text
     assert again["timings"]["prefix_cache_hits"] >= 1 and again["timings"]["encode_ms"] == 0
+    # straight after it, the same request reuses the live sequence itself (no restore needed)
+    third = json.loads(post(base, body)[1])
+    assert third["choices"][0]["message"]["content"] == reference.text
+    assert third["timings"]["n_reused_positions"] > 0 and third["timings"]["encode_ms"] == 0
 
 
 def test_streaming_sends_the_same_text(api):
@@ -478,3 +484,28 @@ def test_disk_cache_survives_a_restart_and_ignores_bad_files(bundles, api, tmp_p
     disk._path("ns", "e").write_bytes(disk._path("ns", "d").read_bytes())  # another entry's file under e's name
     assert disk.get("ns", "e") is None and not disk._path("ns", "e").exists() and disk.get("ns", "d")[1] == b"d" * 100
     assert not disk.put("ns", "huge", b"q" * 2000)
+
+
+def test_a_follow_up_turn_prefills_only_its_new_tokens(session, api):
+    base, _, data_url = api
+    server, base = start(session)
+    try:
+        first_body = {"messages": [user(data_url, QUESTION)], "max_tokens": 6}
+        first = json.loads(post(base, first_body)[1])
+        answer = first["choices"][0]["message"]["content"]
+        follow = {"messages": [user(data_url, QUESTION), {"role": "assistant", "content": answer},
+                               {"role": "user", "content": "And the shape?"}], "max_tokens": 6}
+        second = json.loads(post(base, follow)[1])
+        t = second["timings"]
+        # the image, the first question and the answer are already in the sequence: only the new turn is prefilled
+        assert t["n_reused_positions"] >= first["timings"]["n_prompt_tokens"]
+        assert t["n_prefilled_positions"] == t["n_prompt_tokens"] - t["n_reused_positions"] < 40
+        assert t["encode_ms"] == 0
+        # and the answer is the one a fresh session gives the whole conversation
+        session.clear_caches()
+        session.forget_sequence()
+        cold = json.loads(post(base, follow)[1])
+        assert cold["timings"]["n_reused_positions"] == 0
+        assert cold["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
+    finally:
+        stop(server)
