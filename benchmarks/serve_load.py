@@ -14,7 +14,6 @@ import argparse
 import base64
 import io
 import json
-import platform
 import statistics
 import sys
 import threading
@@ -24,14 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> int:
+    from edgevlm.bench.harness import cpu_model
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
     parser.add_argument("--requests", type=int, default=1000)

@@ -298,7 +298,8 @@ def test_plan_command_itemises_a_bundle(tmp_path, capsys):
     assert memory["encoder_weights"] == 1000
     assert memory["kv_cache"] == 2 * 2 * 512 * 32 * 2  # padded to 512 positions, f16
     assert memory["compute_buffer"] == 4 * 512 * (1 + 4 * 64 + 512 * (1 + 2)) + 4 * 128  # KQ scores, no flash attn
-    assert memory["encoder_activations"] == 788 * 64 * 64 + 16 * 64 * 4  # one tile + its f32 embeddings
+    # one tile + its f32 embeddings + its preprocessed f32 pixels (added 2026-12-01: budget.image_input_bytes)
+    assert memory["encoder_activations"] == 788 * 64 * 64 + 16 * 64 * 4 + 3 * 64 * 64 * 4
     assert memory["caches"] == (256 + 512) * MIB and memory["margin"] == 512 * MIB
     assert option["verdict"] == "fits" and result["recommended"] == "onnx:int8 + gguf:f32"
     ceiling = 17.1e9 / (option["weight_bytes_per_token"] + 2 * 2 * 16 * 32 * 2)  # KV of the 16 image positions
@@ -348,3 +349,130 @@ def test_run_warns_at_start_when_the_bundle_will_not_fit_this_machine(bundles, t
     err = capsys.readouterr().err
     assert "warning: onnx:int8 + gguf:q8_0 at context" in err and "MiB is available here" in err
     assert f"edgevlm plan {bundle} --device this-machine" in err
+
+
+# --- one request, measured encoder terms, the probes ----------------------------------------------------------------
+
+
+def test_llama_cpp_compute_in_use_is_one_requests_ubatch_and_kv_span():
+    # SmolVLM-256M (V 49,280, d 576, 9 heads): W1-split's request (1,215 positions) fills a 512 ubatch over 1,280
+    # KV cells; W1's (88 positions) one ubatch of 88 over 256; plus one row of logits' output buffer (4 V)
+    assert budget.llama_cpp_compute_in_use_bytes(49280, 576, 9, 1215) == 4 * 512 * (1 + 4 * 576 + 1280 * 10) \
+        + 4 * 49280 == 31_132_160
+    assert budget.llama_cpp_compute_in_use_bytes(49280, 576, 9, 88) == 4 * 88 * (1 + 4 * 576 + 256 * 10) \
+        + 4 * 49280 == 1_909_600
+    assert budget.llama_cpp_compute_in_use_bytes(49280, 576, 9, 88, flash_attn=True) == \
+        4 * 88 * (1 + 4 * 576) + 2 * 88 * 256 + 4 * 49280
+    # a tiny model: one row of logits is larger than the attention scratch
+    assert budget.llama_cpp_compute_in_use_bytes(1000, 8, 1, 1) == 4 * (8 + 1000) + 4 * 1000
+    # never more than the reservation at the same n_ctx
+    assert budget.llama_cpp_compute_in_use_bytes(49280, 576, 9, 4096) <= budget.llama_cpp_compute_buffer_bytes(
+        49280, 576, 9, 4096)
+    with pytest.raises(ValueError, match="positions"):
+        budget.llama_cpp_compute_in_use_bytes(49280, 576, 9, 0)
+
+
+def test_cpu_runtime_overhead_is_the_measured_baseline_session_and_vocabulary():
+    assert budget.RUNTIME_BASELINE_BYTES == 68 * MIB and budget.RUNTIME_CPU_SESSION_BYTES == 12 * MIB
+    assert budget.runtime_overhead_bytes("cpu", 49280) == 80 * MIB + 512 * 49280 == 109_117_440  # SmolVLM-256M
+    assert budget.runtime_overhead_bytes("cpu", 419) == 80 * MIB + 512 * 419  # the reference model
+    assert budget.runtime_overhead_bytes("cuda", 49280) == 512 * MIB  # GPU targets: the per-target estimate
+    with pytest.raises(ValueError, match="target"):
+        budget.runtime_overhead_bytes("tpu", 10)
+
+
+def test_decode_efficiency_by_weight_width_and_bandwidth_kind():
+    assert budget.decode_efficiency("q8_0", True) == budget.decode_efficiency("f16", True) == 0.55
+    assert budget.decode_efficiency("q4_k_m", True) == budget.decode_efficiency("q4_0", True) == 0.38
+    assert budget.decode_efficiency("q4_k_m", False) == budget.decode_efficiency("q8_0", False) == 0.55
+
+
+def test_image_input_bytes_hold_the_tiles_twice_when_stacked():
+    assert budget.image_input_bytes(17, 3, 512, 512) == 2 * 17 * 3 * 512 * 512 * 4 == 106_954_752  # W1-split
+    assert budget.image_input_bytes(1, 3, 512, 512) == 3 * 512 * 512 * 4  # one tile is not stacked
+    with pytest.raises(ValueError, match="positive"):
+        budget.image_input_bytes(0, 3, 512, 512)
+
+
+def test_plan_one_request_is_the_bench_figure(tmp_path, capsys):
+    """The one-request figure: the caches at what one request stores (the image prefix's KV snapshot), the part of
+    the compute buffer its graphs write, no margin; every other item as in the fit figure."""
+    bundle = _tiny_bundle(tmp_path)
+    assert cli_main(["plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--context", "300", "--prompt-tokens",
+                     "20", "--new-tokens", "30", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["one_request"] == {"prompt_tokens": 20, "new_tokens": 30, "positions": 16 + 20 + 30}
+    [option] = result["options"]
+    memory, one = option["memory"], option["memory_one_request"]
+    for item in ("decoder_weights", "encoder_weights", "encoder_activations", "kv_cache", "runtime_overhead"):
+        assert one[item] == memory[item]
+    assert one["caches"] == 2 * 2 * 16 * 32 * 2  # K and V of the 16 image positions, 2 layers, 1 KV head of 32, f16
+    assert one["compute_buffer"] == 4 * 66 * (1 + 4 * 64 + 256 * (1 + 2)) + 4 * 128  # 66 positions, 256 KV cells
+    assert one["margin"] == 0 and option["peak_one_request"] == one["needed"] == one["total"]
+    assert memory["runtime_overhead"] == budget.RUNTIME_OVERHEAD_BYTES["cpu"] + 512 * 128  # vocabulary of 128
+    # the defaults are the bench's: 24 prompt tokens, 64 new
+    assert cli_main(["plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--context", "300", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["one_request"]["positions"] == 16 + 24 + 64
+    # no images: nothing in the caches
+    assert cli_main(["plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--images", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["options"][0]["memory_one_request"]["caches"] == 0
+    with pytest.raises(BadInputError, match="--prompt-tokens"):
+        from edgevlm.plan.bundle import PlanRequest
+
+        PlanRequest(prompt_tokens=-1)
+
+
+def test_plan_prefers_the_encoder_figures_measured_at_export(tmp_path, capsys):
+    """details.activation_bytes_per_tile and details.session_resident_bytes replace the per-pixel constant and the
+    file size on a CPU target; a GPU target keeps the file size (the resident figure is ORT CPU's)."""
+    bundle = _tiny_bundle(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"][1]["details"] = {"activation_bytes_per_tile": 123_456, "session_resident_bytes": 7_000}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert cli_main(["plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--context", "300", "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["options"][0]["memory"]
+    pixels = 3 * 64 * 64 * 4
+    assert memory["encoder_activations"] == 123_456 + 16 * 64 * 4 + pixels and memory["encoder_weights"] == 7_000
+    assert cli_main(["plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["options"][0]["memory"]
+    assert memory["encoder_weights"] == 1000 and memory["encoder_activations"] == 123_456 + 16 * 64 * 4 + pixels
+
+
+def _wide_graph(path):
+    """A stand-in encoder whose activations are measurable: (1, 3, 512, 512) f32 through three element-wise ops,
+    each a fresh 3 MiB tensor in ORT's arena."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["tiles", 3, 512, 512])
+    y = helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["tiles", 3, 512, 512])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    nodes = [helper.make_node("Mul", ["pixel_values", "two"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["image_embeds"])]
+    graph = helper.make_graph(nodes, "wide", [x], [y], [two])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/status").is_file(), reason="the probes read /proc")
+def test_probes_measure_in_a_fresh_process(tmp_path):
+    from edgevlm.plan import probe
+
+    details = probe.encoder_activation_details(_wide_graph(tmp_path / "wide.onnx"), "pixel_values", (3, 512, 512), 1)
+    assert details["activation_bytes_per_tile"] >= 3 * MIB  # at least the output tile
+    assert details["activation_bytes_per_tile"] < 256 * MIB and details["session_resident_bytes"] >= 0
+    assert "measured at export" in details["activation_basis"]
+    assert probe.encoder_activation_details(tmp_path / "missing.onnx", "pixel_values", (3, 8, 8)) == {}
+    runtime = probe.run_probe("runtime")
+    assert 20 * MIB < runtime["runtime_baseline_bytes"] <= runtime["peak_bytes"]
+
+
+def test_exported_onnx_encoders_carry_their_measured_activations(bundles):
+    from edgevlm.manifest import Manifest
+
+    manifest = Manifest.load(bundles["llava-clip"])
+    for artifact in manifest.artifacts:
+        if artifact.format == "onnx" and "activation_bytes_per_tile" in artifact.details:
+            assert artifact.details["activation_bytes_per_tile"] > 0
+            assert artifact.details["session_resident_bytes"] >= 0
+    assert any("activation_bytes_per_tile" in a.details for a in manifest.artifacts if a.format == "onnx")

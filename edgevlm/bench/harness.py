@@ -195,14 +195,22 @@ def drift(session, scenario: Scenario, image: Image.Image, path: str) -> dict:
             "logits_nmse": nmse(logits, reference)}
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as handle:
             names = [l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")]
-        if names:
-            info["cpu"] = names[0]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    if Path("/proc/cpuinfo").exists():
+        info["cpu"] = cpu_model()
+    try:
         with open("/proc/meminfo") as handle:
             info["memory_gib"] = round(int(handle.readline().split()[1]) / 2**20, 1)
     except OSError:

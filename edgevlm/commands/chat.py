@@ -15,21 +15,12 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from .. import load
     from ..images import load_image
-    from .common import sampling_kwargs
+    from .common import load_session_checked, sampling_kwargs
 
     kwargs = sampling_kwargs(args)
     images = [load_image(p) for p in args.image]
-    from ..plan.fit import fit_warning, machine_before_load
-
-    machine = machine_before_load()
-    options = _options(args)
-    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)
-    warning = fit_warning(args.path, machine, session.encoder_name, session.decoder_name, options.get("n_ctx"),
-                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"))
-    if warning:
-        print(warning, file=sys.stderr)
+    session = load_session_checked(args, _options(args))
     print(f"edgevlm chat: {session.encoder_name} encoder + {session.decoder_name} decoder. "
           "Empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
     first = True

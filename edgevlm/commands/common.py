@@ -114,3 +114,18 @@ def backend_options(args) -> dict:
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options
+
+
+def load_session_checked(args, options: dict):
+    """Load the session of run/chat/serve; warn on stderr when the planner says the running pair, at this context and
+    these cache bounds, will not fit the memory this machine had available before the load."""
+    from .. import load
+    from ..plan.fit import fit_warning, machine_before_load
+
+    machine = machine_before_load()
+    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)
+    warning = fit_warning(args.path, machine, session.encoder_name, session.decoder_name, options.get("n_ctx"),
+                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"))
+    if warning:
+        print(warning, file=sys.stderr)
+    return session

@@ -1,4 +1,5 @@
-"""edgevlm plan BUNDLE --device ID [--images N] [--image-size WxH] [--context N] [--parallel N] [--json] [--png F]:
+"""edgevlm plan BUNDLE --device ID [--images N] [--image-size WxH] [--context N] [--parallel N] [--prompt-tokens N]
+[--new-tokens N] [--json] [--png F]:
 will each decoder x encoder of the bundle fit the device, item by item, and how fast will it decode.
 `--device this-machine` measures this machine; `--device-file F` adds devices (schema: edgevlm/plan/devices.json)."""
 from __future__ import annotations
@@ -20,6 +21,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parallel", type=int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--embed-cache-mb", type=float, default=None, help="image-embedding cache bound (default 256)")
     parser.add_argument("--prefix-cache-mb", type=float, default=None, help="prefix KV-state cache bound (default 512)")
+    parser.add_argument("--prompt-tokens", type=int, default=24,
+                        help="text tokens of the one request the one-request peak describes (default 24, as bench)")
+    parser.add_argument("--new-tokens", type=int, default=64,
+                        help="tokens that request generates (default 64, as bench)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     parser.add_argument("--png", default=None, metavar="FILE",
                         help="also draw the plan: stacked memory bars per option with the device's usable line")
@@ -35,7 +40,8 @@ def main(args) -> int:
     request = PlanRequest(images=args.images, image_size=parse_image_size(args.image_size) if args.image_size else None,
                           context=args.context, parallel=args.parallel,
                           embed_cache_bytes=caches.get("embed_cache_bytes"),
-                          prefix_cache_bytes=caches.get("prefix_cache_bytes"))
+                          prefix_cache_bytes=caches.get("prefix_cache_bytes"),
+                          prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     result = plan_bundle(args.bundle, device, request)
     if args.png:
         plot(result, args.png)
@@ -52,7 +58,8 @@ def show(result: dict) -> None:
     device, images = result["device"], result["images"]
     table(f"{device['name']} ({device['id']})", ["field", "value"], [
         ("usable memory MiB", result["usable_bytes"] / MIB), ("basis", device["usable_basis"]),
-        ("bandwidth GB/s", device["bandwidth_gbs"]), ("decode efficiency", result["decode_efficiency"]),
+        ("bandwidth GB/s", device["bandwidth_gbs"]), ("decode efficiency",
+                                                     ", ".join(f"{d} {e}" for d, e in result["decode_efficiency"].items())),
         ("context / sequence", result["context"]), ("sequences", result["parallel"]),
         ("KV positions (llama.cpp, padded)", result["n_ctx"]),
         ("images", f"{images['count']} x {images['width']}x{images['height']}: {images['n_tiles']} tiles "
@@ -62,7 +69,10 @@ def show(result: dict) -> None:
     ])
     options = result["options"]
     rows = [(item.replace("_", " "), *[o["memory"][item] / MIB for o in options]) for item in ITEMS]
+    one = result["one_request"]
     rows += [("total", *[o["memory"]["total"] / MIB for o in options]), ("verdict", *[o["verdict"] for o in options]),
+             (f"one request's peak ({one['positions']} positions; bench's peak RSS)",
+              *[o["peak_one_request"] / MIB for o in options]),
              ("decode tok/s (after the images)", *[o["decode_tok_s"] for o in options]),
              ("decode tok/s (full context)", *[o["decode_tok_s_full_context"] for o in options])]
     table(f"memory (MiB) and decode speed: {result['bundle']}",

@@ -17,24 +17,15 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from .. import load
     from ..errors import BadInputError
     from ..images import load_image
-    from .common import backend_options, print_json, sampling_kwargs, table
+    from .common import backend_options, load_session_checked, print_json, sampling_kwargs, table
 
     if not args.prompt.strip():
         raise BadInputError("the prompt is empty; pass a question with --prompt")
     kwargs = sampling_kwargs(args)
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading any model
-    from ..plan.fit import fit_warning, machine_before_load
-
-    machine = machine_before_load()
-    options = backend_options(args)
-    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)
-    warning = fit_warning(args.path, machine, session.encoder_name, session.decoder_name, options.get("n_ctx"),
-                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"))
-    if warning:
-        print(warning, file=sys.stderr)
+    session = load_session_checked(args, backend_options(args))
     if args.json:
         result = session.generate(images or None, args.prompt, **kwargs)
         print_json({"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,

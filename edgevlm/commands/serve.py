@@ -25,15 +25,12 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    import os
     from pathlib import Path
 
-    import os
-
-    from .. import load
     from ..errors import BadInputError
-    from ..plan.fit import fit_warning, machine_before_load
     from ..server import ServerOptions, make_server
-    from .common import backend_options
+    from .common import backend_options, load_session_checked
 
     if not 0 <= args.port <= 65535:
         raise BadInputError(f"--port must be 0..65535, got {args.port}")
@@ -42,13 +39,7 @@ def main(args) -> int:
                                    args.max_connections, args.cache_dir,
                                    int(args.cache_dir_mb * (1 << 20)) if args.cache_dir_mb == args.cache_dir_mb
                                    else -1)  # validated before the model loads (NaN is refused)
-    machine = machine_before_load()
-    options = backend_options(args)
-    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)
-    warning = fit_warning(args.path, machine, session.encoder_name, session.decoder_name, options.get("n_ctx"),
-                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"))
-    if warning:
-        print(warning, file=sys.stderr)
+    session = load_session_checked(args, backend_options(args))
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
     server = make_server(session, model, args.host, args.port, server_options)
     host, port = server.server_address[:2]

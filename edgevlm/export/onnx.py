@@ -253,7 +253,7 @@ def ensure_fp32_graph(ckpt, manifest, writer: BundleWriter, log=print) -> Path:
     return fp32
 
 
-def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, **_) -> Artifact:
+def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=print, threads=None, **_) -> Artifact:
     folder = writer.root / "encoder"
     folder.mkdir(exist_ok=True)
     fp32 = ensure_fp32_graph(ckpt, manifest, writer, log)
@@ -273,6 +273,12 @@ def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
         details = {**quantize_int8(fp32, graph, manifest, log), "activation_type": "uint8", "per_channel": True}
     optimized = folder / f"{precision}.ort-cpu.onnx"
     save_cpu_optimized(graph, optimized)
+    # the planner's activation term, measured on the graph the CPU runtime opens, in a fresh process (plan/probe.py)
+    from ..plan.probe import encoder_activation_details
+
+    log("  measuring its activation memory per tile (ONNX Runtime CPU)")
+    details = {**details, **encoder_activation_details(optimized, manifest.encoder.input_name,
+                                                       manifest.encoder.input_shape[1:], threads)}
     extras = tuple(p.relative_to(writer.root).as_posix() for p in folder.glob(f"{precision}.*") if p != graph)
     artifact = writer.artifact(f"onnx:{precision}", "encoder", "onnx", precision, f"encoder/{precision}.onnx",
                                extra_files=extras, cpu_optimized=f"encoder/{precision}.ort-cpu.onnx", **details)

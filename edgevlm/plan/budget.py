@@ -27,19 +27,74 @@ MIXED_K_QUANTS = ("q4_k_m", "q5_k_m")  # the two that give attn_v / ffn_down of 
 K_QUANT_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 # Decode reaches this fraction of the bandwidth roofline. Measured copy bandwidth (this-machine, the figure `edgevlm
-# bench` measures): 0.45, the median of the llama.cpp decode fractions in benchmarks/results (w1 q8_0 0.48, w1-split
-# q8_0 0.42, w2 q8_0 0.59 and q4_k_m 0.35). Published peak bandwidth (the device table): 0.55, the low end of the
-# 0.55-0.8 the notes give (serve-plan-scale.md 2.4; jetson-mem-bench: 60-80 % of peak sustained).
-DECODE_EFFICIENCY_MEASURED = 0.45
+# bench` measures), by the decoder's weight type, since llama.cpp's CPU kernels spend more compute per byte on
+# sub-8-bit quants (K-quant super-block scales, 4/5/6-bit unpacking) than on Q8_0 or F16: the mean of two machines'
+# medians of the bench's llama.cpp decode fractions (roofline.fraction in bench.json), so neither machine's spread
+# sets it alone:
+#   8-bit and wider (q8_0): Intel Xeon (Sapphire Rapids VM, benchmarks/results w1 0.48, w1-split 0.42, w2 0.59 / 0.46;
+#     median 0.47) and AMD EPYC (Zen 4 VM, 2026-12-01: w1 0.65 / 0.61, w1-split 0.63, w2 0.71 / 0.70; median 0.65)
+#     -> 0.55 (was 0.45, the Xeon alone, both kinds of quant pooled).
+#   below 8 bits (q4_k_m): Xeon w2 0.35 / 0.27 (median 0.31), EPYC w1 0.53 / 0.44, w2 0.45 / 0.45 (median 0.45) -> 0.38.
+# Published peak bandwidth (the device table): 0.55, the low end of the 0.55-0.8 the notes give (serve-plan-scale.md
+# 2.4; jetson-mem-bench: 60-80 % of peak sustained).
+DECODE_EFFICIENCY_MEASURED = 0.55  # q8_0, f16, bf16, f32
+DECODE_EFFICIENCY_MEASURED_SUB8BIT = 0.38  # q6_k, q5_k_m, q4_k_m, q4_0
 DECODE_EFFICIENCY_PEAK = 0.55
-# The ONNX encoder's activations per tile in one run, per input pixel: ~197 MiB per 512x512 tile (SigLIP-B/16,
-# SmolVLM-256M int8, ORT CPU: process peaks of 495/706/1,086 MiB at 1/2/4 tiles per run, runtimes/onnx_encoder.py).
-# Linear in pixels; attention grows with the square of the patch count, so larger tiles are under-estimated.
+WIDE_PRECISIONS = ("q8_0", "f16", "bf16", "f32")
+# The ONNX encoder's activations per tile in one run, per input pixel, for bundles exported before the exporter measured
+# them (a bundle's details.activation_bytes_per_tile, edgevlm.plan.probe, is preferred): ~197 MiB per 512x512 tile
+# (SigLIP-B/16, SmolVLM-256M int8, ORT CPU: process peaks of 495/706/1,086 MiB at 1/2/4 tiles per run,
+# runtimes/onnx_encoder.py). Linear in pixels; attention grows with the square of the patch count, so larger tiles are
+# under-estimated. The probe measured 228 MiB (int8, 912 B/px) and 286 MiB (fp32, 1,144 B/px) per 512x512 tile on
+# the AMD EPYC VM (2026-12-01); the constant is kept as the fallback it was documented as.
 ENCODER_ACTIVATION_BYTES_PER_PIXEL = 788
-# Process, libraries and runtime contexts before any model: CPU measured here (benchmarks/results/w1: 38 MiB before
-# load + ~274 MiB of library and ORT/llama.cpp session setup); GPU targets add a CUDA context and cuBLAS workspaces
-# (0.5 GB, the notes' unverified default).
-RUNTIME_OVERHEAD_BYTES = {"cpu": 320 * MIB, "apple-silicon": 320 * MIB, "cuda": 512 * MIB, "jetson-orin": 512 * MIB}
+# What a runtime process holds before any model. CPU: RUNTIME_BASELINE_BYTES, measured (`python -m edgevlm.plan.probe
+# runtime`: Python, numpy, onnxruntime, llama.cpp with its backend initialised, edgevlm's runtime modules): 68.1 MiB
+# on the AMD EPYC VM, 2026-12-01 (the bench's own figure before loading is 34-39 MiB: it has not imported the two
+# runtimes yet), plus what opening a bundle's tokenizer and llama.cpp context adds beyond the weights and the KV
+# cache (stage by stage in one process, same machine and day): the tokenizers library and the reference model's
+# tokenizer + context (vocabulary 419) 5.6 + 1.6 + 4.4 -> RUNTIME_CPU_SESSION_BYTES, 12 MiB; SmolVLM-256M's
+# (vocabulary 49,280) adds 9.7 MiB of tokenizer and 12-19 MiB of llama.cpp vocabulary and context over those, ~500 B
+# per vocabulary token -> RUNTIME_BYTES_PER_VOCAB_TOKEN, 512 (runtime_overhead_bytes). ORT's session and thread
+# pool are in the encoder's measured resident bytes. It was 320 MiB until 2026-12-01 (38 MiB before load + ~274 MiB of "library and
+# session setup", W1 on the Xeon), which also held ORT's prepacked weights and arena: counted twice with the encoder
+# items. GPU targets add a CUDA context and cuBLAS workspaces (0.5 GB, the notes' unverified default); apple-silicon
+# keeps the old CPU figure (not measured on a Mac).
+RUNTIME_BASELINE_BYTES = 68 * MIB
+RUNTIME_CPU_SESSION_BYTES = 12 * MIB
+RUNTIME_BYTES_PER_VOCAB_TOKEN = 512
+RUNTIME_OVERHEAD_BYTES = {"cpu": RUNTIME_BASELINE_BYTES + RUNTIME_CPU_SESSION_BYTES, "apple-silicon": 320 * MIB,
+                          "cuda": 512 * MIB, "jetson-orin": 512 * MIB}
+
+
+def runtime_overhead_bytes(target: str, vocab_size: int) -> int:
+    """The runtime_overhead item: on a CPU the measured baseline + session + the vocabulary's share; elsewhere the
+    per-target estimate (RUNTIME_OVERHEAD_BYTES)."""
+    if target not in RUNTIME_OVERHEAD_BYTES:
+        raise ValueError(f"target {target!r} is not one of {tuple(RUNTIME_OVERHEAD_BYTES)}")
+    if vocab_size < 0:
+        raise ValueError("vocab_size must be 0 or more")
+    if target != "cpu":
+        return RUNTIME_OVERHEAD_BYTES[target]
+    return RUNTIME_OVERHEAD_BYTES["cpu"] + RUNTIME_BYTES_PER_VOCAB_TOKEN * vocab_size
+
+
+def decode_efficiency(precision: str, bandwidth_measured: bool) -> float:
+    """The roofline fraction decode_tokens_per_second applies: DECODE_EFFICIENCY_PEAK against a published peak; against
+    a measured copy bandwidth, DECODE_EFFICIENCY_MEASURED for 8-bit and wider weights, _SUB8BIT below."""
+    if not bandwidth_measured:
+        return DECODE_EFFICIENCY_PEAK
+    return DECODE_EFFICIENCY_MEASURED if precision in WIDE_PRECISIONS else DECODE_EFFICIENCY_MEASURED_SUB8BIT
+
+
+def image_input_bytes(n_tiles: int, channels: int, tile_height: int, tile_width: int) -> int:
+    """The preprocessed pixels of one image at their peak: each tile normalised to f32 on its own, then stacked into
+    the (tiles, C, H, W) batch the encoder takes, both held at the stack (preprocess.py): 2 x tiles x C x H x W x 4;
+    a single tile is not stacked (1 x). W1-split's 17 tiles of 3x512x512: 107 MB, most of the difference between its
+    peak RSS and W1's one tile once the caches and the compute buffer are counted."""
+    if min(n_tiles, channels, tile_height, tile_width) <= 0:
+        raise ValueError("tiles, channels and the tile size must be positive")
+    return (2 if n_tiles > 1 else 1) * n_tiles * channels * tile_height * tile_width * 4
 
 
 def ggml_block(type_name: str) -> tuple[int, int]:
@@ -282,6 +337,24 @@ def llama_cpp_compute_buffer_bytes(n_vocab: int, n_embd: int, n_heads: int, n_ct
     return max(attention, logits) + 4 * n_vocab * n_outputs
 
 
+def llama_cpp_compute_in_use_bytes(n_vocab: int, n_embd: int, n_heads: int, positions: int, n_ubatch: int = 512,
+                                   flash_attn: bool = False) -> int:
+    """The part of llama.cpp's compute buffer one request's graphs write, which is what a CPU keeps resident (the buffer
+    is reserved whole, but untouched pages of a large malloc are never mapped): the attention scratch of its largest
+    ubatch, min(n_ubatch, positions) rows, over the KV span it reaches (positions padded to 256), and one position's
+    logits (a prompt's graphs ask for the last position's only). llama_cpp_compute_buffer_bytes is the worst case the
+    reservation is sized for: a full ubatch of logits, attention over the whole n_ctx."""
+    if positions <= 0:
+        raise ValueError("positions must be positive")
+    n_kv = -(-positions // LLAMA_CTX_PAD) * LLAMA_CTX_PAD
+    ub = min(n_ubatch, positions)
+    if flash_attn:
+        attention = 4 * ub * (1 + 4 * n_embd) + 2 * ub * n_kv
+    else:
+        attention = 4 * ub * (1 + 4 * n_embd + n_kv * (1 + n_heads))
+    return max(attention, 4 * (n_embd + n_vocab)) + 4 * n_vocab
+
+
 def decode_tokens_per_second(weight_bytes: int, kv_bytes_read: float, bandwidth_gbs: float,
                              efficiency: float = DECODE_EFFICIENCY_PEAK) -> float:
     """Decode steps per second: the bandwidth roofline (bench/roofline.py: bandwidth / (weights + KV read per step))
@@ -313,7 +386,7 @@ class MemoryPlan:
     encoder_activations: int
     kv_cache: int
     compute_buffer: int
-    caches: int  # the embedding and prefix caches' byte bounds (resident at worst)
+    caches: int  # the embedding and prefix caches' byte bounds (resident at worst); one request: what it puts there
     runtime_overhead: int
     margin: int  # headroom kept free (other processes, allocator slack, formula error)
 

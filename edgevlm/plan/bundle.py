@@ -17,14 +17,24 @@ ENCODER_ACCURACY = ("onnx:fp32", "onnx:fp16", "onnx:int8")
 KV_TYPE = "f16"  # what the llama.cpp decoder allocates outside parity mode (runtimes/llamacpp_decoder.py)
 BASIS = {
     "decoder_weights": "exact: the GGUF's tensor bytes",
-    "encoder_weights": "exact: the ONNX graph file (+ external data) the runtime loads",
-    "encoder_activations": "estimate: tiles per run x per-tile activations, plus the images' embeddings",
+    "encoder_weights": "measured where the bundle has it: the resident bytes of an ORT CPU session on the graph "
+                       "(details.session_resident_bytes, edgevlm.plan.probe at export; ~1.65x the file: ORT keeps "
+                       "prepacked weights beside the initializers); else the graph file (+ external data)",
+    "encoder_activations": "tiles per run x per-tile activations (measured at export where the bundle has "
+                           "details.activation_bytes_per_tile, else 788 B per input pixel), plus the images' embeddings "
+                           "and one image's preprocessed pixels (f32 tiles, twice: normalised, then stacked)",
     "kv_cache": "exact formula: llama.cpp's padded n_ctx x layers x KV heads x head_dim, f16",
-    "compute_buffer": "formula: llama.cpp's logits / attention scratch for one ubatch (about +-5% on CPU here)",
-    "caches": "the embedding and prefix cache bounds (host memory; not counted on a discrete GPU)",
-    "runtime_overhead": "estimate: process, libraries and runtime contexts per target",
-    "margin": "headroom: 1 GiB, 0.5 GiB on devices of 8 GiB or less",
+    "compute_buffer": "formula: llama.cpp's logits / attention scratch for one ubatch (about +-5% on CPU here); "
+                      "one request: the part its graphs write (its ubatch, its KV span, one row of logits)",
+    "caches": "the embedding and prefix cache bounds (host memory; not counted on a discrete GPU); one request: "
+              "the prefix KV snapshot it stores",
+    "runtime_overhead": "CPU: measured, Python + numpy + ONNX Runtime + llama.cpp imported (68 MiB) + tokenizer and "
+                        "llama.cpp context (12 MiB + 512 B per vocabulary token); GPU targets: estimate",
+    "margin": "headroom: 1 GiB, 0.5 GiB on devices of 8 GiB or less; none in the one-request figure",
 }
+# The one request `memory_one_request` describes, unless asked otherwise: `edgevlm bench`'s defaults
+DEFAULT_PROMPT_TOKENS = 24
+DEFAULT_NEW_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -35,12 +45,17 @@ class PlanRequest:
     parallel: int = 1
     embed_cache_bytes: int | None = None
     prefix_cache_bytes: int | None = None
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS  # the one request: text tokens after the images, and tokens generated
+    new_tokens: int = DEFAULT_NEW_TOKENS
 
     def __post_init__(self) -> None:
         if self.images < 0:
             raise BadInputError(f"--images must be 0 or more, got {self.images}")
         if self.parallel < 1:
             raise BadInputError(f"--parallel must be 1 or more, got {self.parallel}")
+        if self.prompt_tokens < 0 or self.new_tokens < 0:
+            raise BadInputError(f"--prompt-tokens and --new-tokens must be 0 or more, got {self.prompt_tokens} and "
+                                f"{self.new_tokens}")
         if self.context is not None and self.context < 16:
             raise BadInputError(f"--context must be at least 16 positions, got {self.context}")
 
@@ -50,6 +65,7 @@ class Option:
     decoder: str
     encoder: str
     memory: budget.MemoryPlan
+    one_request: budget.MemoryPlan  # one request in a fresh process, as `edgevlm bench` runs it: its peak is `needed`
     verdict: str
     decode_tok_s: float  # per sequence, with the images in the KV cache
     decode_tok_s_full: float  # per sequence, every sequence at a full context
@@ -57,6 +73,7 @@ class Option:
 
     def to_dict(self) -> dict:
         return {"decoder": self.decoder, "encoder": self.encoder, "memory": self.memory.to_dict(),
+                "memory_one_request": self.one_request.to_dict(), "peak_one_request": self.one_request.needed,
                 "verdict": self.verdict, "decode_tok_s": self.decode_tok_s,
                 "decode_tok_s_full_context": self.decode_tok_s_full,
                 "weight_bytes_per_token": self.weight_bytes_per_token}
@@ -101,6 +118,14 @@ def _onnx_bytes(artifact, cpu: bool) -> int:
     return sizes.get(graph, 0) + sizes.get(f"{graph}.data", 0)
 
 
+def _resident_bytes(artifact, cpu: bool) -> int:
+    """The encoder's weights as a CPU ORT session holds them (measured at export), else the files it opens."""
+    measured = artifact.details.get("session_resident_bytes")
+    if cpu and isinstance(measured, int) and not isinstance(measured, bool) and measured > 0:
+        return measured
+    return _onnx_bytes(artifact, cpu)
+
+
 def _ordered(names: list[str], order: tuple[str, ...]) -> list[str]:
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
 
@@ -129,8 +154,11 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
     tile_h, tile_w = manifest.preprocess.tile_size
     _, tokens, width_d = manifest.encoder.output_shape
     embeddings = request.images * image.n_tiles * int(tokens) * int(width_d) * 4  # f32 [tiles, T, D] per image
-    caches = (DEFAULT_EMBED_CACHE_BYTES if request.embed_cache_bytes is None else request.embed_cache_bytes) \
-        + (DEFAULT_PREFIX_CACHE_BYTES if request.prefix_cache_bytes is None else request.prefix_cache_bytes)
+    channels = int(manifest.encoder.input_shape[1])
+    pixels = budget.image_input_bytes(image.n_tiles, channels, tile_h, tile_w) if request.images else 0
+    embed_bound = DEFAULT_EMBED_CACHE_BYTES if request.embed_cache_bytes is None else request.embed_cache_bytes
+    prefix_bound = DEFAULT_PREFIX_CACHE_BYTES if request.prefix_cache_bytes is None else request.prefix_cache_bytes
+    caches = embed_bound + prefix_bound
     shared = dict(
         kv_cache=budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, n_ctx, KV_TYPE),
         # flash attention: on where llama.cpp offloads to a GPU, off on CPU builds (llamacpp_decoder)
@@ -138,10 +166,20 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
                                                              DEFAULT_N_BATCH, flash_attn=not cpu,
                                                              n_outputs=request.parallel),
         caches=0 if device.kind == "discrete-gpu" else caches,
-        runtime_overhead=budget.RUNTIME_OVERHEAD_BYTES[device.target],
+        runtime_overhead=budget.runtime_overhead_bytes(device.target, spec.vocab_size),
         margin=budget.default_margin_bytes(device.memory_bytes),
     )
-    efficiency = budget.DECODE_EFFICIENCY_MEASURED if device.bandwidth_measured else budget.DECODE_EFFICIENCY_PEAK
+    # one request (the bench's run): the images, its prompt and what it generates, in one sequence; the KV cache is
+    # allocated and cleared whole at load (resident either way); the prefix cache holds the image prefix's KV state
+    # (its embeddings are counted with the activations: the embedding cache keeps that same array)
+    request_positions = min(context, image_positions + request.prompt_tokens + request.new_tokens)
+    snapshot = budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, image_positions, KV_TYPE) \
+        if image_positions else 0
+    one_request = dict(
+        shared, margin=0, caches=0 if device.kind == "discrete-gpu" or snapshot > prefix_bound else snapshot,
+        compute_buffer=budget.llama_cpp_compute_in_use_bytes(spec.vocab_size, spec.hidden_size, spec.n_heads,
+                                                             max(1, request_positions), DEFAULT_N_BATCH,
+                                                             flash_attn=not cpu))
     kv_read_images = budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim,
                                            max(1, image_positions), KV_TYPE, request.parallel)
     kv_read_full = budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, context, KV_TYPE,
@@ -153,23 +191,26 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
     if not decoders or not encoders:
         raise BadInputError(f"{bundle} has no GGUF decoder and ONNX encoder pair to plan (decoders: "
                             f"{', '.join(decoders) or 'none'}; encoders: {', '.join(encoders) or 'none'})")
-    options = []
+    options, efficiencies = [], {}
     for decoder in decoders:
         path = bundle / manifest.find("decoder", decoder).path
         if not path.is_file():
             raise BundleError(f"bundle {bundle} is incomplete: {path.name} ({decoder}) is missing; re-export it")
         weights = sum(t.n_bytes for t in budget.read_gguf_tensors(path))
         per_token = gguf_weight_bytes_per_token(path)
+        efficiency = budget.decode_efficiency(manifest.find("decoder", decoder).precision, device.bandwidth_measured)
+        efficiencies[decoder] = efficiency
         for encoder in encoders:
             artifact = manifest.find("encoder", encoder)
             per_tile = artifact.details.get("activation_bytes_per_tile")  # a measured figure, when the exporter kept one
             activations = budget.encoder_activation_bytes(
                 image.n_tiles, CPU_TILES_PER_RUN if cpu else TILES_PER_RUN, tile_h, tile_w,
                 int(per_tile) if isinstance(per_tile, int) and per_tile > 0 else None) if request.images else 0
-            memory = budget.MemoryPlan(decoder_weights=weights, encoder_weights=_onnx_bytes(artifact, cpu),
-                                       encoder_activations=activations + embeddings, **shared)
+            items = dict(decoder_weights=weights, encoder_weights=_resident_bytes(artifact, cpu),
+                         encoder_activations=activations + embeddings + pixels)
+            memory = budget.MemoryPlan(**items, **shared)
             options.append(Option(
-                decoder, encoder, memory, memory.verdict(device.usable_bytes),
+                decoder, encoder, memory, budget.MemoryPlan(**items, **one_request), memory.verdict(device.usable_bytes),
                 budget.decode_tokens_per_second(per_token, kv_read_images, device.bandwidth_gbs, efficiency),
                 budget.decode_tokens_per_second(per_token, kv_read_full, device.bandwidth_gbs, efficiency),
                 per_token))
@@ -181,12 +222,14 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
         "context": context,
         "n_ctx": n_ctx,
         "parallel": request.parallel,
+        "one_request": {"prompt_tokens": request.prompt_tokens, "new_tokens": request.new_tokens,
+                        "positions": request_positions},
         "kv_type": KV_TYPE,
         "images": {"count": request.images, "width": width, "height": height, "rows": image.rows, "cols": image.cols,
                    "n_tiles": image.n_tiles, "image_rows": image.image_rows, "text_tokens": image.text_tokens,
                    "positions_per_image": image.positions, "positions": image_positions,
                    "text_tokens_exact": image.exact, "max_tiles": manifest.encoder.max_tiles},
-        "decode_efficiency": efficiency,
+        "decode_efficiency": efficiencies,  # decoder -> the roofline fraction its tok/s assume
         "options": [o.to_dict() for o in options],
         "recommended": None if recommended is None else f"{recommended.encoder} + {recommended.decoder}",
         "basis": BASIS,

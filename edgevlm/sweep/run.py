@@ -11,7 +11,8 @@ from typing import Callable
 from . import records, report
 from .matrix import expand
 from .spec import SweepSpec
-from .stages import STAGE_TIMEOUT_S, _cpu_model
+from ..bench.harness import cpu_model
+from .stages import STAGE_TIMEOUT_S
 
 
 @dataclass
@@ -57,6 +58,6 @@ def run_sweep(spec: SweepSpec, folder: Path, executor, store: Path | None = None
 
     pending = executor.run(expansion.stages, context, done, keep, log, on_start)
     summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": command, "executor": executor.name,
-               "cpu": _cpu_model(), "stages": len(expansion.stages), "pending": pending, "not_run": expansion.not_run}
+               "cpu": cpu_model(), "stages": len(expansion.stages), "pending": pending, "not_run": expansion.not_run}
     files = report.write(folder, summary)
     return SweepResult(folder, ran, sorted(done), pending, expansion.not_run, files)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..bench.harness import cpu_model
 from .bundles import IDENTITY, is_exported, verified_bundle
 
 STAGE_TIMEOUT_S = 6 * 3600
@@ -62,7 +62,7 @@ def fingerprint(timeout: float) -> dict:
         found = edgevlm_command(["targets", "--json"], timeout)
         machine = found.get("machine", {}) if isinstance(found, dict) else {}
         _FINGERPRINT.update({
-            "hostname": socket.gethostname(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "hostname": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "memory_total_mib": round(psutil.virtual_memory().total / 2**20),
             "targets": {k: v for k, v in machine.items() if k != "llama_cpp_system_info"},
             "available_targets": [t["name"] for t in found.get("targets", []) if t.get("available")],
@@ -71,14 +71,6 @@ def fingerprint(timeout: float) -> dict:
     import psutil
 
     return {**_FINGERPRINT, "memory_available_mib": round(psutil.virtual_memory().available / 2**20)}
-
-
-def _cpu_model() -> str:
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _power_mode() -> str | None:
@@ -195,10 +187,11 @@ def prediction(bundle: Path, stage: dict) -> dict | None:
     for option in plan["options"]:
         if option["encoder"] == stage["cell"]["encoder"] and option["decoder"] == stage["cell"]["decoder"]:
             memory = option["memory"]
-            # run_mib: what one request's process holds (no cache contents, no safety margin), the figure to set
-            # beside a bench's peak RSS; memory_mib: the total the verdict is judged on
+            # run_mib: the planner's peak for one request in a fresh process (the caches at what it stores, the
+            # compute buffer it writes, no safety margin), the figure to set beside a bench's peak RSS; memory_mib:
+            # the total the verdict is judged on
             return {"device": device.id, "memory_mib": round(memory["total"] / 2**20, 1),
-                    "run_mib": round((memory["needed"] - memory["caches"]) / 2**20, 1),
+                    "run_mib": round(option["peak_one_request"] / 2**20, 1),
                     "verdict": option["verdict"], "decode_tok_s": option["decode_tok_s"]}
     return None
 
