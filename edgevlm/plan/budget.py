@@ -45,8 +45,8 @@ WIDE_PRECISIONS = ("q8_0", "f16", "bf16", "f32")
 # them (a bundle's details.activation_bytes_per_tile, edgevlm.plan.probe, is preferred): ~197 MiB per 512x512 tile
 # (SigLIP-B/16, SmolVLM-256M int8, ORT CPU: process peaks of 495/706/1,086 MiB at 1/2/4 tiles per run,
 # runtimes/onnx_encoder.py). Linear in pixels; attention grows with the square of the patch count, so larger tiles are
-# under-estimated. The probe measured 228 MiB (int8, 912 B/px) and 286 MiB (fp32, 1,144 B/px) per 512x512 tile on
-# the AMD EPYC VM (2026-12-01); the constant is kept as the fallback it was documented as.
+# under-estimated. The probe measured 216 MiB (int8, 864 B/px) and 280 MiB (fp32, 1,121 B/px) per 512x512 tile on
+# the AMD EPYC VM (2026-12-01, w1 bundle's manifest); the constant is kept as the fallback it was documented as.
 ENCODER_ACTIVATION_BYTES_PER_PIXEL = 788
 # What a runtime process holds before any model. CPU: RUNTIME_BASELINE_BYTES, measured (`python -m edgevlm.plan.probe
 # runtime`: Python, numpy, onnxruntime, llama.cpp with its backend initialised, edgevlm's runtime modules): 68.1 MiB
