@@ -255,7 +255,6 @@ class Engine(threading.Thread):
             raise ValueError(f"queue capacity must be 1..4096, got {capacity}")
         self.service, self.metrics = service, metrics or Metrics()
         self.jobs: queue.Queue = queue.Queue(maxsize=capacity)
-        self.alive_since = time.time()
         self.last_error: str | None = None
 
     def submit(self, job: Job) -> Job:
@@ -317,10 +316,9 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
         def log_message(self, format, *args):  # quiet: the CLI prints one line per request itself
             pass
 
-        def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
-            data = json.dumps(payload).encode()
+        def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
@@ -330,9 +328,17 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
             self.end_headers()
             self.wfile.write(data)
 
+        def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
+            self._send(status, json.dumps(payload).encode(), "application/json", headers)
+
         def _error(self, status: int, message: str, kind: str = "invalid_request_error", headers=None) -> None:
             engine.metrics.count(str(status))
             self._json(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+
+        def _error_event(self, event: tuple) -> None:
+            """An engine's ("error", status, message) as the answer, before any header went out."""
+            _, status, message = event
+            self._error(status, message, "server_error" if status >= 500 else "invalid_request_error")
 
         def _authorized(self) -> bool:
             if not options.api_key:
@@ -346,14 +352,9 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
         def do_GET(self):
             path = self.path.split("?", 1)[0]
             if path in ("/", "/index.html"):  # the chat page: one self-contained file, no CDN
-                data = CHAT_PAGE.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data: blob:; "
-                                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
-                self.end_headers()
-                self.wfile.write(data)
+                self._send(200, CHAT_PAGE.read_bytes(), "text/html; charset=utf-8", {
+                    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                               "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
             elif path == "/health":
                 alive = engine.is_alive()
                 self._json(200 if alive else 503, {"status": "ok" if alive else "engine stopped",
@@ -362,13 +363,9 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
                                                    **({"last_error": engine.last_error} if engine.last_error else {})})
             elif path == "/metrics":
                 decoder = service.session.decoder
-                data = engine.metrics.render(engine.jobs.qsize(), getattr(decoder, "n_past", None),
-                                             getattr(decoder, "n_ctx", None)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                text = engine.metrics.render(engine.jobs.qsize(), getattr(decoder, "n_past", None),
+                                             getattr(decoder, "n_ctx", None))
+                self._send(200, text.encode(), "text/plain; version=0.0.4")
             elif path == "/v1/models":
                 if self._authorized():
                     self._json(200, {"object": "list", "data": [{"id": service.model_name, "object": "model",
@@ -450,7 +447,7 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
                 if isinstance(event, tuple):
                     break
             if event[0] == "error":
-                self._error(event[1], event[2], "server_error" if event[1] >= 500 else "invalid_request_error")
+                self._error_event(event)
                 return
             engine.metrics.count("200")
             self._json(200, service.response(event[1], completion_id))
@@ -459,7 +456,7 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
             # the first event is awaited before the headers go out, so bad input still gets a plain 4xx
             event = self._next(job)
             if isinstance(event, tuple) and event[0] == "error":
-                self._error(event[1], event[2], "server_error" if event[1] >= 500 else "invalid_request_error")
+                self._error_event(event)
                 return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -472,9 +469,11 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
 
-            def event_chunk(delta: dict, finish: str | None = None) -> dict:
+            def event_chunk(delta: dict | None, finish: str | None = None) -> dict:
+                """A chunk with one choice carrying `delta`; with None, a chunk without choices (the usage chunk)."""
+                choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
                 return {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                        "model": service.model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                        "model": service.model_name, "choices": choices}
 
             send(event_chunk({"role": "assistant"}))
             while not isinstance(event, tuple):
@@ -487,8 +486,7 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
                 result = event[1]
                 send({**event_chunk({}, finish_reason(result)), "timings": result.timings})  # TTFT, rates, cache hits
                 if include_usage:
-                    send({"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                          "model": service.model_name, "choices": [], "usage": usage(result)})
+                    send({**event_chunk(None), "usage": usage(result)})
                 engine.metrics.count("200")
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()

@@ -78,7 +78,6 @@ class Session:
         self.decoder_name = decoder_name or getattr(decoder, "name", "")
         self.embed_cache = ByteLRU(embed_cache_bytes)
         self.prefix_cache = ByteLRU(prefix_cache_bytes)
-        self._disk_restores = 0
         self.disk_cache = None  # DiskCache: embeddings and prefix states that survive a restart (serve --cache-dir)
         self._kv_keys: list = []  # identity of every position the decoder holds, always true
         self._messages: list[dict] = []  # the conversation `chat` continues
@@ -167,7 +166,6 @@ class Session:
                 header, payload = found
                 state = DecoderState(payload, header.get("n_past"), len(payload), header.get("next_position"))
                 self.prefix_cache.put(key, state)
-                self._disk_restores += 1
         if state is None or state.n_past != boundary:
             self.prefix_cache.pop(key)
             return False
@@ -186,12 +184,12 @@ class Session:
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
                           lambda key: key in self.prefix_cache or (namespace is not None
                                                                    and self.disk_cache.has(namespace, key)))
-        self._disk_restores = 0
         reuse, store_at = plan.reuse, plan.store_at
         if plan.restore_key is not None:
+            from_disk = plan.restore_key not in self.prefix_cache  # _restore brings it up from the disk tier
             if self._restore(plan.restore_key, reuse):
                 timings["prefix_cache_hits"] += 1
-                timings["disk_cache_hits"] += self._disk_restores
+                timings["disk_cache_hits"] += int(from_disk)
                 self._kv_keys = list(prompt.keys[:reuse])
             else:  # cold after all
                 timings["prefix_cache_misses"] += 1
@@ -210,11 +208,11 @@ class Session:
             self._kv_keys.extend(prompt.keys[start:stop])
             if stop == store_at:
                 t0 = time.perf_counter()
-                state = self.decoder.snapshot()
-                self.prefix_cache.put(self._prefix_cache_key(prompt, stop), state)
+                state, key = self.decoder.snapshot(), self._prefix_cache_key(prompt, stop)
+                self.prefix_cache.put(key, state)
                 if namespace is not None:
-                    self.disk_cache.put(namespace, self._prefix_cache_key(prompt, stop), bytes(state.payload),
-                                        n_past=state.n_past, next_position=state.next_position)
+                    self.disk_cache.put(namespace, key, bytes(state.payload), n_past=state.n_past,
+                                        next_position=state.next_position)
                 timings["snapshot_ms"] += (time.perf_counter() - t0) * 1e3
             start = stop
         timings["n_prefilled_positions"] = n - reuse

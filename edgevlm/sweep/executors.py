@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable
 
 from .matrix import Stage
-from .stages import fingerprint, run_stage
+from .stages import fingerprint, run_stage, unrun_record
 
 LABEL_DEVICE = "edgevlm.io/device"
 LABEL_TARGET = "edgevlm.io/target"
@@ -54,11 +54,8 @@ class Scheduler:
             broken = [k for k in stage.after if k in self.failed]
             if broken:
                 self.todo.remove(stage)
-                now = time.time()
-                self.finish({"key": stage.key, "kind": stage.kind, "bundle": stage.bundle,
-                             "cell": {k: stage.cell[k] for k in ("checkpoint", "encoder", "decoder")},
-                             "device": stage.device_id, "node": None, "started": now, "ended": now, "seconds": 0.0,
-                             "status": "blocked", "error": f"needs {', '.join(broken)}, which failed"})
+                self.finish(unrun_record(stage.to_dict(), time.time(), "blocked",
+                                         f"needs {', '.join(broken)}, which failed"))
             elif all(k in self.ok for k in stage.after):
                 out.append(stage)
         return out
@@ -66,19 +63,14 @@ class Scheduler:
     def take(self, stage: Stage) -> None:
         self.todo.remove(stage)
 
-    def give_back(self, stage: Stage) -> None:
-        """A stage taken but never started (its node left before it was placed): pending again."""
-        self.todo.append(stage)
-
 
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, jobs: int = 1, wait_s: float = 0.0):
+    def __init__(self, jobs: int = 1):
         if not 1 <= jobs <= 64:
             raise ValueError(f"jobs must be 1..64, got {jobs}")
         self.jobs = jobs
-        self.wait_s = wait_s
 
     def missing_device(self, stage: Stage, context: dict) -> str | None:
         """Every device is this machine here: one whose target this machine cannot run waits."""
@@ -222,7 +214,7 @@ class RayExecutor:
                     record = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - the node or worker died under the stage
                     first_line = str(exc).splitlines()[0] if str(exc) else ""
-                    record = failed_record(stage, submitted, f"{type(exc).__name__}: {first_line}")
+                    record = unrun_record(stage.to_dict(), submitted, "failed", f"{type(exc).__name__}: {first_line}")
                 scheduler.finish(record)
 
 
@@ -243,16 +235,9 @@ class RayExecutor:
             self._orphaned.pop(stage.key, None)
             where = stage.device_id or "the build host"
             log(f"{stage.key}: the node for {where} left the cluster; recorded as failed")
-            scheduler.finish(failed_record(stage, submitted, f"NodeLost: the node for {where} left the cluster "
-                                                             f"and did not come back within {self.wait_s:.0f} s"))
-
-
-def failed_record(stage: Stage, started: float, error: str) -> dict:
-    now = time.time()
-    return {"key": stage.key, "kind": stage.kind, "bundle": stage.bundle,
-            "cell": {k: stage.cell[k] for k in ("checkpoint", "encoder", "decoder")}, "device": stage.device_id,
-            "node": None, "started": started, "ended": now, "seconds": round(now - started, 3), "status": "failed",
-            "error": error[:2000]}
+            scheduler.finish(unrun_record(stage.to_dict(), submitted, "failed",
+                                          f"NodeLost: the node for {where} left the cluster and did not come back "
+                                          f"within {self.wait_s:.0f} s"))
 
 
 def make_executor(name: str, **options):
