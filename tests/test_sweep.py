@@ -135,6 +135,8 @@ def check_records(folder: Path, spec: SweepSpec, device_label_key: str | None) -
             metrics = record["result"]["metrics"]
             assert metrics["decode_tok_s"] > 0 and metrics["ttft_cold_ms"] > 0 and metrics["n_new_tokens"] == 8
             assert record["result"]["prediction"]["run_mib"] > 0
+            # the planner is asked about the bench's own workload, not its default (the largest image)
+            assert record["result"]["prediction"]["image_size"] == WORKLOAD.image_size
         if record["kind"] == "verify":
             assert record["result"]["status"] == "pass"
     return latest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +37,7 @@ def run_sweep(spec: SweepSpec, folder: Path, executor, store: Path | None = None
     expansion = expand(spec)
     done = records.done_keys(folder) & {s.key for s in expansion.stages}
     context = {"store": str(Path(store) if store else folder / "bundles"), "out": str(folder), "timeout_s": timeout_s,
-               "threads": spec.bench.threads, "accuracy": spec.accuracy, "bench_args": spec.bench.bench_args()}
+               "threads": spec.bench.threads, "accuracy": spec.accuracy, "bench_args": spec.bench.bench_args(), "workload": asdict(spec.bench)}
     for line in expansion.not_run:
         log(f"not run: {line}")
     if done:

@@ -22,24 +22,33 @@ class StageFailed(RuntimeError):
     pass
 
 
-def edgevlm_command(args: list[str], timeout: float, cwd: Path | None = None) -> dict | list:
-    """Run `python -m edgevlm ARGS`; the last stdout line is its JSON. A failure raises with stderr's last line."""
+def run_edgevlm(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`python -m edgevlm ARGS` in a subprocess; past `timeout` it is a StageFailed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
-        done = subprocess.run([sys.executable, "-m", "edgevlm", *args], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=cwd)
+        return subprocess.run([sys.executable, "-m", "edgevlm", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise StageFailed(f"edgevlm {args[0]} ran past {timeout:.0f} s") from None
+
+
+def failure(done: subprocess.CompletedProcess) -> StageFailed:
+    """What went wrong, in the command's own words: its last stderr line."""
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    return StageFailed(errors[-1] if errors else f"exit status {done.returncode}")
+
+
+def edgevlm_command(args: list[str], timeout: float) -> dict | list:
+    """Run `python -m edgevlm ARGS`; the last stdout line is its JSON. A failure raises with stderr's last line."""
+    done = run_edgevlm(args, timeout)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if line.strip()]
-        why = errors[-1] if errors else f"exit status {done.returncode}"
         if done.returncode == 1 and lines:  # verify reports a FAIL row with exit 1 and its JSON
             try:
                 return {"exit_status": 1, **json.loads(lines[-1])}
             except json.JSONDecodeError:
                 pass
-        raise StageFailed(why)
+        raise failure(done)
     if not lines:
         raise StageFailed(f"edgevlm {args[0]} printed nothing")
     try:
@@ -141,11 +150,9 @@ def run_verify(stage: dict, context: dict) -> dict:
 def run_build_engine(stage: dict, context: dict) -> dict:
     bundle = device_bundle(stage, context)
     precision = stage["cell"]["encoder"].split(":", 1)[1]
-    done = subprocess.run([sys.executable, "-m", "edgevlm", "build-engine", str(bundle), "--precision", precision],
-                          capture_output=True, text=True, timeout=context["timeout_s"])
+    done = run_edgevlm(["build-engine", str(bundle), "--precision", precision], context["timeout_s"])
     if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if line.strip()]
-        raise StageFailed(errors[-1] if errors else f"build-engine exit status {done.returncode}")
+        raise failure(done)
     return {"bundle_path": str(bundle), "output": done.stdout.strip()[-500:]}
 
 
@@ -170,18 +177,21 @@ def run_bench(stage: dict, context: dict) -> dict:
     median = {k: (v["median"] if isinstance(v, dict) and "median" in v else v) for k, v in metrics.items()
               if isinstance(v, (int, float)) or (isinstance(v, dict) and "median" in v)}
     return {"run": runs[0]["name"], "metrics": median, "date": result.get("date"),
-            "prediction": prediction(bundle, stage)}
+            "prediction": prediction(bundle, stage, context["workload"])}
 
 
-def prediction(bundle: Path, stage: dict) -> dict | None:
-    """The planner's memory total, verdict and decode tok/s for this pair on this device (None if it cannot say)."""
+def prediction(bundle: Path, stage: dict, workload: dict) -> dict | None:
+    """The planner's memory total, verdict and decode tok/s for this pair on this device, for the bench's own
+    workload (image size, prompt and new tokens) (None if it cannot say)."""
     from ..errors import EdgeVLMError
-    from ..plan.bundle import PlanRequest, plan_bundle
+    from ..plan.bundle import PlanRequest, parse_image_size, plan_bundle
     from ..plan.devices import THIS_MACHINE, get_device
 
     try:
         device = get_device(stage["device"].get("plan_device") or THIS_MACHINE)
-        plan = plan_bundle(str(bundle), device, PlanRequest())
+        request = PlanRequest(image_size=parse_image_size(workload["image_size"]),
+                              prompt_tokens=workload["prompt_tokens"], new_tokens=workload["new_tokens"])
+        plan = plan_bundle(str(bundle), device, request)
     except (EdgeVLMError, OSError, ValueError) as exc:
         return {"error": str(exc)}
     for option in plan["options"]:
@@ -190,7 +200,9 @@ def prediction(bundle: Path, stage: dict) -> dict | None:
             # run_mib: the planner's peak for one request in a fresh process (the caches at what it stores, the
             # compute buffer it writes, no safety margin), the figure to set beside a bench's peak RSS; memory_mib:
             # the total the verdict is judged on
-            return {"device": device.id, "memory_mib": round(memory["total"] / 2**20, 1),
+            images = plan["images"]
+            return {"device": device.id, "image_size": f"{images['width']}x{images['height']}",
+                    "memory_mib": round(memory["total"] / 2**20, 1),
                     "run_mib": round(option["peak_one_request"] / 2**20, 1),
                     "verdict": option["verdict"], "decode_tok_s": option["decode_tok_s"]}
     return None
@@ -200,12 +212,24 @@ RUNNERS = {"export": run_export, "verify": run_verify, "build-engine": run_build
            "bench": run_bench}
 
 
+def record_of(stage: dict, started: float, node: dict | None) -> dict:
+    """The fields every record of `stage` (Stage.to_dict()) starts with."""
+    return {"key": stage["key"], "kind": stage["kind"], "bundle": stage["bundle"],
+            "cell": {k: stage["cell"][k] for k in ("checkpoint", "encoder", "decoder")},
+            "device": stage["device"]["id"] if stage["device"] else None, "node": node, "started": started}
+
+
+def unrun_record(stage: dict, started: float, status: str, error: str) -> dict:
+    """The record of a stage that did not run to its end here: blocked by a failed need, or its node lost."""
+    now = time.time()
+    return {**record_of(stage, started, None), "ended": now, "seconds": round(now - started, 3), "status": status,
+            "error": error[:2000]}
+
+
 def run_stage(stage: dict, context: dict, node: dict) -> dict:
     """Run one stage and return its record (a failure is a record with its error, never an exception)."""
     started = time.time()
-    record = {"key": stage["key"], "kind": stage["kind"], "bundle": stage["bundle"],
-              "cell": {k: stage["cell"][k] for k in ("checkpoint", "encoder", "decoder")},
-              "device": stage["device"]["id"] if stage["device"] else None, "node": node, "started": started}
+    record = record_of(stage, started, node)
     try:
         if stage["device"]:
             record["fingerprint"] = fingerprint(context["timeout_s"])
