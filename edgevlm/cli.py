@@ -23,7 +23,7 @@ COMMANDS = {
     "build-engine": "build a TensorRT engine for the encoder on this device",
     "targets": "what this machine can run, and why not the rest",
     "bench": "benchmark a checkpoint or bundle: encode, TTFT, tokens/s, memory, roofline",
-    "plan": "will a bundle fit a device: memory item by item, verdict and predicted tokens/s",
+    "plan": "will a bundle, checkpoint or preset fit a device: memory item by item, verdict, tokens/s and TTFT",
     "sweep": "run the checkpoint x quantization x device matrix (locally or on a Ray cluster) into one report",
     "agent": "join this machine to a sweep's Ray cluster as a device or build host (or start the head)",
 }

@@ -476,3 +476,201 @@ def test_exported_onnx_encoders_carry_their_measured_activations(bundles):
             assert artifact.details["activation_bytes_per_tile"] > 0
             assert artifact.details["session_resident_bytes"] >= 0
     assert any("activation_bytes_per_tile" in a.details for a in manifest.artifacts if a.format == "onnx")
+
+
+# --- before export: checkpoints and presets -----------------------------------------------------------------------
+
+TINY_IDEFICS3 = dict(text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=128, vision_hidden=32,
+                     vision_layers=2, vision_heads=2, vision_mlp=64, patch=8, image=32, scale_factor=2, vocab=400,
+                     tied=False)  # tests/builders.build_idefics3's shapes
+
+
+def _gguf_bytes(path) -> int:
+    return sum(t.n_bytes for t in budget.read_gguf_tensors(path))
+
+
+def test_preset_and_checkpoint_decoder_bytes_equal_the_exported_gguf(bundles, ckpts, monkeypatch):
+    """The decoder bytes a plan gives before export, per quantization, are the tensor bytes of the GGUF the exporter
+    then writes: from the checkpoint's safetensors headers, and from a preset of the same shapes."""
+    from edgevlm.manifest import Manifest
+    from edgevlm.plan.bundle import plan_model, PlanRequest
+    from edgevlm.plan.model import from_checkpoint, from_preset
+    from edgevlm.reference import presets
+
+    monkeypatch.setitem(presets.PRESETS, "tiny-idefics3", presets.SmolVLMShape(**TINY_IDEFICS3))
+    manifest = Manifest.load(bundles["idefics3"])
+    device = get_device("rtx-4060-8gb")
+    for shapes in (from_checkpoint(ckpts["idefics3"]), from_preset("tiny-idefics3")):
+        options = plan_model(shapes, device, PlanRequest(context=256))["options"]
+        weights = {o["decoder"]: o["memory"]["decoder_weights"] for o in options}
+        for precision in ("f32", "q8_0"):
+            assert weights[f"gguf:{precision}"] == _gguf_bytes(bundles["idefics3"] / manifest.find("decoder", f"gguf:{precision}").path)
+    # the vision parameter count a preset's formula gives = the checkpoint's vision tensors (headers)
+    assert from_preset("tiny-idefics3").vision.params == from_checkpoint(ckpts["idefics3"]).vision.params
+
+
+def test_smolvlm_256m_preset_gives_the_real_files_q4_k_m_bytes():
+    from edgevlm.plan.bundle import plan_model, PlanRequest
+    from edgevlm.plan.model import from_preset
+
+    result = plan_model(from_preset("smolvlm-256m"), get_device("jetson-orin-nano-8gb"), PlanRequest())
+    weights = {o["decoder"]: o["memory"]["decoder_weights"] for o in result["options"]}
+    assert weights["gguf:q4_k_m"] == 103_746_816  # the tensor bytes of the benchmarks' w1 bundle's q4_k_m GGUF
+    assert list(weights) == [f"gguf:{p}" for p in ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")]
+    assert (result["images"]["n_tiles"], result["images"]["positions_per_image"]) == (17, 1128)
+    assert {o["encoder"] for o in result["options"]} == {"onnx:fp32", "onnx:fp16", "onnx:int8"}
+    assert "estimate, not measured" in result["basis"]["encoder_activations"]
+
+
+@pytest.mark.parametrize("name", ["llava-clip", "idefics3", "internvl", "llava-qwen2-tied", "smolvlm2"])
+def test_checkpoint_shapes_match_the_family_adapter(ckpts, name):
+    """plan/model.py reads a checkpoint without torch; the family adapters (which load it) must agree on the decoder,
+    the preprocessing, the layout and the vision parameters."""
+    from edgevlm.families import FAMILIES, load_checkpoint
+    from edgevlm.plan import model
+
+    assert set(model.FAMILIES.items()) <= set(FAMILIES.items())
+    shapes = model.from_checkpoint(ckpts[name])
+    ckpt = load_checkpoint(ckpts[name])
+    config = ckpt.decoder.config
+    assert (shapes.decoder.hidden_size, shapes.decoder.n_layers, shapes.decoder.n_heads, shapes.decoder.n_kv_heads,
+            shapes.decoder.intermediate_size, shapes.decoder.vocab_size, shapes.decoder.context_length) == (
+        config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+        config.intermediate_size, config.vocab_size, ckpt.context_length)
+    assert shapes.decoder.tie_word_embeddings == (ckpt.decoder.lm_head.weight.data_ptr()
+                                                  == ckpt.decoder.model.embed_tokens.weight.data_ptr())
+    assert shapes.layout == ckpt.layout
+    for field in ("resize_rule", "tile_size", "shortest_edge", "longest_edge", "image_splitting", "max_tiles",
+                  "min_tiles"):
+        assert getattr(shapes.preprocess, field) == getattr(ckpt.preprocess, field), field
+    assert shapes.vision.params == sum(p.numel() for p in ckpt.vision.parameters())
+    assert shapes.decoder_params == sum(p.numel() for n, p in ckpt.decoder.named_parameters() if ".layers." in n)
+
+
+def test_checkpoint_plan_does_not_import_torch(ckpts):
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from edgevlm.cli import main; "
+            f"assert main(['plan', {str(ckpts['idefics3'])!r}, '--device', 'rtx-4060-8gb', '--json']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["model"]["source"] == "checkpoint" and len(result["options"]) == 21
+
+
+def test_plan_input_is_one_of_bundle_checkpoint_or_preset(tmp_path, capsys):
+    assert cli_main(["plan", "--preset", "nope", "--device", "rtx-4060-8gb"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'; known presets:" in err and "smolvlm-256m" in err and "llava-1.5-7b" in err
+    assert cli_main(["plan", "--device", "rtx-4060-8gb"]) == 2
+    assert "plan one thing" in capsys.readouterr().err
+    assert cli_main(["plan", str(tmp_path), "--preset", "smolvlm-256m", "--device", "rtx-4060-8gb"]) == 2
+    assert "plan one thing" in capsys.readouterr().err
+    assert cli_main(["plan", str(tmp_path), "--device", "rtx-4060-8gb"]) == 2
+    assert "neither a bundle (manifest.json) nor a checkpoint folder (config.json)" in capsys.readouterr().err
+    assert cli_main(["plan", "--preset", "llava-1.5-7b", "--device", "rtx-4060-8gb", "--context", "8192"]) == 2
+    assert "more than this model supports (4096 positions)" in capsys.readouterr().err
+
+
+# --- TTFT ----------------------------------------------------------------------------------------------------------
+
+
+def test_ttft_arithmetic_on_a_hand_example():
+    from edgevlm.plan.compute import Compute, prefill_flops, ttft, vision_flops_per_tile
+    from edgevlm.plan.model import VisionShape
+
+    vision = VisionShape(params=1000, projector_params=100, layers=2, width=8, mlp=32, heads=2, sequence=10,
+                         tokens_out=5)
+    assert vision_flops_per_tile(vision) == 2 * 10 * 900 + 4 * 2 * 10 * 10 * 8 + 2 * 5 * 100 == 25_400
+    assert prefill_flops(106_000_000, 1000) == 212_000_000_000
+    compute = Compute(1e12, {"int8": 0.5}, 0.25, "hand")
+    t = ttft(compute, 10**11, 3, 2 * 10**11, "int8")  # 3e11 / 5e11 + 2e11 / 2.5e11
+    assert (t["encode_s"], t["prefill_s"], t["ttft_s"]) == (pytest.approx(0.6), pytest.approx(0.8), pytest.approx(1.4))
+    assert ttft(None, 10**11, 3, 10**11, "int8")["ttft_s"] is None
+    unknown = ttft(compute, None, 3, 2 * 10**11, "int8")  # a bundle without its source checkpoint: prefill only
+    assert unknown["ttft_s"] is None and unknown["prefill_s"] == pytest.approx(0.8)
+
+
+def test_ttft_in_the_plan_uses_the_device_compute(capsys):
+    from edgevlm.plan.compute import EFFICIENCY_PEAK, device_compute
+
+    assert cli_main(["plan", "--preset", "smolvlm-256m", "--device", "rtx-4060-8gb", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, images = result["model"], result["images"]
+    flops = 30.2e12 * EFFICIENCY_PEAK  # the table's dense FP16 figure x the published-peak efficiency
+    positions = images["positions"] + 24  # one image's positions + the default prompt
+    assert result["ttft_prompt_positions"] == positions
+    for option in result["options"]:
+        t = option["ttft"]
+        assert t["encode_s"] == pytest.approx(model["vision_gflops_per_tile"] * 1e9 * 17 / flops)
+        assert t["prefill_s"] == pytest.approx(2 * model["decoder_params"] * positions / flops)
+        assert t["ttft_s"] == pytest.approx(t["encode_s"] + t["prefill_s"])
+    assert device_compute(get_device("raspberry-pi-5-8gb")) is None  # no published compute: no TTFT
+    measured = device_compute(this_machine(bandwidth_gbs=10.0, matmul_gflops=100.0))
+    assert measured.flops == 1e11 and measured.encode_efficiency["int8"] == 2.0 and measured.prefill_efficiency == 0.4
+
+
+def test_matmul_probe_is_quick():
+    import time
+
+    from edgevlm.plan.compute import measure_matmul_gflops
+
+    start = time.perf_counter()
+    gflops = measure_matmul_gflops()
+    assert gflops > 0.1 and time.perf_counter() - start < 1.5  # ~0.1 s idle, ~0.4 s on shared cores
+
+
+# --- export --for ----------------------------------------------------------------------------------------------------
+
+
+def _small_gpu(tmp_path, ckpt, between: tuple[str, str]) -> str:
+    """A device file whose one GPU has room for the plan's int8 + `between[1]` option but not int8 + `between[0]`."""
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+    from edgevlm.plan.model import from_checkpoint
+
+    entry = {"id": "tiny-gpu", "name": "a small GPU", "kind": "discrete-gpu", "memory_gib": 4, "usable_gib": 4,
+             "usable_basis": "test", "bandwidth_gbs": 100, "target": "cuda", "sources": ["test"],
+             "compute": {"fp16_tflops": 10.0}}
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps({"version": 1, "devices": [entry]}))
+    plan = plan_model(from_checkpoint(ckpt), get_device("tiny-gpu", path), PlanRequest())
+    total = {(o["encoder"], o["decoder"]): o["memory"]["total"] for o in plan["options"]}
+    bigger, smaller = (total[("onnx:int8", f"gguf:{p}")] for p in between)
+    assert smaller < bigger
+    entry["usable_gib"] = (bigger - 1) / (1 << 30)
+    path.write_text(json.dumps({"version": 1, "devices": [entry]}))
+    return str(path)
+
+
+def test_export_for_picks_the_smaller_quant_when_the_bigger_does_not_fit(ckpts, tmp_path, capsys):
+    from edgevlm.commands.export import choose_for_device
+    from edgevlm.manifest import Manifest
+
+    ckpt = str(ckpts["idefics3"])
+    devices = _small_gpu(tmp_path, ckpt, ("f16", "q8_0"))
+    encoder, decoder, line = choose_for_device(ckpt, "tiny-gpu", devices, None, None)
+    assert decoder == "gguf:q8_0" and encoder in ("onnx:fp32", "onnx:fp16", "onnx:int8")
+    assert line.startswith("for tiny-gpu at context 512, 5 tile(s): gguf:q8_0 + ")
+    assert re.search(r"gguf:f16 needs [\d,]+ MiB: (tight|does not fit)", line)  # the reason the bigger was passed over
+    # an explicit --decoder wins, and the line says so
+    encoder2, decoder2, line2 = choose_for_device(ckpt, "tiny-gpu", devices, None, "gguf:q4_0")
+    assert (encoder2, decoder2) == (encoder, "gguf:q4_0") and "--decoder gguf:q4_0 as given (the plan chose gguf:q8_0)" in line2
+    out = tmp_path / "bundle"
+    assert cli_main(["export", ckpt, "-o", str(out), "--for", "tiny-gpu", "--device-file", devices, "--max-tiles", "5"]) == 0
+    assert line in capsys.readouterr().out
+    names = {a.name for a in Manifest.load(out).artifacts}
+    assert {encoder, "gguf:q8_0"} <= names and "gguf:f16" not in names
+
+
+def test_export_for_refuses_when_nothing_fits(ckpts, tmp_path, capsys):
+    entry = {"id": "no-room", "name": "no room", "kind": "discrete-gpu", "memory_gib": 1, "usable_gib": 0.1,
+             "usable_basis": "test", "bandwidth_gbs": 100, "target": "cuda", "sources": ["test"]}
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps({"version": 1, "devices": [entry]}))
+    assert cli_main(["export", str(ckpts["idefics3"]), "-o", str(tmp_path / "b"), "--for", "no-room", "--device-file",
+                     str(path)]) == 2
+    assert "nothing fits no-room" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert cli_main(["export", str(ckpts["idefics3"]), "-o", str(tmp_path / "b"), "--for", "nope"]) == 2
+    assert "unknown device 'nope'" in capsys.readouterr().err

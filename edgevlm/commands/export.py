@@ -1,22 +1,33 @@
-"""edgevlm export CKPT -o BUNDLE --encoder onnx:fp32,onnx:int8 --decoder gguf:q8_0,gguf:q4_k_m"""
+"""edgevlm export CKPT -o BUNDLE --encoder onnx:fp32,onnx:int8 --decoder gguf:q8_0,gguf:q4_k_m
+edgevlm export CKPT -o BUNDLE --for DEVICE: the encoder precision and decoder quantization the planner recommends for
+that device (the most accurate pair that fits with its margin, at the runtime's default context and the largest image
+the preprocessing keeps), with one line saying which and why. An explicit --encoder or --decoder wins over --for's
+choice for that role, and the line says so."""
 from __future__ import annotations
+
+DEFAULT_ENCODER = "onnx:fp32,onnx:int8"
+DEFAULT_DECODER = "gguf:q8_0,gguf:q4_k_m"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="Hugging Face checkpoint folder")
     parser.add_argument("-o", "--output", required=True, help="bundle folder to create")
-    parser.add_argument("--encoder", default="onnx:fp32,onnx:int8", help="comma list of onnx:fp32|fp16|int8 and gguf:f16|f32|q8_0 (llama.cpp's mmproj, "
+    parser.add_argument("--encoder", default=None, help=f"(default {DEFAULT_ENCODER}) comma list of onnx:fp32|fp16|int8 and gguf:f16|f32|q8_0 (llama.cpp's mmproj, "
                         "for llama-mtmd-cli / llama-server / Ollama) ('' for none)")
-    parser.add_argument("--decoder", default="gguf:q8_0,gguf:q4_k_m",
-                        help="comma list of gguf:f32|f16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0 and mlx:fp32|fp16|8bit|4bit")
+    parser.add_argument("--decoder", default=None,
+                        help=f"(default {DEFAULT_DECODER}) comma list of gguf:f32|f16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0 and mlx:fp32|fp16|8bit|4bit")
     parser.add_argument("--max-tiles", type=int, default=17, help="largest tile batch the encoder graph accepts")
     parser.add_argument("--mlx-group-size", type=int, default=64, choices=(32, 64, 128))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.add_argument("--json", action="store_true", help="print the manifest's artifact list as JSON")
+    parser.add_argument("--for", dest="for_device", default=None, metavar="DEVICE",
+                        help="export what `edgevlm plan CKPT --device DEVICE` recommends (explicit --encoder/--decoder win)")
+    parser.add_argument("--device-file", default=None, help="more devices for --for (schema: edgevlm/plan/devices.json)")
 
 
 def main(args) -> int:
+    import sys
     import time
 
     from rich.console import Console
@@ -25,8 +36,12 @@ def main(args) -> int:
     from ..manifest import Manifest
     from .common import print_json, table
 
-    encoders = parse_requests(args.encoder, ENCODER_FORMATS, "encoder")
-    decoders = parse_requests(args.decoder, DECODER_FORMATS, "decoder")
+    encoder, decoder = args.encoder, args.decoder
+    if args.for_device:
+        encoder, decoder, line = choose_for_device(args.checkpoint, args.for_device, args.device_file, encoder, decoder)
+        print(line, file=sys.stderr if args.json else sys.stdout)  # --json keeps stdout one JSON object
+    encoders = parse_requests(DEFAULT_ENCODER if encoder is None else encoder, ENCODER_FORMATS, "encoder")
+    decoders = parse_requests(DEFAULT_DECODER if decoder is None else decoder, DECODER_FORMATS, "decoder")
     console = Console(stderr=True)
     start = time.perf_counter()
     with console.status("exporting") as status:
@@ -49,3 +64,19 @@ def main(args) -> int:
     else:
         table(f"{out} ({time.perf_counter() - start:.1f} s)", ["artifact", "role", "precision", "MiB", "path"], rows)
     return 0
+
+
+def choose_for_device(checkpoint: str, device_id: str, device_file: str | None, encoder: str | None,
+                      decoder: str | None) -> tuple[str, str, str]:
+    """(encoder, decoder, the line to print): the plan's recommendation for each role the user did not name."""
+    from ..plan.bundle import PlanRequest, plan_model, recommendation
+    from ..plan.devices import get_device
+    from ..plan.model import from_checkpoint
+
+    shapes = from_checkpoint(checkpoint)  # refuses a missing or unsupported checkpoint before any probe
+    chosen_encoder, chosen_decoder, why = recommendation(plan_model(shapes, get_device(device_id, device_file),
+                                                                    PlanRequest()))
+    kept = [f"--{role} {value} as given (the plan chose {chosen})" for role, value, chosen in
+            (("encoder", encoder, chosen_encoder), ("decoder", decoder, chosen_decoder)) if value is not None]
+    line = f"{why}" + (f"; exporting {'; '.join(kept)}" if kept else "")
+    return encoder or chosen_encoder, decoder or chosen_decoder, line

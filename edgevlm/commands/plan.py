@@ -1,6 +1,7 @@
-"""edgevlm plan BUNDLE --device ID [--images N] [--image-size WxH] [--context N] [--parallel N] [--prompt-tokens N]
-[--new-tokens N] [--json] [--png F]:
-will each decoder x encoder of the bundle fit the device, item by item, and how fast will it decode.
+"""edgevlm plan (BUNDLE | CHECKPOINT | --preset NAME) --device ID [--images N] [--image-size WxH] [--context N]
+[--parallel N] [--prompt-tokens N] [--new-tokens N] [--json] [--png F]:
+will each decoder x encoder fit the device, item by item, and how fast will it decode and answer (TTFT). A bundle is
+planned from its files; a checkpoint or a preset before any export, for every quantization `edgevlm export` writes.
 `--device this-machine` measures this machine; `--device-file F` adds devices (schema: edgevlm/plan/devices.json)."""
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ ITEMS = ("decoder_weights", "encoder_weights", "encoder_activations", "kv_cache"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("bundle", help="an edge bundle (folder with manifest.json)")
+    parser.add_argument("path", nargs="?", default=None,
+                        help="an edge bundle (folder with manifest.json) or a checkpoint folder (config.json)")
+    parser.add_argument("--preset", default=None, help="plan a preset's shapes instead (edgevlm preset --list)")
     parser.add_argument("--device", required=True, help="device id from the table (or this-machine, measured here)")
     parser.add_argument("--device-file", default=None, help="a JSON file of more devices (same schema as the table)")
     parser.add_argument("--images", type=int, default=1, help="images in one conversation (default 1)")
@@ -31,10 +34,11 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from ..plan.bundle import PlanRequest, parse_image_size, plan_bundle
+    from ..plan.bundle import PlanRequest, parse_image_size
     from ..plan.devices import get_device
     from .common import memory_options, print_json
 
+    plan = planner(args.path, args.preset)
     device = get_device(args.device, args.device_file)
     caches = memory_options(args)  # validates the two cache bounds the way run/serve do
     request = PlanRequest(images=args.images, image_size=parse_image_size(args.image_size) if args.image_size else None,
@@ -42,7 +46,7 @@ def main(args) -> int:
                           embed_cache_bytes=caches.get("embed_cache_bytes"),
                           prefix_cache_bytes=caches.get("prefix_cache_bytes"),
                           prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
-    result = plan_bundle(args.bundle, device, request)
+    result = plan(device, request)
     if args.png:
         plot(result, args.png)
     if args.json:
@@ -50,6 +54,39 @@ def main(args) -> int:
     else:
         show(result)
     return 0
+
+
+def planner(path: str | None, preset: str | None):
+    """(device, request) -> plan for a bundle, a checkpoint or a preset; bad input is refused before any probe."""
+    from pathlib import Path
+
+    from ..errors import BadInputError
+    from ..plan.bundle import plan_bundle, plan_model
+    from ..plan.model import from_checkpoint, from_preset
+
+    if (path is None) == (preset is None):
+        raise BadInputError("plan one thing: a BUNDLE or CHECKPOINT folder, or --preset NAME (not both)")
+    if preset is not None:
+        shapes = from_preset(preset)
+        return lambda device, request: plan_model(shapes, device, request)
+    if (Path(path) / "manifest.json").is_file():
+        return lambda device, request: plan_bundle(path, device, request)
+    if not (Path(path) / "config.json").is_file():
+        raise BadInputError(f"{path} is neither a bundle (manifest.json) nor a checkpoint folder (config.json); pass "
+                            "one of those, or --preset NAME")
+    shapes = from_checkpoint(path)
+    return lambda device, request: plan_model(shapes, device, request)
+
+
+def title(result: dict) -> str:
+    return result["bundle"] if "bundle" in result else f"{result['model']['name']} ({result['model']['source']})"
+
+
+def ttft_text(option: dict) -> str:
+    t = option["ttft"]
+    if t["ttft_s"] is None:
+        return "-" if t["prefill_s"] is None else f"? + {t['prefill_s']:.2f} prefill"
+    return f"{t['ttft_s']:.2f} ({t['encode_s']:.2f} + {t['prefill_s']:.2f})"
 
 
 def show(result: dict) -> None:
@@ -67,17 +104,52 @@ def show(result: dict) -> None:
         ("positions per image", f"{images['positions_per_image']} ({images['image_rows']} image rows + "
                                 f"{images['text_tokens']} text, {'counted' if images['text_tokens_exact'] else 'assumed'})"),
     ])
+    if "model" in result:
+        model = result["model"]
+        print(f"{model['family']}: decoder blocks {model['decoder_params'] / 1e6:,.1f} M parameters, vision "
+              f"{model['vision_params'] / 1e6:,.1f} M ({model['vision_gflops_per_tile']:,.1f} GFLOP per tile); "
+              "encoder terms are estimates, not measured (export, then plan the bundle to measure them)")
     options = result["options"]
+    if len(options) > 6:  # a plan before export: one row per option
+        show_rows(result)
+        return
     rows = [(item.replace("_", " "), *[o["memory"][item] / MIB for o in options]) for item in ITEMS]
     one = result["one_request"]
     rows += [("total", *[o["memory"]["total"] / MIB for o in options]), ("verdict", *[o["verdict"] for o in options]),
              (f"one request's peak ({one['positions']} positions; bench's peak RSS)",
               *[o["peak_one_request"] / MIB for o in options]),
              ("decode tok/s (after the images)", *[o["decode_tok_s"] for o in options]),
-             ("decode tok/s (full context)", *[o["decode_tok_s_full_context"] for o in options])]
-    table(f"memory (MiB) and decode speed: {result['bundle']}",
+             ("decode tok/s (full context)", *[o["decode_tok_s_full_context"] for o in options]),
+             (f"TTFT s, estimate ({result['ttft_prompt_positions']} positions: encode + prefill)",
+              *[ttft_text(o) for o in options])]
+    table(f"memory (MiB) and speed: {title(result)}",
           ["item", *[f"{o['encoder']} + {o['decoder']}" for o in options]], rows)
+    footer(result)
+
+
+def show_rows(result: dict) -> None:
+    """One row per option, the fixed items summed into "rest" (the JSON has them one by one)."""
+    from .common import table
+
+    rest = ("compute_buffer", "caches", "runtime_overhead", "margin")
+    rows = []
+    for o in result["options"]:
+        m = o["memory"]
+        t = o["ttft"]["ttft_s"]
+        rows.append((f"{o['encoder'].split(':')[1]} + {o['decoder'].split(':')[1]}", m["decoder_weights"] / MIB,
+                     m["encoder_weights"] / MIB, m["encoder_activations"] / MIB, m["kv_cache"] / MIB,
+                     sum(m[i] for i in rest) / MIB, m["total"] / MIB, o["verdict"], o["decode_tok_s"],
+                     "-" if t is None else t))
+    table(f"MiB, tok/s, TTFT s: {title(result)} (onnx + gguf; rest = compute buffer, caches, runtime, margin)",
+          ["option", "decoder", "encoder", "activ.", "KV", "rest", "total", "verdict", "tok/s", "TTFT"], rows)
+    footer(result)
+
+
+def footer(result: dict) -> None:
+    from .common import table
+
     table("how each item is sized", ["item", "basis"], list(result["basis"].items()))
+    print(f"TTFT basis: {result['options'][0]['ttft']['basis']}")
     advice = "nothing fits; lower the context, the image size, the cache bounds or the quant"
     print(f"recommended: {result['recommended'] or advice}")
     for line in result["skipped"]:
@@ -114,7 +186,7 @@ def plot(result: dict, path) -> None:
         ax.text(x, top, o["verdict"], ha="center", va="bottom", fontsize=8)
     images = result["images"]
     ax.set_ylabel("MiB")
-    ax.set_title(f"{Path(result['bundle']).name} on {result['device']['name']}: context {result['context']}, "
+    ax.set_title(f"{Path(title(result)).name} on {result['device']['name']}: context {result['context']}, "
                  f"{images['count']} x {images['width']}x{images['height']} ({images['n_tiles']} tiles)", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

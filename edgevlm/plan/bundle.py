@@ -31,6 +31,8 @@ BASIS = {
     "runtime_overhead": "CPU: measured, Python + numpy + ONNX Runtime + llama.cpp imported (68 MiB) + tokenizer and "
                         "llama.cpp context (12 MiB + 512 B per vocabulary token); GPU targets: estimate",
     "margin": "headroom: 1 GiB, 0.5 GiB on devices of 8 GiB or less; none in the one-request figure",
+    "ttft": "estimate: encode (vision FLOPs per tile x tiles) + prefill (2 x decoder block parameters x image and "
+            "prompt positions), each over the device's compute x an efficiency (plan/compute.py)",
 }
 # The one request `memory_one_request` describes, unless asked otherwise: `edgevlm bench`'s defaults
 DEFAULT_PROMPT_TOKENS = 24
@@ -70,13 +72,14 @@ class Option:
     decode_tok_s: float  # per sequence, with the images in the KV cache
     decode_tok_s_full: float  # per sequence, every sequence at a full context
     weight_bytes_per_token: int
+    ttft: dict  # plan/compute.ttft: encode_s, prefill_s, ttft_s, basis (estimates; None where unknown)
 
     def to_dict(self) -> dict:
         return {"decoder": self.decoder, "encoder": self.encoder, "memory": self.memory.to_dict(),
                 "memory_one_request": self.one_request.to_dict(), "peak_one_request": self.one_request.needed,
                 "verdict": self.verdict, "decode_tok_s": self.decode_tok_s,
                 "decode_tok_s_full_context": self.decode_tok_s_full,
-                "weight_bytes_per_token": self.weight_bytes_per_token}
+                "weight_bytes_per_token": self.weight_bytes_per_token, "ttft": self.ttft}
 
 
 def resolve_context(requested: int | None, context_length: int, default: int) -> int:
@@ -130,32 +133,127 @@ def _ordered(names: list[str], order: tuple[str, ...]) -> list[str]:
     return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
 
 
+@dataclass(frozen=True)
+class DecoderChoice:
+    """One GGUF decoder option: its weights (exact) and the bytes one decode step reads."""
+
+    name: str  # "gguf:q8_0"
+    precision: str
+    weight_bytes: int
+    bytes_per_token: int
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """One encoder option: its weights as they will be resident, and its activations per tile (None: the per-pixel
+    fallback, budget.ENCODER_ACTIVATION_BYTES_PER_PIXEL)."""
+
+    name: str  # "onnx:int8"
+    precision: str
+    weight_bytes: int
+    activation_bytes_per_tile: int | None
+
+
+@dataclass(frozen=True)
+class PlanModel:
+    """What the budget needs to know about a model, whether it came from a bundle's manifest or, before any export,
+    from a checkpoint's or a preset's shapes (plan/model.py)."""
+
+    decoder: object  # manifest.DecoderSpec
+    preprocess: object  # preprocess.PreprocessSpec
+    layout: object  # layout.ImageLayout
+    embed_tokens: int  # embedding rows per tile and their width: the encoder's output
+    embed_width: int
+    channels: int
+    max_tiles: int
+    decoder_params: int  # the blocks' parameters: prefill FLOPs
+    vision_flops_per_tile: int | None  # None: unknown (TTFT gives the prefill only)
+    count_text: object = None  # text -> tokens (a tokenizer), or None: one token per layout marker assumed
+
+
 def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dict:
-    from ..bench.roofline import gguf_weight_bytes_per_token
     from ..manifest import Manifest
-    from ..runtimes.llamacpp_decoder import DEFAULT_N_BATCH, DEFAULT_N_CTX
-    from ..runtimes.onnx_encoder import CPU_TILES_PER_RUN, TILES_PER_RUN
-    from ..runtimes.session import DEFAULT_EMBED_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
 
     bundle = Path(bundle)
     manifest = Manifest.load(bundle)
-    spec = manifest.decoder
+    cpu = device.target == "cpu"
+    decoders = []
+    for name in _ordered([a.name for a in manifest.artifacts if a.format == "gguf"], DECODER_ACCURACY):
+        decoders.append(_gguf_choice(bundle, manifest.find("decoder", name)))
+    encoders = []
+    for name in _ordered([a.name for a in manifest.artifacts if a.format == "onnx"], ENCODER_ACCURACY):
+        artifact = manifest.find("encoder", name)
+        per_tile = artifact.details.get("activation_bytes_per_tile")  # a measured figure, when the exporter kept one
+        encoders.append(EncoderChoice(name, artifact.precision, _resident_bytes(artifact, cpu),
+                                      int(per_tile) if isinstance(per_tile, int) and per_tile > 0 else None))
+    if not decoders or not encoders:
+        raise BadInputError(f"{bundle} has no GGUF decoder and ONNX encoder pair to plan (decoders: "
+                            f"{', '.join(d.name for d in decoders) or 'none'}; encoders: "
+                            f"{', '.join(e.name for e in encoders) or 'none'})")
+    model = PlanModel(manifest.decoder, manifest.preprocess, manifest.image_layout,
+                      int(manifest.encoder.output_shape[1]), int(manifest.encoder.output_shape[2]),
+                      int(manifest.encoder.input_shape[1]), manifest.encoder.max_tiles,
+                      _gguf_block_params(bundle / manifest.find("decoder", decoders[0].name).path),
+                      _source_vision_flops(manifest), _text_counter(bundle, manifest))
+    result = {"bundle": str(bundle), **plan_options(model, decoders, encoders, device, request)}
+    result["skipped"] = [f"{a.name}: planning {a.format} artifacts is not implemented yet" for a in manifest.artifacts
+                         if a.format in ("mlx", "tensorrt", "gguf-mmproj")]
+    return result
+
+
+def _gguf_choice(bundle: Path, artifact) -> DecoderChoice:
+    from ..bench.roofline import gguf_weight_bytes_per_token
+
+    path = bundle / artifact.path
+    if not path.is_file():
+        raise BundleError(f"bundle {bundle} is incomplete: {path.name} ({artifact.name}) is missing; re-export it")
+    weights = sum(t.n_bytes for t in budget.read_gguf_tensors(path))
+    return DecoderChoice(artifact.name, artifact.precision, weights, gguf_weight_bytes_per_token(path))
+
+
+def _gguf_block_params(path: Path) -> int:
+    """The transformer blocks' parameters, from the GGUF's tensor shapes (the prefill FLOPs)."""
+    import math
+
+    return sum(math.prod(t.shape) for t in budget.read_gguf_tensors(path) if t.name.startswith("blk."))
+
+
+def _source_vision_flops(manifest) -> int | None:
+    """The encoder's FLOPs per tile from the source checkpoint's shapes (manifest source.path), when it is still
+    there; a bundle alone does not say how deep or wide its vision tower is."""
+    from ..errors import EdgeVLMError
+    from .compute import vision_flops_per_tile
+    from .model import from_checkpoint
+
+    try:
+        return vision_flops_per_tile(from_checkpoint(manifest.source.get("path", "")).vision)
+    except (EdgeVLMError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list[EncoderChoice], device: Device,
+                 request: PlanRequest) -> dict:
+    """Every decoder x encoder option on the device: the itemised memory, its verdict, decode tok/s and TTFT. The
+    arithmetic shared by bundle plans and plans made before export (plan/model.py)."""
+    from ..runtimes.llamacpp_decoder import DEFAULT_N_BATCH, DEFAULT_N_CTX
+    from ..runtimes.onnx_encoder import CPU_TILES_PER_RUN, TILES_PER_RUN
+    from ..runtimes.session import DEFAULT_EMBED_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
+    from .compute import device_compute, prefill_flops, ttft
+
+    spec = model.decoder
     context = resolve_context(request.context, spec.context_length, DEFAULT_N_CTX)
     n_ctx = budget.llama_cpp_n_ctx(context, request.parallel)
-    width, height = request.image_size or budget.largest_image(manifest.preprocess)
-    image = budget.image_tokens(manifest.image_layout, manifest.preprocess, width, height,
-                                _text_counter(bundle, manifest))
+    width, height = request.image_size or budget.largest_image(model.preprocess)
+    image = budget.image_tokens(model.layout, model.preprocess, width, height, model.count_text)
     image_positions = request.images * image.positions
     if image_positions > context:
         raise BadInputError(f"{request.images} image(s) of {width}x{height} take {image_positions} positions, more than "
                             f"the context of {context}; raise --context (the model supports {spec.context_length}) "
                             "or plan fewer or smaller images")
     cpu = device.target == "cpu"
-    tile_h, tile_w = manifest.preprocess.tile_size
-    _, tokens, width_d = manifest.encoder.output_shape
-    embeddings = request.images * image.n_tiles * int(tokens) * int(width_d) * 4  # f32 [tiles, T, D] per image
-    channels = int(manifest.encoder.input_shape[1])
-    pixels = budget.image_input_bytes(image.n_tiles, channels, tile_h, tile_w) if request.images else 0
+    tile_h, tile_w = model.preprocess.tile_size
+    embeddings = request.images * image.n_tiles * model.embed_tokens * model.embed_width * 4  # f32 [tiles, T, D]
+    pixels = budget.image_input_bytes(image.n_tiles, model.channels, tile_h, tile_w) if request.images else 0
     embed_bound = DEFAULT_EMBED_CACHE_BYTES if request.embed_cache_bytes is None else request.embed_cache_bytes
     prefix_bound = DEFAULT_PREFIX_CACHE_BYTES if request.prefix_cache_bytes is None else request.prefix_cache_bytes
     caches = embed_bound + prefix_bound
@@ -184,39 +282,30 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
                                            max(1, image_positions), KV_TYPE, request.parallel)
     kv_read_full = budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, context, KV_TYPE,
                                          request.parallel)
-    decoders = _ordered([a.name for a in manifest.artifacts if a.format == "gguf"], DECODER_ACCURACY)
-    encoders = _ordered([a.name for a in manifest.artifacts if a.format == "onnx"], ENCODER_ACCURACY)
-    skipped = [f"{a.name}: planning {a.format} artifacts is not implemented yet" for a in manifest.artifacts
-               if a.format in ("mlx", "tensorrt", "gguf-mmproj")]
-    if not decoders or not encoders:
-        raise BadInputError(f"{bundle} has no GGUF decoder and ONNX encoder pair to plan (decoders: "
-                            f"{', '.join(decoders) or 'none'}; encoders: {', '.join(encoders) or 'none'})")
+    compute = device_compute(device)
+    prompt_positions = image_positions + request.prompt_tokens
+    prefill = prefill_flops(model.decoder_params, max(1, prompt_positions))
     options, efficiencies = [], {}
     for decoder in decoders:
-        path = bundle / manifest.find("decoder", decoder).path
-        if not path.is_file():
-            raise BundleError(f"bundle {bundle} is incomplete: {path.name} ({decoder}) is missing; re-export it")
-        weights = sum(t.n_bytes for t in budget.read_gguf_tensors(path))
-        per_token = gguf_weight_bytes_per_token(path)
-        efficiency = budget.decode_efficiency(manifest.find("decoder", decoder).precision, device.bandwidth_measured)
-        efficiencies[decoder] = efficiency
+        efficiency = budget.decode_efficiency(decoder.precision, device.bandwidth_measured)
+        efficiencies[decoder.name] = efficiency
         for encoder in encoders:
-            artifact = manifest.find("encoder", encoder)
-            per_tile = artifact.details.get("activation_bytes_per_tile")  # a measured figure, when the exporter kept one
             activations = budget.encoder_activation_bytes(
                 image.n_tiles, CPU_TILES_PER_RUN if cpu else TILES_PER_RUN, tile_h, tile_w,
-                int(per_tile) if isinstance(per_tile, int) and per_tile > 0 else None) if request.images else 0
-            items = dict(decoder_weights=weights, encoder_weights=_resident_bytes(artifact, cpu),
+                encoder.activation_bytes_per_tile) if request.images else 0
+            items = dict(decoder_weights=decoder.weight_bytes, encoder_weights=encoder.weight_bytes,
                          encoder_activations=activations + embeddings + pixels)
             memory = budget.MemoryPlan(**items, **shared)
             options.append(Option(
-                decoder, encoder, memory, budget.MemoryPlan(**items, **one_request), memory.verdict(device.usable_bytes),
-                budget.decode_tokens_per_second(per_token, kv_read_images, device.bandwidth_gbs, efficiency),
-                budget.decode_tokens_per_second(per_token, kv_read_full, device.bandwidth_gbs, efficiency),
-                per_token))
+                decoder.name, encoder.name, memory, budget.MemoryPlan(**items, **one_request),
+                memory.verdict(device.usable_bytes),
+                budget.decode_tokens_per_second(decoder.bytes_per_token, kv_read_images, device.bandwidth_gbs,
+                                                efficiency),
+                budget.decode_tokens_per_second(decoder.bytes_per_token, kv_read_full, device.bandwidth_gbs, efficiency),
+                decoder.bytes_per_token,
+                ttft(compute, model.vision_flops_per_tile, request.images * image.n_tiles, prefill, encoder.precision)))
     recommended = next((o for o in options if o.verdict == "fits"), None)
     return {
-        "bundle": str(bundle),
         "device": device.to_dict(),
         "usable_bytes": device.usable_bytes,
         "context": context,
@@ -228,10 +317,95 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
         "images": {"count": request.images, "width": width, "height": height, "rows": image.rows, "cols": image.cols,
                    "n_tiles": image.n_tiles, "image_rows": image.image_rows, "text_tokens": image.text_tokens,
                    "positions_per_image": image.positions, "positions": image_positions,
-                   "text_tokens_exact": image.exact, "max_tiles": manifest.encoder.max_tiles},
+                   "text_tokens_exact": image.exact, "max_tiles": model.max_tiles},
         "decode_efficiency": efficiencies,  # decoder -> the roofline fraction its tok/s assume
+        "ttft_prompt_positions": prompt_positions,  # images + prompt text, as TTFT prefills them
         "options": [o.to_dict() for o in options],
         "recommended": None if recommended is None else f"{recommended.encoder} + {recommended.decoder}",
-        "basis": BASIS,
-        "skipped": skipped,
+        "basis": dict(BASIS),
+        "skipped": [],
     }
+
+
+# --- before export: a checkpoint's or a preset's shapes ------------------------------------------------------------
+
+GGUF_PRECISIONS = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # what `edgevlm export` writes
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+MODEL_BASIS = {
+    "decoder_weights": "exact: the tensor bytes llama.cpp's quantizer gives each GGUF tensor (budget.gguf_tensor_types, "
+                       "K-quant fallbacks included) from the checkpoint's or preset's tensor shapes",
+    "encoder_weights": "estimate: vision parameters x bytes per parameter (fp32 4, fp16 2, int8 1.06), x ORT's CPU "
+                       "resident factor (1.65 / 1.59) on a CPU target (plan/model.py)",
+    "encoder_activations": "estimate, not measured (the bundle path measures it at export): one ViT layer's f32 "
+                           "tensors x ORT's arena factor (plan/model.py), tiles per run, plus the images' embeddings "
+                           "and one image's preprocessed pixels",
+}
+
+
+def plan_model(shapes, device: Device, request: PlanRequest) -> dict:
+    """The plan before any export, for every GGUF quantization x ONNX precision `edgevlm export` can write: the same
+    budget as plan_bundle, with the decoder's bytes from its tensor shapes and the encoder's terms estimated from the
+    vision tower's shapes (shapes: plan.model.ModelShapes)."""
+    from .compute import vision_flops_per_tile
+    from .model import MMPROJ_BYTES_PER_PARAM
+
+    cpu = device.target == "cpu"
+    tensors = list(shapes.decoder_tensors)
+    tied = all(name != "output.weight" for name, _ in tensors)
+    decoders = []
+    for precision in GGUF_PRECISIONS:
+        sizes = budget.gguf_weight_bytes(tensors, precision)
+        # a decode step reads every tensor but the embedding table, which is read whole only when it is the output
+        per_token = sum(size for name, size in sizes.items() if tied or name != "token_embd.weight")
+        decoders.append(DecoderChoice(f"gguf:{precision}", precision, sum(sizes.values()), per_token))
+    vision = shapes.vision
+    encoders = [EncoderChoice(f"onnx:{p}", p, vision.onnx_bytes(p, cpu), vision.activation_bytes_per_tile(p))
+                for p in ONNX_PRECISIONS]
+    model = PlanModel(shapes.decoder, shapes.preprocess, shapes.layout, shapes.layout.tokens_per_tile,
+                      shapes.decoder.hidden_size, 3, _max_tiles(shapes), shapes.decoder_params,
+                      vision_flops_per_tile(vision))
+    result = {"model": {"name": shapes.name, "source": shapes.source, "family": shapes.family,
+                        "decoder_params": shapes.decoder_params, "vision_params": vision.params,
+                        "vision_gflops_per_tile": vision_flops_per_tile(vision) / 1e9},
+              **plan_options(model, decoders, encoders, device, request)}
+    result["basis"].update(MODEL_BASIS)
+    mmproj = ", ".join(f"mmproj:{p} {vision.params * b / (1 << 20):,.0f} MiB"
+                       for p, b in MMPROJ_BYTES_PER_PARAM.items())
+    result["skipped"] = [f"llama.cpp mmproj encoders (weights: {mmproj}): edgevlm's runtime runs the ONNX encoder",
+                         "mlx decoders: not planned yet"]
+    return result
+
+
+def _max_tiles(shapes) -> int:
+    """The most tiles the preprocessing makes for one image (its largest image)."""
+    width, height = budget.largest_image(shapes.preprocess)
+    return budget.image_tokens(shapes.layout, shapes.preprocess, width, height).n_tiles
+
+
+def recommendation(result: dict) -> tuple[str, str, str]:
+    """(encoder, decoder, why) from a plan: the most accurate option that fits with its margin, and the reason the
+    next more accurate decoder and encoder were passed over. Raises BadInputError when nothing fits."""
+    mib = 1 << 20
+    usable = result["usable_bytes"] / mib
+    where = f"{result['device']['id']} at context {result['context']}, {result['images']['n_tiles']} tile(s)"
+    if result["recommended"] is None:
+        smallest = min(result["options"], key=lambda o: o["memory"]["total"])
+        raise BadInputError(f"nothing fits {where}: the smallest option ({smallest['encoder']} + {smallest['decoder']}) "
+                            f"needs {smallest['memory']['total'] / mib:,.0f} MiB of {usable:,.0f} usable; plan a "
+                            "smaller context or image first (edgevlm plan), or pass --encoder/--decoder explicitly")
+    encoder, _, decoder = result["recommended"].partition(" + ")
+    options = {(o["encoder"], o["decoder"]): o for o in result["options"]}
+    encoders = list(dict.fromkeys(o["encoder"] for o in result["options"]))
+    decoders = list(dict.fromkeys(o["decoder"] for o in result["options"]))
+    passed = []
+    d, e = decoders.index(decoder), encoders.index(encoder)
+    # the next more accurate decoder with the chosen encoder, and the next more accurate encoder with the chosen decoder
+    for name, pair in ((decoders[d - 1], (encoder, decoders[d - 1])) if d else (None, None),
+                       (encoders[e - 1], (encoders[e - 1], decoder)) if e else (None, None)):
+        if name is not None:
+            option = options[pair]
+            passed.append(f"{name} needs {option['memory']['total'] / mib:,.0f} MiB: {option['verdict']}")
+    why = "; ".join(passed) if passed else "the most accurate option fits"
+    chosen = options[(encoder, decoder)]["memory"]["total"] / mib
+    return encoder, decoder, (f"for {where}: {decoder} + {encoder} ({chosen:,.0f} MiB with margin of {usable:,.0f} "
+                              f"usable; {why})")

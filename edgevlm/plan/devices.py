@@ -20,7 +20,7 @@ THIS_MACHINE = "this-machine"
 KINDS = ("jetson", "apple", "discrete-gpu", "sbc", "host")
 CONFIDENCE_KEYS = ("memory", "usable", "bandwidth", "compute")
 CONFIDENCE_LEVELS = ("published", "derived", "estimate", "measured")
-COMPUTE_KEYS = ("fp16_tflops", "int8_tops", "cpu")
+COMPUTE_KEYS = ("fp16_tflops", "int8_tops", "cpu", "matmul_gflops")  # matmul_gflops: this-machine, measured
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{0,63}$")
 GIB = 1 << 30
 
@@ -82,7 +82,7 @@ class Device:
     def _check_compute(self, where: str) -> None:
         if not isinstance(self.compute, dict) or set(self.compute) - set(COMPUTE_KEYS):
             raise ValueError(f"{where}: compute may only have {COMPUTE_KEYS}, got {self.compute!r}")
-        for name in ("fp16_tflops", "int8_tops"):
+        for name in ("fp16_tflops", "int8_tops", "matmul_gflops"):
             value = self.compute.get(name)
             if value is not None and not _positive(value):
                 raise ValueError(f"{where}: compute.{name} must be a positive number or null, got {value!r}")
@@ -146,9 +146,10 @@ def known_ids(device_file: str | Path | None = None) -> list[str]:
     return sorted(load_devices(device_file)) + [THIS_MACHINE]
 
 
-def this_machine(bandwidth_gbs: float | None = None) -> Device:
-    """This machine, measured now: psutil's total memory, its available memory as usable, and the copy bandwidth
-    edgevlm bench measures (bench/roofline.measure_bandwidth_gbs) unless one is given."""
+def this_machine(bandwidth_gbs: float | None = None, matmul_gflops: float | None = None) -> Device:
+    """This machine, measured now: psutil's total memory, its available memory as usable, the copy bandwidth
+    edgevlm bench measures (bench/roofline.measure_bandwidth_gbs) and a float32 matmul probe for TTFT
+    (plan/compute.measure_matmul_gflops, ~0.1 s), each unless given."""
     try:
         import psutil
     except ImportError:
@@ -156,15 +157,19 @@ def this_machine(bandwidth_gbs: float | None = None) -> Device:
     from ..bench.roofline import measure_bandwidth_gbs
 
     memory = psutil.virtual_memory()
+    from .compute import measure_matmul_gflops
+
     bandwidth = measure_bandwidth_gbs() if bandwidth_gbs is None else float(bandwidth_gbs)
+    gflops = measure_matmul_gflops() if matmul_gflops is None else float(matmul_gflops)
     return Device(
         id=THIS_MACHINE, name=f"this machine ({platform.system()} {platform.machine()})", kind="host",
         memory_gib=memory.total / GIB, usable_gib=min(memory.available, memory.total) / GIB,
         usable_basis="available memory now (psutil), measured", bandwidth_gbs=bandwidth, target="cpu",
-        compute={"fp16_tflops": None, "int8_tops": None,
+        compute={"fp16_tflops": None, "int8_tops": None, "matmul_gflops": gflops,
                  "cpu": f"{psutil.cpu_count(logical=False) or '?'} cores, {platform.processor() or platform.machine()}"},
-        sources=["measured by edgevlm (psutil.virtual_memory, bench/roofline.measure_bandwidth_gbs)"],
-        confidence={"memory": "measured", "usable": "measured", "bandwidth": "measured"},
+        sources=["measured by edgevlm (psutil.virtual_memory, bench/roofline.measure_bandwidth_gbs, "
+                 "plan/compute.measure_matmul_gflops)"],
+        confidence={"memory": "measured", "usable": "measured", "bandwidth": "measured", "compute": "measured"},
         notes="bandwidth is a numpy copy (bytes read + written per second), the figure `edgevlm bench` reports",
         bandwidth_measured=True,
     )

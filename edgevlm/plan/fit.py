@@ -11,7 +11,7 @@ def machine_before_load():
     try:
         from .devices import this_machine
 
-        return this_machine(bandwidth_gbs=1.0)  # the warning needs memory only: no bandwidth measurement
+        return this_machine(bandwidth_gbs=1.0, matmul_gflops=1.0)  # the warning needs memory only: no probes
     except Exception:  # noqa: BLE001 - no psutil on a minimal install: no warning rather than no run
         return None
 
