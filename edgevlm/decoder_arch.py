@@ -17,6 +17,8 @@ class DecoderArch:
     bias_tensors: tuple[str, ...]  # linear biases the GGUF carries (F32); any other bias is refused
     mlx_model_type: str  # mlx-lm model module
     position_schemes: tuple[str, ...]  # the manifest's decoder.position_scheme values it can run
+    # where the rotary class lives when it is not beside hf_class (Qwen2-VL: a Qwen2 decoder with M-RoPE)
+    hf_rotary_module: str | None = None
 
     def __post_init__(self) -> None:
         if not (self.name and self.hf_model_types and self.position_schemes):
@@ -53,6 +55,16 @@ ARCHITECTURES = {
         name="qwen2", hf_model_types=("qwen2",), hf_class="Qwen2ForCausalLM", hf_rotary_class="Qwen2RotaryEmbedding",
         gguf_arch="QWEN2", permute_qk=False, bias_tensors=("attn_q", "attn_k", "attn_v"), mlx_model_type="qwen2",
         position_schemes=("1d",),
+    ),
+    # Qwen2-VL / Qwen2.5-VL text: Qwen2 weights and attention, M-RoPE ((t, row, col) positions, rotate-half pairs
+    # whose frequency sections take one axis each). transformers: Qwen2ForCausalLM with Qwen2-VL's rotary gives the
+    # VL model's logits exactly; llama.cpp: arch qwen2vl (LLAMA_ROPE_TYPE_MROPE, NEOX pairs, so no Q/K permutation);
+    # mlx-lm: its qwen2 weights under edgevlm's own M-RoPE forward (runtimes/mlx_mrope.py)
+    "qwen2vl": DecoderArch(
+        name="qwen2vl", hf_model_types=("qwen2_vl_text", "qwen2_5_vl_text"), hf_class="Qwen2ForCausalLM",
+        hf_rotary_class="Qwen2VLRotaryEmbedding", gguf_arch="QWEN2VL", permute_qk=False,
+        bias_tensors=("attn_q", "attn_k", "attn_v"), mlx_model_type="qwen2", position_schemes=("mrope",),
+        hf_rotary_module="transformers.models.qwen2_vl.modeling_qwen2_vl",
     ),
 }
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid")
 
 
 @dataclass(frozen=True)
@@ -12,7 +12,10 @@ class ImageLayout:
     ``idefics3``: per tile ``<fake><row_r_col_c>`` + image tokens, a newline per row, then the global view
     ``\\n<fake><global-img>`` + image tokens + ``<fake>``; an unsplit image is only the global view.
     ``wrapped`` (InternVL): ``<img>`` + image tokens for every tile (the thumbnail last) + ``</img>``; the
-    placeholder may be the image token itself (InternVL's is ``<IMG_CONTEXT>``): it is split on before expanding."""
+    placeholder may be the image token itself (InternVL's is ``<IMG_CONTEXT>``): it is split on before expanding.
+    ``grid`` (Qwen2-VL): one image token per merged patch, rows x cols of them (the image's own grid, so the count
+    depends on its size); the placeholder is the image token itself and the chat template writes the delimiters
+    around it (``<|vision_start|><|image_pad|><|vision_end|>``). tokens_per_tile is 1: a "tile" is one patch."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -32,6 +35,8 @@ class ImageLayout:
             raise ValueError("tokens_per_tile must be positive")
         if self.kind == "idefics3" and not (self.fake_token and self.global_token and self.row_col_format):
             raise ValueError("the idefics3 layout needs fake_token, global_token and row_col_format")
+        if self.kind == "grid" and self.tokens_per_tile != 1:
+            raise ValueError("the grid layout has one image token per merged patch (tokens_per_tile 1)")
         if self.kind == "wrapped" and not (self.start_token and self.end_token):
             raise ValueError("the wrapped layout needs start_token and end_token")
 
@@ -40,6 +45,8 @@ class ImageLayout:
         image = self.image_token * self.tokens_per_tile
         if self.kind == "repeat":
             return image
+        if self.kind == "grid":
+            return self.image_token * (rows * cols)
         if self.kind == "wrapped":
             return self.start_token + image * self.n_tiles(rows, cols) + self.end_token
         global_view = f"{self.fake_token}{self.global_token}{image}{self.fake_token}"
@@ -53,6 +60,8 @@ class ImageLayout:
         return text + "\n" + global_view
 
     def n_tiles(self, rows: int, cols: int) -> int:
+        if self.kind == "grid":
+            return rows * cols
         return 1 if rows == 0 and cols == 0 else rows * cols + 1
 
     def to_dict(self) -> dict:

@@ -16,6 +16,7 @@ def spec_from_checkpoint(ckpt) -> RuntimeSpec:
         preprocess=ckpt.preprocess,
         layout=ckpt.layout,
         stop_token_ids=list(ckpt.stop_token_ids),
+        position_scheme=ckpt.position_scheme,
     )
 
 

@@ -73,14 +73,40 @@ class Artifact:
                 )
 
 
+ENCODER_KINDS = ("tiles", "grid")
+
+
 @dataclass
 class EncoderSpec:
-    input_name: str
+    """The encoder graph's IO contract. "tiles": one input (tiles, 3, H, W) -> (tiles, T, D). "grid" (native
+    resolution, Qwen2-VL): one image per call, every input listed in `inputs` (the runtime computes the auxiliary
+    ones from the image's grid with `vision_grid`), output (merged, D); `dynamic_axes` bounds each named axis."""
+
+    input_name: str  # grid: the patches input, one of `inputs`
     output_name: str
-    input_shape: list  # ["tiles", 3, H, W]
-    output_shape: list  # ["tiles", T, D]
-    max_tiles: int
+    input_shape: list  # tiles: ["tiles", 3, H, W]; grid: ["patches", C*T*p*p]
+    output_shape: list  # tiles: ["tiles", T, D]; grid: ["merged", D]
+    max_tiles: int  # grid: 1 (one image per call)
     dtype: str = "float32"
+    kind: str = "tiles"  # ENCODER_KINDS
+    inputs: list = field(default_factory=list)  # grid: [{"name", "dtype", "shape": ["patches", 2]}, ...] in graph order
+    dynamic_axes: dict = field(default_factory=dict)  # grid: {"patches": {"min", "max", "multiple_of"}, "merged": ...}
+    vision_grid: dict | None = None  # grid: vision_grid.VisionGrid.to_dict() (patch, merge and window sizes, ...)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENCODER_KINDS:
+            raise BundleError(f"encoder.kind {self.kind!r} is not one of {ENCODER_KINDS}; upgrade edgevlm or re-export")
+        if self.kind != "grid":
+            return
+        if not self.vision_grid or self.input_name not in [i["name"] for i in self.inputs]:
+            raise BundleError("a grid encoder needs encoder.vision_grid and encoder.inputs naming encoder.input_name; "
+                              "re-export the bundle")
+        from .vision_grid import VisionGrid
+
+        try:
+            VisionGrid.from_dict(self.vision_grid)
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"encoder.vision_grid: {exc}; re-export the bundle") from None
 
 
 @dataclass
@@ -98,8 +124,17 @@ class DecoderSpec:
     rope_theta: float
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
-    position_scheme: str = "1d"  # positions.POSITION_SCHEMES ("mrope" arrives with Qwen2-VL)
+    position_scheme: str = "1d"  # positions.POSITION_SCHEMES: "1d", or "mrope" (Qwen2-VL: (t, row, col) positions)
     image_attention: str = "causal"  # positions.IMAGE_ATTENTION
+    mrope_section: list | None = None  # mrope: rotary frequency pairs per axis (t, row, col), summing to head_dim / 2
+    spatial_merge_size: int | None = None  # mrope: patches merged per side into one image row (the grid's unit)
+
+    def __post_init__(self) -> None:
+        if self.position_scheme == "mrope":
+            if not (isinstance(self.mrope_section, list) and len(self.mrope_section) == 3
+                    and sum(self.mrope_section) == self.head_dim // 2):
+                raise BundleError(f"decoder.mrope_section {self.mrope_section!r} must be three counts summing to "
+                                  f"head_dim / 2 = {self.head_dim // 2}; re-export the bundle")
 
 
 def _check_supported(where: str, decoder: dict) -> None:

@@ -90,6 +90,48 @@ def free_form(v) -> str | None:
     return None if isinstance(v, dict) else "an object"
 
 
+def graph_input(v) -> str | None:
+    """One input of a grid encoder's graph: {"name", "dtype", "shape"}, axes named by strings or sized by integers."""
+    expected = 'an object {"name": string, "dtype": "float32" or "int64", "shape": [axis name or size, ...]}'
+    if not isinstance(v, dict) or set(v) != {"name", "dtype", "shape"} or string(max_len=256)(v["name"]) is not None:
+        return expected
+    dims_ok = isinstance(v["shape"], list) and 1 <= len(v["shape"]) <= 4 and all(
+        integer(1)(d) is None or string(max_len=64)(d) is None for d in v["shape"])
+    return None if v["dtype"] in ("float32", "int64") and dims_ok else expected
+
+
+def vision_grid(v) -> str | None:
+    """A grid encoder's vision numbers (edgevlm/vision_grid.VisionGrid)."""
+    expected = ("an object with positive integers patch_size, temporal_patch_size, merge_size, in_channels, an integer "
+                "window_size >= 0 and a list fullatt_block_indexes")
+    fields = {"patch_size": integer(1, 1024), "temporal_patch_size": integer(1, 64), "merge_size": integer(1, 64),
+              "in_channels": integer(1, 64), "window_size": integer(0, 1 << 16),
+              "fullatt_block_indexes": list_of(integer(0, 1024))}
+    if not isinstance(v, dict) or set(v) != set(fields) or any(check(v[k]) is not None for k, check in fields.items()):
+        return expected
+    return None
+
+
+def _check_grid_encoder(where: str, encoder: dict, preprocess: dict) -> None:
+    """A grid encoder's contract agrees with itself and with the preprocessing that feeds it."""
+    numbers = encoder.get("vision_grid")
+    names = [i["name"] for i in encoder.get("inputs", [])]
+    if numbers is None or encoder["input_name"] not in names:
+        raise BundleError(f"{where}: a grid encoder needs encoder.vision_grid and encoder.inputs naming "
+                          f"encoder.input_name {encoder['input_name']!r} (inputs: {names})")
+    if preprocess.get("resize_rule") != "qwen2vl":
+        raise BundleError(f"{where}: a grid encoder needs preprocess.resize_rule 'qwen2vl', got "
+                          f"{_show(preprocess.get('resize_rule'))}")
+    for key in ("patch_size", "temporal_patch_size", "merge_size"):
+        if preprocess.get(key) != numbers[key]:
+            raise BundleError(f"{where}: preprocess.{key} {_show(preprocess.get(key))} differs from the encoder's "
+                              f"vision_grid.{key} {numbers[key]}; re-export the bundle")
+    patch_dim = numbers["in_channels"] * numbers["temporal_patch_size"] * numbers["patch_size"] ** 2
+    if encoder["input_shape"] != ["patches", patch_dim]:
+        raise BundleError(f"{where}: encoder.input_shape is {_show(encoder['input_shape'])}; expected "
+                          f"['patches', {patch_dim}] (in_channels x temporal_patch_size x patch_size^2)")
+
+
 def _section(where: str, name: str, data: Any, fields: dict[str, tuple[Check, bool]]) -> dict:
     if not isinstance(data, dict):
         raise BundleError(f"{where}: {name} is {_show(data)}; expected an object")
@@ -130,13 +172,18 @@ def validate(data: Any, where: str) -> None:
         "rope_theta": (number(positive=True), True), "rope_scaling": (optional(free_form), False),
         "tie_word_embeddings": (boolean, False), "position_scheme": (string(POSITION_SCHEMES), False),
         "image_attention": (string(IMAGE_ATTENTION), False),
+        "mrope_section": (optional(list_of(integer(0, 1 << 16))), False), "spatial_merge_size": (optional(integer(1, 64)), False),
     })
     vocab = decoder["vocab_size"]
     token_id = integer(0, vocab - 1)
+    grid = isinstance(data["encoder"], dict) and data["encoder"].get("kind") == "grid"
     _section(where, "encoder", data["encoder"], {
         "input_name": (string(max_len=256), True), "output_name": (string(max_len=256), True),
-        "input_shape": (shape("tiles", 3), True), "output_shape": (shape("tiles", 2), True),
+        "input_shape": (shape("patches", 1) if grid else shape("tiles", 3), True),
+        "output_shape": (shape("merged", 1) if grid else shape("tiles", 2), True),
         "max_tiles": (integer(1, 1 << 16), True), "dtype": (string(("float32",)), False),
+        "kind": (string(("tiles", "grid")), False), "inputs": (list_of(graph_input), False),
+        "dynamic_axes": (free_form, False), "vision_grid": (optional(vision_grid), False),
     })
     _section(where, "image_layout", data["image_layout"], {
         "kind": (string(LAYOUT_KINDS), True), "placeholder": (string(max_len=256), True),
@@ -152,7 +199,9 @@ def validate(data: Any, where: str) -> None:
         "image_mean": (list_of(number(), 3), False), "image_std": (list_of(number(positive=True), 3), False),
         "shortest_edge": (optional(pixels), False), "longest_edge": (optional(pixels), False),
         "image_splitting": (boolean, False), "max_tiles": (integer(1, 1 << 16), False),
-        "min_tiles": (integer(1, 1 << 16), False),
+        "min_tiles": (integer(1, 1 << 16), False), "patch_size": (integer(0, 1024), False),
+        "temporal_patch_size": (integer(0, 64), False), "merge_size": (integer(0, 64), False),
+        "min_pixels": (integer(0, 1 << 30), False), "max_pixels": (integer(0, 1 << 30), False),
     })
     _section(where, "tokenizer", data["tokenizer"], {
         "path": (relative_path, True), "chat_template": (optional(text), False),
@@ -188,14 +237,16 @@ def validate(data: Any, where: str) -> None:
             })
     # cross-field facts the runtimes rely on
     encoder, layout = data["encoder"], data["image_layout"]
-    if encoder["output_shape"][2] != decoder["hidden_size"]:
-        raise BundleError(f"{where}: encoder.output_shape width {encoder['output_shape'][2]} differs from "
+    if encoder["output_shape"][-1] != decoder["hidden_size"]:
+        raise BundleError(f"{where}: encoder.output_shape width {encoder['output_shape'][-1]} differs from "
                           f"decoder.hidden_size {decoder['hidden_size']}; the image rows could not enter the decoder")
-    if encoder["output_shape"][1] != layout["tokens_per_tile"]:
+    if grid:
+        _check_grid_encoder(where, encoder, data["preprocess"])
+    elif encoder["output_shape"][1] != layout["tokens_per_tile"]:
         raise BundleError(f"{where}: encoder.output_shape gives {encoder['output_shape'][1]} tokens per tile but "
                           f"image_layout.tokens_per_tile is {layout['tokens_per_tile']}")
     expected_input = ["tiles", 3, *data["preprocess"]["tile_size"]]
-    if encoder["input_shape"] != expected_input:
+    if not grid and encoder["input_shape"] != expected_input:
         raise BundleError(f"{where}: encoder.input_shape is {_show(encoder['input_shape'])}; expected {expected_input} "
                           "(3 channels at preprocess.tile_size)")
     tokenizers = [a for a in data["artifacts"] if a["role"] == "tokenizer"]

@@ -1,15 +1,18 @@
 """Decoder positions, computed in one place from the manifest's `decoder.position_scheme`.
 
-Every backend takes the positions a segment carries; none counts them itself. "1d" (Llama-style RoPE) is the only
-scheme this version runs; "mrope" (Qwen2-VL's (t, row, col) positions, (n, 3)) fits the same shapes: positions may
-be (n,) or (n, k), and the first generated token's position need not equal the prompt's length."""
+Every backend takes the positions a segment carries; none counts them itself. "1d" (Llama-style RoPE): one position
+per prompt position, (n,). "mrope" (Qwen2-VL / Qwen2.5-VL): (n, 3) (t, row, col); a text token has t = row = col,
+continuing after the largest position so far; an image's rows (raster order over its merged grid h' x w') share
+t = pos0 and get row = pos0 + r, col = pos0 + c; the text after it continues at pos0 + max(h', w') (HF's
+get_rope_index and llama.cpp's mtmd agree). So the first generated token's position need not equal the prompt's
+length."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-POSITION_SCHEMES = ("1d",)
+POSITION_SCHEMES = ("1d", "mrope")
 IMAGE_ATTENTION = ("causal",)
 
 
@@ -29,10 +32,44 @@ class PositionPlan:
         return int(self.positions[:n_prompt_positions].max(initial=-1)) + 1
 
 
-def plan_positions(scheme: str, n_positions: int) -> PositionPlan:
-    """The positions of a whole prompt of `n_positions` (text and image rows), starting at 0."""
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where one image's rows lie in the prompt: `rows x cols` positions from `start`, raster order (merged grid)."""
+
+    start: int
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.rows < 1 or self.cols < 1:
+            raise ValueError(f"an image span needs start >= 0 and a grid of at least 1x1, got {self}")
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.rows * self.cols
+
+
+def plan_positions(scheme: str, n_positions: int, images: tuple[ImageSpan, ...] | list[ImageSpan] = ()) -> PositionPlan:
+    """The positions of a whole prompt of `n_positions` (text and image rows), starting at 0. `images` (ordered,
+    not overlapping) matter only to schemes that place image rows on a grid."""
     if scheme == "1d":
         return PositionPlan(np.arange(n_positions, dtype=np.int32), n_positions)
+    if scheme == "mrope":
+        positions = np.empty((n_positions, 3), dtype=np.int32)  # (N, 3) t, row, col
+        done, next_pos = 0, 0
+        for span in sorted(images, key=lambda s: s.start):
+            if span.start < done or span.stop > n_positions:
+                raise ValueError(f"image span {span} overlaps another or runs past the prompt's {n_positions} positions")
+            n_text = span.start - done
+            positions[done:span.start] = np.arange(next_pos, next_pos + n_text, dtype=np.int32)[:, None]
+            pos0 = next_pos + n_text
+            rows, cols = np.divmod(np.arange(span.rows * span.cols, dtype=np.int32), span.cols)
+            positions[span.start:span.stop, 0] = pos0
+            positions[span.start:span.stop, 1] = pos0 + rows
+            positions[span.start:span.stop, 2] = pos0 + cols
+            done, next_pos = span.stop, pos0 + max(span.rows, span.cols)
+        positions[done:] = np.arange(next_pos, next_pos + n_positions - done, dtype=np.int32)[:, None]
+        return PositionPlan(positions, next_pos + n_positions - done)
     raise ValueError(f"position scheme {scheme!r} is not one of {POSITION_SCHEMES}")
 
 
@@ -40,4 +77,6 @@ def text_positions(scheme: str, start: int, n: int) -> np.ndarray:
     """Positions of `n` text tokens that continue at `start` (generated tokens, teacher forcing)."""
     if scheme == "1d":
         return np.arange(start, start + n, dtype=np.int32)
+    if scheme == "mrope":
+        return np.repeat(np.arange(start, start + n, dtype=np.int32)[:, None], 3, axis=1)  # (n, 3): t = row = col
     raise ValueError(f"position scheme {scheme!r} is not one of {POSITION_SCHEMES}")

@@ -7,7 +7,10 @@ One spec, three resize rules:
   full tiles in row-major order, and append the global view (the whole image resized to one tile);
 - ``internvl`` (GotOcr2's crop_to_patches): pick the cols x rows grid (min_tiles <= cols*rows <= max_tiles) whose
   aspect ratio is closest to the image's, resize the whole image to it, cut tiles row-major, and append a
-  thumbnail (the image resized to one tile) when there is more than one tile.
+  thumbnail (the image resized to one tile) when there is more than one tile;
+- ``qwen2vl`` (Qwen2VLImageProcessor): smart_resize both sides to multiples of patch_size x merge_size with the area
+  in [min_pixels, max_pixels], then flatten into patches (P, 3*T*p*p) in HF's order (2x2 merge blocks row-major), the
+  frame repeated temporal_patch_size times. Native resolution: no tiles, and the token count follows the image.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from PIL import Image
 
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
-RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl")
+RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl")
 MAX_TILE_SIDE_PIXELS = 4096  # the HF Idefics3 processor's absolute cap on a resized side
+MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter side ratios above this
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,12 @@ class PreprocessSpec:
     image_splitting: bool = False  # idefics3 only
     max_tiles: int = field(default=1)  # internvl: the grid's largest tile count (the thumbnail comes on top)
     min_tiles: int = 1  # internvl only
+    # qwen2vl only (0 elsewhere); tile_size is then the resize factor (patch_size * merge_size, both sides)
+    patch_size: int = 0
+    temporal_patch_size: int = 0
+    merge_size: int = 0
+    min_pixels: int = 0
+    max_pixels: int = 0
 
     def __post_init__(self) -> None:
         if self.resize_rule not in RESIZE_RULES:
@@ -48,11 +58,26 @@ class PreprocessSpec:
             raise ValueError("shortest_edge_crop needs shortest_edge")
         if self.resize_rule == "idefics3" and not self.longest_edge:
             raise ValueError("idefics3 resizing needs longest_edge")
+        if self.resize_rule == "qwen2vl":
+            self._check_qwen2vl()
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"tile counts need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({self.max_tiles})")
         object.__setattr__(self, "tile_size", tuple(int(v) for v in self.tile_size))
         object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
+
+    def _check_qwen2vl(self) -> None:
+        numbers = {"patch_size": self.patch_size, "temporal_patch_size": self.temporal_patch_size,
+                   "merge_size": self.merge_size, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        bad = [f"{k}={v!r}" for k, v in numbers.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"qwen2vl resizing needs positive integers: {', '.join(bad)}")
+        factor = self.patch_size * self.merge_size
+        if tuple(self.tile_size) != (factor, factor):
+            raise ValueError(f"qwen2vl: tile_size {tuple(self.tile_size)} must be the resize factor ({factor}, {factor})")
+        if not factor * factor <= self.max_pixels or self.min_pixels > self.max_pixels:
+            raise ValueError(f"qwen2vl needs {factor * factor} <= max_pixels and min_pixels <= max_pixels, got "
+                             f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +91,9 @@ class PreprocessSpec:
 @dataclass
 class PreprocessedImage:
     pixel_values: np.ndarray  # (tiles, 3, H, W) float32
-    rows: int  # 0 when the image is not split (one global tile)
+    rows: int  # 0 when the image is not split (one global tile); qwen2vl: merged-token rows (h / merge)
     cols: int
+    grid: tuple[int, int, int] | None = None  # qwen2vl: (t, h, w) in patches, what the grid encoder takes
 
 
 def _resize(image: Image.Image, height: int, width: int, resample: str) -> Image.Image:
@@ -141,8 +167,50 @@ def internvl_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, i
     return best[1], best[0]
 
 
+def smart_resize(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(height, width) after Qwen2VLImageProcessor's resize (image_processing_pil_qwen2_vl.smart_resize, 5.23): round
+    to multiples of the factor, then scale down into max_pixels or up into min_pixels keeping the aspect ratio."""
+    factor = spec.patch_size * spec.merge_size
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO}, which Qwen2-VL refuses")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > spec.max_pixels:
+        beta = math.sqrt((height * width) / spec.max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < spec.min_pixels:
+        beta = math.sqrt(spec.min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def max_merged_tokens(spec: PreprocessSpec) -> int:
+    """An upper bound on smart_resize's merged tokens for any image: max_pixels' worth, or one factor-high strip at
+    the largest aspect ratio (smart_resize keeps each side >= factor, which can overshoot max_pixels there)."""
+    factor = spec.patch_size * spec.merge_size
+    strip = math.isqrt(spec.max_pixels * MAX_ASPECT_RATIO) // factor + 1
+    return max(spec.max_pixels // factor**2, strip, math.ceil(spec.min_pixels / factor**2) + 2 * strip)
+
+
+def _patchify(array: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(3, H, W) -> (H/p * W/p, 3*T*p*p): Qwen2VLImageProcessorPil.patchify (merge blocks row-major, patches row-major
+    inside a block; per patch channel, then the T repeated frames, then the p x p pixels)."""
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    c, height, width = array.shape
+    gh, gw = height // p, width // p
+    patches = array.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, c, p, p)
+    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))  # the frame, T times
+    return np.ascontiguousarray(patches.reshape(gh * gw, c * t * p * p), dtype=np.float32)
+
+
 def tile_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
-    """(rows, cols) of the split for an RGB image of this size; (0, 0) when only the global view is used."""
+    """(rows, cols) of the split for an RGB image of this size; (0, 0) when only the global view is used.
+    qwen2vl: (rows, cols) of merged tokens, never (0, 0)."""
+    if spec.resize_rule == "qwen2vl":
+        h, w = smart_resize(height, width, spec)
+        factor = spec.patch_size * spec.merge_size
+        return h // factor, w // factor
     if spec.resize_rule == "internvl":
         rows, cols = internvl_grid(height, width, spec) if spec.max_tiles > 1 else (1, 1)
         return (0, 0) if rows * cols == 1 else (rows, cols)
@@ -159,6 +227,8 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
     """RGB PIL image -> (tiles, 3, H, W) float32, identical to the HF processor for the same config."""
     width, height = image.size
     th, tw = spec.tile_size
+    if spec.resize_rule == "qwen2vl":
+        return _preprocess_qwen2vl(image, spec)
     if spec.resize_rule == "fixed":
         return PreprocessedImage(_normalize(_resize(image, th, tw, spec.resample), spec)[None], 0, 0)
     if spec.resize_rule == "shortest_edge_crop":
@@ -190,3 +260,11 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
     tiles = [image.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th)) for r in range(rows) for c in range(cols)]
     tiles.append(_resize(image, th, tw, spec.resample))  # the global view comes last
     return PreprocessedImage(np.stack([_normalize(t, spec) for t in tiles]), rows, cols)
+
+
+def _preprocess_qwen2vl(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
+    width, height = image.size
+    h, w = smart_resize(height, width, spec)
+    patches = _patchify(_normalize(_resize(image, h, w, spec.resample), spec), spec)  # (P, 3*T*p*p)
+    factor = spec.patch_size * spec.merge_size
+    return PreprocessedImage(patches, h // factor, w // factor, grid=(1, h // spec.patch_size, w // spec.patch_size))

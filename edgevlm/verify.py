@@ -19,6 +19,25 @@ def _probe_inputs(manifest, n_tiles: int = 3, seed: int = 0) -> np.ndarray:
     return np.concatenate([tile, noise])
 
 
+GRID_PROBE_SIZE = (308, 224)  # (width, height) of a grid encoder's probe scene: not square, several windows
+
+
+def _grid_probe(manifest) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A native-resolution encoder's probe: one reference scene at a fixed non-square size, as the runtime
+    preprocesses it: (patches (P, C*T*p*p), grid (t, h, w))."""
+    from .preprocess import preprocess
+    from .reference import scenes
+
+    image = scenes.render(scenes.make_scene(4_000_000_000), size=max(GRID_PROBE_SIZE)).resize(GRID_PROBE_SIZE)
+    pre = preprocess(image, manifest.preprocess)
+    return pre.pixel_values, pre.grid
+
+
+def _encode(encoder, pixels: np.ndarray, grid) -> np.ndarray:
+    """The session's call: the grid only for a grid encoder (tile encoders take one argument)."""
+    return encoder.encode(pixels) if grid is None else encoder.encode(pixels, grid=grid)
+
+
 def _failure(name: str, role: str, exc: Exception) -> dict:
     """Only a backend that is not installed here is "skipped"; every other load or run failure is a FAIL."""
     if isinstance(exc, BackendUnavailableError):
@@ -89,11 +108,8 @@ def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dic
                      "status": "pass"})
     except Exception as exc:
         rows.append(_failure("tokenizer", "tokenizer", exc))
-    pixels = _probe_inputs(manifest)
-    import torch
-
-    with torch.inference_mode():
-        ref = ckpt.vision(torch.from_numpy(pixels)).numpy()
+    pixels, grid = _grid_probe(manifest) if manifest.encoder.kind == "grid" else (_probe_inputs(manifest), None)
+    ref = _encode(TorchEncoder(ckpt.vision, "torch"), pixels, grid)
     for name in manifest.mmproj_names():
         log(f"encoder {name} (through llama.cpp's libmtmd)")
         try:
@@ -103,7 +119,7 @@ def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dic
     for name in manifest.names("encoder", runnable=True) + manifest.names("engine"):
         log(f"encoder {name}")
         try:
-            ours = make_encoder(bundle, manifest, name, threads=threads).encode(pixels)
+            ours = _encode(make_encoder(bundle, manifest, name, threads=threads), pixels, grid)
         except Exception as exc:
             rows.append(_failure(name, "encoder", exc))
             continue

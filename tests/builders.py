@@ -241,3 +241,80 @@ def internvl_processor(path: Path):
 
     return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
                       video_processor=None, image_seq_length=4, chat_template=INTERNVL_TEMPLATE)
+
+
+# Qwen2-VL-2B-Instruct's chat template (tokenizer_config.json on the Hub): ChatML with a default system message,
+# each image as <|vision_start|><|image_pad|><|vision_end|>; the processor repeats <|image_pad|> per merged patch.
+QWEN2VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content "
+    "or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' "
+    "or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>", "<|video_pad|>"]
+# min/max pixels of the tiny processor: 2x2 .. 8x8 merged tokens (56..224 px a side)
+QWEN2VL_MIN_PIXELS, QWEN2VL_MAX_PIXELS = 56 * 56, 224 * 224
+
+
+def build_qwen2_vl(out: Path, version: str = "2", seed: int = 0, tied: bool = False) -> Path:
+    """Qwen2-VL ("2") or Qwen2.5-VL ("2.5"): the native-resolution ViT (14-px patches, 2x2 merge; 2.5 with window
+    attention on its first block and full attention on its second) and a Qwen2 decoder with M-RoPE sections
+    [2, 3, 3] (head_dim 16), random q/k/v biases. The processor class needs torchvision (video), so the image
+    processor, tokenizer and chat template are saved one by one, as the Hub checkpoints ship them."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from edgevlm.reference.tokenizers import train_bpe
+
+    torch.manual_seed(seed)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(CORPUS, 400, QWEN2VL_SPECIALS, pre="qwen2"),
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = QWEN2VL_TEMPLATE
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+                tie_word_embeddings=tied)
+    if version == "2":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = Qwen2VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=tied, **ids)
+        model = Qwen2VLForConditionalGeneration(config).eval()
+    elif version == "2.5":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=tied, **ids)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    else:
+        raise ValueError(f"version {version!r}: '2' or '2.5'")
+    with torch.no_grad():
+        # text weights at unit scale (std 1/sqrt(fan_in), embeddings std 1): at HF's init (std 0.02) attention is
+        # nearly uniform and image rows at wrong positions move the logits by ~1e-3 only; biases are zero at init
+        for name, param in [*model.model.language_model.named_parameters(), ("lm_head", model.lm_head.weight)]:
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+            elif param.ndim == 2:
+                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
+    model.save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=QWEN2VL_MIN_PIXELS, max_pixels=QWEN2VL_MAX_PIXELS, patch_size=14,
+                             temporal_patch_size=2, merge_size=2).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    return out

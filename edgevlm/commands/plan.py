@@ -1,7 +1,9 @@
 """edgevlm plan (BUNDLE | CHECKPOINT | --preset NAME) --device ID [--images N] [--image-size WxH] [--context N]
-[--parallel N] [--prompt-tokens N] [--new-tokens N] [--json] [--png F]:
+[--max-tiles N] [--parallel N] [--prompt-tokens N] [--new-tokens N] [--json] [--png F]:
 will each decoder x encoder fit the device, item by item, and how fast will it decode and answer (TTFT). A bundle is
 planned from its files; a checkpoint or a preset before any export, for every quantization `edgevlm export` writes.
+Ends with a recommendation (plan/advise.py): the most accurate option that fits with its margin, else what to lower
+first (the image's tile cap or size, then the context) and which option then fits.
 `--device this-machine` measures this machine; `--device-file F` adds devices (schema: edgevlm/plan/devices.json)."""
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ def add_arguments(parser) -> None:
                         help="WIDTHxHEIGHT of each image (default: the largest the preprocessing keeps)")
     parser.add_argument("--context", type=int, default=None,
                         help="positions per sequence (default: the runtime's, at most 4096 and the model's)")
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="tile cap per image, global view included (tiled models; default: the preprocessing's)")
     parser.add_argument("--parallel", type=int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--embed-cache-mb", type=float, default=None, help="image-embedding cache bound (default 256)")
     parser.add_argument("--prefix-cache-mb", type=float, default=None, help="prefix KV-state cache bound (default 512)")
@@ -34,19 +38,21 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from ..plan.advise import recommend
     from ..plan.bundle import PlanRequest, parse_image_size
     from ..plan.devices import get_device
     from .common import memory_options, print_json
 
-    plan = planner(args.path, args.preset)
+    plan, preprocess = planner(args.path, args.preset)
     device = get_device(args.device, args.device_file)
     caches = memory_options(args)  # validates the two cache bounds the way run/serve do
     request = PlanRequest(images=args.images, image_size=parse_image_size(args.image_size) if args.image_size else None,
                           context=args.context, parallel=args.parallel,
                           embed_cache_bytes=caches.get("embed_cache_bytes"),
                           prefix_cache_bytes=caches.get("prefix_cache_bytes"),
-                          prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+                          prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, max_tiles=args.max_tiles)
     result = plan(device, request)
+    result["recommendation"] = recommend(lambda lowered: plan(device, lowered), request, result, preprocess)
     if args.png:
         plot(result, args.png)
     if args.json:
@@ -57,7 +63,8 @@ def main(args) -> int:
 
 
 def planner(path: str | None, preset: str | None):
-    """(device, request) -> plan for a bundle, a checkpoint or a preset; bad input is refused before any probe."""
+    """((device, request) -> plan, the preprocessing) for a bundle, a checkpoint or a preset; bad input is refused
+    before any probe. The preprocessing is what the recommendation lowers the image by."""
     from pathlib import Path
 
     from ..errors import BadInputError
@@ -68,18 +75,31 @@ def planner(path: str | None, preset: str | None):
         raise BadInputError("plan one thing: a BUNDLE or CHECKPOINT folder, or --preset NAME (not both)")
     if preset is not None:
         shapes = from_preset(preset)
-        return lambda device, request: plan_model(shapes, device, request)
+        return (lambda device, request: plan_model(shapes, device, request)), shapes.preprocess
     if (Path(path) / "manifest.json").is_file():
-        return lambda device, request: plan_bundle(path, device, request)
+        from ..manifest import Manifest
+
+        return (lambda device, request: plan_bundle(path, device, request)), Manifest.load(path).preprocess
     if not (Path(path) / "config.json").is_file():
         raise BadInputError(f"{path} is neither a bundle (manifest.json) nor a checkpoint folder (config.json); pass "
                             "one of those, or --preset NAME")
     shapes = from_checkpoint(path)
-    return lambda device, request: plan_model(shapes, device, request)
+    return (lambda device, request: plan_model(shapes, device, request)), shapes.preprocess
 
 
 def title(result: dict) -> str:
     return result["bundle"] if "bundle" in result else f"{result['model']['name']} ({result['model']['source']})"
+
+
+def images_text(images: dict) -> str:
+    """The images line: tiles of a tiled model, the merged-patch grid of a native-resolution one."""
+    head = f"{images['count']} x {images['width']}x{images['height']}"
+    if images["kind"] == "grid":
+        return (f"{head}: {images['rows']}x{images['cols']} = {images['n_tiles']} image tokens ({images['patches'] or 0} "
+                f"patches, one encoder call per image; at most {images['max_tiles']} tokens)")
+    cap = f", capped at {images['tile_cap']}" if images["tile_cap"] else ""
+    return (f"{head}: {images['n_tiles']} tiles ({images['rows']}x{images['cols']} + global) of {images['max_tiles']} "
+            f"max{cap}")
 
 
 def ttft_text(option: dict) -> str:
@@ -99,16 +119,18 @@ def show(result: dict) -> None:
                                                      ", ".join(f"{d} {e}" for d, e in result["decode_efficiency"].items())),
         ("context / sequence", result["context"]), ("sequences", result["parallel"]),
         ("KV positions (llama.cpp, padded)", result["n_ctx"]),
-        ("images", f"{images['count']} x {images['width']}x{images['height']}: {images['n_tiles']} tiles "
-                   f"({images['rows']}x{images['cols']} + global) of {images['max_tiles']} max"),
+        ("images", images_text(images)),
         ("positions per image", f"{images['positions_per_image']} ({images['image_rows']} image rows + "
                                 f"{images['text_tokens']} text, {'counted' if images['text_tokens_exact'] else 'assumed'})"),
     ])
     if "model" in result:
         model = result["model"]
+        per_tile, per_image = model["vision_gflops_per_tile"], model.get("vision_gflops_per_image")
+        flops = f"{per_tile:,.1f} GFLOP per tile" if per_tile is not None else \
+            f"{per_image or 0:,.1f} GFLOP for this image, quadratic in its patches"
         print(f"{model['family']}: decoder blocks {model['decoder_params'] / 1e6:,.1f} M parameters, vision "
-              f"{model['vision_params'] / 1e6:,.1f} M ({model['vision_gflops_per_tile']:,.1f} GFLOP per tile); "
-              "encoder terms are estimates, not measured (export, then plan the bundle to measure them)")
+              f"{model['vision_params'] / 1e6:,.1f} M ({flops}); encoder terms are estimates, not measured (export, "
+              "then plan the bundle to measure them)")
     options = result["options"]
     if len(options) > 6:  # a plan before export: one row per option
         show_rows(result)
@@ -150,8 +172,7 @@ def footer(result: dict) -> None:
 
     table("how each item is sized", ["item", "basis"], list(result["basis"].items()))
     print(f"TTFT basis: {result['options'][0]['ttft']['basis']}")
-    advice = "nothing fits; lower the context, the image size, the cache bounds or the quant"
-    print(f"recommended: {result['recommended'] or advice}")
+    print(f"recommendation: {result['recommendation']['line']}")
     for line in result["skipped"]:
         print(f"skipped {line}")
 

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..decoder_arch import architecture_for_model_type
+from ..decoder_arch import architecture
 from ..errors import BadInputError
 from ..manifest import MMPROJ_PRECISIONS, DecoderSpec, EncoderSpec, Manifest
 from .bundle import BundleWriter, recover_interrupted, write_bundle
@@ -54,17 +54,50 @@ def parse_requests(text: str | None, formats: dict, role: str) -> list[ArtifactR
     return requests
 
 
-def build_manifest(ckpt, max_tiles: int) -> Manifest:
-    config = ckpt.decoder.config
+def encoder_spec(ckpt, max_tiles: int) -> EncoderSpec:
+    """The encoder contract, its output shape measured once by running the vision module on zeros."""
+    if getattr(ckpt.vision, "grid_spec", None) is not None:
+        return grid_encoder_spec(ckpt)
     tile_h, tile_w = ckpt.preprocess.tile_size
     import torch
 
     with torch.inference_mode():
-        probe = ckpt.vision(torch.zeros(1, 3, tile_h, tile_w, dtype=ckpt.vision_dtype))  # (1, T, D): the output shape, measured once
+        probe = ckpt.vision(torch.zeros(1, 3, tile_h, tile_w, dtype=ckpt.vision_dtype))  # (1, T, D)
     tokens, dim = int(probe.shape[1]), int(probe.shape[2])
     if tokens != ckpt.layout.tokens_per_tile:
         raise BadInputError(f"the vision module makes {tokens} tokens per tile but the processor expects "
                             f"{ckpt.layout.tokens_per_tile}; the checkpoint's processor config does not match the model")
+    return EncoderSpec("pixel_values", "image_embeds", ["tiles", 3, tile_h, tile_w], ["tiles", tokens, dim], max_tiles)
+
+
+def grid_encoder_spec(ckpt) -> EncoderSpec:
+    """A native-resolution encoder (Qwen2-VL): one image of any size per call, so every input and both axes are named
+    (edgevlm/vision_grid.py computes the auxiliary inputs at run time). The probe runs the smallest image."""
+    import torch
+
+    from ..preprocess import max_merged_tokens
+    from ..vision_grid import OUTPUT, PATCHES_INPUT
+
+    grid_spec, preprocess = ckpt.vision.grid_spec, ckpt.preprocess
+    for key in ("patch_size", "temporal_patch_size", "merge_size"):
+        if getattr(preprocess, key) != getattr(grid_spec, key):
+            raise BadInputError(f"the processor's {key} is {getattr(preprocess, key)} but the vision config's is "
+                                f"{getattr(grid_spec, key)}; the checkpoint's processor config does not match the model")
+    merge = grid_spec.merge_size
+    with torch.inference_mode():
+        probe = ckpt.vision(torch.zeros(merge * merge, grid_spec.patch_dim, dtype=ckpt.vision_dtype), (1, merge, merge))
+    if tuple(probe.shape[:1]) != (1,):
+        raise BadInputError(f"the vision module makes {probe.shape[0]} tokens for one merge block; expected 1")
+    most = max_merged_tokens(preprocess)
+    axes = {"merged": {"min": 1, "max": most},
+            "patches": {"min": merge * merge, "max": most * merge * merge, "multiple_of": merge * merge}}
+    return EncoderSpec(PATCHES_INPUT, OUTPUT, ["patches", grid_spec.patch_dim], ["merged", int(probe.shape[1])], 1,
+                       kind="grid", inputs=grid_spec.graph_inputs(), dynamic_axes=axes, vision_grid=grid_spec.to_dict())
+
+
+def build_manifest(ckpt, max_tiles: int) -> Manifest:
+    config = ckpt.decoder.config
+    encoder = encoder_spec(ckpt, max_tiles)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     rope_scaling = getattr(config, "rope_scaling", None)
@@ -73,19 +106,23 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
     if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", "default") in ("default", "dynamic"):
         rope_scaling = None
     tokenizer = ckpt.tokenizer
+    arch = architecture(ckpt.decoder_architecture)
+    mrope_section = ckpt.mrope_section
     return Manifest(
         family=ckpt.family,
         source={"path": str(ckpt.path), "sha256": ckpt.source_sha256,
                 "architecture": type(ckpt.hf_model).__name__},
         preprocess=ckpt.preprocess,
         image_layout=ckpt.layout,
-        encoder=EncoderSpec("pixel_values", "image_embeds", ["tiles", 3, tile_h, tile_w], ["tiles", tokens, dim], max_tiles),
+        encoder=encoder,
         decoder=DecoderSpec(
-            architecture=architecture_for_model_type(getattr(config, "model_type", "llama")).name, hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
+            architecture=arch.name, hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
             n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
             intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
             context_length=ckpt.context_length, rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(rope_theta),
             rope_scaling=rope_scaling, tie_word_embeddings=bool(config.tie_word_embeddings),
+            position_scheme=arch.position_schemes[0], mrope_section=mrope_section,
+            spatial_merge_size=getattr(ckpt.preprocess, "merge_size", None) if mrope_section else None,
         ),
         tokenizer={
             "path": "tokenizer", "chat_template": ckpt.chat_template, "stop_token_ids": ckpt.stop_token_ids,
@@ -112,7 +149,7 @@ def export_checkpoint(
     progress=None,
     options: dict | None = None,
 ) -> Path:
-    from ..families import load_checkpoint
+    from ..families import family_name, load_checkpoint, read_config
 
     options = dict(options or {})
     log = progress or (lambda message: None)
@@ -123,6 +160,11 @@ def export_checkpoint(
         recover_interrupted(output.absolute())  # leftovers of a killed export of this target
     if output.exists() and not force:
         raise BadInputError(f"{output} already exists; choose another -o or pass --force to replace it")
+    family = family_name(read_config(Path(checkpoint)))
+    for request in encoders:  # a format the family has no writer for is refused before the (slow) load
+        module = _module(ENCODER_FORMATS, request)
+        if hasattr(module, "check_family"):
+            module.check_family(family)
     log(f"loading {checkpoint}")
     ckpt = load_checkpoint(checkpoint, dtype="auto")  # stored dtype: no fp32 copy of a bf16 checkpoint
     for request in encoders:  # refuse what cannot be written before the slow artifacts are

@@ -213,6 +213,8 @@ def _writer_header(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str):
         writer.add_value_length(spec.head_dim)
     writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
     writer.add_rope_freq_base(spec.rope_theta)
+    if spec.position_scheme == "mrope":  # llama.cpp's qwen2vl requires 4 sections (t, row, col, unused)
+        writer.add_rope_dimension_sections([*spec.mrope_section, 0])
     if spec.rope_scaling:
         raise CheckpointError(f"RoPE scaling {spec.rope_scaling} is not exported to GGUF yet")
     writer.add_vocab_size(spec.vocab_size)

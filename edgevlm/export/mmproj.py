@@ -171,9 +171,16 @@ PLANNERS = {"idefics3": plan_idefics3, "llava": plan_llava}
 
 
 def plan_mmproj(ckpt) -> MmprojPlan:
-    if ckpt.family not in PLANNERS:
-        raise BadInputError(f"the {ckpt.family} family has no llama.cpp mmproj writer; choose from {', '.join(PLANNERS)}")
+    check_family(ckpt.family)
     return PLANNERS[ckpt.family](ckpt)
+
+
+def check_family(family: str) -> None:
+    """Families without a writer (qwen2_vl: its native-resolution tower has no mmproj here; the ONNX encoder serves
+    every image size) are refused before the checkpoint loads."""
+    if family not in PLANNERS:
+        raise BadInputError(f"the {family} family has no llama.cpp mmproj writer (gguf:* / mmproj:* encoders); export "
+                            f"onnx:fp32 / onnx:int8 instead (mmproj families: {', '.join(PLANNERS)})")
 
 
 def stored(name: str, array: np.ndarray, precision: str) -> tuple[np.ndarray, object | None, str]:

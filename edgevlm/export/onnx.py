@@ -31,6 +31,8 @@ def export_graph(vision, encoder_spec, path: Path) -> Path:
     import onnx
 
     _quiet_exporter()
+    if encoder_spec.kind == "grid":
+        return export_grid_graph(vision, encoder_spec, path)
     _, channels, height, width = encoder_spec.input_shape
     dummy = torch.zeros(min(2, encoder_spec.max_tiles), channels, height, width)
     n_bytes = sum(p.numel() * p.element_size() for p in vision.parameters())
@@ -44,6 +46,59 @@ def export_graph(vision, encoder_spec, path: Path) -> Path:
     _drop_rewriter_state()
     onnx.checker.check_model(str(path), full_check=False)
     return path
+
+
+# The example image the grid graph is traced with: merged tokens 4 x 6 (not square, not 1, several windows), so that
+# torch.export keeps the patch axis symbolic instead of specialising it.
+GRID_EXAMPLE_MERGED = (4, 6)
+
+
+def export_grid_graph(vision, encoder_spec, path: Path) -> Path:
+    """One graph for every image size: each input's patch axis is merge^2 x the dynamic merged-token axis (a derived
+    dim, so the merger's reshape to (merged, merge^2 * C) needs no guard). `vision` is the family's grid encoder (its
+    export_module() is traced) or an export module already."""
+    import onnx
+
+    from ..vision_grid import VisionGrid, encoder_feeds
+
+    grid_spec = VisionGrid.from_dict(encoder_spec.vision_grid)
+    module = vision.export_module() if hasattr(vision, "export_module") else vision
+    merge = grid_spec.merge_size
+    grid = (1, GRID_EXAMPLE_MERGED[0] * merge, GRID_EXAMPLE_MERGED[1] * merge)
+    patches = torch.zeros(grid[1] * grid[2], grid_spec.patch_dim).numpy()
+    feeds = encoder_feeds(patches, grid, grid_spec)
+    names = [i["name"] for i in encoder_spec.inputs]
+    axis = encoder_spec.dynamic_axes["merged"]
+    merged = torch.export.Dim("merged", min=1, max=max(int(axis["max"]), 2 * GRID_EXAMPLE_MERGED[0] * GRID_EXAMPLE_MERGED[1]))
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            module, tuple(torch.from_numpy(feeds[n]) for n in names), str(path), dynamo=True, input_names=names,
+            output_names=[encoder_spec.output_name], dynamic_shapes=tuple({0: merge * merge * merged} for _ in names),
+            external_data=n_bytes > EXTERNAL_DATA_BYTES, verbose=False,
+        )
+    _drop_rewriter_state()
+    _tidy_grid_graph(path, encoder_spec.output_name, "merged")
+    onnx.checker.check_model(str(path), full_check=False)
+    return path
+
+
+def _tidy_grid_graph(path: Path, output: str, axis: str) -> None:
+    """Two fixes to what the exporter writes. Its value_info also lists the weights: with 2-D activations every
+    Linear is a Gemm (transB=1), ORT's dynamic quantizer turns those into MatMul by transposing the weight, and the
+    stale (out, in) shape then fails its shape inference. And the output's first axis is named after an internal
+    symbol (s85); the manifest calls it `axis`."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    kept = [v for v in model.graph.value_info if v.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    for value in model.graph.output:
+        if value.name == output and not value.type.tensor_type.shape.dim[0].dim_value:
+            value.type.tensor_type.shape.dim[0].dim_param = axis
+    onnx.save(model, str(path))
 
 
 def _drop_rewriter_state() -> None:
@@ -69,8 +124,11 @@ class HalfPrecision(torch.nn.Module):
 
         self.inner = copy.deepcopy(vision).half()  # never mutate the caller's module
 
-    def forward(self, pixel_values):
-        return self.inner(pixel_values.half()).float()
+    def forward(self, pixel_values, vision_pos=None, window_ids=None):
+        # a grid encoder's positions and window ids are integers: only the pixels change dtype. Named parameters, not
+        # *args: torch.export matches dynamic_shapes to the signature's parameters
+        grid_inputs = [t for t in (vision_pos, window_ids) if t is not None]
+        return self.inner(pixel_values.half(), *grid_inputs).float()
 
 
 def _quiet_root_logger():
@@ -160,47 +218,99 @@ def calibration_tiles(manifest, n: int = CALIBRATION_TILES, seed: int | None = N
     return scenes.scene_tiles(manifest.preprocess, n, scenes.CALIBRATION_SEED if seed is None else seed)
 
 
-def run_per_tile(session, inputs) -> tuple:
-    """One tile per run (after a warm-up): the outputs, concatenated, and the ms of each run."""
+def grid_feeds(manifest, images) -> list[dict]:
+    """A grid encoder's graph inputs for each image (RGB PIL), preprocessed as at run time."""
+    from ..preprocess import preprocess
+    from ..vision_grid import VisionGrid, encoder_feeds
+
+    grid_spec, names = VisionGrid.from_dict(manifest.encoder.vision_grid), [i["name"] for i in manifest.encoder.inputs]
+    feeds = []
+    for image in images:
+        pre = preprocess(image, manifest.preprocess)
+        all_inputs = encoder_feeds(pre.pixel_values, pre.grid, grid_spec)
+        feeds.append({name: all_inputs[name] for name in names})
+    return feeds
+
+
+# Image sizes (width, height) of the grid encoder's calibration and held-out scenes; smart_resize brings each inside
+# the checkpoint's pixel budget, so a small budget sees them downscaled
+GRID_SIZES = ((224, 224), (308, 224), (224, 336), (280, 280))
+
+
+def grid_int8_feeds(manifest) -> tuple[list[dict], list[dict]]:
+    """(calibration, held-out) inputs of a grid encoder: reference scenes at several sizes and aspect ratios, plus
+    Gaussian-noise patches (at a scene's grid) in the held-out set."""
+    import numpy as np
+
+    from ..reference import scenes
+
+    def images(n: int, seed: int):
+        for i in range(n):
+            width, height = GRID_SIZES[i % len(GRID_SIZES)]
+            yield scenes.render(scenes.make_scene(seed + i), size=max(width, height)).resize((width, height))
+
+    calibration = grid_feeds(manifest, images(8, scenes.CALIBRATION_SEED))
+    held_out = grid_feeds(manifest, images(6, 3_500_000_000))
+    rng = np.random.default_rng(0)
+    for feeds in held_out[:2]:
+        noise = dict(feeds)
+        noise[manifest.encoder.input_name] = rng.normal(size=feeds[manifest.encoder.input_name].shape).astype(np.float32)
+        held_out.append(noise)
+    return calibration, held_out
+
+
+def int8_feeds(manifest) -> tuple[list[dict], list[dict]]:
+    """(calibration, held-out) graph inputs, one run each: reference-scene tiles for calibration; fresh scenes plus
+    Gaussian noise held out, since users' images are not our scenes and static ranges clip what calibration never saw."""
+    import numpy as np
+
+    if manifest.encoder.kind == "grid":
+        return grid_int8_feeds(manifest)
+    name = manifest.encoder.input_name
+    calibration = calibration_tiles(manifest)
+    fresh = calibration_tiles(manifest, 8, seed=3_500_000_000)
+    noise = np.random.default_rng(0).normal(size=(4, *fresh.shape[1:])).astype(np.float32)
+    held_out = np.concatenate([fresh, noise])
+    return ([{name: calibration[i : i + 1]} for i in range(len(calibration))],
+            [{name: held_out[i : i + 1]} for i in range(len(held_out))])
+
+
+def run_per_tile(session, feeds: list[dict]) -> tuple:
+    """One input (a tile, or a grid encoder's image) per run, after a warm-up: the outputs, concatenated along the
+    first axis, and the ms of each run."""
     import time
 
     import numpy as np
 
-    name = session.get_inputs()[0].name
-    session.run(None, {name: inputs[:1]})
+    session.run(None, feeds[0])
     times, outputs = [], []
-    for i in range(len(inputs)):
+    for feed in feeds:
         start = time.perf_counter()
-        outputs.append(session.run(None, {name: inputs[i : i + 1]})[0])
+        outputs.append(session.run(None, feed)[0])
         times.append((time.perf_counter() - start) * 1e3)
     return np.concatenate(outputs), times
 
 
-def measure(graph: Path, inputs, reference) -> dict:
-    """Median ms per tile and cosine to the fp32 graph's outputs."""
+def measure(graph: Path, feeds: list[dict], reference) -> dict:
+    """Median ms per run (tile or image) and cosine to the fp32 graph's outputs."""
     import statistics
 
     import onnxruntime as ort
 
     from ..metrics import cosine
 
-    outputs, times = run_per_tile(ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]), inputs)
+    outputs, times = run_per_tile(ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]), feeds)
     return {"ms_per_tile": statistics.median(times), "cosine": cosine(outputs, reference)}
 
 
 def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
-    """Every int8 method, judged on held-out tiles (fresh scenes plus Gaussian noise, since users' images are not our
-    scenes and static ranges clip what calibration never saw), chosen by `choose_int8`; an int8 graph below the
-    ladder's cosine is refused rather than shipped."""
-    import numpy as np
+    """Every int8 method, judged on held-out inputs (`int8_feeds`: tiles, or a grid encoder's images), chosen by
+    `choose_int8`; an int8 graph below the ladder's cosine is refused rather than shipped."""
     import onnxruntime as ort
 
-    calibration = calibration_tiles(manifest)
-    fresh = calibration_tiles(manifest, 8, seed=3_500_000_000)
-    noise = np.random.default_rng(0).normal(size=(4, *fresh.shape[1:])).astype(np.float32)
-    held_out = np.concatenate([fresh, noise])
+    calibration, held_out = int8_feeds(manifest)
+    unit = "image" if manifest.encoder.kind == "grid" else "tile"
     fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    name = fp32.get_inputs()[0].name
     reference, _ = run_per_tile(fp32, held_out)
     del fp32  # a second copy of the weights while the quantizers hold theirs
     release_memory()
@@ -209,26 +319,26 @@ def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
         if any(c["cosine"] >= INT8_PREFERRED_COSINE for c in candidates.values()):
             break  # choose_int8 takes the first method at the preferred cosine: the rest cannot change the choice
         candidate = path.with_name(f".{method}.{path.name}")
-        quantize(fp32_path, candidate, [{name: calibration[i : i + 1]} for i in range(len(calibration))], weight=weight)
+        quantize(fp32_path, candidate, calibration, weight=weight)
         candidates[method] = {**measure(candidate, held_out, reference), "weight_type": WEIGHT_TYPES[weight],
                               "graph": candidate}
         release_memory()  # the quantizer's copies of the model
         log(f"  int8 {method} ({WEIGHT_TYPES[weight]} weights): cosine {candidates[method]['cosine']:.4f} on held-out "
-            f"tiles ({candidates[method]['ms_per_tile']:.1f} ms/tile here)")
+            f"{unit}s ({candidates[method]['ms_per_tile']:.1f} ms/{unit} here)")
     chosen = choose_int8({m: c["cosine"] for m, c in candidates.items()})
     if chosen is None:
         for c in candidates.values():
             c["graph"].unlink(missing_ok=True)
         best = max(c["cosine"] for c in candidates.values())
         raise ExportError(f"the int8 encoder reaches cosine {best:.4f} < {INT8_MIN_COSINE} against fp32 on held-out "
-                          "tiles; this model does not quantize well to int8: export onnx:fp16 or onnx:fp32")
+                          f"{unit}s; this model does not quantize well to int8: export onnx:fp16 or onnx:fp32")
     candidates[chosen]["graph"].replace(path)
     for c in candidates.values():
         c.pop("graph").unlink(missing_ok=True)
     return {"quantization": chosen, "weight_type": candidates[chosen]["weight_type"], "candidates": candidates,
             "rule": f"the first of {', '.join(INT8_METHODS)} with cosine >= {INT8_PREFERRED_COSINE}, else the most "
                     f"accurate if >= {INT8_MIN_COSINE} (timings are information only)",
-            "calibration": f"{len(calibration)} reference-scene tiles; judged on {len(held_out)} held-out tiles"}
+            "calibration": f"{len(calibration)} reference-scene {unit}s; judged on {len(held_out)} held-out {unit}s"}
 
 
 def save_cpu_optimized(graph: Path, optimized: Path) -> Path:
@@ -266,19 +376,21 @@ def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
         details = {}
     elif precision == "fp16":
         log("  exporting an fp16 graph (fp32 inputs and outputs)")
-        export_graph(HalfPrecision(ckpt.vision).eval(), manifest.encoder, graph)
+        vision = ckpt.vision.export_module() if manifest.encoder.kind == "grid" else ckpt.vision
+        export_graph(HalfPrecision(vision).eval(), manifest.encoder, graph)
         details = {"io_dtype": "float32", "compute_dtype": "float16"}
     else:
-        log("  quantizing to int8 (onnxruntime: dynamic and static QDQ, chosen by accuracy on held-out tiles)")
+        log("  quantizing to int8 (onnxruntime: dynamic and static QDQ, chosen by accuracy on held-out inputs)")
         details = {**quantize_int8(fp32, graph, manifest, log), "activation_type": "uint8", "per_channel": True}
     optimized = folder / f"{precision}.ort-cpu.onnx"
     save_cpu_optimized(graph, optimized)
-    # the planner's activation term, measured on the graph the CPU runtime opens, in a fresh process (plan/probe.py)
-    from ..plan.probe import encoder_activation_details
+    if manifest.encoder.kind == "tiles":  # the planner's probe feeds one (1, 3, H, W) tile: no grid encoder yet
+        # the planner's activation term, measured on the graph the CPU runtime opens, in a fresh process (plan/probe.py)
+        from ..plan.probe import encoder_activation_details
 
-    log("  measuring its activation memory per tile (ONNX Runtime CPU)")
-    details = {**details, **encoder_activation_details(optimized, manifest.encoder.input_name,
-                                                       manifest.encoder.input_shape[1:], threads)}
+        log("  measuring its activation memory per tile (ONNX Runtime CPU)")
+        details = {**details, **encoder_activation_details(optimized, manifest.encoder.input_name,
+                                                           manifest.encoder.input_shape[1:], threads)}
     extras = tuple(p.relative_to(writer.root).as_posix() for p in folder.glob(f"{precision}.*") if p != graph)
     artifact = writer.artifact(f"onnx:{precision}", "encoder", "onnx", precision, f"encoder/{precision}.onnx",
                                extra_files=extras, cpu_optimized=f"encoder/{precision}.ort-cpu.onnx", **details)

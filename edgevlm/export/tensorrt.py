@@ -68,6 +68,9 @@ def build_engine(bundle: Path, precision: str, max_tiles: int | None = None, opt
     source = manifest.find("encoder", "onnx:fp32")
     source.verify(bundle)
     spec = manifest.encoder
+    if spec.kind != "tiles":
+        raise BadInputError("build-engine builds fixed-size tile encoders only; this bundle's native-resolution (grid) "
+                            "encoder runs on ONNX Runtime (onnx:fp32, onnx:int8)")
     min_tiles, opt_tiles, max_tiles = profile_shapes(spec, max_tiles, opt_tiles)
     engine_dir = bundle / "encoder"
     with tempfile.TemporaryDirectory(dir=bundle, prefix=".build-engine-") as scratch:

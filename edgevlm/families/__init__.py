@@ -13,6 +13,8 @@ FAMILIES = {
     "Idefics3ForConditionalGeneration": "idefics3",
     "SmolVLMForConditionalGeneration": "idefics3",  # SmolVLM2
     "InternVLForConditionalGeneration": "internvl",  # InternVL3 -hf checkpoints
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
 }
 
 

@@ -75,6 +75,26 @@ class LoadedCheckpoint:
     def text_config(self):
         return self.decoder.config
 
+    @property
+    def decoder_architecture(self) -> str:
+        """The decoder_arch row: from the VL model's own text config (Qwen2-VL's decoder is a Qwen2ForCausalLM
+        whose config says qwen2, but its positions are M-RoPE)."""
+        from ..decoder_arch import architecture_for_model_type
+
+        config = getattr(self.hf_model.config, "text_config", None) or self.decoder.config
+        return architecture_for_model_type(getattr(config, "model_type", "llama")).name
+
+    @property
+    def position_scheme(self) -> str:
+        from ..decoder_arch import architecture
+
+        return architecture(self.decoder_architecture).position_schemes[0]
+
+    @property
+    def mrope_section(self) -> list[int] | None:
+        section = getattr(getattr(self.decoder.model, "rotary_emb", None), "mrope_section", None)
+        return [int(v) for v in section] if self.position_scheme == "mrope" and section else None
+
     def parameter_counts(self) -> dict[str, int]:
         vision = sum(p.numel() for p in self.vision.parameters())
         seen: set[int] = set()
@@ -157,21 +177,29 @@ def torch_dtype(name: str):
 def build_decoder(text_config, state_dict: dict[str, torch.Tensor]):
     """The text decoder as a plain transformers causal LM (the class its row in decoder_arch names) whose parameters
     are the checkpoint's own tensors (no copy)."""
+    import importlib
+
     import transformers
 
     from ..decoder_arch import architecture_for_model_type
 
     arch = architecture_for_model_type(getattr(text_config, "model_type", "llama"))
     model_class = getattr(transformers, arch.hf_class)
-    modeling = __import__(model_class.__module__, fromlist=[arch.hf_rotary_class])
-    text_config = text_config.__class__.from_dict(text_config.to_dict())  # never mutate the caller's config
+    modeling = importlib.import_module(arch.hf_rotary_module or model_class.__module__)
+    rotary_config = text_config.__class__.from_dict(text_config.to_dict())  # never mutate the caller's config
     tied = state_dict["lm_head.weight"].data_ptr() == state_dict["model.embed_tokens.weight"].data_ptr()
-    text_config.tie_word_embeddings = tied
+    rotary_config.tie_word_embeddings = tied
+    decoder_config = rotary_config
+    if not isinstance(text_config, model_class.config_class):  # a VL text config: the decoder class's own config
+        values = {k: v for k, v in rotary_config.to_dict().items() if k not in ("model_type", "architectures")}
+        rope = dict(values.get("rope_parameters") or {})
+        rope.pop("mrope_section", None)  # the rotary below reads it from the VL config; Qwen2Config warns on it
+        decoder_config = model_class.config_class(**{**values, "rope_parameters": rope or None})
     with torch.device("meta"):
-        decoder = model_class(text_config)
+        decoder = model_class(decoder_config)
     decoder.load_state_dict(state_dict, assign=True, strict=True)
     # a non-persistent buffer, not in the state dict
-    decoder.model.rotary_emb = getattr(modeling, arch.hf_rotary_class)(config=text_config)
+    decoder.model.rotary_emb = getattr(modeling, arch.hf_rotary_class)(config=rotary_config)
     return decoder.eval()
 
 

@@ -7,7 +7,7 @@ bytes. llama.cpp rules are cited from ggml-org/llama.cpp@007dbbf3fd17eefe9b47fee
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -269,7 +269,7 @@ class ImageTokens:
 
 def _assumed_text_tokens(layout: ImageLayout, rows: int, cols: int) -> int:
     """Markers of ImageLayout.expand, one token each (true for SmolVLM's tokenizer, where "\\n\\n" is two tokens)."""
-    if layout.kind == "repeat":
+    if layout.kind in ("repeat", "grid"):  # grid: the template writes <|vision_start|>/<|vision_end|>, not the layout
         return 0
     if layout.kind == "wrapped":
         return 2  # start + end
@@ -296,12 +296,50 @@ def image_tokens(layout: ImageLayout, preprocess: PreprocessSpec, width: int, he
 def largest_image(preprocess: PreprocessSpec) -> tuple[int, int]:
     """(width, height) of the largest square image the preprocessing keeps: the worst case when none is given."""
     tile_h, tile_w = preprocess.tile_size
+    if preprocess.resize_rule == "qwen2vl":  # native resolution: the square max_pixels allows, in whole merge blocks
+        side = math.isqrt(preprocess.max_pixels) // tile_w * tile_w
+        return side, side
     if preprocess.resize_rule == "idefics3" and preprocess.image_splitting:
         return preprocess.longest_edge, preprocess.longest_edge
     if preprocess.resize_rule == "internvl":
         side = math.isqrt(preprocess.max_tiles)
         return tile_w * side, tile_h * side
     return tile_w, tile_h
+
+
+def cap_tiles(preprocess: PreprocessSpec, cap: int | None) -> PreprocessSpec:
+    """The preprocessing with at most `cap` tiles per image (the global view / thumbnail included), as the processor's
+    own knob sets it: idefics3 longest_edge = n tiles (an n x n split + the global view: n^2 + 1 <= cap; n = 1 is the
+    global view alone), internvl max_patches (a grid of m tiles + the thumbnail: m + 1 <= cap; m = 1 has no
+    thumbnail). One-tile rules are unchanged; a native-resolution rule (qwen2vl) has no tiles to cap: its knob is the
+    image size (or max_pixels)."""
+    from ..errors import BadInputError
+
+    if cap is None:
+        return preprocess
+    if cap < 1:
+        raise BadInputError(f"--max-tiles must be 1 or more, got {cap}")
+    if preprocess.resize_rule == "qwen2vl":
+        raise BadInputError("--max-tiles caps tiled models; a native-resolution model (qwen2vl) has no tiles: pass a "
+                            "smaller --image-size instead")
+    if preprocess.resize_rule == "idefics3" and preprocess.image_splitting:
+        side = math.isqrt(cap - 1) if cap > 1 else 1
+        edge = max(1, side) * preprocess.tile_size[0]
+        return replace(preprocess, longest_edge=min(preprocess.longest_edge, edge))
+    if preprocess.resize_rule == "internvl":
+        grid = cap - 1 if cap >= 3 else 1
+        return replace(preprocess, max_tiles=min(preprocess.max_tiles, grid),
+                       min_tiles=min(preprocess.min_tiles, grid))
+    return preprocess
+
+
+def patch_input_bytes(patches: int, preprocess: PreprocessSpec, channels: int = 3) -> int:
+    """A native-resolution image's preprocessed pixels at their peak: the normalised f32 image and its patches
+    (patches x C*T*p*p, the frame repeated temporal_patch_size times: preprocess._patchify copies), both held:
+    4 x patches x C x p^2 x (1 + T)."""
+    if patches <= 0:
+        raise ValueError("patches must be positive")
+    return 4 * patches * channels * preprocess.patch_size**2 * (1 + preprocess.temporal_patch_size)
 
 
 def encoder_activation_bytes(n_tiles: int, tiles_per_run: int, tile_height: int, tile_width: int,

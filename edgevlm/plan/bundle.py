@@ -31,8 +31,9 @@ BASIS = {
     "runtime_overhead": "CPU: measured, Python + numpy + ONNX Runtime + llama.cpp imported (68 MiB) + tokenizer and "
                         "llama.cpp context (12 MiB + 512 B per vocabulary token); GPU targets: estimate",
     "margin": "headroom: 1 GiB, 0.5 GiB on devices of 8 GiB or less; none in the one-request figure",
-    "ttft": "estimate: encode (vision FLOPs per tile x tiles) + prefill (2 x decoder block parameters x image and "
-            "prompt positions), each over the device's compute x an efficiency (plan/compute.py)",
+    "ttft": "estimate: encode (vision FLOPs per tile x tiles; a native-resolution tower: per image, at its patch "
+            "count) + prefill (2 x decoder block parameters x image and prompt positions), each over the device's "
+            "compute x an efficiency (plan/compute.py)",
 }
 # The one request `memory_one_request` describes, unless asked otherwise: `edgevlm bench`'s defaults
 DEFAULT_PROMPT_TOKENS = 24
@@ -49,6 +50,7 @@ class PlanRequest:
     prefix_cache_bytes: int | None = None
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS  # the one request: text tokens after the images, and tokens generated
     new_tokens: int = DEFAULT_NEW_TOKENS
+    max_tiles: int | None = None  # the tile cap per image (budget.cap_tiles); None: the preprocessing's own
 
     def __post_init__(self) -> None:
         if self.images < 0:
@@ -60,6 +62,8 @@ class PlanRequest:
                                 f"{self.new_tokens}")
         if self.context is not None and self.context < 16:
             raise BadInputError(f"--context must be at least 16 positions, got {self.context}")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise BadInputError(f"--max-tiles must be 1 or more, got {self.max_tiles}")
 
 
 @dataclass
@@ -169,6 +173,9 @@ class PlanModel:
     decoder_params: int  # the blocks' parameters: prefill FLOPs
     vision_flops_per_tile: int | None  # None: unknown (TTFT gives the prefill only)
     count_text: object = None  # text -> tokens (a tokenizer), or None: one token per layout marker assumed
+    # native resolution (layout "grid", Qwen2-VL): the tower's shapes (plan.model.VisionShape); its FLOPs and
+    # activations follow each image's patch count (one image per encoder call). None: a tiled encoder
+    grid_vision: object = None
 
 
 def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dict:
@@ -176,6 +183,9 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
 
     bundle = Path(bundle)
     manifest = Manifest.load(bundle)
+    if getattr(manifest.encoder, "kind", "tiles") != "tiles":
+        raise BadInputError(f"{bundle} has a {manifest.encoder.kind} encoder (native resolution); planning such a bundle "
+                            "is not implemented yet: plan its checkpoint instead (edgevlm plan CHECKPOINT --device ID)")
     cpu = device.target == "cpu"
     decoders = []
     for name in _ordered([a.name for a in manifest.artifacts if a.format == "gguf"], DECODER_ACCURACY):
@@ -231,29 +241,71 @@ def _source_vision_flops(manifest) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class EncoderWork:
+    """Encoding one request's images: the encoder calls, the FLOPs of each, the preprocessed pixels held at their
+    peak, and the activation peak per encoder choice."""
+
+    calls: int  # tiled: images x tiles; grid: one per image
+    flops_per_call: int | None  # None: the tower's shapes are unknown
+    pixels: int
+    patches: int | None  # grid: patches of one image through the tower; None for tiled encoders
+    activations: object  # EncoderChoice -> bytes
+
+
+def encoder_work(model: PlanModel, preprocess, image: budget.ImageTokens, images: int, cpu: bool) -> EncoderWork:
+    """Tiled encoders run tiles_per_run tiles at a time, each tile the same cost. A native-resolution tower (grid)
+    runs one image per call over all its patches (merged tokens x merge^2): its activations and FLOPs are the tower's
+    at that sequence. Attention is quadratic in the patches of a full-attention block (the (P, P) scores), and
+    edgevlm's ONNX graph masks Qwen2.5-VL's windows over all P patches rather than splitting them
+    (qwen2_vl_vision.QwenVisionExport), so every block is counted at P^2: 4x the patches, 16x the scores."""
+    from ..runtimes.onnx_encoder import CPU_TILES_PER_RUN, TILES_PER_RUN
+    from .compute import vision_flops_per_tile
+
+    if not images:
+        return EncoderWork(0, model.vision_flops_per_tile, 0, None, lambda encoder: 0)
+    if model.grid_vision is not None:
+        merge = preprocess.merge_size
+        patches = image.image_rows * merge * merge
+        vision = model.grid_vision.at_patches(patches, merge)
+        return EncoderWork(images, vision_flops_per_tile(vision),
+                           budget.patch_input_bytes(patches, preprocess, model.channels), patches,
+                           lambda encoder: vision.activation_bytes_per_tile(encoder.precision))
+    tile_h, tile_w = preprocess.tile_size
+    per_run = CPU_TILES_PER_RUN if cpu else TILES_PER_RUN
+    return EncoderWork(images * image.n_tiles, model.vision_flops_per_tile,
+                       budget.image_input_bytes(image.n_tiles, model.channels, tile_h, tile_w), None,
+                       lambda encoder: budget.encoder_activation_bytes(image.n_tiles, per_run, tile_h, tile_w,
+                                                                       encoder.activation_bytes_per_tile))
+
+
 def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list[EncoderChoice], device: Device,
                  request: PlanRequest) -> dict:
     """Every decoder x encoder option on the device: the itemised memory, its verdict, decode tok/s and TTFT. The
     arithmetic shared by bundle plans and plans made before export (plan/model.py)."""
     from ..runtimes.llamacpp_decoder import DEFAULT_N_BATCH, DEFAULT_N_CTX
-    from ..runtimes.onnx_encoder import CPU_TILES_PER_RUN, TILES_PER_RUN
     from ..runtimes.session import DEFAULT_EMBED_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
     from .compute import device_compute, prefill_flops, ttft
 
     spec = model.decoder
     context = resolve_context(request.context, spec.context_length, DEFAULT_N_CTX)
     n_ctx = budget.llama_cpp_n_ctx(context, request.parallel)
-    width, height = request.image_size or budget.largest_image(model.preprocess)
-    image = budget.image_tokens(model.layout, model.preprocess, width, height, model.count_text)
+    preprocess = budget.cap_tiles(model.preprocess, request.max_tiles)
+    width, height = request.image_size or budget.largest_image(preprocess)
+    try:
+        image = budget.image_tokens(model.layout, preprocess, width, height, model.count_text)
+    except ValueError as exc:  # e.g. an aspect ratio Qwen2-VL's resize refuses
+        raise BadInputError(f"--image-size {width}x{height}: {exc}; plan another size") from None
     image_positions = request.images * image.positions
     if image_positions > context:
+        hint = "or plan fewer or smaller images (--image-size WxH)" if model.grid_vision is not None else \
+            "or plan fewer or smaller images"
         raise BadInputError(f"{request.images} image(s) of {width}x{height} take {image_positions} positions, more than "
                             f"the context of {context}; raise --context (the model supports {spec.context_length}) "
-                            "or plan fewer or smaller images")
+                            f"{hint}")
     cpu = device.target == "cpu"
-    tile_h, tile_w = model.preprocess.tile_size
+    work = encoder_work(model, preprocess, image, request.images, cpu)
     embeddings = request.images * image.n_tiles * model.embed_tokens * model.embed_width * 4  # f32 [tiles, T, D]
-    pixels = budget.image_input_bytes(image.n_tiles, model.channels, tile_h, tile_w) if request.images else 0
     embed_bound = DEFAULT_EMBED_CACHE_BYTES if request.embed_cache_bytes is None else request.embed_cache_bytes
     prefix_bound = DEFAULT_PREFIX_CACHE_BYTES if request.prefix_cache_bytes is None else request.prefix_cache_bytes
     caches = embed_bound + prefix_bound
@@ -290,11 +342,8 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
         efficiency = budget.decode_efficiency(decoder.precision, device.bandwidth_measured)
         efficiencies[decoder.name] = efficiency
         for encoder in encoders:
-            activations = budget.encoder_activation_bytes(
-                image.n_tiles, CPU_TILES_PER_RUN if cpu else TILES_PER_RUN, tile_h, tile_w,
-                encoder.activation_bytes_per_tile) if request.images else 0
             items = dict(decoder_weights=decoder.weight_bytes, encoder_weights=encoder.weight_bytes,
-                         encoder_activations=activations + embeddings + pixels)
+                         encoder_activations=work.activations(encoder) + embeddings + work.pixels)
             memory = budget.MemoryPlan(**items, **shared)
             options.append(Option(
                 decoder.name, encoder.name, memory, budget.MemoryPlan(**items, **one_request),
@@ -303,7 +352,7 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
                                                 efficiency),
                 budget.decode_tokens_per_second(decoder.bytes_per_token, kv_read_full, device.bandwidth_gbs, efficiency),
                 decoder.bytes_per_token,
-                ttft(compute, model.vision_flops_per_tile, request.images * image.n_tiles, prefill, encoder.precision)))
+                ttft(compute, work.flops_per_call, work.calls, prefill, encoder.precision)))
     recommended = next((o for o in options if o.verdict == "fits"), None)
     return {
         "device": device.to_dict(),
@@ -317,7 +366,8 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
         "images": {"count": request.images, "width": width, "height": height, "rows": image.rows, "cols": image.cols,
                    "n_tiles": image.n_tiles, "image_rows": image.image_rows, "text_tokens": image.text_tokens,
                    "positions_per_image": image.positions, "positions": image_positions,
-                   "text_tokens_exact": image.exact, "max_tiles": model.max_tiles},
+                   "text_tokens_exact": image.exact, "max_tiles": model.max_tiles, "tile_cap": request.max_tiles,
+                   "kind": model.layout.kind, "encoder_calls": work.calls, "patches": work.patches},
         "decode_efficiency": efficiencies,  # decoder -> the roofline fraction its tok/s assume
         "ttft_prompt_positions": prompt_positions,  # images + prompt text, as TTFT prefills them
         "options": [o.to_dict() for o in options],
@@ -337,8 +387,9 @@ MODEL_BASIS = {
     "encoder_weights": "estimate: vision parameters x bytes per parameter (fp32 4, fp16 2, int8 1.06), x ORT's CPU "
                        "resident factor (1.65 / 1.59) on a CPU target (plan/model.py)",
     "encoder_activations": "estimate, not measured (the bundle path measures it at export): one ViT layer's f32 "
-                           "tensors x ORT's arena factor (plan/model.py), tiles per run, plus the images' embeddings "
-                           "and one image's preprocessed pixels",
+                           "tensors x ORT's arena factor (plan/model.py), tiles per run (a native-resolution tower: "
+                           "one image per run, its attention scores quadratic in the image's patches), plus the "
+                           "images' embeddings and one image's preprocessed pixels",
 }
 
 
@@ -359,15 +410,20 @@ def plan_model(shapes, device: Device, request: PlanRequest) -> dict:
         per_token = sum(size for name, size in sizes.items() if tied or name != "token_embd.weight")
         decoders.append(DecoderChoice(f"gguf:{precision}", precision, sum(sizes.values()), per_token))
     vision = shapes.vision
-    encoders = [EncoderChoice(f"onnx:{p}", p, vision.onnx_bytes(p, cpu), vision.activation_bytes_per_tile(p))
-                for p in ONNX_PRECISIONS]
+    grid = shapes.layout.kind == "grid"  # native resolution: the per-image terms come from grid_vision
+    encoders = [EncoderChoice(f"onnx:{p}", p, vision.onnx_bytes(p, cpu),
+                              None if grid else vision.activation_bytes_per_tile(p)) for p in ONNX_PRECISIONS]
     model = PlanModel(shapes.decoder, shapes.preprocess, shapes.layout, shapes.layout.tokens_per_tile,
                       shapes.decoder.hidden_size, 3, _max_tiles(shapes), shapes.decoder_params,
-                      vision_flops_per_tile(vision))
+                      None if grid else vision_flops_per_tile(vision), grid_vision=vision if grid else None)
+    options = plan_options(model, decoders, encoders, device, request)
     result = {"model": {"name": shapes.name, "source": shapes.source, "family": shapes.family,
                         "decoder_params": shapes.decoder_params, "vision_params": vision.params,
-                        "vision_gflops_per_tile": vision_flops_per_tile(vision) / 1e9},
-              **plan_options(model, decoders, encoders, device, request)}
+                        "vision_gflops_per_tile": None if grid else vision_flops_per_tile(vision) / 1e9},
+              **options}
+    if grid:
+        result["model"]["vision_gflops_per_image"] = _grid_gflops(vision, options["images"]["patches"],
+                                                                  shapes.preprocess.merge_size)
     result["basis"].update(MODEL_BASIS)
     mmproj = ", ".join(f"mmproj:{p} {vision.params * b / (1 << 20):,.0f} MiB"
                        for p, b in MMPROJ_BYTES_PER_PARAM.items())
@@ -376,8 +432,20 @@ def plan_model(shapes, device: Device, request: PlanRequest) -> dict:
     return result
 
 
+def _grid_gflops(vision, patches: int | None, merge: int) -> float | None:
+    """A native-resolution tower's GFLOP for one image of the plan (None without an image)."""
+    from .compute import vision_flops_per_tile
+
+    return None if not patches else vision_flops_per_tile(vision.at_patches(patches, merge)) / 1e9
+
+
 def _max_tiles(shapes) -> int:
-    """The most tiles the preprocessing makes for one image (its largest image)."""
+    """The most tiles the preprocessing makes for one image (its largest image); a native-resolution model: the
+    most merged tokens any image can make (preprocess.max_merged_tokens)."""
+    if shapes.preprocess.resize_rule == "qwen2vl":
+        from ..preprocess import max_merged_tokens
+
+        return max_merged_tokens(shapes.preprocess)
     width, height = budget.largest_image(shapes.preprocess)
     return budget.image_tokens(shapes.layout, shapes.preprocess, width, height).n_tiles
 

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import BadInputError, CheckpointError
@@ -24,12 +24,14 @@ from . import budget
 
 # config.json "architectures" -> family, as edgevlm.families.FAMILIES (test_plan checks they stay equal)
 FAMILIES = {"LlavaForConditionalGeneration": "llava", "Idefics3ForConditionalGeneration": "idefics3",
-            "SmolVLMForConditionalGeneration": "idefics3", "InternVLForConditionalGeneration": "internvl"}
+            "SmolVLMForConditionalGeneration": "idefics3", "InternVLForConditionalGeneration": "internvl",
+            "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_vl"}
 # transformers' defaults for text_config keys a Hub config.json may omit (LlamaConfig / Qwen2Config)
 TEXT_DEFAULTS = {"llama": {"num_attention_heads": 32, "max_position_embeddings": 2048, "rope_theta": 10000.0,
                            "rms_norm_eps": 1e-6},
                  "qwen2": {"num_attention_heads": 32, "max_position_embeddings": 32768, "rope_theta": 10000.0,
                            "rms_norm_eps": 1e-6}}
+TEXT_DEFAULTS["qwen2vl"] = TEXT_DEFAULTS["qwen2"]  # Qwen2-VL's text config is a Qwen2Config's
 PROJECTOR_KEYS = ("multi_modal_projector.", "connector.")
 
 # The ONNX encoder's weights per parameter (file bytes), measured on the W1 bundle (SigLIP-B/16 + connector, 93.6 M
@@ -60,12 +62,22 @@ class VisionShape:
     heads: int
     sequence: int  # positions through the tower per tile (patches, plus CLS where the tower has one)
     tokens_out: int  # embedding rows per tile after the projector (the layout's tokens_per_tile)
+    gated: bool = False  # a SwiGLU MLP (gate, up, their product: three [T, mlp] tensors live, not two)
 
     def activation_bytes_per_tile(self, precision: str) -> int:
         """Estimate (ACTIVATION_ARENA_FACTOR): one layer's live f32 tensors x ORT's arena factor."""
         t = self.sequence
-        tensors = 4 * (2 * self.heads * t * t + 2 * t * self.mlp + 4 * t * self.width)
+        mlp = (3 if self.gated else 2) * t * self.mlp
+        tensors = 4 * (2 * self.heads * t * t + mlp + 4 * t * self.width)
         return int(tensors * ACTIVATION_ARENA_FACTOR[precision])
+
+    def at_patches(self, patches: int, merge: int) -> "VisionShape":
+        """A native-resolution tower (Qwen2-VL) on one image of `patches` patches: its sequence is the image's patch
+        count and the merger gives one row per merge x merge block. The "tile" of the per-tile methods is then the
+        whole image (one image per encoder call)."""
+        if patches <= 0 or patches % (merge * merge):
+            raise ValueError(f"{patches} patches are not whole {merge}x{merge} merge blocks")
+        return replace(self, sequence=patches, tokens_out=patches // (merge * merge))
 
     def onnx_bytes(self, precision: str, cpu: bool) -> int:
         """Estimate: parameters x ONNX_BYTES_PER_PARAM, x ORT_CPU_RESIDENT_FACTOR on a CPU target."""
@@ -94,7 +106,7 @@ class ModelShapes:
 
 
 def from_preset(name: str) -> ModelShapes:
-    from ..reference.presets import PRESETS, InternVLShape, LlavaShape
+    from ..reference.presets import PRESETS, InternVLShape, LlavaShape, QwenVLShape
 
     if name not in PRESETS:
         raise BadInputError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
@@ -103,6 +115,8 @@ def from_preset(name: str) -> ModelShapes:
         family, arch, tied, biases = "llava", "llama", False, ()
     elif isinstance(shape, InternVLShape):
         family, arch, tied, biases = "internvl", "qwen2", shape.tied, ("attn_q", "attn_k", "attn_v")
+    elif isinstance(shape, QwenVLShape):  # GGUF arch qwen2vl: qwen2's tensor list (q/k/v biases), M-RoPE positions
+        family, arch, tied, biases = "qwen2_vl", "qwen2vl", shape.tied, ("attn_q", "attn_k", "attn_v")
     else:
         family, arch, tied, biases = "idefics3", "llama", shape.tied, ()
     head_dim = shape.text_hidden // shape.text_heads
@@ -112,7 +126,10 @@ def from_preset(name: str) -> ModelShapes:
                           rms_norm_eps=1e-5, rope_theta=shape.rope_theta, tie_word_embeddings=tied)
     tensors = budget.llama_decoder_tensors(shape.text_hidden, shape.text_layers, shape.text_heads, shape.text_kv_heads,
                                            head_dim, shape.text_mlp, shape.vocab, tied, biases)
-    vision, preprocess, layout = _preset_vision(family, shape)
+    if family == "qwen2_vl":
+        vision, preprocess, layout = _preset_qwen_vision(shape)
+    else:
+        vision, preprocess, layout = _preset_vision(family, shape)
     return ModelShapes(name, "preset", family, decoder, tuple(tensors), vision, preprocess, layout)
 
 
@@ -121,6 +138,51 @@ def vit_layer_params(width: int, mlp: int, qkv_bias: bool = True, layer_scale: b
     two layer-scale vectors)."""
     attention = 4 * width * width + (4 if qkv_bias else 1) * width
     return attention + 2 * width * mlp + mlp + width + 4 * width + (2 * width if layer_scale else 0)
+
+
+# Qwen2-VL's vision constants (Qwen2VLVisionConfig / Qwen2VLImageProcessor defaults; the presets do not vary them)
+QWEN_PATCH, QWEN_TEMPORAL, QWEN_MERGE, QWEN_MIN_PIXELS = 14, 2, 2, 56 * 56
+QWEN_IMAGE_TOKEN, QWEN_IMAGE_TOKEN_ID = "<|image_pad|>", 151655
+
+
+def qwen_vision_params(version: str, width: int, mlp: int, layers: int, out: int, patch: int = QWEN_PATCH,
+                       temporal: int = QWEN_TEMPORAL, merge: int = QWEN_MERGE, channels: int = 3) -> tuple[int, int]:
+    """(tower, merger) parameters of a Qwen2-VL ("2") or Qwen2.5-VL ("2.5") vision tower (transformers'
+    modeling_qwen2_vl / modeling_qwen2_5_vl): the patch embedding is a Conv3d without bias (channels x temporal x
+    patch^2 = 1176 inputs per patch); each block has qkv + proj with biases and, for "2", two LayerNorms and a GELU
+    MLP fc1/fc2 at width x mlp_ratio (vit_layer_params), for "2.5" two RMSNorms and a SwiGLU gate/up/down at
+    intermediate_size with biases; the merger: a norm over the width (LayerNorm / RMSNorm), then Linear(4w -> 4w) and
+    Linear(4w -> out), with biases."""
+    if version not in ("2", "2.5"):
+        raise ValueError(f"Qwen-VL version {version!r}: '2' or '2.5'")
+    patch_embed = width * channels * temporal * patch * patch
+    if version == "2":
+        block, norm = vit_layer_params(width, mlp), 2 * width
+    else:
+        block, norm = 4 * width * width + 4 * width + 3 * width * mlp + 2 * mlp + width + 2 * width, width
+    wide = width * merge * merge
+    return patch_embed + layers * block, norm + wide * wide + wide + wide * out + out
+
+
+def qwen_preprocess(min_pixels: int, max_pixels: int, patch: int = QWEN_PATCH, temporal: int = QWEN_TEMPORAL,
+                    merge: int = QWEN_MERGE) -> PreprocessSpec:
+    """The "qwen2vl" resize rule's sizes (families/qwen2_vl.preprocess_spec; the mean, std and resample do not change
+    a plan): the tile is the resize factor, patch x merge."""
+    return PreprocessSpec("qwen2vl", (patch * merge, patch * merge), patch_size=patch, temporal_patch_size=temporal,
+                          merge_size=merge, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def _qwen_vision(version: str, width: int, mlp: int, layers: int, heads: int, out: int) -> VisionShape:
+    """A native-resolution tower: sequence and tokens_out are per image (VisionShape.at_patches); here one merge
+    block's worth, the smallest image unit."""
+    tower, merger = qwen_vision_params(version, width, mlp, layers, out)
+    return VisionShape(tower + merger, merger, layers, width, mlp, heads, QWEN_MERGE**2, 1, gated=version == "2.5")
+
+
+def _preset_qwen_vision(s) -> tuple[VisionShape, PreprocessSpec, ImageLayout]:
+    vision = _qwen_vision(s.version, s.vision_hidden, s.vision_mlp, s.vision_layers, s.vision_heads, s.text_hidden)
+    layout = ImageLayout("grid", QWEN_IMAGE_TOKEN, QWEN_IMAGE_TOKEN, QWEN_IMAGE_TOKEN_ID, 1)
+    return vision, qwen_preprocess(QWEN_MIN_PIXELS, s.max_pixels), layout
 
 
 def _preset_vision(family: str, s) -> tuple[VisionShape, PreprocessSpec, ImageLayout]:
@@ -219,7 +281,7 @@ def _checkpoint_decoder(config: dict, shapes: dict):
     prefix = embed[0][: -len("embed_tokens.weight")]
     heads = [k for k in shapes if k.endswith("lm_head.weight")]
     keys = [k for k in shapes if k.startswith(prefix)] + heads
-    text = config.get("text_config") or {}
+    text = _text_config(config)
     arch = architecture_for_model_type(text.get("model_type", "llama"))
     defaults = TEXT_DEFAULTS[arch.name]
     vocab, hidden = shapes[embed[0]][1]
@@ -246,6 +308,16 @@ def _checkpoint_decoder(config: dict, shapes: dict):
     return decoder, tensors, set(keys)
 
 
+def _text_config(config: dict) -> dict:
+    """The decoder's config: text_config, or for a Qwen2-VL config.json in the Hub's older layout (the text keys at the
+    top level, model_type "qwen2_vl") those keys, typed as transformers 5 types the nested one ("qwen2_vl_text")."""
+    if config.get("text_config"):
+        return config["text_config"]
+    if config.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
+        return {**config, "model_type": config["model_type"] + "_text"}
+    return {}
+
+
 def _token_text(path: Path, token_id: int, fallback: str) -> str:
     """The added token with this id in tokenizer.json (image tokens are added tokens), else the family's usual one."""
     data = _read_json(path / "tokenizer.json")
@@ -254,6 +326,8 @@ def _token_text(path: Path, token_id: int, fallback: str) -> str:
 
 def _checkpoint_vision(path: Path, family: str, config: dict, processor: dict, shapes: dict, keys: list[str]):
     vision_config = config.get("vision_config") or {}
+    if family == "qwen2_vl":
+        return _checkpoint_qwen_vision(path, config, processor, shapes, keys)
     projector = [k for k in keys if any(p in k for p in PROJECTOR_KEYS)]
     conv = [k for k in keys if len(shapes[k][1]) == 4 and k not in projector]
     if len(conv) != 1:
@@ -302,6 +376,46 @@ def _checkpoint_vision(path: Path, family: str, config: dict, processor: dict, s
     numel = {k: math.prod(shapes[k][1]) for k in keys}
     vision = VisionShape(sum(numel.values()), sum(numel[k] for k in projector), len(layer_ids), width, fc1, heads,
                          rows, tokens)
+    return vision, preprocess, layout
+
+
+def _processor_pixels(processor: dict, key: str, size_key: str, default: int) -> int:
+    """Qwen2VLImageProcessor: an explicit min_pixels / max_pixels wins over size.shortest_edge / longest_edge."""
+    if processor.get(key) is not None:
+        return int(processor[key])
+    size = processor.get("size") or {}
+    return int(size.get(size_key) or default)
+
+
+def _checkpoint_qwen_vision(path: Path, config: dict, processor: dict, shapes: dict, keys: list[str]):
+    """Qwen2-VL / Qwen2.5-VL: the tower's width from the Conv3d patch embedding (5-D), depth from its blocks, the MLP
+    width from fc1 (GELU) or gate_proj (SwiGLU), the merger as the projector; the parameter count is the tensors'."""
+    vision_config = config.get("vision_config") or {}
+    embed = [k for k in keys if len(shapes[k][1]) == 5]
+    if len(embed) != 1:
+        raise CheckpointError(f"cannot find the vision tower's Conv3d patch embedding (found {embed or 'no 5-D tensor'})")
+    width, channels, temporal, patch, _ = shapes[embed[0]][1]
+    merge = int(vision_config.get("spatial_merge_size", QWEN_MERGE))
+    projector = [k for k in keys if ".merger." in k or k.startswith("merger.")]
+    layer_ids = {int(m.group(1)) for k in keys if (m := re.search(r"blocks\.(\d+)\.", k))}
+    gate = next((shapes[k][1][0] for k in keys if re.search(r"blocks\.0\.mlp\.gate_proj\.weight$", k)), None)
+    fc1 = next((shapes[k][1][0] for k in keys if re.search(r"blocks\.0\.mlp\.fc1\.weight$", k)), 4 * width)
+    heads = int(vision_config.get("num_heads") or max(1, width // 64))
+    preprocess = qwen_preprocess(_processor_pixels(processor, "min_pixels", "shortest_edge", QWEN_MIN_PIXELS),
+                                 _processor_pixels(processor, "max_pixels", "longest_edge", 28 * 28 * 1280),
+                                 int(processor.get("patch_size", patch)),
+                                 int(processor.get("temporal_patch_size", temporal)),
+                                 int(processor.get("merge_size", merge)))
+    if (preprocess.patch_size, preprocess.merge_size) != (patch, merge):
+        raise CheckpointError(f"preprocessor_config.json says patch {preprocess.patch_size} / merge "
+                              f"{preprocess.merge_size} but the vision tower uses {patch} / {merge}; the files do not "
+                              "belong together")
+    image_id = int(config.get("image_token_id") or QWEN_IMAGE_TOKEN_ID)
+    token = _token_text(path, image_id, QWEN_IMAGE_TOKEN)
+    layout = ImageLayout("grid", token, token, image_id, 1)
+    numel = {k: math.prod(shapes[k][1]) for k in keys}
+    vision = VisionShape(sum(numel.values()), sum(numel[k] for k in projector), len(layer_ids), width,
+                         gate or fc1, heads, merge * merge, 1, gated=gate is not None)
     return vision, preprocess, layout
 
 

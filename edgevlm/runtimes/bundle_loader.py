@@ -95,7 +95,8 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
                                artifact_id=f"{artifact.name}:{artifact.files[0].sha256}")
     from .mlx_decoder import MlxDecoder
 
-    return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length)
+    return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length,
+                      mrope_section=getattr(manifest.decoder, "mrope_section", None))
 
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,

@@ -125,13 +125,25 @@ class LlamaCppDecoder:
         self._one = llama_cpp.llama_batch_init(1, 0, 1)  # the decode loop's batch: fixed fields set once
         self._one.n_tokens, self._one.n_seq_id[0], self._one.logits[0] = 1, 1, 1
         self._one.seq_id[0][0] = 0
+        # M-RoPE (Qwen2-VL): an embedding batch takes 4 positions per row, section-major [t | row | col | 0];
+        # llama_batch_init allocates one per row, so the embedding batch gets its own buffer (swapped back at close)
+        self.mrope = llama_cpp.llama_model_rope_type(self.model) == llama_cpp.LLAMA_ROPE_TYPE_MROPE
+        # the address itself: a pointer field read from a ctypes struct is a view of the struct, not a copy
+        self._pos_one_per_row = ctypes.cast(self._embeds.pos, ctypes.c_void_p).value
+        if self.mrope:
+            self._pos4 = np.zeros(4 * self.n_batch, dtype=np.int32)
+            self._embeds.pos = self._pos4.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
         self.n_past = 0
         self.next_position = 0
 
     def _decode(self, batch, positions: np.ndarray, want_logits: bool) -> None:
         n = len(positions)
+        if positions.ndim == 2:  # (n, 3) M-RoPE rows -> section-major [t... | row... | col... | 0...]
+            self._pos4[: 4 * n] = 0
+            self._pos4[: 3 * n] = positions.T.reshape(-1)
         for i in range(n):
-            batch.pos[i] = int(positions[i])
+            if positions.ndim == 1:
+                batch.pos[i] = int(positions[i])
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1 if (want_logits and i == n - 1) else 0
@@ -152,26 +164,40 @@ class LlamaCppDecoder:
                 piece = segment.slice(start, start + self.n_batch)
                 n = len(piece)
                 last = done + n == total
-                if piece.positions.ndim != 1:
-                    raise BundleError(f"this llama.cpp adapter takes 1-D positions; the bundle gives {piece.positions.shape[1]} "
-                                      "per token (a position scheme this edgevlm version cannot run on llama.cpp)")
+                positions = self._positions(piece)
                 if piece.token_ids is not None:
                     ids = np.ascontiguousarray(piece.token_ids, dtype=np.int32)
                     ctypes.memmove(self._tokens.token, ids.ctypes.data, ids.nbytes)
-                    self._decode(self._tokens, piece.positions, last)
+                    self._decode(self._tokens, positions, last)
                 else:
                     rows = np.ascontiguousarray(piece.embeds, dtype=np.float32)  # (n, n_embd)
                     if rows.shape[1] != self.n_embd:
                         raise BundleError(f"image embeddings have width {rows.shape[1]} but the GGUF decoder expects "
                                           f"{self.n_embd}; the encoder and decoder come from different models")
                     ctypes.memmove(self._embeds.embd, rows.ctypes.data, rows.nbytes)
-                    self._decode(self._embeds, piece.positions, last)
+                    self._decode(self._embeds, positions, last)
                 self.n_past += n
                 self.next_position = max(self.next_position, int(piece.positions.max()) + 1)
                 done += n
         # A view of llama.cpp's buffer, valid until the next decode: the session samples from it at once, and
         # copying 49k floats per token is measurable at ~100 tok/s. Callers that keep logits copy them.
         return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
+
+    def _positions(self, segment: Segment) -> np.ndarray:
+        """What llama.cpp takes: one position per token (an M-RoPE text token's t; the graph repeats it on every
+        axis), (n, 3) per M-RoPE image row; anything else is refused rather than run at the wrong positions."""
+        positions = segment.positions
+        if positions.ndim == 1 or (positions.shape[1] == 3 and self.mrope):
+            if self.mrope and segment.embeds is not None and positions.ndim == 1:
+                raise BundleError("this GGUF decoder uses M-RoPE: image rows need (t, row, col) positions; the "
+                                  "manifest's position scheme does not give them (re-export the bundle)")
+            if positions.ndim == 2 and segment.token_ids is not None:
+                if not (np.array_equal(positions[:, 0], positions[:, 1]) and np.array_equal(positions[:, 0], positions[:, 2])):
+                    raise BundleError("text tokens at M-RoPE positions whose axes differ; llama.cpp takes one per token")
+                return np.ascontiguousarray(positions[:, 0])
+            return positions
+        raise BundleError(f"this GGUF decoder takes {'(n, 3) M-RoPE' if self.mrope else '1-D'} positions; the bundle "
+                          f"gives {positions.shape[1]} per token (a position scheme that does not match the GGUF)")
 
     def step(self, token: int, position: int) -> np.ndarray:
         """One generated token at a 1-D position: what prefill does for a one-token segment, without building one."""
@@ -189,9 +215,12 @@ class LlamaCppDecoder:
         return NativeSampler(self, config, history)
 
     def truncate(self, n_past: int, next_position: int | None = None) -> None:
-        """Keep the first n_past positions (1-D: positions 0..n_past-1, so llama.cpp removes p >= n_past)."""
+        """Keep the first n_past rows. llama.cpp removes by position: 1-D, rows 0..n_past-1 hold positions
+        0..n_past-1; M-RoPE, the first removed row's t is `next_position` (text continues at max + 1 and an image
+        starts there too; the session never cuts inside an image, whose rows share one t)."""
         if n_past < self.n_past:
-            if not self._lib.llama_memory_seq_rm(self.memory, 0, n_past, -1):
+            first_removed = next_position if self.mrope and next_position is not None and n_past > 0 else n_past
+            if not self._lib.llama_memory_seq_rm(self.memory, 0, first_removed, -1):
                 self._forget()
                 raise RuntimeError("llama.cpp could not truncate the sequence; it was cleared")
             self.n_past = n_past
@@ -230,6 +259,8 @@ class LlamaCppDecoder:
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self._lib.llama_batch_free(self._tokens)
+            # llama_batch_free frees what llama_batch_init allocated
+            self._embeds.pos = ctypes.cast(self._pos_one_per_row, ctypes.POINTER(self._lib.llama_pos))
             self._lib.llama_batch_free(self._embeds)
             self._lib.llama_batch_free(self._one)
             self._lib.llama_free(self.ctx)

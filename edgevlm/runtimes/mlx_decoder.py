@@ -1,5 +1,9 @@
 """Decoder backend on MLX (mlx-lm's Llama): token ids, or `input_embeddings` for image rows, into mlx-lm's prompt
-cache; truncation with `trim_prompt_cache`, snapshots with `copy.deepcopy` of the cache (KVCache has no copy())."""
+cache; truncation with `trim_prompt_cache`, snapshots with `copy.deepcopy` of the cache (KVCache has no copy()).
+
+With `mrope_section` (Qwen2-VL / 2.5-VL) the model runs through `mlx_mrope.MRopeForward` at the segments' own (n, 3)
+positions: the cache holds `n_past` rows while the sequence continues at `next_position`, which is not n_past after
+an image."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +19,7 @@ from .base import DecoderState, Segment
 class MlxDecoder:
     name = "mlx"
 
-    def __init__(self, folder: str | Path, n_ctx: int):
+    def __init__(self, folder: str | Path, n_ctx: int, mrope_section: list[int] | None = None):
         require_mlx()
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
@@ -35,11 +39,26 @@ class MlxDecoder:
         self.device = str(mx.default_device())
         embedding = self.model.model.embed_tokens
         self.dtype = getattr(embedding, "scales", embedding.weight).dtype  # quantized: the dtype of its scales
+        self._mrope = self._mrope_forward(mrope_section) if mrope_section else None
+
+    def _mrope_forward(self, mrope_section: list[int]):
+        from .mlx_mrope import MRopeForward
+
+        if self.config.get("model_type") != "qwen2":  # the forward follows mlx-lm's qwen2 module layout
+            raise BundleError("M-RoPE runs over mlx-lm's qwen2 model; this folder is "
+                              f"{self.config.get('model_type')!r}")
+        try:
+            return MRopeForward(self.model, mrope_section)
+        except ValueError as exc:
+            raise BundleError(f"the manifest's mrope_section does not fit the MLX decoder: {exc}") from None
 
     def prefill(self, segments: list[Segment]) -> np.ndarray:
         mx = self._mx
         logits = None
         for segment in segments:
+            if self._mrope is not None:
+                logits = self._prefill_mrope(segment)
+                continue
             n = len(segment)
             # mlx-lm's models take RoPE positions from the cache offset: a segment must continue the sequence there
             expected = np.arange(self.n_past, self.n_past + n)
@@ -59,9 +78,27 @@ class MlxDecoder:
         mx.eval(last)
         return np.array(last)
 
+    def _prefill_mrope(self, segment: Segment):
+        """One segment at its own (t, row, col) positions; returns its logits (1, n, V), unevaluated."""
+        mx = self._mx
+        positions = _mrope_positions(segment.positions)  # (n, 3)
+        if segment.token_ids is not None:
+            ids = mx.array(segment.token_ids.astype(np.int32))[None]  # (1, n)
+            logits = self._mrope(mx.array(positions), self.cache, inputs=ids)
+        else:  # rows enter in the model's own dtype, as its token embeddings do
+            embeds = mx.array(np.ascontiguousarray(segment.embeds, dtype=np.float32))[None].astype(self.dtype)
+            logits = self._mrope(mx.array(positions), self.cache, input_embeddings=embeds)
+        self.n_past += len(segment)
+        # the sequence continues after the largest position so far (after an image: pos0 + max(h', w'))
+        self.next_position = max(self.next_position, int(positions.max()) + 1)
+        return logits
+
     def truncate(self, n_past: int, next_position: int | None = None) -> None:
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+        kept = min(self.n_past, n_past)
+        if next_position is None:
+            next_position = self._default_next_position(kept)
         if n_past == 0:
             self.cache = self._make_cache()
         elif n_past < self.n_past:
@@ -71,8 +108,17 @@ class MlxDecoder:
                 self.cache = self._make_cache()
                 self.n_past = self.next_position = 0
                 raise RuntimeError(f"mlx-lm's cache could trim {trimmed} of {wanted} positions; the sequence was cleared")
-        self.n_past = min(self.n_past, n_past)
-        self.next_position = self.n_past if next_position is None else next_position
+        self.n_past, self.next_position = kept, next_position
+
+    def _default_next_position(self, kept: int) -> int:
+        """Where the sequence continues after keeping `kept` rows, when the caller does not say."""
+        if self._mrope is None or kept == 0:
+            return kept  # 1-D: one position per row
+        if kept == self.n_past:
+            return self.next_position
+        # M-RoPE rows do not say where the sequence continues (an image spans fewer positions than rows); only the
+        # caller's position plan does. Checked before trimming, so a refused call changes nothing.
+        raise ValueError("truncating an M-RoPE sequence part-way needs the next_position it continues at")
 
     def snapshot(self) -> DecoderState:
         nbytes = sum(_nbytes(c) for c in self.cache)
@@ -81,6 +127,15 @@ class MlxDecoder:
     def restore(self, state: DecoderState) -> None:
         self.cache = copy.deepcopy(state.payload)
         self.n_past, self.next_position = state.n_past, state.next_position
+
+
+def _mrope_positions(positions: np.ndarray) -> np.ndarray:
+    """(n,) text positions (t = row = col) or (n, 3) (t, row, col) -> (n, 3) int32."""
+    if positions.ndim == 1:
+        return np.repeat(positions[:, None], 3, axis=1).astype(np.int32)
+    if positions.shape[1] != 3:
+        raise BundleError(f"M-RoPE takes (n, 3) positions (t, row, col), got {positions.shape}")
+    return positions.astype(np.int32)
 
 
 def _nbytes(cache) -> int:

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..backends import thread_count
 from ..errors import BackendUnavailableError, BadInputError, BundleError
+from ..vision_grid import VisionGrid, encoder_feeds
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -64,14 +65,7 @@ class OnnxRuntimeEncoder:
             self.session = ort.InferenceSession(str(graph), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT's own error types: a graph it cannot load is the bundle's problem
             raise BundleError(f"ONNX Runtime cannot load {graph.name} ({str(exc)[:200]}); re-export the bundle") from None
-        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
-        if encoder_spec.input_name not in names[0] or encoder_spec.output_name not in names[1]:
-            raise BundleError(f"{graph.name} has inputs {names[0]} and outputs {names[1]}, but the manifest names "
-                              f"{encoder_spec.input_name!r} and {encoder_spec.output_name!r}; re-export the bundle")
-        graph_shape = next(i.shape for i in self.session.get_inputs() if i.name == encoder_spec.input_name)[1:]
-        if [d for d in graph_shape if isinstance(d, int)] != list(encoder_spec.input_shape[1:]):
-            raise BundleError(f"{graph.name} takes tiles of {graph_shape} but the manifest says "
-                              f"{encoder_spec.input_shape[1:]}; re-export the bundle")
+        self.grid_spec = self._check_io(graph.name, encoder_spec)
         self.provider = self.session.get_providers()[0]
         if provider and self.provider != providers[0]:
             raise BackendUnavailableError(
@@ -80,9 +74,41 @@ class OnnxRuntimeEncoder:
             )
         self.name = f"onnxruntime-{self.provider.removesuffix('ExecutionProvider').lower()}"
         if warmup:
-            self.encode(np.zeros((1, *self.spec.input_shape[1:]), dtype=np.float32))
+            self._warmup()
 
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+    def _check_io(self, graph_name: str, spec) -> VisionGrid | None:
+        """The graph's inputs and output are the ones the manifest names, with its fixed sizes; a grid encoder's
+        inputs must be ones this runtime knows how to compute."""
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        wanted = [i["name"] for i in spec.inputs] if spec.kind == "grid" else [spec.input_name]
+        if sorted(wanted) != sorted(inputs) or spec.output_name not in outputs:
+            raise BundleError(f"{graph_name} has inputs {sorted(inputs)} and outputs {outputs}, but the manifest names "
+                              f"{', '.join(map(repr, wanted))} and {spec.output_name!r}; re-export the bundle")
+        graph_shape = inputs[spec.input_name][1:]
+        if [d for d in graph_shape if isinstance(d, int)] != list(spec.input_shape[1:]):
+            raise BundleError(f"{graph_name} takes {spec.input_name} of {graph_shape} but the manifest says "
+                              f"{spec.input_shape[1:]}; re-export the bundle")
+        if spec.kind != "grid":
+            return None
+        grid_spec = VisionGrid.from_dict(spec.vision_grid)
+        if sorted(wanted) != sorted(grid_spec.input_names()):  # e.g. window sizes but no window input
+            raise BundleError(f"the manifest's grid encoder takes {wanted}, but its vision numbers imply "
+                              f"{grid_spec.input_names()}; upgrade edgevlm or re-export the bundle")
+        return grid_spec
+
+    def _warmup(self) -> None:
+        if self.grid_spec is None:
+            self.encode(np.zeros((1, *self.spec.input_shape[1:]), dtype=np.float32))
+        else:  # the smallest image: one merged token
+            merge = self.grid_spec.merge_size
+            self.encode(np.zeros((merge * merge, self.grid_spec.patch_dim), dtype=np.float32), grid=(1, merge, merge))
+
+    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
+        """tiles (tiles, 3, H, W) -> (tiles, T, D); a grid encoder: one image's patches (P, C*T*p*p) and its
+        (t, h, w) grid in patches -> (t*h*w / merge^2, D)."""
+        if self.grid_spec is not None or grid is not None:
+            return self._encode_grid(pixel_values, grid)
         expected = tuple(self.spec.input_shape[1:])
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise BadInputError(f"encoder input must be (tiles, {', '.join(map(str, expected))}), got {pixel_values.shape}")
@@ -92,3 +118,16 @@ class OnnxRuntimeEncoder:
         chunks = [pixel_values[i : i + step] for i in range(0, len(pixel_values), step)]
         outputs = [self.session.run([self.spec.output_name], {self.spec.input_name: c})[0] for c in chunks]
         return np.concatenate(outputs).astype(np.float32, copy=False)  # (tiles, T, D)
+
+    def _encode_grid(self, pixel_values: np.ndarray, grid) -> np.ndarray:
+        if self.grid_spec is None:
+            raise BadInputError("this encoder takes fixed-size tiles (tiles, 3, H, W); it was given a grid")
+        if grid is None:
+            raise BadInputError("this encoder takes one image's patches and its (t, h, w) grid; pass grid=")
+        try:
+            feeds = encoder_feeds(pixel_values, grid, self.grid_spec)  # (P, C*T*p*p) patches + what the grid implies
+        except ValueError as exc:
+            raise BadInputError(f"encoder input: {exc}") from None
+        names = [i["name"] for i in self.spec.inputs]
+        out = self.session.run([self.spec.output_name], {name: feeds[name] for name in names})[0]
+        return out.astype(np.float32, copy=False)  # (M, D)

@@ -13,7 +13,7 @@ from PIL import Image
 from ..errors import BadInputError, BundleError
 from ..images import load_image
 from ..layout import ImageLayout
-from ..positions import PositionPlan, plan_positions
+from ..positions import ImageSpan, PositionPlan, plan_positions
 from ..preprocess import PreprocessSpec, tile_grid
 
 
@@ -141,4 +141,25 @@ def tokenize(spec: RuntimeSpec, text: str, images: list[PreparedImage]) -> Promp
     if image_index != len(images):
         raise BadInputError("image tokens in the prompt do not match the images' tile layout; do not type image "
                             "tokens yourself")
-    return Prompt(ids, keys, runs, plan_positions(spec.position_scheme, len(ids)), boundaries)
+    spans = _image_spans(runs, images) if spec.position_scheme == "mrope" else []
+    return Prompt(ids, keys, runs, plan_positions(spec.position_scheme, len(ids), spans), boundaries)
+
+
+def whole_images(prompt: Prompt, n_positions: int) -> int:
+    """The largest cut <= n_positions that does not fall inside an image's run of rows."""
+    for start, stop, _, _ in prompt.runs:
+        if start < n_positions < stop:
+            return start
+    return n_positions
+
+
+def _image_spans(runs: list[tuple[int, int, int, int]], images: list[PreparedImage]) -> list[ImageSpan]:
+    """Each image's rows as one span of its merged grid, for schemes that place rows on a grid (M-RoPE)."""
+    spans = []
+    for start, stop, index, first_row in runs:
+        image = images[index]
+        if first_row != 0 or stop - start != image.n_rows_embedded or image.rows * image.cols != image.n_rows_embedded:
+            raise BundleError("M-RoPE positions need each image's rows as one run of its grid; the manifest's image "
+                              "layout does not give that (re-export the bundle)")
+        spans.append(ImageSpan(start, image.rows, image.cols))
+    return spans

@@ -122,7 +122,10 @@ class Session:
         t0 = time.perf_counter()
         pre = preprocess(image.rgb, self.spec.preprocess)
         t1 = time.perf_counter()
-        embeds = self.encoder.encode(pre.pixel_values)  # (tiles, T, D)
+        if pre.grid is None:
+            embeds = self.encoder.encode(pre.pixel_values)  # (tiles, T, D)
+        else:  # a native-resolution encoder: (P, C*T*p*p) patches of a (t, h, w) grid -> (M, D)
+            embeds = self.encoder.encode(pre.pixel_values, grid=pre.grid)
         t2 = time.perf_counter()
         timings["preprocess_ms"] += (t1 - t0) * 1e3
         timings["encode_ms"] += (t2 - t1) * 1e3
@@ -196,6 +199,9 @@ class Session:
                 reuse, store_at = 0, max((b for b in prompt.boundaries if b < n), default=None)
         elif plan.counted_miss:
             timings["prefix_cache_misses"] += 1
+        if self.spec.position_scheme == "mrope":
+            # an image's rows share one t position, and llama.cpp removes KV by position: keep whole images only
+            reuse = prompts.whole_images(prompt, reuse)
         self.decoder.truncate(reuse, prompt.positions.next_after(reuse))
         self._kv_keys = self._kv_keys[:reuse]
         timings["n_reused_positions"] = reuse

@@ -9,10 +9,17 @@ from ..errors import BadInputError, BundleError
 from ..backends import gpu_identity, require_tensorrt
 
 
+# A grid encoder's engine would need an optimisation profile over the patch axis and int64 position inputs; not built
+GRID_REFUSAL = ("the TensorRT encoder runs fixed-size tiles only; this bundle's native-resolution (grid) encoder runs "
+                "on ONNX Runtime: choose --encoder onnx:fp32 or onnx:int8")
+
+
 class TensorRTEncoder:
     name = "tensorrt"
 
     def __init__(self, bundle: Path, artifact, encoder_spec):
+        if encoder_spec.kind != "tiles":
+            raise BundleError(GRID_REFUSAL)
         trt = require_tensorrt()
         import torch
 
@@ -51,7 +58,9 @@ class TensorRTEncoder:
         self.stream.synchronize()
         return output.cpu().numpy()
 
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
+        if grid is not None:
+            raise BundleError(GRID_REFUSAL)
         expected = tuple(self.spec.input_shape[1:])
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise BadInputError(f"encoder input must be (tiles, {', '.join(map(str, expected))}), got {pixel_values.shape}")

@@ -17,8 +17,11 @@ class TorchEncoder:
         self.artifact_id = artifact_id
 
     @torch.inference_mode()
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.vision(torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))).float().numpy()
+    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
+        """(tiles, 3, H, W) -> (tiles, T, D); with a grid (a native-resolution encoder): (P, C*T*p*p) -> (M, D)."""
+        pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
+        out = self.vision(pixels) if grid is None else self.vision(pixels, tuple(int(v) for v in grid))
+        return out.float().numpy()
 
 
 def _cache_nbytes(cache) -> int:
