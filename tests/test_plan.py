@@ -674,3 +674,209 @@ def test_export_for_refuses_when_nothing_fits(ckpts, tmp_path, capsys):
     assert "nothing fits no-room" in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert cli_main(["export", str(ckpts["idefics3"]), "-o", str(tmp_path / "b"), "--for", "nope"]) == 2
     assert "unknown device 'nope'" in capsys.readouterr().err
+
+
+# --- the recommendation: what to lower first ----------------------------------------------------------------------
+
+
+def _device_file(tmp_path, usable_bytes: float, memory_gib: float = 16) -> str:
+    """A one-GPU device file with `usable_bytes` usable (a discrete GPU: the caches are host memory, not counted)."""
+    entry = {"id": "fake-gpu", "name": "a fake GPU", "kind": "discrete-gpu", "memory_gib": memory_gib,
+             "usable_gib": usable_bytes / (1 << 30), "usable_basis": "test", "bandwidth_gbs": 100, "target": "cuda",
+             "sources": ["test"], "compute": {"fp16_tflops": 10.0}}
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps({"version": 1, "devices": [entry]}))
+    return str(path)
+
+
+def _smallest_total(preset: str, device_file: str, **request) -> int:
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+    from edgevlm.plan.model import from_preset
+
+    plan = plan_model(from_preset(preset), get_device("fake-gpu", device_file), PlanRequest(**request))
+    return min(o["memory"]["total"] for o in plan["options"])
+
+
+def _recommend(capsys, preset: str, device_file: str, *more: str) -> dict:
+    assert cli_main(["plan", "--preset", preset, "--device", "fake-gpu", "--device-file", device_file, "--json",
+                     *more]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_recommendation_fits_as_asked(tmp_path, capsys):
+    result = _recommend(capsys, "smolvlm-256m", _device_file(tmp_path, 12 << 30))
+    rec = result["recommendation"]
+    assert rec["status"] == "fits" and rec["changes"] == [] and rec["settings"] == rec["asked"]
+    assert f"{rec['encoder']} + {rec['decoder']}" == result["recommended"] == "onnx:fp32 + gguf:f32"
+    assert rec["settings"]["tiles"] == 17 and rec["settings"]["context"] == 4096
+    assert cli_main(["plan", "--preset", "smolvlm-256m", "--device", "fake-gpu", "--device-file",
+                     _device_file(tmp_path, 12 << 30)]) == 0
+    assert "recommendation: onnx:fp32 + gguf:f32 fits as asked (context 4,096, 17 tile(s))" in capsys.readouterr().out
+
+
+def test_recommendation_lowers_the_tile_cap_first(tmp_path, capsys):
+    # usable between the smallest option at 10 tiles (the next idefics3 cap: a 3x3 split + global) and at 17
+    probe = _device_file(tmp_path, 12 << 30)
+    at_17, at_10 = _smallest_total("smolvlm-256m", probe), _smallest_total("smolvlm-256m", probe, max_tiles=10)
+    assert at_10 < at_17
+    devices = _device_file(tmp_path, (at_10 + at_17) / 2)
+    rec = _recommend(capsys, "smolvlm-256m", devices)["recommendation"]
+    assert rec["status"] == "lowered" and rec["verdict"] == "fits" and rec["total_bytes"] <= rec["usable_bytes"]
+    [change] = rec["changes"]
+    assert change.startswith("the tile cap 17 -> 10 (--max-tiles 10; the processor's size.longest_edge 1536)")
+    assert rec["settings"] == {**rec["asked"], "tiles": 10, "tile_cap": 10, "image_positions": 10 * 64 + 9 * 2 + 3 + 4}
+    # the option it names is the one a plan at the new settings recommends
+    lowered = _recommend(capsys, "smolvlm-256m", devices, "--max-tiles", "10")
+    assert lowered["recommended"] == f"{rec['encoder']} + {rec['decoder']}"
+    assert lowered["recommendation"]["status"] == "fits" and lowered["images"]["n_tiles"] == 10
+
+
+def test_recommendation_halves_the_context_when_the_image_cannot_shrink(tmp_path, capsys):
+    # LLaVA-1.5 has one fixed tile: the context is the first thing to lower
+    probe = _device_file(tmp_path, 24 << 30, memory_gib=24)
+    at_4096, at_2048 = (_smallest_total("llava-1.5-7b", probe, context=c) for c in (4096, 2048))
+    rec = _recommend(capsys, "llava-1.5-7b", _device_file(tmp_path, (at_2048 + at_4096) / 2))["recommendation"]
+    assert rec["status"] == "lowered"
+    assert rec["changes"] == ["the context 4,096 -> 2,048 (--context 2048; run/serve --n-ctx 2048)"]
+    assert (rec["asked"]["context"], rec["settings"]["context"], rec["settings"]["tiles"]) == (4096, 2048, 1)
+    assert rec["total_bytes"] <= rec["usable_bytes"] < at_4096
+
+
+def test_recommendation_says_when_nothing_fits(tmp_path, capsys):
+    result = _recommend(capsys, "smolvlm-256m", _device_file(tmp_path, 0.1 * (1 << 30), memory_gib=1))
+    rec = result["recommendation"]
+    assert result["recommended"] is None and rec["status"] == "nothing fits" and rec["verdict"] == "does not fit"
+    # tried down to both floors: one tile and the 1,024-position context
+    assert (rec["settings"]["tiles"], rec["settings"]["context"]) == (1, 1024)
+    assert rec["line"].startswith("nothing fits, as asked (context 4,096, 17 tile(s)) or lowered to context 1,024, "
+                                  "1 tile(s): the smallest option (onnx:int8 + gguf:q4_0) needs ")
+    assert cli_main(["plan", "--preset", "qwen2-vl-2b", "--device", "rtx-4060-8gb", "--max-tiles", "4"]) == 2
+    assert "has no tiles: pass a smaller --image-size instead" in capsys.readouterr().err
+
+
+def test_recommendation_lowers_a_native_resolution_image_by_area(tmp_path, capsys):
+    from edgevlm.plan.advise import NATIVE_MIN_TOKENS
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+    from edgevlm.plan.model import from_preset
+
+    probe = _device_file(tmp_path, 24 << 30, memory_gib=24)
+    shapes, device = from_preset("qwen2-vl-2b"), get_device("fake-gpu", probe)
+    big, half = (min(o["memory"]["total"] for o in plan_model(shapes, device, PlanRequest(image_size=size))["options"])
+                 for size in ((1344, 1008), (950, 713)))
+    rec = _recommend(capsys, "qwen2-vl-2b", _device_file(tmp_path, (big + half) / 2), "--image-size",
+                     "1344x1008")["recommendation"]
+    assert rec["status"] == "lowered" and rec["settings"]["image_size"] == [950, 713]
+    assert rec["changes"][0].startswith("the image 1344x1008 -> 950x713 (1728 -> 850 image tokens; --image-size 950x713")
+    assert rec["settings"]["tiles"] >= NATIVE_MIN_TOKENS
+
+
+# --- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height", [(448, 448), (1000, 700), (300, 2000), (20, 30)])
+def test_qwen2_vl_image_tokens_are_the_smart_resized_merged_patches(width, height):
+    from edgevlm.plan.model import from_preset
+    from edgevlm.preprocess import smart_resize
+
+    shapes = from_preset("qwen2-vl-2b")
+    h, w = smart_resize(height, width, shapes.preprocess)
+    tokens = budget.image_tokens(shapes.layout, shapes.preprocess, width, height)
+    assert (tokens.rows, tokens.cols) == (h // 28, w // 28)
+    assert tokens.n_tiles == tokens.image_rows == tokens.positions == h * w // 28**2  # one token per 2x2 merged patch
+    assert budget.image_tokens(shapes.layout, shapes.preprocess, 448, 448).positions == 256
+
+
+def test_qwen2_vl_2b_preset_plan():
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+    from edgevlm.plan.compute import vision_flops_per_tile
+    from edgevlm.plan.model import from_preset
+
+    shapes = from_preset("qwen2-vl-2b")
+    d, m, layers = 1280, 5120, 32
+    block = 4 * d * d + 4 * d + 2 * d * m + m + d + 4 * d  # qkv + proj with biases, fc1/fc2 with biases, 2 LayerNorms
+    merger = 2 * d + (4 * d) ** 2 + 4 * d + 4 * d * 1536 + 1536  # ln_q, Linear(4d, 4d), Linear(4d, 1536)
+    assert (shapes.vision.params, shapes.vision.projector_params) == (1176 * d + layers * block + merger, merger)
+    assert shapes.vision.params == 665_271_296  # transformers' Qwen2VLForConditionalGeneration at these shapes
+    assert from_preset("qwen2.5-vl-3b").vision.params == 668_684_288  # Qwen2_5_VL...: SwiGLU 3420, RMSNorm
+    assert shapes.decoder.architecture == "qwen2vl" and "output.weight" not in dict(shapes.decoder_tensors)
+    result = plan_model(shapes, get_device("jetson-orin-nano-8gb"), PlanRequest(image_size=(448, 448)))
+    images = result["images"]
+    assert (images["kind"], images["n_tiles"], images["positions"], images["patches"], images["encoder_calls"]) == (
+        "grid", 256, 256, 1024, 1)
+    weights = {o["decoder"]: o["memory"]["decoder_weights"] for o in result["options"]}
+    assert weights["gguf:q4_k_m"] == 980_097_536
+    flops = 2 * 1024 * (shapes.vision.params - merger) + 4 * layers * 1024**2 * d + 2 * 256 * merger
+    assert result["model"]["vision_gflops_per_image"] * 1e9 == pytest.approx(flops)
+    # one image per encoder call, its activations quadratic in the patches: 4x the pixels, ~16x the scores
+    bigger = plan_model(shapes, get_device("jetson-orin-nano-8gb"), PlanRequest(image_size=(896, 896)))
+    act = {o["encoder"]: o["memory"]["encoder_activations"] for o in result["options"]}
+    act_big = {o["encoder"]: o["memory"]["encoder_activations"] for o in bigger["options"]}
+    assert 8 < act_big["onnx:fp32"] / act["onnx:fp32"] < 16
+    assert result["recommended"] == "onnx:int8 + gguf:q8_0"
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpts(tmp_path_factory):
+    import builders
+
+    root = tmp_path_factory.mktemp("qwen")
+    return {v: builders.build_qwen2_vl(root / f"qwen{v}", v) for v in ("2", "2.5")}
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen_checkpoint_plan_equals_the_exported_gguf_and_the_family_adapter(qwen_ckpts, version, tmp_path,
+                                                                               monkeypatch):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+    from edgevlm.families import FAMILIES, load_checkpoint
+    from edgevlm.manifest import Manifest
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+    from edgevlm.plan.model import FAMILIES as PLAN_FAMILIES, from_checkpoint, from_preset
+    from edgevlm.reference import presets
+
+    ckpt = qwen_ckpts[version]
+    bundle = export_checkpoint(ckpt, tmp_path / "bundle", [ArtifactRequest("onnx", "fp32")],
+                               [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0")], max_tiles=8)
+    manifest = Manifest.load(bundle)
+    shapes = from_checkpoint(ckpt)
+    # a preset of the tiny checkpoint's shapes (tests/builders.build_qwen2_vl) gives the same decoder and tower
+    monkeypatch.setitem(presets.PRESETS, "tiny-qwen", presets.QwenVLShape(
+        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=128, version=version, vision_hidden=32,
+        vision_layers=2, vision_heads=2, vision_mlp=64, vocab=shapes.decoder.vocab_size, tied=False,
+        max_pixels=224 * 224))
+    preset = from_preset("tiny-qwen")
+    assert preset.vision.params == shapes.vision.params
+    for planned in (shapes, preset):
+        result = plan_model(planned, get_device("rtx-4060-8gb"), PlanRequest(context=512, image_size=(100, 60)))
+        weights = {o["decoder"]: o["memory"]["decoder_weights"] for o in result["options"]}
+        for precision in ("f32", "q8_0"):
+            path = bundle / manifest.find("decoder", f"gguf:{precision}").path
+            assert weights[f"gguf:{precision}"] == _gguf_bytes(path)
+        assert result["images"]["positions"] == 4 * 2  # 100x60 -> 112x56: 4x2 merged patches
+    # the torch-free reading agrees with the family adapter
+    assert set(PLAN_FAMILIES.items()) <= set(FAMILIES.items())
+    loaded = load_checkpoint(ckpt)
+    assert shapes.layout == loaded.layout and shapes.family == loaded.family
+    assert shapes.vision.params == sum(p.numel() for p in loaded.vision.parameters())
+    assert shapes.decoder_params == sum(p.numel() for n, p in loaded.decoder.named_parameters() if ".layers." in n)
+    for field in ("resize_rule", "tile_size", "patch_size", "temporal_patch_size", "merge_size", "min_pixels",
+                  "max_pixels"):
+        assert getattr(shapes.preprocess, field) == getattr(loaded.preprocess, field), field
+    # a grid-encoder bundle is refused with the fix, not planned wrongly
+    with pytest.raises(BadInputError, match="plan its checkpoint instead"):
+        from edgevlm.plan.bundle import plan_bundle
+
+        plan_bundle(bundle, get_device("rtx-4060-8gb"), PlanRequest())
+
+
+def test_qwen_checkpoint_plan_does_not_import_torch(qwen_ckpts):
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from edgevlm.cli import main; "
+            f"assert main(['plan', {str(qwen_ckpts['2.5'])!r}, '--device', 'rtx-4060-8gb', '--json']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["model"]["family"] == "qwen2_vl" and result["images"]["positions"] == 64  # 224x224: max_pixels
+    assert result["recommendation"]["status"] == "fits"

@@ -74,7 +74,9 @@ def _lower_tile_caps(plan: Plan, request: PlanRequest, result: dict, preprocess)
         predicted = 1 if rows == cols == 0 else rows * cols + 1  # the split + its global view / thumbnail
         if predicted >= tiles:
             continue  # this cap does not change the image's tiles
-        lowered = _plan_or_none(plan, replace(request, max_tiles=predicted))
+        # the same image, fewer tiles (without a size, the plan's default image would shrink with the cap)
+        lowered = _plan_or_none(plan, replace(request, max_tiles=predicted,
+                                              image_size=(images["width"], images["height"])))
         if lowered is None:
             continue
         tiles = lowered["images"]["n_tiles"]
@@ -173,7 +175,8 @@ def _recommendation(status: str, asked: dict, final: dict, changes: list[str], o
                 "a smaller model")
     return {"status": status, "encoder": option["encoder"], "decoder": option["decoder"],
             "verdict": option["verdict"], "total_bytes": total, "usable_bytes": usable,
-            "decode_tok_s": option["decode_tok_s"], "ttft_s": option["ttft"]["ttft_s"], "changes": changes,
+            "decode_tok_s": option["decode_tok_s"], "ttft_s": option["ttft"]["ttft_s"],
+            "encode_s": option["ttft"]["encode_s"], "prefill_s": option["ttft"]["prefill_s"], "changes": changes,
             "asked": settings(asked), "settings": settings(final), "order": list(ORDER), "line": line}
 
 
