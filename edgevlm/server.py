@@ -1,9 +1,11 @@
-"""An OpenAI-compatible HTTP API over one Session (`edgevlm serve`): POST /v1/chat/completions (images as data URLs,
+"""An OpenAI-compatible HTTP API over a Session (`edgevlm serve`): POST /v1/chat/completions (images as data URLs,
 or local paths under --allow-local-images; optional SSE streaming), GET /v1/models, /health, /metrics, and a chat
 page at /. Standard library only.
 
-One session serves every request, one at a time (llama.cpp's context is not thread-safe); that is also what makes
-the KV cache pay: a follow-up question about the same image restores the image prefix instead of re-encoding it."""
+One engine thread alone touches the model (llama.cpp's context is not thread-safe). `Engine` serves one request at
+a time; `ParallelEngine` (--parallel N, llama.cpp) keeps N sequences in one context, one Session per slot sharing the
+caches: the decode steps of all slots go into one llama_decode, a new request's prefill runs chunk by chunk between
+those steps, and a conversation's next turn goes to the slot that still holds it (LRU over idle slots otherwise)."""
 from __future__ import annotations
 
 import base64
@@ -12,18 +14,23 @@ import bisect
 import hmac
 import json
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import BadInputError, EdgeVLMError
 
 MAX_BODY_BYTES = 64 * 2**20  # a few large base64 images
 MAX_COMPLETION_TOKENS = 1 << 16
+MAX_PARALLEL = 64
+DISCONNECT_POLL_S = 0.05  # how often a waiting handler checks that its client is still there
+CONTINUATION_SHARE = 0.5  # a prompt continues a slot's sequence when it shares at least this part of it
 CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
 
 
@@ -138,13 +145,18 @@ class ChatService:
         self.session, self.model_name = session, model_name
         self.allow_local_images = allow_local_images
 
-    def complete(self, body: dict) -> Iterator:
-        """Deltas of the answer, the last one carrying the whole GenerationResult."""
+    def arguments(self, body: dict) -> tuple[list[dict], list, dict]:
+        """The request body as the session's messages, images and options (bad input: BadInputError)."""
         messages, images = parse_messages(body, self.allow_local_images)
         options = sampling_options(body)
         stops = stop_strings(body)
         if stops:
             options["stop"] = stops
+        return messages, images, options
+
+    def complete(self, body: dict) -> Iterator:
+        """Deltas of the answer, the last one carrying the whole GenerationResult."""
+        messages, images, options = self.arguments(body)
         # the live sequence stays: a follow-up turn of the conversation it holds prefills only its new tokens; any
         # other request keeps the part it shares (system prompt, image) and the session truncates the rest
         return self.session.stream_conversation(messages, images, **options)
@@ -194,6 +206,8 @@ class Metrics:
         self.requests: dict[str, int] = {}  # outcome -> count
         self.cancelled = 0
         self.active = 0
+        self.batches = 0  # batched decode calls (--parallel) and the rows they held: rows / batches = slots per step
+        self.batch_rows = 0
         self.ttft = [0] * (len(self.TTFT_BUCKETS_MS) + 1)
         self.ttft_sum = 0.0
         self.rate = [0] * (len(self.RATE_BUCKETS) + 1)
@@ -218,12 +232,15 @@ class Metrics:
                 if isinstance(value, (int, float)):
                     self.cache[key] += int(value)
 
-    def render(self, queue_depth: int, kv_used: int | None, kv_size: int | None) -> str:
+    def render(self, queue_depth: int, kv_used: int | None, kv_size: int | None, slots: list[dict] = ()) -> str:
         lines = ["# TYPE edgevlm_requests_total counter"]
         with self.lock:
             for outcome, n in sorted(self.requests.items()):
                 lines.append(f'edgevlm_requests_total{{outcome="{outcome}"}} {n}')
             lines += ["# TYPE edgevlm_cancelled_total counter", f"edgevlm_cancelled_total {self.cancelled}",
+                      "# TYPE edgevlm_decode_batches_total counter", f"edgevlm_decode_batches_total {self.batches}",
+                      "# TYPE edgevlm_decode_batch_rows_total counter",
+                      f"edgevlm_decode_batch_rows_total {self.batch_rows}",
                       "# TYPE edgevlm_queue_depth gauge", f"edgevlm_queue_depth {queue_depth}",
                       "# TYPE edgevlm_active_sequences gauge", f"edgevlm_active_sequences {self.active}"]
             for name, buckets, counts, total in (("edgevlm_ttft_ms", self.TTFT_BUCKETS_MS, self.ttft, self.ttft_sum),
@@ -241,6 +258,11 @@ class Metrics:
             lines += ["# TYPE edgevlm_cache_hit_ratio gauge", f"edgevlm_cache_hit_ratio {hits / looks if looks else 0.0}"]
         if kv_used is not None and kv_size:
             lines += ["# TYPE edgevlm_kv_occupancy gauge", f"edgevlm_kv_occupancy {kv_used / kv_size}"]
+        if slots:  # per sequence: busy or not, and the KV positions it holds (an idle slot keeps its conversation)
+            lines += ["# TYPE edgevlm_slots gauge", f"edgevlm_slots {len(slots)}", "# TYPE edgevlm_slot_busy gauge"]
+            lines += [f'edgevlm_slot_busy{{slot="{s["id"]}"}} {int(s["state"] != "idle")}' for s in slots]
+            lines.append("# TYPE edgevlm_slot_kv_positions gauge")
+            lines += [f'edgevlm_slot_kv_positions{{slot="{s["id"]}"}} {s["n_past"]}' for s in slots]
         return "\n".join(lines) + "\n"
 
 
@@ -307,6 +329,225 @@ class Engine(threading.Thread):
     def stop(self) -> None:
         self.jobs.put(None)
 
+    def queue_depth(self) -> int:
+        return self.jobs.qsize()
+
+    def slot_states(self) -> list[dict]:
+        decoder = self.service.session.decoder
+        return [{"id": 0, "state": "busy" if self.metrics.active else "idle", "n_past": getattr(decoder, "n_past", 0)}]
+
+    def kv(self) -> tuple[int | None, int | None]:
+        """KV positions in use and the context's size (for /metrics)."""
+        decoder = self.service.session.decoder
+        return getattr(decoder, "n_past", None), getattr(decoder, "n_ctx", None)
+
+
+@dataclass
+class Slot:
+    """One sequence of the shared context and the request it is answering (job None: idle, its KV kept)."""
+
+    id: int
+    session: Any  # a Session on the context's sequence `id`
+    job: Job | None = None
+    steps: Any = None  # the Session.generation running the job
+    pending: Any = None  # its StepRequest, waiting for the next batched decode
+    reserved: int = 0  # KV positions its answer may take (prompt + max_tokens, at most n_ctx)
+    last_used: int = 0
+    result: Any = None
+
+    @property
+    def state(self) -> str:
+        return "idle" if self.job is None else ("decode" if self.pending is not None else "prefill")
+
+
+class ParallelEngine(threading.Thread):
+    """The one thread that touches a context of N sequences (`--parallel N`, llama.cpp): each tick decodes one token
+    of every slot that has one in ONE llama_decode, then lets every prefilling slot run one prefill chunk (or one
+    image encode), so a long image prefill delays the others by chunks, not by its whole length. Greedy answers do
+    not depend on who else is served: each row of a batch is its own sequence, sampled by its own sampler chain.
+
+    A new request goes to the idle slot whose sequence shares the longest prefix with its prompt (the conversation's
+    next turn prefills only its new tokens), else to the least recently used idle slot. All slots share one KV pool
+    of n_ctx positions: a request is placed once its prompt + max_tokens fit beside what the busy slots reserved,
+    evicting idle slots' sequences (least recently used first); until then it waits, first in line."""
+
+    def __init__(self, service: ChatService, pool, capacity: int = 8, metrics: Metrics | None = None):
+        super().__init__(daemon=True, name="edgevlm-engine")
+        if not 1 <= capacity <= 4096:
+            raise ValueError(f"queue capacity must be 1..4096, got {capacity}")
+        self.service, self.pool, self.metrics = service, pool, metrics or Metrics()
+        self.slots = [Slot(i, service.session.sibling(pool.sequence(i))) for i in range(pool.n_seq_max)]
+        self.jobs: queue.Queue = queue.Queue(maxsize=capacity)
+        self.last_error: str | None = None
+        self.tick_hook: Callable[[], None] | None = None  # tests: slow the engine down to act mid-answer
+        self._held: tuple[Job, Any] | None = None  # the first request in line, tokenized, waiting for a slot
+        self._clock = 0
+        self._stopping = False
+
+    submit = Engine.submit
+    stop = Engine.stop
+
+    def run(self) -> None:
+        while not self._stopping:
+            self._admit()
+            self._cancel()
+            self._step_batch()
+            for slot in self.slots:
+                if slot.job is not None and slot.pending is None:
+                    self._advance(slot)  # one prefill chunk, or to its first StepRequest
+            self.metrics.active = sum(slot.job is not None for slot in self.slots)
+            if self.tick_hook is not None:
+                self.tick_hook()
+
+    # ---- admission -------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Place waiting requests into slots while they fit; block for one when nothing is running."""
+        while not self._stopping:
+            if self._held is None:
+                idle = all(slot.job is None for slot in self.slots)
+                try:
+                    job = self.jobs.get() if idle else self.jobs.get_nowait()
+                except queue.Empty:
+                    return
+                if job is None:
+                    self._stopping = True
+                    return
+                self._held = self._prepare(job)
+                if self._held is None:
+                    continue
+            if self._held[0].cancelled.is_set():
+                self.metrics.cancelled += 1
+                self._held = None
+                continue
+            if not self._place(*self._held):
+                return  # it waits for a busy slot to finish
+            self._held = None
+
+    def _prepare(self, job: Job) -> tuple[Job, Any] | None:
+        """Parse and tokenize (no decoder work); bad input is answered here."""
+        if job.cancelled.is_set():
+            self.metrics.cancelled += 1
+            return None
+        try:
+            messages, images, options = self.service.arguments(job.body)
+            return job, self.slots[0].session.prepare_conversation(messages, images, **options)
+        except EdgeVLMError as exc:
+            job.events.put(("error", 400, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - the engine outlives any request
+            self._fail(job, exc)
+        return None
+
+    def _place(self, job: Job, request) -> bool:
+        idle = [slot for slot in self.slots if slot.job is None]
+        if not idle:
+            return False
+        slot = self._choose(idle, request.prompt.keys)
+        need = min(request.n_positions, self.pool.n_ctx)
+        busy = sum(s.reserved for s in self.slots if s.job is not None)
+        others = sorted((s for s in idle if s is not slot and s.session.decoder.n_past), key=lambda s: s.last_used)
+        held = sum(s.session.decoder.n_past for s in others)
+        if busy + need > self.pool.n_ctx:
+            return False
+        for victim in others:  # least recently used first: their conversations fall back to the prefix cache
+            if busy + held + need <= self.pool.n_ctx:
+                break
+            held -= victim.session.decoder.n_past
+            victim.session.forget_sequence()
+        self._clock += 1
+        slot.job, slot.reserved, slot.last_used, slot.result = job, need, self._clock, None
+        slot.steps = slot.session.generation(request, interleave=True)
+        return True
+
+    @staticmethod
+    def _choose(idle: list[Slot], keys) -> Slot:
+        """The idle slot whose sequence the prompt continues (it shares at least half of what the slot holds: the
+        conversation's next turn, or the same image asked again), the longest such; else an empty slot; else the
+        least recently used. A chat template's first tokens, shared by every prompt, never take another
+        conversation's slot while an empty one is there."""
+        from .runtimes.reuse import common_prefix
+
+        shared = [(min(common_prefix(s.session._kv_keys, keys), s.session.decoder.n_past), s) for s in idle]
+        continued = [(n, s) for n, s in shared if n > 0 and n >= CONTINUATION_SHARE * s.session.decoder.n_past]
+        if continued:
+            return max(continued, key=lambda pair: (pair[0], pair[1].last_used))[1]
+        empty = [s for s in idle if s.session.decoder.n_past == 0]
+        return (empty or sorted(idle, key=lambda s: s.last_used))[0]
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def _cancel(self) -> None:
+        """A cancelled job's generation is closed where it waits (a StepRequest not yet decoded, or between prefill
+        chunks): its sequence keeps exactly what its record says, and the slot is free for the next request."""
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled.is_set():
+                slot.steps.close()
+                self.metrics.cancelled += 1
+                self._release(slot)
+
+    def _step_batch(self) -> None:
+        stepping = [slot for slot in self.slots if slot.pending is not None]
+        if not stepping:
+            return
+        try:
+            self.pool.step_many([s.session.decoder for s in stepping], [s.pending.token for s in stepping],
+                                [s.pending.position for s in stepping])
+        except Exception as exc:  # noqa: BLE001 - every sequence of the batch is in doubt: each generation forgets its own
+            for slot in stepping:
+                slot.pending = None
+                self._advance(slot, error=exc)
+            return
+        self.metrics.batches += 1
+        self.metrics.batch_rows += len(stepping)
+        for slot in stepping:  # each samples from its own row before anything else is decoded
+            slot.pending = None
+            self._advance(slot, slot.session.decoder.logits())
+
+    def _advance(self, slot: Slot, reply=None, error: BaseException | None = None) -> None:
+        """Run the slot's generation until it waits for a batched step, pauses in its prefill, or ends; its text goes
+        to the job's handler as it comes."""
+        from .runtimes.session import Delta, StepRequest
+
+        try:
+            item = slot.steps.throw(error) if error is not None else slot.steps.send(reply)
+            while isinstance(item, Delta):
+                if item.result is not None:
+                    slot.result = item.result
+                elif item.text:
+                    slot.job.events.put(item.text)
+                item = next(slot.steps)
+        except StopIteration:
+            slot.result.timings["slot"] = slot.id
+            self.metrics.observe(slot.result.timings)
+            slot.job.events.put(("done", slot.result))
+            self._release(slot)
+            return
+        except EdgeVLMError as exc:
+            slot.job.events.put(("error", 400, str(exc)))
+            self._release(slot)
+            return
+        except Exception as exc:  # noqa: BLE001 - the engine outlives any request
+            self._fail(slot.job, exc)
+            self._release(slot)
+            return
+        slot.pending = item if isinstance(item, StepRequest) else None
+
+    def _release(self, slot: Slot) -> None:
+        slot.job = slot.steps = slot.pending = None
+        slot.reserved = 0
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        job.events.put(("error", 500, self.last_error))
+
+    # ---- for /health and /metrics (read from handler threads: plain ints, a snapshot is good enough) -------------
+    def queue_depth(self) -> int:
+        return self.jobs.qsize() + (self._held is not None)  # the first in line, tokenized, waits too
+
+    def slot_states(self) -> list[dict]:
+        return [{"id": s.id, "state": s.state, "n_past": s.session.decoder.n_past} for s in self.slots]
+
+    def kv(self) -> tuple[int | None, int | None]:
+        return sum(s.session.decoder.n_past for s in self.slots), self.pool.n_ctx
+
 
 def make_handler(service: ChatService, engine: Engine, options: "ServerOptions"):
     class Handler(BaseHTTPRequestHandler):
@@ -358,13 +599,12 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
             elif path == "/health":
                 alive = engine.is_alive()
                 self._json(200 if alive else 503, {"status": "ok" if alive else "engine stopped",
-                                                   "queue_depth": engine.jobs.qsize(),
+                                                   "queue_depth": engine.queue_depth(),
                                                    "active_sequences": engine.metrics.active,
+                                                   "slots": engine.slot_states(),
                                                    **({"last_error": engine.last_error} if engine.last_error else {})})
             elif path == "/metrics":
-                decoder = service.session.decoder
-                text = engine.metrics.render(engine.jobs.qsize(), getattr(decoder, "n_past", None),
-                                             getattr(decoder, "n_ctx", None))
+                text = engine.metrics.render(engine.queue_depth(), *engine.kv(), engine.slot_states())
                 self._send(200, text.encode(), "text/plain; version=0.0.4")
             elif path == "/v1/models":
                 if self._authorized():
@@ -433,13 +673,29 @@ def make_handler(service: ChatService, engine: Engine, options: "ServerOptions")
                 self.close_connection = True
 
         def _next(self, job: Job):
+            """The job's next event; a client that closed its connection meanwhile cancels it (raises
+            ConnectionResetError), noticed within DISCONNECT_POLL_S even when no text is being written to it."""
             deadline = job.submitted + options.request_timeout_s
+            while True:
+                if self._client_gone():
+                    job.cancelled.set()
+                    raise ConnectionResetError("the client closed the connection")
+                left = deadline - time.monotonic()
+                try:
+                    return job.events.get(timeout=max(0.0, min(left, DISCONNECT_POLL_S)))
+                except queue.Empty:
+                    if left <= DISCONNECT_POLL_S:
+                        job.cancelled.set()
+                        return ("error", 504, f"the request took longer than {options.request_timeout_s:.0f} s "
+                                              "(--request-timeout); it was cancelled")
+
+        def _client_gone(self) -> bool:
+            """The peer closed its side: the socket reads as end-of-file (a pipelined next request is not that)."""
             try:
-                return job.events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                job.cancelled.set()
-                return ("error", 504, f"the request took longer than {options.request_timeout_s:.0f} s "
-                                      "(--request-timeout); it was cancelled")
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                return True
 
         def _whole(self, job: Job, completion_id: str) -> None:
             while True:
@@ -504,8 +760,11 @@ class ServerOptions:
     max_connections: int = 64
     cache_dir: str | None = None  # the disk tier of the embedding and prefix caches (survives restarts)
     cache_dir_bytes: int = 2 << 30
+    parallel: int = 1  # sequences decoded together (llama.cpp decoders only); 1 = the one-at-a-time Engine
 
     def __post_init__(self) -> None:
+        if not 1 <= self.parallel <= MAX_PARALLEL:
+            raise BadInputError(f"--parallel must be 1..{MAX_PARALLEL}, got {self.parallel}")
         if not 1 <= self.capacity <= 4096:
             raise BadInputError(f"--queue must be 1..4096, got {self.capacity}")
         for name in ("request_timeout_s", "socket_timeout_s"):
@@ -529,6 +788,9 @@ class EdgeServer(ThreadingHTTPServer):
     stops the engine too."""
 
     daemon_threads = True
+    # the listen backlog: socketserver's default of 5 left a burst of clients beyond it waiting on SYN retries (1 s,
+    # 3 s, ...) and, now and then, reset; the kernel caps it at net.core.somaxconn
+    request_queue_size = 1024
 
     def __init__(self, address, handler, engine: Engine, max_connections: int):
         super().__init__(address, handler)
@@ -567,6 +829,19 @@ def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8
 
         session.disk_cache = DiskCache(options.cache_dir, options.cache_dir_bytes)
     service = ChatService(session, model_name, allow)
-    engine = Engine(service, options.capacity)
+    engine = make_engine(service, options)
     engine.start()
     return EdgeServer((host, port), make_handler(service, engine, options), engine, options.max_connections)
+
+
+def make_engine(service: ChatService, options: ServerOptions) -> Engine | ParallelEngine:
+    """--parallel N > 1 opens an N-sequence context beside the session's on the same weights (with_sequences);
+    only llama.cpp decoders have one, so MLX and torch refuse it rather than silently serve one at a time."""
+    if options.parallel == 1:
+        return Engine(service, options.capacity)
+    decoder = service.session.decoder
+    if not hasattr(decoder, "with_sequences"):
+        raise BadInputError(f"--parallel {options.parallel} needs a llama.cpp (gguf) decoder; the "
+                            f"{getattr(decoder, 'name', type(decoder).__name__)} decoder serves one request at a "
+                            "time (use --parallel 1)")
+    return ParallelEngine(service, decoder.with_sequences(options.parallel), options.capacity)

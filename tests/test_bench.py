@@ -139,3 +139,27 @@ def test_report_rows_show_llama_bench_prompt_rate_not_nan():
     bench, loop = rows(result)
     assert bench[3] == "pp 250 tok/s" and bench[4] == "-" and bench[6] == "95.0" and "nan" not in " ".join(bench)
     assert loop[3] == "-" and loop[4] == "120.0 (text)"
+
+
+def test_llama_bench_also_runs_where_edgevlm_decodes(bundles, tmp_path, capsys):
+    """Besides its default (tg from position 0, flash attention auto), llama-bench runs after edgevlm's prompt length
+    with edgevlm's flash-attention setting (off on a CPU-only build): the like-for-like decode comparison."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "llama-bench"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+                    "echo '[{\"n_gen\": 0, \"avg_ts\": 500.0, \"stddev_ts\": 1.0}, "
+                    "{\"n_gen\": 2, \"avg_ts\": 150.0, \"stddev_ts\": 2.0}]'\n")
+    fake.chmod(0o755)
+    code = main(["bench", str(bundles["llava-clip"]), "--image-size", "32x32", "--prompt-tokens", "4", "--new-tokens",
+                 "2", "--repeats", "1", "--threads", "1", "--encoder", "onnx:fp32", "--decoder", "gguf:q8_0",
+                 "--peers", "llamacpp", "--llamacpp-bin", str(fake.parent)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    depth = result["runs"][0]["metrics"]["n_prompt_tokens"]
+    benches = [p for p in result["peers"] if p["name"].startswith("llama-bench")]
+    assert [p.get("depth") for p in benches] == [None, depth] and benches[1]["flash_attn"] is False
+    default, matched = calls.read_text().splitlines()
+    assert "-d" not in default.split() and "-fa" not in default.split()
+    assert f"-d {depth} -fa off" in matched and benches[1]["metrics"]["decode_tok_s"]["median"] == 150.0
+    assert set(result["runs"][0]["vs_peers"]) >= {p["name"] for p in benches}

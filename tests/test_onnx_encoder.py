@@ -149,3 +149,23 @@ def test_releasing_the_decoder_leaves_the_vision_weights_off_the_checkpoint_file
     assert not mapped & {p.data_ptr() for p in ckpt.vision.parameters()}
     with torch.inference_mode():
         assert torch.equal(ckpt.vision(tiles), before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_graphs_run_attention_as_one_fused_op(family, bundles):
+    """The CPU graphs (fp32 and int8) have every attention block as one MultiHeadAttention (MLAS's flash-attention
+    kernel: no (heads, tokens, tokens) tensors); their parity with torch is what the tests above check."""
+    import onnx
+
+    from edgevlm.export.onnx import fuse_attention
+
+    manifest = Manifest.load(bundles[family])
+    for name in ("onnx:fp32", "onnx:int8"):
+        artifact = manifest.find("encoder", name)
+        optimized = onnx.load(str(bundles[family] / artifact.details["cpu_optimized"]), load_external_data=False)
+        ops = [n.op_type for n in optimized.graph.node]
+        original = onnx.load(str(bundles[family] / artifact.path), load_external_data=False)
+        layers = sum(n.op_type == "Softmax" for n in original.graph.node)
+        assert layers >= 1
+        assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops, (name, sorted(set(ops)))
+        assert fuse_attention(original) == layers  # the matcher alone, on the exported graph

@@ -671,7 +671,9 @@ def test_export_for_refuses_when_nothing_fits(ckpts, tmp_path, capsys):
     path.write_text(json.dumps({"version": 1, "devices": [entry]}))
     assert cli_main(["export", str(ckpts["idefics3"]), "-o", str(tmp_path / "b"), "--for", "no-room", "--device-file",
                      str(path)]) == 2
-    assert "nothing fits no-room" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    err = capsys.readouterr().err
+    assert "nothing fits no-room" in err and not (tmp_path / "b").exists()
+    assert "nor lowered to 1 tile(s) and 512 positions" in err and len(err.strip().splitlines()) == 1
     assert cli_main(["export", str(ckpts["idefics3"]), "-o", str(tmp_path / "b"), "--for", "nope"]) == 2
     assert "unknown device 'nope'" in capsys.readouterr().err
 
@@ -861,11 +863,13 @@ def test_qwen_checkpoint_plan_equals_the_exported_gguf_and_the_family_adapter(qw
     for field in ("resize_rule", "tile_size", "patch_size", "temporal_patch_size", "merge_size", "min_pixels",
                   "max_pixels"):
         assert getattr(shapes.preprocess, field) == getattr(loaded.preprocess, field), field
-    # a grid-encoder bundle is refused with the fix, not planned wrongly
-    with pytest.raises(BadInputError, match="plan its checkpoint instead"):
-        from edgevlm.plan.bundle import plan_bundle
+    # the bundle plans too (a grid encoder used to be refused): the same decoder bytes and image tokens
+    from edgevlm.plan.bundle import plan_bundle
 
-        plan_bundle(bundle, get_device("rtx-4060-8gb"), PlanRequest())
+    planned = plan_bundle(bundle, get_device("rtx-4060-8gb"), PlanRequest(context=512, image_size=(100, 60)))
+    assert {o["decoder"]: o["memory"]["decoder_weights"] for o in planned["options"]} == {
+        name: weights[name] for name in ("gguf:f32", "gguf:q8_0")}
+    assert planned["images"]["positions"] == 8
 
 
 def test_qwen_checkpoint_plan_does_not_import_torch(qwen_ckpts):
@@ -880,3 +884,238 @@ def test_qwen_checkpoint_plan_does_not_import_torch(qwen_ckpts):
     result = json.loads(done.stdout)
     assert result["model"]["family"] == "qwen2_vl" and result["images"]["positions"] == 64  # 224x224: max_pixels
     assert result["recommendation"]["status"] == "fits"
+
+
+# --- a Qwen2-VL / Qwen2.5-VL bundle (grid encoder) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_bundle(qwen_ckpts, tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    return export_checkpoint(qwen_ckpts["2.5"], tmp_path_factory.mktemp("qwen-bundle") / "bundle",
+                             [ArtifactRequest("onnx", "fp32"), ArtifactRequest("onnx", "int8")],
+                             [ArtifactRequest("gguf", "q8_0")], max_tiles=8)
+
+
+PLAN_ITEMS = ("decoder_weights", "encoder_weights", "encoder_activations", "kv_cache", "compute_buffer", "caches",
+              "runtime_overhead", "margin")
+
+
+def _plan_json(capsys, *args: str) -> dict:
+    assert cli_main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_grid_activation_fit_on_hand_values():
+    # 10 B per patch + 0.5 B per patch^2: 100 patches 6,000 B, 400 patches 84,000 B
+    assert budget.grid_activation_fit([(400, 84_000), (100, 6_000)]) == pytest.approx((10.0, 0.5))
+    assert budget.grid_activation_bytes([(100, 6_000), (400, 84_000)], 1000) == 10 * 1000 + 500_000
+    # noise: a falling per-patch figure drops the quadratic term (the larger per-patch rate, linear)
+    assert budget.grid_activation_fit([(100, 6_000), (400, 20_000)]) == (60.0, 0.0)
+    # a negative linear term: all quadratic, through the larger measurement
+    assert budget.grid_activation_fit([(100, 0), (400, 160_000)]) == (0.0, 1.0)
+    assert budget.grid_activation_fit([(400, 8_000)]) == (20.0, 0.0)  # one point: linear
+    with pytest.raises(ValueError):
+        budget.grid_activation_fit([])
+
+
+def test_qwen_bundle_plan_itemises_every_option(qwen_bundle, qwen_ckpts, capsys):
+    """A grid-encoder bundle plans from its own files: image tokens from the manifest's smart_resize (the session's
+    own count and the encoder's own rows), decoder bytes from the GGUF, encoder weights from the ONNX files (ORT's
+    resident bytes on a CPU), activations from the export's two-size probe, TTFT from the source checkpoint's tower."""
+    from PIL import Image
+
+    import edgevlm
+    from edgevlm.manifest import Manifest
+    from edgevlm.plan.compute import vision_flops_per_tile
+    from edgevlm.plan.model import from_checkpoint
+    from edgevlm.preprocess import preprocess
+
+    manifest = Manifest.load(qwen_bundle)
+    session = edgevlm.load(qwen_bundle, encoder="onnx:fp32", decoder="gguf:q8_0")
+    gguf = _gguf_bytes(qwen_bundle / manifest.find("decoder", "gguf:q8_0").path)
+    for width, height in ((100, 60), (300, 200)):
+        image = Image.new("RGB", (width, height), "red")
+        rows = session._prepare_image(image).n_rows_embedded
+        pre = preprocess(image, manifest.preprocess)
+        assert session.encoder.encode(pre.pixel_values, grid=pre.grid).shape[0] == rows
+        result = _plan_json(capsys, str(qwen_bundle), "--device", "raspberry-pi-5-8gb", "--image-size",
+                            f"{width}x{height}")
+        images = result["images"]
+        assert images["kind"] == "grid" and images["n_tiles"] == images["image_rows"] == images["positions"] == rows
+        assert images["text_tokens_exact"] and images["patches"] == 4 * rows and images["encoder_calls"] == 1
+        assert [(o["encoder"], o["decoder"]) for o in result["options"]] == [("onnx:fp32", "gguf:q8_0"),
+                                                                              ("onnx:int8", "gguf:q8_0")]
+        for option in result["options"]:
+            memory = option["memory"]
+            assert set(PLAN_ITEMS) | {"needed", "total"} == set(memory)
+            assert all(isinstance(memory[k], int) and memory[k] >= 0 for k in memory)
+            assert memory["decoder_weights"] == gguf
+            artifact = manifest.find("encoder", option["encoder"])
+            assert memory["encoder_weights"] == artifact.details.get("session_resident_bytes",
+                                                                     memory["encoder_weights"]) > 0
+            patches = images["patches"]
+            embeddings = rows * manifest.encoder.output_shape[1] * 4
+            pixels = budget.patch_input_bytes(patches, manifest.preprocess)
+            points = artifact.details.get("activation_bytes_at_patches")
+            if points:  # measured at export (Linux)
+                assert memory["encoder_activations"] == budget.grid_activation_bytes(points, patches) + embeddings + pixels
+            assert option["verdict"] == "fits" and option["decode_tok_s"] > 0
+            assert option["ttft"]["ttft_s"] is None  # the Pi 5 has no compute figure in the table
+        gpu = _plan_json(capsys, str(qwen_bundle), "--device", "rtx-4060-8gb", "--image-size", f"{width}x{height}")
+        for option in gpu["options"]:  # the source checkpoint is here: encode + prefill
+            assert option["ttft"]["prefill_s"] > 0 and option["ttft"]["encode_s"] > 0
+        vision = from_checkpoint(qwen_ckpts["2.5"]).vision.at_patches(images["patches"], 2)
+        assert result["vision"]["gflops_per_image"] * 1e9 == pytest.approx(vision_flops_per_tile(vision))
+        assert "quadratic" in result["basis"]["encoder_activations"]
+        assert result["recommendation"]["status"] == "fits"
+    # the default image is the largest max_pixels keeps (224x224 here: 64 tokens); a GPU target counts the ONNX files
+    result = _plan_json(capsys, str(qwen_bundle), "--device", "rtx-4060-8gb")
+    assert (result["images"]["width"], result["images"]["positions"]) == (224, 224 // 28 * 224 // 28)
+    for option in result["options"]:
+        artifact = manifest.find("encoder", option["encoder"])
+        sizes = {f.path: f.bytes for f in artifact.files}
+        assert option["memory"]["encoder_weights"] == sizes[artifact.path] + sizes.get(f"{artifact.path}.data", 0)
+    assert cli_main(["plan", str(qwen_bundle), "--device", "rtx-4060-8gb", "--max-tiles", "4"]) == 2
+    assert "has no tiles: pass a smaller --image-size instead" in capsys.readouterr().err
+    assert cli_main(["plan", str(qwen_bundle), "--device", "rtx-4060-8gb"]) == 0  # the table for people
+    assert "image tokens" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/status").is_file(), reason="the probes read /proc")
+def test_grid_encoder_activations_are_measured_at_export_at_two_sizes(qwen_bundle):
+    from edgevlm.manifest import Manifest
+
+    manifest = Manifest.load(qwen_bundle)
+    for artifact in (a for a in manifest.artifacts if a.format == "onnx"):
+        (small, small_bytes), (large, large_bytes) = artifact.details["activation_bytes_at_patches"]
+        # the tiny tower's largest probe grid: 30x30 patches (the graph's bound, 928), and 14x14
+        assert (small, large) == (14 * 14, 30 * 30) and 0 <= small_bytes < large_bytes
+        assert artifact.details["session_resident_bytes"] > 0
+        assert "peak RSS one image of 196 and then 900 patches" in artifact.details["activation_basis"]
+
+
+def test_qwen_bundle_without_its_source_plans_prefill_only_ttft(qwen_bundle, tmp_path, capsys):
+    """Without the source checkpoint the tower's depth and width are unknown: TTFT is the prefill, said so; the
+    memory items do not change (activations measured at export, or the per-pixel fallback where not)."""
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(qwen_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["source"]["path"] = str(tmp_path / "gone")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    args = ("--device", "rtx-4060-8gb", "--image-size", "300x200")
+    with_source, without = _plan_json(capsys, str(qwen_bundle), *args), _plan_json(capsys, str(copy), *args)
+    for a, b in zip(with_source["options"], without["options"]):
+        assert a["memory"] == b["memory"]
+        assert b["ttft"]["encode_s"] is None and b["ttft"]["ttft_s"] is None
+        assert b["ttft"]["prefill_s"] == pytest.approx(a["ttft"]["prefill_s"])
+        assert "TTFT is the prefill only" in b["ttft"]["basis"]
+    assert without["vision"] == {"kind": "grid", "shapes_from": None, "gflops_per_image": None}
+    assert "TTFT is the prefill only" in without["basis"]["ttft"]
+    # no measured points either: the per-pixel fallback, linear, labelled
+    for artifact in manifest["artifacts"]:
+        artifact["details"].pop("activation_bytes_at_patches", None)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    fallback = _plan_json(capsys, str(copy), *args)
+    patches = fallback["images"]["patches"]
+    rows = fallback["images"]["image_rows"]
+    extra = rows * 64 * 4 + budget.patch_input_bytes(patches, PreprocessSpec.from_dict(manifest["preprocess"]))
+    assert fallback["options"][0]["memory"]["encoder_activations"] == 788 * patches * 14 * 14 + extra
+    assert "fallback, not measured" in fallback["basis"]["encoder_activations"]
+
+
+def test_run_warns_at_start_on_a_grid_bundle(qwen_bundle, tmp_path, capsys):
+    """The start-up fit check plans a grid bundle too (it used to skip it silently: plan_bundle refused it)."""
+    import psutil
+    from PIL import Image
+
+    from edgevlm.plan.fit import fit_warning
+
+    tiny = get_device("fake-gpu", _device_file(tmp_path, 1 << 20, memory_gib=1))
+    warning = fit_warning(qwen_bundle, tiny, "onnx:int8", "gguf:q8_0")
+    assert warning.startswith("warning: onnx:int8 + gguf:q8_0 at context ") and "MiB is available here" in warning
+    assert fit_warning(qwen_bundle, get_device("rtx-4090-24gb"), "onnx:int8", "gguf:q8_0") is None
+    image = tmp_path / "red.png"
+    Image.new("RGB", (100, 60), "red").save(image)
+    base = ["run", str(qwen_bundle), "--image", str(image), "--prompt", "What is it?", "--max-tokens", "2",
+            "--encoder", "onnx:int8", "--decoder", "gguf:q8_0"]
+    assert cli_main(base) == 0
+    assert "warning:" not in capsys.readouterr().err
+    too_big = int(psutil.virtual_memory().total / MIB * 2)
+    assert cli_main(base + ["--prefix-cache-mb", str(too_big)]) == 0
+    assert "warning: onnx:int8 + gguf:q8_0 at context" in capsys.readouterr().err
+
+
+# --- export --for: the lowering advice --------------------------------------------------------------------------------
+
+
+def test_export_for_lowers_the_tile_cap_when_nothing_fits_as_asked(ckpts, tmp_path, capsys):
+    from edgevlm.manifest import Manifest
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+    from edgevlm.plan.model import from_checkpoint
+
+    ckpt = str(ckpts["idefics3"])
+    shapes, probe = from_checkpoint(ckpt), get_device("fake-gpu", _device_file(tmp_path, 12 << 30))
+    at_5, at_1 = (min(o["memory"]["total"] for o in plan_model(shapes, probe, PlanRequest(max_tiles=cap))["options"])
+                  for cap in (None, 1))
+    assert at_1 < at_5
+    devices = _device_file(tmp_path, (at_1 + at_5) / 2)
+    out = tmp_path / "bundle"
+    assert cli_main(["export", ckpt, "-o", str(out), "--for", "fake-gpu", "--device-file", devices]) == 0
+    [line] = [l for l in capsys.readouterr().out.splitlines() if l.startswith("nothing fits")]
+    assert line.startswith("nothing fits fake-gpu at 5 tile(s) and 512 positions; with --max-tiles 1: ")
+    assert "with --max-tiles 1; at run time use images of at most 1 tile(s) (the processor's size.longest_edge 32" in line
+    manifest = Manifest.load(out)
+    assert manifest.encoder.max_tiles == 1  # exported with the lowered cap
+    chosen = re.search(r"exporting (gguf:\w+) \+ (onnx:\w+)", line).groups()
+    assert {a.name for a in manifest.artifacts} - {"tokenizer"} == set(chosen)
+
+
+def test_export_for_says_the_context_to_run_with(tmp_path, monkeypatch):
+    """A one-tile model (LLaVA-1.5) cannot lower its image: the context is halved, and since export has no context
+    setting the line says what run/serve need (--n-ctx); nothing changes in what is exported but the pair."""
+    from edgevlm.commands.export import plan_for_device
+    from edgevlm.plan import model
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+
+    shapes = model.from_preset("llava-1.5-7b")
+    monkeypatch.setattr(model, "from_checkpoint", lambda path: shapes)
+    probe = get_device("fake-gpu", _device_file(tmp_path, 24 << 30, memory_gib=24))
+    at_4096, at_2048 = (min(o["memory"]["total"] for o in plan_model(shapes, probe, PlanRequest(context=c))["options"])
+                        for c in (4096, 2048))
+    chosen = plan_for_device("ckpt", "fake-gpu", _device_file(tmp_path, (at_2048 + at_4096) / 2, 24), None, None)
+    assert chosen["line"].startswith("nothing fits fake-gpu at 1 tile(s) and 4,096 positions; with --n-ctx 2048: ")
+    assert "at run time use run/serve --n-ctx 2048 (export has no context setting)" in chosen["line"]
+    assert chosen["max_tiles"] is None and chosen["recommendation"]["settings"]["context"] == 2048
+    assert (chosen["encoder"], chosen["decoder"]) == (chosen["recommendation"]["encoder"],
+                                                      chosen["recommendation"]["decoder"])
+
+
+def test_export_for_says_the_image_size_of_a_native_resolution_model(tmp_path, monkeypatch):
+    """Qwen2-VL: the largest image max_pixels keeps (3584x3584, 16,384 tokens) is more than the default context, so
+    --for asks at that area halved until it fits (1267x1267), then lowers the image further; export has no
+    image-size setting, so the line says what to send at run time (or which max_pixels to set)."""
+    from edgevlm.commands.export import plan_for_device
+    from edgevlm.plan import model
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+
+    shapes = model.from_preset("qwen2-vl-2b")
+    monkeypatch.setattr(model, "from_checkpoint", lambda path: shapes)
+    probe = get_device("fake-gpu", _device_file(tmp_path, 64 << 30, memory_gib=64))
+    asked, lowered = (min(o["memory"]["total"] for o in plan_model(shapes, probe, PlanRequest(image_size=s))["options"])
+                      for s in ((1267, 1267), (896, 896)))
+    chosen = plan_for_device("ckpt", "fake-gpu", _device_file(tmp_path, (asked + lowered) / 2, 64), None, "gguf:q4_0")
+    line = chosen["line"]
+    assert line.startswith("the largest image (3584x3584, 16,384 image tokens) takes more than the default context; "
+                           "planned at 1267x1267: nothing fits fake-gpu at a 1267x1267 image (2,025 image tokens) and "
+                           "4,096 positions; with images of 896x896 (1,024 image tokens): ")
+    assert "at run time use images of at most 896x896 pixels (resize them, or set max_pixels 802816" in line
+    assert line.endswith(f"exporting --decoder gguf:q4_0 as given (the plan chose {chosen['recommendation']['decoder']})")
+    assert chosen["decoder"] == "gguf:q4_0" and chosen["max_tiles"] is None
+    # nothing fits even at a 224x224 image and 1,024 positions: refused, one line
+    with pytest.raises(BadInputError, match=r"nothing fits fake-gpu at .* nor lowered to a 224x224 image \(64 image "
+                                            r"tokens\) and 1,024 positions: the smallest option"):
+        plan_for_device("ckpt", "fake-gpu", _device_file(tmp_path, 0.1 * (1 << 30), memory_gib=1), None, None)

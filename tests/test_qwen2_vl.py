@@ -191,6 +191,7 @@ def test_chunked_prefill_and_caches_equal_cold(version, qwen_bundles, pics):
     assert hit.timings["prefix_cache_hits"] == 0 and hit.timings["embed_cache_hits"] == 1  # the prefix differs
     assert hit.tokens == _gguf_session(bundle).generate(image, "Describe " + PAD + " again.", max_tokens=12,
                                                         stop_token_ids=[]).tokens
+    assert hit.timings["n_tiles"] == 0 and chunked.timings["n_tiles"] == 1  # one image, one encoder input
     again = session.generate(image, "What is in " + PAD + " this one?", max_tokens=12, stop_token_ids=[])
     assert again.timings["prefix_cache_hits"] == 1 and again.timings["encode_ms"] == 0.0
     assert again.tokens == _gguf_session(bundle).generate(image, "What is in " + PAD + " this one?", max_tokens=12,

@@ -333,13 +333,20 @@ def mtmd_peer(bundle: Path, decoder: str, mmproj: str, texts: list[str], placeho
     }
 
 
-def llama_bench_peer(binary: str, gguf: Path, scenario: Scenario) -> dict:
+def llama_bench_peer(binary: str, gguf: Path, scenario: Scenario, depth: int = 0, flash_attn: bool | None = None) -> dict:
+    """llama-bench on the GGUF: pp (prompt tokens) and tg (new tokens) rates. Its defaults generate from position 0
+    with flash attention auto (on for a CPU); depth / flash_attn run it where edgevlm's decode runs instead (after
+    `depth` positions, flash attention as edgevlm sets it)."""
     import json
     import subprocess
 
-    out = subprocess.run([binary, "-m", str(gguf), "-p", str(scenario.prompt_tokens), "-n", str(scenario.new_tokens),
-                          "-t", str(scenario.threads), "-r", str(scenario.repeats), "-o", "json"],
-                         capture_output=True, text=True, check=True, timeout=600)
+    command = [binary, "-m", str(gguf), "-p", str(scenario.prompt_tokens), "-n", str(scenario.new_tokens),
+               "-t", str(scenario.threads), "-r", str(scenario.repeats), "-o", "json"]
+    if depth:
+        command += ["-d", str(int(depth))]
+    if flash_attn is not None:
+        command += ["-fa", "on" if flash_attn else "off"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
     rows = json.loads(out.stdout)
     result = {}
     for row in rows:

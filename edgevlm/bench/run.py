@@ -198,6 +198,15 @@ def mtmd_peers(bundle: Path, pairs: list[tuple[str, str]], scenario: harness.Sce
     return runs
 
 
+def edgevlm_flash_attention() -> bool:
+    """Whether edgevlm's llama.cpp decoder runs with flash attention here by default (off on CPU-only builds)."""
+    from ..backends import require_llama_cpp
+    from ..runtimes.llamacpp_decoder import flash_attention_type
+
+    llama_cpp = require_llama_cpp()
+    return flash_attention_type(llama_cpp, None) != llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
 def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None = None, decoders: str | None = None,
               peers: str | None = "torch,llamacpp", target: str | None = None, llamacpp_bin: str | None = None,
               progress: Callable[[str], None] = lambda m: None, isolate: bool = True, accuracy_n: int = 0) -> dict:
@@ -243,6 +252,14 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
             if bench_binary:
                 peer_runs.append({"name": f"llama-bench ({decoder})", "decoder": decoder,
                                   "metrics": harness.llama_bench_peer(bench_binary, gguf, scenario)})
+                # the same where edgevlm decodes: after its prompt (image rows included), its flash-attention setting
+                depth = max((r["metrics"]["n_prompt_tokens"] for r in runs if r.get("decoder") == decoder), default=0)
+                if depth:
+                    fa = edgevlm_flash_attention()
+                    peer_runs.append({"name": f"llama-bench ({decoder}, tg after {depth} positions, flash attention "
+                                              f"{'on' if fa else 'off'} as edgevlm)", "decoder": decoder,
+                                      "depth": depth, "flash_attn": fa,
+                                      "metrics": harness.llama_bench_peer(bench_binary, gguf, scenario, depth, fa)})
             else:
                 peer_runs.append({"name": f"llama-bench ({decoder})", "decoder": decoder, "skipped":
                                   "llama-bench not found on PATH (pass --llamacpp-bin DIR)"})

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import sys
 
+# Two users at once by default: on llama.cpp the slots share one KV pool of --n-ctx positions (no more memory than
+# one), and two decode steps in one llama_decode cost little more than one on a memory-bound device; more slots
+# split the same pool further, so larger N is a choice (--parallel 4 for a small team).
+DEFAULT_PARALLEL = 2
+
 
 def add_arguments(parser) -> None:
     from .common import add_backend_arguments
@@ -20,11 +25,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="keep image embeddings and image-prefix KV states here across restarts")
     parser.add_argument("--cache-dir-mb", type=float, default=2048.0, help="bound of --cache-dir (default 2048 MiB)")
+    parser.add_argument("--parallel", type=int, default=None, metavar="N",
+                        help=f"requests answered at once, their decode steps batched in one llama_decode and sharing "
+                             f"one KV pool of --n-ctx positions (default {DEFAULT_PARALLEL} for a gguf decoder; MLX and "
+                             "torch decoders serve one at a time and refuse N > 1)")
     parser.add_argument("--allow-local-images", default=None, metavar="DIR",
                         help="let requests name image files under DIR (default: data URLs only)")
 
 
 def main(args) -> int:
+    import dataclasses
     import os
     from pathlib import Path
 
@@ -38,16 +48,21 @@ def main(args) -> int:
                                    args.api_key or os.environ.get("EDGEVLM_API_KEY") or None, args.allow_local_images,
                                    args.max_connections, args.cache_dir,
                                    int(args.cache_dir_mb * (1 << 20)) if args.cache_dir_mb == args.cache_dir_mb
-                                   else -1)  # validated before the model loads (NaN is refused)
+                                   else -1,  # validated before the model loads (NaN is refused)
+                                   1 if args.parallel is None else args.parallel)
     session = load_session_checked(args, backend_options(args))
+    if args.parallel is None and hasattr(session.decoder, "with_sequences"):
+        server_options = dataclasses.replace(server_options, parallel=DEFAULT_PARALLEL)
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
     server = make_server(session, model, args.host, args.port, server_options)
+    if server_options.parallel > 1:
+        session.decoder.release_context()  # the server decodes in its own N-sequence context on the same weights
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost") and not server_options.api_key:
         print(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model",
               file=sys.stderr)
-    print(f"edgevlm serve: {model} ({session.encoder_name} encoder) on http://{host}:{port}/v1/chat/completions "
-          "(Ctrl-C to stop)", file=sys.stderr)
+    print(f"edgevlm serve: {model} ({session.encoder_name} encoder) on http://{host}:{port}/v1/chat/completions, "
+          f"{server_options.parallel} at once (Ctrl-C to stop)", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -342,6 +342,37 @@ def patch_input_bytes(patches: int, preprocess: PreprocessSpec, channels: int = 
     return 4 * patches * channels * preprocess.patch_size**2 * (1 + preprocess.temporal_patch_size)
 
 
+def grid_activation_fit(points: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """(a, b) of bytes = a x P + b x P^2 through a grid encoder's measured (patches, bytes) pairs (the export probe,
+    details.activation_bytes_at_patches): the linear part is the per-patch tensors (Q/K/V, the MLP, residuals), the
+    quadratic part the (P, P) attention scores and masks of every block. Two points: the exact solution; a negative
+    coefficient (measurement noise) is dropped and the other one refitted through the larger image, so the fit never
+    falls below the larger measurement there. One point: linear (b = 0), an under-estimate above it."""
+    measured = sorted((int(p), int(n)) for p, n in points if int(p) > 0 and int(n) >= 0)
+    if not measured:
+        raise ValueError("a grid activation fit needs at least one (patches, bytes) point with patches > 0")
+    p2, n2 = measured[-1]
+    if len(measured) == 1 or measured[0][0] == p2:
+        return n2 / p2, 0.0
+    p1, n1 = measured[0]
+    b = (n2 / p2 - n1 / p1) / (p2 - p1)
+    a = n1 / p1 - b * p1
+    if b < 0:
+        return max(n1 / p1, n2 / p2), 0.0
+    if a < 0:
+        return 0.0, n2 / p2**2
+    return a, b
+
+
+def grid_activation_bytes(points: Sequence[Sequence[int]], patches: int) -> int:
+    """A grid encoder's activation peak for one image of `patches` patches, from the measured points (see
+    grid_activation_fit)."""
+    if patches <= 0:
+        raise ValueError("patches must be positive")
+    a, b = grid_activation_fit(points)
+    return int(a * patches + b * patches * patches)
+
+
 def encoder_activation_bytes(n_tiles: int, tiles_per_run: int, tile_height: int, tile_width: int,
                              bytes_per_tile: int | None = None) -> int:
     """The encoder's activation peak: the tiles of one run (the runtime encodes tiles_per_run at a time) at

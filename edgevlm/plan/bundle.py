@@ -156,6 +156,9 @@ class EncoderChoice:
     precision: str
     weight_bytes: int
     activation_bytes_per_tile: int | None
+    # a grid (native-resolution) encoder: the (patches, bytes) pairs measured at export (details.
+    # activation_bytes_at_patches), which budget.grid_activation_bytes fits; None: not measured
+    activation_points: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,8 @@ class PlanModel:
     vision_flops_per_tile: int | None  # None: unknown (TTFT gives the prefill only)
     count_text: object = None  # text -> tokens (a tokenizer), or None: one token per layout marker assumed
     # native resolution (layout "grid", Qwen2-VL): the tower's shapes (plan.model.VisionShape); its FLOPs and
-    # activations follow each image's patch count (one image per encoder call). None: a tiled encoder
+    # activations follow each image's patch count (one image per encoder call). None: a tiled encoder, or a grid
+    # bundle whose source checkpoint is gone (its activations then come from the export's measurement or a fallback)
     grid_vision: object = None
 
 
@@ -183,9 +187,7 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
 
     bundle = Path(bundle)
     manifest = Manifest.load(bundle)
-    if getattr(manifest.encoder, "kind", "tiles") != "tiles":
-        raise BadInputError(f"{bundle} has a {manifest.encoder.kind} encoder (native resolution); planning such a bundle "
-                            "is not implemented yet: plan its checkpoint instead (edgevlm plan CHECKPOINT --device ID)")
+    grid = getattr(manifest.encoder, "kind", "tiles") == "grid"
     cpu = device.target == "cpu"
     decoders = []
     for name in _ordered([a.name for a in manifest.artifacts if a.format == "gguf"], DECODER_ACCURACY):
@@ -195,17 +197,28 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
         artifact = manifest.find("encoder", name)
         per_tile = artifact.details.get("activation_bytes_per_tile")  # a measured figure, when the exporter kept one
         encoders.append(EncoderChoice(name, artifact.precision, _resident_bytes(artifact, cpu),
-                                      int(per_tile) if isinstance(per_tile, int) and per_tile > 0 else None))
+                                      int(per_tile) if isinstance(per_tile, int) and per_tile > 0 else None,
+                                      _measured_points(artifact.details.get("activation_bytes_at_patches"))))
     if not decoders or not encoders:
         raise BadInputError(f"{bundle} has no GGUF decoder and ONNX encoder pair to plan (decoders: "
                             f"{', '.join(d.name for d in decoders) or 'none'}; encoders: "
                             f"{', '.join(e.name for e in encoders) or 'none'})")
-    model = PlanModel(manifest.decoder, manifest.preprocess, manifest.image_layout,
-                      int(manifest.encoder.output_shape[1]), int(manifest.encoder.output_shape[2]),
-                      int(manifest.encoder.input_shape[1]), manifest.encoder.max_tiles,
-                      _gguf_block_params(bundle / manifest.find("decoder", decoders[0].name).path),
-                      _source_vision_flops(manifest), _text_counter(bundle, manifest))
+    block_params = _gguf_block_params(bundle / manifest.find("decoder", decoders[0].name).path)
+    vision = _source_vision(manifest)
+    if grid:
+        model = _grid_bundle_model(manifest, block_params, vision, _text_counter(bundle, manifest))
+    else:
+        model = PlanModel(manifest.decoder, manifest.preprocess, manifest.image_layout,
+                          int(manifest.encoder.output_shape[1]), int(manifest.encoder.output_shape[2]),
+                          int(manifest.encoder.input_shape[1]), manifest.encoder.max_tiles, block_params,
+                          _vision_flops(vision), _text_counter(bundle, manifest))
     result = {"bundle": str(bundle), **plan_options(model, decoders, encoders, device, request)}
+    if grid:
+        result["basis"].update(_grid_basis(encoders, vision, manifest))
+        patches = result["images"]["patches"]
+        result["vision"] = {"kind": "grid", "shapes_from": None if vision is None else manifest.source.get("path"),
+                            "gflops_per_image": None if vision is None or not patches else
+                            _vision_flops(vision.at_patches(patches, manifest.preprocess.merge_size)) / 1e9}
     result["skipped"] = [f"{a.name}: planning {a.format} artifacts is not implemented yet" for a in manifest.artifacts
                          if a.format in ("mlx", "tensorrt", "gguf-mmproj")]
     return result
@@ -228,17 +241,70 @@ def _gguf_block_params(path: Path) -> int:
     return sum(math.prod(t.shape) for t in budget.read_gguf_tensors(path) if t.name.startswith("blk."))
 
 
-def _source_vision_flops(manifest) -> int | None:
-    """The encoder's FLOPs per tile from the source checkpoint's shapes (manifest source.path), when it is still
-    there; a bundle alone does not say how deep or wide its vision tower is."""
+def _source_vision(manifest):
+    """The vision tower's shapes (plan.model.VisionShape) from the source checkpoint (manifest source.path), when it
+    is still there and is the same family; a bundle alone does not say how deep or wide its vision tower is."""
     from ..errors import EdgeVLMError
-    from .compute import vision_flops_per_tile
     from .model import from_checkpoint
 
     try:
-        return vision_flops_per_tile(from_checkpoint(manifest.source.get("path", "")).vision)
+        shapes = from_checkpoint(manifest.source.get("path", ""))
     except (EdgeVLMError, OSError, ValueError, KeyError, TypeError):
         return None
+    return shapes.vision if shapes.family == manifest.family else None
+
+
+def _vision_flops(vision) -> int | None:
+    from .compute import vision_flops_per_tile
+
+    return None if vision is None else vision_flops_per_tile(vision)
+
+
+def _measured_points(value) -> tuple | None:
+    """details.activation_bytes_at_patches as ((patches, bytes), ...), or None when absent or malformed."""
+    try:
+        points = tuple((int(p), int(b)) for p, b in value)
+    except (TypeError, ValueError):
+        return None
+    return points if points and all(p > 0 and b >= 0 for p, b in points) and points[-1][1] > 0 else None
+
+
+def _grid_bundle_model(manifest, block_params: int, vision, count_text) -> PlanModel:
+    """A native-resolution (Qwen2-VL) bundle: one merged-token row of the decoder's width per image token, image
+    tokens from the manifest's preprocessing (smart_resize), the largest image from its max_pixels."""
+    from ..preprocess import max_merged_tokens
+
+    encoder = manifest.encoder
+    merged = (encoder.dynamic_axes.get("merged") or {}).get("max")
+    channels = int((encoder.vision_grid or {}).get("in_channels", 3))
+    return PlanModel(manifest.decoder, manifest.preprocess, manifest.image_layout, 1, int(encoder.output_shape[1]),
+                     channels, int(merged) if merged else max_merged_tokens(manifest.preprocess), block_params, None,
+                     count_text, grid_vision=vision)
+
+
+def _grid_basis(encoders: list, vision, manifest) -> dict:
+    """How a grid bundle's encoder terms were sized, encoder by encoder."""
+    per_encoder = []
+    for encoder in encoders:
+        if encoder.activation_points:
+            points = " and ".join(f"{p:,} patches {b / (1 << 20):,.1f} MiB" for p, b in encoder.activation_points)
+            per_encoder.append(f"{encoder.name}: measured at export ({points}), fitted a x P + b x P^2 "
+                               "(budget.grid_activation_fit)")
+        elif vision is not None:
+            per_encoder.append(f"{encoder.name}: estimate from the source checkpoint's tower shapes (not measured)")
+        else:
+            per_encoder.append(f"{encoder.name}: fallback, not measured: {budget.ENCODER_ACTIVATION_BYTES_PER_PIXEL} B "
+                               "per input pixel, linear (under-estimates large images)")
+    vision_text = (f"the tower's shapes from the source checkpoint {manifest.source.get('path')}" if vision is not None
+                   else "the bundle does not record its tower's depth and width and its source checkpoint is not "
+                        "here: TTFT is the prefill only")
+    return {
+        "encoder_activations": "one image per encoder call at its patch count P (smart_resize of the image, "
+                               "merged tokens x merge^2); attention is quadratic in P (the ONNX graph masks windows "
+                               "over all P patches, so every block has (P, P) scores): " + "; ".join(per_encoder)
+                               + "; plus the image's embeddings and its preprocessed pixels and patches",
+        "ttft": BASIS["ttft"] + f" ({vision_text})",
+    }
 
 
 @dataclass(frozen=True)
@@ -264,13 +330,21 @@ def encoder_work(model: PlanModel, preprocess, image: budget.ImageTokens, images
 
     if not images:
         return EncoderWork(0, model.vision_flops_per_tile, 0, None, lambda encoder: 0)
-    if model.grid_vision is not None:
+    if model.layout.kind == "grid":
         merge = preprocess.merge_size
         patches = image.image_rows * merge * merge
-        vision = model.grid_vision.at_patches(patches, merge)
-        return EncoderWork(images, vision_flops_per_tile(vision),
-                           budget.patch_input_bytes(patches, preprocess, model.channels), patches,
-                           lambda encoder: vision.activation_bytes_per_tile(encoder.precision))
+        vision = None if model.grid_vision is None else model.grid_vision.at_patches(patches, merge)
+
+        def activations(encoder: EncoderChoice) -> int:
+            # measured at export (a bundle) > estimated from the tower's shapes > the per-pixel fallback
+            if encoder.activation_points:
+                return budget.grid_activation_bytes(encoder.activation_points, patches)
+            if vision is not None:
+                return vision.activation_bytes_per_tile(encoder.precision)
+            return budget.ENCODER_ACTIVATION_BYTES_PER_PIXEL * patches * preprocess.patch_size**2
+
+        return EncoderWork(images, None if vision is None else vision_flops_per_tile(vision),
+                           budget.patch_input_bytes(patches, preprocess, model.channels), patches, activations)
     tile_h, tile_w = preprocess.tile_size
     per_run = CPU_TILES_PER_RUN if cpu else TILES_PER_RUN
     return EncoderWork(images * image.n_tiles, model.vision_flops_per_tile,
@@ -298,7 +372,7 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
         raise BadInputError(f"--image-size {width}x{height}: {exc}; plan another size") from None
     image_positions = request.images * image.positions
     if image_positions > context:
-        hint = "or plan fewer or smaller images (--image-size WxH)" if model.grid_vision is not None else \
+        hint = "or plan fewer or smaller images (--image-size WxH)" if model.layout.kind == "grid" else \
             "or plan fewer or smaller images"
         raise BadInputError(f"{request.images} image(s) of {width}x{height} take {image_positions} positions, more than "
                             f"the context of {context}; raise --context (the model supports {spec.context_length}) "

@@ -92,7 +92,8 @@ def ttft(compute: Compute | None, encode_flops: int | None, tiles: int, prefill:
     prefill_s = prefill / (compute.flops * compute.prefill_efficiency)
     if encode_flops is None:
         return {"encode_s": None, "prefill_s": prefill_s, "ttft_s": None,
-                "basis": compute.basis + "; encode unknown: the vision tower's shapes are not known"}
+                "basis": compute.basis + "; encode unknown: the vision tower's shapes are not known (a bundle has "
+                         "them only through its source checkpoint, manifest source.path): TTFT is the prefill only"}
     encode_s = encode_flops * tiles / (compute.flops * compute.encode_efficiency.get(encoder_precision,
                                                                                       compute.prefill_efficiency))
     return {"encode_s": encode_s, "prefill_s": prefill_s, "ttft_s": encode_s + prefill_s, "basis": compute.basis}

@@ -3,15 +3,17 @@
 
 Prompt building lives in prompt.py and reuse planning in reuse.py (both pure); this module orchestrates and runs the
 generation loop. One primitive, `respond`, yields text deltas and then the final GenerationResult; `generate`,
-`stream`, `chat`, `stream_conversation` and the server are built on it. The record of what the decoder's KV holds
-(`_kv_keys`) is only ever extended after a prefill succeeded, and any failure empties the sequence, so a later
-request can never reuse KV that belongs to another prompt."""
+`stream`, `chat`, `stream_conversation` and the one-at-a-time server are built on it. It drives `generation`, the
+same loop as a cooperative generator that also yields its decode steps (StepRequest) and prefill pauses, which the
+--parallel server answers with one batched decode for all its sequences (one Session per sequence, `sibling`).
+The record of what the decoder's KV holds (`_kv_keys`) is only ever extended after a prefill succeeded, and any
+failure empties the sequence, so a later request can never reuse KV that belongs to another prompt."""
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -52,8 +54,55 @@ class Delta:
     result: GenerationResult | None = None
 
 
+@dataclass(frozen=True)
+class StepRequest:
+    """What `Session.generation` yields when it needs its next token decoded: the token, at (1-D, or an M-RoPE text
+    token's t) position. The driver sends back None (decode it yourself) or the logits of a decode it ran."""
+
+    token: int
+    position: int
+
+
+class Pause:
+    """Yielded between prefill chunks and after an image encode: a scheduler may run other sequences' work here."""
+
+    def __repr__(self) -> str:
+        return "PAUSE"
+
+
+PAUSE = Pause()
+
+
+@dataclass
+class Request:
+    """A checked, tokenized request (Session.prepare): everything `generation` needs, nothing run yet."""
+
+    prompt: Prompt
+    images: list[PreparedImage]
+    config: SamplingConfig
+    stop_filter: StopFilter | None
+    stops: set[int]
+    max_tokens: int
+    return_logits: bool
+    t_start: float
+
+    @property
+    def n_positions(self) -> int:
+        """Most positions the answer can take in the KV: the prompt and every token it may generate."""
+        return len(self.prompt) + self.max_tokens
+
+
 def _as_list(images) -> list:
     return [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+
+
+def _check_conversation(messages: list[dict], images: Sequence) -> None:
+    n_slots = sum(item.get("type") == "image" for m in messages if isinstance(m.get("content"), list)
+                  for item in m["content"])
+    if n_slots != len(images):
+        raise BadInputError(f"the messages have {n_slots} image items but {len(images)} images were given")
+    if not messages or messages[-1].get("role") != "user":
+        raise BadInputError("the conversation must end with a user message")
 
 
 def _new_timings() -> dict[str, Any]:
@@ -82,6 +131,13 @@ class Session:
         self._kv_keys: list = []  # identity of every position the decoder holds, always true
         self._messages: list[dict] = []  # the conversation `chat` continues
         self._chat_images: list = []
+
+    def sibling(self, decoder: Decoder) -> "Session":
+        """A session on another decoder (another sequence of the same context) sharing the encoder and every cache:
+        a prefix one sibling stored is restored by another instead of being computed again."""
+        other = Session(self.spec, self.encoder, decoder, 0, 0, self.encoder_name, self.decoder_name)
+        other.embed_cache, other.prefix_cache, other.disk_cache = self.embed_cache, self.prefix_cache, self.disk_cache
+        return other
 
     @property
     def _state_namespace(self) -> str | None:
@@ -129,7 +185,8 @@ class Session:
         t2 = time.perf_counter()
         timings["preprocess_ms"] += (t1 - t0) * 1e3
         timings["encode_ms"] += (t2 - t1) * 1e3
-        timings["n_tiles"] += pre.pixel_values.shape[0]
+        # a native-resolution image is one encoder input (its rows are patches, not tiles)
+        timings["n_tiles"] += pre.pixel_values.shape[0] if pre.grid is None else 1
         rows = np.ascontiguousarray(embeds.reshape(-1, embeds.shape[-1]), dtype=np.float32)  # (tiles*T, D)
         if rows.shape[0] != image.n_rows_embedded:
             raise RuntimeError(
@@ -141,8 +198,10 @@ class Session:
             self.disk_cache.put_array("embeddings", image.key, rows)
         return rows
 
-    def _segments(self, prompt: Prompt, images: list[PreparedImage], start: int, stop: int, timings: dict) -> list[Segment]:
-        """Segments covering prompt positions [start, stop), each with its decoder positions."""
+    def _segments(self, prompt: Prompt, images: list[PreparedImage], start: int, stop: int, timings: dict,
+                  encoded: dict[int, np.ndarray] | None = None) -> list[Segment]:
+        """Segments covering prompt positions [start, stop), each with its decoder positions (`encoded`: embeddings
+        already looked up, by image index)."""
         positions = prompt.positions.positions
         segments: list[Segment] = []
         pos = start
@@ -152,7 +211,7 @@ class Session:
             if pos < run_start:
                 segments.append(Segment(positions[pos:run_start], token_ids=prompt.ids[pos:run_start]))
             lo, hi = max(run_start, start), min(run_stop, stop)
-            rows = self._embeddings(images[idx], timings)
+            rows = encoded[idx] if encoded and idx in encoded else self._embeddings(images[idx], timings)
             segments.append(Segment(positions[lo:hi], embeds=rows[first_row + lo - run_start : first_row + hi - run_start]))
             pos = hi
         if pos < stop:
@@ -181,7 +240,11 @@ class Session:
         self._kv_keys = []  # the decoder now holds exactly the restored prefix
         return True
 
-    def _prefill(self, prompt: Prompt, images: list[PreparedImage], timings: dict) -> np.ndarray:
+    def _prefill(self, prompt: Prompt, images: list[PreparedImage], timings: dict,
+                 interleave: bool = False) -> Iterator["Pause"]:
+        """Bring the sequence to the whole prompt (reuse, restore, encode, prefill, snapshot); `return`s the last
+        position's logits. With `interleave`, it yields PAUSE after each image encode and between prefill chunks of
+        n_batch rows (the decoder's own chunks, so the logits are the same), where a scheduler may run other work."""
         n = len(prompt)
         namespace = self._state_namespace
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
@@ -207,11 +270,16 @@ class Session:
         timings["n_reused_positions"] = reuse
         logits, start = None, reuse
         for stop in ([store_at] if store_at else []) + [n]:
-            segments = self._segments(prompt, images, start, stop, timings)
-            t0 = time.perf_counter()
-            logits = self.decoder.prefill(segments)
-            timings["prefill_ms"] += (time.perf_counter() - t0) * 1e3
-            self._kv_keys.extend(prompt.keys[start:stop])
+            encoded = (yield from self._encode_each(prompt, images, start, stop, timings)) if interleave else None
+            segments = self._segments(prompt, images, start, stop, timings, encoded)
+            for i, piece in enumerate(self._pieces(segments) if interleave else [segments]):
+                if i:
+                    yield PAUSE
+                t0 = time.perf_counter()
+                logits = self.decoder.prefill(piece)
+                timings["prefill_ms"] += (time.perf_counter() - t0) * 1e3
+                self._kv_keys.extend(prompt.keys[start:start + sum(len(s) for s in piece)])
+                start += sum(len(s) for s in piece)
             if stop == store_at:
                 t0 = time.perf_counter()
                 state, key = self.decoder.snapshot(), self._prefix_cache_key(prompt, stop)
@@ -220,15 +288,32 @@ class Session:
                     self.disk_cache.put(namespace, key, bytes(state.payload), n_past=state.n_past,
                                         next_position=state.next_position)
                 timings["snapshot_ms"] += (time.perf_counter() - t0) * 1e3
-            start = stop
         timings["n_prefilled_positions"] = n - reuse
         return logits
+
+    def _encode_each(self, prompt: Prompt, images: list[PreparedImage], start: int, stop: int,
+                     timings: dict) -> Iterator["Pause"]:
+        """The embeddings of the images in [start, stop), a PAUSE after each one the encoder had to run."""
+        encoded: dict[int, np.ndarray] = {}
+        for run_start, run_stop, idx, _ in prompt.runs:
+            if run_stop <= start or run_start >= stop or idx in encoded:
+                continue
+            misses = timings["embed_cache_misses"]
+            encoded[idx] = self._embeddings(images[idx], timings)
+            if timings["embed_cache_misses"] > misses:
+                yield PAUSE
+        return encoded
+
+    def _pieces(self, segments: list[Segment]) -> list[list[Segment]]:
+        """The decoder's own prefill chunks: each segment cut every n_batch rows."""
+        size = getattr(self.decoder, "n_batch", None) or max(1, sum(len(s) for s in segments))
+        return [[s.slice(i, i + size)] for s in segments for i in range(0, len(s), size)]
 
     def _prefix_cache_key(self, prompt: Prompt, stop: int) -> str:
         return prefix_key(self._decoder_id, prompt.keys, stop)
 
     # ---- the one generation primitive ------------------------------------------------------------------------
-    def respond(
+    def prepare(
         self,
         messages: list[dict] | None = None,
         images: Sequence = (),
@@ -243,10 +328,9 @@ class Session:
         stop_token_ids: Sequence[int] | None = None,
         stop: Sequence[str] | None = None,
         return_logits: bool = False,
-    ) -> Iterator[Delta]:
-        """Answer a conversation (or `raw_text`, a prompt with placeholders used as is): text deltas as tokens
-        arrive, then one Delta carrying the GenerationResult. Deltas joined equal the result's text exactly.
-        `stop`: strings that end the answer (not included in it; finish reason "stop")."""
+    ) -> "Request":
+        """Check, render and tokenize a request (images decoded and hashed, not encoded): no decoder work, so a
+        scheduler can pick the sequence that already holds most of the prompt before anything runs."""
         t_start = time.perf_counter()
         if max_tokens < 1:
             raise BadInputError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -265,8 +349,31 @@ class Session:
                 f"the prompt is {n_prompt} tokens ({n_image} of them image tokens) but the decoder context is "
                 f"{self.decoder.n_ctx}; shorten the prompt, use fewer or smaller images, or raise --n-ctx"
             )
-        timings: dict[str, Any] = {**_new_timings(), "n_image_tokens": n_image, "n_prompt_tokens": n_prompt}
         stops = set(self.spec.stop_token_ids if stop_token_ids is None else stop_token_ids)
+        return Request(prompt, prepared, config, stop_filter, stops, max_tokens, return_logits, t_start)
+
+    def respond(self, messages: list[dict] | None = None, images: Sequence = (), **options) -> Iterator[Delta]:
+        """Answer a conversation (or `raw_text`, a prompt with placeholders used as is): text deltas as tokens
+        arrive, then one Delta carrying the GenerationResult. Deltas joined equal the result's text exactly.
+        `stop`: strings that end the answer (not included in it; finish reason "stop"). Options: see `prepare`."""
+        steps = self.generation(self.prepare(messages, images, **options))
+        try:
+            for item in steps:  # a StepRequest answered with None: the generation decodes its token itself
+                if isinstance(item, Delta):
+                    yield item
+        finally:
+            steps.close()  # the consumer stopped reading: the KV record is true at every yield
+
+    def generation(self, request: "Request", interleave: bool = False) -> Generator[Any, Any, None]:
+        """The generation loop as a cooperative generator: it yields text Deltas (the last carrying the result),
+        and StepRequests: send back None to have it decode the token itself, or the logits of a decode that a
+        scheduler ran for it (its decoder's logits_row then says where its sampler reads them). With `interleave`
+        it also yields PAUSE between prefill chunks. Its decoder must not run anything else between a StepRequest's
+        decode and the send."""
+        prompt, config, stop_filter, stops = request.prompt, request.config, request.stop_filter, request.stops
+        max_tokens, return_logits = request.max_tokens, request.return_logits
+        n_image = sum(im.n_rows_embedded for im in request.images)
+        timings: dict[str, Any] = {**_new_timings(), "n_image_tokens": n_image, "n_prompt_tokens": len(prompt)}
         history = prompt.ids.tolist()
         tokens: list[int] = []
         all_logits: list[np.ndarray] = []
@@ -278,7 +385,7 @@ class Session:
         step = getattr(self.decoder, "step", None) if self.spec.position_scheme == "1d" else None
         sampler = native(config, history) if native is not None else Sampler(config)
         try:
-            logits = self._prefill(prompt, prepared, timings)
+            logits = yield from self._prefill(prompt, request.images, timings, interleave)
             position = prompt.positions.next_position
             while True:
                 t0 = time.perf_counter()
@@ -310,9 +417,10 @@ class Session:
                     if piece:
                         yield Delta(piece)
                     break
-                if step is not None:  # the decoder's own one-token path (llama.cpp: a batch set up once)
+                logits = yield StepRequest(token, position)
+                if logits is None and step is not None:  # the decoder's own one-token path (llama.cpp)
                     logits = step(token, position)
-                else:
+                elif logits is None:
                     logits = self.decoder.prefill([Segment(text_positions(self.spec.position_scheme, position, 1),
                                                            token_ids=np.asarray([token], dtype=np.int32))])
                 self._kv_keys.append(token)
@@ -334,10 +442,10 @@ class Session:
         if rest:
             yield Delta(rest)
         t_end = time.perf_counter()
-        timings["ttft_ms"] = ((t_first or t_end) - t_start) * 1e3
+        timings["ttft_ms"] = ((t_first or t_end) - request.t_start) * 1e3
         timings["decode_tok_s"] = 1e3 / statistics.median(step_ms) if step_ms else 0.0
         timings["n_new_tokens"] = len(tokens)
-        timings["total_ms"] = (t_end - t_start) * 1e3
+        timings["total_ms"] = (t_end - request.t_start) * 1e3
         text = detok.text if stop_filter is None else stop_filter.sent
         yield Delta("", GenerationResult(text, tokens, finish, timings, all_logits if return_logits else None))
 
@@ -373,13 +481,13 @@ class Session:
         """A whole conversation in one request (what a server gets): user/assistant turns whose content lists
         {"type": "image"} and {"type": "text"} items, `images` in the order of those items. The live sequence and
         the prefix cache make a request that extends the previous conversation prefill only its new turns."""
-        n_slots = sum(item.get("type") == "image" for m in messages if isinstance(m.get("content"), list)
-                      for item in m["content"])
-        if n_slots != len(images):
-            raise BadInputError(f"the messages have {n_slots} image items but {len(images)} images were given")
-        if not messages or messages[-1].get("role") != "user":
-            raise BadInputError("the conversation must end with a user message")
+        _check_conversation(messages, images)
         return self.respond(messages, list(images), **options)
+
+    def prepare_conversation(self, messages: list[dict], images: Sequence = (), **options) -> Request:
+        """`stream_conversation`'s request, checked and tokenized, for a scheduler to run with `generation`."""
+        _check_conversation(messages, images)
+        return self.prepare(messages, list(images), **options)
 
     def chat(self, prompt: str, image=None, on_text: Callable[[str], None] | None = None, **options) -> GenerationResult:
         """One turn of the conversation (the one `generate` started, or a new one); the decoder keeps the sequence,
