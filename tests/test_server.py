@@ -423,11 +423,12 @@ def test_a_burst_of_connections_waits_in_the_backlog_and_every_one_is_answered(s
         server.server_close()
 
 
-def test_sequential_requests_do_not_grow_memory(session, api):
+@pytest.mark.parametrize("parallel", [1, 2])  # 2: what `edgevlm serve` runs by default on a GGUF decoder
+def test_sequential_requests_do_not_grow_memory(session, api, parallel):
     """The 1,000-request run is a benchmark; here 150 after a warm-up, with the same per-request bound."""
     import psutil
 
-    server, base = start(session)
+    server, base = start(session, parallel=parallel)
     body = {"messages": [user(api[2], QUESTION)], "max_tokens": 4}
     try:
         for _ in range(20):
