@@ -266,12 +266,11 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class Engine(threading.Thread):
-    """The one thread that touches the session: jobs wait in a bounded queue (a full queue is a 429 at once) and run
-    one at a time; a job's text goes to its handler through the job's own queue, so a client that stops reading
-    holds only its own handler thread, and a cancelled job stops at its next token."""
+class _EngineThread(threading.Thread):
+    """What both engines share: the bounded admission queue (a full queue is a 429 at once), the stop sentinel, and
+    the 500 answer to an unexpected failure (the engine outlives any request)."""
 
-    def __init__(self, service: ChatService, capacity: int = 8, metrics: Metrics | None = None):
+    def __init__(self, service: ChatService, capacity: int, metrics: Metrics | None):
         super().__init__(daemon=True, name="edgevlm-engine")
         if not 1 <= capacity <= 4096:
             raise ValueError(f"queue capacity must be 1..4096, got {capacity}")
@@ -286,6 +285,22 @@ class Engine(threading.Thread):
             raise QueueFull from None
         return job
 
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        job.events.put(("error", 500, self.last_error))
+
+
+class Engine(_EngineThread):
+    """The one thread that touches the session: jobs wait in a bounded queue and run one at a time; a job's text
+    goes to its handler through the job's own queue, so a client that stops reading holds only its own handler
+    thread, and a cancelled job stops at its next token."""
+
+    def __init__(self, service: ChatService, capacity: int = 8, metrics: Metrics | None = None):
+        super().__init__(service, capacity, metrics)
+
     def run(self) -> None:
         while True:
             job = self.jobs.get()
@@ -298,8 +313,7 @@ class Engine(threading.Thread):
             try:
                 self.serve(job)
             except Exception as exc:  # noqa: BLE001 - the engine outlives any request
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                job.events.put(("error", 500, self.last_error))
+                self._fail(job, exc)
             finally:
                 self.metrics.active = 0
 
@@ -325,9 +339,6 @@ class Engine(threading.Thread):
             deltas.close()  # a cancel ends the decode loop here, at a token boundary
         self.metrics.observe(result.timings)
         job.events.put(("done", result))
-
-    def stop(self) -> None:
-        self.jobs.put(None)
 
     def queue_depth(self) -> int:
         return self.jobs.qsize()
@@ -360,7 +371,7 @@ class Slot:
         return "idle" if self.job is None else ("decode" if self.pending is not None else "prefill")
 
 
-class ParallelEngine(threading.Thread):
+class ParallelEngine(_EngineThread):
     """The one thread that touches a context of N sequences (`--parallel N`, llama.cpp): each tick decodes one token
     of every slot that has one in ONE llama_decode, then lets every prefilling slot run one prefill chunk (or one
     image encode), so a long image prefill delays the others by chunks, not by its whole length. Greedy answers do
@@ -372,20 +383,13 @@ class ParallelEngine(threading.Thread):
     evicting idle slots' sequences (least recently used first); until then it waits, first in line."""
 
     def __init__(self, service: ChatService, pool, capacity: int = 8, metrics: Metrics | None = None):
-        super().__init__(daemon=True, name="edgevlm-engine")
-        if not 1 <= capacity <= 4096:
-            raise ValueError(f"queue capacity must be 1..4096, got {capacity}")
-        self.service, self.pool, self.metrics = service, pool, metrics or Metrics()
+        super().__init__(service, capacity, metrics)
+        self.pool = pool
         self.slots = [Slot(i, service.session.sibling(pool.sequence(i))) for i in range(pool.n_seq_max)]
-        self.jobs: queue.Queue = queue.Queue(maxsize=capacity)
-        self.last_error: str | None = None
         self.tick_hook: Callable[[], None] | None = None  # tests: slow the engine down to act mid-answer
         self._held: tuple[Job, Any] | None = None  # the first request in line, tokenized, waiting for a slot
         self._clock = 0
         self._stopping = False
-
-    submit = Engine.submit
-    stop = Engine.stop
 
     def run(self) -> None:
         while not self._stopping:
@@ -533,10 +537,6 @@ class ParallelEngine(threading.Thread):
     def _release(self, slot: Slot) -> None:
         slot.job = slot.steps = slot.pending = None
         slot.reserved = 0
-
-    def _fail(self, job: Job, exc: Exception) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        job.events.put(("error", 500, self.last_error))
 
     # ---- for /health and /metrics (read from handler threads: plain ints, a snapshot is good enough) -------------
     def queue_depth(self) -> int:

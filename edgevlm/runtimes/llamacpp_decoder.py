@@ -209,7 +209,7 @@ class LlamaCppDecoder:
         seq.logits_row = -1
         # A view of llama.cpp's buffer, valid until the next decode: the session samples from it at once, and
         # copying 49k floats per token is measurable at ~100 tok/s. Callers that keep logits copy them.
-        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
+        return self.logits(-1)
 
     def _positions(self, segment: Segment) -> np.ndarray:
         """What llama.cpp takes: one position per token (an M-RoPE text token's t; the graph repeats it on every
@@ -228,7 +228,8 @@ class LlamaCppDecoder:
                           f"gives {positions.shape[1]} per token (a position scheme that does not match the GGUF)")
 
     def step(self, token: int, position: int) -> np.ndarray:
-        """One generated token at a 1-D position: what prefill does for a one-token segment, without building one."""
+        """One generated token at one position (1-D, or an M-RoPE text token's t): what prefill does for a one-token
+        segment, without building one."""
         return self._step(self, token, position)
 
     def _step(self, seq: "LlamaCppDecoder | LlamaCppSequence", token: int, position: int) -> np.ndarray:

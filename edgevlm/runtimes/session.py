@@ -278,8 +278,9 @@ class Session:
                 t0 = time.perf_counter()
                 logits = self.decoder.prefill(piece)
                 timings["prefill_ms"] += (time.perf_counter() - t0) * 1e3
-                self._kv_keys.extend(prompt.keys[start:start + sum(len(s) for s in piece)])
-                start += sum(len(s) for s in piece)
+                end = start + sum(len(s) for s in piece)
+                self._kv_keys.extend(prompt.keys[start:end])
+                start = end
             if stop == store_at:
                 t0 = time.perf_counter()
                 state, key = self.decoder.snapshot(), self._prefix_cache_key(prompt, stop)
@@ -382,7 +383,9 @@ class Session:
         detok = IncrementalDetokenizer(self.spec.tokenizer)
         t_first = None
         native = getattr(self.decoder, "sampler", None)  # llama.cpp's own sampler chain, on its own logits
-        step = getattr(self.decoder, "step", None) if self.spec.position_scheme == "1d" else None
+        # the decoder's one-token path takes one position per text token: the 1-D position, or an M-RoPE text token's
+        # t (its three axes are equal; llama.cpp repeats it), as step_many does for the --parallel server
+        step = getattr(self.decoder, "step", None)
         sampler = native(config, history) if native is not None else Sampler(config)
         try:
             logits = yield from self._prefill(prompt, request.images, timings, interleave)
