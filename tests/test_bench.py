@@ -54,6 +54,10 @@ def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
     assert 0 < memory["decoder_weights"] < 5 and 0 < memory["encoder_graph"] < 5 and memory["kv_cache_allocated"] > 0
     assert memory["before_load"] + memory["decoder_weights"] + memory["encoder_graph"] <= memory["peak"]
     assert set(ours["vs_reference"]) == {"ttft_cold", "decode_tok_s", "encode_ms_per_tile"}
+    ab = ours["metrics"]["decode_loop_vs_llama_decode"]  # the loop against llama_decode alone, alternated
+    assert ab["loop_tok_s"]["median"] > 0 and ab["llama_decode_tok_s"]["median"] > 0 and ab["ratio"] > 0
+    assert "decode_loop_vs_llama_decode" not in result["runs"][0]["metrics"]  # torch has no llama.cpp step
+    assert "llama_decode alone" in (out / "bench.md").read_text()
     peers = {p["name"]: p for p in result["peers"]}
     assert peers["llama-cpp-python generate (gguf:q8_0)"]["metrics"]["decode_tok_s"]["median"] > 0
     assert "gguf:q8_0" in " ".join(peers)

@@ -170,9 +170,40 @@ def run_session(session, scenario: Scenario, image: Image.Image, label: str, pro
         "rss_mb": current_rss_mb(),
         "peak_rss_mb": peak_rss_mb(),
     }
+    ab = decode_loop_vs_llama_decode(session, scenario, image, scenario.repeats)
+    if ab is not None:
+        metrics["decode_loop_vs_llama_decode"] = ab
     metrics["ttft_warm_over_cold"] = metrics["ttft_warm_ms"]["median"] / metrics["ttft_cold_ms"]["median"]
     metrics["snapshot_over_ttft_cold"] = metrics["snapshot_ms"]["median"] / metrics["ttft_cold_ms"]["median"]
     return metrics
+
+
+def decode_loop_vs_llama_decode(session, scenario: Scenario, image: Image.Image, repeats: int) -> dict | None:
+    """The session's per-token loop (decode, sampling, detokenizing) against llama_decode alone on the same context
+    at the same positions, alternated in this process: what the loop adds, free of the drift between processes
+    that a ratio to another program's run carries. None for decoders without llama.cpp's one-token step."""
+    step, truncate = getattr(session.decoder, "step", None), getattr(session.decoder, "truncate", None)
+    if step is None or truncate is None:
+        return None
+    question = prompt_of(session.spec.tokenizer, scenario.prompt_tokens, 0)
+    loop, bare = [], []
+    for _ in range(repeats):
+        session.forget_sequence()
+        result = session.generate(image, question, max_tokens=scenario.new_tokens, stop_token_ids=[])
+        loop.append(result.timings["decode_tok_s"])
+        depth = result.timings["n_prompt_tokens"]
+        decoder = session.decoder
+        first = decoder.next_position - (decoder.n_past - depth)  # the prompt's next position (M-RoPE: its t)
+        truncate(depth, first)
+        times = []
+        for i in range(max(scenario.new_tokens - 1, 1)):  # the loop's steps: the first token comes from prefill
+            t0 = time.perf_counter()
+            step(result.tokens[i % len(result.tokens)] if result.tokens else 0, first + i, False)
+            times.append(time.perf_counter() - t0)
+        bare.append(1 / median(times))
+    session.forget_sequence()  # what the decoder holds is no longer the record's
+    return {"loop_tok_s": summary(loop), "llama_decode_tok_s": summary(bare),
+            "ratio": median([a / b for a, b in zip(loop, bare)])}
 
 
 def save_trace(session, scenario: Scenario, image: Image.Image, path: str) -> None:

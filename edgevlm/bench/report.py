@@ -82,6 +82,9 @@ def ratios(result: dict) -> list[str]:
         if "vs_reference" in run:
             v = run["vs_reference"]
             extra = "".join(_peer_ratios(name, r) for name, r in run.get("vs_peers", {}).items())
+            ab = run["metrics"].get("decode_loop_vs_llama_decode")
+            if ab:
+                extra += f"; decode loop {ab['ratio']:.3f}x llama_decode alone (same process, alternated)"
             if "accuracy_points" in v:
                 extra += f"; task accuracy {v['accuracy_points']:+.1f} points vs the reference"
             decode = f"{v['decode_tok_s']:.1f}" if v["decode_tok_s"] >= 1 else f"{v['decode_tok_s']:.2f}"

@@ -227,12 +227,13 @@ class LlamaCppDecoder:
         raise BundleError(f"this GGUF decoder takes {'(n, 3) M-RoPE' if self.mrope else '1-D'} positions; the bundle "
                           f"gives {positions.shape[1]} per token (a position scheme that does not match the GGUF)")
 
-    def step(self, token: int, position: int) -> np.ndarray:
+    def step(self, token: int, position: int, logits: bool = True) -> np.ndarray | None:
         """One generated token at one position (1-D, or an M-RoPE text token's t): what prefill does for a one-token
-        segment, without building one."""
-        return self._step(self, token, position)
+        segment, without building one. logits=False: no view of them (the native sampler reads them in place)."""
+        return self._step(self, token, position, logits)
 
-    def _step(self, seq: "LlamaCppDecoder | LlamaCppSequence", token: int, position: int) -> np.ndarray:
+    def _step(self, seq: "LlamaCppDecoder | LlamaCppSequence", token: int, position: int,
+              logits: bool = True) -> np.ndarray | None:
         if seq.n_past >= self.n_ctx:
             raise RuntimeError(f"{seq.n_past + 1} positions exceed the llama.cpp context of {self.n_ctx}")
         self._one.token[0], self._one.pos[0], self._one.seq_id[0][0] = token, position, seq.seq_id
@@ -242,7 +243,7 @@ class LlamaCppDecoder:
         seq.n_past += 1
         seq.next_position = max(seq.next_position, position + 1)
         seq.logits_row = -1
-        return self.logits(-1)
+        return self.logits(-1) if logits else None
 
     def step_many(self, seqs: list["LlamaCppSequence"], tokens: list[int], positions: list[int]) -> None:
         """One generated token for each of several sequences in ONE llama_decode (row i: seqs[i] at positions[i], a
@@ -395,8 +396,8 @@ class LlamaCppSequence:
     def prefill(self, segments: list[Segment]) -> np.ndarray:
         return self.pool._prefill(self, segments)
 
-    def step(self, token: int, position: int) -> np.ndarray:
-        return self.pool._step(self, token, position)
+    def step(self, token: int, position: int, logits: bool = True) -> np.ndarray | None:
+        return self.pool._step(self, token, position, logits)
 
     def truncate(self, n_past: int, next_position: int | None = None) -> None:
         self.pool._truncate(self, n_past, next_position)

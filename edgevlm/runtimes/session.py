@@ -387,6 +387,7 @@ class Session:
         # t (its three axes are equal; llama.cpp repeats it), as step_many does for the --parallel server
         step = getattr(self.decoder, "step", None)
         sampler = native(config, history) if native is not None else Sampler(config)
+        step_logits = return_logits or native is None  # the native sampler reads llama.cpp's logits in place
         try:
             logits = yield from self._prefill(prompt, request.images, timings, interleave)
             position = prompt.positions.next_position
@@ -422,7 +423,7 @@ class Session:
                     break
                 logits = yield StepRequest(token, position)
                 if logits is None and step is not None:  # the decoder's own one-token path (llama.cpp)
-                    logits = step(token, position)
+                    logits = step(token, position, step_logits)
                 elif logits is None:
                     logits = self.decoder.prefill([Segment(text_positions(self.spec.position_scheme, position, 1),
                                                            token_ids=np.asarray([token], dtype=np.int32))])
