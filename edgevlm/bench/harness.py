@@ -165,6 +165,8 @@ def run_session(session, scenario: Scenario, image: Image.Image, label: str, pro
         "ttft_warm_ms": summary([t["ttft_ms"] for t in warm]),
         "warm_prefix_cache_hits": sum(t["prefix_cache_hits"] for t in warm),
         "decode_tok_s": summary([t["decode_tok_s"] for t in cold]),
+        # the warm requests' decode: the same loop, not right after a full-load encode (decode_tok_s is)
+        "decode_tok_s_warm": summary([t["decode_tok_s"] for t in warm]),
         "n_new_tokens": t0["n_new_tokens"],
         "end_to_end_ms": summary([t["total_ms"] for t in cold]),
         "rss_mb": current_rss_mb(),

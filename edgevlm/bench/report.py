@@ -82,7 +82,9 @@ def ratios(result: dict) -> list[str]:
         if "vs_reference" in run:
             v = run["vs_reference"]
             extra = "".join(_peer_ratios(name, r) for name, r in run.get("vs_peers", {}).items())
-            ab = run["metrics"].get("decode_loop_vs_llama_decode")
+            ab, warm = run["metrics"].get("decode_loop_vs_llama_decode"), run["metrics"].get("decode_tok_s_warm")
+            if warm:
+                extra += f"; decode in the warm requests (no encode just before) {warm['median']:.1f} tok/s"
             if ab:
                 extra += f"; decode loop {ab['ratio']:.3f}x llama_decode alone (same process, alternated)"
             if "accuracy_points" in v:
