@@ -58,9 +58,9 @@ def test_more_tiles_than_the_graph_bound_are_run_in_chunks_of_the_bound(ckpts, t
     assert enc.spec.max_tiles == 2 < TILES_PER_RUN
     run, batches = enc.session.run, []
 
-    def recording_run(names, feeds):
+    def recording_run(names, feeds, *options):
         batches.append(len(feeds[enc.spec.input_name]))
-        return run(names, feeds)
+        return run(names, feeds, *options)
 
     enc.session.run = recording_run
     many = np.random.default_rng(1).normal(size=(5, 3, 32, 32)).astype(np.float32)
@@ -75,10 +75,18 @@ def test_the_cpu_provider_encodes_one_tile_per_run(bundles):
     life of the session (17 SmolVLM tiles: 495 MiB peak one by one, 1,086 MiB four at a time)."""
     enc = encoder(bundles["idefics3"], "onnx:fp32")
     assert enc.provider == "CPUExecutionProvider" and enc.spec.max_tiles == 8
-    run, batches = enc.session.run, []
-    enc.session.run = lambda names, feeds: batches.append(len(feeds[enc.spec.input_name])) or run(names, feeds)
+    run, batches, shrink = enc.session.run, [], []
+
+    def recording_run(names, feeds, options):
+        batches.append(len(feeds[enc.spec.input_name]))
+        shrink.append(options.get_run_config_entry("memory.enable_memory_arena_shrinkage"))
+        return run(names, feeds, options)
+
+    enc.session.run = recording_run
     enc.encode(np.zeros((5, 3, 32, 32), dtype=np.float32))
     assert batches == [1, 1, 1, 1, 1]
+    # and the arena hands each run's activation blocks back (W1 session: resident 576 -> 504 MiB, same speed)
+    assert shrink == ["cpu:0"] * 5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
