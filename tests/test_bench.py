@@ -12,8 +12,8 @@ from edgevlm.cli import main
 from edgevlm.errors import BadInputError
 
 METRICS = ("preprocess_ms", "encode_ms", "encode_ms_per_tile", "n_tiles", "n_image_tokens", "n_prompt_tokens",
-           "prefill_ms", "prefill_tok_s", "ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "decode_tok_s_warm", "end_to_end_ms", "rss_mb",
-           "peak_rss_mb", "ttft_warm_over_cold", "n_new_tokens", "snapshot_ms", "snapshot_over_ttft_cold")
+           "prefill_ms", "prefill_tok_s", "ttft_cold_ms", "ttft_warm_ms", "decode_tok_s", "decode_tok_s_warm",
+           "end_to_end_ms", "rss_mb", "peak_rss_mb", "ttft_warm_over_cold", "n_new_tokens", "snapshot_ms", "snapshot_over_ttft_cold")
 
 
 def test_roofline_arithmetic():

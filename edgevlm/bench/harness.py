@@ -184,7 +184,8 @@ def decode_loop_vs_llama_decode(session, scenario: Scenario, image: Image.Image,
     """The session's per-token loop (decode, sampling, detokenizing) against llama_decode alone on the same context
     at the same positions, alternated in this process: what the loop adds, free of the drift between processes
     that a ratio to another program's run carries. None for decoders without llama.cpp's one-token step."""
-    step, truncate = getattr(session.decoder, "step", None), getattr(session.decoder, "truncate", None)
+    decoder = session.decoder
+    step, truncate = getattr(decoder, "step", None), getattr(decoder, "truncate", None)
     if step is None or truncate is None:
         return None
     question = prompt_of(session.spec.tokenizer, scenario.prompt_tokens, 0)
@@ -194,7 +195,6 @@ def decode_loop_vs_llama_decode(session, scenario: Scenario, image: Image.Image,
         result = session.generate(image, question, max_tokens=scenario.new_tokens, stop_token_ids=[])
         loop.append(result.timings["decode_tok_s"])
         depth = result.timings["n_prompt_tokens"]
-        decoder = session.decoder
         first = decoder.next_position - (decoder.n_past - depth)  # the prompt's next position (M-RoPE: its t)
         truncate(depth, first)
         times = []

@@ -120,7 +120,8 @@ class OnnxRuntimeEncoder:
         per_run = CPU_TILES_PER_RUN if self.provider == PROVIDERS["cpu"] else TILES_PER_RUN
         step = max(1, min(self.spec.max_tiles, per_run))
         chunks = [pixel_values[i : i + step] for i in range(0, len(pixel_values), step)]
-        outputs = [self.session.run([self.spec.output_name], {self.spec.input_name: c}, self.run_options)[0] for c in chunks]
+        outputs = [self.session.run([self.spec.output_name], {self.spec.input_name: c}, self.run_options)[0]
+                   for c in chunks]
         return np.concatenate(outputs).astype(np.float32, copy=False)  # (tiles, T, D)
 
     def _encode_grid(self, pixel_values: np.ndarray, grid) -> np.ndarray:
