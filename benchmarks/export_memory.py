@@ -49,7 +49,7 @@ class Sampler(threading.Thread):
 
 
 def main() -> int:
-    from edgevlm.bench.harness import cpu_model
+    from edgevlm.machine import cpu_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")

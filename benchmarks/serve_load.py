@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def main() -> int:
-    from edgevlm.bench.harness import cpu_model
+    from edgevlm.machine import cpu_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")

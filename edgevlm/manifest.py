@@ -1,13 +1,14 @@
 """The bundle contract (manifest.json, schema version 1): everything a runtime needs, nothing guessed from shapes.
-Documented in docs/bundle-format.md. Loading checks the schema version and every artifact's sha256."""
+Documented in docs/bundle-format.md. Loading checks the schema version and every artifact's sha256 (once per file
+version: hash_stamps remembers a checked file by its size, mtime and inode)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import hash_stamps
 from .errors import BundleError
 from .layout import ImageLayout
 from .preprocess import PreprocessSpec
@@ -20,12 +21,7 @@ MMPROJ_FORMAT = "gguf-mmproj"  # llama.cpp's vision half, for llama-mtmd-cli / l
 MMPROJ_PRECISIONS = ("f16", "f32", "q8_0")  # preferred first: f16 is what llama.cpp's own converter writes
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from .hash_stamps import sha256_file  # noqa: E402,F401 - the exporters' name for it
 
 
 @dataclass
@@ -66,7 +62,7 @@ class Artifact:
             file = root / entry.path
             if not file.is_file():
                 raise BundleError(f"bundle {root} is incomplete: {entry.path} is missing (artifact {self.name}); re-export")
-            if file.stat().st_size != entry.bytes or sha256_file(file) != entry.sha256:
+            if file.stat().st_size != entry.bytes or not hash_stamps.matches(file, entry.sha256):
                 raise BundleError(
                     f"bundle file {file} does not match its sha256 in the manifest (artifact {self.name}): it was changed "
                     "or comes from another export; re-export the bundle"

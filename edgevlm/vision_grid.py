@@ -109,8 +109,3 @@ def encoder_feeds(pixel_patches: np.ndarray, grid, spec: VisionGrid) -> dict[str
     if spec.windowed:
         feeds[WINDOWS_INPUT] = window_ids(h, w, spec.merge_size, spec.window_merged)
     return feeds
-
-
-def merged_tokens(grid, merge: int) -> int:
-    t, h, w = (int(v) for v in grid)
-    return t * h * w // (merge * merge)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edgevlm.bench.harness import Scenario, parse_size
-from edgevlm.bench.roofline import kv_bytes_per_token, roofline
+from edgevlm.plan.roofline import kv_bytes_per_token, roofline
 from edgevlm.cli import main
 from edgevlm.errors import BadInputError
 

@@ -87,3 +87,19 @@ def test_the_walker_sees_function_level_imports():
     graph = import_graph()
     assert "edgevlm.runtimes.llamacpp_decoder" in graph["edgevlm.runtimes.bundle_loader"]  # imported inside a function
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
+
+
+def test_bench_may_read_plan_but_plan_never_reads_bench():
+    graph = import_graph()
+    upward = sorted((a, b) for a, targets in graph.items() for b in targets
+                    if a.startswith(("edgevlm.plan", "edgevlm.sweep")) and b.startswith("edgevlm.bench"))
+    assert upward == []
+    assert any(b.startswith("edgevlm.plan") for a, targets in graph.items() if a.startswith("edgevlm.bench")
+               for b in targets)  # the allowed direction is in use: the walker would see a reversed arrow
+
+
+def test_the_machine_module_is_a_leaf():
+    graph = import_graph()
+    assert graph["edgevlm.machine"] <= {"edgevlm.errors"}
+    assert graph["edgevlm.gguf_header"] <= {"edgevlm.errors"}
+    assert graph["edgevlm.hash_stamps"] == set()

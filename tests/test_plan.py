@@ -645,8 +645,12 @@ def _small_gpu(tmp_path, ckpt, between: tuple[str, str]) -> str:
 
 
 def test_export_for_picks_the_smaller_quant_when_the_bigger_does_not_fit(ckpts, tmp_path, capsys):
-    from edgevlm.commands.export import choose_for_device
+    from edgevlm.commands.export import plan_for_device
     from edgevlm.manifest import Manifest
+
+    def choose_for_device(*args):
+        chosen = plan_for_device(*args)
+        return chosen["encoder"], chosen["decoder"], chosen["line"]
 
     ckpt = str(ckpts["idefics3"])
     devices = _small_gpu(tmp_path, ckpt, ("f16", "q8_0"))

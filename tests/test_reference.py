@@ -10,8 +10,9 @@ import edgevlm
 from edgevlm.reference import scenes
 from edgevlm.reference.evaluate import evaluate
 from edgevlm.reference.train import (
-    DEFAULT_RECIPE, TINY_RECIPE, TRAIN_THREADS, build_reference, ensure_reference, weights_sha256,
+    DEFAULT_RECIPE, TINY_RECIPE, TRAIN_THREADS, build_reference, ensure_reference,
 )
+from edgevlm.sweep.bundles import checkpoint_digest as weights_sha256
 
 
 @pytest.fixture(scope="module")

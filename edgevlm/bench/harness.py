@@ -2,9 +2,6 @@
 with warm-up first and medians over repeats; the PyTorch reference and llama.cpp peers in the same run."""
 from __future__ import annotations
 
-import os
-import platform
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadInputError
+from ..machine import cpu_model, current_rss_mb, machine, parse_size, peak_rss_mb  # noqa: F401 - the bench's names
 
 SCHEMA = "edgevlm-bench/1"
 FILLER = "Please look at the picture carefully and describe every shape, colour and position you can see in it"
@@ -46,16 +44,6 @@ class Scenario:
                 raise BadInputError(f"{name} {value} is beyond what a benchmark can run (at most {limit})")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise BadInputError(f"--image-size must look like 512x512, got {text!r}") from None
-    if width < 1 or height < 1:
-        raise BadInputError(f"--image-size must be positive, got {text!r}")
-    return width, height
-
-
 def bench_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
     from ..reference import scenes
 
@@ -80,27 +68,6 @@ def median(values: list[float]) -> float:
 
 def summary(values: list[float]) -> dict:
     return {"median": median(values), "min": min(values, default=float("nan")), "max": max(values, default=float("nan"))}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS. On Linux /proc's VmHWM: ru_maxrss also counts the parent's peak at fork time,
-    which a child started by a large benchmark process inherits through exec."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-    scale = 1024 if platform.system() != "Darwin" else 1
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def current_rss_mb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return float("nan")
 
 
 def memory_breakdown(session, bundle: Path | None, encoder: str, decoder: str, rss_before_load: float,
@@ -226,29 +193,6 @@ def drift(session, scenario: Scenario, image: Image.Image, path: str) -> dict:
     return {"n_tokens": int(len(trace["tokens"])),
             "top1_agreement": float(np.mean(logits.argmax(-1) == reference.argmax(-1))),
             "logits_nmse": nmse(logits, reference)}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else (platform.processor() or platform.machine())
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version()}
-    if Path("/proc/cpuinfo").exists():
-        info["cpu"] = cpu_model()
-    try:
-        with open("/proc/meminfo") as handle:
-            info["memory_gib"] = round(int(handle.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return info
 
 
 def environment_versions() -> dict:

@@ -9,8 +9,8 @@ from typing import Callable
 
 from ..errors import BadInputError
 from . import harness
-from .roofline import (gguf_weight_bytes_per_token, kv_bytes_per_token, measure_bandwidth_gbs, roofline,
-                       torch_weight_bytes_per_token)
+from ..machine import measure_bandwidth_gbs
+from ..plan.roofline import gguf_weight_bytes_per_token, kv_bytes_per_token, roofline, torch_weight_bytes_per_token
 
 PEERS = ("torch", "llamacpp")
 CHILD_PROGRESS = "edgevlm-progress: "  # prefix of the progress lines an isolated run writes to its stderr

@@ -67,6 +67,8 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for every backend, the PyTorch reference included (default: physical cores)")
     parser.add_argument("--provider", default=None, help="force an ONNX Runtime provider (cpu, cuda, tensorrt, coreml)")
+    parser.add_argument("--verify-hashes", action="store_true",
+                        help="hash every artifact file before loading it (default: once per file version)")
     add_memory_arguments(parser)
 
 
@@ -116,16 +118,33 @@ def backend_options(args) -> dict:
     return options
 
 
-def load_session_checked(args, options: dict):
-    """Load the session of run/chat/serve; warn on stderr when the planner says the running pair, at this context and
-    these cache bounds, will not fit the memory this machine had available before the load."""
-    from .. import load
-    from ..plan.fit import fit_warning, machine_before_load
+def load_session_checked(args, options: dict, parallel: int = 1):
+    """Load the session of run/chat/serve. First, from the manifest alone, the planner's verdict on whether the pair
+    that will run, at this context and these cache bounds, fits the memory available now: a warning line on stderr
+    when it is tight, does not fit, or could not be checked (never silence for a failed check)."""
+    from .. import hash_stamps, load
+    from ..plan.fit import fit_check, machine_before_load
 
-    machine = machine_before_load()
-    session = load(args.path, encoder=args.encoder, decoder=args.decoder, **options)
-    warning = fit_warning(args.path, machine, session.encoder_name, session.decoder_name, options.get("n_ctx"),
-                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"))
-    if warning:
-        print(warning, file=sys.stderr)
-    return session
+    if getattr(args, "verify_hashes", False):
+        hash_stamps.always_rehash()
+    encoder, decoder = chosen_pair(args.path, args.encoder, args.decoder)
+    if encoder is not None:
+        check = fit_check(args.path, machine_before_load(), encoder, decoder, options.get("n_ctx"),
+                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"), parallel)
+        if check.message:
+            print(check.message, file=sys.stderr)
+    return load(args.path, encoder=encoder or args.encoder, decoder=decoder or args.decoder, **options)
+
+
+def chosen_pair(path, encoder: str | None, decoder: str | None) -> tuple[str | None, str | None]:
+    """The encoder and decoder a bundle will run (its defaults where not chosen); (None, None) for a checkpoint."""
+    from pathlib import Path
+
+    from ..manifest import MANIFEST, Manifest
+    from ..runtimes.bundle_loader import DECODER_PREFERENCE, ENCODER_PREFERENCE, pick
+
+    if not (Path(path) / MANIFEST).is_file():
+        return None, None
+    manifest = Manifest.load(path)
+    return (pick(manifest, "encoder", encoder, ENCODER_PREFERENCE),
+            pick(manifest, "decoder", decoder, DECODER_PREFERENCE))

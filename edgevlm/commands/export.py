@@ -73,13 +73,6 @@ def main(args) -> int:
     return 0
 
 
-def choose_for_device(checkpoint: str, device_id: str, device_file: str | None, encoder: str | None,
-                      decoder: str | None) -> tuple[str, str, str]:
-    """(encoder, decoder, the line to print): plan_for_device without the tile cap."""
-    chosen = plan_for_device(checkpoint, device_id, device_file, encoder, decoder)
-    return chosen["encoder"], chosen["decoder"], chosen["line"]
-
-
 def plan_for_device(checkpoint: str, device_id: str, device_file: str | None, encoder: str | None,
                     decoder: str | None) -> dict:
     """{"encoder", "decoder", "line", "max_tiles", "recommendation"}: the plan's recommendation for each role the user

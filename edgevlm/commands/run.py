@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 
 def add_arguments(parser) -> None:
@@ -25,14 +26,38 @@ def main(args) -> int:
         raise BadInputError("the prompt is empty; pass a question with --prompt")
     kwargs = sampling_kwargs(args)
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading any model
+    started = time.perf_counter()
     session = load_session_checked(args, backend_options(args))
+    load_ms = (time.perf_counter() - started) * 1e3
+    first_token: list[float] = []
+
+    def on_text(text: str) -> None:
+        if not first_token:
+            first_token.append(time.time())
+        if not args.json:
+            print(text, end="", flush=True)
+
+    result = session.generate(images or None, args.prompt, on_text=on_text, **kwargs)
+    # start-up as a user sees it: from the process's creation (the interpreter and imports included) to the first
+    # streamed text, beside the load (fit check + bundle) it spent before the request (benchmarks/startup.py)
+    timings = {**result.timings, "load_ms": load_ms}
+    since_start = _ms_since_process_start(first_token[0]) if first_token else None
+    if since_start is not None:
+        timings["process_start_to_first_token_ms"] = since_start
     if args.json:
-        result = session.generate(images or None, args.prompt, **kwargs)
         print_json({"text": result.text, "tokens": result.tokens, "finish_reason": result.finish_reason,
-                    "timings": result.timings})
+                    "timings": timings})
         return 0
-    result = session.generate(images or None, args.prompt, on_text=lambda s: print(s, end="", flush=True), **kwargs)
     print()
     if args.verbose:
-        table("timings", ["metric", "value"], sorted(result.timings.items()), file=sys.stderr)
+        table("timings", ["metric", "value"], sorted(timings.items()), file=sys.stderr)
     return 0
+
+
+def _ms_since_process_start(at: float) -> float | None:
+    """Milliseconds from this process's creation to the wall-clock time `at` (psutil; None without it)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return (at - psutil.Process().create_time()) * 1e3

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from .. import __version__
 from ..errors import BadInputError
+from ..hash_stamps import remember
 from ..manifest import MANIFEST, Artifact, FileEntry, Manifest, sha256_file
 
 
@@ -21,7 +22,10 @@ class BundleWriter:
     def file_entries(self, relpath: str) -> list[FileEntry]:
         target = self.root / relpath
         files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-        return [FileEntry(p.relative_to(self.root).as_posix(), sha256_file(p), p.stat().st_size) for p in files]
+        entries = [FileEntry(p.relative_to(self.root).as_posix(), sha256_file(p), p.stat().st_size) for p in files]
+        for path, entry in zip(files, entries):
+            remember(path, entry.sha256)  # hashed here: the first load need not read the file again
+        return entries
 
     def artifact(self, name: str, role: str, fmt: str, precision: str, relpath: str, extra_files: tuple[str, ...] = (), **details) -> Artifact:
         entries = self.file_entries(relpath)

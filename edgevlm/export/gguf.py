@@ -292,10 +292,9 @@ def quantize(source: Path, path: Path, precision: str, threads: int | None = Non
 
 
 def tensor_types(path: Path) -> dict[str, int]:
-    import gguf
+    from ..gguf_header import read_header
 
-    reader = gguf.GGUFReader(str(path))
-    return dict(Counter(t.tensor_type.name for t in reader.tensors))
+    return dict(Counter(t.type_name for t in read_header(path).tensors))
 
 
 def k_quant_fallbacks(spec, precision: str) -> str | None:
@@ -342,7 +341,11 @@ def export_decoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
             raise RuntimeError("the quantizer input is missing; prepare_decoder must run first")
         log(f"  quantizing to {precision} with llama.cpp")
         quantize(source, path, precision, threads)
-    details = {"ftype": file_type(precision), "tensor_types": tensor_types(path)}
+    from ..gguf_header import read_header
+
+    header = read_header(path)  # the sizes the start-up fit check needs without opening the GGUF (plan/bundle.py)
+    details = {"ftype": file_type(precision), "tensor_types": tensor_types(path), "weight_bytes": header.weight_bytes,
+               "bytes_per_token": header.bytes_per_token(), "block_params": header.block_params()}
     note = k_quant_fallbacks(manifest.decoder, precision)
     if note:
         details["k_quant_fallback"] = note
@@ -359,8 +362,3 @@ def release_intermediates(writer: BundleWriter) -> None:
     source = _intermediate(writer)
     if source is not None:
         source.unlink()
-
-
-def check_precision(precision: str) -> None:
-    if precision not in FILE_TYPES:
-        raise BadInputError(f"unknown GGUF precision {precision!r}; choose from {', '.join(FILE_TYPES)}")

@@ -242,12 +242,10 @@ class GGUFTensor:
 
 
 def read_gguf_tensors(path: str | Path) -> list[GGUFTensor]:
-    """The tensors of an existing GGUF with their exact stored bytes (header only; the data is not read)."""
-    import gguf
+    """The tensors of an existing GGUF with their exact stored bytes (header only, read once per process)."""
+    from ..gguf_header import read_header
 
-    reader = gguf.GGUFReader(str(path))
-    return [GGUFTensor(t.name, tuple(int(d) for d in reversed(list(t.shape))), t.tensor_type.name, int(t.n_bytes))
-            for t in reader.tensors]
+    return [GGUFTensor(t.name, t.shape, t.type_name, t.n_bytes) for t in read_header(path).tensors]
 
 
 # --- images --------------------------------------------------------------------------------------------------
@@ -426,9 +424,9 @@ def llama_cpp_compute_in_use_bytes(n_vocab: int, n_embd: int, n_heads: int, posi
 
 def decode_tokens_per_second(weight_bytes: int, kv_bytes_read: float, bandwidth_gbs: float,
                              efficiency: float = DECODE_EFFICIENCY_PEAK) -> float:
-    """Decode steps per second: the bandwidth roofline (bench/roofline.py: bandwidth / (weights + KV read per step))
+    """Decode steps per second: the bandwidth roofline (plan/roofline.py: bandwidth / (weights + KV read per step))
     times the sustained efficiency (DECODE_EFFICIENCY_PEAK for published peaks, _MEASURED for measured copies)."""
-    from ..bench.roofline import roofline
+    from .roofline import roofline
 
     if not 0 < efficiency <= 1:
         raise ValueError(f"efficiency must be in (0, 1], got {efficiency}")

@@ -98,7 +98,7 @@ def resolve_context(requested: int | None, context_length: int, default: int) ->
 
 def parse_image_size(text: str) -> tuple[int, int]:
     """'WxH' -> (width, height): the bench's parser, with the planner's own bound on the sides."""
-    from ..bench.harness import parse_size
+    from ..machine import parse_size
 
     width, height = parse_size(text)
     if max(width, height) > 1 << 16:
@@ -182,7 +182,9 @@ class PlanModel:
     grid_vision: object = None
 
 
-def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dict:
+def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest, memory_only: bool = False) -> dict:
+    """memory_only (the start-up fit check): the manifest and GGUF headers only, never the source checkpoint (its
+    tower's shapes feed TTFT) or the tokenizer (exact marker-token counts; assumed one per marker instead)."""
     from ..manifest import Manifest
 
     bundle = Path(bundle)
@@ -203,15 +205,16 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
         raise BadInputError(f"{bundle} has no GGUF decoder and ONNX encoder pair to plan (decoders: "
                             f"{', '.join(d.name for d in decoders) or 'none'}; encoders: "
                             f"{', '.join(e.name for e in encoders) or 'none'})")
-    block_params = _gguf_block_params(bundle / manifest.find("decoder", decoders[0].name).path)
-    vision = _source_vision(manifest)
+    block_params = _gguf_block_params(bundle, manifest.find("decoder", decoders[0].name))
+    vision = None if memory_only else _source_vision(manifest)
+    count_text = None if memory_only else _text_counter(bundle, manifest)
     if grid:
-        model = _grid_bundle_model(manifest, block_params, vision, _text_counter(bundle, manifest))
+        model = _grid_bundle_model(manifest, block_params, vision, count_text)
     else:
         model = PlanModel(manifest.decoder, manifest.preprocess, manifest.image_layout,
                           int(manifest.encoder.output_shape[1]), int(manifest.encoder.output_shape[2]),
                           int(manifest.encoder.input_shape[1]), manifest.encoder.max_tiles, block_params,
-                          _vision_flops(vision), _text_counter(bundle, manifest))
+                          _vision_flops(vision), count_text)
     result = {"bundle": str(bundle), **plan_options(model, decoders, encoders, device, request)}
     if grid:
         result["basis"].update(_grid_basis(encoders, vision, manifest))
@@ -224,21 +227,33 @@ def plan_bundle(bundle: str | Path, device: Device, request: PlanRequest) -> dic
     return result
 
 
-def _gguf_choice(bundle: Path, artifact) -> DecoderChoice:
-    from ..bench.roofline import gguf_weight_bytes_per_token
+GGUF_SIZE_DETAILS = ("weight_bytes", "bytes_per_token", "block_params")  # recorded at export (export/gguf.py)
+
+
+def gguf_sizes(bundle: Path, artifact) -> dict[str, int]:
+    """A GGUF decoder's weight bytes, bytes read per decode step and block parameters: from the manifest where the
+    export recorded them, else from the file's header (bundles written before they were recorded)."""
+    recorded = {key: artifact.details.get(key) for key in GGUF_SIZE_DETAILS}
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in recorded.values()):
+        return recorded
+    from ..gguf_header import read_header
 
     path = bundle / artifact.path
     if not path.is_file():
         raise BundleError(f"bundle {bundle} is incomplete: {path.name} ({artifact.name}) is missing; re-export it")
-    weights = sum(t.n_bytes for t in budget.read_gguf_tensors(path))
-    return DecoderChoice(artifact.name, artifact.precision, weights, gguf_weight_bytes_per_token(path))
+    header = read_header(path)
+    return {"weight_bytes": header.weight_bytes, "bytes_per_token": header.bytes_per_token(),
+            "block_params": header.block_params()}
 
 
-def _gguf_block_params(path: Path) -> int:
-    """The transformer blocks' parameters, from the GGUF's tensor shapes (the prefill FLOPs)."""
-    import math
+def _gguf_choice(bundle: Path, artifact) -> DecoderChoice:
+    sizes = gguf_sizes(bundle, artifact)
+    return DecoderChoice(artifact.name, artifact.precision, sizes["weight_bytes"], sizes["bytes_per_token"])
 
-    return sum(math.prod(t.shape) for t in budget.read_gguf_tensors(path) if t.name.startswith("blk."))
+
+def _gguf_block_params(bundle: Path, artifact) -> int:
+    """The transformer blocks' parameters (the prefill FLOPs)."""
+    return gguf_sizes(bundle, artifact)["block_params"]
 
 
 def _source_vision(manifest):

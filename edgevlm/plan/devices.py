@@ -3,7 +3,7 @@
 `devices.json` (shipped beside this module, schema version 1) holds the published devices; a user adds or corrects
 devices with a file of the same schema (`--device-file`): an entry with a shipped id replaces the shipped one.
 `this-machine` is measured when asked for: total memory, available memory as usable, and the copy bandwidth
-`edgevlm bench` measures (bench/roofline.py)."""
+`edgevlm bench` measures (machine.py)."""
 from __future__ import annotations
 
 import json
@@ -142,19 +142,15 @@ def load_devices(device_file: str | Path | None = None) -> dict[str, Device]:
     return table
 
 
-def known_ids(device_file: str | Path | None = None) -> list[str]:
-    return sorted(load_devices(device_file)) + [THIS_MACHINE]
-
-
 def this_machine(bandwidth_gbs: float | None = None, matmul_gflops: float | None = None) -> Device:
     """This machine, measured now: psutil's total memory, its available memory as usable, the copy bandwidth
-    edgevlm bench measures (bench/roofline.measure_bandwidth_gbs) and a float32 matmul probe for TTFT
+    edgevlm bench measures (machine.measure_bandwidth_gbs) and a float32 matmul probe for TTFT
     (plan/compute.measure_matmul_gflops, ~0.1 s), each unless given."""
     try:
         import psutil
     except ImportError:
         raise BadInputError("--device this-machine measures memory with psutil: pip install 'edgevlm[bench]'") from None
-    from ..bench.roofline import measure_bandwidth_gbs
+    from ..machine import measure_bandwidth_gbs
 
     memory = psutil.virtual_memory()
     from .compute import measure_matmul_gflops
@@ -167,7 +163,7 @@ def this_machine(bandwidth_gbs: float | None = None, matmul_gflops: float | None
         usable_basis="available memory now (psutil), measured", bandwidth_gbs=bandwidth, target="cpu",
         compute={"fp16_tflops": None, "int8_tops": None, "matmul_gflops": gflops,
                  "cpu": f"{psutil.cpu_count(logical=False) or '?'} cores, {platform.processor() or platform.machine()}"},
-        sources=["measured by edgevlm (psutil.virtual_memory, bench/roofline.measure_bandwidth_gbs, "
+        sources=["measured by edgevlm (psutil.virtual_memory, machine.measure_bandwidth_gbs, "
                  "plan/compute.measure_matmul_gflops)"],
         confidence={"memory": "measured", "usable": "measured", "bandwidth": "measured", "compute": "measured"},
         notes="bandwidth is a numpy copy (bytes read + written per second), the figure `edgevlm bench` reports",

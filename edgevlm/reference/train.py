@@ -380,9 +380,3 @@ def ensure_reference(recipe: Recipe = DEFAULT_RECIPE, out: Path | None = None, f
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return out
-
-
-def weights_sha256(path: Path) -> str:
-    from ..families.base import checkpoint_sha256
-
-    return checkpoint_sha256(Path(path), sorted(Path(path).glob("*.safetensors")))

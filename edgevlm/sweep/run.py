@@ -11,7 +11,7 @@ from typing import Callable
 from . import records, report
 from .matrix import expand
 from .spec import SweepSpec
-from ..bench.harness import cpu_model
+from ..machine import cpu_model
 from .stages import STAGE_TIMEOUT_S
 
 

@@ -56,7 +56,7 @@ class Workload:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        from ..bench.harness import parse_size
+        from ..machine import parse_size
 
         parse_size(self.image_size)
         for name, low, high in (("prompt_tokens", 1, 4096), ("new_tokens", 1, 4096), ("repeats", 1, 100),

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..bench.harness import cpu_model
+from ..machine import cpu_model
 from .bundles import IDENTITY, is_exported, verified_bundle
 
 STAGE_TIMEOUT_S = 6 * 3600

@@ -1,25 +1,10 @@
 """The decode roofline: a decoder must read its weights (and the KV cache) once per token, so memory bandwidth /
-bytes read per token bounds tokens/s. Bandwidth is measured on this machine with a large copy."""
+bytes read per token bounds tokens/s (bandwidth: machine.measure_bandwidth_gbs). The one home of the bytes-per-token
+arithmetic: the planner and the bench both read it."""
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import numpy as np
-
-
-def measure_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Copy bandwidth in GB/s (bytes read + bytes written per second), best of a few runs."""
-    source = np.ones(n_bytes // 8, dtype=np.float64)
-    target = np.empty_like(source)
-    np.copyto(target, source)  # fault the pages in
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(target, source)
-        best = max(best, 2 * n_bytes / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, context: int, bytes_per_value: float) -> float:
@@ -28,14 +13,10 @@ def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, context: i
 
 
 def gguf_weight_bytes_per_token(path: str | Path) -> int:
-    """Bytes of the tensors one decode step reads: everything but the embedding table, which is read in full only
-    when it doubles as the output matrix (tied embeddings)."""
-    import gguf
+    """Bytes of the tensors one decode step reads (gguf_header.GGUFHeader.bytes_per_token)."""
+    from ..gguf_header import read_header
 
-    reader = gguf.GGUFReader(str(path))
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    tied = "output.weight" not in sizes
-    return sum(size for name, size in sizes.items() if tied or name != "token_embd.weight")
+    return read_header(path).bytes_per_token()
 
 
 def torch_weight_bytes_per_token(decoder) -> int:
