@@ -57,7 +57,9 @@ def test_int8_encoder_gives_the_same_numbers_on_the_avx2_path(family, qemu, ckpt
     artifact = Manifest.load(bundle).find("encoder", "onnx:int8")
     assert artifact.details["weight_type"] in WEIGHT_TYPES.values()
     # the shipped graph (the CPU provider runs its ORT-optimized copy) and both portable weight forms
-    graphs = [bundle / artifact.path, bundle / artifact.details["cpu_optimized"]]
+    from edgevlm.runtimes.onnx_encoder import cpu_graph
+
+    graphs = [bundle / artifact.path, cpu_graph(bundle, artifact)]
     for weight in WEIGHT_TYPES:
         graphs.append(quantize_dynamic_int8(bundle / "encoder" / "fp32.onnx", tmp_path / f"{weight}.onnx", weight=weight))
     pixels = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)

@@ -110,8 +110,15 @@ def test_cpu_graph_runs_on_the_cpu_provider_and_says_so(bundles):
     assert ort.get_available_providers()[-1] == "CPUExecutionProvider"
     assert enc.session.get_providers() == ["CPUExecutionProvider"]  # the CPU-only onnxruntime wheel
     assert enc.provider == "CPUExecutionProvider" and enc.name == "onnxruntime-cpu"
-    # the CPU provider runs the graph ORT optimized offline for it
-    assert enc.session._model_path.endswith(manifest.find("encoder", "onnx:fp32").details["cpu_optimized"])
+    # the CPU provider runs the graph ORT optimized offline for it, built on this machine and cached; the bundle
+    # ships one portable graph per precision
+    from edgevlm.runtimes.onnx_encoder import cpu_graph
+
+    artifact = manifest.find("encoder", "onnx:fp32")
+    assert enc.session._model_path == str(cpu_graph(bundles["llava-clip"], artifact))
+    assert cpu_graph(bundles["llava-clip"], artifact).parent != bundles["llava-clip"] / "encoder"
+    assert sorted(p.name for p in (bundles["llava-clip"] / "encoder").glob("*.onnx")) == [
+        "fp16.onnx", "fp32.onnx", "int8.onnx"]
 
 
 def test_forcing_a_provider_this_onnxruntime_lacks_is_refused(bundles):
@@ -165,12 +172,14 @@ def test_cpu_graphs_run_attention_as_one_fused_op(family, bundles):
     kernel: no (heads, tokens, tokens) tensors); their parity with torch is what the tests above check."""
     import onnx
 
-    from edgevlm.export.onnx import fuse_attention
+    from edgevlm.onnx_cpu import fuse_attention
+    from edgevlm.runtimes.onnx_encoder import cpu_graph
 
     manifest = Manifest.load(bundles[family])
     for name in ("onnx:fp32", "onnx:int8"):
         artifact = manifest.find("encoder", name)
-        optimized = onnx.load(str(bundles[family] / artifact.details["cpu_optimized"]), load_external_data=False)
+        assert artifact.details["cpu_attention_fusion"] is True
+        optimized = onnx.load(str(cpu_graph(bundles[family], artifact)), load_external_data=False)
         ops = [n.op_type for n in optimized.graph.node]
         original = onnx.load(str(bundles[family] / artifact.path), load_external_data=False)
         layers = sum(n.op_type == "Softmax" for n in original.graph.node)

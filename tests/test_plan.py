@@ -645,7 +645,7 @@ def _small_gpu(tmp_path, ckpt, between: tuple[str, str]) -> str:
 
 
 def test_export_for_picks_the_smaller_quant_when_the_bigger_does_not_fit(ckpts, tmp_path, capsys):
-    from edgevlm.commands.export import plan_for_device
+    from edgevlm.plan.for_device import plan_for_device
     from edgevlm.manifest import Manifest
 
     def choose_for_device(*args):
@@ -1081,7 +1081,7 @@ def test_export_for_lowers_the_tile_cap_when_nothing_fits_as_asked(ckpts, tmp_pa
 def test_export_for_says_the_context_to_run_with(tmp_path, monkeypatch):
     """A one-tile model (LLaVA-1.5) cannot lower its image: the context is halved, and since export has no context
     setting the line says what run/serve need (--n-ctx); nothing changes in what is exported but the pair."""
-    from edgevlm.commands.export import plan_for_device
+    from edgevlm.plan.for_device import plan_for_device
     from edgevlm.plan import model
     from edgevlm.plan.bundle import PlanRequest, plan_model
 
@@ -1102,7 +1102,7 @@ def test_export_for_says_the_image_size_of_a_native_resolution_model(tmp_path, m
     """Qwen2-VL: the largest image max_pixels keeps (3584x3584, 16,384 tokens) is more than the default context, so
     --for asks at that area halved until it fits (1267x1267), then lowers the image further; export has no
     image-size setting, so the line says what to send at run time (or which max_pixels to set)."""
-    from edgevlm.commands.export import plan_for_device
+    from edgevlm.plan.for_device import plan_for_device
     from edgevlm.plan import model
     from edgevlm.plan.bundle import PlanRequest, plan_model
 
@@ -1123,3 +1123,13 @@ def test_export_for_says_the_image_size_of_a_native_resolution_model(tmp_path, m
     with pytest.raises(BadInputError, match=r"nothing fits fake-gpu at .* nor lowered to a 224x224 image \(64 image "
                                             r"tokens\) and 1,024 positions: the smallest option"):
         plan_for_device("ckpt", "fake-gpu", _device_file(tmp_path, 0.1 * (1 << 30), memory_gib=1), None, None)
+
+
+def test_plan_png_title_counts_image_tokens_of_a_native_resolution_image(qwen_bundle, capsys):
+    """The W3 PNG labelled one 448x448 image "256 tiles"; they are 256 image tokens of one image."""
+    from edgevlm.commands.plan import png_title
+
+    result = _plan_json(capsys, str(qwen_bundle), "--device", "jetson-orin-nano-8gb", "--image-size", "448x448")
+    line1, line2 = png_title(result).split("\n")
+    assert line1.endswith("on " + result["device"]["name"])
+    assert line2 == f"context {result['context']}, 1 x 448x448 ({result['images']['n_tiles']} image tokens each)"

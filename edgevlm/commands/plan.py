@@ -177,6 +177,17 @@ def footer(result: dict) -> None:
         print(f"skipped {line}")
 
 
+def png_title(result: dict) -> str:
+    """Two short lines (one long line overflowed the narrow axes on the left: the legend takes the right); a
+    native-resolution image counts image tokens, not tiles."""
+    from pathlib import Path
+
+    images = result["images"]
+    unit = "image tokens" if images["kind"] == "grid" else "tiles"
+    return (f"{Path(title(result)).name} on {result['device']['name']}\ncontext {result['context']}, "
+            f"{images['count']} x {images['width']}x{images['height']} ({images['n_tiles']} {unit} each)")
+
+
 def plot(result: dict, path) -> None:
     """Stacked memory bars, one per encoder + decoder option, item by item, with the device's usable memory as a line
     (an option whose bar crosses it does not fit; one that crosses only with its margin is tight)."""
@@ -205,10 +216,8 @@ def plot(result: dict, path) -> None:
     ax.axhline(usable, color="black", linestyle="--", label=f"usable: {usable:,.0f} MiB")
     for x, (o, top) in enumerate(zip(options, bottom)):
         ax.text(x, top, o["verdict"], ha="center", va="bottom", fontsize=8)
-    images = result["images"]
     ax.set_ylabel("MiB")
-    ax.set_title(f"{Path(title(result)).name} on {result['device']['name']}: context {result['context']}, "
-                 f"{images['count']} x {images['width']}x{images['height']} ({images['n_tiles']} tiles)", fontsize=9)
+    ax.set_title(png_title(result), fontsize=9, loc="left")
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()

@@ -1,5 +1,6 @@
 """Encoder + projector -> ONNX: fp32 (torch.onnx dynamo exporter, one dynamic axis `tiles`), fp16 (fp32 IO kept),
-int8 (onnxruntime dynamic quantization). Each also gets an ORT-optimized CPU graph saved offline."""
+int8 (onnxruntime dynamic quantization). One portable graph per precision; the CPU provider's optimized copy is built
+on the machine that runs it (onnx_cpu.py)."""
 from __future__ import annotations
 
 import gc
@@ -341,160 +342,50 @@ def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
             "calibration": f"{len(calibration)} reference-scene {unit}s; judged on {len(held_out)} held-out {unit}s"}
 
 
-def _scalar(initializers: dict, name: str) -> float | None:
-    from onnx import numpy_helper
-
-    if name not in initializers or initializers[name].data_location == 1:  # external data: not a small constant
-        return None
-    value = numpy_helper.to_array(initializers[name])
-    return float(value) if value.size == 1 else None
-
-
-def fuse_attention(model) -> int:
-    """torch.onnx (dynamo) writes unmasked scaled-dot-product attention as Reshape/Transpose of q, k, v, a chain of
-    shape ops that transposes k, Mul by sqrt(scale) on q and k, MatMul, Softmax, MatMul, Transpose, Reshape; ONNX
-    Runtime's own fusions (and onnxruntime.transformers' ViT/CLIP ones) do not recognise it. Each match becomes one
-    com.microsoft MultiHeadAttention over the (batch, tokens, hidden) projections: on the CPU provider it runs MLAS's
-    flash-attention kernel, without the (heads, tokens, tokens) score and probability tensors (2 x 48 MiB per layer
-    for a 1,024-token SigLIP tile) or the transposes. In place; returns how many it fused (0: nothing matched)."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    initializers = {i.name: i for i in graph.initializer}
-
-    def follow(name: str, ops: tuple[str, ...], perms: dict[int, list[int]] | None = None) -> str | None:
-        """Walk producers through exactly these ops (first input each); the tensor before them, or None."""
-        for i, op in enumerate(ops):
-            node = producer.get(name)
-            if node is None or node.op_type != op:
-                return None
-            if perms and i in perms:
-                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-                if perm != perms[i]:
-                    return None
-            name = node.input[0]
-        return name
-
-    def heads_of(name: str) -> int | None:  # q's Reshape to (batch, tokens, heads, head_dim)
-        reshape = producer.get(producer[name].input[0]) if name in producer else None
-        if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in initializers:
-            return None
-        shape = numpy_helper.to_array(initializers[reshape.input[1]])
-        return int(shape[2]) if shape.shape == (4,) and shape[2] > 0 else None
-
-    heads_first = [0, 2, 1, 3]
-    replaced: dict[int, object] = {}
-    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        scores = producer.get(softmax.input[0])
-        after = consumers.get(softmax.output[0], [])
-        if scores is None or scores.op_type != "MatMul" or len(after) != 1 or after[0].op_type != "MatMul":
-            continue
-        attend = after[0]
-        if attend.input[0] != softmax.output[0]:
-            continue
-        q_mul, k_mul = producer.get(scores.input[0]), producer.get(scores.input[1])
-        if q_mul is None or k_mul is None or q_mul.op_type != "Mul" or k_mul.op_type != "Mul":
-            continue
-        q_scale, k_scale = _scalar(initializers, q_mul.input[1]), _scalar(initializers, k_mul.input[1])
-        q = follow(q_mul.input[0], ("Transpose", "Reshape"), {0: heads_first})
-        k = follow(k_mul.input[0], ("Reshape", "Transpose", "Reshape", "Transpose", "Reshape"), {3: heads_first})
-        v = follow(attend.input[1], ("Transpose", "Reshape"), {0: heads_first})
-        out = consumers.get(attend.output[0], [])
-        if None in (q_scale, k_scale, q, k, v) or len(out) != 1 or out[0].op_type != "Transpose":
-            continue
-        merge = consumers.get(out[0].output[0], [])
-        if len(merge) != 1 or merge[0].op_type != "Reshape" or follow(merge[0].output[0], ("Reshape", "Transpose"),
-                                                                         {1: heads_first}) is None:
-            continue
-        heads = heads_of(q_mul.input[0])
-        if not heads:
-            continue
-        replaced[id(merge[0])] = helper.make_node(
-            "MultiHeadAttention", [q, k, v], [merge[0].output[0]], domain="com.microsoft", num_heads=heads,
-            scale=q_scale * k_scale, name=f"{merge[0].name or 'attention'}_fused_mha")
-    if not replaced:
-        return 0
-    nodes = [replaced.get(id(n), n) for n in graph.node]
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(nodes):  # drop what only the replaced chains used
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    del graph.node[:]
-    graph.node.extend(kept)
-    for unused in [i for i in graph.initializer if i.name not in needed]:
-        graph.initializer.remove(unused)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return len(replaced)
-
-
-ATTENTION_FUSION_TOLERANCE = 1e-4  # cosine the fused CPU graph may lose against the unfused one (fp32 attention both)
-
-
-def save_cpu_optimized(graph: Path, optimized: Path, encoder_spec=None, log=print, reference: Path | None = None) -> Path:
-    """ORT's offline-optimized graph for the CPU provider (CPU-specific fused ops: used only with CPU). For a tiles
-    encoder, attention is fused first (`fuse_attention`) and kept only if, on a probe tile, the fused graph is as close
-    to `reference` (the fp32 graph a quantized one came from; else the graph itself) as the unfused graph, within
-    ATTENTION_FUSION_TOLERANCE (an int8 graph quantizes its activations at run time, so fusing moves its output by
-    ~1e-4 in cosine, as much closer to fp32 as farther)."""
-    import onnx
+def choose_cpu_fusion(graph: Path, staged: Path, encoder_spec, log=print, reference: Path | None = None) -> bool:
+    """Should the CPU graph run attention fused (onnx_cpu.fuse_attention)? For a tiles encoder, yes when on a probe
+    tile the fused graph is as close to `reference` (the fp32 graph a quantized one came from; else the graph itself)
+    as the unfused graph, within ATTENTION_FUSION_TOLERANCE (an int8 graph quantizes its activations at run time, so
+    fusing moves its output by ~1e-4 in cosine, as much closer to fp32 as farther). The fused candidate is built at
+    `staged` (left there when chosen, for the exporter's memory probe)."""
+    import numpy as np
     import onnxruntime as ort
 
-    def optimize(source: Path) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(optimized)
-        return ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    from ..metrics import cosine
+    from ..onnx_cpu import ATTENTION_FUSION_TOLERANCE, build_cpu_graph
 
     if encoder_spec is None or encoder_spec.kind != "tiles":
-        optimize(graph)
-        return optimized
-    model = onnx.load(str(graph), load_external_data=False)  # structure only: weights stay in their files
-    fused = fuse_attention(model)
-    if not fused:
-        optimize(graph)
-        return optimized
-    staged = graph.with_name(f".fused.{graph.name}")  # beside the graph: its external data paths stay valid
-    reason = ""
+        return False
+    if not build_cpu_graph(graph, staged, fuse=True):
+        return False  # nothing matched
+    tile = np.random.default_rng(0).normal(size=(1, *encoder_spec.input_shape[1:])).astype(np.float32)
+    feed = {encoder_spec.input_name: tile}
+
+    def output(source: Path):
+        return ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+    expected = output(reference or graph)
+    unfused = cosine(output(graph), expected) if reference else 1.0
     try:
-        onnx.save(model, str(staged))
-        del model
-        import numpy as np
-
-        from ..metrics import cosine
-
-        tile = np.random.default_rng(0).normal(size=(1, *encoder_spec.input_shape[1:])).astype(np.float32)
-        feed = {encoder_spec.input_name: tile}
-
-        def output(source: Path):
-            return ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-
-        expected = output(reference or graph)
-        unfused = cosine(output(graph), expected) if reference else 1.0
-        try:
-            agreement = cosine(optimize(staged).run(None, feed)[0], expected)
-        except Exception as exc:  # noqa: BLE001 - e.g. no CPU kernel of the fused op for this graph's dtype
-            agreement, reason = float("nan"), str(exc).splitlines()[0][:120]
-    finally:
-        staged.unlink(missing_ok=True)
+        agreement, reason = cosine(output(staged), expected), ""
+    except Exception as exc:  # noqa: BLE001 - e.g. no CPU kernel of the fused op for this graph's dtype
+        agreement, reason = float("nan"), str(exc).splitlines()[0][:120]
+    fused = sum(1 for _ in _fused_ops(staged))
     if agreement != agreement:
         log(f"  attention fusion not used: ONNX Runtime cannot run the fused graph ({reason})")
-        optimize(graph)
-    elif agreement >= unfused - ATTENTION_FUSION_TOLERANCE:
+        return False
+    if agreement >= unfused - ATTENTION_FUSION_TOLERANCE:
         log(f"  fused {fused} attention blocks into MultiHeadAttention for the CPU graph (cosine {agreement:.6f}, "
             f"unfused {unfused:.6f}, against {'fp32' if reference else 'the unfused graph'} on a probe tile)")
-    else:
-        log(f"  attention fusion gave cosine {agreement:.6f} (unfused {unfused:.6f}) on a probe tile; not used")
-        optimize(graph)
-    return optimized
+        return True
+    log(f"  attention fusion gave cosine {agreement:.6f} (unfused {unfused:.6f}) on a probe tile; not used")
+    return False
+
+
+def _fused_ops(graph: Path):
+    import onnx
+
+    return (n for n in onnx.load(str(graph), load_external_data=False).graph.node if n.op_type == "MultiHeadAttention")
 
 
 def ensure_fp32_graph(ckpt, manifest, writer: BundleWriter, log=print) -> Path:
@@ -527,17 +418,26 @@ def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
     else:
         log("  quantizing to int8 (onnxruntime: dynamic and static QDQ, chosen by accuracy on held-out inputs)")
         details = {**quantize_int8(fp32, graph, manifest, log), "activation_type": "uint8", "per_channel": True}
-    optimized = folder / f"{precision}.ort-cpu.onnx"
-    save_cpu_optimized(graph, optimized, manifest.encoder, log, reference=None if precision == "fp32" else fp32)
-    # the planner's activation term (per tile; a grid encoder: at two image sizes), measured on the graph the CPU
-    # runtime opens, in a fresh process (plan/probe.py)
-    from ..plan.probe import encoder_memory_details
-
-    log("  measuring its activation memory (ONNX Runtime CPU)")
-    details = {**details, **encoder_memory_details(optimized, manifest.encoder, threads)}
     extras = tuple(p.relative_to(writer.root).as_posix() for p in folder.glob(f"{precision}.*") if p != graph)
     artifact = writer.artifact(f"onnx:{precision}", "encoder", "onnx", precision, f"encoder/{precision}.onnx",
-                               extra_files=extras, cpu_optimized=f"encoder/{precision}.ort-cpu.onnx", **details)
+                               extra_files=extras, **details)
+    # the CPU provider's copy is built where it runs (onnx_cpu.cached_cpu_graph); here to decide the attention fusion
+    # and to measure the planner's activation term (per tile; a grid encoder: at two image sizes) on the graph the CPU
+    # runtime will open, in a fresh process (plan/probe.py). Built in this machine's cache: its first load reuses it.
+    from ..onnx_cpu import artifact_key, cached_cpu_graph
+    from ..plan.probe import encoder_memory_details
+
+    candidate = writer.root / ".work" / f"{precision}.fused-candidate.onnx"
+    try:
+        fuse = choose_cpu_fusion(graph, candidate, manifest.encoder, log,
+                                 reference=None if precision == "fp32" else fp32)
+    finally:
+        for path in (candidate, candidate.with_name(f"{candidate.name}.data")):
+            path.unlink(missing_ok=True)
+    cpu_graph = cached_cpu_graph(graph, artifact_key([f.sha256 for f in artifact.files]), fuse)
+    log("  measuring its activation memory (ONNX Runtime CPU)")
+    artifact.details.update({**encoder_memory_details(cpu_graph, manifest.encoder, threads),
+                             "cpu_attention_fusion": fuse})
     return artifact
 
 

@@ -80,12 +80,12 @@ def _lower_tile_caps(plan: Plan, request: PlanRequest, result: dict, preprocess)
         if lowered is None:
             continue
         tiles = lowered["images"]["n_tiles"]
-        steps.append((f"the tile cap {images['n_tiles']} -> {tiles} (--max-tiles {tiles}; {_cap_knob(capped)})",
+        steps.append((f"the tile cap {images['n_tiles']} -> {tiles} (--max-tiles {tiles}; {cap_knob(capped)})",
                       lowered))
     return steps
 
 
-def _cap_knob(preprocess) -> str:
+def cap_knob(preprocess) -> str:
     """How the processor sets that cap, for the user who applies it."""
     if preprocess.resize_rule == "idefics3":
         return f"the processor's size.longest_edge {preprocess.longest_edge}"

@@ -550,7 +550,8 @@ def recommendation(result: dict) -> tuple[str, str, str]:
         raise BadInputError(f"nothing fits {where}: the smallest option ({smallest['encoder']} + {smallest['decoder']}) "
                             f"needs {smallest['memory']['total'] / mib:,.0f} MiB of {usable:,.0f} usable; plan a "
                             "smaller context or image first (edgevlm plan), or pass --encoder/--decoder explicitly")
-    encoder, _, decoder = result["recommended"].partition(" + ")
+    chosen = next(o for o in result["options"] if o["verdict"] == "fits")  # what "recommended" names, for people
+    encoder, decoder = chosen["encoder"], chosen["decoder"]
     options = {(o["encoder"], o["decoder"]): o for o in result["options"]}
     encoders = list(dict.fromkeys(o["encoder"] for o in result["options"]))
     decoders = list(dict.fromkeys(o["decoder"] for o in result["options"]))

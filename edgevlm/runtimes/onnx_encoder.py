@@ -38,6 +38,30 @@ TILES_PER_RUN = 4
 CPU_TILES_PER_RUN = 1
 
 
+def cpu_graph(bundle: Path, artifact) -> Path:
+    """The graph the CPU provider opens: the ORT-optimized copy built on this machine on first load and cached
+    (onnx_cpu.py); a bundle written before that ships its own copy (details.cpu_optimized). Where the cache cannot be
+    written, the portable graph (ORT then optimizes it at every load)."""
+    import sys
+
+    from ..onnx_cpu import artifact_key, cached_cpu_graph
+
+    shipped = artifact.details.get("cpu_optimized")
+    if shipped and (bundle / shipped).is_file():
+        return bundle / shipped
+    graph = bundle / artifact.path
+    try:
+        return cached_cpu_graph(graph, artifact_key([f.sha256 for f in artifact.files]),
+                                bool(artifact.details.get("cpu_attention_fusion")),
+                                log=lambda line: print(f"edgevlm: {line}", file=sys.stderr))
+    except OSError as exc:
+        print(f"edgevlm: could not cache the CPU-optimized graph ({exc.strerror or exc}); running {graph.name}",
+              file=sys.stderr)
+        return graph
+    except Exception as exc:  # noqa: BLE001 - ORT's own error types: a graph it cannot load is the bundle's problem
+        raise BundleError(f"ONNX Runtime cannot load {graph.name} ({str(exc)[:200]}); re-export the bundle") from None
+
+
 class OnnxRuntimeEncoder:
     name = "onnxruntime"
 
@@ -51,9 +75,8 @@ class OnnxRuntimeEncoder:
         self.precision = artifact.precision
         providers = choose_providers(ort.get_available_providers(), provider)
         graph = bundle / artifact.path
-        optimized = artifact.details.get("cpu_optimized")
-        if providers[0] == PROVIDERS["cpu"] and optimized and (bundle / optimized).is_file():
-            graph = bundle / optimized  # saved offline by the exporter for this provider
+        if providers[0] == PROVIDERS["cpu"]:
+            graph = cpu_graph(bundle, artifact)
         options = ort.SessionOptions()
         options.intra_op_num_threads = thread_count(threads)
         options.log_severity_level = 3
