@@ -87,7 +87,7 @@ SHOWN = (
     Shown("export-memory/smolvlm2-2.2b-after.json", "Export memory: SmolVLM2-2.2B shapes (random weights, bf16 on "
           "disk), ONNX fp32/int8 encoders, GGUF q8_0/q4_k_m and MLX 4-bit decoders, one process", "export-memory",
           "Peak RSS sampled during each step (children included). Steps run in this order; the \"writing from the "
-          "checkpoint\" steps write the quantizer's 16-bit input."),
+          "checkpoint\" steps write each decoder format's input (the quantizer's 16-bit GGUF, mlx-lm's folder)."),
 )
 
 RETIRED = (
@@ -98,8 +98,8 @@ RETIRED = (
     Retired("w1-split", "w1", "W1 with SmolVLM's image splitting, run on an Intel Xeon VM before the "
             "encoder and memory changes W1 was re-measured after; not re-run since"),
     Retired("w2", "sweep-reference", "the reference model's bench of 2026-11-22; the sweep measures the same "
-            "checkpoint's ONNX x GGUF pairs with the current export and runtime"),
-    Retired("accuracy", "sweep-reference", "task accuracy per pair of 2026-11-22, before the current int8 encoder; "
+            "checkpoint's ONNX x GGUF pairs with a newer export and runtime"),
+    Retired("accuracy", "sweep-reference", "task accuracy per pair of 2026-11-22, before the int8 encoder's current weight form; "
             "the sweep scores the same checkpoint's ONNX x GGUF pairs"),
     Retired("export-memory/smolvlm2-2.2b-2026-11-30-xeon.json", "export-memory/smolvlm2-2.2b-after.json",
             "an earlier run of the same export-memory command"),
