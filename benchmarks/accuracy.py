@@ -1,4 +1,4 @@
-"""Reference-model task accuracy per encoder x decoder of one bundle (the README's accuracy table).
+"""Reference-model task accuracy per encoder x decoder of one bundle (a results file docs/benchmarks.md renders).
 
     .venv/bin/python benchmarks/accuracy.py [BUNDLE] [-n 200]
 

@@ -49,7 +49,7 @@ class Sampler(threading.Thread):
 
 
 def main() -> int:
-    from edgevlm.machine import cpu_model
+    from edgevlm.machine import cpu_flags, cpu_model, source_commit
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -88,6 +88,7 @@ def main() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     result = {
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(), "commit": source_commit(),
         "checkpoint_mib": on_disk / 2**20, "seconds": now - started, "peak_rss_mib": peak,
         "peak_over_checkpoint": peak / (on_disk / 2**20), "steps": steps[1:],
     }

@@ -1,4 +1,4 @@
-"""The README's worked planner table: presets x devices, before any export (`edgevlm plan --preset`), from the device
+"""A worked planner table: presets x devices, before any export (`edgevlm plan --preset`), from the device
 table, not measured on these devices. For each pair, the plan's own recommendation (edgevlm/plan/advise.py): the most
 accurate option that fits with its margin at the model's default context (4,096) and its largest image (most tiles;
 a native-resolution model: the image size given below); if nothing fits, the first change that makes one fit, in the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's benchmark tables on this machine. Nothing else should run meanwhile (llama.cpp with
+# Reproduce the benchmark tables of docs/benchmarks.md on this machine. Nothing else should run meanwhile (llama.cpp with
 # 2 threads on 2 cores collapses under contention). Results land in benchmarks/results/<workload>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ mkdir -p "$WORK" benchmarks/results
 # (bundles named -mmproj carry llama.cpp's mmproj too: the bench runs llama.cpp's own multimodal path as a peer)
 [ -d "$WORK/w1-bundle-mmproj" ] || $EV export "$WORK/smolvlm-256m-2" -o "$WORK/w1-bundle-mmproj" \
   --encoder onnx:fp32,onnx:int8,gguf:f16 --decoder gguf:q8_0,gguf:q4_k_m --max-tiles 17
-# llama-bench (built as the README's Benchmarks section says) joins as a peer when it is in this folder
+# llama-bench (built as docs/usage.md#benchmark says) joins as a peer when it is in this folder
 LLAMA_BIN=${EDGEVLM_LLAMA_BIN:-$HOME/.cache/edgevlm/llama-bin}
 PEER_BIN=(); [ -x "$LLAMA_BIN/llama-bench" ] && PEER_BIN=(--llamacpp-bin "$LLAMA_BIN")
 $EV bench "$WORK/w1-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 5 \

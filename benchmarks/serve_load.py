@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 def main() -> int:
-    from edgevlm.machine import cpu_model
+    from edgevlm.machine import cpu_flags, cpu_model, source_commit
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
@@ -128,6 +128,7 @@ def main() -> int:
     speedup = {"parallel_n_clients_n_vs_1_client": rate[(args.parallel, args.clients)] / rate[(args.parallel, 1)],
                "parallel_n_vs_parallel_1_at_n_clients": rate[(args.parallel, args.clients)] / rate[(1, args.clients)]}
     result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
+              "cpu_flags": cpu_flags(), "commit": source_commit(),
               "bundle": args.bundle, "encoder": session.encoder_name, "decoder": session.decoder_name,
               "max_tokens": args.max_tokens, "threads": args.threads, "sequential": sequential,
               "concurrency": concurrency, "speedup": speedup}

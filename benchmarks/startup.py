@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -23,22 +24,24 @@ from pathlib import Path
 
 
 def edgevlm_run(bundle: str, image: Path, args) -> dict:
-    command = [sys.executable, "-m", "edgevlm", "run", bundle, "--image", str(image), "--prompt",
+    command = [sys.executable, "-m", "edgevlm", "run", str(Path(bundle).resolve()), "--image", str(image), "--prompt",
                "Describe the picture.", "--max-tokens", "4", "--threads", str(args.threads), "--json"]
     command += [flag for flag, value in (("--encoder", args.encoder), ("--decoder", args.decoder)) if value
                 for flag in (flag, value)]
+    env = {**os.environ, **({"PYTHONPATH": args.code} if args.code else {})}
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # the child starts in --code's folder: `python -m` puts the working folder first on sys.path
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=args.code)
     wall = (time.perf_counter() - start) * 1e3
     if done.returncode != 0:
         raise SystemExit(f"edgevlm run failed ({done.returncode}): {done.stderr.strip()[-400:]}")
     timings = json.loads(done.stdout.strip().splitlines()[-1])["timings"]
-    work = timings["load_ms"] + timings["preprocess_ms"] + timings["encode_ms"] + timings["prefill_ms"]
-    return {"process_start_to_first_token_ms": timings["process_start_to_first_token_ms"], "wall_ms": wall,
-            "load_ms": timings["load_ms"], "preprocess_ms": timings["preprocess_ms"],
-            "encode_ms": timings["encode_ms"], "prefill_ms": timings["prefill_ms"],
-            "load_encode_prefill_ms": work,
-            "ratio": timings["process_start_to_first_token_ms"] / work}
+    row = {"wall_ms": wall, **{key: timings.get(key) for key in ("process_start_to_first_token_ms", "load_ms",
+                                                                  "preprocess_ms", "encode_ms", "prefill_ms")}}
+    if row["load_ms"] is not None:  # an edgevlm older than this benchmark reports neither: its wall time only
+        row["load_encode_prefill_ms"] = sum(row[k] for k in ("load_ms", "preprocess_ms", "encode_ms", "prefill_ms"))
+        row["ratio"] = row["process_start_to_first_token_ms"] / row["load_encode_prefill_ms"]
+    return row
 
 
 def first_output_ms(command: list[str]) -> float:
@@ -68,6 +71,9 @@ def main() -> int:
     parser.add_argument("--mmproj", help="an mmproj GGUF of the same model, for --mtmd-cli")
     parser.add_argument("--llama-cli", help="llama-cli binary, where the family has no mmproj writer")
     parser.add_argument("--out", default="benchmarks/results/startup")
+    parser.add_argument("--code", help="run the edgevlm checkout in this folder instead (e.g. an older commit's "
+                        "worktree, for a before/after in one run)")
+    parser.add_argument("--label", default="startup", help="results file name (startup.json / .md)")
     args = parser.parse_args()
     if not 1 <= args.runs <= 20:
         parser.error("--runs must be 1..20")
@@ -94,15 +100,17 @@ def main() -> int:
             peers["llama-cli"] = [first_output_ms([args.llama_cli, "-m", str(gguf), "-p", prompt, "-n", "4", "-t",
                                                    str(args.threads), "--temp", "0", "-no-cnv"])
                                   for _ in range(args.runs + 1)][1:]
-    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    median = {key: statistics.median(r[key] for r in runs) for key in runs[0] if runs[0][key] is not None}
+    from edgevlm.machine import source_commit
+
+    commit = source_commit()
     result = {"schema": "edgevlm-startup/1", "command": shlex.join(sys.argv), "date": dt.date.today().isoformat(),
               "commit": commit, "cpu": cpu_model(), "cpu_flags": cpu_flags(), "bundle": args.bundle,
               "decoder": decoder, "image_size": args.image_size, "threads": args.threads, "runs": runs,
               "median": median, "peers_first_output_ms": {k: statistics.median(v) for k, v in peers.items()}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "startup.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{args.label}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"`{result['command']}` — {result['date']}, commit {commit}, {result['cpu']} "
              f"({' '.join(result['cpu_flags'])}), {args.threads} threads, medians of {args.runs} runs after one",
              "", "| edgevlm run | ms |", "|---|---|"]
@@ -110,7 +118,7 @@ def main() -> int:
               for key, value in median.items()]
     for name, value in result["peers_first_output_ms"].items():
         lines.append(f"| {name}: process start -> first output | {value:,.0f} |")
-    (out / "startup.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.label}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -58,7 +58,7 @@ def require_llama_cpp():
         import llama_cpp
     except ImportError as exc:
         raise BackendUnavailableError(
-            f"llama-cpp-python is not installed ({exc}); `pip install llama-cpp-python==0.3.36` (see README)"
+            f"llama-cpp-python is not installed ({exc}); `pip install llama-cpp-python==0.3.36` (see docs/usage.md#install)"
         ) from None
     return llama_cpp
 

@@ -4,6 +4,7 @@ only by the functions that need them (export), never by the runtime."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,19 @@ class DecoderArch:
 
     def gguf_tensor_name(self, hf_name: str, n_blocks: int) -> str:
         """gguf-py's name for an HF decoder tensor (e.g. model.layers.0.self_attn.q_proj.weight -> blk.0.attn_q.weight)."""
-        import gguf
-
-        mapped = gguf.get_tensor_name_map(self.gguf_model_arch(), n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        mapped = _tensor_name_map(self.gguf_arch, n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise KeyError(f"gguf-py has no {self.gguf_arch} name for {hf_name}")
         return mapped
+
+
+@lru_cache(maxsize=8)
+def _tensor_name_map(gguf_arch: str, n_blocks: int):
+    """gguf-py's name map, built once per architecture and depth: building it formats every tensor name of every
+    block (2.3 s over a 28-layer model's 338 tensors when built per tensor: most of `edgevlm plan`'s time)."""
+    import gguf
+
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, gguf_arch), n_blocks)
 
 
 ARCHITECTURES = {

@@ -37,10 +37,25 @@ def cpu_flags() -> list[str]:
     return [flag for flag in REPORTED_CPU_FLAGS if flag in have]
 
 
+def source_commit() -> str | None:
+    """The git commit of the edgevlm that measured (a dirty tree marked '+'), or None outside a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+" if dirty else "") if commit else None
+
+
 def machine() -> dict:
-    """What a results file records about the machine it was measured on."""
+    """What a results file records about the machine (and the code) it was measured on."""
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "commit": source_commit()}
     if Path("/proc/cpuinfo").exists():
         info["cpu"] = cpu_model()
         info["cpu_flags"] = cpu_flags()

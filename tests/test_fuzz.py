@@ -1,5 +1,5 @@
 """Fuzzing in CI (fixed seeds, bounded counts): images, server request bodies and CLI options either work or end in
-edgevlm's own one-line error. benchmarks/fuzz.py runs the same fuzzers with 10,000 cases each (README)."""
+edgevlm's own one-line error. benchmarks/fuzz.py runs the same fuzzers with 10,000 cases each."""
 from __future__ import annotations
 
 import io

@@ -1,7 +1,7 @@
 """The plan's recommendation: the most accurate option that fits with its margin at the asked settings; when none does,
 the first change that makes one fit, tried in a fixed order (ORDER), with the option that then fits and the new
 settings. `edgevlm plan` prints it and puts it in --json as "recommendation"; benchmarks/plan_table.py builds the
-README's worked table from it.
+worked table from it.
 
 Options are tried most accurate first at every setting (decoder quantization, then encoder precision: the order the
 plan lists them in), so at the asked settings a smaller quant is always tried before anything else is lowered; only

@@ -52,8 +52,7 @@ def cpu_graph(bundle: Path, artifact) -> Path:
     graph = bundle / artifact.path
     try:
         return cached_cpu_graph(graph, artifact_key([f.sha256 for f in artifact.files]),
-                                bool(artifact.details.get("cpu_attention_fusion")),
-                                log=lambda line: print(f"edgevlm: {line}", file=sys.stderr))
+                                bool(artifact.details.get("cpu_attention_fusion")))
     except OSError as exc:
         print(f"edgevlm: could not cache the CPU-optimized graph ({exc.strerror or exc}); running {graph.name}",
               file=sys.stderr)
