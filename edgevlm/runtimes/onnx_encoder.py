@@ -9,6 +9,7 @@ import numpy as np
 from ..backends import thread_count
 from ..errors import BackendUnavailableError, BadInputError, BundleError
 from ..vision_grid import VisionGrid, encoder_feeds
+from .base import Encoder
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -38,7 +39,7 @@ TILES_PER_RUN = 4
 CPU_TILES_PER_RUN = 1
 
 
-class OnnxRuntimeEncoder:
+class OnnxRuntimeEncoder(Encoder):
     name = "onnxruntime"
 
     def __init__(self, bundle: Path, artifact, encoder_spec, provider: str | None = None, threads: int | None = None,
