@@ -26,7 +26,7 @@ def session_from_checkpoint(ckpt, n_ctx: int | None = None, **cache_options) -> 
     return Session(
         spec_from_checkpoint(ckpt),
         TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}"),
-        TorchDecoder(ckpt.decoder, n_ctx=n_ctx),
+        TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=ckpt.position_scheme),
         encoder_name=TORCH, decoder_name=TORCH,
         **cache_options,
     )
@@ -36,21 +36,36 @@ def is_bundle(path: Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def load_session(path, encoder: str | None = None, decoder: str | None = None, n_ctx: int | None = None, **options) -> Session:
+def holds_sequences(path, decoder: str | None = None) -> bool:
+    """Whether the decoder `load_session` would open holds several sequences in one context (a bundle's gguf
+    decoder, on llama.cpp); checkpoints run on torch, one sequence."""
+    if not is_bundle(path):
+        return False
+    from .manifest import Manifest
+    from .runtimes import bundle_loader
+
+    manifest = Manifest.load(Path(path))
+    return bundle_loader.holds_sequences(bundle_loader.pick(manifest, "decoder", decoder, bundle_loader.DECODER_PREFERENCE))
+
+
+def load_session(path, encoder: str | None = None, decoder: str | None = None, n_ctx: int | None = None,
+                 n_seq: int = 1, **options) -> Session:
+    """n_seq: sequences of the decoder's context, opened once (llama.cpp only: `serve --parallel N`)."""
     path = Path(path)
     if is_bundle(path):
         from .runtimes.bundle_loader import session_from_bundle
 
-        return session_from_bundle(path, encoder=encoder, decoder=decoder, n_ctx=n_ctx, **options)
+        return session_from_bundle(path, encoder=encoder, decoder=decoder, n_ctx=n_ctx, n_seq=n_seq, **options)
     for name, choice in (("encoder", encoder), ("decoder", decoder)):
         if choice not in (None, TORCH):
             raise BadInputError(
                 f"{path} is a checkpoint, which runs on the torch {name} only; export a bundle for --{name} {choice}"
             )
-    from .families import load_checkpoint
-
     from .backends import thread_count
+    from .families import load_checkpoint
+    from .runtimes.bundle_loader import check_sequences
 
+    check_sequences(n_seq, TORCH)
     threads = options.pop("threads", None)
     thread_count(threads)  # validated even though only torch uses it here
     options.pop("provider", None), options.pop("parity", None)

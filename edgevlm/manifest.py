@@ -218,7 +218,7 @@ class Manifest:
         return matches[0]
 
     def names(self, role: str, runnable: bool = False) -> list[str]:
-        """runnable: only what edgevlm's own runtime runs (an mmproj is for llama.cpp's mtmd, see runtimes/mtmd.py)."""
+        """runnable: only what edgevlm's own runtime runs (an mmproj is for llama.cpp's mtmd, see bench/peers/mtmd.py)."""
         return [a.name for a in self.artifacts if a.role == role and not (runnable and a.format == MMPROJ_FORMAT)]
 
     def mmproj_names(self) -> list[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import BadInputError, EdgeVLMError
+from .runtimes.base import BatchedContext, Decoder
 
 MAX_BODY_BYTES = 64 * 2**20  # a few large base64 images
 MAX_COMPLETION_TOKENS = 1 << 16
@@ -345,12 +346,12 @@ class Engine(_EngineThread):
 
     def slot_states(self) -> list[dict]:
         decoder = self.service.session.decoder
-        return [{"id": 0, "state": "busy" if self.metrics.active else "idle", "n_past": getattr(decoder, "n_past", 0)}]
+        return [{"id": 0, "state": "busy" if self.metrics.active else "idle", "n_past": decoder.n_past}]
 
     def kv(self) -> tuple[int | None, int | None]:
         """KV positions in use and the context's size (for /metrics)."""
         decoder = self.service.session.decoder
-        return getattr(decoder, "n_past", None), getattr(decoder, "n_ctx", None)
+        return decoder.n_past, decoder.n_ctx
 
 
 @dataclass
@@ -382,10 +383,13 @@ class ParallelEngine(_EngineThread):
     of n_ctx positions: a request is placed once its prompt + max_tokens fit beside what the busy slots reserved,
     evicting idle slots' sequences (least recently used first); until then it waits, first in line."""
 
-    def __init__(self, service: ChatService, pool, capacity: int = 8, metrics: Metrics | None = None):
+    def __init__(self, service: ChatService, pool: BatchedContext, n_slots: int, capacity: int = 8,
+                 metrics: Metrics | None = None):
         super().__init__(service, capacity, metrics)
-        self.pool = pool
-        self.slots = [Slot(i, service.session.sibling(pool.sequence(i))) for i in range(pool.n_seq_max)]
+        self.pool = pool  # the context of the session's decoder: slot i runs its sequence i
+        session = service.session
+        self.slots = [Slot(i, session if pool.sequence(i) is session.decoder else session.sibling(pool.sequence(i)))
+                      for i in range(n_slots)]  # one Session per sequence: its record of the KV stays the only one
         self.tick_hook: Callable[[], None] | None = None  # tests: slow the engine down to act mid-answer
         self._held: tuple[Job, Any] | None = None  # the first request in line, tokenized, waiting for a slot
         self._clock = 0
@@ -835,13 +839,18 @@ def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8
 
 
 def make_engine(service: ChatService, options: ServerOptions) -> Engine | ParallelEngine:
-    """--parallel N > 1 opens an N-sequence context beside the session's on the same weights (with_sequences);
-    only llama.cpp decoders have one, so MLX and torch refuse it rather than silently serve one at a time."""
+    """--parallel N > 1 runs the slots on the sequences of the context the session's decoder belongs to, opened once
+    with N sequences (`edgevlm.load(..., n_seq=N)`); only llama.cpp decoders have one, so MLX and torch refuse it
+    rather than silently serve one at a time."""
     if options.parallel == 1:
         return Engine(service, options.capacity)
     decoder = service.session.decoder
-    if not hasattr(decoder, "with_sequences"):
+    context = decoder.context if isinstance(decoder, Decoder) else None
+    if not isinstance(context, BatchedContext):
         raise BadInputError(f"--parallel {options.parallel} needs a llama.cpp (gguf) decoder; the "
-                            f"{getattr(decoder, 'name', type(decoder).__name__)} decoder serves one request at a "
-                            "time (use --parallel 1)")
-    return ParallelEngine(service, decoder.with_sequences(options.parallel), options.capacity)
+                            f"{decoder.name if isinstance(decoder, Decoder) else type(decoder).__name__} decoder "
+                            "serves one request at a time (use --parallel 1)")
+    if context.n_seq < options.parallel:
+        raise BadInputError(f"--parallel {options.parallel} needs a context of {options.parallel} sequences; the "
+                            f"session's has {context.n_seq} (load it with n_seq={options.parallel})")
+    return ParallelEngine(service, context, options.parallel, options.capacity)

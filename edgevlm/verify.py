@@ -54,7 +54,7 @@ def verify_mmproj(bundle, manifest, name: str, ckpt, threads: int | None) -> dic
 
     from .preprocess import preprocess
     from .reference import scenes
-    from .runtimes.mtmd import MtmdPipeline
+    from .bench.peers.mtmd import MtmdPipeline
 
     artifact = manifest.find("encoder", name)
     artifact.verify(bundle)

@@ -14,7 +14,7 @@ from edgevlm.families import load_checkpoint
 from edgevlm.loading import session_from_checkpoint
 from edgevlm.manifest import Manifest
 from edgevlm.preprocess import preprocess
-from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+from edgevlm.runtimes.llamacpp import open_decoder
 from edgevlm.verify import DECODER_NMSE, nmse
 
 NEW = ["smolvlm2", "llava-qwen2", "llava-qwen2-tied", "internvl", "internvl-tied"]
@@ -200,7 +200,7 @@ STRINGS = [
 @pytest.mark.parametrize("family", ["llava-qwen2", "smolvlm2", "internvl"])
 def test_stock_llama_cpp_tokenizes_and_predicts_like_hf(family, new_bundles):
     """llama.cpp's own tokenizer (pre-tokenizer qwen2 / smollm) gives HF's ids; llama-cpp-python's `Llama` gives
-    LlamaCppDecoder's logits on the same GGUF."""
+    the llama.cpp decoder's logits on the same GGUF."""
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
@@ -209,7 +209,7 @@ def test_stock_llama_cpp_tokenizes_and_predicts_like_hf(family, new_bundles):
     bundle = new_bundles[family]
     hf = AutoTokenizer.from_pretrained(bundle / "tokenizer")
     path = bundle / "decoder" / "f32.gguf"
-    ours = LlamaCppDecoder(path, threads=1, parity=True)
+    ours = open_decoder(path, threads=1, parity=True)
     for text in STRINGS:
         assert ours.tokenize(text) == hf(text)["input_ids"], repr(text)
     llm = Llama(model_path=str(path), n_ctx=128, n_threads=1, logits_all=True, flash_attn=False, type_k=0, type_v=0,

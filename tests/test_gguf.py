@@ -7,7 +7,7 @@ import pytest
 import edgevlm
 from edgevlm.errors import BadInputError, BundleError
 from edgevlm.manifest import Manifest
-from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+from edgevlm.runtimes.llamacpp import open_decoder
 from edgevlm.verify import DECODER_NMSE, nmse
 
 CASES = [
@@ -56,7 +56,7 @@ def test_gguf_tokenizer_matches_hf(family, bundles):
 
     bundle = bundles[family]
     hf = AutoTokenizer.from_pretrained(bundle / "tokenizer")
-    decoder = LlamaCppDecoder(bundle / "decoder" / "f32.gguf", threads=1)
+    decoder = open_decoder(bundle / "decoder" / "f32.gguf", threads=1)
     for text in STRINGS:
         assert decoder.tokenize(text) == hf(text)["input_ids"], repr(text)
 
@@ -92,7 +92,7 @@ def test_sentencepiece_vocab_tokenizes_like_hf_and_sentencepiece(variant, senten
     assert bytes(model_field.parts[model_field.data[0]]).decode() == "llama"
     hf = AutoTokenizer.from_pretrained(bundle / "tokenizer")
     spm = sentencepiece.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
-    decoder = LlamaCppDecoder(bundle / "decoder" / "f32.gguf", threads=1)
+    decoder = open_decoder(bundle / "decoder" / "f32.gguf", threads=1)
     strings = STRINGS + ["USER: <image>\nWhat is this? ASSISTANT:", "<image><image> mixed </s>"]
     for text in strings:
         assert decoder.tokenize(text) == hf(text)["input_ids"], repr(text)
@@ -113,7 +113,7 @@ def test_sentencepiece_gguf_parity_with_pytorch(sentencepiece_bundles, images):
 
 @pytest.mark.parametrize("precision", ["f32", "q8_0"])
 def test_stock_llama_cpp_gives_our_logits_on_a_text_prompt(precision, bundles):
-    """llama-cpp-python's own `Llama` (every position's logits) and LlamaCppDecoder on the same GGUF and prompt."""
+    """llama-cpp-python's own `Llama` (every position's logits) and the llama.cpp decoder on the same GGUF and prompt."""
     from llama_cpp import Llama
 
     from edgevlm.runtimes.base import Segment
@@ -125,7 +125,7 @@ def test_stock_llama_cpp_gives_our_logits_on_a_text_prompt(precision, bundles):
     ids = llm.tokenize(b"The circle is red and the square is", add_bos=True, special=True)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])  # (positions, vocab)
-    ours = LlamaCppDecoder(path, threads=1, parity=True)
+    ours = open_decoder(path, threads=1, parity=True)
     assert ours.tokenize("The circle is red and the square is") == ids
     mine = [ours.prefill([Segment.tokens(ids[n : n + 1], n)]).copy() for n in range(len(ids))]
     assert np.abs(np.stack(mine) - theirs).max() <= 1e-4 * np.abs(theirs).max()
@@ -136,7 +136,7 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 100)
     with pytest.raises(BundleError, match="broken.gguf.*corrupt"):
-        LlamaCppDecoder(bad, threads=1)
+        open_decoder(bad, threads=1)
 
 
 def test_prompt_longer_than_context_fails_before_any_work(bundles, images):

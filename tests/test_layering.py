@@ -1,5 +1,5 @@
 """The import graph (module-level and function-level imports alike): export and runtimes never import each other,
-and no cycle exists between edgevlm's modules."""
+runtimes/ holds no benchmark peers, and no cycle exists between edgevlm's modules."""
 from __future__ import annotations
 
 import ast
@@ -85,7 +85,7 @@ def test_no_import_cycles():
 
 def test_the_walker_sees_function_level_imports():
     graph = import_graph()
-    assert "edgevlm.runtimes.llamacpp_decoder" in graph["edgevlm.runtimes.bundle_loader"]  # imported inside a function
+    assert "edgevlm.runtimes.llamacpp" in graph["edgevlm.runtimes.bundle_loader"]  # imported inside a function
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
 
 
@@ -103,3 +103,15 @@ def test_the_machine_module_is_a_leaf():
     assert graph["edgevlm.machine"] <= {"edgevlm.errors"}
     assert graph["edgevlm.gguf_header"] <= {"edgevlm.errors"}
     assert graph["edgevlm.hash_stamps"] == set()
+
+
+def test_runtimes_hold_no_benchmark_peers():
+    """runtimes/ is what a device runs; the programs edgevlm is measured and verified against (llama.cpp's mtmd)
+    live in bench/peers and reuse the runtime's llama.cpp model and context, never the other way round."""
+    graph = import_graph()
+    runtimes = {m for m in graph if m.startswith("edgevlm.runtimes")}
+    assert sorted((a, b) for a in runtimes for b in graph[a] if b.startswith("edgevlm.bench")) == []
+    peers = [p.name for p in (PACKAGE / "runtimes").rglob("*.py")
+             if any(call in p.read_text() for call in ("require_mtmd", "mtmd_init_from_file", "MtmdPipeline"))]
+    assert peers == []  # libmtmd, llama.cpp's multimodal path, is what edgevlm is compared with
+    assert "edgevlm.runtimes.llamacpp" in graph["edgevlm.bench.peers.mtmd"]

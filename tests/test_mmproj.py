@@ -17,7 +17,7 @@ from edgevlm.manifest import Manifest
 from edgevlm.metrics import cosine
 from edgevlm.preprocess import preprocess
 from edgevlm.runtimes.bundle_loader import source_checkpoint
-from edgevlm.runtimes.mtmd import MtmdPipeline
+from edgevlm.bench.peers.mtmd import MtmdPipeline
 
 TOKENS = 16
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgevlm
-from edgevlm.runtimes.llamacpp_decoder import sampler_chain
+from edgevlm.runtimes.llamacpp.sequence import sampler_chain
 from edgevlm.runtimes.sampling import Sampler, SamplingConfig
 
 N_VOCAB = 500
@@ -68,7 +68,7 @@ def test_sessions_with_either_sampler_answer_alike(bundles, images):
                                         stop_token_ids=[], **kw).tokens
     native = [ask(), ask(repetition_penalty=1.3)]
     seeded = [ask(temperature=0.8, top_k=20, top_p=0.9, seed=7), ask(temperature=0.8, top_k=20, top_p=0.9, seed=7)]
-    session.decoder.sampler = None  # the numpy reference
+    session.decoder.native_sampling = False  # the numpy reference
     assert [ask(), ask(repetition_penalty=1.3)] == native
     assert seeded[0] == seeded[1]
 
@@ -77,18 +77,18 @@ def test_the_one_token_step_equals_a_one_token_prefill(bundles):
     """The decode loop's fast path (a batch whose fixed fields are set once) gives prefill's logits, bit for bit."""
     from edgevlm.manifest import Manifest
     from edgevlm.runtimes.base import Segment
-    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+    from edgevlm.runtimes.llamacpp import open_decoder
 
     bundle = bundles["llava-siglip"]
     path = bundle / Manifest.load(bundle).find("decoder", "gguf:f32").path
-    stepped, prefilled = (LlamaCppDecoder(path, n_ctx=64, threads=1, parity=True) for _ in range(2))
+    stepped, prefilled = (open_decoder(path, n_ctx=64, threads=1, parity=True) for _ in range(2))
     prompt = np.asarray([1, 5, 9, 13, 17], dtype=np.int32)
     for decoder in (stepped, prefilled):
         decoder.prefill([Segment.tokens(prompt, 0)])
     for position, token in enumerate([21, 25, 29, 33], start=len(prompt)):
         if position % 2:  # without a logits view (what the native sampler's loop asks for): the same, in place
             assert stepped.step(token, position, logits=False) is None
-            a = stepped.logits(-1).copy()
+            a = stepped.logits().copy()
         else:
             a = stepped.step(token, position).copy()
         b = prefilled.prefill([Segment.tokens(np.asarray([token], dtype=np.int32), position)]).copy()

@@ -21,7 +21,7 @@ from test_server import QUESTION, metric, post, start, stop, user
 
 @pytest.fixture(scope="module")
 def session(bundles):
-    return edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    return edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:f32", threads=1, n_seq=4)
 
 
 @pytest.fixture(scope="module")
@@ -198,12 +198,14 @@ def test_parallel_is_refused_without_a_llama_cpp_decoder(session):
 def batched_equals_alone(decoder, prompts: list[list[Segment]], steps: list[list[tuple[int, int]]]) -> float:
     """Max |logit difference| between sequences prefilled and stepped together (one llama_decode per step) and each
     alone in a one-sequence context."""
+    from edgevlm.runtimes.llamacpp import LlamaContext
+
     alone = []
     for segments, tokens in zip(prompts, steps):
         decoder.truncate(0)
         decoder.prefill(segments)
         alone.append([decoder.step(t, p).copy() for t, p in tokens])
-    pool = decoder.with_sequences(len(prompts) + 1)
+    pool = LlamaContext(decoder.context.model, decoder.context.settings, len(prompts) + 1)  # on the same weights
     seqs = [pool.sequence(i + 1) for i in range(len(prompts))]  # not 0: any sequence id works
     for seq, segments in zip(seqs, prompts):
         seq.prefill(segments)
@@ -219,11 +221,11 @@ def batched_equals_alone(decoder, prompts: list[list[Segment]], steps: list[list
 
 def test_two_sequences_stepped_in_one_batch_get_their_own_logits(bundles):
     from edgevlm.manifest import Manifest
-    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+    from edgevlm.runtimes.llamacpp import open_decoder
 
     bundle = bundles["llava-clip"]
     gguf = bundle / Manifest.load(bundle).find("decoder", "gguf:f32").path
-    decoder = LlamaCppDecoder(gguf, n_ctx=256, threads=1, parity=True)
+    decoder = open_decoder(gguf, n_ctx=256, threads=1, parity=True)
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((20, decoder.n_embd)).astype(np.float32) * 0.1
     prompts = [[Segment.tokens([1, 5, 9, 14], 0), Segment(np.arange(4, 24), embeds=rows), Segment.tokens([3, 4], 24)],
@@ -234,12 +236,12 @@ def test_two_sequences_stepped_in_one_batch_get_their_own_logits(bundles):
 
 def test_a_state_saved_from_one_sequence_restores_into_another(bundles):
     from edgevlm.manifest import Manifest
-    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+    from edgevlm.runtimes.llamacpp import LlamaContext, open_decoder
 
     bundle = bundles["llava-clip"]
     gguf = bundle / Manifest.load(bundle).find("decoder", "gguf:f32").path
-    decoder = LlamaCppDecoder(gguf, n_ctx=256, threads=1, parity=True)
-    pool = decoder.with_sequences(3)
+    decoder = open_decoder(gguf, n_ctx=256, threads=1, parity=True)
+    pool = LlamaContext(decoder.context.model, decoder.context.settings, 3)
     a, b, c = pool.sequence(0), pool.sequence(1), pool.sequence(2)
     b.prefill([Segment.tokens([4, 8, 15, 16, 23], 0)])
     state = b.snapshot()
@@ -271,9 +273,9 @@ def qwen_gguf(tmp_path_factory):
 def test_mrope_sequences_stepped_in_one_batch_get_their_own_logits(qwen_gguf):
     """Qwen2-VL: an image's rows at (t, row, col) in one sequence (the 4-positions-per-row embedding batch), text in
     another; their generated tokens in one batch at their t positions."""
-    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+    from edgevlm.runtimes.llamacpp import open_decoder
 
-    decoder = LlamaCppDecoder(qwen_gguf, n_ctx=256, threads=1, parity=True)
+    decoder = open_decoder(qwen_gguf, n_ctx=256, threads=1, parity=True)
     assert decoder.mrope
     rng = np.random.default_rng(1)
     grid = np.array([(3, r, c) for r in range(2) for c in range(3)], dtype=np.int32) + [0, 3, 3]  # t=3 rows
@@ -319,3 +321,24 @@ def test_a_client_that_stops_reading_does_not_hold_up_another(session, urls):
         if stalled is not None:
             stalled.close()
         stop(server)
+
+
+@pytest.mark.parametrize("parallel", [None, 4])  # None: serve's default on a gguf decoder (2)
+def test_serve_opens_one_llama_cpp_context_for_all_its_slots(bundles, parallel):
+    """`edgevlm serve --parallel N` opens the decoder's context once, with N sequences, and its slots run on them
+    (it used to open a one-sequence context, then an N-sequence one beside it: two KV caches at peak). Counted by
+    the weights' own count of contexts opened on them."""
+    from edgevlm.cli import build_parser
+    from edgevlm.commands.serve import DEFAULT_PARALLEL, open_server
+
+    argv = ["serve", str(bundles["llava-clip"]), "--port", "0", "--threads", "1", "--decoder", "gguf:q8_0"]
+    args = build_parser("serve").parse_args(argv + ([] if parallel is None else ["--parallel", str(parallel)]))
+    server, session, options, _ = open_server(args)
+    try:
+        context, n = session.decoder.context, parallel or DEFAULT_PARALLEL
+        assert context.contexts_opened == 1 and context.n_seq == options.parallel == n
+        assert server.engine.pool is context and len(server.engine.slots) == n
+        assert all(slot.session.decoder is context.sequence(i) for i, slot in enumerate(server.engine.slots))
+        assert server.engine.slots[0].session is session  # sequence 0 has one record of its KV: the session's
+    finally:
+        server.server_close()

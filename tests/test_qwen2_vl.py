@@ -145,12 +145,12 @@ def test_8bit_decoders_keep_top1_agreement(version, decoder, qwen_ckpts, qwen_bu
 def _gguf_session(bundle, decoder: str = "gguf:f32", n_batch: int | None = None):
     import edgevlm
     from edgevlm.manifest import Manifest
-    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+    from edgevlm.runtimes.llamacpp import open_decoder
 
     session = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1)
     if n_batch is not None:  # the same GGUF, prefilled in batches of n_batch
         path = bundle / Manifest.load(bundle).find("decoder", decoder).path
-        session.decoder = LlamaCppDecoder(path, n_ctx=session.decoder.n_ctx, threads=1, n_batch=n_batch)
+        session.decoder = open_decoder(path, n_ctx=session.decoder.n_ctx, threads=1, n_batch=n_batch)
     return session
 
 

@@ -243,14 +243,14 @@ def test_a_state_stored_for_another_boundary_is_never_restored(bundles, images):
 # ---- 4. positions, batches, snapshots ------------------------------------------------------------------------------
 
 def test_a_long_image_is_split_across_decode_calls(bundles):
-    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+    from edgevlm.runtimes.llamacpp import open_decoder
 
     gguf = bundles["llava-clip"] / "decoder" / "f32.gguf"
     rows = np.random.default_rng(0).normal(size=(40, 64)).astype(np.float32)
     segments = [Segment.tokens([1, 5, 9], 0), Segment(np.arange(3, 43), embeds=rows), Segment.tokens([11, 12], 43)]
-    one_batch = LlamaCppDecoder(gguf, threads=1, parity=True)  # kept alive: prefill returns a view of its buffer
+    one_batch = open_decoder(gguf, threads=1, parity=True)  # kept alive: prefill returns a view of its buffer
     whole = one_batch.prefill(segments).copy()
-    split = LlamaCppDecoder(gguf, threads=1, parity=True, n_batch=16)  # 40 rows -> 16 + 16 + 8
+    split = open_decoder(gguf, threads=1, parity=True, n_batch=16)  # 40 rows -> 16 + 16 + 8
     assert np.allclose(split.prefill(segments), whole, atol=1e-4)
     assert split.n_past == 45 and split.next_position == 45
 
@@ -258,10 +258,10 @@ def test_a_long_image_is_split_across_decode_calls(bundles):
 def test_positions_come_from_the_segment(ckpts, bundles):
     """Each backend places a segment at the positions it carries (RoPE is relative: a shift leaves the logits alone,
     a gap changes them; llama.cpp itself requires consecutive 1-D positions within a sequence)."""
-    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+    from edgevlm.runtimes.llamacpp import open_decoder
 
     ids = np.array([1, 5, 9], np.int32)
-    decoder = LlamaCppDecoder(bundles["llava-clip"] / "decoder" / "f32.gguf", threads=1, parity=True)
+    decoder = open_decoder(bundles["llava-clip"] / "decoder" / "f32.gguf", threads=1, parity=True)
     plain = decoder.prefill([Segment.tokens(ids, 0)]).copy()
     decoder.truncate(0)
     shifted = decoder.prefill([Segment(np.array([10, 11, 12]), token_ids=ids)]).copy()
@@ -326,9 +326,9 @@ def test_n_ctx_and_cache_flags(bundles, tmp_path, images, capsys):
     assert session.embed_cache.max_bytes == 1 << 20 and session.prefix_cache.max_bytes == 2 << 20
     assert main(argv + ["--n-ctx", "6000"]) == 2  # the tiny model's context is 512
     assert "beyond the model's context of 512" in capsys.readouterr().err
-    from edgevlm.runtimes.llamacpp_decoder import LlamaCppDecoder
+    from edgevlm.runtimes.llamacpp import open_decoder
 
-    big = LlamaCppDecoder(bundles["llava-clip"] / "decoder" / "q8_0.gguf", n_ctx=6000, context_length=8192, threads=1)
+    big = open_decoder(bundles["llava-clip"] / "decoder" / "q8_0.gguf", n_ctx=6000, context_length=8192, threads=1)
     assert big.n_ctx == 6000  # not capped at 4096 when a model's context allows more
     assert main(argv + ["--embed-cache-mb", "-1"]) == 2
 

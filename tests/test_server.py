@@ -186,8 +186,8 @@ def raw_request(port: int, data: bytes, timeout: float = 30) -> tuple[int, bytes
 
 
 @pytest.fixture(scope="module")
-def session(bundles):
-    return edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+def session(bundles):  # two sequences: the tests serve it with --parallel 1 and 2
+    return edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:f32", threads=1, n_seq=2)
 
 
 def test_the_official_openai_client_streams_and_not(session, images, api):

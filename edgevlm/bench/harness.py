@@ -78,8 +78,10 @@ def memory_breakdown(session, bundle: Path | None, encoder: str, decoder: str, r
     (ONNX Runtime's arena and activations, llama.cpp's compute buffers, Python objects)."""
     mib = 2**20
     out = {"before_load": rss_before_load, "load_added": rss_after_load - rss_before_load, "peak": peak_rss}
+    from ..runtimes.llamacpp import LlamaSequence
+
     dec = session.decoder
-    model_bytes = getattr(dec, "model_bytes", None)
+    model_bytes = dec.model_bytes
     if model_bytes is None and bundle is not None and decoder != "torch":
         model_bytes = artifact_bytes(bundle, decoder)
     if model_bytes:
@@ -90,9 +92,9 @@ def memory_breakdown(session, bundle: Path | None, encoder: str, decoder: str, r
         from ..plan.budget import kv_cache_bytes
 
         d = Manifest.load(bundle).decoder
-        kv_type = "f32" if getattr(dec, "parity", False) else "f16"  # the llama.cpp decoder's KV (f32 in parity mode)
+        kv_type = dec.context.kv_type if isinstance(dec, LlamaSequence) else "f16"  # f32 in parity mode
         out["kv_cache_allocated"] = kv_cache_bytes(d.n_layers, d.n_kv_heads, d.head_dim, dec.n_ctx, kv_type) / mib
-    graph_bytes = getattr(session.encoder, "graph_bytes", None)  # the one graph ONNX Runtime loaded
+    graph_bytes = session.encoder.graph_bytes  # the one graph ONNX Runtime loaded
     if graph_bytes:
         out["encoder_graph"] = graph_bytes / mib
     out["caches_in_use"] = (session.embed_cache.bytes + session.prefix_cache.bytes) / mib
@@ -150,11 +152,13 @@ def run_session(session, scenario: Scenario, image: Image.Image, label: str, pro
 def decode_loop_vs_llama_decode(session, scenario: Scenario, image: Image.Image, repeats: int) -> dict | None:
     """The session's per-token loop (decode, sampling, detokenizing) against llama_decode alone on the same context
     at the same positions, alternated in this process: what the loop adds, free of the drift between processes
-    that a ratio to another program's run carries. None for decoders without llama.cpp's one-token step."""
+    that a ratio to another program's run carries. None for decoders other than llama.cpp's."""
+    from ..runtimes.llamacpp import LlamaSequence
+
     decoder = session.decoder
-    step, truncate = getattr(decoder, "step", None), getattr(decoder, "truncate", None)
-    if step is None or truncate is None:
+    if not isinstance(decoder, LlamaSequence):
         return None
+    step, truncate = decoder.step, decoder.truncate
     question = prompt_of(session.spec.tokenizer, scenario.prompt_tokens, 0)
     loop, bare = [], []
     for _ in range(repeats):
@@ -251,12 +255,12 @@ def mtmd_prompts(bundle: Path, scenario: Scenario) -> tuple[list[str], str]:
 
 def mtmd_peer(bundle: Path, decoder: str, mmproj: str, texts: list[str], placeholder: str, scenario: Scenario,
               progress: Callable[[str], None]) -> dict:
-    """llama.cpp's own multimodal path in this process (edgevlm.runtimes.mtmd: what llama-mtmd-cli and llama-server
+    """llama.cpp's own multimodal path in this process (edgevlm.bench.peers.mtmd: what llama-mtmd-cli and llama-server
     run) on the bundle's decoder GGUF and mmproj, same image, questions and threads as edgevlm's runs. Cold: an
     empty KV cache; warm: the same image with the other question, the prefix reused as llama-server's prompt cache
     does (mtmd still tokenizes and preprocesses the image, as the server does per request)."""
     from ..manifest import Manifest
-    from ..runtimes.mtmd import MtmdPipeline
+    from .peers.mtmd import MtmdPipeline
 
     manifest = Manifest.load(bundle)
     gguf, projector = manifest.find("decoder", decoder), manifest.find("encoder", mmproj)

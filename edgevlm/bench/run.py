@@ -201,7 +201,7 @@ def mtmd_peers(bundle: Path, pairs: list[tuple[str, str]], scenario: harness.Sce
 def edgevlm_flash_attention() -> bool:
     """Whether edgevlm's llama.cpp decoder runs with flash attention here by default (off on CPU-only builds)."""
     from ..backends import require_llama_cpp
-    from ..runtimes.llamacpp_decoder import flash_attention_type
+    from ..runtimes.llamacpp.context import flash_attention_type
 
     llama_cpp = require_llama_cpp()
     return flash_attention_type(llama_cpp, None) != llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -118,7 +118,7 @@ def backend_options(args) -> dict:
     return options
 
 
-def load_session_checked(args, options: dict, parallel: int = 1):
+def load_session_checked(args, options: dict):
     """Load the session of run/chat/serve. First, from the manifest alone, the planner's verdict on whether the pair
     that will run, at this context and these cache bounds, fits the memory available now: a warning line on stderr
     when it is tight, does not fit, or could not be checked (never silence for a failed check)."""
@@ -130,7 +130,8 @@ def load_session_checked(args, options: dict, parallel: int = 1):
     encoder, decoder = chosen_pair(args.path, args.encoder, args.decoder)
     if encoder is not None:
         check = fit_check(args.path, machine_before_load(), encoder, decoder, options.get("n_ctx"),
-                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"), parallel)
+                          options.get("embed_cache_bytes"), options.get("prefix_cache_bytes"),
+                          options.get("n_seq", 1))  # serve --parallel N: N sequences in one context
         if check.message:
             print(check.message, file=sys.stderr)
     return load(args.path, encoder=encoder or args.encoder, decoder=decoder or args.decoder, **options)

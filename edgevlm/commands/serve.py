@@ -33,30 +33,35 @@ def add_arguments(parser) -> None:
                         help="let requests name image files under DIR (default: data URLs only)")
 
 
-def main(args) -> int:
-    import dataclasses
+def open_server(args):
+    """The server `main` runs, listening but not yet serving, with its session, options and model name: the decoder's
+    context opened once, with as many sequences as requests it answers at once (tests build it here too)."""
     import os
     from pathlib import Path
 
     from ..errors import BadInputError
+    from ..loading import holds_sequences
     from ..server import ServerOptions, make_server
     from .common import backend_options, load_session_checked
 
     if not 0 <= args.port <= 65535:
         raise BadInputError(f"--port must be 0..65535, got {args.port}")
+    parallel = args.parallel
+    if parallel is None:
+        parallel = DEFAULT_PARALLEL if holds_sequences(args.path, args.decoder) else 1
     server_options = ServerOptions(args.queue, args.request_timeout, args.socket_timeout,
                                    args.api_key or os.environ.get("EDGEVLM_API_KEY") or None, args.allow_local_images,
                                    args.max_connections, args.cache_dir,
                                    int(args.cache_dir_mb * (1 << 20)) if args.cache_dir_mb == args.cache_dir_mb
                                    else -1,  # validated before the model loads (NaN is refused)
-                                   1 if args.parallel is None else args.parallel)
-    session = load_session_checked(args, backend_options(args))
-    if args.parallel is None and hasattr(session.decoder, "with_sequences"):
-        server_options = dataclasses.replace(server_options, parallel=DEFAULT_PARALLEL)
+                                   parallel)
+    session = load_session_checked(args, {**backend_options(args), "n_seq": parallel})
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
-    server = make_server(session, model, args.host, args.port, server_options)
-    if server_options.parallel > 1:
-        session.decoder.release_context()  # the server decodes in its own N-sequence context on the same weights
+    return make_server(session, model, args.host, args.port, server_options), session, server_options, model
+
+
+def main(args) -> int:
+    server, session, server_options, model = open_server(args)
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost") and not server_options.api_key:
         print(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model",

@@ -14,7 +14,7 @@ from .devices import Device
 DECODER_ACCURACY = ("gguf:f32", "gguf:bf16", "gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m",
                     "gguf:q4_0")
 ENCODER_ACCURACY = ("onnx:fp32", "onnx:fp16", "onnx:int8")
-KV_TYPE = "f16"  # what the llama.cpp decoder allocates outside parity mode (runtimes/llamacpp_decoder.py)
+KV_TYPE = "f16"  # what the llama.cpp decoder allocates outside parity mode (runtimes/llamacpp/context.py)
 BASIS = {
     "decoder_weights": "exact: the GGUF's tensor bytes",
     "encoder_weights": "measured where the bundle has it: the resident bytes of an ORT CPU session on the graph "
@@ -372,7 +372,7 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
                  request: PlanRequest) -> dict:
     """Every decoder x encoder option on the device: the itemised memory, its verdict, decode tok/s and TTFT. The
     arithmetic shared by bundle plans and plans made before export (plan/model.py)."""
-    from ..runtimes.llamacpp_decoder import DEFAULT_N_BATCH, DEFAULT_N_CTX
+    from ..runtimes.llamacpp import DEFAULT_N_BATCH, DEFAULT_N_CTX
     from ..runtimes.session import DEFAULT_EMBED_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES
     from .compute import device_compute, prefill_flops, ttft
 
@@ -400,7 +400,7 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
     caches = embed_bound + prefix_bound
     shared = dict(
         kv_cache=budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, n_ctx, KV_TYPE),
-        # flash attention: on where llama.cpp offloads to a GPU, off on CPU builds (llamacpp_decoder)
+        # flash attention: on where llama.cpp offloads to a GPU, off on CPU builds (runtimes/llamacpp)
         compute_buffer=budget.llama_cpp_compute_buffer_bytes(spec.vocab_size, spec.hidden_size, spec.n_heads, n_ctx,
                                                              DEFAULT_N_BATCH, flash_attn=not cpu,
                                                              n_outputs=request.parallel),

@@ -74,7 +74,7 @@ def _default_request(shapes, device):
 
     from .budget import image_tokens, largest_image
     from .bundle import PlanRequest, resolve_context
-    from ..runtimes.llamacpp_decoder import DEFAULT_N_CTX
+    from ..runtimes.llamacpp import DEFAULT_N_CTX
 
     request = PlanRequest()
     if shapes.preprocess.resize_rule != "qwen2vl":

@@ -50,7 +50,7 @@ def import_runtime() -> None:
     import onnxruntime  # noqa: F401
 
     from ..backends import require_llama_cpp
-    from ..runtimes import bundle_loader, llamacpp_decoder, onnx_encoder, tokenizer  # noqa: F401
+    from ..runtimes import bundle_loader, llamacpp, onnx_encoder, tokenizer  # noqa: F401
 
     require_llama_cpp().llama_backend_init()
 

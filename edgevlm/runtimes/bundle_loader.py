@@ -79,28 +79,45 @@ def make_encoder(bundle: Path, manifest: Manifest, name: str, provider=None, thr
     return OnnxRuntimeEncoder(bundle, manifest.find("encoder", name), manifest.encoder, provider=provider, threads=threads)
 
 
-def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, threads=None, parity=False, ckpt=None):
+def holds_sequences(decoder_name: str) -> bool:
+    """Whether the decoder's context holds several sequences (llama.cpp); the others serve one at a time."""
+    return decoder_name.startswith("gguf:")
+
+
+def check_sequences(n_seq: int, decoder_name: str) -> None:
+    if n_seq < 1:
+        raise BadInputError(f"the number of sequences must be >= 1, got {n_seq}")
+    if n_seq > 1 and not holds_sequences(decoder_name):
+        raise BadInputError(f"--parallel {n_seq} needs a llama.cpp (gguf) decoder; the {decoder_name} decoder serves "
+                            "one request at a time (use --parallel 1)")
+
+
+def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, threads=None, parity=False, ckpt=None,
+                 n_seq: int = 1):
+    """The decoder `name` of the bundle: sequence 0 of a context of n_seq sequences (`decoder.context`) for gguf."""
+    check_sequences(n_seq, name)
     if name == "torch":
         from .torch_backend import TorchDecoder
 
         ckpt = ckpt or source_checkpoint(manifest)
-        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx)
+        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme)
     artifact = manifest.find("decoder", name)
     artifact.verify(bundle)
+    artifact_id = f"{artifact.name}:{artifact.files[0].sha256}"
     if artifact.format == "gguf":
-        from .llamacpp_decoder import LlamaCppDecoder
+        from .llamacpp import open_decoder
 
-        return LlamaCppDecoder(bundle / artifact.path, n_ctx=n_ctx, threads=threads, parity=parity,
-                               context_length=manifest.decoder.context_length,
-                               artifact_id=f"{artifact.name}:{artifact.files[0].sha256}")
+        return open_decoder(bundle / artifact.path, n_ctx=n_ctx, threads=threads, parity=parity,
+                            context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq)
     from .mlx_decoder import MlxDecoder
 
     return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length,
-                      mrope_section=getattr(manifest.decoder, "mrope_section", None))
+                      mrope_section=manifest.decoder.mrope_section, artifact_id=artifact_id)
 
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,
-                        **cache_options) -> Session:
+                        n_seq: int = 1, **cache_options) -> Session:
+    """n_seq: sequences of the decoder's context (llama.cpp only; `serve --parallel N` opens one context of N)."""
     bundle = Path(path)
     manifest = Manifest.load(bundle)
     if n_ctx is not None and not 1 <= n_ctx <= manifest.decoder.context_length:
@@ -108,6 +125,7 @@ def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=No
                             "positions; choose at most that")
     encoder_name = pick(manifest, "encoder", encoder, ENCODER_PREFERENCE)
     decoder_name = pick(manifest, "decoder", decoder, DECODER_PREFERENCE)
+    check_sequences(n_seq, decoder_name)  # before anything loads
     ckpt = source_checkpoint(manifest) if "torch" in (encoder_name, decoder_name) else None
     if ckpt is not None and threads:
         import torch
@@ -117,7 +135,8 @@ def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=No
     return Session(
         spec,
         make_encoder(bundle, manifest, encoder_name, provider=provider, threads=threads, ckpt=ckpt),
-        make_decoder(bundle, manifest, decoder_name, n_ctx=n_ctx, threads=threads, parity=parity, ckpt=ckpt),
+        make_decoder(bundle, manifest, decoder_name, n_ctx=n_ctx, threads=threads, parity=parity, ckpt=ckpt,
+                     n_seq=n_seq),
         encoder_name=encoder_name, decoder_name=decoder_name,
         **cache_options,
     )

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from ..errors import BundleError
 from ..backends import require_mlx
-from .base import DecoderState, Segment
+from .base import Decoder, DecoderState, Segment
 
 
-class MlxDecoder:
+class MlxDecoder(Decoder):
     name = "mlx"
 
-    def __init__(self, folder: str | Path, n_ctx: int, mrope_section: list[int] | None = None):
+    def __init__(self, folder: str | Path, n_ctx: int, mrope_section: list[int] | None = None,
+                 artifact_id: str = "mlx"):
         require_mlx()
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
@@ -33,6 +35,10 @@ class MlxDecoder:
         self._make_cache = lambda: make_prompt_cache(self.model)
         self.cache = self._make_cache()
         self.n_ctx = int(n_ctx)
+        self.n_batch = self.n_ctx  # mlx-lm takes a whole segment in one call
+        self.artifact_id = artifact_id
+        self.position_scheme = "mrope" if mrope_section else "1d"
+        self._logits: np.ndarray | None = None
         self.n_past = 0
         self.next_position = 0
         self.vocab_size = int(self.config["vocab_size"])
@@ -52,7 +58,8 @@ class MlxDecoder:
         except ValueError as exc:
             raise BundleError(f"the manifest's mrope_section does not fit the MLX decoder: {exc}") from None
 
-    def prefill(self, segments: list[Segment]) -> np.ndarray:
+    def prefill_chunks(self, segments: list[Segment]) -> Iterator[int]:
+        """The whole prompt as one chunk: mlx evaluates lazily, so the segments' calls run as one graph."""
         mx = self._mx
         logits = None
         for segment in segments:
@@ -76,7 +83,13 @@ class MlxDecoder:
             self.next_position = self.n_past
         last = logits[0, -1].astype(mx.float32)
         mx.eval(last)
-        return np.array(last)
+        self._logits = np.array(last)
+        yield sum(len(s) for s in segments)
+
+    def logits(self) -> np.ndarray:
+        if self._logits is None:
+            raise RuntimeError("no logits yet: nothing was decoded")
+        return self._logits
 
     def _prefill_mrope(self, segment: Segment):
         """One segment at its own (t, row, col) positions; returns its logits (1, n, V), unevaluated."""

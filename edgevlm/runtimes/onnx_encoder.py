@@ -9,6 +9,7 @@ import numpy as np
 from ..backends import thread_count
 from ..errors import BackendUnavailableError, BadInputError, BundleError
 from ..vision_grid import VisionGrid, encoder_feeds
+from .base import Encoder
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -61,7 +62,7 @@ def cpu_graph(bundle: Path, artifact) -> Path:
         raise BundleError(f"ONNX Runtime cannot load {graph.name} ({str(exc)[:200]}); re-export the bundle") from None
 
 
-class OnnxRuntimeEncoder:
+class OnnxRuntimeEncoder(Encoder):
     name = "onnxruntime"
 
     def __init__(self, bundle: Path, artifact, encoder_spec, provider: str | None = None, threads: int | None = None,

@@ -30,9 +30,14 @@ class SamplingConfig:
 
 
 class Sampler:
+    needs_logits = True  # it reads the logits array it is given (llama.cpp's native sampler reads them in place)
+
     def __init__(self, config: SamplingConfig):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
+
+    def close(self) -> None:
+        """Nothing to free (a native sampler frees its chain here)."""
 
     def penalize(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         """transformers' RepetitionPenaltyLogitsProcessor: divide positive, multiply negative scores of seen ids."""

@@ -26,7 +26,7 @@ from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .reuse import plan_reuse, prefix_key
-from .sampling import Sampler, SamplingConfig
+from .sampling import SamplingConfig
 from .stop import StopFilter
 
 DEFAULT_MAX_TOKENS = 64
@@ -123,8 +123,8 @@ class Session:
         self.spec = spec
         self.encoder = encoder
         self.decoder = decoder
-        self.encoder_name = encoder_name or getattr(encoder, "name", "")
-        self.decoder_name = decoder_name or getattr(decoder, "name", "")
+        self.encoder_name = encoder_name or encoder.name
+        self.decoder_name = decoder_name or decoder.name
         self.embed_cache = ByteLRU(embed_cache_bytes)
         self.prefix_cache = ByteLRU(prefix_cache_bytes)
         self.disk_cache = None  # DiskCache: embeddings and prefix states that survive a restart (serve --cache-dir)
@@ -134,19 +134,21 @@ class Session:
 
     def sibling(self, decoder: Decoder) -> "Session":
         """A session on another decoder (another sequence of the same context) sharing the encoder and every cache:
-        a prefix one sibling stored is restored by another instead of being computed again."""
+        a prefix one sibling stored is restored by another instead of being computed again. Its record starts empty, so
+        its sequence is emptied to match (a context's sequence may hold what an earlier session left there)."""
         other = Session(self.spec, self.encoder, decoder, 0, 0, self.encoder_name, self.decoder_name)
         other.embed_cache, other.prefix_cache, other.disk_cache = self.embed_cache, self.prefix_cache, self.disk_cache
+        other.forget_sequence()
         return other
 
     @property
     def _state_namespace(self) -> str | None:
         """What a saved KV state must have been written by to be restored here (None: states stay in memory)."""
-        return getattr(self.decoder, "state_signature", None) if self.disk_cache is not None else None
+        return self.decoder.state_signature if self.disk_cache is not None else None
 
     @property
     def _decoder_id(self) -> str:
-        return getattr(self.decoder, "artifact_id", None) or self.decoder.name
+        return self.decoder.artifact_id
 
     # ---- prompt building (prompt.py) -------------------------------------------------------------------------
     def _prepare_image(self, source) -> PreparedImage:
@@ -243,8 +245,8 @@ class Session:
     def _prefill(self, prompt: Prompt, images: list[PreparedImage], timings: dict,
                  interleave: bool = False) -> Iterator["Pause"]:
         """Bring the sequence to the whole prompt (reuse, restore, encode, prefill, snapshot); `return`s the last
-        position's logits. With `interleave`, it yields PAUSE after each image encode and between prefill chunks of
-        n_batch rows (the decoder's own chunks, so the logits are the same), where a scheduler may run other work."""
+        position's logits. With `interleave`, it yields PAUSE after each image encode and between the decoder's prefill
+        chunks (`prefill_chunks`: the logits are the same), where a scheduler may run other work."""
         n = len(prompt)
         namespace = self._state_namespace
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
@@ -271,16 +273,16 @@ class Session:
         logits, start = None, reuse
         for stop in ([store_at] if store_at else []) + [n]:
             encoded = (yield from self._encode_each(prompt, images, start, stop, timings)) if interleave else None
-            segments = self._segments(prompt, images, start, stop, timings, encoded)
-            for i, piece in enumerate(self._pieces(segments) if interleave else [segments]):
-                if i:
-                    yield PAUSE
+            chunks = self.decoder.prefill_chunks(self._segments(prompt, images, start, stop, timings, encoded))
+            while start < stop:
                 t0 = time.perf_counter()
-                logits = self.decoder.prefill(piece)
+                rows = next(chunks)
                 timings["prefill_ms"] += (time.perf_counter() - t0) * 1e3
-                end = start + sum(len(s) for s in piece)
-                self._kv_keys.extend(prompt.keys[start:end])
-                start = end
+                self._kv_keys.extend(prompt.keys[start:start + rows])  # only what the decoder now holds
+                start += rows
+                if interleave and start < stop:
+                    yield PAUSE
+            logits = self.decoder.logits()
             if stop == store_at:
                 t0 = time.perf_counter()
                 state, key = self.decoder.snapshot(), self._prefix_cache_key(prompt, stop)
@@ -304,11 +306,6 @@ class Session:
             if timings["embed_cache_misses"] > misses:
                 yield PAUSE
         return encoded
-
-    def _pieces(self, segments: list[Segment]) -> list[list[Segment]]:
-        """The decoder's own prefill chunks: each segment cut every n_batch rows."""
-        size = getattr(self.decoder, "n_batch", None) or max(1, sum(len(s) for s in segments))
-        return [[s.slice(i, i + size)] for s in segments for i in range(0, len(s), size)]
 
     def _prefix_cache_key(self, prompt: Prompt, stop: int) -> str:
         return prefix_key(self._decoder_id, prompt.keys, stop)
@@ -382,12 +379,8 @@ class Session:
         finish = "length"
         detok = IncrementalDetokenizer(self.spec.tokenizer)
         t_first = None
-        native = getattr(self.decoder, "sampler", None)  # llama.cpp's own sampler chain, on its own logits
-        # the decoder's one-token path takes one position per text token: the 1-D position, or an M-RoPE text token's
-        # t (its three axes are equal; llama.cpp repeats it), as step_many does for the --parallel server
-        step = getattr(self.decoder, "step", None)
-        sampler = native(config, history) if native is not None else Sampler(config)
-        step_logits = return_logits or native is None  # the native sampler reads llama.cpp's logits in place
+        sampler = self.decoder.sampler(config, history)  # llama.cpp's own chain reads its logits in place
+        step_logits = return_logits or sampler.needs_logits
         try:
             logits = yield from self._prefill(prompt, request.images, timings, interleave)
             position = prompt.positions.next_position
@@ -422,11 +415,8 @@ class Session:
                         yield Delta(piece)
                     break
                 logits = yield StepRequest(token, position)
-                if logits is None and step is not None:  # the decoder's own one-token path (llama.cpp)
-                    logits = step(token, position, step_logits)
-                elif logits is None:
-                    logits = self.decoder.prefill([Segment(text_positions(self.spec.position_scheme, position, 1),
-                                                           token_ids=np.asarray([token], dtype=np.int32))])
+                if logits is None:  # one position per text token: the 1-D position, or an M-RoPE text token's t
+                    logits = self.decoder.step(token, position, step_logits)
                 self._kv_keys.append(token)
                 position += 1
                 step_ms.append((time.perf_counter() - t0) * 1e3)  # decode, sampling, detokenizing: not the consumer
@@ -438,7 +428,7 @@ class Session:
             self.forget_sequence()  # whatever the decoder holds now is not what the record says
             raise
         finally:
-            getattr(sampler, "close", lambda: None)()
+            sampler.close()
         rest = detok.finish()
         if stop_filter is not None:
             rest = stop_filter.feed(rest) + stop_filter.flush()

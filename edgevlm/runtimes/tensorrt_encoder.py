@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import BadInputError, BundleError
 from ..backends import gpu_identity, require_tensorrt
+from .base import Encoder
 
 
 # A grid encoder's engine would need an optimisation profile over the patch axis and int64 position inputs; not built
@@ -14,7 +15,7 @@ GRID_REFUSAL = ("the TensorRT encoder runs fixed-size tiles only; this bundle's 
                 "on ONNX Runtime: choose --encoder onnx:fp32 or onnx:int8")
 
 
-class TensorRTEncoder:
+class TensorRTEncoder(Encoder):
     name = "tensorrt"
 
     def __init__(self, bundle: Path, artifact, encoder_spec):

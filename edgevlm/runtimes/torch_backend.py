@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import copy
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from .base import DecoderState, Segment
+from .base import Decoder, DecoderState, Encoder, Segment
 
 
-class TorchEncoder:
+class TorchEncoder(Encoder):
     name = "torch"
 
     def __init__(self, vision: torch.nn.Module, artifact_id: str):
@@ -33,12 +34,12 @@ def _cache_nbytes(cache) -> int:
     return total
 
 
-class TorchDecoder:
+class TorchDecoder(Decoder):
     """transformers' LlamaForCausalLM with a DynamicCache and explicit positions; a whole prompt is one forward."""
 
     name = "torch"
 
-    def __init__(self, model, n_ctx: int | None = None):
+    def __init__(self, model, n_ctx: int | None = None, position_scheme: str = "1d", artifact_id: str = "torch"):
         from transformers import DynamicCache
 
         self.model = model.eval()
@@ -48,10 +49,17 @@ class TorchDecoder:
         self.next_position = 0
         self.n_ctx = int(n_ctx or model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
+        self.n_batch = self.n_ctx  # any prompt in one forward
+        self.position_scheme, self.artifact_id = position_scheme, artifact_id
         self._embed = model.get_input_embeddings()
+        self._logits: np.ndarray | None = None
 
-    @torch.inference_mode()
-    def prefill(self, segments: list[Segment]) -> np.ndarray:
+    def prefill_chunks(self, segments: list[Segment]) -> Iterator[int]:
+        with torch.inference_mode():
+            length = self._forward(segments)
+        yield length
+
+    def _forward(self, segments: list[Segment]) -> int:
         parts = [
             self._embed(torch.from_numpy(s.token_ids.astype(np.int64))) if s.token_ids is not None
             else torch.from_numpy(np.ascontiguousarray(s.embeds, dtype=np.float32))
@@ -68,7 +76,13 @@ class TorchDecoder:
         )
         self.n_past += length
         self.next_position = max(self.next_position, int(positions.max()) + 1)
-        return out.logits[0, -1].float().numpy()
+        self._logits = out.logits[0, -1].float().numpy()
+        return length
+
+    def logits(self) -> np.ndarray:
+        if self._logits is None:
+            raise RuntimeError("no logits yet: nothing was decoded")
+        return self._logits
 
     def truncate(self, n_past: int, next_position: int | None = None) -> None:
         if n_past == 0:

@@ -1,7 +1,8 @@
 """llama.cpp's own multimodal path (libmtmd, through llama_cpp.mtmd_cpp) over a decoder GGUF and an mmproj GGUF:
 mtmd's tokenizer and preprocessing, its vision encoder, its helpers that put image chunks into the KV cache, and
 llama.cpp's sampler. This is what llama-mtmd-cli and llama-server --mmproj run; edgevlm uses it as the benchmark
-peer and to check mmproj artifacts. Torch-free."""
+peer and to check mmproj artifacts. The decoder's weights and context are edgevlm's own llama.cpp model and context
+(runtimes/llamacpp), opened with the settings llama-server uses; mtmd drives them. Torch-free."""
 from __future__ import annotations
 
 import ctypes
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends import require_llama_cpp, require_mtmd, silence_mtmd_logs, thread_count
-from ..errors import BackendUnavailableError, BundleError
-
-DEFAULT_N_BATCH = 512
+from ...backends import require_mtmd, silence_mtmd_logs
+from ...errors import BundleError
+from ...runtimes.base import Segment
+from ...runtimes.llamacpp import DEFAULT_N_BATCH, ContextSettings, LlamaContext, LlamaModel
 
 
 @dataclass(frozen=True)
@@ -43,41 +44,21 @@ class MtmdPipeline:
     def __init__(self, decoder_gguf: str | Path, mmproj: str | Path, n_ctx: int = 4096, threads: int | None = None,
                  n_batch: int = DEFAULT_N_BATCH, parity: bool = False):
         """parity: flash attention off in the vision encoder and the decoder, f32 KV (as edgevlm's parity mode)."""
-        llama_cpp, mtmd = require_llama_cpp(), require_mtmd()
+        mtmd = require_mtmd()
+        self.model = LlamaModel(decoder_gguf)  # llama.cpp's defaults otherwise, as llama-server runs
+        self.context = LlamaContext(self.model, ContextSettings(int(n_ctx), int(n_batch), threads, parity))
+        llama_cpp = self.model.lib
         self._lib, self._mtmd = llama_cpp, mtmd
         silence_mtmd_logs(llama_cpp, mtmd)
-        llama_cpp.llama_backend_init()
-        self.threads = thread_count(threads)
-        self.n_batch = int(n_batch)
-        self.model = llama_cpp.llama_model_load_from_file(str(decoder_gguf).encode(), llama_cpp.llama_model_default_params())
-        if not self.model:
-            raise BundleError(f"llama.cpp could not load {decoder_gguf}; re-export it")
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = int(n_ctx), self.n_batch, self.n_batch, 1
-        params.n_threads = params.n_threads_batch = self.threads
-        params.no_perf = True
-        gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        off = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        # llama.cpp's own defaults otherwise (AUTO picks flash attention where it pays), as llama-server runs
-        params.flash_attn_type = off if parity or not gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-        if parity:
-            params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
-        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
-            raise BackendUnavailableError(f"llama.cpp could not create a context of {n_ctx} positions")
-        self.n_ctx = int(n_ctx)
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
-        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.threads, self.n_batch, self.n_ctx = self.context.threads, self.context.n_batch, self.context.n_ctx
+        self.n_embd, self.vocab_size = self.model.n_embd, self.model.vocab_size
         mparams = mtmd.mtmd_context_params_default()
-        mparams.use_gpu = gpu
+        mparams.use_gpu = bool(llama_cpp.llama_supports_gpu_offload())
         mparams.n_threads = self.threads
         mparams.print_timings = False
         mparams.warmup = False
-        mparams.flash_attn_type = off if parity or not gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-        self.mctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.model, mparams)
+        mparams.flash_attn_type = self.context.flash_attn_type  # the decoder's choice (off in parity mode)
+        self.mctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.model.pointer, mparams)
         if not self.mctx:
             self._free_llama()
             raise BundleError(f"llama.cpp's mtmd could not load the mmproj {mmproj} with {decoder_gguf} (a corrupt file, "
@@ -157,7 +138,7 @@ class MtmdPipeline:
 
     # -- decoding -----------------------------------------------------------------------------------------------------
     def clear(self) -> None:
-        self._lib.llama_memory_clear(self.memory, True)
+        self._lib.llama_memory_clear(self.context.memory, True)
         self.cached, self.n_past = [], 0
 
     def _common_prefix(self, chunks: list[Chunk]) -> tuple[int, int, int]:
@@ -186,7 +167,7 @@ class MtmdPipeline:
         n_chunks, n_text, n_keep = self._common_prefix(chunks) if reuse else (0, 0, 0)
         if n_keep >= tokenized.n_pos:  # the whole prompt is cached: recompute its last token for fresh logits
             n_chunks, n_text, n_keep = self._common_prefix(chunks[:-1]) if len(chunks) > 1 else (0, 0, 0)
-        if not lib.llama_memory_seq_rm(self.memory, 0, n_keep, -1):
+        if not self.context.remove(0, n_keep):
             self.clear()
             n_chunks = n_text = n_keep = 0
         n_past = n_keep
@@ -208,7 +189,7 @@ class MtmdPipeline:
                 encode_ms.append((encoded - start) * 1e3)
                 new_n_past = lib.llama_pos(0)
                 status = mtmd.mtmd_helper_decode_image_chunk(
-                    self.mctx, self.ctx, chunk, mtmd.mtmd_get_output_embd(self.mctx), n_past, 0, self.n_batch,
+                    self.mctx, self.context.pointer, chunk, mtmd.mtmd_get_output_embd(self.mctx), n_past, 0, self.n_batch,
                     ctypes.byref(new_n_past), mtmd.mtmd_helper_post_decode_callback(), None)
                 if status != 0:
                     self.clear()
@@ -221,22 +202,10 @@ class MtmdPipeline:
                 "decode_ms": decode_ms, "n_positions": n_past}
 
     def _decode_tokens(self, tokens, n_past: int, logits_last: bool) -> int:
-        lib = self._lib
-        for start in range(0, len(tokens), self.n_batch):
-            piece = tokens[start:start + self.n_batch]
-            batch = lib.llama_batch_init(len(piece), 0, 1)
-            try:
-                for j, token in enumerate(piece):
-                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, n_past + j, 1
-                    batch.seq_id[j][0] = 0
-                    batch.logits[j] = logits_last and start + j == len(tokens) - 1
-                batch.n_tokens = len(piece)
-                if lib.llama_decode(self.ctx, batch) != 0:
-                    raise RuntimeError(f"llama_decode failed at position {n_past}")
-            finally:
-                lib.llama_batch_free(batch)
-            n_past += len(piece)
-        return n_past
+        """Text tokens at n_past, n_past + 1, ... of sequence 0, in the context's batches of n_batch."""
+        for _ in self.context.decode_chunks(0, [Segment.tokens(list(tokens), n_past)], want_logits=logits_last):
+            pass
+        return n_past + len(tokens)
 
     def generate(self, max_tokens: int, stop_token_ids: tuple[int, ...] = ()) -> tuple[list[int], list[float]]:
         """llama.cpp's sampler chain (greedy) from the logits prefill left; token ids and the time each was ready."""
@@ -244,24 +213,24 @@ class MtmdPipeline:
         tokens, stamps = [], []
         token_array = (lib.llama_token * 1)()
         for step in range(max_tokens):
-            token = int(lib.llama_sampler_sample(self.sampler, self.ctx, -1))
+            token = int(lib.llama_sampler_sample(self.sampler, self.context.pointer, -1))
             stamps.append(time.perf_counter())
             tokens.append(token)
             if token in stop_token_ids or step == max_tokens - 1:
                 break
             token_array[0] = token
-            if lib.llama_decode(self.ctx, lib.llama_batch_get_one(token_array, 1)) != 0:
+            if lib.llama_decode(self.context.pointer, lib.llama_batch_get_one(token_array, 1)) != 0:
                 raise RuntimeError(f"llama_decode failed at position {self.n_past}")
             self.n_past += 1
         return tokens, stamps  # `cached` still describes the prompt: the next prefill drops what follows it
 
     def logits(self) -> np.ndarray:
-        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,)).copy()
+        return self.context.logits_at(-1).copy()
 
     # -- lifetime -----------------------------------------------------------------------------------------------------
     def _free_llama(self) -> None:
-        self._lib.llama_free(self.ctx)
-        self._lib.llama_model_free(self.model)
+        self.context.close()
+        self.model.close()
 
     def close(self) -> None:
         if getattr(self, "mctx", None):

@@ -1,0 +1,52 @@
+"""llama.cpp's `llama_model`: a GGUF's weights, loaded once; every context (and so every sequence) decodes on them.
+The weights are freed when the last context on them is gone (each context holds a reference to its model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...backends import require_llama_cpp, silence_llama_logs
+from ...errors import BundleError
+
+
+class LlamaModel:
+    def __init__(self, gguf_path: str | Path, artifact_id: str | None = None):
+        llama_cpp = require_llama_cpp()
+        self.lib = llama_cpp
+        silence_llama_logs(llama_cpp)
+        llama_cpp.llama_backend_init()
+        self.path = Path(gguf_path)
+        self.pointer = llama_cpp.llama_model_load_from_file(str(self.path).encode(),
+                                                            llama_cpp.llama_model_default_params())
+        if not self.pointer:
+            raise BundleError(f"llama.cpp could not load {self.path}: the GGUF is corrupt or not a llama model; "
+                              "re-export it")
+        self.artifact_id = artifact_id or f"gguf:{self.path.name}"
+        self.vocab = llama_cpp.llama_model_get_vocab(self.pointer)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self.pointer))
+        self.model_bytes = int(llama_cpp.llama_model_size(self.pointer))
+        # M-RoPE (Qwen2-VL): image rows take (t, row, col) positions, four per row in an embedding batch
+        self.mrope = llama_cpp.llama_model_rope_type(self.pointer) == llama_cpp.LLAMA_ROPE_TYPE_MROPE
+        self.contexts_opened = 0  # counted by LlamaContext (tests: `serve --parallel N` opens one)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """llama.cpp's own tokenizer (for checking that the GGUF vocabulary matches the HF one)."""
+        raw = text.encode("utf-8")
+        capacity = len(raw) + 16
+        buffer = (self.lib.llama_token * capacity)()
+        n = self.lib.llama_tokenize(self.vocab, raw, len(raw), buffer, capacity, add_special, parse_special)
+        if n < 0:
+            raise RuntimeError("llama_tokenize buffer too small")
+        return list(buffer[:n])
+
+    def close(self) -> None:
+        """Free the weights; only once no context uses them (a context holds its model, so __del__ comes after)."""
+        if getattr(self, "pointer", None):
+            self.lib.llama_model_free(self.pointer)
+            self.pointer = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass
