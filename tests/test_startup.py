@@ -121,7 +121,7 @@ def test_the_fit_check_says_fits_tight_does_not_fit_or_could_not_check(bundles, 
     assert fit_check(bundle, get_device("rtx-4090-24gb"), "onnx:int8", "gguf:q8_0").message is None
     unmeasured = fit_check(bundle, None, "onnx:int8", "gguf:q8_0")
     assert unmeasured.verdict == "unchecked" and "psutil" in unmeasured.message
-    assert fit_check(bundle, get_device("rtx-4090-24gb"), "onnx:int8", "mlx:4bit").verdict == "unchecked"
+    assert fit_check(bundle, get_device("rtx-4090-24gb"), "onnx:int8", "mlx:4bit").verdict == "not applicable"
     assert fit_check(ckpts["idefics3"], get_device("rtx-4090-24gb"), "torch", "torch").verdict == "not applicable"
     # the planner failing is a warning line, never "fits" (it used to return None for both)
     broken = tmp_path / "broken"

@@ -1,13 +1,14 @@
 """The start-up check of `edgevlm run/chat/serve`: will the bundle, at this context and these cache bounds, fit the
 memory this machine has available? It runs from the manifest and the GGUF headers before anything is loaded, and its
-verdict is one of four, never silent: fits (no line), tight or does not fit (a warning), or could not check (a
-warning naming why: no psutil, a pair the planner does not cover yet, a planner error)."""
+verdict is never a silent failure: fits (no line), tight or does not fit (a warning), could not check (a warning naming
+why: no psutil, a planner error), or not applicable (a checkpoint; a pair the planner does not cover yet)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-# "not applicable": a checkpoint run on the PyTorch reference (a development machine, not a device): no line
+# "not applicable": a checkpoint on the PyTorch reference (a development machine, not a device), or a pair the planner
+# does not cover yet (MLX, TensorRT): no line
 VERDICTS = ("fits", "tight", "does not fit", "unchecked", "not applicable")
 
 
@@ -48,7 +49,7 @@ def fit_check(path, device, encoder: str, decoder: str, n_ctx: int | None = None
     if device is None:
         return _unchecked("psutil is not installed: pip install 'edgevlm[bench]'", path)
     if not (decoder.startswith("gguf:") and encoder.startswith("onnx:")):
-        return _unchecked(f"the planner covers GGUF + ONNX pairs, not {encoder} + {decoder}", path)
+        return FitCheck("not applicable", None)  # the planner covers GGUF + ONNX pairs (docs/usage.md#plan-will-it-fit)
     from ..errors import EdgeVLMError
     from .bundle import PlanRequest, plan_bundle
 
