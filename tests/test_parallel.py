@@ -182,7 +182,7 @@ def test_a_disconnect_mid_stream_frees_its_slot_while_others_continue(session, u
 
 def test_parallel_is_refused_without_a_llama_cpp_decoder(session):
     from edgevlm.errors import BadInputError
-    from edgevlm.server import ServerOptions, make_server
+    from edgevlm.serve import ServerOptions, make_server
 
     class NotLlama:
         def __init__(self, session):
