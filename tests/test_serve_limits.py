@@ -74,6 +74,31 @@ def test_response_shapes():
         openai.stream_options({"stream_options": [1]})
 
 
+def test_metrics_keep_every_name_and_each_server_counts_apart():
+    from edgevlm.serve.metrics import EngineState, Metrics, SlotState
+
+    first, second = Metrics(), Metrics()
+    first.watch(lambda: EngineState(2, 1, 30, 120, [SlotState(0, "decode", 20), SlotState(1, "idle", 10)]))
+    first.count("200")
+    first.cancelled.inc()
+    first.batches.inc()
+    first.batch_rows.inc(2)
+    first.observe({"ttft_ms": 120.0, "decode_tok_s": 30.0, "prefix_cache_hits": 1, "embed_cache_misses": 1})
+    text = first.render().decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    expected = {'edgevlm_requests_total{outcome="200"}': 1, "edgevlm_cancelled_total": 1,
+                "edgevlm_decode_batches_total": 1, "edgevlm_decode_batch_rows_total": 2, "edgevlm_queue_depth": 2,
+                "edgevlm_active_sequences": 1, 'edgevlm_ttft_ms_bucket{le="250.0"}': 1, "edgevlm_ttft_ms_count": 1,
+                "edgevlm_ttft_ms_sum": 120, 'edgevlm_decode_tok_s_bucket{le="25.0"}': 0, "edgevlm_decode_tok_s_count": 1,
+                "edgevlm_prefix_cache_hits_total": 1, "edgevlm_prefix_cache_misses_total": 0,
+                "edgevlm_embed_cache_hits_total": 0, "edgevlm_embed_cache_misses_total": 1,
+                "edgevlm_cache_hit_ratio": 0.5, "edgevlm_kv_occupancy": 0.25, "edgevlm_slots": 2,
+                'edgevlm_slot_busy{slot="0"}': 1, 'edgevlm_slot_busy{slot="1"}': 0,
+                'edgevlm_slot_kv_positions{slot="0"}': 20, 'edgevlm_slot_kv_positions{slot="1"}': 10}
+    assert {name: float(lines.get(name, "nan")) for name in expected} == expected
+    assert "edgevlm_requests_total{" not in second.render().decode()  # its own registry, not the global one
+
+
 # ---- over sockets --------------------------------------------------------------------------------------------------
 def test_health_and_metrics_need_the_api_key_unless_public_metrics(session):
     server, base = start(session, api_key="k")

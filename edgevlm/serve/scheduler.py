@@ -161,6 +161,8 @@ class Scheduler(threading.Thread):
         self._clock += 1
         slot.job, slot.reserved, slot.last_used, slot.result = waiting.job, need, self._clock, None
         try:
+            # a self-stepping slot runs the session's own answer loop (Session.respond over the same generation, its
+            # StepRequests answered by the decoder's own step); a batched slot's generation yields them to _step_batch
             slot.steps = (self.service.complete(waiting.job.body) if waiting.request is None
                           else slot.session.generation(waiting.request, interleave=True))
         except EdgeVLMError as exc:
