@@ -35,7 +35,7 @@ def main() -> int:
     import edgevlm
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
     from edgevlm.families import load_checkpoint
-    from edgevlm.server import ChatService
+    from edgevlm.serve import ChatService
 
     work = Path(tempfile.mkdtemp(prefix="edgevlm-fuzz-"))
     llava = builders.build_llava(work / "llava", "clip")

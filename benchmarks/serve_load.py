@@ -49,7 +49,7 @@ def main() -> int:
     from PIL import Image
 
     import edgevlm
-    from edgevlm.server import ServerOptions, make_server
+    from edgevlm.serve import ServerOptions, make_server
 
     session = edgevlm.load(args.bundle, threads=args.threads)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import edgevlm
-from edgevlm.server import ServerOptions, make_server
+from edgevlm.serve import ServerOptions, make_server
 
 QUESTION = "What colour is the circle?"
 FOLLOW_UP = "And how many shapes are there?"

@@ -24,7 +24,7 @@ def test_images_fuzz(ckpts):
 
 
 def test_request_bodies_fuzz(bundles, images):
-    from edgevlm.server import ChatService
+    from edgevlm.serve import ChatService
 
     session = edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:q8_0", threads=1, n_ctx=96)
     buffer = io.BytesIO()

@@ -182,7 +182,7 @@ def test_a_disconnect_mid_stream_frees_its_slot_while_others_continue(session, u
 
 def test_parallel_is_refused_without_a_llama_cpp_decoder(session):
     from edgevlm.errors import BadInputError
-    from edgevlm.server import ServerOptions, make_server
+    from edgevlm.serve import ServerOptions, make_server
 
     class NotLlama:
         def __init__(self, session):
@@ -337,7 +337,7 @@ def test_serve_opens_one_llama_cpp_context_for_all_its_slots(bundles, parallel):
     try:
         context, n = session.decoder.context, parallel or DEFAULT_PARALLEL
         assert context.contexts_opened == 1 and context.n_seq == options.parallel == n
-        assert server.engine.pool is context and len(server.engine.slots) == n
+        assert server.engine.sequences.context is context and len(server.engine.slots) == n
         assert all(slot.session.decoder is context.sequence(i) for i, slot in enumerate(server.engine.slots))
         assert server.engine.slots[0].session is session  # sequence 0 has one record of its KV: the session's
     finally:

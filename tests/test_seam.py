@@ -76,7 +76,7 @@ def test_streamed_text_equals_the_final_text_in_run_and_chat(which, spm, ckpts, 
 
 
 def test_streamed_text_equals_the_final_text_in_serve(spm, images):
-    from edgevlm.server import make_server
+    from edgevlm.serve import make_server
 
     session = edgevlm.load(spm[1], encoder="onnx:fp32", decoder="gguf:f32", threads=1)
     server = make_server(session, "spm", port=0)

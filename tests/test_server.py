@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 import edgevlm
-from edgevlm.server import make_server
+from edgevlm.serve import make_server
 
 QUESTION = "What colour is the circle?"
 
@@ -153,7 +153,7 @@ def test_serve_command_starts_and_answers(bundles):
 
 
 def start(session, **options):
-    from edgevlm.server import ServerOptions
+    from edgevlm.serve import ServerOptions
 
     server = make_server(session, "tiny", port=0, options=ServerOptions(**options))
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -131,6 +131,68 @@ def test_the_cli_runs_a_bundle_without_torch(command, bundles, images, tmp_path)
     assert not {"torch", "transformers"} & imported
 
 
+def _imported(stderr: str) -> set[str]:
+    """The modules Python's import log (-X importtime) shows as imported."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_chat_runs_a_bundle_without_torch(bundles, images, tmp_path):
+    """`edgevlm chat`: two turns (the first with an image) through stdin, then an empty line to quit."""
+    image = tmp_path / "image.png"
+    images["small"].save(image)
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "edgevlm", "chat", str(bundles["idefics3"]),
+                          "--encoder", "onnx:int8", "--decoder", "gguf:q8_0", "--image", str(image),
+                          "--max-tokens", "3", "--threads", "1"],
+                         input="What is in the picture?\nAnd now?\n\n", capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("vlm> ") == 2
+    assert not {"torch", "transformers"} & _imported(run.stderr)
+
+
+def test_serve_answers_without_torch(bundles, images):
+    """`edgevlm serve` on 127.0.0.1 (a free port): one request with an image, then Ctrl-C; the import log covers
+    start-up, the request and the shutdown."""
+    import base64
+    import io
+    import re
+    import signal
+    import threading
+    import urllib.request
+
+    buffer = io.BytesIO()
+    images["small"].save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "edgevlm", "serve", str(bundles["idefics3"]),
+                                "--encoder", "onnx:int8", "--decoder", "gguf:q8_0", "--threads", "1",
+                                "--host", "127.0.0.1", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(300, process.kill)  # a server that never starts or never stops ends here
+    watchdog.start()
+    log = []
+    try:
+        for line in process.stderr:
+            log.append(line)
+            if "/v1/chat/completions" in line:
+                break
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1/chat/completions", "".join(log[-1:]))
+        assert match, "".join(log)[-2000:]
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "What is it?"}]}], "max_tokens": 3}
+        request = urllib.request.Request(f"http://127.0.0.1:{match.group(1)}/v1/chat/completions",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200
+            assert json.loads(response.read())["object"] == "chat.completion"
+        process.send_signal(signal.SIGINT)
+        log.append(process.communicate(timeout=60)[1])
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, "".join(log)[-2000:]
+    assert not {"torch", "transformers"} & _imported("".join(log))
+
+
 def test_device_install_does_not_pull_torch():
     """pyproject: the base dependencies and the `runtime` extra (what a device installs) name neither torch nor
     transformers; `export` does."""

@@ -21,7 +21,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--socket-timeout", type=float, default=30.0,
                         help="seconds a client may stall sending or reading before its connection is dropped")
     parser.add_argument("--max-connections", type=int, default=64, help="open connections at once (503 beyond)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set EDGEVLM_API_KEY)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set EDGEVLM_API_KEY) "
+                                                        "on every route but the chat page")
+    parser.add_argument("--public-metrics", action="store_true",
+                        help="answer /health and /metrics without the API key (a scraper on a trusted network)")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="keep image embeddings and image-prefix KV states here across restarts")
     parser.add_argument("--cache-dir-mb", type=float, default=2048.0, help="bound of --cache-dir (default 2048 MiB)")
@@ -41,7 +44,7 @@ def open_server(args):
 
     from ..errors import BadInputError
     from ..loading import holds_sequences
-    from ..server import ServerOptions, make_server
+    from ..serve import ServerOptions, make_server
     from .common import backend_options, load_session_checked
 
     if not 0 <= args.port <= 65535:
@@ -54,7 +57,7 @@ def open_server(args):
                                    args.max_connections, args.cache_dir,
                                    int(args.cache_dir_mb * (1 << 20)) if args.cache_dir_mb == args.cache_dir_mb
                                    else -1,  # validated before the model loads (NaN is refused)
-                                   parallel)
+                                   parallel, public_metrics=args.public_metrics)
     session = load_session_checked(args, {**backend_options(args), "n_seq": parallel})
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
     return make_server(session, model, args.host, args.port, server_options), session, server_options, model

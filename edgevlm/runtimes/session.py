@@ -25,7 +25,7 @@ from .base import Decoder, DecoderState, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
-from .reuse import plan_reuse, prefix_key
+from .reuse import common_prefix, plan_reuse, prefix_key
 from .sampling import SamplingConfig
 from .stop import StopFilter
 
@@ -526,6 +526,16 @@ class Session:
         """Forget the conversation (the caches stay)."""
         self._messages.clear()
         self._chat_images.clear()
+
+    @property
+    def kv_positions(self) -> int:
+        """Positions the live sequence holds in the decoder's KV."""
+        return self.decoder.n_past
+
+    def shared_prefix_length(self, keys: Sequence) -> int:
+        """How many leading positions of a prompt (its `Prompt.keys`) the live sequence already holds: what a request
+        continuing it would not prefill again (a scheduler picks the sequence with the most)."""
+        return min(common_prefix(self._kv_keys, keys), self.decoder.n_past)
 
     def forget_sequence(self) -> None:
         """Empty the decoder's live sequence; the embedding and prefix caches stay."""
