@@ -117,7 +117,7 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
         return {"name": "torch (transformers eager)", "kind": "reference", "encoder": "torch", "decoder": "torch",
                 "metrics": metrics, "roofline": rl, "sizes": {}}
     return {"name": label, "kind": "edgevlm", "encoder": encoder, "decoder": decoder,
-            "encoder_backend": getattr(session.encoder, "name", encoder), "metrics": metrics, "roofline": rl,
+            "encoder_backend": session.encoder.name, "metrics": metrics, "roofline": rl,
             "sizes": {"encoder_bytes": harness.artifact_bytes(bundle, encoder),
                       "decoder_bytes": harness.artifact_bytes(bundle, decoder)}}
 
@@ -330,7 +330,7 @@ def encoder_only(path: str | Path, tiles: int = 1, repeats: int = 5, threads: in
             start = time.perf_counter()
             encoder.encode(pixels)
             times.append((time.perf_counter() - start) * 1e3 / tiles)
-        rows.append({"encoder": label, "backend": getattr(encoder, "name", label), "ms_per_tile": harness.summary(times)})
+        rows.append({"encoder": label, "backend": encoder.name, "ms_per_tile": harness.summary(times)})
     base = rows[0]["ms_per_tile"]["median"]
     for row in rows:
         row["vs_torch"] = row["ms_per_tile"]["median"] / base

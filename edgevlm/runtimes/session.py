@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterator, Sequence
 
 import numpy as np
@@ -25,6 +24,10 @@ from .base import Decoder, DecoderState, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
+from .requests import (  # noqa: F401 - part of this module's API
+    COUNTER_KEYS, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list, _check_conversation,
+    _new_timings,
+)
 from .reuse import common_prefix, plan_reuse, prefix_key
 from .sampling import SamplingConfig
 from .stop import StopFilter
@@ -32,81 +35,6 @@ from .stop import StopFilter
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_EMBED_CACHE_BYTES = 256 << 20
 DEFAULT_PREFIX_CACHE_BYTES = 512 << 20
-TIMING_KEYS = ("preprocess_ms", "encode_ms", "prefill_ms", "snapshot_ms")
-COUNTER_KEYS = ("n_tiles", "embed_cache_hits", "embed_cache_misses", "prefix_cache_hits", "prefix_cache_misses",
-                "disk_cache_hits")
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop" | "length" | "context"
-    timings: dict[str, Any]
-    logits: list[np.ndarray] | None = None  # per generated token, when asked for
-
-
-@dataclass(frozen=True)
-class Delta:
-    """One item of `respond`: a piece of text, or (last) the whole result with an empty piece."""
-
-    text: str
-    result: GenerationResult | None = None
-
-
-@dataclass(frozen=True)
-class StepRequest:
-    """What `Session.generation` yields when it needs its next token decoded: the token, at (1-D, or an M-RoPE text
-    token's t) position. The driver sends back None (decode it yourself) or the logits of a decode it ran."""
-
-    token: int
-    position: int
-
-
-class Pause:
-    """Yielded between prefill chunks and after an image encode: a scheduler may run other sequences' work here."""
-
-    def __repr__(self) -> str:
-        return "PAUSE"
-
-
-PAUSE = Pause()
-
-
-@dataclass
-class Request:
-    """A checked, tokenized request (Session.prepare): everything `generation` needs, nothing run yet."""
-
-    prompt: Prompt
-    images: list[PreparedImage]
-    config: SamplingConfig
-    stop_filter: StopFilter | None
-    stops: set[int]
-    max_tokens: int
-    return_logits: bool
-    t_start: float
-
-    @property
-    def n_positions(self) -> int:
-        """Most positions the answer can take in the KV: the prompt and every token it may generate."""
-        return len(self.prompt) + self.max_tokens
-
-
-def _as_list(images) -> list:
-    return [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-
-
-def _check_conversation(messages: list[dict], images: Sequence) -> None:
-    n_slots = sum(item.get("type") == "image" for m in messages if isinstance(m.get("content"), list)
-                  for item in m["content"])
-    if n_slots != len(images):
-        raise BadInputError(f"the messages have {n_slots} image items but {len(images)} images were given")
-    if not messages or messages[-1].get("role") != "user":
-        raise BadInputError("the conversation must end with a user message")
-
-
-def _new_timings() -> dict[str, Any]:
-    return {**dict.fromkeys(TIMING_KEYS, 0.0), **dict.fromkeys(COUNTER_KEYS, 0)}
 
 
 class Session:
