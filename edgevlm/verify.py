@@ -136,7 +136,8 @@ def verify_bundle(bundle, threads: int | None = None, progress=None) -> list[dic
     except Exception as exc:
         return rows + [_failure(name, "decoder", exc) for name in decoders]
     probes = []
-    reference = Session(spec, TorchEncoder(ckpt.vision, "torch"), TorchDecoder(ckpt.decoder))
+    reference = Session(spec, TorchEncoder(ckpt.vision, "torch"),
+                        TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme))
     for i in range(PROBE_SCENES):
         image, question = scenes.render(scenes.make_scene(4_000_000_001 + i)), "Describe the image."
         result = reference.generate(image, question, max_tokens=PROBE_TOKENS, stop_token_ids=[], return_logits=True)

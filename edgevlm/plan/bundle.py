@@ -400,7 +400,7 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
     caches = embed_bound + prefix_bound
     shared = dict(
         kv_cache=budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, n_ctx, KV_TYPE),
-        # flash attention: on where llama.cpp offloads to a GPU, off on CPU builds (runtimes/llamacpp)
+        # flash attention: on where llama.cpp offloads to a GPU, off on CPU builds (runtimes/llamacpp/context.py)
         compute_buffer=budget.llama_cpp_compute_buffer_bytes(spec.vocab_size, spec.hidden_size, spec.n_heads, n_ctx,
                                                              DEFAULT_N_BATCH, flash_attn=not cpu,
                                                              n_outputs=request.parallel),

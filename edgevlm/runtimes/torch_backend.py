@@ -39,7 +39,8 @@ class TorchDecoder(Decoder):
 
     name = "torch"
 
-    def __init__(self, model, n_ctx: int | None = None, position_scheme: str = "1d", artifact_id: str = "torch"):
+    def __init__(self, model, n_ctx: int | None = None, *, position_scheme: str, artifact_id: str = "torch"):
+        """position_scheme: where `step` places a generated token (the checkpoint's or manifest's scheme)."""
         from transformers import DynamicCache
 
         self.model = model.eval()
