@@ -149,7 +149,7 @@ def export_checkpoint(
     progress=None,
     options: dict | None = None,
 ) -> Path:
-    from ..families import family_name, load_checkpoint, read_config
+    from ..families import describe_checkpoint, load_checkpoint
 
     options = dict(options or {})
     log = progress or (lambda message: None)
@@ -160,11 +160,11 @@ def export_checkpoint(
         recover_interrupted(output.absolute())  # leftovers of a killed export of this target
     if output.exists() and not force:
         raise BadInputError(f"{output} already exists; choose another -o or pass --force to replace it")
-    family = family_name(read_config(Path(checkpoint)))
+    spec = describe_checkpoint(checkpoint)  # torch-free: what the family's description refuses, before the load
     for request in encoders:  # a format the family has no writer for is refused before the (slow) load
         module = _module(ENCODER_FORMATS, request)
-        if hasattr(module, "check_family"):
-            module.check_family(family)
+        if hasattr(module, "check_spec"):
+            module.check_spec(spec)
     log(f"loading {checkpoint}")
     ckpt = load_checkpoint(checkpoint, dtype="auto")  # stored dtype: no fp32 copy of a bf16 checkpoint
     for request in encoders:  # refuse what cannot be written before the slow artifacts are
