@@ -106,14 +106,15 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
     if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", "default") in ("default", "dynamic"):
         rope_scaling = None
     tokenizer = ckpt.tokenizer
-    arch = architecture(ckpt.decoder_architecture)
+    family = ckpt.spec  # the family's description: what the runtime's prompt building reads back from the manifest
+    arch = architecture(family.decoder_architecture)
     mrope_section = ckpt.mrope_section
     return Manifest(
-        family=ckpt.family,
+        family=family.family,
         source={"path": str(ckpt.path), "sha256": ckpt.source_sha256,
                 "architecture": type(ckpt.hf_model).__name__},
-        preprocess=ckpt.preprocess,
-        image_layout=ckpt.layout,
+        preprocess=family.preprocess,
+        image_layout=family.layout,
         encoder=encoder,
         decoder=DecoderSpec(
             architecture=arch.name, hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
@@ -122,7 +123,7 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
             context_length=ckpt.context_length, rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(rope_theta),
             rope_scaling=rope_scaling, tie_word_embeddings=bool(config.tie_word_embeddings),
             position_scheme=arch.position_schemes[0], mrope_section=mrope_section,
-            spatial_merge_size=getattr(ckpt.preprocess, "merge_size", None) if mrope_section else None,
+            spatial_merge_size=family.preprocess.merge_size if mrope_section else None,
         ),
         tokenizer={
             "path": "tokenizer", "chat_template": ckpt.chat_template, "stop_token_ids": ckpt.stop_token_ids,

@@ -92,6 +92,10 @@ def load(path: Path, config_json: dict, dtype: str = "float32"):
     hf_model = getattr(transformers, spec.architecture).from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
     config = hf_model.config
     decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
+    rotary = getattr(decoder.model.rotary_emb, "mrope_section", None)  # what transformers' rotary made of config.json
+    if rotary is not None and [int(v) for v in rotary] != list(spec.mrope_section or ()):
+        raise CheckpointError(f"transformers rotates M-RoPE sections {list(rotary)} but config.json reads as "
+                              f"{spec.mrope_section}; re-save the checkpoint")
     return base.LoadedCheckpoint(
         spec=spec,
         path=path,
