@@ -58,8 +58,19 @@ def qwen_ckpts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def described(ckpts, qwen_ckpts) -> dict:
-    paths = {**{name: str(path) for name, path in ckpts.items()}, **{k: str(v) for k, v in qwen_ckpts.items()}}
+def tiny_reference(tmp_path_factory):
+    """The reference model's checkpoint (LLaVA family, trained here), at the tiny recipe."""
+    from edgevlm.reference.train import TINY_RECIPE, build_reference
+
+    out = tmp_path_factory.mktemp("tiny-ref-spec") / "reference"
+    build_reference(out, TINY_RECIPE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def described(ckpts, qwen_ckpts, tiny_reference) -> dict:
+    paths = {**{name: str(path) for name, path in ckpts.items()}, **{k: str(v) for k, v in qwen_ckpts.items()},
+             "reference": str(tiny_reference)}
     run = subprocess.run([sys.executable, "-c", BLOCKER + DESCRIBE, *paths.values()], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -99,12 +110,13 @@ def test_the_description_is_what_the_exported_bundles_carry(described, bundles):
                 t.n_bytes for t in budget.read_gguf_tensors(gguf)), (name, precision)
 
 
-def test_the_torch_loader_carries_the_description(ckpts, described):
+def test_the_torch_loader_carries_the_description(ckpts, qwen_ckpts, tiny_reference, described):
     """load() describes through the same describe(), from the HF tokenizer's table: the same spec as the files'."""
     from edgevlm.families import load_checkpoint
 
-    for name in ("llava-clip", "internvl", "smolvlm2"):
-        ckpt = load_checkpoint(ckpts[name])
+    paths = {**ckpts, **qwen_ckpts, "reference": tiny_reference}
+    for name in ("llava-clip", "internvl", "smolvlm2", "qwen2.5", "reference"):
+        ckpt = load_checkpoint(paths[name])
         assert json.loads(json.dumps(ckpt.spec.summary())) == described[name]["summary"], name
         assert described[name]["vision_params"] == sum(p.numel() for p in ckpt.vision.parameters()), name
 
@@ -135,3 +147,14 @@ def test_family_spec_is_validated_at_construction():
         _spec(layout=ImageLayout("repeat", "<image>", "<image>", 5, 3))
     with pytest.raises(CheckpointError, match="positive integers"):
         VisionShapes(32, 0, 8, 1, 1, 16, 4, 4, ("p.",))
+
+
+def test_inspect_reads_the_description(ckpts, described, capsys):
+    from edgevlm.cli import main
+
+    assert main(["inspect", str(ckpts["internvl"]), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = described["internvl"]["summary"]
+    assert summary["image_layout"] == expected["image_layout"] and summary["vision"] == expected["vision"]
+    assert summary["image_attention"] == "causal" and summary["mmproj"] == f"none: {expected['mmproj_refusal']}"
+    assert summary["decoder"]["architecture"] == expected["decoder_architecture"] == "qwen2"
