@@ -10,13 +10,16 @@ TORCH = "torch"
 
 
 def spec_from_checkpoint(ckpt) -> RuntimeSpec:
+    """The prompt building's family facts from the family's description (a bundle carries the same in its
+    manifest, written from it at export)."""
+    family = ckpt.spec
     return RuntimeSpec(
         tokenizer=ckpt.tokenizer,
         chat_template=ckpt.chat_template,
-        preprocess=ckpt.preprocess,
-        layout=ckpt.layout,
+        preprocess=family.preprocess,
+        layout=family.layout,
         stop_token_ids=list(ckpt.stop_token_ids),
-        position_scheme=ckpt.position_scheme,
+        position_scheme=family.position_scheme,
     )
 
 

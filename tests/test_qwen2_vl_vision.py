@@ -61,7 +61,7 @@ def test_pixels_equal_the_hf_pil_processor(qwen_vision):
     from transformers import AutoImageProcessor
 
     from edgevlm.families.base import read_processor_config
-    from edgevlm.families.qwen2_vl_vision import preprocess_spec
+    from edgevlm.families.qwen2_vl import preprocess_spec
 
     path = qwen_vision["2.5"]["path"]
     hf = AutoImageProcessor.from_pretrained(path)

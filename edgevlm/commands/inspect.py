@@ -12,23 +12,28 @@ def add_arguments(parser) -> None:
 
 
 def checkpoint_summary(path: Path) -> dict:
-    from ..families import load_checkpoint
+    """The family's description (torch-free: layout, preprocessing, mmproj, attention), then the loaded model's
+    parameter counts, dtype and digest."""
+    from ..decoder_arch import architecture
+    from ..families import describe_checkpoint, load_checkpoint
 
-    from ..decoder_arch import architecture_for_model_type
-
+    spec = describe_checkpoint(path)
     ckpt = load_checkpoint(path, dtype="auto")
     text = ckpt.decoder.config
-    arch = architecture_for_model_type(text.model_type)
+    arch = architecture(spec.decoder_architecture)
     return {
         "kind": "checkpoint",
         "path": str(path),
-        "family": ckpt.family,
+        "family": spec.family,
         "architecture": type(ckpt.hf_model).__name__,
         "dtype": str(next(ckpt.decoder.parameters()).dtype).removeprefix("torch."),
         "parameters": ckpt.parameter_counts(),
-        "tile_size": list(ckpt.preprocess.tile_size),
-        "resize_rule": ckpt.preprocess.resize_rule,
-        "image_layout": ckpt.layout.to_dict(),
+        "tile_size": list(spec.preprocess.tile_size),
+        "resize_rule": spec.preprocess.resize_rule,
+        "image_layout": spec.layout.to_dict(),
+        "image_attention": spec.image_attention,
+        "mmproj": spec.mmproj_projector or f"none: {spec.mmproj_refusal}",
+        "vision": spec.summary()["vision"],
         "decoder": {
             "architecture": arch.name, "gguf_arch": arch.gguf_arch_name(), "mlx_model_type": arch.mlx_model_type,
             "hidden_size": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads,
@@ -135,6 +140,7 @@ def main(args) -> int:
         ("image token", f"{layout['image_token']} (id {layout['image_token_id']})"),
     ]
     if "parameters" in summary:
+        rows += [("image attention", summary["image_attention"]), ("llama.cpp mmproj", summary["mmproj"])]
         rows += [(f"parameters: {k}", v) for k, v in summary["parameters"].items()]
         rows += [(f"decoder {k}", v) for k, v in summary["decoder"].items()]
     else:

@@ -106,14 +106,15 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
     if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", "default") in ("default", "dynamic"):
         rope_scaling = None
     tokenizer = ckpt.tokenizer
-    arch = architecture(ckpt.decoder_architecture)
+    family = ckpt.spec  # the family's description: what the runtime's prompt building reads back from the manifest
+    arch = architecture(family.decoder_architecture)
     mrope_section = ckpt.mrope_section
     return Manifest(
-        family=ckpt.family,
+        family=family.family,
         source={"path": str(ckpt.path), "sha256": ckpt.source_sha256,
                 "architecture": type(ckpt.hf_model).__name__},
-        preprocess=ckpt.preprocess,
-        image_layout=ckpt.layout,
+        preprocess=family.preprocess,
+        image_layout=family.layout,
         encoder=encoder,
         decoder=DecoderSpec(
             architecture=arch.name, hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
@@ -122,7 +123,7 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
             context_length=ckpt.context_length, rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(rope_theta),
             rope_scaling=rope_scaling, tie_word_embeddings=bool(config.tie_word_embeddings),
             position_scheme=arch.position_schemes[0], mrope_section=mrope_section,
-            spatial_merge_size=getattr(ckpt.preprocess, "merge_size", None) if mrope_section else None,
+            spatial_merge_size=family.preprocess.merge_size if mrope_section else None,
         ),
         tokenizer={
             "path": "tokenizer", "chat_template": ckpt.chat_template, "stop_token_ids": ckpt.stop_token_ids,
@@ -149,7 +150,7 @@ def export_checkpoint(
     progress=None,
     options: dict | None = None,
 ) -> Path:
-    from ..families import family_name, load_checkpoint, read_config
+    from ..families import describe_checkpoint, load_checkpoint
 
     options = dict(options or {})
     log = progress or (lambda message: None)
@@ -160,11 +161,11 @@ def export_checkpoint(
         recover_interrupted(output.absolute())  # leftovers of a killed export of this target
     if output.exists() and not force:
         raise BadInputError(f"{output} already exists; choose another -o or pass --force to replace it")
-    family = family_name(read_config(Path(checkpoint)))
+    spec = describe_checkpoint(checkpoint)  # torch-free: what the family's description refuses, before the load
     for request in encoders:  # a format the family has no writer for is refused before the (slow) load
         module = _module(ENCODER_FORMATS, request)
-        if hasattr(module, "check_family"):
-            module.check_family(family)
+        if hasattr(module, "check_spec"):
+            module.check_spec(spec)
     log(f"loading {checkpoint}")
     ckpt = load_checkpoint(checkpoint, dtype="auto")  # stored dtype: no fp32 copy of a bf16 checkpoint
     for request in encoders:  # refuse what cannot be written before the slow artifacts are

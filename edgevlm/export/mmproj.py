@@ -4,7 +4,8 @@ llama-server --mmproj, Ollama, LM Studio) loads beside the decoder GGUF.
 Written with gguf-py's GGUFWriter and key constants, tensor by tensor from the family's vision module (not from
 on-disk names, which transformers 5 renamed). clip.cpp asserts every key's type (u32 / f32 / bool / f32[3] / i32[])
 and looks tensors up by exact name; the one name table is TENSORS below. What mtmd at the pinned llama.cpp cannot
-compute like the checkpoint is refused with the reason (see `plan_mmproj`). Research and upstream references:
+compute like the checkpoint is refused with the reason: the family's FamilySpec (families/*.describe, torch-free)
+names the projector type or why there is none; what only the loaded tokenizer and tower show is checked here. Research and upstream references:
 ../shared/notes/mmproj-feasibility.md."""
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError
+from ..families.spec import PINNED_LLAMA_CPP, FamilySpec
 from ..manifest import Artifact
 from .bundle import BundleWriter
 
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
-PINNED_LLAMA_CPP = "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)"
 Q8_0_BLOCK = 32  # ggml's Q8_0 block: rows must be a multiple of it
 # The separators mtmd inserts around idefics3 tiles, looked up as single tokens by their exact text (lookup_token in
 # mtmd.cpp); a missing one becomes token -1 in the prompt and llama_decode fails.
@@ -102,9 +103,7 @@ def plan_idefics3(ckpt) -> MmprojPlan:
                             "tokens, but this tokenizer has no such token; an mmproj of this checkpoint could not run in "
                             "llama.cpp (export --encoder onnx:... instead)")
     flags, notes = _activation_flags(vision_config.hidden_act, "vision tower")
-    scale = int(config.scale_factor)
-    if scale not in (2, 4):
-        raise BadInputError(f"clip.cpp's idefics3 graph takes a pixel-shuffle scale of 2 or 4, this checkpoint has {scale}")
+    scale = int(config.scale_factor)  # 2 or 4: describe() refuses the rest
     n_layers = int(vision_config.num_hidden_layers)
     tensors = _vit_tensors(vision_model.embeddings, vision_model.encoder.layers, n_layers)
     tensors["v.post_ln.weight"] = _numpy(vision_model.post_layernorm.weight)
@@ -124,19 +123,8 @@ def plan_idefics3(ckpt) -> MmprojPlan:
 def plan_llava(ckpt) -> MmprojPlan:
     hf = ckpt.hf_model
     config, vision_config = hf.config, hf.config.vision_config
-    if vision_config.model_type in ("clip_vision_model", "clip"):
-        raise BadInputError(
-            f"LLaVA with a CLIP tower cannot be written as an mmproj for {PINNED_LLAMA_CPP}: its llava graph appends "
-            "the CLS embedding after the patches but selects rows as if it came first, so every patch gets its "
-            "neighbour's position (ggml-org/llama.cpp issue 25814, fix PR 25844 not merged); export --encoder onnx:... "
-            "for this checkpoint")
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy != "full":
-        raise BadInputError(f"vision_feature_select_strategy {strategy!r} drops the first patch of a SigLIP tower; "
-                            "mtmd's llava graph keeps every patch (it drops a row only for a CLS token)")
+    # a CLIP tower, a dropped first patch and a projector activation mtmd lacks: refused by llava.describe()
     projector_act = getattr(config, "projector_hidden_act", "gelu")
-    if projector_act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
-        raise BadInputError(f"the projector activation {projector_act!r} is not the GELU mtmd's mlp projector computes")
     flags, notes = _activation_flags(vision_config.hidden_act, "vision tower")
     if projector_act == "gelu":
         notes.append("the projector's erf GELU runs as tanh GELU in mtmd (<= 4.7e-4 per activation)")
@@ -167,20 +155,21 @@ def plan_llava(ckpt) -> MmprojPlan:
                       (list(spec.image_mean), list(spec.image_std)), feature_layers, tensors, notes)
 
 
-PLANNERS = {"idefics3": plan_idefics3, "llava": plan_llava}
+PLANNERS = {"idefics3": plan_idefics3, "mlp": plan_llava}  # clip.cpp projector type -> writer
 
 
 def plan_mmproj(ckpt) -> MmprojPlan:
-    check_family(ckpt.family)
-    return PLANNERS[ckpt.family](ckpt)
+    check_spec(ckpt.spec)
+    return PLANNERS[ckpt.spec.mmproj_projector](ckpt)
 
 
-def check_family(family: str) -> None:
-    """Families without a writer (qwen2_vl: its native-resolution tower has no mmproj here; the ONNX encoder serves
-    every image size) are refused before the checkpoint loads."""
-    if family not in PLANNERS:
-        raise BadInputError(f"the {family} family has no llama.cpp mmproj writer (gguf:* / mmproj:* encoders); export "
-                            f"onnx:fp32 / onnx:int8 instead (mmproj families: {', '.join(PLANNERS)})")
+def check_spec(spec: FamilySpec) -> None:
+    """What the family's description refuses (no writer for the family, or a checkpoint mtmd cannot compute like
+    transformers) is refused before the checkpoint loads."""
+    if spec.mmproj_refusal:
+        raise BadInputError(spec.mmproj_refusal)
+    if spec.mmproj_projector not in PLANNERS:
+        raise BadInputError(f"no mmproj writer for projector type {spec.mmproj_projector!r} ({', '.join(PLANNERS)})")
 
 
 def stored(name: str, array: np.ndarray, precision: str) -> tuple[np.ndarray, object | None, str]:

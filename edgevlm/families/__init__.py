@@ -1,13 +1,18 @@
-"""Model families: one file each, found by architecture name through one table, imported lazily."""
+"""Model families: one file each, found by architecture name through one table, imported lazily. Each family file
+has two halves: `describe(config, processor_config, tokenizer) -> FamilySpec` (torch-free: what the planner, the
+runtime's prompt building, the mmproj writer and `inspect` read) and `load(path, config, dtype)` (the PyTorch
+modules; torch is imported inside it). This package imports no torch: `load_checkpoint` does, when called."""
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .base import LoadedCheckpoint, read_config
+from .files import read_config, read_processor_config, read_vocabulary
+from .spec import FamilySpec, Vocabulary
 
-# architecture (config.json "architectures"[0]) -> module under edgevlm.families
+# architecture (config.json "architectures") -> module under edgevlm.families. Adding a family: its file + a row here
+# (+ a decoder_arch row when its decoder is new).
 FAMILIES = {
     "LlavaForConditionalGeneration": "llava",
     "Idefics3ForConditionalGeneration": "idefics3",
@@ -27,16 +32,35 @@ def family_name(config: dict) -> str:
     raise CheckpointError(f"unsupported architecture {found}; supported: {', '.join(sorted(FAMILIES))}")
 
 
-def load_checkpoint(path: str | Path, dtype: str = "float32") -> LoadedCheckpoint:
-    """Load an HF checkpoint folder through its family adapter on the CPU: float32 for the reference and parity
-    checks, dtype="auto" (the stored dtype) for export."""
+def family_module(name: str):
+    """The family's module by its name (FAMILIES' values): describe() and load()."""
+    if name not in set(FAMILIES.values()):
+        raise CheckpointError(f"unknown family {name!r}; families: {', '.join(sorted(set(FAMILIES.values())))}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
+    """The FamilySpec of a checkpoint from its config.json, processor config and token table (no torch)."""
+    return family_module(family_name(config)).describe(config, processor, tokenizer)
+
+
+def describe_checkpoint(path: str | Path) -> FamilySpec:
+    """describe() from a checkpoint folder's files; no weight is read and torch is never imported."""
+    path = Path(path)
+    return describe(read_config(path), read_processor_config(path), read_vocabulary(path))
+
+
+def load_checkpoint(path: str | Path, dtype: str = "float32"):
+    """Load an HF checkpoint folder through its family's load() on the CPU (a base.LoadedCheckpoint): float32 for the
+    reference and parity checks, dtype="auto" (the stored dtype) for export."""
     path = Path(path)
     config = read_config(path)
-    module = importlib.import_module(f"{__name__}.{family_name(config)}")
+    module = family_module(family_name(config))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor bar for small checkpoints is noise
     return module.load(path, config, dtype)
 
 
-__all__ = ["FAMILIES", "LoadedCheckpoint", "family_name", "load_checkpoint"]
+__all__ = ["FAMILIES", "FamilySpec", "Vocabulary", "describe", "describe_checkpoint", "family_module", "family_name",
+           "load_checkpoint", "read_config"]

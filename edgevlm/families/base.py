@@ -1,7 +1,7 @@
-"""What every family gives the rest of edgevlm: the split at the seam, plus tokenizer, preprocessing and layout."""
+"""The torch half every family's load() shares: the loaded checkpoint split at the seam (vision module, decoder),
+with its FamilySpec (preprocessing, layout, ...) from the family's torch-free describe()."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,30 +9,39 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
 from ..layout import ImageLayout
-from ..preprocess import RESAMPLE_NAMES, PreprocessSpec
-
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+from ..preprocess import PreprocessSpec
+# the torch-free file readers, re-exported for the family loaders and older call sites
+from .files import (PROCESSOR_FILES, TOKENIZER_FILES, WEIGHT_PATTERNS, check_files, checkpoint_sha256,  # noqa: F401
+                    read_config, read_processor_config, resample_name)
+from .spec import FamilySpec
 
 
 @dataclass
 class LoadedCheckpoint:
-    family: str
+    spec: FamilySpec  # what describe() says of the checkpoint: family, preprocessing, layout, ...
     path: Path
     hf_model: Any  # the transformers model, kept for parity checks
     vision: torch.nn.Module  # pixel_values (tiles,3,H,W) float32 -> image_embeds (tiles,T,D)
     decoder: Any  # transformers.LlamaForCausalLM sharing the checkpoint's tensors
     tokenizer: Any
-    preprocess: PreprocessSpec
-    layout: ImageLayout
     chat_template: str | None
     stop_token_ids: list[int]
     context_length: int
     source_sha256: str
     extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        return self.spec.preprocess
+
+    @property
+    def layout(self) -> ImageLayout:
+        return self.spec.layout
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -77,23 +86,18 @@ class LoadedCheckpoint:
 
     @property
     def decoder_architecture(self) -> str:
-        """The decoder_arch row: from the VL model's own text config (Qwen2-VL's decoder is a Qwen2ForCausalLM
-        whose config says qwen2, but its positions are M-RoPE)."""
-        from ..decoder_arch import architecture_for_model_type
-
-        config = getattr(self.hf_model.config, "text_config", None) or self.decoder.config
-        return architecture_for_model_type(getattr(config, "model_type", "llama")).name
+        """The decoder_arch row, as the spec read it from the VL model's own text config (Qwen2-VL's decoder is a
+        Qwen2ForCausalLM whose config says qwen2, but its positions are M-RoPE)."""
+        return self.spec.decoder_architecture
 
     @property
     def position_scheme(self) -> str:
-        from ..decoder_arch import architecture
-
-        return architecture(self.decoder_architecture).position_schemes[0]
+        return self.spec.position_scheme
 
     @property
     def mrope_section(self) -> list[int] | None:
-        section = getattr(getattr(self.decoder.model, "rotary_emb", None), "mrope_section", None)
-        return [int(v) for v in section] if self.position_scheme == "mrope" and section else None
+        section = self.spec.mrope_section
+        return list(section) if self.position_scheme == "mrope" and section else None
 
     def parameter_counts(self) -> dict[str, int]:
         vision = sum(p.numel() for p in self.vision.parameters())
@@ -106,63 +110,12 @@ class LoadedCheckpoint:
         return {"vision+projector": vision, "decoder": decoder, "total": vision + decoder}
 
 
-def read_config(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {path}")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} has no config.json; pass a Hugging Face checkpoint folder (save_pretrained)")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc}); re-save the checkpoint") from None
-
-
-def check_files(path: Path) -> list[Path]:
-    """The weight files, after checking that weights, tokenizer and processor config are all present."""
-    weights = sorted(f for pattern in WEIGHT_PATTERNS for f in path.glob(pattern))
-    if not weights:
-        raise CheckpointError(f"{path} has no weights (*.safetensors or pytorch_model*.bin); the checkpoint is incomplete")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); save the tokenizer beside the model")
-    if not any((path / name).is_file() for name in PROCESSOR_FILES):
-        raise CheckpointError(f"{path} has no preprocessor_config.json; save the processor beside the model")
-    return weights
-
-
-def checkpoint_sha256(path: Path, weights: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in [path / "config.json", *weights]:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def read_processor_config(path: Path) -> dict:
-    data: dict = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        file = path / name
-        if file.is_file():
-            loaded = json.loads(file.read_text())
-            data.update(loaded.get("image_processor", loaded) if name == "processor_config.json" else loaded)
-            if name == "processor_config.json":
-                data.update({k: v for k, v in loaded.items() if k != "image_processor"})
-    return data
-
-
 def read_chat_template(path: Path, tokenizer) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
     if (path / "chat_template.json").is_file():
         return json.loads((path / "chat_template.json").read_text()).get("chat_template")
     return getattr(tokenizer, "chat_template", None)
-
-
-def resample_name(value) -> str:
-    return RESAMPLE_NAMES[int(value)] if isinstance(value, int) or str(value).isdigit() else str(value).lower()
 
 
 def torch_dtype(name: str):

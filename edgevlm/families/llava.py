@@ -1,41 +1,36 @@
-"""LLaVA (LlavaForConditionalGeneration): CLIP or SigLIP tower, feature layer, 2-layer MLP projector, Llama decoder."""
+"""LLaVA (LlavaForConditionalGeneration): CLIP or SigLIP tower, feature layer, 2-layer MLP projector, Llama or Qwen2
+decoder; one image is one tile of `tokens_per_tile` image tokens. The self-trained reference model is one too.
+describe() is torch-free; load() builds the PyTorch modules (towers.LlavaVision)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
-from . import base
+from .files import resample_name
+from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row
 
 ARCHITECTURES = ("LlavaForConditionalGeneration",)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# transformers' CLIPVisionConfig / SiglipVisionConfig defaults, for keys a config.json may omit
+TOWER_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                image_size=224, patch_size=16),
+}
+STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+MTMD_GELUS = ("gelu", "gelu_pytorch_tanh", "gelu_new")  # the projector activations mtmd's mlp projector computes
 
 
-class LlavaVision(torch.nn.Module):
-    """pixel_values (tiles,3,H,W) -> image_embeds (tiles,T,D): tower -> selected hidden state(s) -> projector."""
-
-    def __init__(self, hf_model, feature_layer: int | list[int], select_strategy: str):
-        super().__init__()
-        self.tower = hf_model.model.vision_tower
-        self.projector = hf_model.model.multi_modal_projector
-        self.feature_layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
-        self.drop_first = select_strategy == "default"  # HF drops token 0 (CLS for CLIP) under "default"
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-        selected = [hidden[i][:, 1:] if self.drop_first else hidden[i] for i in self.feature_layers]  # (tiles, P, Dv)
-        return self.projector(torch.cat(selected, dim=-1))  # (tiles, T, D)
-
-
-def preprocess_spec(processor: dict, vision_config) -> PreprocessSpec:
+def preprocess_spec(processor: dict, image_size: int) -> PreprocessSpec:
     kind = processor.get("image_processor_type", "CLIPImageProcessor").removesuffix("Fast").removesuffix("Pil")
     common = dict(
-        resample=base.resample_name(processor.get("resample", 3)),
+        resample=resample_name(processor.get("resample", 3)),
         rescale_factor=float(processor.get("rescale_factor", 1 / 255)),
-        image_mean=processor.get("image_mean", (0.48145466, 0.4578275, 0.40821073)),
-        image_std=processor.get("image_std", (0.26862954, 0.26130258, 0.27577711)),
+        image_mean=processor.get("image_mean", CLIP_MEAN),
+        image_std=processor.get("image_std", CLIP_STD),
     )
     size = processor.get("size", {})
     if kind in ("CLIPImageProcessor", "LlavaImageProcessor") and "shortest_edge" in size:
@@ -45,44 +40,77 @@ def preprocess_spec(processor: dict, vision_config) -> PreprocessSpec:
         return PreprocessSpec("shortest_edge_crop", (crop["height"], crop["width"]), shortest_edge=size["shortest_edge"], **common)
     if "height" in size:
         return PreprocessSpec("fixed", (size["height"], size["width"]), **common)
-    side = vision_config.image_size
-    return PreprocessSpec("fixed", (side, side), **common)
+    return PreprocessSpec("fixed", (image_size, image_size), **common)
 
 
-def tokens_per_tile(config, vision_config) -> int:
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    has_cls = vision_config.model_type in ("clip_vision_model", "clip")
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    return patches + (1 if has_cls else 0) - (1 if strategy == "default" else 0)
+def _mmproj(config: dict, tower: str) -> tuple[str | None, str | None]:
+    """("mlp", None) when llama.cpp's mtmd computes this checkpoint like transformers, else (None, why not)."""
+    if tower == "clip_vision_model":
+        return None, (f"LLaVA with a CLIP tower cannot be written as an mmproj for {PINNED_LLAMA_CPP}: its llava graph "
+                      "appends the CLS embedding after the patches but selects rows as if it came first, so every patch "
+                      "gets its neighbour's position (ggml-org/llama.cpp issue 25814, fix PR 25844 not merged); export "
+                      "--encoder onnx:... for this checkpoint")
+    strategy = config.get("vision_feature_select_strategy", "default")
+    if strategy != "full":
+        return None, (f"vision_feature_select_strategy {strategy!r} drops the first patch of a SigLIP tower; mtmd's "
+                      "llava graph keeps every patch (it drops a row only for a CLS token)")
+    act = config.get("projector_hidden_act", "gelu")
+    if act not in MTMD_GELUS:
+        return None, f"the projector activation {act!r} is not the GELU mtmd's mlp projector computes"
+    return "mlp", None
 
 
-def load(path: Path, config_json: dict, dtype: str = "float32") -> base.LoadedCheckpoint:
+def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
+    vision_config = config.get("vision_config") or {}
+    tower = vision_config.get("model_type", "clip_vision_model")
+    tower = "clip_vision_model" if tower == "clip" else tower
+    if tower not in TOWER_DEFAULTS:
+        raise CheckpointError(f"LLaVA vision tower {tower!r} is not supported (CLIP or SigLIP)")
+    shape = {**TOWER_DEFAULTS[tower], **{k: v for k, v in vision_config.items() if v is not None}}
+    image, patch = int(shape["image_size"]), int(shape["patch_size"])
+    has_cls = tower == "clip_vision_model"
+    sequence = (image // patch) ** 2 + (1 if has_cls else 0)
+    strategy = config.get("vision_feature_select_strategy", "default")
+    tokens = sequence - (1 if strategy == "default" else 0)  # "default" drops row 0 (CLIP's CLS)
+    image_token_id = config.get("image_token_id") or config.get("image_token_index")
+    if image_token_id is None:
+        raise CheckpointError("config.json names no image_token_id; re-save the checkpoint")
+    image_token = tokenizer.text_of(int(image_token_id)) or "<image>"
+    projector, refusal = _mmproj(config, tower)
+    return FamilySpec(
+        family="llava", architecture=ARCHITECTURES[0], preprocess=preprocess_spec(processor, image),
+        layout=ImageLayout("repeat", image_token, image_token, int(image_token_id), tokens),
+        vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
+                            int(shape["num_attention_heads"]), int(shape["intermediate_size"]), sequence, tokens,
+                            ("multi_modal_projector.",)),
+        decoder_architecture=decoder_row(config), mmproj_projector=projector, mmproj_refusal=refusal,
+        stop_tokens=STOP_TOKENS,
+    )
+
+
+def load(path: Path, config_json: dict, dtype: str = "float32"):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+    from . import base
+    from .towers import LlavaVision
+
     weights = base.check_files(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    spec = describe(config_json, base.read_processor_config(path), Vocabulary.from_tokenizer(tokenizer))
     hf_model = LlavaForConditionalGeneration.from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
     config = hf_model.config
-    vision_config = config.vision_config
-    if vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
-        raise CheckpointError(f"LLaVA vision tower {vision_config.model_type!r} is not supported (CLIP or SigLIP)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_token_id = int(getattr(config, "image_token_id", None) or getattr(config, "image_token_index"))
-    image_token = tokenizer.convert_ids_to_tokens(image_token_id)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     vision = LlavaVision(hf_model, config.vision_feature_layer, strategy).eval()
     decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
-    layout = ImageLayout("repeat", image_token, image_token, image_token_id, tokens_per_tile(config, vision_config))
     return base.LoadedCheckpoint(
-        family="llava",
+        spec=spec,
         path=path,
         hf_model=hf_model,
         vision=vision,
         decoder=decoder,
         tokenizer=tokenizer,
-        preprocess=preprocess_spec(base.read_processor_config(path), vision_config),
-        layout=layout,
         chat_template=base.read_chat_template(path, tokenizer),
-        stop_token_ids=base.stop_ids(path, config_json, tokenizer, ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")),
+        stop_token_ids=base.stop_ids(path, config_json, tokenizer, spec.stop_tokens),
         context_length=int(config.text_config.max_position_embeddings),
         source_sha256=base.checkpoint_sha256(path, weights),
     )

@@ -1,7 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`): a
 native-resolution ViT (14-px patches, 2x2 merge; 2.5 adds window attention) whose image becomes h' x w' image tokens
 (`<|image_pad|>` repeated, between the template's `<|vision_start|>` / `<|vision_end|>`), and a Qwen2 decoder with
-M-RoPE positions (t, row, col). The vision side lives in qwen2_vl_vision.py."""
+M-RoPE positions (t, row, col). describe() is torch-free; load() builds the PyTorch modules, whose vision side lives
+in qwen2_vl_vision.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,53 +10,101 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
-from . import base
-from .qwen2_vl_vision import QwenVisionEncoder
-from .qwen2_vl_vision import preprocess_spec as vision_preprocess_spec
+from .files import resample_name
+from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, text_config
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-IMAGE_TOKEN = "<|image_pad|>"
+IMAGE_TOKEN, IMAGE_TOKEN_ID = "<|image_pad|>", 151655
+DELIMITERS = ("<|vision_start|>", "<|vision_end|>")
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280  # Qwen2VLImageProcessor's defaults
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# transformers' Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig defaults, for keys a config.json may omit
+TOWER_DEFAULTS = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, intermediate_size=3420,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+NO_MMPROJ = ("the qwen2_vl family has no llama.cpp mmproj writer (gguf:* / mmproj:* encoders); export onnx:fp32 / "
+             "onnx:int8 instead (mmproj families: idefics3, llava)")
 
 
-def preprocess_spec(processor: dict, vision_config) -> PreprocessSpec:
-    """Qwen2VLImageProcessor's saved settings (qwen2_vl_vision.preprocess_spec), checked against the tower."""
-    spec = vision_preprocess_spec(processor)
-    if spec.patch_size != vision_config.patch_size or spec.merge_size != vision_config.spatial_merge_size:
-        raise CheckpointError(f"preprocessor_config.json says patch {spec.patch_size} / merge {spec.merge_size} but the "
-                              f"vision tower uses {vision_config.patch_size} / {vision_config.spatial_merge_size}; the "
-                              "files do not belong together")
-    return spec
+def _pixels(processor: dict, key: str, size_keys: tuple[str, ...], default: int) -> int:
+    # Qwen2VLImageProcessor.__init__: explicit min_pixels/max_pixels override size.shortest_edge/longest_edge
+    if processor.get(key) is not None:
+        return int(processor[key])
+    size = processor.get("size") or {}
+    return int(next((size[k] for k in size_keys if size.get(k) is not None), default))
 
 
-def load(path: Path, config_json: dict, dtype: str = "float32") -> base.LoadedCheckpoint:
+def preprocess_spec(processor: dict) -> PreprocessSpec:
+    """The checkpoint's saved Qwen2VLImageProcessor settings (preprocessor_config.json) as a "qwen2vl" spec."""
+    patch, merge = int(processor.get("patch_size", 14)), int(processor.get("merge_size", 2))
+    return PreprocessSpec(
+        "qwen2vl",
+        (patch * merge, patch * merge),  # the resize factor: both sides are multiples of it
+        resample=resample_name(processor.get("resample", 3)),
+        rescale_factor=float(processor.get("rescale_factor", 1 / 255)),
+        image_mean=processor.get("image_mean", CLIP_MEAN),
+        image_std=processor.get("image_std", CLIP_STD),
+        patch_size=patch,
+        temporal_patch_size=int(processor.get("temporal_patch_size", 2)),
+        merge_size=merge,
+        min_pixels=_pixels(processor, "min_pixels", ("shortest_edge", "min_pixels"), DEFAULT_MIN_PIXELS),
+        max_pixels=_pixels(processor, "max_pixels", ("longest_edge", "max_pixels"), DEFAULT_MAX_PIXELS),
+    )
+
+
+def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
+    architecture = next((a for a in config.get("architectures") or [] if a in ARCHITECTURES), ARCHITECTURES[0])
+    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    merge, patch = int(shape["spatial_merge_size"]), int(shape["patch_size"])
+    gated = architecture == "Qwen2_5_VLForConditionalGeneration"  # 2.5: SwiGLU MLP at intermediate_size
+    width = int(shape["hidden_size"] if gated else shape["embed_dim"])
+    mlp = int(shape["intermediate_size"]) if gated else width * int(shape["mlp_ratio"])
+    image_token_id = int(config.get("image_token_id") or IMAGE_TOKEN_ID)
+    if tokenizer.known:
+        for token in (IMAGE_TOKEN, *DELIMITERS):
+            if tokenizer.id_of(token) is None:
+                raise CheckpointError(f"the tokenizer lacks {token!r}; re-save the checkpoint's tokenizer")
+        if tokenizer.id_of(IMAGE_TOKEN) != image_token_id:
+            raise CheckpointError(f"config.json's image_token_id {image_token_id} is not the tokenizer's {IMAGE_TOKEN} "
+                                  f"({tokenizer.id_of(IMAGE_TOKEN)}); the files do not belong together")
+    text = text_config(config)
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    return FamilySpec(
+        family="qwen2_vl", architecture=architecture, preprocess=preprocess_spec(processor),
+        layout=ImageLayout("grid", IMAGE_TOKEN, IMAGE_TOKEN, image_token_id, 1),
+        # one encoder input unit is a merge block: merge^2 patches in, one image token out
+        vision=VisionShapes(patch * merge, patch, width, int(shape["depth"]), int(shape["num_heads"]), mlp,
+                            merge * merge, 1, (".merger.", "merger."), gated=gated, merge_size=merge),
+        decoder_architecture=decoder_row(config, "qwen2_vl_text"), mmproj_projector=None, mmproj_refusal=NO_MMPROJ,
+        stop_tokens=("<|im_end|>",), mrope_section=rope.get("mrope_section"),
+    )
+
+
+def load(path: Path, config_json: dict, dtype: str = "float32"):
     import transformers
     from transformers import AutoTokenizer
 
+    from . import base
+    from .qwen2_vl_vision import QwenVisionEncoder
+
     weights = base.check_files(path)
-    model_class = getattr(transformers, config_json["architectures"][0])
-    hf_model = model_class.from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
-    config = hf_model.config
     tokenizer = AutoTokenizer.from_pretrained(path)
-    vocab = tokenizer.get_vocab()
-    for token in (IMAGE_TOKEN, "<|vision_start|>", "<|vision_end|>"):
-        if token not in vocab:
-            raise CheckpointError(f"the tokenizer lacks {token!r}; re-save the checkpoint's tokenizer")
-    if vocab[IMAGE_TOKEN] != int(config.image_token_id):
-        raise CheckpointError(f"config.json's image_token_id {config.image_token_id} is not the tokenizer's "
-                              f"{IMAGE_TOKEN} ({vocab[IMAGE_TOKEN]}); the files do not belong together")
-    layout = ImageLayout("grid", IMAGE_TOKEN, IMAGE_TOKEN, int(config.image_token_id), 1)
+    spec = describe(config_json, base.read_processor_config(path), Vocabulary.from_tokenizer(tokenizer))
+    hf_model = getattr(transformers, spec.architecture).from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
+    config = hf_model.config
     decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
+    rotary = getattr(decoder.model.rotary_emb, "mrope_section", None)  # what transformers' rotary made of config.json
+    if rotary is not None and [int(v) for v in rotary] != list(spec.mrope_section or ()):
+        raise CheckpointError(f"transformers rotates M-RoPE sections {list(rotary)} but config.json reads as "
+                              f"{spec.mrope_section}; re-save the checkpoint")
     return base.LoadedCheckpoint(
-        family="qwen2_vl",
+        spec=spec,
         path=path,
         hf_model=hf_model,
         vision=QwenVisionEncoder(hf_model).eval(),
         decoder=decoder,
         tokenizer=tokenizer,
-        preprocess=preprocess_spec(base.read_processor_config(path), config.vision_config),
-        layout=layout,
         chat_template=base.read_chat_template(path, tokenizer),
-        stop_token_ids=base.stop_ids(path, config_json, tokenizer, ("<|im_end|>",)),
+        stop_token_ids=base.stop_ids(path, config_json, tokenizer, spec.stop_tokens),
         context_length=int(config.text_config.max_position_embeddings),
         source_sha256=base.checkpoint_sha256(path, weights),
     )

@@ -14,12 +14,7 @@ import sys
 
 import torch
 
-from ..preprocess import PreprocessSpec
 from ..vision_grid import VisionGrid
-from . import base
-
-DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280  # Qwen2VLImageProcessor's defaults
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def vision_grid(vision_config) -> VisionGrid:
@@ -28,32 +23,6 @@ def vision_grid(vision_config) -> VisionGrid:
                       merge_size=int(vision_config.spatial_merge_size), in_channels=int(vision_config.in_channels),
                       window_size=int(getattr(vision_config, "window_size", 0) or 0),
                       fullatt_block_indexes=tuple(getattr(vision_config, "fullatt_block_indexes", ()) or ()))
-
-
-def _pixels(processor: dict, key: str, size_keys: tuple[str, ...], default: int) -> int:
-    # Qwen2VLImageProcessor.__init__: explicit min_pixels/max_pixels override size.shortest_edge/longest_edge
-    if processor.get(key) is not None:
-        return int(processor[key])
-    size = processor.get("size") or {}
-    return int(next((size[k] for k in size_keys if size.get(k) is not None), default))
-
-
-def preprocess_spec(processor: dict) -> PreprocessSpec:
-    """The checkpoint's saved Qwen2VLImageProcessor settings (preprocessor_config.json) as a "qwen2vl" spec."""
-    patch, merge = int(processor.get("patch_size", 14)), int(processor.get("merge_size", 2))
-    return PreprocessSpec(
-        "qwen2vl",
-        (patch * merge, patch * merge),  # the resize factor: both sides are multiples of it
-        resample=base.resample_name(processor.get("resample", 3)),
-        rescale_factor=float(processor.get("rescale_factor", 1 / 255)),
-        image_mean=processor.get("image_mean", CLIP_MEAN),
-        image_std=processor.get("image_std", CLIP_STD),
-        patch_size=patch,
-        temporal_patch_size=int(processor.get("temporal_patch_size", 2)),
-        merge_size=merge,
-        min_pixels=_pixels(processor, "min_pixels", ("shortest_edge", "min_pixels"), DEFAULT_MIN_PIXELS),
-        max_pixels=_pixels(processor, "max_pixels", ("longest_edge", "max_pixels"), DEFAULT_MAX_PIXELS),
-    )
 
 
 class QwenVisionEncoder(torch.nn.Module):

@@ -216,6 +216,7 @@ def _train_and_save(out: Path, recipe: Recipe, progress, monitor) -> dict:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from ..families import llava as llava_family
+    from ..families.spec import Vocabulary
 
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -234,11 +235,8 @@ def _train_and_save(out: Path, recipe: Recipe, progress, monitor) -> dict:
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=recipe.patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=REFERENCE_TEMPLATE)
-    spec = llava_family.preprocess_spec(image_processor.to_dict(), config.vision_config)
-    from ..layout import ImageLayout
-
-    layout = ImageLayout("repeat", "<image>", "<image>", image_token_id,
-                         llava_family.tokens_per_tile(config, config.vision_config))
+    described = llava_family.describe(config.to_dict(), image_processor.to_dict(), Vocabulary.from_tokenizer(tokenizer))
+    spec, layout = described.preprocess, described.layout
     batcher = Batcher(recipe, tokenizer, spec, layout)
     _check_tokenization(batcher, tokenizer)
 

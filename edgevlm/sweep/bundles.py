@@ -17,7 +17,7 @@ IDENTITY = "sweep-bundle.json"  # written beside manifest.json: what the id was 
 @lru_cache(maxsize=None)
 def checkpoint_digest(path: str) -> str:
     """sha256 of config.json and the weights (as the exporter records in a bundle's source)."""
-    from ..families.base import checkpoint_sha256
+    from ..families.files import checkpoint_sha256
 
     folder = Path(path)
     return checkpoint_sha256(folder, sorted(folder.glob("*.safetensors")))
