@@ -150,6 +150,9 @@ def export_checkpoint(
     progress=None,
     options: dict | None = None,
 ) -> Path:
+    import torch  # noqa: F401 - first: a runtime-only install is told which extra brings them (cli.py)
+    import transformers  # noqa: F401
+
     from ..families import describe_checkpoint, load_checkpoint
 
     options = dict(options or {})

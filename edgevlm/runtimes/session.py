@@ -25,8 +25,8 @@ from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .requests import (  # noqa: F401 - part of this module's API
-    COUNTER_KEYS, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list, _check_conversation,
-    _new_timings,
+    COUNTER_KEYS, PAUSE, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list,
+    _check_conversation, _new_timings,
 )
 from .reuse import common_prefix, plan_reuse, prefix_key
 from .sampling import SamplingConfig
