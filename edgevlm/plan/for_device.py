@@ -12,7 +12,8 @@ def plan_for_device(checkpoint: str, device_id: str, device_file: str | None, en
     BadInputError (one line) when nothing fits even lowered."""
     from ..errors import BadInputError
     from .advise import recommend
-    from .bundle import PlanRequest, plan_model, recommendation
+    from .before_export import plan_model
+    from .options import PlanRequest, recommendation
     from .devices import get_device
     from .model import from_checkpoint
 
@@ -73,7 +74,7 @@ def _default_request(shapes, device):
     from dataclasses import replace
 
     from .budget import image_tokens, largest_image
-    from .bundle import PlanRequest, resolve_context
+    from .options import PlanRequest, resolve_context
     from ..runtimes.llamacpp import DEFAULT_N_CTX
 
     request = PlanRequest()
