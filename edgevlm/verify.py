@@ -204,7 +204,7 @@ def verify_report(bundle, threads: int | None = None, progress=None, pairs: bool
     if pairs:
         from .verify_pairs import pair_rows
 
-        rows += pair_rows(bundle, manifest, ckpt, spec, rows, report["weights"], threads, log)
+        rows += pair_rows(bundle, manifest, ckpt, spec, report["weights"], threads, log)
     return report
 
 

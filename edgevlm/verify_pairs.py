@@ -35,7 +35,7 @@ def _held_out(reference) -> list[tuple]:
     return probes
 
 
-def _pairs(manifest, rows: list[dict]) -> list[tuple[str, str]]:
+def _pairs(manifest) -> list[tuple[str, str]]:
     """Every runnable encoder x decoder with a known gate (an unknown precision FAILed on its own row already)."""
     encoders = [n for n in manifest.names("encoder", runnable=True) + manifest.names("engine")
                 if n.split(":", 1)[1] in ENCODER_GATES]
@@ -48,12 +48,14 @@ def _accuracy(session, n: int) -> float:
     return evaluate(session, n=n)["accuracy"]
 
 
-def pair_rows(bundle, manifest, ckpt, spec, rows: list[dict], weights: dict, threads, log) -> list[dict]:
+def pair_rows(bundle, manifest, ckpt, spec, weights: dict, threads, log) -> list[dict]:
+    """One row per encoder x decoder pair: judged, "unjudged" (not run: its gate needs trained weights), skipped or
+    FAIL (a part that does not load)."""
     from .runtimes.bundle_loader import make_decoder, make_encoder
     from .runtimes.session import Session
     from .runtimes.torch_backend import TorchDecoder, TorchEncoder
 
-    pairs = _pairs(manifest, rows)
+    pairs = _pairs(manifest)
     if not pairs:
         return []
     trained, reference_model = weights["trained"], weights["reference_model"] and weights["trained"]

@@ -186,8 +186,9 @@ def test_real_engine_builds_and_verifies(bundle):
     for precision in ("fp16", "int8"):
         trt_export.build_engine(bundle, precision, max_tiles=4, log=lambda m: None)
     rows = {r["artifact"]: r for r in verify_bundle(bundle, threads=1)}
-    assert rows["tensorrt:fp16"]["status"] == "pass" and rows["tensorrt:fp16"]["cosine"] >= 0.999
-    assert rows["tensorrt:int8"]["status"] == "pass" and rows["tensorrt:int8"]["cosine"] >= 0.99
+    # random weights: fp16/int8 encoder gates are measured, not judged (docs/parity-ladder.md); the bounds stay
+    assert rows["tensorrt:fp16"]["status"] == "unjudged" and rows["tensorrt:fp16"]["cosine"] >= 0.999
+    assert rows["tensorrt:int8"]["status"] == "unjudged" and rows["tensorrt:int8"]["cosine"] >= 0.99
     pixels = np.random.default_rng(0).normal(size=(7, 3, 32, 32)).astype(np.float32)  # more tiles than the profile
     from edgevlm.runtimes.tensorrt_encoder import TensorRTEncoder
 
