@@ -106,6 +106,32 @@ def require_mlx():
         ) from None
 
 
+def require_cuda_runtime():
+    """CUDA's runtime API through NVIDIA's cuda-python (`cuda.bindings.runtime`; `cuda.cudart` before 12.6): device
+    buffers, one stream and the copies, without torch (the on-device runtime imports no torch)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"cuda-python is not installed ({exc}); TensorRT needs it for device buffers: `pip install cuda-python` "
+                "(on Jetson it comes with JetPack's Python packages)") from None
+    return cudart
+
+
+def cuda_call(cudart, result):
+    """cuda-python returns (cudaError_t, *values): raise on an error, return the values (one value unwrapped)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        name = getattr(err, "name", str(err))
+        raise BackendUnavailableError(f"CUDA call failed: {name}; is the NVIDIA driver loaded and a GPU visible?")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def require_tensorrt():
     try:
         import tensorrt as trt
@@ -114,16 +140,16 @@ def require_tensorrt():
             f"TensorRT is not installed ({exc}); it needs an NVIDIA GPU: on Jetson it comes with JetPack, elsewhere "
             "`pip install tensorrt` from NVIDIA's index"
         ) from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("TensorRT needs a CUDA GPU and a CUDA build of torch; none is available here")
+    cudart = require_cuda_runtime()
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count < 1:
+        raise BackendUnavailableError(f"TensorRT needs a CUDA GPU; none is visible here ({getattr(err, 'name', err)})")
     return trt
 
 
 def gpu_identity() -> dict:
     """The device a TensorRT engine is built for and must run on (engines do not move between GPUs)."""
-    import torch
-
-    return {"gpu": torch.cuda.get_device_name(0),
-            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
+    cudart = require_cuda_runtime()
+    props = cuda_call(cudart, cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}

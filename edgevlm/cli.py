@@ -19,7 +19,7 @@ COMMANDS = {
     "chat": "multi-turn chat about an image (the KV cache is kept between turns)",
     "serve": "serve a bundle over an OpenAI-compatible HTTP API (/v1/chat/completions)",
     "eval": "task accuracy of the reference model on held-out synthetic scenes",
-    "verify": "check every artifact of a bundle against the PyTorch reference",
+    "verify": "check every artifact and encoder x decoder pair of a bundle against the PyTorch reference",
     "build-engine": "build a TensorRT engine for the encoder on this device",
     "targets": "what this machine can run, and why not the rest",
     "bench": "benchmark a checkpoint or bundle: encode, TTFT, tokens/s, memory, roofline",

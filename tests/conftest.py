@@ -41,13 +41,14 @@ def pytest_configure(config):
 
 
 def _gpu_missing() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-        import torch
+    from edgevlm.backends import require_tensorrt
+    from edgevlm.errors import BackendUnavailableError
 
-        return None if torch.cuda.is_available() else "no CUDA GPU here"
-    except ImportError:
-        return "TensorRT is not installed here (it needs an NVIDIA GPU)"
+    try:
+        require_tensorrt()  # TensorRT, cuda-python and a visible GPU; no torch
+        return None
+    except BackendUnavailableError as exc:
+        return str(exc)
 
 
 def pytest_collection_modifyitems(config, items):

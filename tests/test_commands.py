@@ -8,16 +8,19 @@ from edgevlm.metrics import DECODER_GATES
 
 
 def test_verify_bundle_table(bundles, capsys):
+    """Random weights: the exact rows pass; fp16/int8 encoders and the Q8_0 decoder are measured (still inside the
+    bounds this test held before issue 29) but not judged, so the outcome is exit 3 (incomplete)."""
     code = main(["verify", str(bundles["llava-clip"]), "--threads", "1", "--json"])
     rows = {r["artifact"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
-    assert code == 0
+    assert code == 3
     assert rows["onnx:fp32"]["status"] == "pass" and rows["onnx:fp32"]["max_rel_err"] <= 1e-4
-    assert rows["onnx:fp16"]["status"] == "pass" and rows["onnx:fp16"]["cosine"] >= 0.999
-    assert rows["onnx:int8"]["status"] == "pass" and rows["onnx:int8"]["cosine"] >= 0.99
+    assert rows["onnx:fp16"]["status"] == "unjudged" and rows["onnx:fp16"]["cosine"] >= 0.999
+    assert rows["onnx:int8"]["status"] == "unjudged" and rows["onnx:int8"]["cosine"] >= 0.99
     assert rows["gguf:f32"]["status"] == "pass" and rows["gguf:f32"]["nmse"] <= 1e-5
     assert rows["gguf:f32"]["greedy_agreement"] == 1.0
-    assert rows["gguf:q8_0"]["status"] == "pass" and rows["gguf:q8_0"]["criterion"] == DECODER_GATES["gguf:q8_0"].criterion
-    assert rows["gguf:q8_0"]["nmse"] <= DECODER_GATES["gguf:q8_0"].max_nmse
+    assert rows["gguf:q8_0"]["status"] == "unjudged" and rows["gguf:q8_0"]["criterion"] == DECODER_GATES["gguf:q8_0"].criterion
+    assert rows["gguf:q8_0"]["nmse"] <= 2e-3 and rows["gguf:q8_0"]["greedy_agreement"] >= 0.9  # the gate before 29
+    assert rows["onnx:fp32 + gguf:f32"]["status"] == "pass"
     assert rows["tokenizer"]["status"] == "pass"
 
 

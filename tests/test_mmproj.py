@@ -277,3 +277,26 @@ def test_a_bundle_whose_only_encoder_is_an_mmproj_says_what_to_do(ckpts, tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and "mmproj:f16" in err and "onnx" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("label", ["attention layers 0 and 1 swapped", "projector weight x1.02"])
+def test_damaged_mmprojs_fail_verify(label, mmproj_bundles, tmp_path):
+    """The mmproj gates judge any weights (the reference model's CLIP tower has no mmproj): on the tiny Idefics3 files
+    two tower layers' attention swapped FAIL F32 and F16 (max_rel_err 5.1e-3; Q8_0's own noise, 1e-2, hides it), and
+    the projector 2% off (cosine cannot see that; the norm can) FAILs every precision."""
+    import shutil
+
+    import damage
+    from edgevlm.verify import verify_report
+
+    bundle = shutil.copytree(mmproj_bundles["idefics3"], tmp_path / "b")
+    names = [f"mmproj:{p}" for p in ("f32", "f16", "q8_0")]
+    for name in names:
+        if label.startswith("attention"):
+            damage.swap_gguf_layers(bundle, name, ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_out.weight"),
+                                    prefix="v.blk")
+        else:
+            damage.scale_gguf_artifact(bundle, name, "mm.model.fc.weight", 1.02)
+    rows = {r["artifact"]: r for r in verify_report(bundle, threads=2, decoders=False)["rows"]}
+    failing = names if label.startswith("projector") else names[:2]
+    assert {rows[n]["status"] for n in failing} == {"FAIL"}, {n: rows[n] for n in names}

@@ -171,7 +171,8 @@ def test_verify_checks_the_grid_encoders(qwen_vision):
 
     rows = {r["artifact"]: r for r in verify_bundle(qwen_vision["2.5"]["bundle"], threads=1)}
     assert rows["onnx:fp32"]["status"] == "pass" and rows["onnx:fp32"]["max_rel_err"] <= 1e-4
-    assert rows["onnx:int8"]["status"] == "pass" and rows["onnx:int8"]["cosine"] >= 0.99
+    # random weights: int8's gate is calibrated on trained weights, so it is measured (inside the old bound), not judged
+    assert rows["onnx:int8"]["status"] == "unjudged" and rows["onnx:int8"]["cosine"] >= 0.99
 
 
 def test_an_mmproj_for_qwen_is_refused_in_one_line(qwen_vision, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The TensorRT path as far as it runs without a GPU: a fake `tensorrt` module records what build-engine asks of the
 TensorRT 10 API (profile shapes, flags, which ONNX graph is parsed) and returns a fake plan; the bundle bookkeeping,
-the explicit-quantization QDQ graph and the engine/GPU checks are real. The `gpu` test builds a real engine."""
+the explicit-quantization QDQ graph and the engine/GPU checks are real; a fake cuda-python runs the encoder's run path
+(buffers, copies, one stream, in order). The `gpu` test builds a real engine (not run: no GPU here)."""
 from __future__ import annotations
 
 import shutil
@@ -14,99 +15,16 @@ import pytest
 from edgevlm.errors import BackendUnavailableError, BadInputError, BundleError
 from edgevlm.export import tensorrt as trt_export
 from edgevlm.manifest import Manifest
-
-
-def fake_tensorrt(version: str = "10.3.0") -> types.ModuleType:
-    calls: dict = {"flags": [], "profiles": [], "parsed": [], "qdq_ops": set(), "calibrator": None}
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            self.level = level
-
-    class Profile:
-        def set_shape(self, name, min_shape, opt_shape, max_shape):
-            calls["profiles"].append((name, min_shape, opt_shape, max_shape))
-
-    class Cache:
-        def serialize(self):
-            return b"timing-cache"
-
-    class Config:
-        def set_memory_pool_limit(self, pool, size):
-            calls["workspace"] = size
-
-        def add_optimization_profile(self, profile):
-            calls["profile_added"] = True
-
-        def set_flag(self, flag):
-            calls["flags"].append(flag)
-
-        def create_timing_cache(self, data):
-            calls["timing_cache_in"] = bytes(data)
-            return Cache()
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            calls["ignore_mismatch"] = ignore_mismatch
-
-        def get_timing_cache(self):
-            return Cache()
-
-        def __setattr__(self, name, value):  # the deprecated implicit-INT8 calibrator must not be used
-            if name == "int8_calibrator":
-                calls["calibrator"] = value
-            object.__setattr__(self, name, value)
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return object()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            return b"fake-plan:" + ",".join(sorted(calls["qdq_ops"])).encode()
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            calls["parsed"].append(path)
-            model = onnx.load(path)
-            calls["qdq_ops"] = {n.op_type for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
-            calls["qdq_int8"] = all(
-                init.data_type == onnx.TensorProto.INT8 for init in model.graph.initializer if init.name.endswith("_zero_point"))
-            return True
-
-    module = types.ModuleType("tensorrt")
-    module.__version__ = version
-    module.calls = calls
-    module.Logger, module.Builder, module.OnnxParser = Logger, Builder, OnnxParser
-    module.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    module.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8")
-    return module
+from fake_gpu import fake_modules
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    import torch
-
-    module = fake_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", module)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (8, 7))
-    return module
+    """Fake TensorRT and cuda-python (tests/fake_gpu.py): one "Fake GPU" with compute capability 8.7."""
+    modules = fake_modules()
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return modules["tensorrt"]
 
 
 @pytest.fixture
@@ -156,17 +74,16 @@ def test_profile_outside_the_graph_bound_is_refused(fake_gpu, bundle, max_tiles,
 
 
 def test_an_engine_built_for_another_gpu_or_tensorrt_is_refused(fake_gpu, bundle, monkeypatch):
-    import torch
-
     from edgevlm.runtimes.tensorrt_encoder import TensorRTEncoder
 
     trt_export.build_engine(bundle, "fp16", max_tiles=2, log=lambda m: None)
     manifest = Manifest.load(bundle)
     artifact = manifest.find("engine", "tensorrt:fp16")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Other GPU")
+    cudart = sys.modules["cuda.bindings.runtime"]
+    monkeypatch.setattr(cudart, "device_name", "Other GPU")
     with pytest.raises(BundleError, match="built for Fake GPU with TensorRT 10.3.0; this is Other GPU.*build-engine"):
         TensorRTEncoder(bundle, artifact, manifest.encoder)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    monkeypatch.setattr(cudart, "device_name", "Fake GPU")
     monkeypatch.setattr(fake_gpu, "__version__", "10.9.0")
     with pytest.raises(BundleError, match="TensorRT 10.3.0; this is Fake GPU with TensorRT 10.9.0"):
         TensorRTEncoder(bundle, artifact, manifest.encoder)
@@ -182,6 +99,85 @@ def test_without_tensorrt_build_engine_says_what_is_missing(bundle, monkeypatch,
     assert "TensorRT is not installed" in capsys.readouterr().err
 
 
+def _engine_encoder(bundle, max_tiles: int):
+    from edgevlm.runtimes.tensorrt_encoder import TensorRTEncoder
+
+    trt_export.build_engine(bundle, "fp16", max_tiles=max_tiles, log=lambda m: None)
+    manifest = Manifest.load(bundle)
+    sys.modules["tensorrt"].Engine.output_tail = tuple(manifest.encoder.output_shape[1:])
+    return TensorRTEncoder(bundle, manifest.find("engine", "tensorrt:fp16"), manifest.encoder), manifest
+
+
+def test_the_encoder_copies_runs_and_copies_back_on_one_stream_then_waits(fake_gpu, bundle):
+    """Each chunk of at most max_tiles: input copy, engine, output copy, all on the encoder's own stream (never the
+    default stream 0), then the host waits on that stream before it reads the output."""
+    encoder, manifest = _engine_encoder(bundle, max_tiles=3)
+    tokens, width = manifest.encoder.output_shape[1:]
+    tile = int(np.prod(manifest.encoder.input_shape[1:]))
+    log = fake_gpu.calls["cuda"]
+    (_, stream), = [c for c in log if c[0] == "stream"]
+    assert stream != 0 and log[-2:] == [("malloc", 3 * tile * 4), ("malloc", 3 * tokens * width * 4)]
+    setup = len(log)
+    pixels = np.random.default_rng(0).normal(size=(7, *manifest.encoder.input_shape[1:])).astype(np.float32)
+    out = encoder.encode(pixels)
+    assert out.shape == (7, tokens, width) and out.dtype == np.float32
+    expected = np.broadcast_to(pixels.reshape(7, -1).sum(axis=1)[:, None, None], out.shape)
+    assert np.allclose(out, expected, rtol=1e-5)  # the bytes went in, through the engine and back
+    steps = []
+    for n in (3, 3, 1):
+        steps += [("copy", "HostToDevice", n * tile * 4, stream), ("execute", stream, n),
+                  ("copy", "DeviceToHost", n * tokens * width * 4, stream), ("sync", stream)]
+    assert log[setup:] == steps
+    encoder.close()
+    assert sorted(c[0] for c in log[len(log) - 3:]) == ["destroy", "free", "free"]
+    assert sys.modules["cuda.bindings.runtime"].memory == {}  # every device buffer freed
+
+
+def test_without_a_visible_gpu_tensorrt_is_unavailable(monkeypatch):
+    from edgevlm.backends import require_tensorrt
+
+    for name, module in fake_modules(devices=0).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA GPU; none is visible"):
+        require_tensorrt()
+
+
+TORCH_FREE_RUN = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, NoTorch())
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+import numpy as np
+import fake_gpu
+fake_gpu.install(fake_gpu.fake_modules())
+from edgevlm.export.tensorrt import build_engine
+from edgevlm.manifest import Manifest
+from edgevlm.runtimes.bundle_loader import make_encoder
+bundle = Path(sys.argv[1])
+build_engine(bundle, "fp16", max_tiles=2, log=lambda m: None)
+manifest = Manifest.load(bundle)
+sys.modules["tensorrt"].Engine.output_tail = tuple(manifest.encoder.output_shape[1:])
+encoder = make_encoder(bundle, manifest, "tensorrt:fp16")
+out = encoder.encode(np.ones((3, *manifest.encoder.input_shape[1:]), np.float32))
+print(out.shape, "torch" in sys.modules)
+"""
+
+
+def test_the_tensorrt_encoder_builds_and_runs_without_torch(bundle):
+    import subprocess
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE_RUN, str(bundle), str(Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    shape = tuple(Manifest.load(bundle).encoder.output_shape[1:])
+    assert result.stdout.split("\n")[-2] == f"{(3, *shape)} False"
+
+
 @pytest.mark.gpu
 def test_real_engine_builds_and_verifies(bundle):
     """On a machine with an NVIDIA GPU and TensorRT: build-engine, then verify the engine against PyTorch."""
@@ -190,8 +186,9 @@ def test_real_engine_builds_and_verifies(bundle):
     for precision in ("fp16", "int8"):
         trt_export.build_engine(bundle, precision, max_tiles=4, log=lambda m: None)
     rows = {r["artifact"]: r for r in verify_bundle(bundle, threads=1)}
-    assert rows["tensorrt:fp16"]["status"] == "pass" and rows["tensorrt:fp16"]["cosine"] >= 0.999
-    assert rows["tensorrt:int8"]["status"] == "pass" and rows["tensorrt:int8"]["cosine"] >= 0.99
+    # random weights: fp16/int8 encoder gates are measured, not judged (docs/parity-ladder.md); the bounds stay
+    assert rows["tensorrt:fp16"]["status"] == "unjudged" and rows["tensorrt:fp16"]["cosine"] >= 0.999
+    assert rows["tensorrt:int8"]["status"] == "unjudged" and rows["tensorrt:int8"]["cosine"] >= 0.99
     pixels = np.random.default_rng(0).normal(size=(7, 3, 32, 32)).astype(np.float32)  # more tiles than the profile
     from edgevlm.runtimes.tensorrt_encoder import TensorRTEncoder
 

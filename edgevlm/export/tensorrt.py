@@ -1,7 +1,8 @@
 """TensorRT engine for the encoder, built on the device from the bundle's ONNX (engines are specific to a GPU and a
 TensorRT version, so they are never shipped). Written against the TensorRT 10 Python API; int8 is explicit
-quantization from a QDQ graph; device buffers come from torch CUDA tensors. Not run on hardware here (no GPU, and
-TensorRT cannot be installed): CI runs the pure-Python parts against a fake `tensorrt` (tests/test_tensorrt.py)."""
+quantization from a QDQ graph; the runtime's device buffers and stream come from cuda-python, not torch. Not run on
+hardware here (no GPU, and TensorRT cannot be installed): CI runs the pure-Python parts against fake `tensorrt` and
+cuda-python modules (tests/fake_gpu.py, tests/test_tensorrt.py)."""
 from __future__ import annotations
 
 import os
