@@ -125,13 +125,19 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    import datetime as dt
+    import shlex
+
+    from edgevlm.machine import cpu_flags, cpu_model, source_commit
+
     with tempfile.TemporaryDirectory() as work:
         if args.tiny:
-            results = measure_tiny_mmproj(out, Path(work))
-            (out / "tiny-mmproj.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+            results, name = measure_tiny_mmproj(out, Path(work)), "tiny-mmproj.json"
         else:
-            results = measure_reference(out, Path(work), args.part)
-            (out / f"reference-{args.part}.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+            results, name = measure_reference(out, Path(work), args.part), f"reference-{args.part}.json"
+    run = {"command": shlex.join(sys.argv), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "commit": source_commit(), "cpu": cpu_model(), "cpu_flags": cpu_flags()}
+    (out / name).write_text(json.dumps({"run": run, "results": results}, indent=1, default=float) + "\n")
     print(json.dumps({k: {a: r.get("status") for a, r in v["rows"].items()} for k, v in results.items()}, indent=1))
 
 
