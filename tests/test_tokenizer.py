@@ -230,3 +230,12 @@ def test_a_runtime_only_install_names_the_extra_for_export(monkeypatch, capsys, 
     code = main(["export", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "edgevlm[export]" in err and "transformers" in err and "Traceback" not in err
+
+
+def test_targets_imports_no_torch():
+    """`edgevlm targets` (which every sweep node runs) names the GPU through CUDA's runtime or nvidia-smi, not torch."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "edgevlm", "targets", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not {"torch", "transformers"} & _imported(run.stderr)
+    assert '"cuda_gpu"' in run.stdout

@@ -26,12 +26,7 @@ def detect() -> dict:
     except ImportError:
         found["onnxruntime"] = None
         found["ort_providers"] = []
-    try:
-        import torch
-
-        found["cuda_gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        found["cuda_gpu"] = None
+    found["cuda_gpu"] = cuda_gpu_name()
     try:
         import tensorrt
 
@@ -67,7 +62,7 @@ def _missing(found: dict, need: str) -> str | None:
     checks = {
         "onnxruntime": (found["onnxruntime"], "onnxruntime is not installed"),
         "llama_cpp": (found["llama_cpp"], "llama-cpp-python is not installed"),
-        "cuda_gpu": (found["cuda_gpu"], "no CUDA GPU visible to torch"),
+        "cuda_gpu": (found["cuda_gpu"], "no CUDA GPU visible (CUDA's runtime through cuda-python, then nvidia-smi)"),
         "tensorrt": (found["tensorrt"], "TensorRT is not installed"),
         "tensorrt_or_ort_cuda": (found["tensorrt"] or "CUDAExecutionProvider" in found["ort_providers"],
                                  "neither TensorRT nor onnxruntime-gpu is installed"),
@@ -88,3 +83,25 @@ def profiles(found: dict | None = None) -> list[dict]:
         rows.append({"name": name, "encoder": target["encoder"], "decoder": target["decoder"],
                      "available": not missing, "why": "; ".join(missing) or "all parts present"})
     return rows
+
+
+def cuda_gpu_name() -> str | None:
+    """The first CUDA GPU's name: from CUDA's runtime (cuda-python, as the TensorRT encoder uses it), else from
+    nvidia-smi; never from torch (every sweep node runs `targets`, and a device has no torch)."""
+    import shutil
+    import subprocess
+
+    from ..backends import gpu_identity
+
+    try:
+        return gpu_identity()["gpu"] or None
+    except Exception:  # noqa: BLE001 - no cuda-python, no driver, no device: ask nvidia-smi
+        pass
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
