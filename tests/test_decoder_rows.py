@@ -228,11 +228,13 @@ def test_verify_passes_every_artifact_of_an_internvl_bundle(new_bundles, capsys)
 
     code = main(["verify", str(new_bundles["internvl"]), "--threads", "1", "--json"])
     rows = {r["artifact"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
-    assert code == 0, rows
+    assert code == 3, rows  # random weights: the quantized gates cannot judge them (docs/parity-ladder.md): exit 3
     assert rows["onnx:fp32"]["max_rel_err"] <= 1e-4
     assert rows["gguf:f32"]["nmse"] <= 1e-5 and rows["gguf:f32"]["greedy_agreement"] == 1.0
     assert rows["mlx:fp32"]["nmse"] <= 1e-5
-    assert all(r["status"] == "pass" for r in rows.values()), rows
+    assert all(r["status"] in ("pass", "unjudged") for r in rows.values()), rows  # nothing failed
+    assert all(rows[name]["status"] == "pass" for name in ("tokenizer", "onnx:fp32", "gguf:f32", "mlx:fp32")), rows
+    assert main(["verify", str(new_bundles["internvl"]), "--threads", "1", "--allow-skips"]) == 0
 
 
 def test_inspect_lists_families_and_decoder_rows(ckpts, capsys):

@@ -67,7 +67,8 @@ def test_kill_9_at_any_moment_never_leaves_a_half_bundle(ckpts, tmp_path, capsys
         assert target.is_dir() and _complete(target), (marker, delay)  # the previous (or the new) complete bundle
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"], (marker, delay)
     assert killed >= 10  # the kills landed mid-export, not after it
-    assert main(["verify", str(target), "--threads", "1"]) == 0
+    # every artifact that can be judged passes (random weights: the quantized gates cannot judge; exit 3 without it)
+    assert main(["verify", str(target), "--threads", "1", "--allow-skips"]) == 0
     capsys.readouterr()
 
 
