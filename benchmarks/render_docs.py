@@ -75,10 +75,12 @@ SHOWN = (
           "its load time nor its first-token time, so its row is the process's whole wall time (4 tokens decoded "
           "after the first). This VM lists AVX-512 (its flags are in the header line)."),
     Shown("serve-rss/serve-rss.json", "`edgevlm serve --parallel 4`: peak RSS with one request answered, W1's bundle "
-          "(onnx:int8 + gguf:q8_0)", "serve-rss",
-          "Each server its own process on 127.0.0.1, one question about one 512x512 image, runs alternated between "
-          "the two checkouts. \"before\" is commit 1fdf2f1, which opened a one-sequence llama.cpp context at load "
-          "and an N-sequence one beside it for the slots."),
+          "(onnx:fp32 + gguf:q8_0)", "serve-rss",
+          "Each server its own process on 127.0.0.1, one question about one 512x512 image, 2 threads, n_ctx 4096, "
+          "runs alternated between the two checkouts. \"before\" is commit 1fdf2f1, which opened a one-sequence "
+          "llama.cpp context at load and an N-sequence one beside it for the slots (a KV cache of this model at "
+          "4,096 positions is 90 MiB in f16). The bundle: `edgevlm preset smolvlm-256m --single-tile`, exported "
+          "with `--encoder onnx:fp32 --decoder gguf:q8_0` by the code of this session's start."),
     Shown("sweep-reference", "Sweep: the reference model, ONNX fp32/int8 x GGUF q8_0/q4_k_m/q4_0, two devices "
           "on a local Ray cluster", "sweep",
           "Both \"devices\" (dev-a, dev-b) are Ray nodes on the same 2-core machine and ran at the same time: the "
