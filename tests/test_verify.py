@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
+from damage import swap_gguf_tensors  # tests/damage.py: the damage every gate test builds
+
 from edgevlm.cli import main
 from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 from edgevlm.manifest import Manifest, sha256_file
@@ -145,18 +147,6 @@ def test_verify_without_a_bundle_is_bad_input(tmp_path, capsys):
     assert "manifest.json is missing" in capsys.readouterr().err
 
 
-def _swap_tensors(path, a: str, b: str) -> None:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path), "r+")
-    tensors = {t.name: t for t in reader.tensors}
-    first, second = tensors[a].data, tensors[b].data
-    held = np.array(first, copy=True)
-    first[...] = second
-    second[...] = held
-    reader.data.flush()
-
-
 @pytest.mark.slow
 def test_damaged_quantized_ggufs_fail_verify_on_the_reference_model(tmp_path, capsys, monkeypatch):
     """Two layers' attn_q swapped inside the quantized files, and an export that skips the Q/K permutation: FAIL;
@@ -170,7 +160,7 @@ def test_damaged_quantized_ggufs_fail_verify_on_the_reference_model(tmp_path, ca
     code, out = _verify(bundle, capsys)
     assert code == 0, out["rows"]
     for quant in ("q8_0", "q4_k_m"):
-        _swap_tensors(bundle / "decoder" / f"{quant}.gguf", "blk.0.attn_q.weight", "blk.1.attn_q.weight")
+        swap_gguf_tensors(bundle / "decoder" / f"{quant}.gguf", "blk.0.attn_q.weight", "blk.1.attn_q.weight")
         _rehash(bundle, f"decoder/{quant}.gguf")
     code, out = _verify(bundle, capsys)
     rows = {r["artifact"]: r for r in out["rows"]}
