@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from damage import swap_gguf_tensors  # tests/damage.py: the damage every gate test builds
