@@ -174,12 +174,17 @@ def artifact_key(file_sha256s: list[str]) -> str:
     return hashlib.sha256("|".join(file_sha256s).encode()).hexdigest()[:32]
 
 
+def cpu_graph_path(key: str, fuse: bool) -> Path:
+    """Where the CPU graph of an artifact (artifact_key) is cached, per fusion choice and ONNX Runtime version."""
+    import onnxruntime as ort
+
+    return cache_folder() / f"{key}-{'mha' if fuse else 'plain'}-ort{ort.__version__}.onnx"
+
+
 def cached_cpu_graph(graph: Path, key: str, fuse: bool, log=None) -> Path:
     """The CPU graph of a bundle's `graph`, built on first use and then reused: keyed by the artifact's files
     (artifact_key), the fusion choice and this ONNX Runtime's version."""
-    import onnxruntime as ort
-
-    out = cache_folder() / f"{key}-{'mha' if fuse else 'plain'}-ort{ort.__version__}.onnx"
+    out = cpu_graph_path(key, fuse)
     if not out.is_file():
         if log:
             log(f"building the CPU-optimized copy of {graph.name} once (cached in {out.parent})")

@@ -7,27 +7,16 @@ import shutil
 
 import pytest
 
-from damage import swap_gguf_tensors  # tests/damage.py: the damage every gate test builds
+from damage import rehash, swap_gguf_tensors  # tests/damage.py: the damage every gate test builds
 
 from edgevlm.cli import main
 from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
-from edgevlm.manifest import Manifest, sha256_file
 
 
 def _verify(bundle, capsys) -> tuple[int, dict]:
     code = main(["verify", str(bundle), "--threads", "1", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     return code, out
-
-
-def _rehash(bundle, relative: str) -> None:
-    """Make the manifest agree with a file changed on purpose, so that only the numbers can catch the damage."""
-    manifest = Manifest.load(bundle)
-    for artifact in manifest.artifacts:
-        for entry in artifact.files:
-            if entry.path == relative:
-                entry.sha256, entry.bytes = sha256_file(bundle / relative), (bundle / relative).stat().st_size
-    (bundle / "manifest.json").write_text(manifest.to_json())
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +149,7 @@ def test_damaged_quantized_ggufs_fail_verify_on_the_reference_model(tmp_path, ca
     assert code == 0, out["rows"]
     for quant in ("q8_0", "q4_k_m"):
         swap_gguf_tensors(bundle / "decoder" / f"{quant}.gguf", "blk.0.attn_q.weight", "blk.1.attn_q.weight")
-        _rehash(bundle, f"decoder/{quant}.gguf")
+        rehash(bundle, f"decoder/{quant}.gguf")
     code, out = _verify(bundle, capsys)
     rows = {r["artifact"]: r for r in out["rows"]}
     assert code == 1 and rows["gguf:q8_0"]["status"] == rows["gguf:q4_k_m"]["status"] == "FAIL", rows

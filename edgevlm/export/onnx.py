@@ -347,7 +347,7 @@ def choose_cpu_fusion(graph: Path, staged: Path, encoder_spec, log=print, refere
     tile the fused graph is as close to `reference` (the fp32 graph a quantized one came from; else the graph itself)
     as the unfused graph, within ATTENTION_FUSION_TOLERANCE (an int8 graph quantizes its activations at run time, so
     fusing moves its output by ~1e-4 in cosine, as much closer to fp32 as farther). The fused candidate is built at
-    `staged` (left there when chosen, for the exporter's memory probe)."""
+    `staged` (the caller keeps it when chosen)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -424,17 +424,20 @@ def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
     # the CPU provider's copy is built where it runs (onnx_cpu.cached_cpu_graph); here to decide the attention fusion
     # and to measure the planner's activation term (per tile; a grid encoder: at two image sizes) on the graph the CPU
     # runtime will open, in a fresh process (plan/probe.py). Built in this machine's cache: its first load reuses it.
-    from ..onnx_cpu import artifact_key, cached_cpu_graph
+    from ..onnx_cpu import artifact_key, cached_cpu_graph, cpu_graph_path
     from ..plan.probe import encoder_memory_details
 
-    candidate = writer.root / ".work" / f"{precision}.fused-candidate.onnx"
+    key = artifact_key([f.sha256 for f in artifact.files])
+    candidate = cpu_graph_path(key, fuse=True)  # the fused candidate is built where the cache keeps it when chosen
+    fuse = False
     try:
         fuse = choose_cpu_fusion(graph, candidate, manifest.encoder, log,
                                  reference=None if precision == "fp32" else fp32)
     finally:
-        for path in (candidate, candidate.with_name(f"{candidate.name}.data")):
-            path.unlink(missing_ok=True)
-    cpu_graph = cached_cpu_graph(graph, artifact_key([f.sha256 for f in artifact.files]), fuse)
+        if not fuse:
+            for path in (candidate, candidate.with_name(f"{candidate.name}.data")):
+                path.unlink(missing_ok=True)
+    cpu_graph = cached_cpu_graph(graph, key, fuse)  # chosen: the candidate itself; else the plain graph, built now
     log("  measuring its activation memory (ONNX Runtime CPU)")
     artifact.details.update({**encoder_memory_details(cpu_graph, manifest.encoder, threads),
                              "cpu_attention_fusion": fuse})
