@@ -111,3 +111,43 @@ def test_every_relative_link_points_to_an_existing_file():
             elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
                 broken.append(f"{md.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, broken
+
+
+# docs/parity-ladder.md margin table: (artifact, metric) -> the row of benchmarks/results/gates/reference-correct.json
+MARGIN_ROWS = {
+    ("encoder fp32", "max_rel_err"): ("onnx:fp32", "max_rel_err"),
+    ("encoder fp16", "norm_err"): ("onnx:fp16", "norm_err"),
+    ("encoder int8", "norm_err"): ("onnx:int8", "norm_err"),
+    **{(a, "nmse"): (a, "nmse") for a in ("gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0",
+                                          "mlx:8bit", "mlx:4bit")},
+    ("pair int8 + gguf:f32", "nmse"): ("onnx:int8 + gguf:f32", "nmse"),
+    ("pair int8 + gguf:q4_0", "nmse"): ("onnx:int8 + gguf:q4_0", "nmse"),
+    ("pair int8 + mlx:4bit", "nmse"): ("onnx:int8 + mlx:4bit", "nmse"),
+}
+
+
+def _printed_matches(printed: str, value: float) -> bool:
+    """`printed` is `value` written to its printed digits (within half a unit of the last digit, 1% slack)."""
+    from decimal import Decimal
+
+    unit = 10.0 ** Decimal(printed).as_tuple().exponent  # 5.7e-7 -> 1e-8; 0.013 -> 1e-3
+    return abs(float(printed) - value) <= 0.505 * unit
+
+
+def test_parity_ladder_margin_table_is_what_gate_margins_measured():
+    """The 'correct' column of the margin table is what benchmarks/gate_margins.py wrote (the gates' calibration)."""
+    import json
+
+    rows = json.loads((ROOT / "benchmarks/results/gates/reference-correct.json").read_text())
+    assert {"command", "date", "commit", "cpu", "cpu_flags"} <= set(rows["run"])
+    measured = rows["results"]["correct"]["rows"]
+    table = {}
+    for line in (ROOT / "docs/parity-ladder.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and (cells[0], cells[1]) in MARGIN_ROWS and (cells[0], cells[1]) not in table:
+            table[(cells[0], cells[1])] = cells[2]  # the trained model's table comes first
+    assert set(table) == set(MARGIN_ROWS), set(MARGIN_ROWS) - set(table)
+    for key, printed in table.items():
+        artifact, metric = MARGIN_ROWS[key]
+        assert _printed_matches(printed, measured[artifact][metric]), (key, printed, measured[artifact][metric])
+    assert not _printed_matches("5.8e-6", 5.0e-6) and _printed_matches("0.013", 0.0131)
