@@ -56,7 +56,22 @@ def fuse_attention(model) -> int:
         if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in initializers:
             return None
         shape = numpy_helper.to_array(initializers[reshape.input[1]])
-        return int(shape[2]) if shape.shape == (4,) and shape[2] > 0 else None
+        if shape.shape != (4,):
+            return None
+        if shape[2] > 0:
+            return int(shape[2])
+        # with batch and tokens static the exporter writes (1, tokens, -1, head_dim): heads = q's width / head_dim
+        width = projection_width(reshape.input[0])
+        return width // int(shape[3]) if width and shape[3] > 0 and width % int(shape[3]) == 0 else None
+
+    def projection_width(name: str) -> int | None:  # q = x @ W (+ b): W's output columns
+        node = producer.get(name)
+        if node is not None and node.op_type == "Add":
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "MatMul" or node.input[1] not in initializers:
+            return None
+        dims = list(initializers[node.input[1]].dims)
+        return int(dims[1]) if len(dims) == 2 else None
 
     heads_first = [0, 2, 1, 3]
     replaced: dict[int, object] = {}

@@ -186,3 +186,21 @@ def test_cpu_graphs_run_attention_as_one_fused_op(family, bundles):
         assert layers >= 1
         assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops, (name, sorted(set(ops)))
         assert fuse_attention(original) == layers  # the matcher alone, on the exported graph
+
+
+def test_attention_is_fused_when_the_export_fixes_batch_and_tokens(ckpts, tmp_path):
+    """One tile per run (max_tiles=1): the exporter writes q's reshape as (1, tokens, -1, head_dim), the head count
+    left for ONNX Runtime to infer. The matcher takes it from q's projection width; it used to fuse nothing here."""
+    import onnx
+
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+    from edgevlm.onnx_cpu import fuse_attention
+
+    bundle = export_checkpoint(ckpts["llava-siglip"], tmp_path / "b", [ArtifactRequest("onnx", "fp32")], [],
+                               max_tiles=1)
+    artifact = Manifest.load(bundle).find("encoder", "onnx:fp32")
+    original = onnx.load(str(bundle / artifact.path), load_external_data=False)
+    layers = sum(n.op_type == "Softmax" for n in original.graph.node)
+    assert layers >= 1 and artifact.details["cpu_attention_fusion"] is True
+    assert fuse_attention(original) == layers
+    assert sum(n.op_type == "MultiHeadAttention" for n in original.graph.node) == layers
