@@ -18,7 +18,7 @@ from edgevlm.bench.peers.mtmd import MtmdPipeline, image_token_bounds, media_pro
 from edgevlm.errors import BadInputError
 from edgevlm.manifest import Manifest
 from edgevlm.metrics import cosine
-from edgevlm.preprocess import preprocess
+from edgevlm.preprocess import preprocess, tile_grid
 from edgevlm.runtimes.bundle_loader import source_checkpoint
 
 FAMILIES = ("qwen2", "qwen2.5", "internvl")
@@ -285,3 +285,19 @@ def test_internvl_positions_are_stored_cls_last(family_bundles, tmp_path):
         cosines[name] = cosine(embeddings[0], reference[0])
         pipeline.close()
     assert cosines["cls-last"] >= 0.999 and cosines["cls-first"] < 0.5, cosines
+
+
+def test_bench_runs_mtmd_on_a_qwen_bundle(family_bundles):
+    """The bench's llama.cpp peer on a Qwen2-VL bundle: the processor's token bounds and the prompt without a second
+    pair of vision delimiters, so mtmd's image has edgevlm's token count and its warm run reuses the image's KV."""
+    from edgevlm.bench.harness import Scenario
+    from edgevlm.bench.run import run_bench
+
+    bundle = family_bundles["qwen2"]["bundle"]
+    scenario = Scenario(image_size=(168, 112), prompt_tokens=8, new_tokens=4, repeats=1, threads=2)
+    result = run_bench(bundle, scenario, encoders="onnx:fp32", decoders="gguf:f32", peers="llamacpp")
+    peer = next(p for p in result["peers"] if p.get("kind") == "llama.cpp mtmd")
+    metrics = peer["metrics"]
+    rows, cols = tile_grid(112, 168, Manifest.load(bundle).preprocess)  # merged-token rows x cols
+    assert metrics["n_image_tokens"] == rows * cols == 24
+    assert metrics["warm_encoded_tiles"] == 0 and metrics["warm_reused_positions"] > 24
