@@ -68,21 +68,21 @@ def mmproj_refusal(shape: dict, gated: bool, width: int, mlp: int) -> str | None
     merge, patch = int(shape["spatial_merge_size"]), int(shape["patch_size"])
     graph = MMPROJ_TYPES["Qwen2_5_VLForConditionalGeneration" if gated else "Qwen2VLForConditionalGeneration"]
     if (merge, int(shape["temporal_patch_size"])) != (MTMD_MERGE, MTMD_TEMPORAL):
-        return f"llama.cpp's {graph} graph takes a 2x2 merge of 2-frame patches, this tower {merge} / " \
-               f"{shape['temporal_patch_size']}"
+        return (f"llama.cpp's {graph} graph takes a 2x2 merge of 2-frame patches, this tower {merge} / "
+                f"{shape['temporal_patch_size']}")
     if width == mlp:  # clip.cpp load_tensors (is_ffn_swapped): a down matrix as wide as the tower is taken as legacy
-        return f"the tower's MLP is as wide as the tower ({width}); llama.cpp reads such {graph} files as legacy " \
-               "ones with ffn_up/ffn_down swapped and swaps them back"
+        return (f"the tower's MLP is as wide as the tower ({width}); llama.cpp reads such {graph} files as legacy "
+                "ones with ffn_up/ffn_down swapped and swaps them back")
     if not gated:
         return None
     shape = {**WINDOW_DEFAULTS, **shape}
     full = list(shape["fullatt_block_indexes"] or ())
     if window_pattern(full, int(shape["depth"])) is None:
-        return f"fullatt_block_indexes {full} are not every n-th block, the only full-attention pattern of llama.cpp's " \
-               "qwen2.5vl_merger graph"
+        return (f"fullatt_block_indexes {full} are not every n-th block, the only full-attention pattern of "
+                "llama.cpp's qwen2.5vl_merger graph")
     if int(shape["window_size"]) // patch // merge != MTMD_WINDOW_PX // patch // MTMD_MERGE:
-        return f"the tower attends in {shape['window_size']}-px windows; llama.cpp's qwen2.5vl_merger graph uses " \
-               f"{MTMD_WINDOW_PX}-px ones (it reads no window size for this projector type)"
+        return (f"the tower attends in {shape['window_size']}-px windows; llama.cpp's qwen2.5vl_merger graph uses "
+                f"{MTMD_WINDOW_PX}-px ones (it reads no window size for this projector type)")
     return None
 
 
