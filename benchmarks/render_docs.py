@@ -75,7 +75,7 @@ SHOWN = (
           "the whole image's encode time is in the line under the table. Random weights: the int8 encoder's top-1 "
           "drift says nothing about a trained model's quality (check int8 with `edgevlm verify` on the real "
           "checkpoint). The roofline counts the tied embedding table that decode only gathers from, so it can read "
-          "above 100%. edgevlm writes no mmproj for Qwen2-VL, so there is no llama.cpp mtmd peer."),
+          "above 100%. edgevlm wrote no mmproj for Qwen2-VL when this ran, so there is no llama.cpp mtmd peer."),
     Shown("startup", "Start-up: `edgevlm run` on W3 (Qwen2-VL-2B shapes, onnx:int8 + gguf:q8_0), one 448x448 image, "
           "4 new tokens, 2 threads", "startup",
           "Each run is a fresh process, after one warm-up run (page cache warm, hash stamps written). \"before\" is "

@@ -54,9 +54,9 @@ def verify_mmproj(bundle, manifest, name: str, ckpt, threads: int | None, traine
     PyTorch encoder; the worst tile is judged."""
     import torch
 
-    from .preprocess import preprocess
+    from .preprocess import preprocess, smart_resize
     from .reference import scenes
-    from .bench.peers.mtmd import MtmdPipeline
+    from .bench.peers.mtmd import MtmdPipeline, image_token_bounds
 
     artifact = manifest.find("encoder", name)
     gate = MMPROJ_GATES.get(artifact.precision)
@@ -68,12 +68,20 @@ def verify_mmproj(bundle, manifest, name: str, ckpt, threads: int | None, traine
         return {"artifact": name, "role": "encoder", "status": "skipped", "checks": [],
                 "note": "libmtmd loads an mmproj only beside a GGUF decoder; export one with --decoder gguf:..."}
     spec = manifest.preprocess
-    side = spec.longest_edge if manifest.image_layout.kind == "idefics3" and spec.longest_edge else spec.tile_size[0]
-    image = scenes.render(scenes.make_scene(4_000_000_000), size=side)
+    scene = scenes.make_scene(4_000_000_000)
+    if manifest.image_layout.kind == "grid":  # the probe at its own smart-resized size: neither side resizes it
+        height, width = smart_resize(GRID_PROBE_SIZE[1], GRID_PROBE_SIZE[0], spec)
+        image = scenes.render(scene, size=max(width, height)).resize((width, height))
+    else:
+        side = spec.longest_edge if manifest.image_layout.kind == "idefics3" and spec.longest_edge else spec.tile_size[0]
+        image = scenes.render(scene, size=side)
+    pre = preprocess(image, spec)
     with torch.inference_mode():
-        reference = ckpt.vision(torch.from_numpy(preprocess(image, spec).pixel_values)).numpy()  # (tiles, T, D)
+        pixels = torch.from_numpy(pre.pixel_values)
+        reference = (ckpt.vision(pixels).numpy() if pre.grid is None  # (tiles, T, D)
+                     else ckpt.vision(pixels, pre.grid).numpy()[None])  # a grid image is one (1, M, D) tile
     pipeline = MtmdPipeline(bundle / manifest.find("decoder", ggufs[0]).path, bundle / artifact.path, n_ctx=512,
-                            threads=threads, parity=True)
+                            threads=threads, parity=True, image_tokens=image_token_bounds(artifact.details))
     try:
         tokenized = pipeline.tokenize(f"{pipeline.marker}\n", [np.asarray(image)])
         tiles, _ = pipeline.encode(tokenized)

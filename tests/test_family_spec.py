@@ -156,5 +156,5 @@ def test_inspect_reads_the_description(ckpts, described, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = described["internvl"]["summary"]
     assert summary["image_layout"] == expected["image_layout"] and summary["vision"] == expected["vision"]
-    assert summary["image_attention"] == "causal" and summary["mmproj"] == f"none: {expected['mmproj_refusal']}"
+    assert summary["image_attention"] == "causal" and summary["mmproj"] == expected["mmproj_projector"] == "internvl"
     assert summary["decoder"]["architecture"] == expected["decoder_architecture"] == "qwen2"

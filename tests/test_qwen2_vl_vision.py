@@ -176,12 +176,15 @@ def test_verify_checks_the_grid_encoders(qwen_vision):
 
 
 def test_an_mmproj_for_qwen_is_refused_in_one_line(qwen_vision, tmp_path, capsys):
+    """The tiny Qwen2.5-VL attends in 56-px windows; llama.cpp's qwen2.5vl_merger graph has 112-px ones (the mmproj
+    writer itself: test_mmproj_qwen_internvl.py)."""
     from edgevlm.cli import main
 
-    code = main(["export", str(qwen_vision["2"]["path"]), "-o", str(tmp_path / "b"), "--encoder", "gguf:f16",
+    code = main(["export", str(qwen_vision["2.5"]["path"]), "-o", str(tmp_path / "b"), "--encoder", "gguf:f16",
                  "--decoder", ""])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "mmproj" in err and "Traceback" not in err
+    assert "112-px" in err
     assert not (tmp_path / "b").exists()
 
 

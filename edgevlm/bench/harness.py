@@ -260,16 +260,17 @@ def mtmd_peer(bundle: Path, decoder: str, mmproj: str, texts: list[str], placeho
     empty KV cache; warm: the same image with the other question, the prefix reused as llama-server's prompt cache
     does (mtmd still tokenizes and preprocesses the image, as the server does per request)."""
     from ..manifest import Manifest
-    from .peers.mtmd import MtmdPipeline
+    from .peers.mtmd import MtmdPipeline, image_token_bounds, media_prompt
 
     manifest = Manifest.load(bundle)
     gguf, projector = manifest.find("decoder", decoder), manifest.find("encoder", mmproj)
     gguf.verify(bundle)
     projector.verify(bundle)
     pipeline = MtmdPipeline(bundle / gguf.path, bundle / projector.path, n_ctx=scenario.n_ctx or 4096,
-                            threads=scenario.threads)
+                            threads=scenario.threads, image_tokens=image_token_bounds(projector.details))
     rgb = np.asarray(bench_image(scenario.image_size))  # (H, W, 3) uint8, decoded once like edgevlm's runs
-    prompts = [text.replace(placeholder, pipeline.marker) for text in texts]
+    kind = projector.details.get("projector_type", "")
+    prompts = [media_prompt(text, placeholder, kind, pipeline.marker) for text in texts]
 
     def ask(text: str, reuse: bool) -> dict:
         start = time.perf_counter()

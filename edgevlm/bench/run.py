@@ -177,9 +177,7 @@ def mtmd_peers(bundle: Path, pairs: list[tuple[str, str]], scenario: harness.Sce
     if not decoders:
         return []
     if not mmprojs:
-        family = Manifest.load(bundle).family
-        how = ("edgevlm writes no mmproj for this family" if family == "qwen2_vl"
-               else "export it with --encoder gguf:f16 to measure llama.cpp's own multimodal path")
+        how = "export it with --encoder gguf:f16 to measure llama.cpp's own multimodal path"
         return [{"name": "llama.cpp mtmd (in-process)", "skipped": f"the bundle has no mmproj; {how}"}]
     texts, placeholder = harness.mtmd_prompts(bundle, scenario)
     runs = []

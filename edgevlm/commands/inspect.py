@@ -55,11 +55,15 @@ def llama_cpp_usage(path: Path, manifest) -> dict | None:
     if not mmprojs or not ggufs:
         return None
     model = path / manifest.find("decoder", ggufs[0]).path
-    mmproj = path / manifest.find("encoder", mmprojs[0]).path
+    artifact = manifest.find("encoder", mmprojs[0])
+    mmproj = path / artifact.path
+    # the processor's image-token bounds, for projector types whose file cannot carry them (Qwen2-VL)
+    bounds = (f" --image-min-tokens {artifact.details['image_min_tokens']} --image-max-tokens "
+              f"{artifact.details['image_max_tokens']}") if "image_min_tokens" in artifact.details else ""
     return {
         "decoder": ggufs[0], "mmproj": mmprojs[0],
-        "cli": f'llama-mtmd-cli -m {model} --mmproj {mmproj} --image IMAGE.jpg -p "Describe the image."',
-        "server": f"llama-server -m {model} --mmproj {mmproj} --host 127.0.0.1 --port 8080",
+        "cli": f'llama-mtmd-cli -m {model} --mmproj {mmproj}{bounds} --image IMAGE.jpg -p "Describe the image."',
+        "server": f"llama-server -m {model} --mmproj {mmproj}{bounds} --host 127.0.0.1 --port 8080",
         "notes": manifest.find("encoder", mmprojs[0]).details.get("notes", []),
     }
 

@@ -9,7 +9,6 @@ names the projector type or why there is none; what only the loaded tokenizer an
 ../shared/notes/mmproj-feasibility.md."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,69 +17,24 @@ from ..errors import BadInputError
 from ..families.spec import PINNED_LLAMA_CPP, FamilySpec
 from ..manifest import Artifact
 from .bundle import BundleWriter
+from .mmproj_internvl import plan_internvl
+from .mmproj_plan import MmprojPlan, activation_flags, common_u32, numpy_of, vit_tensors
+from .mmproj_qwen2vl import plan_qwen2vl
 
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
 Q8_0_BLOCK = 32  # ggml's Q8_0 block: rows must be a multiple of it
 # The separators mtmd inserts around idefics3 tiles, looked up as single tokens by their exact text (lookup_token in
 # mtmd.cpp); a missing one becomes token -1 in the prompt and llama_decode fails.
 IDEFICS3_PIECES = ("\n", "\n\n", "<fake_token_around_image>", "<global-img>")
+# the u32 keys a plan may carry beyond the common ones -> gguf-py's GGUFWriter method that writes each
+OPTIONAL_U32 = {"scale_factor": "add_vision_projector_scale_factor", "preproc_image_size": "add_vision_preproc_image_size",
+                "n_wa_pattern": "add_vision_n_wa_pattern", "spatial_merge_size": "add_vision_spatial_merge_size",
+                "preproc_min_tiles": "add_vision_preproc_min_tiles", "preproc_max_tiles": "add_vision_preproc_max_tiles"}
 
-# per ViT layer: GGUF suffix -> attribute path in a transformers CLIP/SigLIP/Idefics3 encoder layer
-LAYER_TENSORS = {
-    "ln1": "layer_norm1", "ln2": "layer_norm2",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2",
-}
-# tower activation (transformers name) -> the clip.cpp flag that selects its FFN op (neither flag = quick GELU)
-TOWER_ACTIVATIONS = {"gelu_pytorch_tanh": "use_gelu", "gelu_new": "use_gelu", "gelu": "use_gelu",
-                     "quick_gelu": None, "silu": "use_silu"}
-
-
-@dataclass
-class MmprojPlan:
-    """Everything the file will hold, decided before a byte is written."""
-
-    projector_type: str  # "idefics3" | "mlp"
-    u32: dict[str, int]
-    f32: dict[str, float]
-    flags: dict[str, bool]
-    mean_std: tuple[list[float], list[float]]
-    feature_layers: list[int] | None
-    tensors: dict[str, np.ndarray]  # GGUF name -> float32 array in torch order (the writer reverses to ggml's ne)
-    notes: list[str] = field(default_factory=list)
-
-
-def _numpy(tensor) -> np.ndarray:
-    return tensor.detach().to("cpu").float().numpy()
-
-
-def _vit_tensors(embeddings, layers, n_layers: int) -> dict[str, np.ndarray]:
-    tensors = {"v.patch_embd.weight": _numpy(embeddings.patch_embedding.weight),  # (D, 3, p, p)
-               "v.position_embd.weight": _numpy(embeddings.position_embedding.weight)}  # (P [+1], D)
-    if embeddings.patch_embedding.bias is not None:
-        tensors["v.patch_embd.bias"] = _numpy(embeddings.patch_embedding.bias)
-    for i in range(n_layers):
-        for short, attr in LAYER_TENSORS.items():
-            module = layers[i].get_submodule(attr)
-            tensors[f"v.blk.{i}.{short}.weight"] = _numpy(module.weight)
-            tensors[f"v.blk.{i}.{short}.bias"] = _numpy(module.bias)
-    return tensors
-
-
-def _activation_flags(hidden_act: str, where: str) -> tuple[dict[str, bool], list[str]]:
-    if hidden_act not in TOWER_ACTIVATIONS:
-        raise BadInputError(f"the {where} activation {hidden_act!r} has no counterpart in llama.cpp's clip.cpp "
-                            f"(it has tanh GELU, quick GELU and SiLU); this checkpoint cannot be written as an mmproj")
-    flag = TOWER_ACTIVATIONS[hidden_act]
-    notes = ["the tower's erf GELU runs as tanh GELU in clip.cpp (<= 4.7e-4 per activation)"] if hidden_act == "gelu" else []
-    return ({flag: True} if flag else {}), notes
-
-
-def _common_u32(vision_config, text_hidden: int, n_layers: int) -> dict[str, int]:
-    return {"projection_dim": int(text_hidden), "image_size": int(vision_config.image_size),
-            "patch_size": int(vision_config.patch_size), "embedding_length": int(vision_config.hidden_size),
-            "feed_forward_length": int(vision_config.intermediate_size), "block_count": int(n_layers),
-            "head_count": int(vision_config.num_attention_heads)}
+def _tower_u32(vision_config, text_hidden: int, n_layers: int) -> dict[str, int]:
+    vc = vision_config
+    return common_u32(vc.image_size, vc.patch_size, vc.hidden_size, vc.intermediate_size, n_layers,
+                      vc.num_attention_heads, text_hidden)
 
 
 def single_token_pieces(tokenizer, pieces: tuple[str, ...]) -> list[str]:
@@ -102,15 +56,15 @@ def plan_idefics3(ckpt) -> MmprojPlan:
         raise BadInputError(f"llama.cpp's mtmd inserts {', '.join(map(repr, missing))} around each tile as single "
                             "tokens, but this tokenizer has no such token; an mmproj of this checkpoint could not run in "
                             "llama.cpp (export --encoder onnx:... instead)")
-    flags, notes = _activation_flags(vision_config.hidden_act, "vision tower")
+    flags, notes = activation_flags(vision_config.hidden_act, "vision tower")
     scale = int(config.scale_factor)  # 2 or 4: describe() refuses the rest
     n_layers = int(vision_config.num_hidden_layers)
-    tensors = _vit_tensors(vision_model.embeddings, vision_model.encoder.layers, n_layers)
-    tensors["v.post_ln.weight"] = _numpy(vision_model.post_layernorm.weight)
-    tensors["v.post_ln.bias"] = _numpy(vision_model.post_layernorm.bias)
-    tensors["mm.model.fc.weight"] = _numpy(hf.model.connector.modality_projection.proj.weight)  # (T, D * s^2)
+    tensors = vit_tensors(vision_model.embeddings, vision_model.encoder.layers, n_layers)
+    tensors["v.post_ln.weight"] = numpy_of(vision_model.post_layernorm.weight)
+    tensors["v.post_ln.bias"] = numpy_of(vision_model.post_layernorm.bias)
+    tensors["mm.model.fc.weight"] = numpy_of(hf.model.connector.modality_projection.proj.weight)  # (T, D * s^2)
     spec = ckpt.preprocess
-    u32 = _common_u32(vision_config, config.text_config.hidden_size, n_layers)
+    u32 = _tower_u32(vision_config, config.text_config.hidden_size, n_layers)
     u32 |= {"scale_factor": scale, "preproc_image_size": int(spec.longest_edge)}
     if not spec.image_splitting:
         notes.append("the checkpoint does not split images but mtmd always does (a grid of at least 1x1 plus the "
@@ -125,7 +79,7 @@ def plan_llava(ckpt) -> MmprojPlan:
     config, vision_config = hf.config, hf.config.vision_config
     # a CLIP tower, a dropped first patch and a projector activation mtmd lacks: refused by llava.describe()
     projector_act = getattr(config, "projector_hidden_act", "gelu")
-    flags, notes = _activation_flags(vision_config.hidden_act, "vision tower")
+    flags, notes = activation_flags(vision_config.hidden_act, "vision tower")
     if projector_act == "gelu":
         notes.append("the projector's erf GELU runs as tanh GELU in mtmd (<= 4.7e-4 per activation)")
     n_total = int(vision_config.num_hidden_layers)
@@ -139,23 +93,30 @@ def plan_llava(ckpt) -> MmprojPlan:
     n_layers = max(feature_layers)  # layers after the deepest feature layer are never run
     tower = hf.model.vision_tower
     tower = getattr(tower, "vision_model", tower)
-    tensors = _vit_tensors(tower.embeddings, tower.encoder.layers, n_layers)
+    tensors = vit_tensors(tower.embeddings, tower.encoder.layers, n_layers)
     projector = hf.model.multi_modal_projector
     for gguf_index, linear in ((0, projector.linear_1), (2, projector.linear_2)):  # mtmd reads mm.0 and mm.2, never mm.1
-        tensors[f"mm.{gguf_index}.weight"] = _numpy(linear.weight)
+        tensors[f"mm.{gguf_index}.weight"] = numpy_of(linear.weight)
         bias = linear.bias if linear.bias is not None else np.zeros(linear.weight.shape[0], np.float32)
-        tensors[f"mm.{gguf_index}.bias"] = bias if isinstance(bias, np.ndarray) else _numpy(bias)
+        tensors[f"mm.{gguf_index}.bias"] = bias if isinstance(bias, np.ndarray) else numpy_of(bias)
     spec = ckpt.preprocess
     if spec.tile_size[0] != spec.tile_size[1]:
         raise BadInputError(f"mtmd's llava graph takes square images only; this checkpoint's tile is {spec.tile_size}")
     notes.append("mtmd pads non-square images to a square (LLaVA-1.5's expand2square); edgevlm resizes them like the "
                  "checkpoint's processor, so only square images see the same pixels")
-    return MmprojPlan("mlp", _common_u32(vision_config, config.text_config.hidden_size, n_layers),
+    return MmprojPlan("mlp", _tower_u32(vision_config, config.text_config.hidden_size, n_layers),
                       {"layer_norm_epsilon": float(vision_config.layer_norm_eps)}, flags,
                       (list(spec.image_mean), list(spec.image_std)), feature_layers, tensors, notes)
 
 
-PLANNERS = {"idefics3": plan_idefics3, "mlp": plan_llava}  # clip.cpp projector type -> writer
+# clip.cpp projector type -> the planner of its file (one line per type; the families' describe() name the type)
+PLANNERS = {
+    "idefics3": plan_idefics3,
+    "mlp": plan_llava,
+    "qwen2vl_merger": plan_qwen2vl,
+    "qwen2.5vl_merger": plan_qwen2vl,
+    "internvl": plan_internvl,
+}
 
 
 def plan_mmproj(ckpt) -> MmprojPlan:
@@ -211,10 +172,9 @@ def write_mmproj(plan: MmprojPlan, path: Path, precision: str, name: str = "edge
         writer.add_vision_use_gelu(True)
     if plan.flags.get("use_silu"):
         writer.add_vision_use_silu(True)
-    if "scale_factor" in u32:
-        writer.add_vision_projector_scale_factor(u32["scale_factor"])
-    if "preproc_image_size" in u32:
-        writer.add_vision_preproc_image_size(u32["preproc_image_size"])
+    for key, method in OPTIONAL_U32.items():
+        if key in u32:
+            getattr(writer, method)(int(u32[key]))
     if plan.feature_layers is not None:
         # INT32[] (python ints); gguf 0.19 has no helper. Explicit layers also avoid upstream issue 25817 (one layer
         # lost when the key is absent).
@@ -246,4 +206,12 @@ def export_encoder(ckpt, manifest, writer: BundleWriter, precision: str, log=pri
     return writer.artifact(f"mmproj:{precision}", "encoder", "gguf-mmproj", precision, f"encoder/{path.name}",
                            consumer="llama.cpp mtmd (llama-mtmd-cli, llama-server --mmproj)",
                            projector_type=plan.projector_type, tensor_types=counts, tested_with=PINNED_LLAMA_CPP,
-                           notes=plan.notes)
+                           notes=plan.notes, **_image_token_details(plan))
+
+
+def _image_token_details(plan: MmprojPlan) -> dict:
+    """The checkpoint's image-token bounds for mtmd (llama-server --image-min-tokens / --image-max-tokens), when
+    this projector type's file cannot carry them."""
+    if plan.image_tokens is None:
+        return {}
+    return {"image_min_tokens": plan.image_tokens[0], "image_max_tokens": plan.image_tokens[1]}

@@ -16,9 +16,33 @@ ARCHITECTURES = ("InternVLForConditionalGeneration",)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # transformers' InternVLVisionConfig defaults, for keys a config.json may omit
 TOWER_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                      image_size=448, patch_size=14)
-NO_MMPROJ = ("the internvl family has no llama.cpp mmproj writer (gguf:* / mmproj:* encoders); export onnx:fp32 / "
-             "onnx:int8 instead (mmproj families: idefics3, llava)")
+                      image_size=448, patch_size=14, use_qk_norm=False, norm_type="layer_norm", use_mean_pooling=True,
+                      use_absolute_position_embeddings=True, hidden_act="gelu")
+MTMD_RMS_TOWER = (3200, 45)  # (width, layers): the one InternViT llama.cpp's internvl graph runs with RMS norms
+MTMD_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu")  # tower activations clip.cpp has
+
+
+def mmproj_refusal(config: dict, shape: dict) -> str | None:
+    """Why llama.cpp's internvl graph cannot run this checkpoint like transformers (config.json alone), or None."""
+    rms = shape["norm_type"] == "rms_norm"
+    if shape["use_qk_norm"]:
+        return "the tower normalizes q and k (use_qk_norm), which llama.cpp's internvl graph does not"
+    if rms != ((int(shape["hidden_size"]), int(shape["num_hidden_layers"])) == MTMD_RMS_TOWER):
+        return (f"llama.cpp's internvl graph picks its norm by the tower's shape, not {shape['norm_type']!r} for a "
+                f"{shape['hidden_size']}-wide, {shape['num_hidden_layers']}-layer tower")
+    if not shape["use_mean_pooling"]:
+        return "the tower ends in a LayerNorm (use_mean_pooling false), which llama.cpp's internvl graph never runs"
+    if not shape["use_absolute_position_embeddings"]:
+        return "the tower has no learned positions, which llama.cpp's internvl graph requires"
+    if shape["hidden_act"] not in MTMD_ACTIVATIONS or config.get("projector_hidden_act", "gelu") != "gelu":
+        return f"llama.cpp has no {shape['hidden_act']!r} tower / {config.get('projector_hidden_act')!r} projector activation"
+    if config.get("vision_feature_select_strategy", "default") != "default":
+        return "the projector keeps the CLS token (vision_feature_select_strategy 'full'); llama.cpp drops it"
+    layer, n_layers = config.get("vision_feature_layer", -1), int(shape["num_hidden_layers"])
+    index = (layer if layer >= 0 else n_layers + 1 + layer) if isinstance(layer, int) else -1  # HF hidden_states[i]
+    if not 0 < index <= n_layers:
+        return f"vision_feature_layer {layer!r} is not one tower layer, the only feature llama.cpp takes"
+    return None
 
 
 def preprocess_spec(processor: dict, image_size: int) -> PreprocessSpec:
@@ -53,6 +77,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     end = tokenizer.options.get("end_image_token") or "</img>"
     if tokenizer.known and (tokenizer.id_of(start) is None or tokenizer.id_of(end) is None):
         raise CheckpointError(f"the tokenizer lacks the image delimiters {start!r} / {end!r}; re-save the tokenizer")
+    refusal = mmproj_refusal(config, shape)
     return FamilySpec(
         family="internvl", architecture=ARCHITECTURES[0], preprocess=preprocess_spec(processor, image),
         layout=ImageLayout("wrapped", image_token, image_token, image_token_id, tokens, start_token=start,
@@ -60,7 +85,9 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
                             int(shape["num_attention_heads"]), int(shape["intermediate_size"]), side * side + 1,
                             tokens, ("multi_modal_projector.",)),  # + 1: the CLS position
-        decoder_architecture=decoder_row(config, "qwen2"), mmproj_projector=None, mmproj_refusal=NO_MMPROJ,
+        decoder_architecture=decoder_row(config, "qwen2"), mmproj_projector=None if refusal else "internvl",
+        mmproj_refusal=f"{refusal}: no llama.cpp mmproj can run this checkpoint (export onnx:fp32 / onnx:int8 instead)"
+        if refusal else None,
         stop_tokens=("<|im_end|>",),
     )
 

@@ -21,8 +21,12 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 # transformers' Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig defaults, for keys a config.json may omit
 TOWER_DEFAULTS = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, intermediate_size=3420,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-NO_MMPROJ = ("the qwen2_vl family has no llama.cpp mmproj writer (gguf:* / mmproj:* encoders); export onnx:fp32 / "
-             "onnx:int8 instead (mmproj families: idefics3, llava)")
+# llama.cpp's clip.cpp projector types (export/mmproj_qwen2vl.py writes both)
+MMPROJ_TYPES = {"Qwen2VLForConditionalGeneration": "qwen2vl_merger",
+                "Qwen2_5_VLForConditionalGeneration": "qwen2.5vl_merger"}
+# what clip.cpp's qwen2vl graph hard-wires at the pinned llama.cpp: a 2x2 merge of 2-frame patches, 112-px windows
+MTMD_MERGE, MTMD_TEMPORAL, MTMD_WINDOW_PX = 2, 2, 112
+WINDOW_DEFAULTS = dict(window_size=112, fullatt_block_indexes=(7, 15, 23, 31))  # Qwen2_5_VLVisionConfig's
 
 
 def _pixels(processor: dict, key: str, size_keys: tuple[str, ...], default: int) -> int:
@@ -51,6 +55,37 @@ def preprocess_spec(processor: dict) -> PreprocessSpec:
     )
 
 
+def window_pattern(full_blocks, depth: int) -> int | None:
+    """clip.vision.n_wa_pattern: n when the full-attention blocks are exactly those with (i + 1) % n == 0 (what
+    clip.cpp's qwen2.5vl_merger graph runs), else None."""
+    full = sorted(int(i) for i in full_blocks)
+    pattern = full[0] + 1 if full else 0
+    return pattern if full and full == [i for i in range(depth) if (i + 1) % pattern == 0] else None
+
+
+def mmproj_refusal(shape: dict, gated: bool, width: int, mlp: int) -> str | None:
+    """Why llama.cpp's qwen2vl graphs cannot run this tower like transformers (config.json alone), or None."""
+    merge, patch = int(shape["spatial_merge_size"]), int(shape["patch_size"])
+    graph = MMPROJ_TYPES["Qwen2_5_VLForConditionalGeneration" if gated else "Qwen2VLForConditionalGeneration"]
+    if (merge, int(shape["temporal_patch_size"])) != (MTMD_MERGE, MTMD_TEMPORAL):
+        return (f"llama.cpp's {graph} graph takes a 2x2 merge of 2-frame patches, this tower {merge} / "
+                f"{shape['temporal_patch_size']}")
+    if width == mlp:  # clip.cpp load_tensors (is_ffn_swapped): a down matrix as wide as the tower is taken as legacy
+        return (f"the tower's MLP is as wide as the tower ({width}); llama.cpp reads such {graph} files as legacy "
+                "ones with ffn_up/ffn_down swapped and swaps them back")
+    if not gated:
+        return None
+    shape = {**WINDOW_DEFAULTS, **shape}
+    full = list(shape["fullatt_block_indexes"] or ())
+    if window_pattern(full, int(shape["depth"])) is None:
+        return (f"fullatt_block_indexes {full} are not every n-th block, the only full-attention pattern of "
+                "llama.cpp's qwen2.5vl_merger graph")
+    if int(shape["window_size"]) // patch // merge != MTMD_WINDOW_PX // patch // MTMD_MERGE:
+        return (f"the tower attends in {shape['window_size']}-px windows; llama.cpp's qwen2.5vl_merger graph uses "
+                f"{MTMD_WINDOW_PX}-px ones (it reads no window size for this projector type)")
+    return None
+
+
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
     architecture = next((a for a in config.get("architectures") or [] if a in ARCHITECTURES), ARCHITECTURES[0])
     shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
@@ -68,13 +103,17 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
                                   f"({tokenizer.id_of(IMAGE_TOKEN)}); the files do not belong together")
     text = text_config(config)
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    refusal = mmproj_refusal(shape, gated, width, mlp)
     return FamilySpec(
         family="qwen2_vl", architecture=architecture, preprocess=preprocess_spec(processor),
         layout=ImageLayout("grid", IMAGE_TOKEN, IMAGE_TOKEN, image_token_id, 1),
         # one encoder input unit is a merge block: merge^2 patches in, one image token out
         vision=VisionShapes(patch * merge, patch, width, int(shape["depth"]), int(shape["num_heads"]), mlp,
                             merge * merge, 1, (".merger.", "merger."), gated=gated, merge_size=merge),
-        decoder_architecture=decoder_row(config, "qwen2_vl_text"), mmproj_projector=None, mmproj_refusal=NO_MMPROJ,
+        decoder_architecture=decoder_row(config, "qwen2_vl_text"),
+        mmproj_projector=None if refusal else MMPROJ_TYPES[architecture],
+        mmproj_refusal=f"{refusal}: no llama.cpp mmproj can run this checkpoint (export onnx:fp32 / onnx:int8 instead)"
+        if refusal else None,
         stop_tokens=("<|im_end|>",), mrope_section=rope.get("mrope_section"),
     )
 

@@ -40,10 +40,30 @@ class Tokenized:
         return sum(c.n_pos for c in self.chunks)
 
 
+# the text mtmd writes around each image itself (mtmd.cpp img_beg / img_end) where a chat template writes it too
+MTMD_IMAGE_WRAPPERS = {"qwen2vl_merger": ("<|vision_start|>", "<|vision_end|>"),
+                       "qwen2.5vl_merger": ("<|vision_start|>", "<|vision_end|>")}
+
+
+def media_prompt(text: str, placeholder: str, projector_type: str, marker: str) -> str:
+    """edgevlm's rendered prompt for mtmd: its media marker where edgevlm expands an image's placeholder, without the
+    delimiters mtmd adds around the image itself."""
+    begin, end = MTMD_IMAGE_WRAPPERS.get(projector_type, ("", ""))
+    return text.replace(begin + placeholder + end, placeholder).replace(placeholder, marker)
+
+
+def image_token_bounds(details: dict) -> tuple[int, int] | None:
+    """An mmproj artifact's image-token bounds for mtmd (llama-server --image-min-tokens / --image-max-tokens)."""
+    if "image_min_tokens" not in details:
+        return None
+    return int(details["image_min_tokens"]), int(details["image_max_tokens"])
+
+
 class MtmdPipeline:
     def __init__(self, decoder_gguf: str | Path, mmproj: str | Path, n_ctx: int = 4096, threads: int | None = None,
-                 n_batch: int = DEFAULT_N_BATCH, parity: bool = False):
-        """parity: flash attention off in the vision encoder and the decoder, f32 KV (as edgevlm's parity mode)."""
+                 n_batch: int = DEFAULT_N_BATCH, parity: bool = False, image_tokens: tuple[int, int] | None = None):
+        """parity: flash attention off in the vision encoder and the decoder, f32 KV (as edgevlm's parity mode).
+        image_tokens: (min, max) image tokens, what llama-server's --image-min-tokens / --image-max-tokens set."""
         mtmd = require_mtmd()
         self.model = LlamaModel(decoder_gguf)  # llama.cpp's defaults otherwise, as llama-server runs
         self.context = LlamaContext(self.model, ContextSettings(int(n_ctx), int(n_batch), threads, parity))
@@ -58,6 +78,8 @@ class MtmdPipeline:
         mparams.print_timings = False
         mparams.warmup = False
         mparams.flash_attn_type = self.context.flash_attn_type  # the decoder's choice (off in parity mode)
+        if image_tokens is not None:
+            mparams.image_min_tokens, mparams.image_max_tokens = (int(v) for v in image_tokens)
         self.mctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.model.pointer, mparams)
         if not self.mctx:
             self._free_llama()
