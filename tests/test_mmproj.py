@@ -300,3 +300,18 @@ def test_damaged_mmprojs_fail_verify(label, mmproj_bundles, tmp_path):
     rows = {r["artifact"]: r for r in verify_report(bundle, threads=2, decoders=False)["rows"]}
     failing = names if label.startswith("projector") else names[:2]
     assert {rows[n]["status"] for n in failing} == {"FAIL"}, {n: rows[n] for n in names}
+
+
+@pytest.mark.parametrize("name", ["idefics3", "llava-siglip"])
+def test_a_tower_whose_mlp_is_as_wide_as_the_tower_is_refused(ckpts, name):
+    """clip.cpp's loader swaps ffn_up/ffn_down back when ffn_down is as wide as the tower (a legacy file, it assumes)
+    for the mlp and idefics3 types too: such a tower is refused from config.json, before anything loads."""
+    from edgevlm.families import describe, read_config
+    from edgevlm.families.files import read_processor_config, read_vocabulary
+
+    config = read_config(ckpts[name])
+    assert describe(config, read_processor_config(ckpts[name]), read_vocabulary(ckpts[name])).mmproj_refusal is None
+    vision = config["vision_config"]
+    wide = {**config, "vision_config": {**vision, "intermediate_size": vision["hidden_size"]}}
+    spec = describe(wide, read_processor_config(ckpts[name]), read_vocabulary(ckpts[name]))
+    assert spec.mmproj_projector is None and "swapped" in spec.mmproj_refusal

@@ -11,7 +11,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name
-from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row
+from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal
 
 ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 END_OF_UTTERANCE = "<end_of_utterance>"
@@ -53,6 +53,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     )
     refusal = None if scale in MTMD_SCALES else \
         f"clip.cpp's idefics3 graph takes a pixel-shuffle scale of 2 or 4, this checkpoint has {scale}"
+    refusal = refusal or mlp_width_refusal("idefics3", int(shape["hidden_size"]), int(shape["intermediate_size"]))
     return FamilySpec(
         family="idefics3", architecture=architecture, preprocess=preprocess_spec(processor, image), layout=layout,
         vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),

@@ -9,7 +9,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name
-from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row
+from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal
 
 ARCHITECTURES = ("LlavaForConditionalGeneration",)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -77,6 +77,9 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         raise CheckpointError("config.json names no image_token_id; re-save the checkpoint")
     image_token = tokenizer.text_of(int(image_token_id)) or "<image>"
     projector, refusal = _mmproj(config, tower)
+    if projector and (refusal := mlp_width_refusal(projector, int(shape["hidden_size"]),
+                                                   int(shape["intermediate_size"]))):
+        projector = None
     return FamilySpec(
         family="llava", architecture=ARCHITECTURES[0], preprocess=preprocess_spec(processor, image),
         layout=ImageLayout("repeat", image_token, image_token, int(image_token_id), tokens),

@@ -11,7 +11,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name
-from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, text_config
+from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal, text_config
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 IMAGE_TOKEN, IMAGE_TOKEN_ID = "<|image_pad|>", 151655
@@ -70,9 +70,8 @@ def mmproj_refusal(shape: dict, gated: bool, width: int, mlp: int) -> str | None
     if (merge, int(shape["temporal_patch_size"])) != (MTMD_MERGE, MTMD_TEMPORAL):
         return (f"llama.cpp's {graph} graph takes a 2x2 merge of 2-frame patches, this tower {merge} / "
                 f"{shape['temporal_patch_size']}")
-    if width == mlp:  # clip.cpp load_tensors (is_ffn_swapped): a down matrix as wide as the tower is taken as legacy
-        return (f"the tower's MLP is as wide as the tower ({width}); llama.cpp reads such {graph} files as legacy "
-                "ones with ffn_up/ffn_down swapped and swaps them back")
+    if refusal := mlp_width_refusal(graph, width, mlp):
+        return refusal
     if not gated:
         return None
     shape = {**WINDOW_DEFAULTS, **shape}

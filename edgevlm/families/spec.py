@@ -164,6 +164,16 @@ class FamilySpec:
                 "mrope_section": list(self.mrope_section) if self.mrope_section else None}
 
 
+def mlp_width_refusal(projector_type: str, width: int, mlp: int) -> str | None:
+    """clip.cpp's loader (load_tensors, is_ffn_swapped) takes a tower whose ffn_down is as wide as the tower for a
+    legacy file with ffn_up/ffn_down swapped, and swaps them back, for the mlp, idefics3, qwen2vl, qwen2.5vl and
+    gemma3 projector types among others: such a tower cannot be written for it."""
+    if width != mlp:
+        return None
+    return (f"the vision tower's MLP is as wide as the tower ({width}); llama.cpp reads such {projector_type} mmproj "
+            "files as legacy ones with ffn_up/ffn_down swapped and swaps them back")
+
+
 def text_config(config: dict) -> dict:
     """The decoder's config: text_config, or for a Qwen2-VL config.json in the Hub's older layout (the text keys at the
     top level, model_type "qwen2_vl") those keys, typed as transformers 5 types the nested one ("qwen2_vl_text")."""
