@@ -20,14 +20,23 @@ from edgevlm.errors import EdgeVLMError
 from hypothesis_profile import example_database
 
 
+PROGRESS = None  # benchmarks/fuzz.py: a file each case's label is written to first, so a child that dies says which
+
+
 class Tally:
     def __init__(self):
         self.counts = {"ok": 0, "clean error": 0, "traceback": 0}
         self.tracebacks: list[str] = []
         self.errors: Counter = Counter()  # clean errors by type
+        self.by_reader: dict[str, Counter] = {}  # crafted files: outcomes per reader
+        self.statuses: Counter = Counter()  # the server: answers by HTTP status
         self.slowest_s = 0.0
+        self.cases = 0
+        self.progress = PROGRESS
 
-    def run(self, label: str, call: Callable[[], Any]) -> str:
+    def run(self, label: str, call: Callable[[], Any], reader: str | None = None) -> str:
+        if self.progress is not None:
+            self.progress.write_text(label[:2000])
         start = time.perf_counter()
         try:
             call()
@@ -48,11 +57,15 @@ class Tally:
             self.tracebacks.append(f"{label}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"[:600])
         self.slowest_s = max(self.slowest_s, time.perf_counter() - start)
         self.counts[outcome] += 1
+        if reader is not None:
+            self.by_reader.setdefault(reader, Counter())[outcome] += 1
         return outcome
 
     def as_dict(self) -> dict:
-        return {**self.counts, "errors_by_type": dict(self.errors.most_common()),
-                "slowest_case_s": round(self.slowest_s, 3)}
+        return {"cases": self.cases, "outcomes": dict(self.counts), "errors_by_type": dict(self.errors.most_common()),
+                **({"by_reader": {k: dict(v) for k, v in self.by_reader.items()}} if self.by_reader else {}),
+                **({"http_statuses": {str(k): v for k, v in sorted(self.statuses.items())}} if self.statuses else {}),
+                "slowest_case_s": round(self.slowest_s, 3), "tracebacks": self.tracebacks[:10]}
 
 
 def drive(name: str, strategy, check: Callable[[Any, Tally], str], n: int, seed: int, strict: bool) -> Tally:
@@ -65,6 +78,7 @@ def drive(name: str, strategy, check: Callable[[Any, Tally], str], n: int, seed:
     @fixed_seed(seed)
     @given(strategy)
     def case(value):
+        tally.cases += 1
         if check(value, tally) == "traceback" and strict:
             raise AssertionError(tally.tracebacks[-1])
 
@@ -176,7 +190,7 @@ def fuzz_ggufs(bundle, template_path, kind: str, n: int, seed: int, strict: bool
     def check(case, tally):
         crafts, parts = case
         path.write_bytes(gguf_craft.serialize(parts))
-        outcomes = [tally.run(f"{kind} crafted by {crafts} read by {name}", lambda: one(name, read))
+        outcomes = [tally.run(f"{kind} crafted by {crafts} read by {name}", lambda: one(name, read), name)
                     for name, read in calls.items()]
         return "traceback" if "traceback" in outcomes else outcomes[0]
 
@@ -204,22 +218,25 @@ def fuzz_server(base_url: str, image_png: bytes, n: int, seed: int, strict: bool
 
     from edgevlm.errors import BadInputError
 
-    def one(body):
+    def one(body, tally):
         request = urllib.request.Request(f"{base_url}/v1/chat/completions", data=strategies.encoded(body),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 response.read()
+                tally.statuses[response.status] += 1
                 return
         except urllib.error.HTTPError as error:
             status, raw = error.code, error.read()
+        tally.statuses[status] += 1
         message = json.loads(raw)["error"]["message"]
         if not 400 <= status < 500 or "\n" in message:
             raise RuntimeError(f"HTTP {status}: {message}")
         raise BadInputError(message)  # a 4xx with its one-line message: a clean error
 
     return drive("server", strategies.request_bodies(image_png),
-                 lambda body, tally: tally.run(f"body {json.dumps(body)[:200]}", lambda: one(body)), n, seed, strict)
+                 lambda body, tally: tally.run(f"body {json.dumps(body)[:200]}", lambda: one(body, tally)), n, seed,
+                 strict)
 
 
 # ---- CLI options -----------------------------------------------------------------------------------------------------
