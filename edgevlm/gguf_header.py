@@ -24,6 +24,7 @@ DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
 TENSOR_ALIGNMENT = 32  # ggml asserts (aborts the process) when a mapped tensor buffer is not aligned to this
 U32 = 4
 VOCABULARY = "tokenizer.ggml.tokens"
+LLAMA_MAX_LAYERS = 512  # llama.cpp src/llama-hparams.h; load_hparams asserts n_layer within it
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ class GGUFHeader:
         """What llama.cpp's loader would abort the process on (a GGML_ASSERT, not an error it returns), refused as
         one line: an alignment that is not a u32 power of two, a tensor not 32-byte aligned in the file (found by
         tests/test_gguf_fuzz.py: general.alignment 1), tensor data past the file's end, a vocabulary that lists a
-        token twice (found by the same: one flipped byte)."""
+        token twice (found by the same: one flipped byte), a layer count past LLAMA_MAX_LAYERS (benchmarks/fuzz.py)."""
+        arch = self.metadata.get("general.architecture")
+        layers = self.metadata.get(f"{arch}.block_count") if isinstance(arch, str) else None
+        if isinstance(layers, int) and not 0 < layers <= LLAMA_MAX_LAYERS:
+            raise BundleError(f"{self.path}: {arch}.block_count is {layers:,}; llama.cpp takes 1..{LLAMA_MAX_LAYERS} "
+                              "layers; the file is damaged, re-export it")
         if self.duplicate_token is not None:
             raise BundleError(f"{self.path}: its vocabulary (tokenizer.ggml.tokens) lists the token "
                               f"{self.duplicate_token[:40]!r} twice; the file is damaged, re-export it")

@@ -85,11 +85,18 @@ def _duplicate_token(parts):
     return parts.with_kv(i, replace(parts.kvs[i], raw=gguf_craft.encode_value(9, (8, tokens))))
 
 
+def _fifty_million_layers(parts):
+    """What a flipped byte in llama.block_count did (benchmarks/fuzz.py, 10,000 cases)."""
+    i = parts.kv_index(b"llama.block_count")
+    return parts.with_kv(i, replace(parts.kvs[i], raw=gguf_craft.u32(0x03000002)))
+
+
 @pytest.mark.parametrize("craft,needle", [(_aligned_to_one, "not aligned to 32 bytes"),
-                                          (_duplicate_token, "lists the token")])
+                                          (_duplicate_token, "lists the token"),
+                                          (_fifty_million_layers, "llama.block_count is 50,331,650")])
 def test_what_llama_cpp_would_abort_on_is_a_one_line_error(craft, needle, mmproj_bundle, tmp_path, images):
     """Found by the decoder fuzzer: llama.cpp asserts (GGML_ASSERT, the process aborts with a C stack dump) on
-    tensor data not 32-byte aligned and on a vocabulary with a repeated token. `edgevlm run` on such a GGUF (its
+    tensor data not 32-byte aligned, on a vocabulary with a repeated token and on a layer count past 512. `edgevlm run` on such a GGUF (its
     hash recomputed, as another tool would write it) now exits 2 with one line. In a child process: before the fix
     the abort took the interpreter with it."""
     from edgevlm.manifest import sha256_file
