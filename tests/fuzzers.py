@@ -17,7 +17,7 @@ from hypothesis import given, seed as fixed_seed, settings
 import gguf_craft
 import strategies
 from edgevlm.errors import EdgeVLMError
-from hypothesis_profile import example_database
+from hypothesis_profile import PHASES, SLOW_OK, example_database
 
 
 PROGRESS = None  # benchmarks/fuzz.py: a file each case's label is written to first, so a child that dies says which
@@ -74,7 +74,9 @@ def drive(name: str, strategy, check: Callable[[Any, Tally], str], n: int, seed:
     counted and nothing is saved."""
     tally = Tally()
 
-    @settings(max_examples=n, database=example_database(name) if strict else None)
+    # the profile's settings restated: benchmarks/fuzz.py runs without tests/conftest.py (no 200 ms deadline there)
+    @settings(max_examples=n, database=example_database(name) if strict else None, deadline=None, phases=PHASES,
+              suppress_health_check=SLOW_OK, print_blob=True)
     @fixed_seed(seed)
     @given(strategy)
     def case(value):
