@@ -209,7 +209,7 @@ def fuzz_bodies(service, image_png: bytes, n: int, seed: int, strict: bool = Tru
             pass
 
     return drive("bodies", strategies.request_bodies(image_png),
-                 lambda body, tally: tally.run(f"body {json.dumps(body)[:200]}", lambda: one(body)), n, seed, strict)
+                 lambda body, tally: tally.run(f"body {strategies.encoded(body)[:200]!r}", lambda: one(body)), n, seed, strict)
 
 
 def fuzz_server(base_url: str, image_png: bytes, n: int, seed: int, strict: bool = True) -> Tally:
@@ -237,7 +237,7 @@ def fuzz_server(base_url: str, image_png: bytes, n: int, seed: int, strict: bool
         raise BadInputError(message)  # a 4xx with its one-line message: a clean error
 
     return drive("server", strategies.request_bodies(image_png),
-                 lambda body, tally: tally.run(f"body {json.dumps(body)[:200]}", lambda: one(body, tally)), n, seed,
+                 lambda body, tally: tally.run(f"body {strategies.encoded(body)[:200]!r}", lambda: one(body, tally)), n, seed,
                  strict)
 
 

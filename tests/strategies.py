@@ -296,11 +296,16 @@ TOP_LEVEL = ["temperature", "top_p", "seed", "max_tokens", "max_completion_token
              "n", "messages", "model"]
 
 
-def deep(depth: int, kind: str):
-    value: Any = "x"
-    for _ in range(depth):
-        value = [value] if kind == "list" else {"a": value}
-    return value
+DEEP = "\0deep:"  # a placeholder string encoded() expands: json.dumps (and Hypothesis's printer) stop near 1,000 levels
+
+
+def deep(depth: int, kind: str) -> str:
+    return f"{DEEP}{depth}:{kind}"
+
+
+def _expand(match) -> str:
+    depth, kind = int(match.group(1)), match.group(2)
+    return ("[" * depth + '"x"' + "]" * depth) if kind == "list" else ('{"a": ' * depth + '"x"' + "}" * depth)
 
 
 @st.composite
@@ -315,7 +320,7 @@ def request_bodies(draw, image_png: bytes):
     data = apply_edits(valid, draw(json_edits(valid, values, max_size=3)))
     if shape == "deep":
         path = draw(st.sampled_from([p for p in leaves(valid) if p]))
-        data = apply_edits(data, [(path, deep(draw(st.sampled_from([10, 63, 65, 100, 1000, 5000])),
+        data = apply_edits(data, [(path, deep(draw(st.sampled_from([10, 63, 65, 100, 1000, 5000, 100_000])),
                                                draw(st.sampled_from(["list", "dict"]))))])
     elif shape == "huge array":
         item = draw(st.sampled_from([{"type": "text", "text": "a"}, {"role": "user", "content": "a"}, 1, None, "x"]))
@@ -327,8 +332,10 @@ def request_bodies(draw, image_png: bytes):
 
 
 def encoded(body) -> bytes:
-    """A body as a client sends it (NaN and Infinity as Python's json writes them)."""
-    return json.dumps(body).encode()
+    """A body as a client sends it (NaN and Infinity as Python's json writes them; deep() nests expanded)."""
+    import re
+
+    return re.sub(r'"\\u0000deep:(\d+):(list|dict)"', _expand, json.dumps(body)).encode()
 
 
 # ---- CLI options -----------------------------------------------------------------------------------------------------
