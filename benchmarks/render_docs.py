@@ -107,7 +107,7 @@ SHOWN = (
           "flipped bytes. Every case is read by every reader in the row (a decoder: the header reader, the planner's "
           "tensor table, the whole plan, llama.cpp's loader; an mmproj: the header reader, the tensor table, "
           "libmtmd's loader), so the outcome columns count reads. The server rows are bodies POSTed to `edgevlm "
-          "serve` on 127.0.0.1: deep nesting (to 5,000 levels), arrays of 50,000 items, wrong types, numbers as "
+          "serve` on 127.0.0.1: deep nesting (to 100,000 levels), arrays of 50,000 items, wrong types, numbers as "
           "strings and nulls at every level of the chat request; a 4xx with a one-line message is a clean error, a "
           "500 or a dropped connection a traceback."),
     Shown("export-memory/smolvlm2-2.2b-after.json", "Export memory: SmolVLM2-2.2B shapes (random weights, bf16 on "
@@ -318,16 +318,16 @@ def _fuzz_row(data: dict) -> str:
     return (f"| {data['fuzzer']} | {data['what']} | {data['cases'] or 0:,} | {readers} | {outcomes.get('ok', 0):,} | "
             f"{outcomes.get('clean error', 0):,} | {outcomes.get('traceback', 0):,} | "
             f"{'no' if died is None else f'yes ({died})'} | {statuses} | {data.get('slowest_case_s', 0):.2f} | "
-            f"{data['seconds']:,.0f} |")
+            f"{data.get('peak_rss_mib', '-')} | {data['seconds']:,.0f} |")
 
 
 def _fuzz_body(root: Path, entry: Shown) -> list[str]:
     results = _fuzz_results(root)
     out = ["| fuzzer | cases of | cases | readers per case | ok | one-line errors / 4xx | tracebacks | process died | "
-           "HTTP statuses | slowest case s | run s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "HTTP statuses | slowest case s | peak RSS MiB | run s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out += [_fuzz_row(data) for data in results]
     first = _load(_data_file(root, entry.path))
-    others = [d for d in results if (d["command"], d["date"][:16]) != (first["command"], first["date"][:16])]
+    others = [d for d in results if d["command"] != first["command"]]
     out += [""] + [f"- {d['fuzzer']}: `{d['command']}`, {_minute(d['date'])} UTC, commit {d.get('commit') or NOT_RECORDED}"
                    for d in others]
     for data in results:
