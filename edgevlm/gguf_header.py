@@ -189,7 +189,8 @@ def _parse(path: Path) -> GGUFHeader:
         cursor.at = 4
         version = cursor.unpack("<I")
         if version not in (2, 3):
-            raise BundleError(f"{where} is GGUF version {version}; edgevlm reads versions 2 and 3")
+            raise BundleError(f"{where} is GGUF version {version}; edgevlm reads versions 2 and 3 (a corrupt file, or "
+                              "one newer than this edgevlm); re-export it")
         n_tensors, n_kv = cursor.unpack("<Q"), cursor.unpack("<Q")
         if n_tensors > len(data) // 24 or n_kv > len(data) // 12:  # each entry takes at least that many bytes
             raise BundleError(f"{where}: its header claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more "
