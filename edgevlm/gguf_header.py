@@ -20,6 +20,11 @@ SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 KEPT_ARRAY_LENGTH = 64  # arrays up to this length are kept (e.g. rope sections); longer ones only counted
 MAX_DIMS = 8  # GGML_MAX_DIMS is 4; a crafted header beyond this is refused
 MAX_STRING = 1 << 24
+DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
+TENSOR_ALIGNMENT = 32  # ggml asserts (aborts the process) when a mapped tensor buffer is not aligned to this
+U32 = 4
+VOCABULARY = "tokenizer.ggml.tokens"
+LLAMA_MAX_LAYERS = 512  # llama.cpp src/llama-hparams.h; load_hparams asserts n_layer within it
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,13 @@ class GGUFHeader:
     version: int
     metadata: dict = field(repr=False)  # key -> scalar, short list, or ("array", element type, length) for long arrays
     tensors: tuple[GGUFTensorInfo, ...] = field(repr=False)
+    path: str = ""
+    file_size: int = 0
+    data_offset: int = 0  # where the tensor data starts: the header's end padded to the alignment
+    alignment: int = DEFAULT_ALIGNMENT
+    alignment_type: int | None = None  # general.alignment's value type (None: the key is absent)
+    duplicate_token: str | None = None  # the first token the vocabulary lists twice
+    types: dict = field(default_factory=dict, repr=False)  # key -> (value type, array element type or None)
 
     @property
     def weight_bytes(self) -> int:
@@ -46,6 +58,32 @@ class GGUFHeader:
         doubles as the output matrix (tied embeddings)."""
         tied = all(t.name != "output.weight" for t in self.tensors)
         return sum(t.n_bytes for t in self.tensors if tied or t.name != "token_embd.weight")
+
+    def check_for_llama_cpp(self) -> None:
+        """What llama.cpp's loader would abort the process on (a GGML_ASSERT, not an error it returns), refused as
+        one line: an alignment that is not a u32 power of two, a tensor not 32-byte aligned in the file (found by
+        tests/test_gguf_fuzz.py: general.alignment 1), tensor data past the file's end, a vocabulary that lists a
+        token twice (found by the same: one flipped byte), a layer count past LLAMA_MAX_LAYERS (benchmarks/fuzz.py)."""
+        arch = self.metadata.get("general.architecture")
+        layers = self.metadata.get(f"{arch}.block_count") if isinstance(arch, str) else None
+        if isinstance(layers, int) and not 0 < layers <= LLAMA_MAX_LAYERS:
+            raise BundleError(f"{self.path}: {arch}.block_count is {layers:,}; llama.cpp takes 1..{LLAMA_MAX_LAYERS} "
+                              "layers; the file is damaged, re-export it")
+        if self.duplicate_token is not None:
+            raise BundleError(f"{self.path}: its vocabulary (tokenizer.ggml.tokens) lists the token "
+                              f"{self.duplicate_token[:40]!r} twice; the file is damaged, re-export it")
+        if self.alignment_type is not None and (self.alignment_type != U32 or not isinstance(self.alignment, int)
+                                                or self.alignment <= 0 or self.alignment & (self.alignment - 1)):
+            raise BundleError(f"{self.path}: general.alignment is {self.alignment!r} (value type "
+                              f"{self.alignment_type}); GGUF needs a u32 power of two; the file is damaged, re-export it")
+        for t in self.tensors:
+            start = self.data_offset + t.offset
+            if t.offset % self.alignment or start % TENSOR_ALIGNMENT:
+                raise BundleError(f"{self.path}: tensor {t.name!r} starts at byte {start:,}, not aligned to "
+                                  f"{max(self.alignment, TENSOR_ALIGNMENT)} bytes; the file is damaged, re-export it")
+            if start + t.n_bytes > self.file_size:
+                raise BundleError(f"{self.path}: tensor {t.name!r} ({t.n_bytes:,} bytes at byte {start:,}) runs past "
+                                  f"the end of the file ({self.file_size:,} bytes); the file is damaged, re-export it")
 
     def block_params(self) -> int:
         """The transformer blocks' parameters (the prefill FLOPs)."""
@@ -83,6 +121,24 @@ class _Cursor:
             raise BundleError(f"{self.where}: a GGUF string array runs past the file; re-export it")
         self.at = at
 
+    def first_duplicate(self, count: int) -> str | None:
+        """Skip a string array, returning the first string that repeats (llama.cpp aborts on a vocabulary with a
+        repeated token); one bytes object per string, no decoding."""
+        data, at, end, seen, duplicate = self.data, self.at, len(self.data), set(), None
+        for _ in range(count):
+            if at + 8 > end:
+                raise BundleError(f"{self.where} is truncated inside a GGUF string array; re-export it")
+            length = struct.unpack_from("<Q", data, at)[0]
+            if at + 8 + length > end:
+                raise BundleError(f"{self.where}: a GGUF string array runs past the file; re-export it")
+            token = bytes(data[at + 8:at + 8 + length])
+            if duplicate is None and token in seen:
+                duplicate = token.decode("utf-8", errors="replace")
+            seen.add(token)
+            at += 8 + length
+        self.at = at
+        return duplicate
+
     def value(self, kind: int, depth: int = 0):
         if kind in SCALARS:
             return self.unpack(SCALARS[kind])
@@ -116,7 +172,11 @@ def _type_sizes() -> dict[int, tuple[str, int, int]]:
 
 def _parse(path: Path) -> GGUFHeader:
     where = str(path)
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:  # a folder, or no permission
+        raise BundleError(f"cannot read {where} ({exc.strerror}); re-export it") from None
+    with handle:
         try:
             data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)  # only the header's pages are read
         except ValueError:  # an empty file
@@ -129,15 +189,27 @@ def _parse(path: Path) -> GGUFHeader:
         cursor.at = 4
         version = cursor.unpack("<I")
         if version not in (2, 3):
-            raise BundleError(f"{where} is GGUF version {version}; edgevlm reads versions 2 and 3")
+            raise BundleError(f"{where} is GGUF version {version}; edgevlm reads versions 2 and 3 (a corrupt file, or "
+                              "one newer than this edgevlm); re-export it")
         n_tensors, n_kv = cursor.unpack("<Q"), cursor.unpack("<Q")
         if n_tensors > len(data) // 24 or n_kv > len(data) // 12:  # each entry takes at least that many bytes
             raise BundleError(f"{where}: its header claims {n_tensors:,} tensors and {n_kv:,} metadata entries, more "
                               "than the file can hold; the file is damaged, re-export it")
-        metadata = {}
+        metadata, types, alignment_type, duplicate = {}, {}, None, None
         for _ in range(n_kv):
             key = cursor.string()
-            metadata[key] = cursor.value(cursor.unpack("<I"))
+            kind = cursor.unpack("<I")
+            if key == VOCABULARY and kind == ARRAY and cursor.unpack("<I") == STRING:
+                count = cursor.unpack("<Q")
+                duplicate = cursor.first_duplicate(count)
+                metadata[key], types[key] = ("array", STRING, count), (ARRAY, STRING)
+                continue
+            if key == VOCABULARY and kind == ARRAY:
+                cursor.at -= 4  # not strings: read as any array
+            types[key] = (kind, cursor.unpack("<I") if kind == ARRAY else None)
+            cursor.at -= 4 if kind == ARRAY else 0
+            metadata[key] = cursor.value(kind)
+            alignment_type = kind if key == "general.alignment" else alignment_type
         sizes = _type_sizes()
         tensors = []
         for _ in range(n_tensors):
@@ -154,7 +226,10 @@ def _parse(path: Path) -> GGUFHeader:
             elements = math.prod(dims)
             tensors.append(GGUFTensorInfo(name, tuple(reversed(dims)), type_name, elements // block * block_bytes,
                                           offset))
-        return GGUFHeader(version, metadata, tuple(tensors))
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        step = alignment if alignment_type == U32 and isinstance(alignment, int) and alignment > 0 else DEFAULT_ALIGNMENT
+        return GGUFHeader(version, metadata, tuple(tensors), where, len(data), cursor.at + (-cursor.at % step),
+                          alignment, alignment_type, duplicate, types)
     finally:
         cursor = None  # the last reference to a slice of the view goes before the map is closed
         view.release()
@@ -174,3 +249,11 @@ def read_header(path: str | Path) -> GGUFHeader:
     except OSError as exc:
         raise BundleError(f"cannot read {path} ({exc.strerror}); re-export it") from None
     return _cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def check_before_loading(path: str | Path) -> GGUFHeader:
+    """The header, read and checked for what would make llama.cpp abort the process instead of returning an error:
+    run before every llama.cpp or libmtmd load of a GGUF (decoders and mmprojs)."""
+    header = read_header(path)
+    header.check_for_llama_cpp()
+    return header

@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import builders  # noqa: E402
+import hypothesis_profile  # noqa: E402
+
+hypothesis_profile.register()  # the saved-example database: written locally, read-only under CI=true
 
 # What `.[all]` installs. Under CI=true a backend that cannot be imported fails the run at once (instead of turning
 # its tests into skips), and any skipped test not marked `gpu` fails it at the end.
@@ -20,8 +23,7 @@ CI_BACKENDS = ("torch", "transformers", "onnxruntime", "onnx", "llama_cpp", "lla
                "mlx_lm", "matplotlib", "psutil")
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+in_ci = hypothesis_profile.in_ci
 
 
 def pytest_configure(config):

@@ -46,6 +46,14 @@ def test_readme_headline_is_what_the_results_give():
         "the README's headline block is not what benchmarks/results/w1 gives: run python benchmarks/render_docs.py"
 
 
+def test_readme_fuzz_table_is_what_the_results_give():
+    render = _render_docs()
+    readme = (ROOT / "README.md").read_text()
+    assert render.readme_with_fuzz(readme, render.render_fuzz(ROOT)) == readme, \
+        "the README's fuzz block is not what benchmarks/results/fuzz gives: run python benchmarks/render_docs.py"
+    assert readme.count(render.FUZZ_START) == 1 and "seeded fuzzers" not in readme  # one table, no older one beside it
+
+
 def test_every_results_file_is_shown_or_retired_by_a_newer_one():
     render = _render_docs()
     render.check_entries(ROOT)  # raises naming the file

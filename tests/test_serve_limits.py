@@ -56,6 +56,20 @@ def test_request_bodies_parse_to_objects_and_deep_nesting_is_refused_in_one_line
             openai.parse_body(raw)
 
 
+def test_consecutive_user_turns_merge_in_linear_time():
+    """benchmarks/fuzz.py's slowest body: 50,000 user turns (1.3 MB, far under the size limit) took 4.6 s to refuse
+    because each merge copied the merged turn's growing list; 200,000 now merge in well under a second."""
+    import time
+
+    body = {"messages": [{"role": "system", "content": "s"}] + [{"role": "user", "content": "a"}] * 200_000}
+    start = time.perf_counter()
+    messages, images = openai.parse_messages(body)
+    assert time.perf_counter() - start < 5  # quadratic: about 100 s
+    assert len(messages) == 1 and images == []
+    assert messages[0]["content"] == [{"type": "text", "text": "s\n"}] + [{"type": "text", "text": "a"}] * 200_000
+    assert body["messages"][1] == {"role": "user", "content": "a"}  # the request itself is not changed
+
+
 def test_response_shapes():
     from edgevlm.runtimes.session import GenerationResult
 

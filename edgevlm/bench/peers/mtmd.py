@@ -15,6 +15,7 @@ import numpy as np
 
 from ...backends import require_mtmd, silence_mtmd_logs
 from ...errors import BundleError
+from ...mmproj_header import check_mmproj
 from ...runtimes.base import Segment
 from ...runtimes.llamacpp import DEFAULT_N_BATCH, ContextSettings, LlamaContext, LlamaModel
 
@@ -65,6 +66,7 @@ class MtmdPipeline:
         """parity: flash attention off in the vision encoder and the decoder, f32 KV (as edgevlm's parity mode).
         image_tokens: (min, max) image tokens, what llama-server's --image-min-tokens / --image-max-tokens set."""
         mtmd = require_mtmd()
+        check_mmproj(mmproj)  # what libmtmd would abort on (not return from) is refused in one line
         self.model = LlamaModel(decoder_gguf)  # llama.cpp's defaults otherwise, as llama-server runs
         self.context = LlamaContext(self.model, ContextSettings(int(n_ctx), int(n_batch), threads, parity))
         llama_cpp = self.model.lib

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ...backends import require_llama_cpp, silence_llama_logs
 from ...errors import BundleError
+from ...gguf_header import check_before_loading
 
 
 class LlamaModel:
@@ -15,6 +16,7 @@ class LlamaModel:
         silence_llama_logs(llama_cpp)
         llama_cpp.llama_backend_init()
         self.path = Path(gguf_path)
+        check_before_loading(self.path)  # what llama.cpp would abort on (not return from) is refused in one line
         self.pointer = llama_cpp.llama_model_load_from_file(str(self.path).encode(),
                                                             llama_cpp.llama_model_default_params())
         if not self.pointer:
