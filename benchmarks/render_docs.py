@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_fuzz.py beside this file (tests load this by path)
 
 from render_fuzz import FUZZ_END, FUZZ_START, fuzz_body, readme_with_fuzz, render_fuzz  # noqa: E402,F401
-from render_fusion import onnx_fusion_body  # noqa: E402
+from render_fusion import FUSION_NOTE, onnx_fusion_body  # noqa: E402
 
 RESULTS = "benchmarks/results"
 DOC = "docs/benchmarks.md"
@@ -52,13 +52,6 @@ class Retired:
     by: str
     reason: str
 
-
-FUSION_NOTE = ("Every variant opens in ONNX Runtime's CPU session with its extended optimizations, as the runtime "
-               "does; rounds alternate the variants in one process (ms: median). Peak RSS: a fresh process that "
-               "opens the variant and runs it once (VmHWM). Error: max |out - unfused| / max |unfused|. "
-               "onnxruntime.transformers' optimizer (what optimum's ORTOptimizer drives) fuses LayerNorm and GELU "
-               "patterns ORT's session already fuses, and no attention in torch.onnx's dynamo graphs, so "
-               "edgevlm/onnx_cpu.py keeps its own matcher; neither fuses Qwen2-VL's rotary attention.")
 
 SHOWN = (
     Shown("w1", "W1: SmolVLM-256M shapes (random weights), one 512x512 image, 24-token prompt, 64 new tokens, "

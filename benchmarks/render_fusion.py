@@ -6,6 +6,12 @@ import json
 from pathlib import Path
 
 RESULTS = "benchmarks/results"
+FUSION_NOTE = ("Every variant opens in ONNX Runtime's CPU session with its extended optimizations, as the runtime "
+               "does; rounds alternate the variants in one process (ms: median). Peak RSS: a fresh process that "
+               "opens the variant and runs it once (VmHWM). Error: max |out - unfused| / max |unfused|. "
+               "onnxruntime.transformers' optimizer (what optimum's ORTOptimizer drives) fuses LayerNorm and GELU "
+               "patterns ORT's session already fuses, and no attention in torch.onnx's dynamo graphs, so "
+               "edgevlm/onnx_cpu.py keeps its own matcher; neither fuses Qwen2-VL's rotary attention.")
 
 
 def onnx_fusion_body(root: Path, entry) -> list[str]:
