@@ -32,6 +32,9 @@ TEXT_DEFAULTS = {"llama": {"num_attention_heads": 32, "max_position_embeddings":
                  "qwen2": {"num_attention_heads": 32, "max_position_embeddings": 32768, "rope_theta": 10000.0,
                            "rms_norm_eps": 1e-6}}
 TEXT_DEFAULTS["qwen2vl"] = TEXT_DEFAULTS["qwen2"]  # Qwen2-VL's text config is a Qwen2Config's
+# Qwen3VLTextConfig's defaults
+TEXT_DEFAULTS["qwen3vl"] = {"num_attention_heads": 32, "max_position_embeddings": 128000, "rope_theta": 500000.0,
+                            "rms_norm_eps": 1e-6}
 
 # The ONNX encoder's weights per parameter (file bytes), measured on the W1 bundle (SigLIP-B/16 + connector, 93.6 M
 # parameters): fp32 374.6 MB = 4.0 B, int8 98.9 MB = 1.06 B (weights s8 + fp32 scales, norms and biases); fp16: 2 B.
@@ -265,7 +268,8 @@ def _checkpoint_vision(spec: FamilySpec, shapes: dict, keys: list[str]) -> Visio
         width, _, _, patch, _ = shapes[embed[0]][1]
         layer_ids = {int(m.group(1)) for k in keys if (m := re.search(r"blocks\.(\d+)\.", k))}
         gate = next((shapes[k][1][0] for k in keys if re.search(r"blocks\.0\.mlp\.gate_proj\.weight$", k)), None)
-        mlp = gate or next((shapes[k][1][0] for k in keys if re.search(r"blocks\.0\.mlp\.fc1\.weight$", k)), 4 * width)
+        mlp = gate or next((shapes[k][1][0] for k in keys if re.search(r"blocks\.0\.mlp\.(linear_)?fc1\.weight$", k)),
+                   4 * width)  # Qwen2-VL: fc1; Qwen3-VL: linear_fc1
     else:
         conv = [k for k in keys if len(shapes[k][1]) == 4 and k not in projector]
         if len(conv) != 1:

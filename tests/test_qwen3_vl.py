@@ -1,0 +1,136 @@
+"""Qwen3-VL through the qwen3_vl family: pixels, ids and M-RoPE positions equal HF's, the torch runtime's greedy
+tokens equal model.generate (one image, two images of different sizes), and the tiny checkpoint tells right from
+wrong: its greedy tokens change with the image and when the DeepStack slices are dropped."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+
+import builders
+from edgevlm.families import describe_checkpoint, load_checkpoint
+from edgevlm.loading import session_from_checkpoint
+from edgevlm.preprocess import preprocess, tile_grid
+from edgevlm.runtimes.torch_backend import TorchEncoder
+
+PAD = "<|image_pad|>"
+
+
+@pytest.fixture(scope="module")
+def qwen3_ckpt(tmp_path_factory):
+    return builders.build_qwen3_vl(tmp_path_factory.mktemp("qwen3-vl") / "ckpt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def ckpt(qwen3_ckpt):
+    return load_checkpoint(qwen3_ckpt)
+
+
+@pytest.fixture(scope="module")
+def pics():
+    # 100x40 -> smart_resize to a 2x2 merged grid (its area is below min_pixels); 150x230 -> 7x5; 300x200 -> 6x9
+    return {"wide": random_image(21, 100, 40), "tall": random_image(22, 150, 230), "big": random_image(23, 300, 200)}
+
+
+def hf_inputs(ckpt, path, images, text):
+    """HF's inputs for `text` (one <|image_pad|> per image): Qwen3VLProcessor needs torchvision for its video half,
+    so its own expansion (processing_qwen3_vl.replace_image_token: image_pad x grid.prod() // merge**2) is applied
+    with the image processor's grids, and mm_token_type_ids (1 = image token) as the processor returns it."""
+    from transformers import AutoImageProcessor
+
+    out = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")
+    pieces = text.split(PAD)
+    merge = ckpt.preprocess.merge_size
+    expanded = pieces[0] + "".join(PAD * int(g.prod() // merge**2) + piece for g, piece in zip(out["image_grid_thw"], pieces[1:]))
+    ids = ckpt.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": out["pixel_values"],
+            "image_grid_thw": out["image_grid_thw"],
+            "mm_token_type_ids": (ids == ckpt.hf_model.config.image_token_id).int()}
+
+
+def test_describe_reads_the_checkpoint_without_torch(qwen3_ckpt):
+    spec = describe_checkpoint(qwen3_ckpt)
+    assert (spec.family, spec.decoder_architecture, spec.position_scheme) == ("qwen3_vl", "qwen3vl", "mrope")
+    assert spec.mrope_section == (3, 3, 2) and spec.deepstack_layers == 2
+    assert (spec.preprocess.patch_size, spec.preprocess.merge_size, spec.preprocess.tile_size) == (16, 2, (32, 32))
+    assert spec.image_tokens(230, 150) == 5 * 7
+
+
+def test_pixels_equal_the_hf_pil_processor(qwen3_ckpt):
+    from transformers import AutoImageProcessor
+
+    hf = AutoImageProcessor.from_pretrained(qwen3_ckpt)
+    assert type(hf).__name__ == "Qwen2VLImageProcessorPil"
+    spec = describe_checkpoint(qwen3_ckpt).preprocess
+    resized = 0
+    for i, (width, height) in enumerate([(64, 64), (100, 40), (150, 230), (300, 200), (257, 31), (33, 190), (400, 300)]):
+        image = random_image(40 + i, width, height)
+        ref = hf(images=[image], return_tensors="np")
+        ours = preprocess(image, spec)
+        assert ours.pixel_values.shape == ref["pixel_values"].shape
+        assert np.abs(ours.pixel_values - ref["pixel_values"]).max() <= 1e-6, (width, height)
+        assert ours.grid == tuple(ref["image_grid_thw"][0].tolist())
+        assert (ours.rows, ours.cols) == tile_grid(height, width, spec) == (ours.grid[1] // 2, ours.grid[2] // 2)
+        resized += (ours.grid[1] * 16, ours.grid[2] * 16) != (round(height / 32) * 32, round(width / 32) * 32)
+    assert resized >= 2  # smart_resize's rescales (under min_pixels, over max_pixels) were exercised
+
+
+def test_encoder_rows_are_hf_features_then_deepstack_slices(ckpt, pics):
+    pre = preprocess(pics["tall"], ckpt.preprocess)
+    rows = TorchEncoder(ckpt.vision, "t").encode(pre.pixel_values, grid=pre.grid)
+    with torch.inference_mode():
+        out = ckpt.hf_model.model.get_image_features(torch.from_numpy(pre.pixel_values), torch.tensor([pre.grid]))
+    expected = torch.cat([out.pooler_output[0], *(f[0] for f in out.deepstack_features)], dim=-1).numpy()
+    assert rows.shape == (35, 64 * 3) and np.array_equal(rows, expected)
+
+
+def test_ids_and_positions_equal_hf(ckpt, qwen3_ckpt, pics):
+    session = session_from_checkpoint(ckpt)
+    images = [pics["wide"], pics["tall"]]
+    text = session.render([session.user_message(f"First {PAD} then {PAD} which is taller?", 2)])
+    hf = hf_inputs(ckpt, qwen3_ckpt, images, text)
+    prompt = session.tokenize(text, [session._prepare_image(im) for im in images])
+    assert prompt.ids.tolist() == hf["input_ids"][0].tolist()
+    position_ids, _ = ckpt.hf_model.model.get_rope_index(hf["input_ids"], hf["mm_token_type_ids"],
+                                                          hf["image_grid_thw"], None, hf["attention_mask"])
+    assert prompt.positions.positions.T.tolist() == position_ids[:, 0].tolist()  # (3, L)
+
+
+def _hf_generate(ckpt, path, images, text, max_new_tokens):
+    inputs = hf_inputs(ckpt, path, images, text)
+    ckpt.hf_model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        out = ckpt.hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_torch_greedy_tokens_equal_model_generate(n_images, ckpt, qwen3_ckpt, pics):
+    session = session_from_checkpoint(ckpt)
+    images = [pics["tall"], pics["big"]][:n_images]
+    question = f"Look {PAD} " + (f"and {PAD} " if n_images == 2 else "") + "describe it."
+    text = session.render([session.user_message(question, n_images)])
+    expected = _hf_generate(ckpt, qwen3_ckpt, images, text, 16)
+    assert session.generate(images, question, max_tokens=16, stop_token_ids=[]).tokens == expected
+
+
+class _DropDeepStack(TorchEncoder):
+    """The encoder with its DeepStack slices zeroed: what a runtime that ignores them would compute."""
+
+    def encode(self, pixel_values, grid=None):
+        rows = super().encode(pixel_values, grid).copy()
+        rows[:, 64:] = 0.0
+        return rows
+
+
+def test_the_tiny_model_tells_images_and_deepstack_apart(ckpt, pics):
+    question = f"Describe {PAD} in detail."
+    session = session_from_checkpoint(ckpt)
+    tokens = session.generate(pics["tall"], question, max_tokens=16, stop_token_ids=[]).tokens
+    other = session_from_checkpoint(ckpt).generate(random_image(99, 150, 230), question, max_tokens=16,
+                                                   stop_token_ids=[]).tokens
+    assert other != tokens  # the image matters
+    dropped = session_from_checkpoint(ckpt)
+    dropped.encoder = _DropDeepStack(ckpt.vision, "no-deepstack")
+    assert dropped.generate(pics["tall"], question, max_tokens=16, stop_token_ids=[]).tokens != tokens
