@@ -184,6 +184,7 @@ def validate(data: Any, where: str) -> None:
         "max_tiles": (integer(1, 1 << 16), True), "dtype": (string(("float32",)), False),
         "kind": (string(("tiles", "grid")), False), "inputs": (list_of(graph_input), False),
         "dynamic_axes": (free_form, False), "vision_grid": (optional(vision_grid), False),
+        "row_slices": (integer(1, 64), False),
     })
     _section(where, "image_layout", data["image_layout"], {
         "kind": (string(LAYOUT_KINDS), True), "placeholder": (string(max_len=256), True),
@@ -237,9 +238,14 @@ def validate(data: Any, where: str) -> None:
             })
     # cross-field facts the runtimes rely on
     encoder, layout = data["encoder"], data["image_layout"]
-    if encoder["output_shape"][-1] != decoder["hidden_size"]:
+    slices = encoder.get("row_slices", 1)
+    if slices > decoder["n_layers"] + 1:
+        raise BundleError(f"{where}: encoder.row_slices {slices} needs {slices - 1} DeepStack layers but the decoder "
+                          f"has {decoder['n_layers']}")
+    if encoder["output_shape"][-1] != slices * decoder["hidden_size"]:
         raise BundleError(f"{where}: encoder.output_shape width {encoder['output_shape'][-1]} differs from "
-                          f"decoder.hidden_size {decoder['hidden_size']}; the image rows could not enter the decoder")
+                          f"encoder.row_slices x decoder.hidden_size = {slices} x {decoder['hidden_size']}; the image "
+                          "rows could not enter the decoder")
     if grid:
         _check_grid_encoder(where, encoder, data["preprocess"])
     elif encoder["output_shape"][1] != layout["tokens_per_tile"]:

@@ -134,3 +134,74 @@ def test_the_tiny_model_tells_images_and_deepstack_apart(ckpt, pics):
     dropped = session_from_checkpoint(ckpt)
     dropped.encoder = _DropDeepStack(ckpt.vision, "no-deepstack")
     assert dropped.generate(pics["tall"], question, max_tokens=16, stop_token_ids=[]).tokens != tokens
+
+
+@pytest.fixture(scope="module")
+def qwen3_bundle(qwen3_ckpt, tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0")]
+    return export_checkpoint(qwen3_ckpt, tmp_path_factory.mktemp("qwen3-vl-bundle") / "b", [], decoders, max_tiles=8)
+
+
+def _bundle_session(bundle, decoder: str = "gguf:f32", n_batch: int | None = None):
+    import edgevlm
+    from edgevlm.manifest import Manifest
+    from edgevlm.runtimes.llamacpp import open_decoder
+
+    session = edgevlm.load(bundle, encoder="torch", decoder=decoder, threads=1, parity=True)
+    if n_batch is not None:  # the same GGUF, prefilled in batches of n_batch
+        path = bundle / Manifest.load(bundle).find("decoder", decoder).path
+        session.decoder = open_decoder(path, n_ctx=session.decoder.n_ctx, threads=1, n_batch=n_batch, parity=True)
+    return session
+
+
+def test_f32_gguf_takes_deepstack_rows_and_matches_pytorch(ckpt, qwen3_bundle, pics):
+    """llama.cpp's qwen3vl arch: image rows n_embd x (1 + k) wide (main embedding, then the k DeepStack slices),
+    interleaved M-RoPE sections [3, 3, 2, 0]; greedy tokens and logits equal the PyTorch reference, in one batch and
+    with the image rows cut into batches of 7."""
+    import gguf
+
+    from edgevlm.manifest import Manifest
+    from edgevlm.verify import DECODER_NMSE, nmse
+
+    manifest = Manifest.load(qwen3_bundle)
+    assert manifest.encoder.row_slices == 3 and manifest.encoder.output_shape == ["merged", 192]
+    reader = gguf.GGUFReader(str(qwen3_bundle / manifest.find("decoder", "gguf:f32").path))
+    assert reader.fields["general.architecture"].contents() == "qwen3vl"
+    assert reader.fields["qwen3vl.rope.dimension_sections"].contents() == [3, 3, 2, 0]
+    assert reader.fields["qwen3vl.n_deepstack_layers"].contents() == 2
+    assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= {t.name for t in reader.tensors}
+    images = [pics["tall"], pics["big"]]
+    question = f"First {PAD} second {PAD} which is bigger?"
+    options = dict(max_tokens=24, stop_token_ids=[], return_logits=True)
+    ref = session_from_checkpoint(ckpt).generate(images, question, **options)
+    for n_batch in (None, 7):
+        ours = _bundle_session(qwen3_bundle, n_batch=n_batch).generate(images, question, **options)
+        assert ours.tokens == ref.tokens, n_batch
+        assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE, n_batch
+
+
+def test_q8_0_gguf_keeps_top1_agreement(ckpt, qwen3_bundle, pics):
+    """Teacher-forced on the PyTorch reference's greedy tokens (2 images x 48 tokens): >= 95% pooled."""
+    reference = session_from_checkpoint(ckpt)
+    ours = _bundle_session(qwen3_bundle, "gguf:q8_0")
+    agree = []
+    for image, question in ((pics["tall"], f"Describe {PAD} in detail."), (pics["big"], f"What is {PAD}?")):
+        tokens = reference.generate(image, question, max_tokens=48, stop_token_ids=[]).tokens
+        agree += [int(np.argmax(x)) == t for x, t in zip(ours.teacher_forced_logits(image, question, tokens), tokens)]
+    assert len(agree) == 96 and np.mean(agree) >= 0.95, f"{np.mean(agree):.1%} top-1 agreement"
+
+
+def test_caches_keep_deepstack_rows(qwen3_bundle, pics):
+    """An embedding-cache hit and a prefix hit give the cold run's tokens (the cached rows keep their slices)."""
+    question = f"What is in {PAD} this picture?"
+    cold = _bundle_session(qwen3_bundle).generate(pics["tall"], question, max_tokens=12, stop_token_ids=[]).tokens
+    session = _bundle_session(qwen3_bundle)
+    session.generate(pics["tall"], question, max_tokens=2, stop_token_ids=[])
+    hit = session.generate(pics["tall"], "Describe " + PAD + " again.", max_tokens=12, stop_token_ids=[])
+    assert hit.timings["embed_cache_hits"] == 1
+    assert hit.tokens == _bundle_session(qwen3_bundle).generate(pics["tall"], "Describe " + PAD + " again.",
+                                                                 max_tokens=12, stop_token_ids=[]).tokens
+    again = session.generate(pics["tall"], question, max_tokens=12, stop_token_ids=[])
+    assert again.timings["prefix_cache_hits"] == 1 and again.tokens == cold

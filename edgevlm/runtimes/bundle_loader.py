@@ -100,7 +100,8 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
         from .torch_backend import TorchDecoder
 
         ckpt = ckpt or source_checkpoint(manifest)
-        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme)
+        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme,
+                            deepstack_layers=manifest.encoder.row_slices - 1)
     artifact = manifest.find("decoder", name)
     artifact.verify(bundle)
     artifact_id = f"{artifact.name}:{artifact.files[0].sha256}"
