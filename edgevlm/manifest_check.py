@@ -103,11 +103,13 @@ def graph_input(v) -> str | None:
 def vision_grid(v) -> str | None:
     """A grid encoder's vision numbers (edgevlm/vision_grid.VisionGrid)."""
     expected = ("an object with positive integers patch_size, temporal_patch_size, merge_size, in_channels, an integer "
-                "window_size >= 0 and a list fullatt_block_indexes")
+                "window_size >= 0, a list fullatt_block_indexes and optionally an integer position_grid >= 0")
     fields = {"patch_size": integer(1, 1024), "temporal_patch_size": integer(1, 64), "merge_size": integer(1, 64),
               "in_channels": integer(1, 64), "window_size": integer(0, 1 << 16),
               "fullatt_block_indexes": list_of(integer(0, 1024))}
-    if not isinstance(v, dict) or set(v) != set(fields) or any(check(v[k]) is not None for k, check in fields.items()):
+    optional_fields = {"position_grid": integer(0, 1 << 12)}  # Qwen3-VL's learned position table side
+    if (not isinstance(v, dict) or not set(fields) <= set(v) <= set(fields) | set(optional_fields)
+            or any(check(v[k]) is not None for k, check in {**fields, **optional_fields}.items() if k in v)):
         return expected
     return None
 

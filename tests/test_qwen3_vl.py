@@ -140,8 +140,10 @@ def test_the_tiny_model_tells_images_and_deepstack_apart(ckpt, pics):
 def qwen3_bundle(qwen3_ckpt, tmp_path_factory):
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
+    encoders = [ArtifactRequest("onnx", p) for p in ("fp32", "fp16", "int8")]
     decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0")]
-    return export_checkpoint(qwen3_ckpt, tmp_path_factory.mktemp("qwen3-vl-bundle") / "b", [], decoders, max_tiles=8)
+    return export_checkpoint(qwen3_ckpt, tmp_path_factory.mktemp("qwen3-vl-bundle") / "b", encoders, decoders,
+                             max_tiles=8)
 
 
 def _bundle_session(bundle, decoder: str = "gguf:f32", n_batch: int | None = None):
@@ -149,7 +151,7 @@ def _bundle_session(bundle, decoder: str = "gguf:f32", n_batch: int | None = Non
     from edgevlm.manifest import Manifest
     from edgevlm.runtimes.llamacpp import open_decoder
 
-    session = edgevlm.load(bundle, encoder="torch", decoder=decoder, threads=1, parity=True)
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1, parity=True)
     if n_batch is not None:  # the same GGUF, prefilled in batches of n_batch
         path = bundle / Manifest.load(bundle).find("decoder", decoder).path
         session.decoder = open_decoder(path, n_ctx=session.decoder.n_ctx, threads=1, n_batch=n_batch, parity=True)
@@ -205,3 +207,44 @@ def test_caches_keep_deepstack_rows(qwen3_bundle, pics):
                                                                  max_tokens=12, stop_token_ids=[]).tokens
     again = session.generate(pics["tall"], question, max_tokens=12, stop_token_ids=[])
     assert again.timings["prefix_cache_hits"] == 1 and again.tokens == cold
+
+
+def _hf_rows(ckpt, pre) -> np.ndarray:
+    """HF's get_image_features for one image: its pooler output, then its DeepStack features."""
+    with torch.inference_mode():
+        out = ckpt.hf_model.model.get_image_features(torch.from_numpy(pre.pixel_values), torch.tensor([pre.grid]))
+    return torch.cat([out.pooler_output[0], *(f[0] for f in out.deepstack_features)], dim=-1).numpy()
+
+
+def test_one_onnx_graph_serves_every_image_size(ckpt, qwen3_bundle):
+    """The ViT (learned position table resampled to the grid: bilinear taps as graph inputs; 2-D RoPE), the merger and
+    the DeepStack mergers in one graph with a dynamic patch axis: fp32 within 1e-4 (max relative) of HF's
+    get_image_features, DeepStack slices included, at sizes square, wide, tall, tiny and rescaled; fp16 and int8 at
+    cosine >= 0.999 / 0.99."""
+    from edgevlm.manifest import Manifest
+    from edgevlm.runtimes.bundle_loader import make_encoder
+    from edgevlm.verify import cosine, max_rel_err
+
+    manifest = Manifest.load(qwen3_bundle)
+    assert [i["name"] for i in manifest.encoder.inputs] == ["pixel_patches", "vision_pos", "pos_embed_ids",
+                                                            "pos_embed_weights"]
+    encoders = {name: make_encoder(qwen3_bundle, manifest, name, threads=1)
+                for name in ("onnx:fp32", "onnx:fp16", "onnx:int8")}
+    for i, (width, height) in enumerate([(64, 64), (150, 230), (300, 200), (1000, 40), (100, 40)]):
+        pre = preprocess(random_image(60 + i, width, height), ckpt.preprocess)
+        ref = _hf_rows(ckpt, pre)
+        assert max_rel_err(encoders["onnx:fp32"].encode(pre.pixel_values, grid=pre.grid), ref) <= 1e-4, (width, height)
+        assert cosine(encoders["onnx:fp16"].encode(pre.pixel_values, grid=pre.grid), ref) >= 0.999
+        assert cosine(encoders["onnx:int8"].encode(pre.pixel_values, grid=pre.grid), ref) >= 0.99
+
+
+def test_verify_passes_the_bundle(qwen3_bundle):
+    """`edgevlm verify`: every artifact against the PyTorch reference (the quantized ones unjudged on random
+    weights, never failed), every encoder x decoder pair end to end."""
+    from edgevlm.verify import verify_report
+
+    rows = verify_report(qwen3_bundle, threads=1)["rows"]
+    status = {row["artifact"]: row["status"] for row in rows}
+    assert status["onnx:fp32"] == status["gguf:f32"] == status["onnx:fp32 + gguf:f32"] == "pass", status
+    assert "FAIL" not in status.values(), status
+    assert {"onnx:int8", "gguf:q8_0", "onnx:int8 + gguf:q8_0"} <= set(status)
