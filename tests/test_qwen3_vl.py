@@ -141,9 +141,10 @@ def qwen3_bundle(qwen3_ckpt, tmp_path_factory):
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
     encoders = [ArtifactRequest("onnx", p) for p in ("fp32", "fp16", "int8")]
-    decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0")]
+    decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0"), ArtifactRequest("mlx", "fp32"),
+                ArtifactRequest("mlx", "8bit")]
     return export_checkpoint(qwen3_ckpt, tmp_path_factory.mktemp("qwen3-vl-bundle") / "b", encoders, decoders,
-                             max_tiles=8)
+                             max_tiles=8, options={"group_size": 32})
 
 
 def _bundle_session(bundle, decoder: str = "gguf:f32", n_batch: int | None = None):
@@ -151,7 +152,8 @@ def _bundle_session(bundle, decoder: str = "gguf:f32", n_batch: int | None = Non
     from edgevlm.manifest import Manifest
     from edgevlm.runtimes.llamacpp import open_decoder
 
-    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1, parity=True)
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1,
+                           parity=decoder.startswith("gguf"))
     if n_batch is not None:  # the same GGUF, prefilled in batches of n_batch
         path = bundle / Manifest.load(bundle).find("decoder", decoder).path
         session.decoder = open_decoder(path, n_ctx=session.decoder.n_ctx, threads=1, n_batch=n_batch, parity=True)
@@ -184,15 +186,29 @@ def test_f32_gguf_takes_deepstack_rows_and_matches_pytorch(ckpt, qwen3_bundle, p
         assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE, n_batch
 
 
-def test_q8_0_gguf_keeps_top1_agreement(ckpt, qwen3_bundle, pics):
+def test_mlx_fp32_takes_deepstack_rows_and_matches_pytorch(ckpt, qwen3_bundle, pics):
+    """mlx-lm's qwen3 weights under edgevlm's M-RoPE forward with interleaved sections and DeepStack adds."""
+    from edgevlm.verify import DECODER_NMSE, nmse
+
+    images = [pics["tall"], pics["big"]]
+    question = f"First {PAD} second {PAD} which is bigger?"
+    options = dict(max_tokens=24, stop_token_ids=[], return_logits=True)
+    ref = session_from_checkpoint(ckpt).generate(images, question, **options)
+    ours = _bundle_session(qwen3_bundle, "mlx:fp32").generate(images, question, **options)
+    assert ours.tokens == ref.tokens
+    assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE
+
+
+@pytest.mark.parametrize("decoder", ["gguf:q8_0", "mlx:8bit"])
+def test_8bit_decoders_keep_top1_agreement(decoder, ckpt, qwen3_bundle, pics):
     """Teacher-forced on the PyTorch reference's greedy tokens (2 images x 48 tokens): >= 95% pooled."""
     reference = session_from_checkpoint(ckpt)
-    ours = _bundle_session(qwen3_bundle, "gguf:q8_0")
+    ours = _bundle_session(qwen3_bundle, decoder)
     agree = []
     for image, question in ((pics["tall"], f"Describe {PAD} in detail."), (pics["big"], f"What is {PAD}?")):
         tokens = reference.generate(image, question, max_tokens=48, stop_token_ids=[]).tokens
         agree += [int(np.argmax(x)) == t for x, t in zip(ours.teacher_forced_logits(image, question, tokens), tokens)]
-    assert len(agree) == 96 and np.mean(agree) >= 0.95, f"{np.mean(agree):.1%} top-1 agreement"
+    assert len(agree) == 96 and np.mean(agree) >= 0.95, f"{decoder}: {np.mean(agree):.1%} top-1 agreement"
 
 
 def test_caches_keep_deepstack_rows(qwen3_bundle, pics):

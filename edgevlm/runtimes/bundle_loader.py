@@ -112,8 +112,12 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
                             context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq)
     from .mlx_decoder import MlxDecoder
 
+    from ..decoder_arch import architecture
+
     return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length,
-                      mrope_section=manifest.decoder.mrope_section, artifact_id=artifact_id)
+                      mrope_section=manifest.decoder.mrope_section, artifact_id=artifact_id,
+                      mrope_interleaved=architecture(manifest.decoder.architecture).mrope_interleaved,
+                      deepstack_layers=manifest.encoder.row_slices - 1)
 
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,
