@@ -264,3 +264,38 @@ def test_verify_passes_the_bundle(qwen3_bundle):
     assert status["onnx:fp32"] == status["gguf:f32"] == status["onnx:fp32 + gguf:f32"] == "pass", status
     assert "FAIL" not in status.values(), status
     assert {"onnx:int8", "gguf:q8_0", "onnx:int8 + gguf:q8_0"} <= set(status)
+
+
+def test_qwen3_vl_2b_preset_plan():
+    """The preset's planner figures: the tower + mergers' parameters by formula equal transformers' model at those
+    shapes (built on the meta device: no memory), 512x512 -> 16x16 merged = 256 image tokens, the vision FLOPs of
+    compute.vision_flops_per_tile's formula, and the preset's files described as a checkpoint's (special-token ids)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+    from edgevlm.plan.devices import get_device
+    from edgevlm.plan.model import from_preset
+    from edgevlm.reference.preset_configs import preset_files
+    from edgevlm.reference.presets import PRESETS
+
+    shape, shapes = PRESETS["qwen3-vl-2b"], from_preset("qwen3-vl-2b")
+    config, processor, vocabulary = preset_files(shape)
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+            vision_config=config["vision_config"], image_token_id=151655, tie_word_embeddings=True,
+            text_config=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                             num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)))
+    visual = model.model.visual
+    mergers = sum(p.numel() for m in (visual.merger, visual.deepstack_merger_list) for p in m.parameters())
+    assert (shapes.vision.params, shapes.vision.projector_params) == (sum(p.numel() for p in visual.parameters()),
+                                                                      mergers)
+    decoder = sum(p.numel() for p in model.model.language_model.parameters())
+    assert 1.7e9 < decoder < 1.8e9 and shapes.decoder.head_dim == 128  # Qwen3-1.7B-shaped, tied
+    assert (shapes.family, shapes.decoder.architecture, shapes.layout.image_token_id) == ("qwen3_vl", "qwen3vl", 151655)
+    assert vocabulary.id_of("<|vision_start|>") == 151652 and vocabulary.id_of("<|im_end|>") == 151645
+    result = plan_model(shapes, get_device("jetson-orin-nano-8gb"), PlanRequest(image_size=(512, 512)))
+    images = result["images"]
+    assert (images["kind"], images["positions"], images["patches"], images["encoder_calls"]) == ("grid", 256, 1024, 1)
+    v, merged, patches = shapes.vision, 256, 1024
+    flops = 2 * patches * (v.params - v.projector_params) + 4 * v.layers * patches**2 * v.width + 2 * merged * mergers
+    assert result["model"]["vision_gflops_per_image"] * 1e9 == pytest.approx(flops)
