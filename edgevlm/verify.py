@@ -68,10 +68,16 @@ def verify_mmproj(bundle, manifest, name: str, ckpt, threads: int | None, traine
         return {"artifact": name, "role": "encoder", "status": "skipped", "checks": [],
                 "note": "libmtmd loads an mmproj only beside a GGUF decoder; export one with --decoder gguf:..."}
     spec = manifest.preprocess
-    side = spec.longest_edge if manifest.image_layout.kind == "idefics3" and spec.longest_edge else spec.tile_size[0]
-    image = scenes.render(scenes.make_scene(4_000_000_000), size=side)
-    with torch.inference_mode():
-        reference = ckpt.vision(torch.from_numpy(preprocess(image, spec).pixel_values)).numpy()  # (tiles, T, D)
+    if manifest.encoder.kind == "grid":  # one image, whole: (1, M, D) against mtmd's one image chunk
+        image = scenes.render(scenes.make_scene(4_000_000_000), size=512).resize(_mmproj_grid_size(spec))
+        pre = preprocess(image, spec)
+        with torch.inference_mode():
+            reference = ckpt.vision(torch.from_numpy(pre.pixel_values), pre.grid).float().numpy()[None]
+    else:
+        side = spec.longest_edge if manifest.image_layout.kind == "idefics3" and spec.longest_edge else spec.tile_size[0]
+        image = scenes.render(scenes.make_scene(4_000_000_000), size=side)
+        with torch.inference_mode():
+            reference = ckpt.vision(torch.from_numpy(preprocess(image, spec).pixel_values)).numpy()  # (tiles, T, D)
     pipeline = MtmdPipeline(bundle / manifest.find("decoder", ggufs[0]).path, bundle / artifact.path, n_ctx=512,
                             threads=threads, parity=True)
     try:
@@ -88,6 +94,16 @@ def verify_mmproj(bundle, manifest, name: str, ckpt, threads: int | None, traine
     row = judged_row(name, "encoder", gate, worst_tile(np.stack(tiles), reference), trained)
     row["criterion"] = f"{gate.criterion} (worst of {len(tiles)} tiles)"
     return row
+
+
+def _mmproj_grid_size(spec) -> tuple[int, int]:
+    """(width, height) of a native-resolution mmproj probe: 4:3 in whole merge blocks, within min/max pixels, so that
+    smart_resize keeps it as it is (mtmd pads where smart_resize stretches: only such sizes see the same pixels)."""
+    unit = spec.tile_size[0]
+    scale = 1
+    while (4 * scale * unit) * (3 * scale * unit) < spec.min_pixels:
+        scale += 1
+    return 4 * scale * unit, 3 * scale * unit
 
 
 def _encoder_rows(bundle, manifest, ckpt, threads, log, trained: bool | None) -> list[dict]:

@@ -140,7 +140,8 @@ def test_the_tiny_model_tells_images_and_deepstack_apart(ckpt, pics):
 def qwen3_bundle(qwen3_ckpt, tmp_path_factory):
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
-    encoders = [ArtifactRequest("onnx", p) for p in ("fp32", "fp16", "int8")]
+    encoders = [ArtifactRequest("onnx", p) for p in ("fp32", "fp16", "int8")] + [
+        ArtifactRequest("mmproj", p) for p in ("f32", "f16")]
     decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0"), ArtifactRequest("mlx", "fp32"),
                 ArtifactRequest("mlx", "8bit")]
     return export_checkpoint(qwen3_ckpt, tmp_path_factory.mktemp("qwen3-vl-bundle") / "b", encoders, decoders,
@@ -262,6 +263,7 @@ def test_verify_passes_the_bundle(qwen3_bundle):
     rows = verify_report(qwen3_bundle, threads=1)["rows"]
     status = {row["artifact"]: row["status"] for row in rows}
     assert status["onnx:fp32"] == status["gguf:f32"] == status["onnx:fp32 + gguf:f32"] == "pass", status
+    assert status["mmproj:f32"] == status["mmproj:f16"] == "pass", status  # libmtmd on a whole-block probe
     assert "FAIL" not in status.values(), status
     assert {"onnx:int8", "gguf:q8_0", "onnx:int8 + gguf:q8_0"} <= set(status)
 
@@ -299,3 +301,69 @@ def test_qwen3_vl_2b_preset_plan():
     v, merged, patches = shapes.vision, 256, 1024
     flops = 2 * patches * (v.params - v.projector_params) + 4 * v.layers * patches**2 * v.width + 2 * merged * mergers
     assert result["model"]["vision_gflops_per_image"] * 1e9 == pytest.approx(flops)
+
+
+def _mtmd_prompt(session, image, question: str):
+    """edgevlm's rendered prompt with mtmd's marker where the image goes (mtmd adds <|vision_start|> /
+    <|vision_end|> around a qwen image itself), plus edgevlm's own token ids."""
+    from edgevlm.runtimes.prompt import prepare_image
+
+    text = session.render([session.user_message(question, 1)])
+    ids = session.tokenize(text, [prepare_image(session.spec, image, "probe")]).ids
+    return text.replace(f"<|vision_start|>{PAD}<|vision_end|>", "{marker}"), ids
+
+
+# sizes whose smart_resize keeps the aspect ratio and stays above min_pixels: there mtmd's resize gives HF's pixels
+MTMD_SIZES = [(300, 200), (256, 128)]
+
+
+@pytest.mark.parametrize("size", MTMD_SIZES)
+def test_libmtmd_encodes_like_pytorch(size, ckpt, qwen3_bundle):
+    """libmtmd loads edgevlm's qwen3vl_merger mmproj, lays the prompt out with HF's ids (image chunks where edgevlm
+    puts image rows) and encodes rows n_embd x (1 + k) wide: the merger's output and both DeepStack slices at cosine
+    >= 0.999 (F32 and F16) against the PyTorch encoder."""
+    from edgevlm.bench.peers.mtmd import MtmdPipeline
+    from edgevlm.manifest import Manifest
+    from edgevlm.metrics import cosine
+
+    manifest = Manifest.load(qwen3_bundle)
+    session = _bundle_session(qwen3_bundle)
+    image = random_image(11, *size)
+    text, ids = _mtmd_prompt(session, image, f"What is {PAD} in the picture?")
+    pre = preprocess(image, manifest.preprocess)
+    reference = TorchEncoder(ckpt.vision, "t").encode(pre.pixel_values, grid=pre.grid)  # (M, 3 * 64)
+    for precision in ("f32", "f16"):
+        pipeline = MtmdPipeline(qwen3_bundle / manifest.find("decoder", "gguf:f32").path,
+                                qwen3_bundle / f"encoder/mmproj-{precision}.gguf", n_ctx=512, threads=1, parity=True)
+        tokenized = pipeline.tokenize(text.format(marker=pipeline.marker), [np.asarray(image)])
+        laid_out = []
+        for chunk in tokenized.chunks:
+            laid_out += list(chunk.token_ids) if chunk.kind == "text" else [manifest.image_layout.image_token_id] * chunk.n_tokens
+        assert laid_out == ids.tolist(), precision
+        (rows,), _ = pipeline.encode(tokenized)
+        assert rows.shape == reference.shape
+        for part in range(3):  # the merger's rows, then each DeepStack slice
+            sliced = np.s_[:, 64 * part: 64 * (part + 1)]
+            assert cosine(rows[sliced], reference[sliced]) >= 0.999, (precision, part)
+        pipeline.free(tokenized)
+        pipeline.close()
+
+
+def test_mtmd_greedy_tokens_equal_edgevlm(qwen3_bundle):
+    """llama.cpp's own multimodal path (mtmd tokenize, encode, its helpers decoding the wide image rows, its sampler)
+    on the F32 mmproj + F32 decoder GGUF gives edgevlm's greedy tokens on the same GGUF."""
+    from edgevlm.bench.peers.mtmd import MtmdPipeline
+    from edgevlm.manifest import Manifest
+
+    manifest = Manifest.load(qwen3_bundle)
+    session = _bundle_session(qwen3_bundle)
+    image = random_image(12, *MTMD_SIZES[0])
+    question = f"Describe {PAD} please."
+    ours = session.generate(image, question, max_tokens=16, stop_token_ids=[]).tokens
+    text, _ = _mtmd_prompt(session, image, question)
+    pipeline = MtmdPipeline(qwen3_bundle / manifest.find("decoder", "gguf:f32").path,
+                            qwen3_bundle / "encoder/mmproj-f32.gguf", n_ctx=512, threads=1, parity=True)
+    pipeline.prefill(pipeline.tokenize(text.format(marker=pipeline.marker), [np.asarray(image)]))
+    theirs, _ = pipeline.generate(16)
+    pipeline.close()
+    assert theirs == ours

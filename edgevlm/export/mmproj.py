@@ -48,6 +48,7 @@ class MmprojPlan:
     feature_layers: list[int] | None
     tensors: dict[str, np.ndarray]  # GGUF name -> float32 array in torch order (the writer reverses to ggml's ne)
     notes: list[str] = field(default_factory=list)
+    bool_arrays: dict[str, list[bool]] = field(default_factory=dict)  # e.g. clip.vision.is_deepstack_layers
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -155,7 +156,13 @@ def plan_llava(ckpt) -> MmprojPlan:
                       (list(spec.image_mean), list(spec.image_std)), feature_layers, tensors, notes)
 
 
-PLANNERS = {"idefics3": plan_idefics3, "mlp": plan_llava}  # clip.cpp projector type -> writer
+def _plan_qwen3vl(ckpt) -> MmprojPlan:
+    from .mmproj_qwen3vl import plan_qwen3vl  # its own module: Qwen3-VL's tensor table
+
+    return plan_qwen3vl(ckpt)
+
+
+PLANNERS = {"idefics3": plan_idefics3, "mlp": plan_llava, "qwen3vl_merger": _plan_qwen3vl}  # clip.cpp type -> writer
 
 
 def plan_mmproj(ckpt) -> MmprojPlan:
@@ -215,6 +222,13 @@ def write_mmproj(plan: MmprojPlan, path: Path, precision: str, name: str = "edge
         writer.add_vision_projector_scale_factor(u32["scale_factor"])
     if "preproc_image_size" in u32:
         writer.add_vision_preproc_image_size(u32["preproc_image_size"])
+    if "spatial_merge_size" in u32:  # native-resolution towers (Qwen-VL): merge and the smart-resize bounds
+        writer.add_vision_spatial_merge_size(u32["spatial_merge_size"])
+    if "min_pixels" in u32:
+        writer.add_vision_min_pixels(u32["min_pixels"])
+        writer.add_vision_max_pixels(u32["max_pixels"])
+    for key, values in plan.bool_arrays.items():
+        writer.add_array(key, [bool(v) for v in values])
     if plan.feature_layers is not None:
         # INT32[] (python ints); gguf 0.19 has no helper. Explicit layers also avoid upstream issue 25817 (one layer
         # lost when the key is absent).

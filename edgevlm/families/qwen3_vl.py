@@ -21,8 +21,6 @@ TOWER_DEFAULTS = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_he
                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584, num_position_embeddings=2304,
                       deepstack_visual_indexes=[8, 16, 24])
 PROCESSOR_DEFAULTS = {"patch_size": 16, "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)}
-NO_MMPROJ = ("the qwen3_vl family has no llama.cpp mmproj writer yet (gguf:* / mmproj:* encoders); export onnx:fp32 "
-             "instead")
 
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
@@ -53,7 +51,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         vision=VisionShapes(patch * merge, patch, int(shape["hidden_size"]), int(shape["depth"]),
                             int(shape["num_heads"]), int(shape["intermediate_size"]), merge * merge, 1,
                             (".merger.", "merger.", "deepstack_merger_list."), merge_size=merge),
-        decoder_architecture=decoder_row(config, "qwen3_vl_text"), mmproj_projector=None, mmproj_refusal=NO_MMPROJ,
+        decoder_architecture=decoder_row(config, "qwen3_vl_text"), mmproj_projector="qwen3vl_merger", mmproj_refusal=None,
         stop_tokens=("<|im_end|>",), mrope_section=rope.get("mrope_section") or [24, 20, 20],
         deepstack_layers=len(deepstack),
     )
