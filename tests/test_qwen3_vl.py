@@ -367,3 +367,19 @@ def test_mtmd_greedy_tokens_equal_edgevlm(qwen3_bundle):
     theirs, _ = pipeline.generate(16)
     pipeline.close()
     assert theirs == ours
+
+
+def test_manifest_checks_the_row_slices_against_the_decoder(qwen3_bundle):
+    """A manifest whose rows would not split into the decoder's slices is refused at load, naming the fields."""
+    import json
+
+    from edgevlm.errors import BundleError
+    from edgevlm.manifest import Manifest
+
+    data = json.loads((qwen3_bundle / "manifest.json").read_text())
+    for slices, match in ((1, "row_slices x decoder.hidden_size = 1 x 64"), (9, "needs 8 DeepStack layers"),
+                          (0, "encoder.row_slices")):
+        broken = json.loads(json.dumps(data))
+        broken["encoder"]["row_slices"] = slices
+        with pytest.raises(BundleError, match=match):
+            Manifest.from_dict(broken)
