@@ -157,9 +157,11 @@ def plan_llava(ckpt) -> MmprojPlan:
 
 
 def _plan_qwen3vl(ckpt) -> MmprojPlan:
-    from .mmproj_qwen3vl import plan_qwen3vl  # its own module: Qwen3-VL's tensor table
+    from .mmproj_qwen3vl import plan_fields  # Qwen3-VL's tensor table, in its own module
 
-    return plan_qwen3vl(ckpt)
+    flags, notes = _activation_flags(ckpt.hf_model.config.vision_config.hidden_act, "vision tower")
+    fields = plan_fields(ckpt)
+    return MmprojPlan(**{**fields, "flags": flags, "notes": notes + fields["notes"]})
 
 
 PLANNERS = {"idefics3": plan_idefics3, "mlp": plan_llava, "qwen3vl_merger": _plan_qwen3vl}  # clip.cpp type -> writer

@@ -3,20 +3,27 @@ the pinned llama.cpp): the Conv3d patch embedding as its two temporal slices (`v
 the image frame being repeated), the learned position table (clip.cpp resamples it to each image's grid), fused
 qkv blocks, the merger's norm as `v.post_ln` with its two linears as `mm.0` / `mm.2`, and each DeepStack merger as
 `v.deepstack.{block}` after the vision block it reads. libmtmd then emits rows n_embd x (1 + k) wide, which
-llama.cpp's qwen3vl decoder takes as edgevlm's runtime does."""
+llama.cpp's qwen3vl decoder takes as edgevlm's runtime does. Returns the plan's fields; mmproj.py (which this
+module does not import: no cycle) adds the tower's activation flags and builds its MmprojPlan."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import BadInputError
-from .mmproj import MmprojPlan, _activation_flags, _numpy
 
 BLOCK_TENSORS = {"ln1": "norm1", "ln2": "norm2", "attn_qkv": "attn.qkv", "attn_out": "attn.proj",
                  "ffn_up": "mlp.linear_fc1", "ffn_down": "mlp.linear_fc2"}
 
 
-def plan_qwen3vl(ckpt) -> MmprojPlan:
+def _numpy(tensor) -> np.ndarray:
+    return tensor.detach().to("cpu").float().numpy()
+
+
+def plan_fields(ckpt) -> dict:
+    """MmprojPlan's fields for a Qwen3-VL checkpoint, but its activation flags."""
     hf = ckpt.hf_model
     visual, vision_config = hf.model.visual, hf.config.vision_config
-    flags, notes = _activation_flags(vision_config.hidden_act, "vision tower")
+    notes = []
     notes.append("the mergers' erf GELU runs as tanh GELU in mtmd (<= 4.7e-4 per activation)")
     notes.append("mtmd keeps an image's aspect ratio and pads where transformers' smart_resize stretches it, and at the "
                  "min_pixels bound it makes more tokens: only sizes smart_resize keeps in shape (whole 32-px blocks, "
@@ -49,7 +56,7 @@ def plan_qwen3vl(ckpt) -> MmprojPlan:
            "feed_forward_length": int(vision_config.intermediate_size), "block_count": n_layers,
            "head_count": int(vision_config.num_heads), "spatial_merge_size": int(vision_config.spatial_merge_size),
            "min_pixels": int(spec.min_pixels), "max_pixels": int(spec.max_pixels)}
-    plan = MmprojPlan("qwen3vl_merger", u32, {"layer_norm_epsilon": 1e-6}, flags,
-                      (list(spec.image_mean), list(spec.image_std)), None, tensors, notes)
-    plan.bool_arrays["clip.vision.is_deepstack_layers"] = [i in deepstack for i in range(n_layers)]
-    return plan
+    return {"projector_type": "qwen3vl_merger", "u32": u32, "f32": {"layer_norm_epsilon": 1e-6},
+            "mean_std": (list(spec.image_mean), list(spec.image_std)), "feature_layers": None, "tensors": tensors,
+            "notes": notes,
+            "bool_arrays": {"clip.vision.is_deepstack_layers": [i in deepstack for i in range(n_layers)]}}
