@@ -20,6 +20,8 @@ class DecoderArch:
     position_schemes: tuple[str, ...]  # the manifest's decoder.position_scheme values it can run
     # where the rotary class lives when it is not beside hf_class (Qwen2-VL: a Qwen2 decoder with M-RoPE)
     hf_rotary_module: str | None = None
+    # M-RoPE frequencies take their axis interleaved (t, row, col, t, ...: Qwen3-VL), not in contiguous sections
+    mrope_interleaved: bool = False
 
     def __post_init__(self) -> None:
         if not (self.name and self.hf_model_types and self.position_schemes):
@@ -73,6 +75,16 @@ ARCHITECTURES = {
         hf_rotary_class="Qwen2VLRotaryEmbedding", gguf_arch="QWEN2VL", permute_qk=False,
         bias_tensors=("attn_q", "attn_k", "attn_v"), mlx_model_type="qwen2", position_schemes=("mrope",),
         hf_rotary_module="transformers.models.qwen2_vl.modeling_qwen2_vl",
+    ),
+    # Qwen3-VL text: Qwen3 weights (QK-norm on each head, no biases) with interleaved M-RoPE: frequency i takes row
+    # when i % 3 == 1 and i < 3 * section[1], col when i % 3 == 2 and i < 3 * section[2], else t (HF's
+    # Qwen3VLTextRotaryEmbedding); image rows carry DeepStack slices (FamilySpec.deepstack_layers). llama.cpp: arch
+    # qwen3vl (LLAMA_ROPE_TYPE_IMROPE, NEOX pairs: no Q/K permutation)
+    "qwen3vl": DecoderArch(
+        name="qwen3vl", hf_model_types=("qwen3_vl_text",), hf_class="Qwen3ForCausalLM",
+        hf_rotary_class="Qwen3VLTextRotaryEmbedding", gguf_arch="QWEN3VL", permute_qk=False, bias_tensors=(),
+        mlx_model_type="qwen3", position_schemes=("mrope",),
+        hf_rotary_module="transformers.models.qwen3_vl.modeling_qwen3_vl", mrope_interleaved=True,
     ),
 }
 

@@ -29,7 +29,8 @@ def session_from_checkpoint(ckpt, n_ctx: int | None = None, **cache_options) -> 
     return Session(
         spec_from_checkpoint(ckpt),
         TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}"),
-        TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=ckpt.position_scheme),
+        TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=ckpt.position_scheme,
+                     deepstack_layers=ckpt.spec.deepstack_layers),
         encoder_name=TORCH, decoder_name=TORCH,
         **cache_options,
     )

@@ -88,8 +88,13 @@ class EncoderSpec:
     inputs: list = field(default_factory=list)  # grid: [{"name", "dtype", "shape": ["patches", 2]}, ...] in graph order
     dynamic_axes: dict = field(default_factory=dict)  # grid: {"patches": {"min", "max", "multiple_of"}, "merged": ...}
     vision_grid: dict | None = None  # grid: vision_grid.VisionGrid.to_dict() (patch, merge and window sizes, ...)
+    # slices of decoder.hidden_size per output row: 1, or 1 + k with DeepStack (Qwen3-VL: the main embedding, then
+    # the slices the decoder adds after its first k layers; runtimes/base.Segment)
+    row_slices: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.row_slices, int) or self.row_slices < 1:
+            raise BundleError(f"encoder.row_slices must be an integer >= 1, got {self.row_slices!r}; re-export")
         if self.kind not in ENCODER_KINDS:
             raise BundleError(f"encoder.kind {self.kind!r} is not one of {ENCODER_KINDS}; upgrade edgevlm or re-export")
         if self.kind != "grid":

@@ -103,11 +103,13 @@ def graph_input(v) -> str | None:
 def vision_grid(v) -> str | None:
     """A grid encoder's vision numbers (edgevlm/vision_grid.VisionGrid)."""
     expected = ("an object with positive integers patch_size, temporal_patch_size, merge_size, in_channels, an integer "
-                "window_size >= 0 and a list fullatt_block_indexes")
+                "window_size >= 0, a list fullatt_block_indexes and optionally an integer position_grid >= 0")
     fields = {"patch_size": integer(1, 1024), "temporal_patch_size": integer(1, 64), "merge_size": integer(1, 64),
               "in_channels": integer(1, 64), "window_size": integer(0, 1 << 16),
               "fullatt_block_indexes": list_of(integer(0, 1024))}
-    if not isinstance(v, dict) or set(v) != set(fields) or any(check(v[k]) is not None for k, check in fields.items()):
+    optional_fields = {"position_grid": integer(0, 1 << 12)}  # Qwen3-VL's learned position table side
+    if (not isinstance(v, dict) or not set(fields) <= set(v) <= set(fields) | set(optional_fields)
+            or any(check(v[k]) is not None for k, check in {**fields, **optional_fields}.items() if k in v)):
         return expected
     return None
 
@@ -184,6 +186,7 @@ def validate(data: Any, where: str) -> None:
         "max_tiles": (integer(1, 1 << 16), True), "dtype": (string(("float32",)), False),
         "kind": (string(("tiles", "grid")), False), "inputs": (list_of(graph_input), False),
         "dynamic_axes": (free_form, False), "vision_grid": (optional(vision_grid), False),
+        "row_slices": (integer(1, 64), False),
     })
     _section(where, "image_layout", data["image_layout"], {
         "kind": (string(LAYOUT_KINDS), True), "placeholder": (string(max_len=256), True),
@@ -237,9 +240,14 @@ def validate(data: Any, where: str) -> None:
             })
     # cross-field facts the runtimes rely on
     encoder, layout = data["encoder"], data["image_layout"]
-    if encoder["output_shape"][-1] != decoder["hidden_size"]:
+    slices = encoder.get("row_slices", 1)
+    if slices > decoder["n_layers"] + 1:
+        raise BundleError(f"{where}: encoder.row_slices {slices} needs {slices - 1} DeepStack layers but the decoder "
+                          f"has {decoder['n_layers']}")
+    if encoder["output_shape"][-1] != slices * decoder["hidden_size"]:
         raise BundleError(f"{where}: encoder.output_shape width {encoder['output_shape'][-1]} differs from "
-                          f"decoder.hidden_size {decoder['hidden_size']}; the image rows could not enter the decoder")
+                          f"encoder.row_slices x decoder.hidden_size = {slices} x {decoder['hidden_size']}; the image "
+                          "rows could not enter the decoder")
     if grid:
         _check_grid_encoder(where, encoder, data["preprocess"])
     elif encoder["output_shape"][1] != layout["tokens_per_tile"]:

@@ -19,6 +19,10 @@ KEY_TYPES = {  # (value type, array element type) as clip.cpp reads them (and ex
         "projection_dim", "image_size", "patch_size", "embedding_length", "feed_forward_length", "block_count",
         "attention.head_count", "projector.scale_factor", "preproc_image_size")},
 }
+# every projector type edgevlm writes (export/mmproj.py PLANNERS); the first two have their whole layout checked, the
+# others (their own block and merger tensors) the attention matrices every block holds
+FULLY_CHECKED = ("mlp", "idefics3")
+WRITTEN_TYPES = FULLY_CHECKED + ("qwen2vl_merger", "qwen2.5vl_merger", "qwen3vl_merger", "internvl", "gemma3")
 REQUIRED_KEYS = ("clip.projector_type", "clip.vision.embedding_length", "clip.vision.feed_forward_length",
                  "clip.vision.block_count", "clip.vision.projection_dim", "clip.vision.patch_size")
 
@@ -51,16 +55,24 @@ def check_mmproj(path) -> GGUFHeader:
     if missing:
         raise BundleError(f"{where}: the mmproj lacks {', '.join(missing)}; the file is damaged, re-export it")
     kind = meta["clip.projector_type"]
-    if kind not in ("mlp", "idefics3"):
-        raise BundleError(f"{where}: projector type {kind!r} is not one edgevlm writes (mlp, idefics3); re-export it")
+    if kind not in WRITTEN_TYPES:
+        raise BundleError(f"{where}: projector type {kind!r} is not one edgevlm writes ({', '.join(WRITTEN_TYPES)}); "
+                          "re-export it")
     d, f, n_blocks = (meta[f"clip.vision.{k}"] for k in ("embedding_length", "feed_forward_length", "block_count"))
     patch, out = meta["clip.vision.patch_size"], meta["clip.vision.projection_dim"]
     shapes = {t.name: t.shape for t in header.tensors}
     if not 0 < n_blocks <= len(shapes) // len(_block_shapes(d, f)):  # before building a table of n_blocks rows
         raise BundleError(f"{where}: clip.vision.block_count is {n_blocks:,} but the file holds {len(shapes)} tensors; "
                           "the file is damaged, re-export it")
-    wanted = {f"v.blk.{i}.{name}": shape for i in range(n_blocks) for name, shape in _block_shapes(d, f).items()}
-    wanted |= {"v.patch_embd.weight": (d, 3, patch, patch)} | _projector_shapes(kind, shapes, d, out)
+    blocks = _block_shapes(d, f)
+    if kind in FULLY_CHECKED:
+        wanted = {f"v.blk.{i}.{name}": shape for i in range(n_blocks) for name, shape in blocks.items()}
+        wanted |= {"v.patch_embd.weight": (d, 3, patch, patch)} | _projector_shapes(kind, shapes, d, out)
+    else:  # the attention every block's graph multiplies by: q, k, v apart or fused (Qwen3-VL), and the output
+        fused = "v.blk.0.attn_qkv.weight" in shapes
+        per_block = {"attn_qkv": (3 * d, d)} if fused else {n: (d, d) for n in ("attn_q", "attn_k", "attn_v")}
+        wanted = {f"v.blk.{i}.{name}.weight": shape for i in range(n_blocks)
+                  for name, shape in (per_block | {"attn_out": (d, d)}).items()}
     for name, shape in wanted.items():
         if name not in shapes:
             raise BundleError(f"{where}: tensor {name} is missing (projector {kind}, {n_blocks} blocks); the file is "

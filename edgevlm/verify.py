@@ -78,8 +78,8 @@ def verify_mmproj(bundle, manifest, name: str, ckpt, threads: int | None, traine
     pre = preprocess(image, spec)
     with torch.inference_mode():
         pixels = torch.from_numpy(pre.pixel_values)
-        reference = (ckpt.vision(pixels).numpy() if pre.grid is None  # (tiles, T, D)
-                     else ckpt.vision(pixels, pre.grid).numpy()[None])  # a grid image is one (1, M, D) tile
+        reference = (ckpt.vision(pixels).float().numpy() if pre.grid is None  # (tiles, T, D)
+                     else ckpt.vision(pixels, pre.grid).float().numpy()[None])  # a grid image is one (1, M, D) tile
     pipeline = MtmdPipeline(bundle / manifest.find("decoder", ggufs[0]).path, bundle / artifact.path, n_ctx=512,
                             threads=threads, parity=True, image_tokens=image_token_bounds(artifact.details))
     try:
@@ -175,7 +175,8 @@ def verify_report(bundle, threads: int | None = None, progress=None, pairs: bool
     trained, probes, ref_logits = None, [], None
     if spec is not None:
         reference = Session(spec, TorchEncoder(ckpt.vision, "torch"),
-                            TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme))
+                            TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme,
+                                         deepstack_layers=ckpt.deepstack_layers))
         for i in range(PROBE_SCENES):
             image, question = scenes.render(scenes.make_scene(4_000_000_001 + i)), "Describe the image."
             result = reference.generate(image, question, max_tokens=PROBE_TOKENS, stop_token_ids=[], return_logits=True)

@@ -13,6 +13,9 @@ import numpy as np
 PATCHES_INPUT = "pixel_patches"  # (P, C*T*p*p) float32, HF's patch order (merge blocks, row-major inside each)
 POSITIONS_INPUT = "vision_pos"  # (P, 2) int64: (row, col) of each patch in the patch grid
 WINDOWS_INPUT = "window_ids"  # (P,) int64: the attention window of each patch (window-attention towers only)
+# towers with a learned square position table resampled to each image's grid (Qwen3-VL): bilinear taps per patch
+TABLE_IDS_INPUT = "pos_embed_ids"  # (P, 4) int64: rows of the flattened table
+TABLE_WEIGHTS_INPUT = "pos_embed_weights"  # (P, 4) float32: their weights
 OUTPUT = "image_embeds"  # (M, D) float32, M = P / merge^2, merged tokens in raster order
 
 
@@ -26,6 +29,7 @@ class VisionGrid:
     in_channels: int = 3
     window_size: int = 0  # window side in pixels (Qwen2.5-VL: 112); 0 = every block attends to the whole image
     fullatt_block_indexes: tuple[int, ...] = ()  # the blocks without windows (information: the graph has them built in)
+    position_grid: int = 0  # side of a learned square position table interpolated to each image (Qwen3-VL); 0: none
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "temporal_patch_size", "merge_size", "in_channels"):
@@ -50,12 +54,14 @@ class VisionGrid:
         return self.window_size // (self.patch_size * self.merge_size)
 
     def input_names(self) -> list[str]:
-        return [PATCHES_INPUT, POSITIONS_INPUT] + ([WINDOWS_INPUT] if self.windowed else [])
+        return ([PATCHES_INPUT, POSITIONS_INPUT] + ([WINDOWS_INPUT] if self.windowed else [])
+                + ([TABLE_IDS_INPUT, TABLE_WEIGHTS_INPUT] if self.position_grid else []))
 
     def graph_inputs(self) -> list[dict]:
         """The manifest's list of graph inputs: name, dtype and shape with the dynamic axis named."""
         shapes = {PATCHES_INPUT: ("float32", ["patches", self.patch_dim]), POSITIONS_INPUT: ("int64", ["patches", 2]),
-                  WINDOWS_INPUT: ("int64", ["patches"])}
+                  WINDOWS_INPUT: ("int64", ["patches"]), TABLE_IDS_INPUT: ("int64", ["patches", 4]),
+                  TABLE_WEIGHTS_INPUT: ("float32", ["patches", 4])}
         return [{"name": name, "dtype": shapes[name][0], "shape": shapes[name][1]} for name in self.input_names()]
 
     def to_dict(self) -> dict:
@@ -108,4 +114,28 @@ def encoder_feeds(pixel_patches: np.ndarray, grid, spec: VisionGrid) -> dict[str
              POSITIONS_INPUT: patch_positions(h, w, spec.merge_size)}
     if spec.windowed:
         feeds[WINDOWS_INPUT] = window_ids(h, w, spec.merge_size, spec.window_merged)
+    if spec.position_grid:
+        feeds[TABLE_IDS_INPUT], feeds[TABLE_WEIGHTS_INPUT] = table_taps(feeds[POSITIONS_INPUT], h, w, spec.position_grid)
     return feeds
+
+
+def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear taps (floor, floor + 1, clamped) and weights along one axis, align_corners=True: patch `index` of
+    `size` samples the table at index * (side - 1) / (size - 1), in float32 as transformers computes it."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    floor = np.floor(src)
+    offsets = np.arange(2)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)  # (P, 2)
+    weights = np.clip(1 - np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32)), 0, None)
+    return taps, weights.astype(np.float32)
+
+
+def table_taps(positions: np.ndarray, h: int, w: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P, 4) rows of a flattened side x side position table and (P, 4) weights that resample it bilinearly
+    (align_corners=True) to an h x w patch grid, per patch at its (row, col): transformers'
+    vision_utils.get_vision_interpolation_indices_and_weights (bilinear), in numpy."""
+    row_taps, row_weights = _axis_taps(positions[:, 0], h, side)
+    col_taps, col_weights = _axis_taps(positions[:, 1], w, side)
+    ids = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
+    weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
+    return ids.astype(np.int64), weights.astype(np.float32)

@@ -318,3 +318,61 @@ def build_qwen2_vl(out: Path, version: str = "2", seed: int = 0, tied: bool = Fa
     (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
     return out
+
+
+# min/max pixels of the tiny Qwen3-VL processor: 2x2 .. 8x8 merged tokens (64..256 px a side, 32-px merge blocks)
+QWEN3VL_MIN_PIXELS, QWEN3VL_MAX_PIXELS = 64 * 64, 256 * 256
+
+
+def build_qwen3_vl(out: Path, seed: int = 0, tied: bool = False) -> Path:
+    """Qwen3-VL: the native-resolution ViT (16-px patches, a 6x6 learned position grid interpolated to each image,
+    2x2 merge, 3 blocks, DeepStack from blocks 0 and 1) and a Qwen3 decoder (QK-norm) with interleaved M-RoPE sections
+    [3, 3, 2] (head_dim 16: frequencies t,row,col,t,row,col,t,row, where transformers and llama.cpp's IMROPE agree
+    frequency by frequency). Built to tell right from wrong: text weights at unit scale, merger outputs at the token
+    embeddings' scale, so the greedy tokens change with the image and when the DeepStack slices are dropped."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from edgevlm.reference.tokenizers import train_bpe
+
+    torch.manual_seed(seed)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(CORPUS, 400, QWEN2VL_SPECIALS, pre="qwen2"),
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = QWEN2VL_TEMPLATE
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    # 3 decoder layers for 2 DeepStack slices: llama.cpp's qwen3vl graph cannot add a slice after its last layer
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                rms_norm_eps=1e-6, bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied,
+                rope_parameters={"rope_type": "default", "mrope_section": [3, 3, 2], "mrope_interleaved": True,
+                                 "rope_theta": 5e6})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=36,
+                  deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=tied, **ids)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # text weights at unit scale (std 1/sqrt(fan_in), embeddings std 1): at HF's init (std 0.02) attention is
+        # nearly uniform and neither the image nor DeepStack moves the greedy tokens
+        for name, param in [*model.model.language_model.named_parameters(), ("lm_head", model.lm_head.weight)]:
+            if param.ndim == 2:
+                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
+        visual = model.model.visual
+        visual.pos_embed.weight.normal_(0.0, 1.0)  # the learned grid matters to the interpolation's parity
+        for merger in [visual.merger, *visual.deepstack_merger_list]:  # rows at the token embeddings' scale
+            for layer in (merger.linear_fc1, merger.linear_fc2):
+                layer.weight.normal_(0.0, layer.weight.shape[1] ** -0.5)
+                layer.bias.normal_(0.0, 0.1)
+    model.save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=QWEN3VL_MIN_PIXELS, max_pixels=QWEN3VL_MAX_PIXELS, patch_size=16,
+                             temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                             image_std=[0.5, 0.5, 0.5]).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}))
+    return out

@@ -54,7 +54,8 @@ def qwen_ckpts(tmp_path_factory):
     import builders
 
     root = tmp_path_factory.mktemp("qwen-spec")
-    return {f"qwen{v}": builders.build_qwen2_vl(root / f"qwen{v}", v) for v in ("2", "2.5")}
+    return {**{f"qwen{v}": builders.build_qwen2_vl(root / f"qwen{v}", v) for v in ("2", "2.5")},
+            "qwen3": builders.build_qwen3_vl(root / "qwen3")}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_the_torch_loader_carries_the_description(ckpts, qwen_ckpts, tiny_refere
     from edgevlm.families import load_checkpoint
 
     paths = {**ckpts, **qwen_ckpts, "reference": tiny_reference}
-    for name in ("llava-clip", "internvl", "smolvlm2", "qwen2.5", "reference"):
+    for name in ("llava-clip", "internvl", "smolvlm2", "qwen2.5", "qwen3", "reference"):
         ckpt = load_checkpoint(paths[name])
         assert json.loads(json.dumps(ckpt.spec.summary())) == described[name]["summary"], name
         assert described[name]["vision_params"] == sum(p.numel() for p in ckpt.vision.parameters()), name

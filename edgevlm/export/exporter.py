@@ -91,8 +91,13 @@ def grid_encoder_spec(ckpt) -> EncoderSpec:
     most = max_merged_tokens(preprocess)
     axes = {"merged": {"min": 1, "max": most},
             "patches": {"min": merge * merge, "max": most * merge * merge, "multiple_of": merge * merge}}
+    slices = 1 + ckpt.spec.deepstack_layers  # DeepStack: the rows carry k more slices of the decoder's width
+    if int(probe.shape[1]) != slices * ckpt.decoder.config.hidden_size:
+        raise BadInputError(f"the vision module's rows are {int(probe.shape[1])} wide; expected {slices} slice(s) of "
+                            f"the decoder's {ckpt.decoder.config.hidden_size}")
     return EncoderSpec(PATCHES_INPUT, OUTPUT, ["patches", grid_spec.patch_dim], ["merged", int(probe.shape[1])], 1,
-                       kind="grid", inputs=grid_spec.graph_inputs(), dynamic_axes=axes, vision_grid=grid_spec.to_dict())
+                       kind="grid", inputs=grid_spec.graph_inputs(), dynamic_axes=axes, vision_grid=grid_spec.to_dict(),
+                       row_slices=slices)
 
 
 def build_manifest(ckpt, max_tiles: int) -> Manifest:

@@ -215,6 +215,11 @@ def _writer_header(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str):
     writer.add_rope_freq_base(spec.rope_theta)
     if spec.position_scheme == "mrope":  # llama.cpp's qwen2vl requires 4 sections (t, row, col, unused)
         writer.add_rope_dimension_sections([*spec.mrope_section, 0])
+    if manifest.encoder.row_slices > 1:  # DeepStack (qwen3vl): image rows are n_embd x (1 + k) wide
+        if manifest.encoder.row_slices - 1 >= spec.n_layers:  # qwen3vl.cpp adds after the last layer's row pick
+            raise CheckpointError(f"{manifest.encoder.row_slices - 1} DeepStack slices need a decoder of more layers "
+                                  f"than that for llama.cpp (it has {spec.n_layers})")
+        writer.add_num_deepstack_layers(manifest.encoder.row_slices - 1)
     if spec.rope_scaling:
         raise CheckpointError(f"RoPE scaling {spec.rope_scaling} is not exported to GGUF yet")
     writer.add_vocab_size(spec.vocab_size)

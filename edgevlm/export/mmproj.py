@@ -29,7 +29,8 @@ IDEFICS3_PIECES = ("\n", "\n\n", "<fake_token_around_image>", "<global-img>")
 # the u32 keys a plan may carry beyond the common ones -> gguf-py's GGUFWriter method that writes each
 OPTIONAL_U32 = {"scale_factor": "add_vision_projector_scale_factor", "preproc_image_size": "add_vision_preproc_image_size",
                 "n_wa_pattern": "add_vision_n_wa_pattern", "spatial_merge_size": "add_vision_spatial_merge_size",
-                "preproc_min_tiles": "add_vision_preproc_min_tiles", "preproc_max_tiles": "add_vision_preproc_max_tiles"}
+                "preproc_min_tiles": "add_vision_preproc_min_tiles", "preproc_max_tiles": "add_vision_preproc_max_tiles",
+                "min_pixels": "add_vision_min_pixels", "max_pixels": "add_vision_max_pixels"}
 
 def _tower_u32(vision_config, text_hidden: int, n_layers: int) -> dict[str, int]:
     vc = vision_config
@@ -109,6 +110,14 @@ def plan_llava(ckpt) -> MmprojPlan:
                       (list(spec.image_mean), list(spec.image_std)), feature_layers, tensors, notes)
 
 
+def _plan_qwen3vl(ckpt) -> MmprojPlan:
+    from .mmproj_qwen3vl import plan_fields  # Qwen3-VL's tensor table, in its own module
+
+    flags, notes = activation_flags(ckpt.hf_model.config.vision_config.hidden_act, "vision tower")
+    fields = plan_fields(ckpt)
+    return MmprojPlan(**{**fields, "flags": flags, "notes": notes + fields["notes"]})
+
+
 # clip.cpp projector type -> the planner of its file (one line per type; the families' describe() name the type)
 PLANNERS = {
     "idefics3": plan_idefics3,
@@ -116,6 +125,7 @@ PLANNERS = {
     "qwen2vl_merger": plan_qwen2vl,
     "qwen2.5vl_merger": plan_qwen2vl,
     "internvl": plan_internvl,
+    "qwen3vl_merger": _plan_qwen3vl,
 }
 
 
@@ -175,6 +185,8 @@ def write_mmproj(plan: MmprojPlan, path: Path, precision: str, name: str = "edge
     for key, method in OPTIONAL_U32.items():
         if key in u32:
             getattr(writer, method)(int(u32[key]))
+    for key, values in plan.bool_arrays.items():  # e.g. clip.vision.is_deepstack_layers
+        writer.add_array(key, [bool(v) for v in values])
     if plan.feature_layers is not None:
         # INT32[] (python ints); gguf 0.19 has no helper. Explicit layers also avoid upstream issue 25817 (one layer
         # lost when the key is absent).

@@ -34,6 +34,7 @@ class MmprojPlan:
     feature_layers: list[int] | None
     tensors: dict[str, np.ndarray]  # GGUF name -> float32 array in torch order (the writer reverses to ggml's ne)
     notes: list[str] = field(default_factory=list)
+    bool_arrays: dict[str, list[bool]] = field(default_factory=dict)  # e.g. clip.vision.is_deepstack_layers
     # image-token bounds mtmd cannot read from this projector type's file (llama-server --image-min-tokens /
     # --image-max-tokens): the checkpoint's processor limits, to pass wherever mtmd runs
     image_tokens: tuple[int, int] | None = None

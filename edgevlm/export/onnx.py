@@ -125,10 +125,11 @@ class HalfPrecision(torch.nn.Module):
 
         self.inner = copy.deepcopy(vision).half()  # never mutate the caller's module
 
-    def forward(self, pixel_values, vision_pos=None, window_ids=None):
+    def forward(self, pixel_values, vision_pos=None, window_ids=None, table_weights=None):
         # a grid encoder's positions and window ids are integers: only the pixels change dtype. Named parameters, not
-        # *args: torch.export matches dynamic_shapes to the signature's parameters
-        grid_inputs = [t for t in (vision_pos, window_ids) if t is not None]
+        # *args: torch.export matches dynamic_shapes to the signature's parameters. The inputs after the pixels are
+        # passed on in order whatever they are (Qwen3-VL: positions, table ids, table weights; its module casts them)
+        grid_inputs = [t for t in (vision_pos, window_ids, table_weights) if t is not None]
         return self.inner(pixel_values.half(), *grid_inputs).float()
 
 

@@ -95,6 +95,10 @@ class LoadedCheckpoint:
         return self.spec.position_scheme
 
     @property
+    def deepstack_layers(self) -> int:
+        return self.spec.deepstack_layers
+
+    @property
     def mrope_section(self) -> list[int] | None:
         section = self.spec.mrope_section
         return list(section) if self.position_scheme == "mrope" and section else None
@@ -146,7 +150,8 @@ def build_decoder(text_config, state_dict: dict[str, torch.Tensor]):
     if not isinstance(text_config, model_class.config_class):  # a VL text config: the decoder class's own config
         values = {k: v for k, v in rotary_config.to_dict().items() if k not in ("model_type", "architectures")}
         rope = dict(values.get("rope_parameters") or {})
-        rope.pop("mrope_section", None)  # the rotary below reads it from the VL config; Qwen2Config warns on it
+        for key in ("mrope_section", "mrope_interleaved"):  # the rotary below reads them from the VL config
+            rope.pop(key, None)  # (Qwen2Config / Qwen3Config warn on them)
         decoder_config = model_class.config_class(**{**values, "rope_parameters": rope or None})
     with torch.device("meta"):
         decoder = model_class(decoder_config)

@@ -110,8 +110,13 @@ class FamilySpec:
     stop_tokens: tuple[str, ...] = ()  # texts that end a turn besides the configs' eos ids (when in the vocabulary)
     image_attention: str = "causal"  # ATTENTION_MODES: how the decoder attends inside an image's block
     mrope_section: tuple[int, ...] | None = None  # M-RoPE: rotary pairs per position axis (t, row, col)
+    # DeepStack (Qwen3-VL): an image row carries 1 + k slices of the decoder's width; slice i is added to the
+    # hidden states after decoder layer i - 1 at the image's positions
+    deepstack_layers: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.deepstack_layers, int) or self.deepstack_layers < 0:
+            raise CheckpointError(f"deepstack_layers must be a count >= 0, got {self.deepstack_layers!r}")
         if self.decoder_architecture not in ARCHITECTURES:
             raise CheckpointError(f"decoder architecture {self.decoder_architecture!r} has no row in decoder_arch "
                                   f"(rows: {', '.join(ARCHITECTURES)})")
@@ -161,7 +166,8 @@ class FamilySpec:
                 "decoder_architecture": self.decoder_architecture, "image_attention": self.image_attention,
                 "mmproj_projector": self.mmproj_projector, "mmproj_refusal": self.mmproj_refusal,
                 "stop_tokens": list(self.stop_tokens),
-                "mrope_section": list(self.mrope_section) if self.mrope_section else None}
+                "mrope_section": list(self.mrope_section) if self.mrope_section else None,
+                "deepstack_layers": self.deepstack_layers}
 
 
 def mlp_width_refusal(projector_type: str, width: int, mlp: int) -> str | None:

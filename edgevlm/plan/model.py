@@ -32,6 +32,9 @@ TEXT_DEFAULTS = {"llama": {"num_attention_heads": 32, "max_position_embeddings":
                  "qwen2": {"num_attention_heads": 32, "max_position_embeddings": 32768, "rope_theta": 10000.0,
                            "rms_norm_eps": 1e-6}}
 TEXT_DEFAULTS["qwen2vl"] = TEXT_DEFAULTS["qwen2"]  # Qwen2-VL's text config is a Qwen2Config's
+# Qwen3VLTextConfig's defaults
+TEXT_DEFAULTS["qwen3vl"] = {"num_attention_heads": 32, "max_position_embeddings": 128000, "rope_theta": 500000.0,
+                            "rms_norm_eps": 1e-6}
 
 # The ONNX encoder's weights per parameter (file bytes), measured on the W1 bundle (SigLIP-B/16 + connector, 93.6 M
 # parameters): fp32 374.6 MB = 4.0 B, int8 98.9 MB = 1.06 B (weights s8 + fp32 scales, norms and biases); fp16: 2 B.
@@ -117,7 +120,7 @@ def from_preset(name: str) -> ModelShapes:
     spec = describe(*preset_files(shape))
     arch = architecture(spec.decoder_architecture)
     tied = getattr(shape, "tied", False)
-    head_dim = shape.text_hidden // shape.text_heads
+    head_dim = getattr(shape, "head_dim", None) or shape.text_hidden // shape.text_heads
     decoder = DecoderSpec(architecture=arch.name, hidden_size=shape.text_hidden, n_layers=shape.text_layers,
                           n_heads=shape.text_heads, n_kv_heads=shape.text_kv_heads, head_dim=head_dim,
                           intermediate_size=shape.text_mlp, vocab_size=shape.vocab, context_length=shape.context,
@@ -154,10 +157,27 @@ def qwen_vision_params(version: str, width: int, mlp: int, layers: int, out: int
     return patch_embed + layers * block, norm + wide * wide + wide + wide * out + out
 
 
+def qwen3_vision_params(width: int, mlp: int, layers: int, out: int, table: int, deepstack: int, patch: int = 16,
+                        temporal: int = 2, merge: int = 2, channels: int = 3) -> tuple[int, int]:
+    """(tower, mergers) parameters of a Qwen3-VL vision tower (transformers' modeling_qwen3_vl): a Conv3d patch
+    embedding with bias, the learned position table (table x width; a lookup, which the FLOP formula counts as a
+    matmul: +0.6% on the 2B), pre-norm blocks as vit_layer_params; the merger LayerNorm(width) + Linear(4w -> 4w) +
+    Linear(4w -> out), each DeepStack merger the same with its LayerNorm over 4w."""
+    wide = width * merge * merge
+    tower = width * channels * temporal * patch * patch + width + table * width + layers * vit_layer_params(width, mlp)
+    linears = wide * wide + wide + wide * out + out
+    return tower, 2 * width + linears + deepstack * (2 * wide + linears)
+
+
 def _preset_vision(spec: FamilySpec, s) -> VisionShape:
     """The tower + projector's parameter count by formula (the shapes without weights); the tower's positions and
     rows per tile are the family description's."""
     v, d = spec.vision, s.text_hidden
+    if spec.family == "qwen3_vl":
+        tower, projector = qwen3_vision_params(v.width, v.mlp, v.layers, d, s.position_embeddings, len(s.deepstack),
+                                               v.patch_size, spec.preprocess.temporal_patch_size, v.merge_size)
+        return VisionShape(tower + projector, projector, v.layers, v.width, v.mlp, v.heads, v.sequence,
+                           v.tokens_per_tile)
     if spec.family == "qwen2_vl":  # native resolution: one merge block's worth, the smallest image unit
         tower, projector = qwen_vision_params(s.version, v.width, v.mlp, v.layers, d, v.patch_size,
                                               spec.preprocess.temporal_patch_size, v.merge_size)
@@ -265,7 +285,8 @@ def _checkpoint_vision(spec: FamilySpec, shapes: dict, keys: list[str]) -> Visio
         width, _, _, patch, _ = shapes[embed[0]][1]
         layer_ids = {int(m.group(1)) for k in keys if (m := re.search(r"blocks\.(\d+)\.", k))}
         gate = next((shapes[k][1][0] for k in keys if re.search(r"blocks\.0\.mlp\.gate_proj\.weight$", k)), None)
-        mlp = gate or next((shapes[k][1][0] for k in keys if re.search(r"blocks\.0\.mlp\.fc1\.weight$", k)), 4 * width)
+        mlp = gate or next((shapes[k][1][0] for k in keys if re.search(r"blocks\.0\.mlp\.(linear_)?fc1\.weight$", k)),
+                   4 * width)  # Qwen2-VL: fc1; Qwen3-VL: linear_fc1
     else:
         conv = [k for k in keys if len(shapes[k][1]) == 4 and k not in projector]
         if len(conv) != 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..families.spec import Vocabulary
 from .presets import (INTERNVL_SPECIAL_IDS, LLAVA15_SPECIAL_IDS, QWEN2VL_SPECIAL_IDS, SMOLVLM_SPECIAL_IDS,
-                      InternVLShape, LlavaShape, QwenVLShape)
+                      InternVLShape, LlavaShape, Qwen3VLShape, QwenVLShape)
 
 QWEN_MIN_PIXELS = 56 * 56  # build_preset's processor
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -34,6 +34,18 @@ def preset_files(shape) -> tuple[dict, dict, Vocabulary]:
         config = {"architectures": [arch], "vision_config": vision, "text_config": text, "image_token_id": 151655}
         processor = {"min_pixels": QWEN_MIN_PIXELS, "max_pixels": shape.max_pixels, "patch_size": 14,
                      "temporal_patch_size": 2, "merge_size": 2}
+        return config, processor, _vocabulary(QWEN2VL_SPECIAL_IDS)
+    if isinstance(shape, Qwen3VLShape):
+        vision = dict(depth=shape.vision_layers, hidden_size=shape.vision_hidden, num_heads=shape.vision_heads,
+                      intermediate_size=shape.vision_mlp, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      out_hidden_size=shape.text_hidden, num_position_embeddings=shape.position_embeddings,
+                      deepstack_visual_indexes=list(shape.deepstack))
+        text = {"model_type": "qwen3_vl_text", "num_hidden_layers": shape.text_layers,
+                "rope_parameters": {"mrope_section": list(shape.mrope_section), "mrope_interleaved": True}}
+        config = {"architectures": ["Qwen3VLForConditionalGeneration"], "vision_config": vision, "text_config": text,
+                  "image_token_id": 151655}
+        processor = {"size": {"shortest_edge": shape.min_pixels, "longest_edge": shape.max_pixels}, "patch_size": 16,
+                     "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
         return config, processor, _vocabulary(QWEN2VL_SPECIAL_IDS)
     if isinstance(shape, InternVLShape):
         vision = dict(tower, image_size=[shape.image, shape.image], patch_size=[shape.patch, shape.patch])

@@ -89,6 +89,28 @@ class QwenVLShape(DecoderShape):
     max_pixels: int = 12845056  # the processor's default: 16,384 merged tokens
 
 
+@dataclass(frozen=True)
+class Qwen3VLShape(DecoderShape):
+    """Qwen3-VL shapes (Qwen/Qwen3-VL-2B-Instruct config.json): a native-resolution ViT (16-px patches, a 48 x 48
+    learned position table, 2x2 merge, DeepStack mergers after blocks 5, 11, 17) + a Qwen3 decoder (head_dim 128,
+    QK-norm) with interleaved M-RoPE [24, 20, 20]."""
+
+    vision_hidden: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    vision_mlp: int = 4096
+    deepstack: tuple[int, ...] = (5, 11, 17)
+    position_embeddings: int = 2304
+    head_dim: int = 128
+    vocab: int = 151936
+    rope_theta: float = 5000000.0
+    context: int = 262144
+    mrope_section: tuple[int, int, int] = (24, 20, 20)
+    tied: bool = True
+    max_pixels: int = 16777216  # preprocessor_config.json size.longest_edge
+    min_pixels: int = 65536  # size.shortest_edge
+
+
 PRESETS = {
     # SigLIP-B/16 512 + SmolLM2-135M
     "smolvlm-256m": SmolVLMShape(text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, text_mlp=1536),
@@ -119,6 +141,10 @@ PRESETS = {
     # Qwen2.5-VL-3B-Instruct: ViT 32 x 1280 (SwiGLU 3420, windows, full attention on 7/15/23/31) + Qwen2.5-3B
     "qwen2.5-vl-3b": QwenVLShape(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_mlp=11008,
                                  version="2.5", vision_mlp=3420, context=128000),
+    # Qwen3-VL-2B-Instruct: ViT 24 x 1024 (MLP 4096, 16 heads) + a Qwen3-1.7B-shaped decoder (2048 wide, 28 layers,
+    # 16 heads, 8 KV heads, head_dim 128, MLP 6144), tied, rope_theta 5e6, 262,144 positions; shapes as its published
+    # config.json states them (quoted here from the public model card's config, not read offline)
+    "qwen3-vl-2b": Qwen3VLShape(text_hidden=2048, text_layers=28, text_heads=16, text_kv_heads=8, text_mlp=6144),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -172,6 +198,8 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
             return _build_llava(shape, out)
         if isinstance(shape, QwenVLShape):
             return _build_qwen2_vl(shape, out, single_tile)
+        if isinstance(shape, Qwen3VLShape):
+            return _build_qwen3_vl(shape, out, single_tile)
         return _build_smolvlm(shape, out, single_tile)
     finally:
         torch.set_default_dtype(previous)
@@ -358,4 +386,35 @@ def _build_qwen2_vl(shape: QwenVLShape, out: Path, single_tile: bool) -> Path:
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    return out
+
+
+def _build_qwen3_vl(shape: Qwen3VLShape, out: Path, single_tile: bool) -> Path:
+    """single_tile: max_pixels 512x512 (256 image tokens), for one-image benchmarks at a fixed size."""
+    import json
+
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = wrap(bpe_with_pinned_ids(_CORPUS, shape.vocab, QWEN2VL_SPECIAL_IDS, n_merges=1000, pre="qwen2"),
+                     bos=None, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN2VL_TEMPLATE)
+    text = dict(vocab_size=shape.vocab, hidden_size=shape.text_hidden, intermediate_size=shape.text_mlp,
+                num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+                num_key_value_heads=shape.text_kv_heads, head_dim=shape.head_dim, max_position_embeddings=shape.context,
+                rms_norm_eps=1e-6, tie_word_embeddings=shape.tied, bos_token_id=151643, eos_token_id=151645,
+                rope_parameters={"rope_type": "default", "mrope_section": list(shape.mrope_section),
+                                 "mrope_interleaved": True, "rope_theta": shape.rope_theta})
+    vision = dict(depth=shape.vision_layers, hidden_size=shape.vision_hidden, intermediate_size=shape.vision_mlp,
+                  num_heads=shape.vision_heads, out_hidden_size=shape.text_hidden, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=shape.position_embeddings,
+                  deepstack_visual_indexes=list(shape.deepstack))
+    ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=shape.tied, **ids)
+    Qwen3VLForConditionalGeneration(config).eval().save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=shape.min_pixels, max_pixels=512 * 512 if single_tile else shape.max_pixels,
+                             patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                             image_std=[0.5, 0.5, 0.5]).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}))
     return out

@@ -20,7 +20,9 @@ class Segment:
 
     positions: np.ndarray  # (n,) or (n, k) int32
     token_ids: np.ndarray | None = None  # (n,) int32
-    embeds: np.ndarray | None = None  # (n, D) float32
+    # (n, D) float32; with DeepStack (manifest encoder.row_slices = 1 + k) (n, (1 + k) * D): the main embedding, then
+    # the slices each decoder adds to its hidden states after layers 0..k-1 at these positions
+    embeds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if (self.token_ids is None) == (self.embeds is None):
@@ -72,7 +74,8 @@ class Encoder(ABC):
     @abstractmethod
     def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
         """(tiles, 3, H, W) float32 -> (tiles, T, D) float32; with a grid (a native-resolution encoder):
-        (P, C*T*p*p) patches of a (t, h, w) grid -> (M, D)."""
+        (P, C*T*p*p) patches of a (t, h, w) grid -> (M, D). D is encoder.row_slices x the decoder's width (a
+        DeepStack row carries its slices side by side)."""
 
 
 class Decoder(ABC):

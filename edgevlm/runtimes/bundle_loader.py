@@ -100,7 +100,8 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
         from .torch_backend import TorchDecoder
 
         ckpt = ckpt or source_checkpoint(manifest)
-        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme)
+        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme,
+                            deepstack_layers=manifest.encoder.row_slices - 1)
     artifact = manifest.find("decoder", name)
     artifact.verify(bundle)
     artifact_id = f"{artifact.name}:{artifact.files[0].sha256}"
@@ -111,8 +112,12 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
                             context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq)
     from .mlx_decoder import MlxDecoder
 
+    from ..decoder_arch import architecture
+
     return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length,
-                      mrope_section=manifest.decoder.mrope_section, artifact_id=artifact_id)
+                      mrope_section=manifest.decoder.mrope_section, artifact_id=artifact_id,
+                      mrope_interleaved=architecture(manifest.decoder.architecture).mrope_interleaved,
+                      deepstack_layers=manifest.encoder.row_slices - 1)
 
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,

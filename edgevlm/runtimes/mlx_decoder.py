@@ -21,7 +21,9 @@ class MlxDecoder(Decoder):
     name = "mlx"
 
     def __init__(self, folder: str | Path, n_ctx: int, mrope_section: list[int] | None = None,
-                 artifact_id: str = "mlx"):
+                 artifact_id: str = "mlx", mrope_interleaved: bool = False, deepstack_layers: int = 0):
+        """mrope_interleaved / deepstack_layers: Qwen3-VL (the decoder row's rotary layout; k DeepStack slices after
+        each image row's main embedding, as the manifest's encoder.row_slices says)."""
         require_mlx()
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
@@ -45,16 +47,22 @@ class MlxDecoder(Decoder):
         self.device = str(mx.default_device())
         embedding = self.model.model.embed_tokens
         self.dtype = getattr(embedding, "scales", embedding.weight).dtype  # quantized: the dtype of its scales
-        self._mrope = self._mrope_forward(mrope_section) if mrope_section else None
+        self.deepstack_layers = int(deepstack_layers)
+        if self.deepstack_layers and not mrope_section:
+            raise BundleError("DeepStack rows run through the M-RoPE forward only (Qwen3-VL); the manifest lacks "
+                              "decoder.mrope_section")
+        self._mrope = self._mrope_forward(mrope_section, mrope_interleaved) if mrope_section else None
 
-    def _mrope_forward(self, mrope_section: list[int]):
+    def _mrope_forward(self, mrope_section: list[int], interleaved: bool):
         from .mlx_mrope import MRopeForward
 
-        if self.config.get("model_type") != "qwen2":  # the forward follows mlx-lm's qwen2 module layout
-            raise BundleError("M-RoPE runs over mlx-lm's qwen2 model; this folder is "
+        # the forward follows mlx-lm's qwen2 / qwen3 module layout
+        if self.config.get("model_type") != ("qwen3" if interleaved else "qwen2"):
+            raise BundleError(f"{'interleaved ' if interleaved else ''}M-RoPE runs over mlx-lm's "
+                              f"{'qwen3' if interleaved else 'qwen2'} model; this folder is "
                               f"{self.config.get('model_type')!r}")
         try:
-            return MRopeForward(self.model, mrope_section)
+            return MRopeForward(self.model, mrope_section, interleaved, self.deepstack_layers)
         except ValueError as exc:
             raise BundleError(f"the manifest's mrope_section does not fit the MLX decoder: {exc}") from None
 
@@ -99,8 +107,16 @@ class MlxDecoder(Decoder):
             ids = mx.array(segment.token_ids.astype(np.int32))[None]  # (1, n)
             logits = self._mrope(mx.array(positions), self.cache, inputs=ids)
         else:  # rows enter in the model's own dtype, as its token embeddings do
-            embeds = mx.array(np.ascontiguousarray(segment.embeds, dtype=np.float32))[None].astype(self.dtype)
-            logits = self._mrope(mx.array(positions), self.cache, input_embeddings=embeds)
+            rows = np.ascontiguousarray(segment.embeds, dtype=np.float32)
+            hidden = rows.shape[1] // (1 + self.deepstack_layers)
+            if rows.shape[1] != hidden * (1 + self.deepstack_layers) or hidden != self.config["hidden_size"]:
+                raise BundleError(f"image rows are {rows.shape[1]} wide; the MLX decoder takes "
+                                  f"{1 + self.deepstack_layers} slices of {self.config['hidden_size']}")
+            embeds = mx.array(rows[:, :hidden])[None].astype(self.dtype)
+            deepstack = None
+            if self.deepstack_layers:  # (1, n, k, D): the slices added after the first k layers
+                deepstack = mx.array(rows[:, hidden:].reshape(len(rows), self.deepstack_layers, hidden))[None]
+            logits = self._mrope(mx.array(positions), self.cache, input_embeddings=embeds, deepstack=deepstack)
         self.n_past += len(segment)
         # the sequence continues after the largest position so far (after an image: pos0 + max(h', w'))
         self.next_position = max(self.next_position, int(positions.max()) + 1)

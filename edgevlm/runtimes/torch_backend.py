@@ -39,8 +39,10 @@ class TorchDecoder(Decoder):
 
     name = "torch"
 
-    def __init__(self, model, n_ctx: int | None = None, *, position_scheme: str, artifact_id: str = "torch"):
-        """position_scheme: where `step` places a generated token (the checkpoint's or manifest's scheme)."""
+    def __init__(self, model, n_ctx: int | None = None, *, position_scheme: str, artifact_id: str = "torch",
+                 deepstack_layers: int = 0):
+        """position_scheme: where `step` places a generated token (the checkpoint's or manifest's scheme);
+        deepstack_layers: k DeepStack slices after the main embedding in each image row (base.Segment)."""
         from transformers import DynamicCache
 
         self.model = model.eval()
@@ -54,6 +56,8 @@ class TorchDecoder(Decoder):
         self.position_scheme, self.artifact_id = position_scheme, artifact_id
         self._embed = model.get_input_embeddings()
         self._logits: np.ndarray | None = None
+        self.deepstack_layers = int(deepstack_layers)
+        self._hidden = int(model.config.hidden_size)
 
     def prefill_chunks(self, segments: list[Segment]) -> Iterator[int]:
         with torch.inference_mode():
@@ -61,24 +65,53 @@ class TorchDecoder(Decoder):
         yield length
 
     def _forward(self, segments: list[Segment]) -> int:
-        parts = [
-            self._embed(torch.from_numpy(s.token_ids.astype(np.int64))) if s.token_ids is not None
-            else torch.from_numpy(np.ascontiguousarray(s.embeds, dtype=np.float32))
-            for s in segments
-        ]
+        rows = [None if s.token_ids is not None else self._image_rows(s.embeds) for s in segments]
+        parts = [self._embed(torch.from_numpy(s.token_ids.astype(np.int64))) if r is None else r[0]
+                 for s, r in zip(segments, rows)]
         inputs = torch.cat(parts)[None]  # (1, L, D)
         length = inputs.shape[1]
         positions = np.concatenate([s.positions for s in segments])  # (L,) or (L, k)
         position_ids = torch.from_numpy(positions.astype(np.int64))[None]  # (1, L)
         if positions.ndim == 2:  # (L, k) -> (k, 1, L), transformers' multi-axis position_ids
             position_ids = position_ids.permute(2, 0, 1)
-        out = self.model(
-            inputs_embeds=inputs, position_ids=position_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1
-        )
+        hooks = self._deepstack_hooks(segments, rows) if self.deepstack_layers and any(r is not None for r in rows) else []
+        try:
+            out = self.model(inputs_embeds=inputs, position_ids=position_ids, past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.n_past += length
         self.next_position = max(self.next_position, int(positions.max()) + 1)
         self._logits = out.logits[0, -1].float().numpy()
         return length
+
+    def _image_rows(self, embeds: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An image segment's rows -> (n, D) main embeddings and (n, k, D) DeepStack slices (None when k = 0)."""
+        width = self._hidden * (1 + self.deepstack_layers)
+        if embeds.shape[1] != width:
+            raise ValueError(f"image rows are {embeds.shape[1]} wide; this decoder takes {width} "
+                             f"({1 + self.deepstack_layers} slices of {self._hidden})")
+        rows = torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32))
+        if not self.deepstack_layers:
+            return rows, None
+        return rows[:, : self._hidden], rows[:, self._hidden:].reshape(len(rows), self.deepstack_layers, self._hidden)
+
+    def _deepstack_hooks(self, segments: list[Segment], rows: list) -> list:
+        """DeepStack as transformers' Qwen3VLTextModel does it: slice i + 1 of each image row is added to the hidden
+        states after decoder layer i (zeros at text positions: adding 0.0 leaves them exact)."""
+        slices = torch.cat([r[1] if r is not None else torch.zeros(len(s), self.deepstack_layers, self._hidden)
+                            for s, r in zip(segments, rows)])[None]  # (1, L, k, D)
+
+        def add(index: int):
+            def hook(module, args, output):
+                if isinstance(output, tuple):
+                    return (output[0] + slices[:, :, index].to(output[0].dtype), *output[1:])
+                return output + slices[:, :, index].to(output.dtype)
+            return hook
+
+        layers = self.model.model.layers
+        return [layers[i].register_forward_hook(add(i)) for i in range(self.deepstack_layers)]
 
     def logits(self) -> np.ndarray:
         if self._logits is None:

@@ -156,8 +156,9 @@ class MtmdPipeline:
             self._encode_chunk(tokenized, i)
             times.append((time.perf_counter() - start) * 1e3)
             pointer = self._mtmd.mtmd_get_output_embd(self.mctx)
-            out.append(np.ctypeslib.as_array(pointer, shape=(info.n_tokens * self.n_embd,))
-                       .reshape(info.n_tokens, self.n_embd).copy())  # (n_tokens, n_embd)
+            width = self.model.n_embd_inp  # n_embd x (1 + k) with DeepStack (qwen3vl)
+            out.append(np.ctypeslib.as_array(pointer, shape=(info.n_tokens * width,))
+                       .reshape(info.n_tokens, width).copy())  # (n_tokens, n_embd_inp)
         return out, times
 
     # -- decoding -----------------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ class LlamaContext(BatchedContext):
         model.contexts_opened += 1
         self.memory = lib.llama_get_memory(self.pointer)
         self._tokens = lib.llama_batch_init(self.n_batch, 0, 1)
-        self._embeds = lib.llama_batch_init(self.n_batch, model.n_embd, 1)
+        self._embeds = lib.llama_batch_init(self.n_batch, model.n_embd_inp, 1)  # DeepStack rows are wider
         self._one = lib.llama_batch_init(1, 0, 1)  # the decode loop's batch: fixed fields set once
         self._one.n_tokens, self._one.n_seq_id[0], self._one.logits[0] = 1, 1, 1
         self._many = lib.llama_batch_init(self.n_seq, 0, 1)  # step_many: one row per sequence
@@ -127,10 +127,10 @@ class LlamaContext(BatchedContext):
                 ctypes.memmove(self._tokens.token, ids.ctypes.data, ids.nbytes)
                 self._decode(self._tokens, positions, want_logits and done == total, seq_id)
             else:
-                rows = np.ascontiguousarray(piece.embeds, dtype=np.float32)  # (n, n_embd)
-                if rows.shape[1] != self.model.n_embd:
+                rows = np.ascontiguousarray(piece.embeds, dtype=np.float32)  # (n, n_embd_inp)
+                if rows.shape[1] != self.model.n_embd_inp:
                     raise BundleError(f"image embeddings have width {rows.shape[1]} but the GGUF decoder expects "
-                                      f"{self.model.n_embd}; the encoder and decoder come from different models")
+                                      f"{self.model.n_embd_inp}; the encoder and decoder come from different models")
                 ctypes.memmove(self._embeds.embd, rows.ctypes.data, rows.nbytes)
                 self._decode(self._embeds, positions, want_logits and done == total, seq_id)
             yield piece

@@ -8,6 +8,19 @@ from ...backends import require_llama_cpp, silence_llama_logs
 from ...errors import BundleError
 from ...gguf_header import check_before_loading
 
+IMROPE = 40  # llama.h LLAMA_ROPE_TYPE_IMROPE = GGML_ROPE_TYPE_IMROPE (interleaved M-RoPE), not bound in Python
+
+
+def _n_embd_inp(llama_cpp, pointer, n_embd: int) -> int:
+    """llama_model_n_embd_inp from the library itself (exported by the vendored llama.cpp; n_embd where absent)."""
+    import ctypes
+
+    function = getattr(llama_cpp.llama_cpp._lib, "llama_model_n_embd_inp", None)
+    if function is None:
+        return n_embd
+    function.argtypes, function.restype = [ctypes.c_void_p], ctypes.c_int32
+    return int(function(pointer))
+
 
 class LlamaModel:
     def __init__(self, gguf_path: str | Path, artifact_id: str | None = None):
@@ -26,9 +39,13 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self.pointer)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.pointer))
+        # an embedding row's width: n_embd x (1 + k) for a DeepStack decoder (arch qwen3vl: the main embedding, then
+        # the slice added after each of its first k layers); llama-cpp-python 0.3.36 does not bind the call
+        self.n_embd_inp = _n_embd_inp(llama_cpp, self.pointer, self.n_embd)
         self.model_bytes = int(llama_cpp.llama_model_size(self.pointer))
-        # M-RoPE (Qwen2-VL): image rows take (t, row, col) positions, four per row in an embedding batch
-        self.mrope = llama_cpp.llama_model_rope_type(self.pointer) == llama_cpp.LLAMA_ROPE_TYPE_MROPE
+        # M-RoPE (Qwen2-VL; interleaved: Qwen3-VL): image rows take (t, row, col) positions, four per row in an
+        # embedding batch
+        self.mrope = llama_cpp.llama_model_rope_type(self.pointer) in (llama_cpp.LLAMA_ROPE_TYPE_MROPE, IMROPE)
         self.contexts_opened = 0  # counted by LlamaContext (tests: `serve --parallel N` opens one)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
