@@ -20,6 +20,8 @@ class DecoderArch:
     position_schemes: tuple[str, ...]  # the manifest's decoder.position_scheme values it can run
     # where the rotary class lives when it is not beside hf_class (Qwen2-VL: a Qwen2 decoder with M-RoPE)
     hf_rotary_module: str | None = None
+    # added to every RMS-norm weight on the way to GGUF: Gemma's norms scale by (1 + weight), llama.cpp's by weight
+    gguf_norm_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.name and self.hf_model_types and self.position_schemes):
@@ -73,6 +75,15 @@ ARCHITECTURES = {
         hf_rotary_class="Qwen2VLRotaryEmbedding", gguf_arch="QWEN2VL", permute_qk=False,
         bias_tensors=("attn_q", "attn_k", "attn_v"), mlx_model_type="qwen2", position_schemes=("mrope",),
         hf_rotary_module="transformers.models.qwen2_vl.modeling_qwen2_vl",
+    ),
+    # Gemma 3 text: QK-norm, sandwich norms (post-attention / post-feed-forward), (1 + w) RMS norms, token
+    # embeddings scaled by sqrt(hidden) inside the model (image rows are not: llama.cpp scales only token input),
+    # local sliding-window layers (RoPE base 10k) and global ones every sixth layer; NEOX RoPE in llama.cpp (no Q/K
+    # permutation). transformers: Gemma3ForCausalLM; mlx-lm: gemma3_text.
+    "gemma3": DecoderArch(
+        name="gemma3", hf_model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
+        hf_rotary_class="Gemma3RotaryEmbedding", gguf_arch="GEMMA3", permute_qk=False, bias_tensors=(),
+        mlx_model_type="gemma3_text", position_schemes=("1d",), gguf_norm_shift=1.0,
     ),
 }
 

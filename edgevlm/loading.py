@@ -20,6 +20,7 @@ def spec_from_checkpoint(ckpt) -> RuntimeSpec:
         layout=family.layout,
         stop_token_ids=list(ckpt.stop_token_ids),
         position_scheme=family.position_scheme,
+        image_attention=family.image_attention,
     )
 
 
@@ -29,7 +30,8 @@ def session_from_checkpoint(ckpt, n_ctx: int | None = None, **cache_options) -> 
     return Session(
         spec_from_checkpoint(ckpt),
         TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}"),
-        TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=ckpt.position_scheme),
+        TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=ckpt.position_scheme,
+                     image_attention=ckpt.spec.image_attention),
         encoder_name=TORCH, decoder_name=TORCH,
         **cache_options,
     )

@@ -32,6 +32,9 @@ TEXT_DEFAULTS = {"llama": {"num_attention_heads": 32, "max_position_embeddings":
                  "qwen2": {"num_attention_heads": 32, "max_position_embeddings": 32768, "rope_theta": 10000.0,
                            "rms_norm_eps": 1e-6}}
 TEXT_DEFAULTS["qwen2vl"] = TEXT_DEFAULTS["qwen2"]  # Qwen2-VL's text config is a Qwen2Config's
+# Gemma3TextConfig's (rope_theta: the global layers'; the local ones use rope_parameters["sliding_attention"])
+TEXT_DEFAULTS["gemma3"] = {"num_attention_heads": 8, "max_position_embeddings": 131072, "rope_theta": 1e6,
+                           "rms_norm_eps": 1e-6}
 
 # The ONNX encoder's weights per parameter (file bytes), measured on the W1 bundle (SigLIP-B/16 + connector, 93.6 M
 # parameters): fp32 374.6 MB = 4.0 B, int8 98.9 MB = 1.06 B (weights s8 + fp32 scales, norms and biases); fp16: 2 B.
@@ -238,6 +241,7 @@ def _checkpoint_decoder(config: dict, spec: FamilySpec, shapes: dict):
         raise CheckpointError(f"q_proj has {q_rows} rows, not a multiple of num_attention_heads {n_heads}; the "
                               "config.json does not match the weights")
     rope = text.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: one entry per layer type
     decoder = DecoderSpec(
         architecture=arch.name, hidden_size=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=q_rows // n_heads, intermediate_size=shapes[f"{prefix}layers.0.mlp.gate_proj.weight"][1][0],

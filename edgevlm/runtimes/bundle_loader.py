@@ -48,6 +48,7 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
         layout=manifest.image_layout,
         stop_token_ids=list(manifest.tokenizer.get("stop_token_ids", [])),
         position_scheme=manifest.decoder.position_scheme,
+        image_attention=manifest.decoder.image_attention,
     )
 
 
@@ -100,7 +101,8 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
         from .torch_backend import TorchDecoder
 
         ckpt = ckpt or source_checkpoint(manifest)
-        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme)
+        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme,
+                            image_attention=manifest.decoder.image_attention)
     artifact = manifest.find("decoder", name)
     artifact.verify(bundle)
     artifact_id = f"{artifact.name}:{artifact.files[0].sha256}"

@@ -1,0 +1,132 @@
+"""Gemma 3 through the gemma3 family: pixels and ids equal HF's Gemma3Processor (several sizes, non-square,
+pan-and-scan on and off), the torch runtime's greedy tokens equal model.generate (one image, two images, with HF's
+bidirectional image mask), and the tiny model is discriminative: another image, or the image block run causally,
+changes its greedy tokens."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+
+import builders
+from edgevlm.families import describe_checkpoint, load_checkpoint
+from edgevlm.loading import session_from_checkpoint
+from edgevlm.preprocess import preprocess
+
+BOI = "<start_of_image>"
+
+
+@pytest.fixture(scope="module")
+def gemma_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma3")
+    return {"plain": builders.build_gemma3(root / "plain", seed=5),
+            "pas": builders.build_gemma3(root / "pas", seed=5, pan_and_scan=True)}
+
+
+@pytest.fixture(scope="module")
+def pics():
+    # square; wide (100/40 = 2.5 rounds to 3 crops) and tall (130/50 = 2.6: 3 crops) under pan-and-scan; near-square
+    return {"square": random_image(31, 64, 64), "wide": random_image(32, 100, 40), "tall": random_image(33, 50, 130),
+            "near": random_image(34, 70, 64)}
+
+
+def _hf_inputs(path, images, text):
+    """Gemma3Processor's own defaults (pan-and-scan off, 256-px crops) outrank the image processor's saved settings,
+    so the checkpoint's settings are passed as a caller would."""
+    processor = builders.gemma3_processor(path)
+    saved = processor.image_processor
+    options = {k: getattr(saved, k) for k in ("do_pan_and_scan", "pan_and_scan_min_crop_size",
+                                              "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")}
+    return processor(images=images, text=text, return_tensors="pt", **options)
+
+
+@pytest.mark.parametrize("kind", ["plain", "pas"])
+def test_pixels_and_ids_equal_hf(kind, gemma_ckpts, pics):
+    path = gemma_ckpts[kind]
+    ckpt = load_checkpoint(path)
+    assert ckpt.family == "gemma3" and ckpt.spec.image_attention == "bidirectional"
+    session = session_from_checkpoint(ckpt)
+    processor = builders.gemma3_processor(path)
+    crops = []
+    for name in ("square", "wide", "tall", "near"):
+        image = pics[name]
+        hf = processor.image_processor(images=[image], return_tensors="np")
+        ours = preprocess(image, ckpt.preprocess)
+        assert ours.pixel_values.shape == hf["pixel_values"].shape
+        assert np.array_equal(ours.pixel_values, hf["pixel_values"])
+        crops.append(int(hf["num_crops"][0]))
+    assert crops == ([0, 0, 0, 0] if kind == "plain" else [0, 3, 3, 0])  # square and near-square stay whole
+    images = [pics["wide"], pics["tall"]]
+    text = session.render([session.user_message(f"First {BOI} then {BOI} which is taller?", 2)])
+    hf = _hf_inputs(path, images, text)
+    prompt = session.tokenize(text, [session._prepare_image(im) for im in images])
+    assert prompt.ids.tolist() == hf["input_ids"][0].tolist()
+    # the runs of image rows are HF's token-type blocks, one per tile
+    blocks = [(s, e) for s, e, _, _ in prompt.runs]
+    types = hf["token_type_ids"][0].numpy()
+    assert blocks == _runs(types)
+
+
+def _runs(types: np.ndarray) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, t in enumerate(list(types) + [0]):
+        if t == 1 and start is None:
+            start = i
+        elif t != 1 and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _generate_hf(ckpt, path, images, text, causal_images: bool = False, max_new_tokens: int = 16) -> list[int]:
+    inputs = _hf_inputs(path, images, text)
+    if causal_images:
+        inputs.pop("token_type_ids")
+    ckpt.hf_model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        out = ckpt.hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_torch_greedy_tokens_equal_model_generate(n_images, gemma_ckpts, pics):
+    path = gemma_ckpts["pas"]
+    ckpt = load_checkpoint(path)
+    session = session_from_checkpoint(ckpt)
+    images = [pics["wide"], pics["square"]][:n_images]
+    question = f"Look {BOI} " + (f"and {BOI} " if n_images == 2 else "") + "describe it."
+    text = session.render([session.user_message(question, n_images)])
+    expected = _generate_hf(ckpt, path, images, text)
+    assert session.generate(images, question, max_tokens=16, stop_token_ids=[]).tokens == expected
+
+
+def test_tiny_model_is_discriminative(gemma_ckpts, pics):
+    """Another image changes the greedy tokens, and so does running the image block causally (HF without token
+    types): a runtime that got either wrong could not pass the parity tests."""
+    path = gemma_ckpts["plain"]
+    ckpt = load_checkpoint(path)
+    session = session_from_checkpoint(ckpt)
+    text = session.render([session.user_message("Describe the image.", 1)])
+    tokens = {name: _generate_hf(ckpt, path, [pics[name]], text) for name in ("square", "near")}
+    assert tokens["square"] != tokens["near"]
+    assert _generate_hf(ckpt, path, [pics["square"]], text, causal_images=True) != tokens["square"]
+    assert session.generate(pics["square"], "Describe the image.", max_tokens=16, stop_token_ids=[]).tokens == \
+        tokens["square"]
+
+
+def test_describe_is_torch_free_and_refuses_text_only(gemma_ckpts, tmp_path):
+    import json
+
+    from edgevlm.errors import CheckpointError
+
+    spec = describe_checkpoint(gemma_ckpts["plain"])
+    assert spec.tokens_per_tile == 16 and spec.mmproj_projector == "gemma3" and spec.decoder_architecture == "gemma3"
+    assert spec.image_tokens(100, 40) == 16
+    assert describe_checkpoint(gemma_ckpts["pas"]).image_tokens(100, 40) == 4 * 16  # the whole image + 3 crops
+    text_only = tmp_path / "gemma3-1b"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForCausalLM"],
+                                                       "model_type": "gemma3_text"}))
+    with pytest.raises(CheckpointError, match="text-only Gemma 3"):
+        describe_checkpoint(text_only)
