@@ -173,6 +173,8 @@ def validate(data: Any, where: str) -> None:
         "tie_word_embeddings": (boolean, False), "position_scheme": (string(POSITION_SCHEMES), False),
         "image_attention": (string(IMAGE_ATTENTION), False),
         "mrope_section": (optional(list_of(integer(0, 1 << 16))), False), "spatial_merge_size": (optional(integer(1, 64)), False),
+        "sliding_window": (optional(size), False), "global_every": (optional(integer(1, 1024)), False),
+        "rope_local_theta": (optional(number(positive=True)), False),
     })
     vocab = decoder["vocab_size"]
     token_id = integer(0, vocab - 1)

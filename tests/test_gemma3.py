@@ -130,3 +130,62 @@ def test_describe_is_torch_free_and_refuses_text_only(gemma_ckpts, tmp_path):
                                                        "model_type": "gemma3_text"}))
     with pytest.raises(CheckpointError, match="text-only Gemma 3"):
         describe_checkpoint(text_only)
+
+
+@pytest.fixture(scope="module")
+def gemma_bundle(gemma_ckpts, tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    root = tmp_path_factory.mktemp("gemma3-bundles")
+    decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0")]
+    return export_checkpoint(gemma_ckpts["pas"], root / "pas", [ArtifactRequest("onnx", "fp32")], decoders)
+
+
+def _bundle_session(bundle, decoder: str = "gguf:f32", **options):
+    import edgevlm
+
+    return edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1, parity=True, **options)
+
+
+def test_f32_gguf_matches_the_torch_reference(gemma_ckpts, gemma_bundle, pics):
+    """Arch gemma3 through gguf-py's names ((1 + w) norms shifted, QK-norm, sandwich norms, tied head), the image
+    rows unscaled and decoded with causal attention off in one micro-batch: greedy tokens equal the torch
+    reference's and the logits agree to NMSE <= 1e-5 (two images, one with pan-and-scan crops)."""
+    import gguf
+
+    import edgevlm
+    from edgevlm.verify import DECODER_NMSE, nmse
+
+    reader = gguf.GGUFReader(str(gemma_bundle / "decoder" / "f32.gguf"))
+    assert reader.fields["general.architecture"].contents() == "gemma3"
+    assert reader.fields["gemma3.attention.sliding_window"].contents() == 128
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_q_norm.weight", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
+    assert "output.weight" not in names  # tied
+    images = [pics["wide"], pics["square"]]
+    question = f"First {BOI} second {BOI} which is bigger?"
+    options = dict(max_tokens=24, stop_token_ids=[], return_logits=True)
+    ref = edgevlm.load(gemma_ckpts["pas"]).generate(images, question, **options)
+    ours = _bundle_session(gemma_bundle).generate(images, question, **options)
+    assert ours.tokens == ref.tokens
+    assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE
+
+
+def test_gguf_image_block_is_bidirectional_and_refuses_a_split(gemma_bundle, pics):
+    """The same GGUF with the image rows run causally gives other tokens (what the test above would catch); an image
+    block larger than the micro-batch is refused in one line instead of being cut."""
+    from edgevlm.errors import BadInputError
+    from edgevlm.manifest import Manifest
+    from edgevlm.runtimes.llamacpp import open_decoder
+
+    question = f"Describe {BOI} please."
+    bidirectional = _bundle_session(gemma_bundle).generate(pics["square"], question, max_tokens=16, stop_token_ids=[])
+    causal = _bundle_session(gemma_bundle)
+    path = gemma_bundle / Manifest.load(gemma_bundle).find("decoder", "gguf:f32").path
+    causal.decoder = open_decoder(path, n_ctx=causal.decoder.n_ctx, threads=1, parity=True)
+    assert causal.generate(pics["square"], question, max_tokens=16, stop_token_ids=[]).tokens != bidirectional.tokens
+    small = _bundle_session(gemma_bundle)
+    small.decoder = open_decoder(path, n_ctx=small.decoder.n_ctx, threads=1, parity=True, n_batch=8,
+                                 image_attention="bidirectional")
+    with pytest.raises(BadInputError, match="must fit one llama.cpp micro-batch"):
+        small.generate(pics["square"], question, max_tokens=4, stop_token_ids=[])

@@ -107,10 +107,14 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
     artifact.verify(bundle)
     artifact_id = f"{artifact.name}:{artifact.files[0].sha256}"
     if artifact.format == "gguf":
-        from .llamacpp import open_decoder
+        from .llamacpp import DEFAULT_N_BATCH, open_decoder
 
+        # a bidirectional image block goes in as one micro-batch: n_batch holds the largest tile's rows
+        bidirectional = manifest.decoder.image_attention == "bidirectional"
+        n_batch = max(DEFAULT_N_BATCH, manifest.image_layout.tokens_per_tile) if bidirectional else DEFAULT_N_BATCH
         return open_decoder(bundle / artifact.path, n_ctx=n_ctx, threads=threads, parity=parity,
-                            context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq)
+                            context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq,
+                            n_batch=n_batch, image_attention=manifest.decoder.image_attention)
     from .mlx_decoder import MlxDecoder
 
     return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length,

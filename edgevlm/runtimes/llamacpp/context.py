@@ -45,11 +45,15 @@ class ContextSettings:
     threads: int | None = None  # None: backends.thread_count's default
     parity: bool = False  # flash attention off, f32 KV: matches PyTorch to ~1e-6
     flash_attn: bool | None = None  # None: on where llama.cpp offloads to a GPU (flash_attention_type)
+    # "bidirectional": each image segment is decoded in one micro-batch with causal attention off (Gemma 3)
+    image_attention: str = "causal"
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or self.n_batch < 1:
             raise BadInputError(f"a llama.cpp context needs n_ctx >= 1 and n_batch >= 1, got {self.n_ctx}, {self.n_batch}")
         thread_count(self.threads)  # validated here, resolved when the context opens
+        if self.image_attention not in ("causal", "bidirectional"):
+            raise BadInputError(f"image_attention {self.image_attention!r}: llama.cpp runs 'causal' or 'bidirectional'")
 
 
 class LlamaContext(BatchedContext):
@@ -119,6 +123,9 @@ class LlamaContext(BatchedContext):
         """Decode the segments into sequence seq_id in pieces of at most n_batch rows, yielding each piece once it is
         in the KV; the last row of the last piece gets logits when want_logits (read them with `logits_at(-1)`)."""
         total, done = sum(len(s) for s in segments), 0
+        bidirectional = self.settings.image_attention == "bidirectional"
+        if bidirectional:
+            self._check_whole_images(segments)
         for piece in chunks(segments, self.n_batch):
             done += len(piece)
             positions = self._positions(piece)
@@ -132,8 +139,22 @@ class LlamaContext(BatchedContext):
                     raise BundleError(f"image embeddings have width {rows.shape[1]} but the GGUF decoder expects "
                                       f"{self.model.n_embd}; the encoder and decoder come from different models")
                 ctypes.memmove(self._embeds.embd, rows.ctypes.data, rows.nbytes)
-                self._decode(self._embeds, positions, want_logits and done == total, seq_id)
+                if bidirectional:  # every row of the image sees the whole image (and everything before it)
+                    self.lib.llama_set_causal_attn(self.pointer, False)
+                try:
+                    self._decode(self._embeds, positions, want_logits and done == total, seq_id)
+                finally:
+                    if bidirectional:
+                        self.lib.llama_set_causal_attn(self.pointer, True)
             yield piece
+
+    def _check_whole_images(self, segments: list[Segment]) -> None:
+        """A bidirectional image goes into llama.cpp in one micro-batch (n_ubatch = n_batch here): refuse one that
+        cannot fit rather than run it causally in pieces."""
+        largest = max((len(s) for s in segments if s.embeds is not None), default=0)
+        if largest > self.n_batch:
+            raise BadInputError(f"an image block of {largest} rows attends bidirectionally and must fit one llama.cpp "
+                                f"micro-batch, but n_batch is {self.n_batch}; open the decoder with n_batch >= {largest}")
 
     def _decode(self, batch, positions: np.ndarray, want_logits: bool, seq_id: int) -> None:
         n = len(positions)
