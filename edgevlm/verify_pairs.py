@@ -60,7 +60,8 @@ def pair_rows(bundle, manifest, ckpt, spec, weights: dict, threads, log) -> list
         return []
     trained, reference_model = weights["trained"], weights["reference_model"] and weights["trained"]
     reference = Session(spec, TorchEncoder(ckpt.vision, "torch"),
-                        TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme))
+                        TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme,
+                                     image_attention=spec.image_attention))
     probes = None
     reference_accuracy = None
     out = []

@@ -189,3 +189,20 @@ def test_gguf_image_block_is_bidirectional_and_refuses_a_split(gemma_bundle, pic
                                  image_attention="bidirectional")
     with pytest.raises(BadInputError, match="must fit one llama.cpp micro-batch"):
         small.generate(pics["square"], question, max_tokens=4, stop_token_ids=[])
+
+
+def test_onnx_fp32_equals_hf_get_image_features(gemma_ckpts, gemma_bundle, pics):
+    """SigLIP + 4x4 average pool + soft-embedding RMSNorm + projector in one graph: the whole image and its
+    pan-and-scan crops (one batch of tiles) within 1e-4 relative of Gemma3Model.get_image_features."""
+    from edgevlm.manifest import Manifest
+    from edgevlm.runtimes.onnx_encoder import OnnxRuntimeEncoder
+
+    ckpt = load_checkpoint(gemma_ckpts["pas"])
+    manifest = Manifest.load(gemma_bundle)
+    encoder = OnnxRuntimeEncoder(gemma_bundle, manifest.find("encoder", "onnx:fp32"), manifest.encoder, threads=1)
+    pixels = preprocess(pics["wide"], ckpt.preprocess).pixel_values  # 1 + 3 crops
+    with torch.inference_mode():
+        expected = ckpt.hf_model.model.get_image_features(torch.from_numpy(pixels)).pooler_output.numpy()
+    ours = encoder.encode(pixels)
+    assert ours.shape == expected.shape == (4, 16, 64)
+    assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-4
