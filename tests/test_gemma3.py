@@ -206,3 +206,75 @@ def test_onnx_fp32_equals_hf_get_image_features(gemma_ckpts, gemma_bundle, pics)
     ours = encoder.encode(pixels)
     assert ours.shape == expected.shape == (4, 16, 64)
     assert np.abs(ours - expected).max() / np.abs(expected).max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def swa(tmp_path_factory):
+    """The same weights with an 8-position window (shorter than every prompt here) and with a 1024-position one;
+    the small-window model exported to an F32 GGUF."""
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    root = tmp_path_factory.mktemp("gemma3-swa")
+    small = builders.build_gemma3(root / "w8", seed=5, sliding_window=8)
+    wide = builders.build_gemma3(root / "w1024", seed=5, sliding_window=1024)
+    bundle = export_checkpoint(small, root / "bundle", [ArtifactRequest("onnx", "fp32")], [ArtifactRequest("gguf", "f32")])
+    return {"small": small, "wide": wide, "bundle": bundle}
+
+
+def test_sliding_window_prompt_longer_than_the_window(swa, pics):
+    """The window changes the greedy tokens (so the tests below can tell a wrong window), the torch runtime equals
+    model.generate with it, and llama.cpp's SWA cache (local layers hold only their window) gives the same tokens
+    and logits."""
+    import edgevlm
+    from edgevlm.verify import DECODER_NMSE, nmse
+
+    question = "Describe the image in a few words."
+    expected = {}
+    for name in ("small", "wide"):
+        ckpt = load_checkpoint(swa[name])
+        session = session_from_checkpoint(ckpt)
+        text = session.render([session.user_message(question, 1)])
+        expected[name] = _generate_hf(ckpt, swa[name], [pics["square"]], text)
+        assert session.generate(pics["square"], question, max_tokens=16, stop_token_ids=[]).tokens == expected[name]
+    assert expected["small"] != expected["wide"]
+    options = dict(max_tokens=16, stop_token_ids=[], return_logits=True)
+    ref = edgevlm.load(swa["small"]).generate(pics["square"], question, **options)
+    gguf_session = _bundle_session(swa["bundle"])
+    assert gguf_session.decoder.context.n_swa == 8
+    ours = gguf_session.generate(pics["square"], question, **options)
+    assert ours.timings["n_prompt_tokens"] > 4 * 8 and ours.tokens == ref.tokens == expected["small"]
+    assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE
+
+
+def _small_batch_session(bundle):
+    """n_batch 16 (the image's 16 rows still fit one micro-batch): llama.cpp's SWA cache is then 256 cells (window +
+    micro-batch, padded), so a prompt of ~400 positions makes the local layers overwrite their oldest ones."""
+    from edgevlm.manifest import Manifest
+    from edgevlm.runtimes.llamacpp import open_decoder
+
+    session = _bundle_session(bundle)
+    path = bundle / Manifest.load(bundle).find("decoder", "gguf:f32").path
+    session.decoder = open_decoder(path, n_ctx=1024, threads=1, parity=True, n_batch=16, image_attention="bidirectional")
+    return session
+
+
+def test_sliding_window_cache_falls_back_to_a_cold_prefill(swa, pics):
+    """A new prompt that shares the previous one's beginning only up to a point the local layers have dropped (more
+    than a window behind the oldest position they still hold) cannot reuse the live sequence: the session prefills
+    cold and answers as a fresh session and the torch reference do; a cut inside the window keeps the reuse."""
+    import edgevlm
+
+    first, second = "Describe the image. " * 50 + "Briefly.", "Describe the image. " * 10 + "Now in many words."
+    reference = edgevlm.load(swa["small"]).generate(pics["square"], second, max_tokens=8, stop_token_ids=[])
+    cold = _small_batch_session(swa["bundle"]).generate(pics["square"], second, max_tokens=8, stop_token_ids=[])
+    assert cold.tokens == reference.tokens
+    session = _small_batch_session(swa["bundle"])
+    long = session.generate(pics["square"], first, max_tokens=8, stop_token_ids=[])
+    end, oldest = session.decoder.n_past, session.decoder.context.oldest_kept(0)
+    assert long.timings["n_prompt_tokens"] > 350 and oldest > 100  # the local layers dropped their oldest cells
+    assert not session.decoder.can_truncate(oldest) and session.decoder.can_truncate(end - 4)
+    again = session.generate(pics["square"], second, max_tokens=8, stop_token_ids=[])
+    assert again.timings["n_reused_positions"] == 0 and again.tokens == cold.tokens
+    repeat = session.generate(pics["square"], second, max_tokens=8, stop_token_ids=[])
+    assert repeat.timings["n_reused_positions"] == repeat.timings["n_prompt_tokens"] - 1
+    assert repeat.tokens == cold.tokens

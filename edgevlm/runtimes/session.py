@@ -196,6 +196,8 @@ class Session:
             # an image's rows share one t position, and llama.cpp removes KV by position; a bidirectional image's
             # rows each saw the whole image: keep whole images only
             reuse = prompts.whole_images(prompt, reuse)
+        if not self.decoder.can_truncate(reuse):  # a sliding-window cache dropped what the cut would need: cold
+            reuse, store_at = 0, max((b for b in prompt.boundaries if b < n), default=None)
         self.decoder.truncate(reuse, prompt.positions.next_after(reuse))
         self._kv_keys = self._kv_keys[:reuse]
         timings["n_reused_positions"] = reuse

@@ -76,6 +76,10 @@ class LlamaContext(BatchedContext):
         params.kv_unified = self.n_seq > 1
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
+        # local layers keep only their window (llama.cpp's SWA cache) instead of n_ctx cells each; the price: the
+        # sequence cannot be cut back behind the window it dropped (LlamaSequence.can_truncate)
+        params.swa_full = False
+        self.n_swa = model.n_swa
         if settings.parity:
             params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
             params.type_k = params.type_v = lib.GGML_TYPE_F32
@@ -85,7 +89,8 @@ class LlamaContext(BatchedContext):
         self.flash_attn_type = int(params.flash_attn_type)
         # what a saved sequence state depends on: the weights, the KV type, the context and batch settings
         self.state_signature = (f"llama.cpp {lib.__version__}|{model.artifact_id}|n_ctx={self.n_ctx}|"
-                                f"n_batch={self.n_batch}|kv={self.kv_type}|fa={self.flash_attn_type}")
+                                f"n_batch={self.n_batch}|kv={self.kv_type}|fa={self.flash_attn_type}"
+                                + (f"|swa={self.n_swa}" if self.n_swa else ""))
         self.pointer = lib.llama_init_from_model(model.pointer, params)
         if not self.pointer:
             raise BackendUnavailableError(f"llama.cpp could not create a context of {self.n_ctx} positions for "
@@ -228,6 +233,10 @@ class LlamaContext(BatchedContext):
         """Drop the sequence's cells at positions >= first (llama.cpp removes by position); False if refused."""
         return bool(self.lib.llama_memory_seq_rm(self.memory, seq_id, first, -1))
 
+    def oldest_kept(self, seq_id: int) -> int:
+        """The first position every layer of the sequence still holds (the SWA window's start; -1: empty)."""
+        return int(self.lib.llama_memory_seq_pos_min(self.memory, seq_id))
+
     def forget(self, seq_id: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
@@ -248,7 +257,8 @@ class LlamaContext(BatchedContext):
         total = 0
         for seq_id in range(self.n_seq):
             top = int(self.lib.llama_memory_seq_pos_max(self.memory, seq_id))
-            low = int(self.lib.llama_memory_seq_pos_min(self.memory, seq_id))
+            # with an SWA cache pos_min is the window's start; the global layers still hold from position 0
+            low = 0 if self.n_swa else int(self.lib.llama_memory_seq_pos_min(self.memory, seq_id))
             total += 0 if top < 0 else top - low + 1
         return total
 
