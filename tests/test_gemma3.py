@@ -278,3 +278,71 @@ def test_sliding_window_cache_falls_back_to_a_cold_prefill(swa, pics):
     repeat = session.generate(pics["square"], second, max_tokens=8, stop_token_ids=[])
     assert repeat.timings["n_reused_positions"] == repeat.timings["n_prompt_tokens"] - 1
     assert repeat.tokens == cold.tokens
+
+
+@pytest.fixture(scope="module")
+def mmproj_bundle(gemma_ckpts, tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    root = tmp_path_factory.mktemp("gemma3-mmproj")
+    encoders = [ArtifactRequest("onnx", "fp32"), ArtifactRequest("mmproj", "f32"), ArtifactRequest("mmproj", "f16")]
+    return export_checkpoint(gemma_ckpts["plain"], root / "b", encoders, [ArtifactRequest("gguf", "f32")])
+
+
+def _mtmd_text(session, question: str, marker: str) -> str:
+    """edgevlm's rendered prompt with mtmd's marker where the image goes: mtmd writes <start_of_image> and
+    <end_of_image> around the image itself; the blank lines Gemma3Processor adds around them stay in the text."""
+    text = session.render([session.user_message(question, 1)])
+    return text.replace(BOI, f"\n\n{marker}\n\n")
+
+
+class _FixedRows:
+    """An encoder that returns rows computed elsewhere (here: by libmtmd from the same image)."""
+
+    name = artifact_id = "mtmd-rows"
+    graph_bytes = None
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def encode(self, pixel_values, grid=None):
+        return self.rows[None]
+
+
+def test_mmproj_through_libmtmd(mmproj_bundle, pics):
+    """libmtmd loads the gemma3 mmproj, lays the prompt out with HF's ids, encodes at cosine >= 0.999 (F32, F16)
+    against edgevlm's encoder, and llama.cpp's own multimodal path (its helpers decode the image non-causally) gives
+    edgevlm's greedy tokens on the same decoder GGUF."""
+    from edgevlm.bench.peers.mtmd import MtmdPipeline
+    from edgevlm.manifest import Manifest
+    from edgevlm.metrics import cosine
+
+    import edgevlm
+
+    manifest = Manifest.load(mmproj_bundle)
+    assert manifest.find("encoder", "mmproj:f16").details["projector_type"] == "gemma3"
+    session = edgevlm.load(mmproj_bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1, parity=True)
+    image, question = pics["square"], "Describe the image."
+    ids = session.tokenize(session.render([session.user_message(question, 1)]), [session._prepare_image(image)]).ids
+    reference = session.encoder.encode(preprocess(image, manifest.preprocess).pixel_values)[0]
+    decoder = mmproj_bundle / manifest.find("decoder", "gguf:f32").path
+    for precision in ("f32", "f16"):
+        pipeline = MtmdPipeline(decoder, mmproj_bundle / f"encoder/mmproj-{precision}.gguf", n_ctx=512, threads=1,
+                                parity=True)
+        tokenized = pipeline.tokenize(_mtmd_text(session, question, pipeline.marker), [np.asarray(image)])
+        laid_out = []
+        for chunk in tokenized.chunks:
+            laid_out += list(chunk.token_ids) if chunk.kind == "text" else [manifest.image_layout.image_token_id] * chunk.n_tokens
+        assert laid_out == ids.tolist(), precision
+        embeddings, _ = pipeline.encode(tokenized)
+        assert len(embeddings) == 1 and cosine(embeddings[0], reference) >= 0.999, precision
+        if precision == "f32":
+            # the tiny model is sensitive enough that the two encoders' 3e-4 relative difference moves a late token,
+            # so edgevlm's decoder takes mtmd's image rows: the decode paths (non-causal image block) are compared
+            pipeline.prefill(tokenized)
+            theirs, _ = pipeline.generate(16)
+            same_rows = edgevlm.load(mmproj_bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1, parity=True)
+            same_rows.encoder = _FixedRows(embeddings[0])
+            assert theirs == same_rows.generate(image, question, max_tokens=16, stop_token_ids=[]).tokens
+        pipeline.free(tokenized)
+        pipeline.close()

@@ -155,7 +155,13 @@ def plan_llava(ckpt) -> MmprojPlan:
                       (list(spec.image_mean), list(spec.image_std)), feature_layers, tensors, notes)
 
 
-PLANNERS = {"idefics3": plan_idefics3, "mlp": plan_llava}  # clip.cpp projector type -> writer
+def plan_gemma3(ckpt) -> MmprojPlan:
+    from .mmproj_gemma3 import plan_gemma3 as plan  # its own module, which imports this one's helpers
+
+    return plan(ckpt)
+
+
+PLANNERS = {"idefics3": plan_idefics3, "mlp": plan_llava, "gemma3": plan_gemma3}  # clip.cpp projector type -> writer
 
 
 def plan_mmproj(ckpt) -> MmprojPlan:
