@@ -346,3 +346,40 @@ def test_mmproj_through_libmtmd(mmproj_bundle, pics):
             assert theirs == same_rows.generate(image, question, max_tokens=16, stop_token_ids=[]).tokens
         pipeline.free(tokenized)
         pipeline.close()
+
+
+def test_plan_figures_and_presets(gemma_bundle, gemma_ckpts, monkeypatch, capsys):
+    """The gemma3-4b preset plans with the published shapes: 256 image rows per 896x896 image, and a KV cache where
+    the 29 local layers hold only their 1024-position window (+ the 512-row micro-batch) and the 5 global layers the
+    whole context; a preset of the tiny builder's shapes and the tiny checkpoint give the exported GGUF's bytes;
+    a text-only Gemma 3 1B is refused in one line."""
+    from edgevlm.cli import main
+    from edgevlm.manifest import Manifest
+    from edgevlm.plan.bundle import PlanRequest, plan_model
+    from edgevlm.plan.devices import get_device
+    from edgevlm.plan.model import from_checkpoint, from_preset
+    from edgevlm.reference import presets
+    from edgevlm.reference.preset_gemma3 import Gemma3Shape
+
+    device = get_device("rtx-4060-8gb")
+    result = plan_model(from_preset("gemma3-4b"), device, PlanRequest(context=8192, image_size=(896, 896)))
+    assert result["images"]["image_rows"] == 256 and result["n_ctx"] == 8192
+    kv_row = 2 * 4 * 256 * 2  # K and V, 4 KV heads of 256, f16
+    assert result["options"][0]["memory"]["kv_cache"] == 5 * 8192 * kv_row + 29 * (1024 + 512) * kv_row
+    monkeypatch.setitem(presets.PRESETS, "tiny-gemma3", Gemma3Shape(
+        text_hidden=64, text_layers=6, text_heads=4, text_kv_heads=2, text_mlp=128, head_dim=16, vision_hidden=32,
+        vision_layers=2, vision_heads=2, vision_mlp=64, patch=4, image=64, tokens_per_image=16, vocab=400,
+        sliding_window=128, context=1024))
+    manifest = Manifest.load(gemma_bundle)
+    for shapes in (from_checkpoint(gemma_ckpts["pas"]), from_preset("tiny-gemma3")):
+        weights = {o["decoder"]: o["memory"]["decoder_weights"]
+                   for o in plan_model(shapes, device, PlanRequest(context=256))["options"]}
+        for precision in ("f32", "q8_0"):
+            gguf_file = gemma_bundle / manifest.find("decoder", f"gguf:{precision}").path
+            from edgevlm.plan import budget
+
+            assert weights[f"gguf:{precision}"] == sum(t.n_bytes for t in budget.read_gguf_tensors(gguf_file))
+    assert from_preset("tiny-gemma3").vision.params == from_checkpoint(gemma_ckpts["pas"]).vision.params
+    assert main(["plan", "--preset", "gemma3-1b", "--device", "rtx-4060-8gb"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "text-only Gemma 3" in err[0]

@@ -22,6 +22,9 @@ PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "8bit": ("fl
 def write_hf_decoder(ckpt, manifest, folder: Path) -> Path:
     """The decoder as a stock HF checkpoint of its own class, with the tokenizer and chat template beside it."""
     arch = architecture(manifest.decoder.architecture)
+    if manifest.decoder.image_attention != "causal":  # mlx-lm builds its own causal mask and scales every input row
+        raise CheckpointError(f"the MLX decoder cannot run {manifest.family}'s {manifest.decoder.image_attention} image "
+                              "attention yet; export gguf:* for this checkpoint")
     if manifest.decoder.rope_scaling:  # mlx-lm reads only top-level rope keys: refuse rather than drop it silently
         raise CheckpointError(f"RoPE scaling {manifest.decoder.rope_scaling} is not exported to MLX yet")
     ckpt.decoder.save_pretrained(folder)

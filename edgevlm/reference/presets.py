@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .preset_gemma3 import Gemma3Shape
 from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
@@ -119,6 +120,8 @@ PRESETS = {
     # Qwen2.5-VL-3B-Instruct: ViT 32 x 1280 (SwiGLU 3420, windows, full attention on 7/15/23/31) + Qwen2.5-3B
     "qwen2.5-vl-3b": QwenVLShape(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_mlp=11008,
                                  version="2.5", vision_mlp=3420, context=128000),
+    # gemma-3-4b-it (preset_gemma3.py)
+    "gemma3-4b": Gemma3Shape(),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -166,6 +169,10 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
     try:
         torch.manual_seed(seed)
         shape = PRESETS[name]
+        if isinstance(shape, Gemma3Shape):
+            from .preset_gemma3 import build_gemma3
+
+            return build_gemma3(shape, out, _CORPUS)
         if isinstance(shape, InternVLShape):
             return _build_internvl(shape, out, single_tile)
         if isinstance(shape, LlavaShape):
