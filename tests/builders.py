@@ -341,12 +341,13 @@ def gemma3_tokenizer():
 
 
 def build_gemma3(out: Path, seed: int = 0, sliding_window: int = 128, pan_and_scan: bool = False,
-                 layers: int = 6, image_size: int = 64) -> Path:
+                 layers: int = 6, image_size: int = 64, global_rope_factor: float | None = None) -> Path:
     """Gemma 3 at toy size: SigLIP (patch 4: a 16x16 patch grid) -> 4x4 avg pool -> soft-embedding RMSNorm ->
     linear projector (16 image tokens), a Gemma 3 decoder of `layers` layers (pattern 6: five local layers with a
     `sliding_window` window, then a global one; head_dim 16, QK-norm, sandwich norms, tied head). Made discriminative
     (FACTS.md): the projector and soft-embedding norm start at zero and are randomised; the text weights go to unit
-    scale and the final norm is sharpened so that greedy tokens follow the image."""
+    scale and the final norm is sharpened so that greedy tokens follow the image. global_rope_factor: linear RoPE
+    scaling on the global layers (the published 4B and larger use 8)."""
     import json
 
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
@@ -361,7 +362,8 @@ def build_gemma3(out: Path, seed: int = 0, sliding_window: int = 128, pan_and_sc
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
                 max_position_embeddings=1024, rms_norm_eps=1e-6, sliding_window=sliding_window,
                 bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"],
-                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6} if not global_rope_factor
+                                 else {"rope_type": "linear", "factor": global_rope_factor, "rope_theta": 1e6},
                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
                           boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],

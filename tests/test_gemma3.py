@@ -137,7 +137,7 @@ def gemma_bundle(gemma_ckpts, tmp_path_factory):
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
     root = tmp_path_factory.mktemp("gemma3-bundles")
-    decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0")]
+    decoders = [ArtifactRequest("gguf", "f32"), ArtifactRequest("gguf", "q8_0"), ArtifactRequest("mlx", "fp32")]
     return export_checkpoint(gemma_ckpts["pas"], root / "pas", [ArtifactRequest("onnx", "fp32")], decoders)
 
 
@@ -383,3 +383,47 @@ def test_plan_figures_and_presets(gemma_bundle, gemma_ckpts, monkeypatch, capsys
     assert main(["plan", "--preset", "gemma3-1b", "--device", "rtx-4060-8gb"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "text-only Gemma 3" in err[0]
+
+
+def test_mlx_fp32_matches_the_torch_reference(gemma_ckpts, gemma_bundle, pics):
+    """mlx-lm's gemma3_text layers under edgevlm's masks (runtimes/mlx_gemma3.py): the image block bidirectional and
+    unscaled, local layers windowed; greedy tokens equal the torch reference's, logits NMSE <= 1e-5, also after a
+    prefix-cache hit (snapshot / restore) and a chat turn that reuses the live sequence."""
+    import edgevlm
+    from edgevlm.verify import DECODER_NMSE, nmse
+
+    images = [pics["wide"], pics["square"]]
+    question = f"First {BOI} second {BOI} which is bigger?"
+    options = dict(max_tokens=16, stop_token_ids=[], return_logits=True)
+    ref = edgevlm.load(gemma_ckpts["pas"]).generate(images, question, **options)
+    session = edgevlm.load(gemma_bundle, encoder="onnx:fp32", decoder="mlx:fp32")
+    ours = session.generate(images, question, **options)
+    assert ours.tokens == ref.tokens
+    assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE
+    other = f"First {BOI} second {BOI} which one is red?"
+    warm = session.generate(images, other, max_tokens=12, stop_token_ids=[])
+    assert warm.timings["n_reused_positions"] > 0
+    assert warm.tokens == edgevlm.load(gemma_ckpts["pas"]).generate(images, other, max_tokens=12, stop_token_ids=[]).tokens
+
+
+def test_linear_rope_scaling_on_the_global_layers(tmp_path, pics):
+    """Gemma 3 4B+ scale the global layers' RoPE linearly (x8); the GGUF (rope.scaling) and MLX (rope_scaling for
+    gemma3_text's global layers) carry it: both equal the torch reference on a prompt long enough for positions to
+    matter, and the factor changes the tokens."""
+    import edgevlm
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+    from edgevlm.verify import DECODER_NMSE, nmse
+
+    scaled = builders.build_gemma3(tmp_path / "x4", seed=5, global_rope_factor=4.0)
+    plain = builders.build_gemma3(tmp_path / "x1", seed=5)
+    bundle = export_checkpoint(scaled, tmp_path / "b", [ArtifactRequest("onnx", "fp32")],
+                               [ArtifactRequest("gguf", "f32"), ArtifactRequest("mlx", "fp32")])
+    question = "Describe the image. " * 6
+    options = dict(max_tokens=12, stop_token_ids=[], return_logits=True)
+    ref = edgevlm.load(scaled).generate(pics["square"], question, **options)
+    assert edgevlm.load(plain).generate(pics["square"], question, **options).tokens != ref.tokens
+    for decoder in ("gguf:f32", "mlx:fp32"):
+        ours = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1, parity=True).generate(
+            pics["square"], question, **options)
+        assert ours.tokens == ref.tokens, decoder
+        assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE, decoder

@@ -118,7 +118,8 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
     from .mlx_decoder import MlxDecoder
 
     return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length,
-                      mrope_section=manifest.decoder.mrope_section, artifact_id=artifact_id)
+                      mrope_section=manifest.decoder.mrope_section, artifact_id=artifact_id,
+                      image_attention=manifest.decoder.image_attention)
 
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,

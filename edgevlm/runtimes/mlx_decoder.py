@@ -21,7 +21,7 @@ class MlxDecoder(Decoder):
     name = "mlx"
 
     def __init__(self, folder: str | Path, n_ctx: int, mrope_section: list[int] | None = None,
-                 artifact_id: str = "mlx"):
+                 artifact_id: str = "mlx", image_attention: str = "causal"):
         require_mlx()
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
@@ -46,6 +46,18 @@ class MlxDecoder(Decoder):
         embedding = self.model.model.embed_tokens
         self.dtype = getattr(embedding, "scales", embedding.weight).dtype  # quantized: the dtype of its scales
         self._mrope = self._mrope_forward(mrope_section) if mrope_section else None
+        # Gemma 3 (mlx-lm's gemma3_text): edgevlm's masks and scaling over mlx-lm's layers (mlx_gemma3.py)
+        self._gemma3 = None
+        if self.config.get("model_type") == "gemma3_text":
+            from .mlx_gemma3 import Gemma3Forward
+
+            self._gemma3 = Gemma3Forward(self.model)
+            self._make_cache = self._gemma3.make_cache
+            self.cache = self._make_cache()
+        elif image_attention != "causal":
+            raise BundleError(f"the MLX decoder runs {image_attention} image attention only for Gemma 3 (gemma3_text); "
+                              f"this folder is {self.config.get('model_type')!r}")
+        self.image_attention = image_attention
 
     def _mrope_forward(self, mrope_section: list[int]):
         from .mlx_mrope import MRopeForward
@@ -72,7 +84,9 @@ class MlxDecoder(Decoder):
             if segment.positions.ndim != 1 or not np.array_equal(segment.positions, expected):
                 raise BundleError("mlx-lm places tokens at its cache offset; this segment's positions do not continue "
                                   "the sequence there (a position scheme the MLX backend cannot run)")
-            if segment.token_ids is not None:
+            if self._gemma3 is not None:
+                logits = self._prefill_gemma3(segment)
+            elif segment.token_ids is not None:
                 logits = self.model(mx.array(segment.token_ids.astype(np.int32))[None], cache=self.cache)
             else:
                 # mlx-lm uses `inputs` only for its shape when input_embeddings are given; rows enter in the
@@ -85,6 +99,13 @@ class MlxDecoder(Decoder):
         mx.eval(last)
         self._logits = np.array(last)
         yield sum(len(s) for s in segments)
+
+    def _prefill_gemma3(self, segment: Segment):
+        mx = self._mx
+        if segment.token_ids is not None:
+            return self._gemma3(self.cache, inputs=mx.array(segment.token_ids.astype(np.int32))[None])
+        rows = mx.array(np.ascontiguousarray(segment.embeds, dtype=np.float32))[None].astype(self.dtype)
+        return self._gemma3(self.cache, input_embeddings=rows, block=self.image_attention == "bidirectional")
 
     def logits(self) -> np.ndarray:
         if self._logits is None:
