@@ -427,3 +427,25 @@ def test_linear_rope_scaling_on_the_global_layers(tmp_path, pics):
             pics["square"], question, **options)
         assert ours.tokens == ref.tokens, decoder
         assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE, decoder
+
+
+def test_cache_hits_give_the_cold_tokens(gemma_bundle, pics):
+    """On the GGUF (bidirectional blocks, SWA cache): an embedding-cache hit after another image, and a prefix-cache
+    restore at the image boundary, give a fresh session's tokens; `serve --parallel`'s second sequence too."""
+    image, other = pics["wide"], pics["square"]
+    ask = f"What is in {BOI} this picture?"
+    cold = _bundle_session(gemma_bundle).generate(image, ask, max_tokens=10, stop_token_ids=[])
+    session = _bundle_session(gemma_bundle)
+    session.generate(image, "Describe " + BOI + " first.", max_tokens=2, stop_token_ids=[])
+    session.generate(other, ask, max_tokens=2, stop_token_ids=[])
+    hit = session.generate(image, ask, max_tokens=10, stop_token_ids=[])
+    assert hit.timings["n_tiles"] == 0 and hit.timings["embed_cache_hits"] > 0 and hit.tokens == cold.tokens
+    session.generate(other, ask, max_tokens=2, stop_token_ids=[])  # the live sequence holds another image again
+    again = session.generate(image, f"What is in {BOI} this one?", max_tokens=10, stop_token_ids=[])
+    fresh = _bundle_session(gemma_bundle).generate(image, f"What is in {BOI} this one?", max_tokens=10,
+                                                   stop_token_ids=[])
+    assert again.timings["prefix_cache_hits"] == 1 and again.tokens == fresh.tokens
+    parallel = _bundle_session(gemma_bundle, n_seq=2)
+    sibling = parallel.sibling(parallel.decoder.context.sequence(1))
+    parallel.generate(other, ask, max_tokens=4, stop_token_ids=[])
+    assert sibling.generate(image, ask, max_tokens=10, stop_token_ids=[]).tokens == cold.tokens
