@@ -156,9 +156,17 @@ def plan_llava(ckpt) -> MmprojPlan:
 
 
 def plan_gemma3(ckpt) -> MmprojPlan:
-    from .mmproj_gemma3 import plan_gemma3 as plan  # its own module, which imports this one's helpers
+    from .mmproj_gemma3 import gemma3_parts  # Gemma 3's own tensors (a leaf module)
 
-    return plan(ckpt)
+    config, vision_config = ckpt.hf_model.config, ckpt.hf_model.config.vision_config
+    tower, projector, extra_u32, notes = gemma3_parts(ckpt)
+    flags, more = _activation_flags(vision_config.hidden_act, "vision tower")
+    n_layers = int(vision_config.num_hidden_layers)
+    tensors = _vit_tensors(tower.embeddings, tower.encoder.layers, n_layers) | projector
+    spec = ckpt.preprocess
+    return MmprojPlan("gemma3", _common_u32(vision_config, config.text_config.hidden_size, n_layers) | extra_u32,
+                      {"layer_norm_epsilon": float(vision_config.layer_norm_eps)}, flags,
+                      (list(spec.image_mean), list(spec.image_std)), None, tensors, more + notes)
 
 
 PLANNERS = {"idefics3": plan_idefics3, "mlp": plan_llava, "gemma3": plan_gemma3}  # clip.cpp projector type -> writer
