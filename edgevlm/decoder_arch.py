@@ -22,6 +22,8 @@ class DecoderArch:
     hf_rotary_module: str | None = None
     # M-RoPE frequencies take their axis interleaved (t, row, col, t, ...: Qwen3-VL), not in contiguous sections
     mrope_interleaved: bool = False
+    # added to every RMS-norm weight on the way to GGUF: Gemma's norms scale by (1 + weight), llama.cpp's by weight
+    gguf_norm_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.name and self.hf_model_types and self.position_schemes):
@@ -85,6 +87,15 @@ ARCHITECTURES = {
         hf_rotary_class="Qwen3VLTextRotaryEmbedding", gguf_arch="QWEN3VL", permute_qk=False, bias_tensors=(),
         mlx_model_type="qwen3", position_schemes=("mrope",),
         hf_rotary_module="transformers.models.qwen3_vl.modeling_qwen3_vl", mrope_interleaved=True,
+    ),
+    # Gemma 3 text: QK-norm, sandwich norms (post-attention / post-feed-forward), (1 + w) RMS norms, token
+    # embeddings scaled by sqrt(hidden) inside the model (image rows are not: llama.cpp scales only token input),
+    # local sliding-window layers (RoPE base 10k) and global ones every sixth layer; NEOX RoPE in llama.cpp (no Q/K
+    # permutation). transformers: Gemma3ForCausalLM; mlx-lm: gemma3_text.
+    "gemma3": DecoderArch(
+        name="gemma3", hf_model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
+        hf_rotary_class="Gemma3RotaryEmbedding", gguf_arch="GEMMA3", permute_qk=False, bias_tensors=(),
+        mlx_model_type="gemma3_text", position_schemes=("1d",), gguf_norm_shift=1.0,
     ),
 }
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,10 @@ class ImageLayout:
     placeholder may be the image token itself (InternVL's is ``<IMG_CONTEXT>``): it is split on before expanding.
     ``grid`` (Qwen2-VL): one image token per merged patch, rows x cols of them (the image's own grid, so the count
     depends on its size); the placeholder is the image token itself and the chat template writes the delimiters
-    around it (``<|vision_start|><|image_pad|><|vision_end|>``). tokens_per_tile is 1: a "tile" is one patch."""
+    around it (``<|vision_start|><|image_pad|><|vision_end|>``). tokens_per_tile is 1: a "tile" is one patch.
+    ``gemma3``: the placeholder is ``<start_of_image>`` (start_token) and each tile becomes ``\\n\\n`` + start_token +
+    image tokens + end_token + ``\\n\\n`` (Gemma3Processor.full_image_sequence); with pan-and-scan crops the whole
+    image is introduced in words and the crops follow, space-separated (Gemma3Processor.replace_image_token)."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -37,8 +40,8 @@ class ImageLayout:
             raise ValueError("the idefics3 layout needs fake_token, global_token and row_col_format")
         if self.kind == "grid" and self.tokens_per_tile != 1:
             raise ValueError("the grid layout has one image token per merged patch (tokens_per_tile 1)")
-        if self.kind == "wrapped" and not (self.start_token and self.end_token):
-            raise ValueError("the wrapped layout needs start_token and end_token")
+        if self.kind in ("wrapped", "gemma3") and not (self.start_token and self.end_token):
+            raise ValueError(f"the {self.kind} layout needs start_token and end_token")
 
     def expand(self, rows: int, cols: int) -> str:
         """The text that replaces one placeholder for an image split into rows x cols tiles (0, 0 = unsplit)."""
@@ -49,6 +52,12 @@ class ImageLayout:
             return self.image_token * (rows * cols)
         if self.kind == "wrapped":
             return self.start_token + image * self.n_tiles(rows, cols) + self.end_token
+        if self.kind == "gemma3":
+            tile = f"\n\n{self.start_token}{image}{self.end_token}\n\n"
+            if rows == 0 and cols == 0:
+                return tile
+            return (f"Here is the original image {tile} and here are some crops to help you see better "
+                    + " ".join([tile] * (rows * cols)))
         global_view = f"{self.fake_token}{self.global_token}{image}{self.fake_token}"
         if rows == 0 and cols == 0:
             return global_view

@@ -20,6 +20,7 @@ def spec_from_checkpoint(ckpt) -> RuntimeSpec:
         layout=family.layout,
         stop_token_ids=list(ckpt.stop_token_ids),
         position_scheme=family.position_scheme,
+        image_attention=family.image_attention,
     )
 
 
@@ -30,7 +31,7 @@ def session_from_checkpoint(ckpt, n_ctx: int | None = None, **cache_options) -> 
         spec_from_checkpoint(ckpt),
         TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}"),
         TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=ckpt.position_scheme,
-                     deepstack_layers=ckpt.spec.deepstack_layers),
+                     deepstack_layers=ckpt.spec.deepstack_layers, image_attention=ckpt.spec.image_attention),
         encoder_name=TORCH, decoder_name=TORCH,
         **cache_options,
     )

@@ -129,6 +129,11 @@ class DecoderSpec:
     image_attention: str = "causal"  # positions.IMAGE_ATTENTION
     mrope_section: list | None = None  # mrope: rotary frequency pairs per axis (t, row, col), summing to head_dim / 2
     spatial_merge_size: int | None = None  # mrope: patches merged per side into one image row (the grid's unit)
+    # local (sliding-window) attention, Gemma 3: the window of the local layers, every `global_every`-th layer
+    # global; the local layers' RoPE base (rope_theta is the global layers')
+    sliding_window: int | None = None
+    global_every: int | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         if self.position_scheme == "mrope":

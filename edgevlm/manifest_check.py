@@ -175,6 +175,8 @@ def validate(data: Any, where: str) -> None:
         "tie_word_embeddings": (boolean, False), "position_scheme": (string(POSITION_SCHEMES), False),
         "image_attention": (string(IMAGE_ATTENTION), False),
         "mrope_section": (optional(list_of(integer(0, 1 << 16))), False), "spatial_merge_size": (optional(integer(1, 64)), False),
+        "sliding_window": (optional(size), False), "global_every": (optional(integer(1, 1024)), False),
+        "rope_local_theta": (optional(number(positive=True)), False),
     })
     vocab = decoder["vocab_size"]
     token_id = integer(0, vocab - 1)
@@ -205,6 +207,7 @@ def validate(data: Any, where: str) -> None:
         "min_tiles": (integer(1, 1 << 16), False), "patch_size": (integer(0, 1024), False),
         "temporal_patch_size": (integer(0, 64), False), "merge_size": (integer(0, 64), False),
         "min_pixels": (integer(0, 1 << 30), False), "max_pixels": (integer(0, 1 << 30), False),
+        "pan_and_scan_min_crop": (integer(0, 16384), False), "pan_and_scan_min_ratio": (number(), False),
     })
     _section(where, "tokenizer", data["tokenizer"], {
         "path": (relative_path, True), "chat_template": (optional(text), False),

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 POSITION_SCHEMES = ("1d", "mrope")
-IMAGE_ATTENTION = ("causal",)
+# how the decoder attends inside one image's block of rows: causal, or bidirectional (Gemma 3: every row of an image
+# sees the whole image; the block is never cut by prefix reuse and goes into the decoder in one piece)
+IMAGE_ATTENTION = ("causal", "bidirectional")
 
 
 @dataclass(frozen=True)

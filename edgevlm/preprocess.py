@@ -11,6 +11,9 @@ One spec, three resize rules:
 - ``qwen2vl`` (Qwen2VLImageProcessor): smart_resize both sides to multiples of patch_size x merge_size with the area
   in [min_pixels, max_pixels], then flatten into patches (P, 3*T*p*p) in HF's order (2x2 merge blocks row-major), the
   frame repeated temporal_patch_size times. Native resolution: no tiles, and the token count follows the image.
+- ``gemma3`` (Gemma3ImageProcessor): the whole image resized to one tile; with pan-and-scan (image_splitting) an
+  image whose aspect ratio reaches pan_and_scan_min_ratio is also cut into 2..max_tiles equal crops along its long
+  side (crops of at least pan_and_scan_min_crop pixels), each resized to a tile; the whole image comes first.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from PIL import Image
 
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
-RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl")
+RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl", "gemma3")
 MAX_TILE_SIDE_PIXELS = 4096  # the HF Idefics3 processor's absolute cap on a resized side
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter side ratios above this
 
@@ -46,6 +49,9 @@ class PreprocessSpec:
     merge_size: int = 0
     min_pixels: int = 0
     max_pixels: int = 0
+    # gemma3 with image_splitting (pan-and-scan); max_tiles is then the most crops
+    pan_and_scan_min_crop: int = 0
+    pan_and_scan_min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.resize_rule not in RESIZE_RULES:
@@ -214,6 +220,8 @@ def tile_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
     if spec.resize_rule == "internvl":
         rows, cols = internvl_grid(height, width, spec) if spec.max_tiles > 1 else (1, 1)
         return (0, 0) if rows * cols == 1 else (rows, cols)
+    if spec.resize_rule == "gemma3":
+        return pan_and_scan_grid(height, width, spec)
     if spec.resize_rule != "idefics3" or not spec.image_splitting:
         return 0, 0
     tile = spec.tile_size[0]
@@ -229,6 +237,15 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
     th, tw = spec.tile_size
     if spec.resize_rule == "qwen2vl":
         return _preprocess_qwen2vl(image, spec)
+    if spec.resize_rule == "gemma3":
+        rows, cols = pan_and_scan_grid(height, width, spec)
+        tiles = [image]
+        if rows:  # crops cut from the original pixels, row-major, after the whole image
+            ch, cw = math.ceil(height / rows), math.ceil(width / cols)
+            tiles += [image.crop((c * cw, r * ch, min((c + 1) * cw, width), min((r + 1) * ch, height)))
+                      for r in range(rows) for c in range(cols)]
+        return PreprocessedImage(np.stack([_normalize(_resize(t, th, tw, spec.resample), spec) for t in tiles]),
+                                 rows, cols)
     if spec.resize_rule == "fixed":
         return PreprocessedImage(_normalize(_resize(image, th, tw, spec.resample), spec)[None], 0, 0)
     if spec.resize_rule == "shortest_edge_crop":
@@ -268,3 +285,19 @@ def _preprocess_qwen2vl(image: Image.Image, spec: PreprocessSpec) -> Preprocesse
     patches = _patchify(_normalize(_resize(image, h, w, spec.resample), spec), spec)  # (P, 3*T*p*p)
     factor = spec.patch_size * spec.merge_size
     return PreprocessedImage(patches, h // factor, w // factor, grid=(1, h // spec.patch_size, w // spec.patch_size))
+
+
+def pan_and_scan_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(rows, cols) of Gemma 3's pan-and-scan crops (Gemma3ImageProcessor.pan_and_scan), (0, 0) when it does not
+    apply: off, an aspect ratio under pan_and_scan_min_ratio, or crops under pan_and_scan_min_crop pixels."""
+    if not spec.image_splitting:
+        return 0, 0
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side / short_side < spec.pan_and_scan_min_ratio:
+        return 0, 0
+    n = min(int(math.floor(long_side / short_side + 0.5)), int(math.floor(long_side / spec.pan_and_scan_min_crop)))
+    n = min(spec.max_tiles, max(2, n))
+    rows, cols = (1, n) if width >= height else (n, 1)
+    if min(math.ceil(width / cols), math.ceil(height / rows)) < spec.pan_and_scan_min_crop:
+        return 0, 0
+    return rows, cols

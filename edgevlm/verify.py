@@ -176,7 +176,7 @@ def verify_report(bundle, threads: int | None = None, progress=None, pairs: bool
     if spec is not None:
         reference = Session(spec, TorchEncoder(ckpt.vision, "torch"),
                             TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme,
-                                         deepstack_layers=ckpt.deepstack_layers))
+                                         deepstack_layers=ckpt.deepstack_layers, image_attention=spec.image_attention))
         for i in range(PROBE_SCENES):
             image, question = scenes.render(scenes.make_scene(4_000_000_001 + i)), "Describe the image."
             result = reference.generate(image, question, max_tokens=PROBE_TOKENS, stop_token_ids=[], return_logits=True)

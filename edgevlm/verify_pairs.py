@@ -61,7 +61,7 @@ def pair_rows(bundle, manifest, ckpt, spec, weights: dict, threads, log) -> list
     trained, reference_model = weights["trained"], weights["reference_model"] and weights["trained"]
     reference = Session(spec, TorchEncoder(ckpt.vision, "torch"),
                         TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme,
-                                     deepstack_layers=ckpt.deepstack_layers))
+                                     deepstack_layers=ckpt.deepstack_layers, image_attention=spec.image_attention))
     probes = None
     reference_accuracy = None
     out = []

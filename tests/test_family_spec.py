@@ -59,6 +59,13 @@ def qwen_ckpts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def gemma_ckpt(tmp_path_factory):
+    import builders
+
+    return builders.build_gemma3(tmp_path_factory.mktemp("gemma-spec") / "gemma3", pan_and_scan=True)
+
+
+@pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory):
     """The reference model's checkpoint (LLaVA family, trained here), at the tiny recipe."""
     from edgevlm.reference.train import TINY_RECIPE, build_reference
@@ -69,9 +76,9 @@ def tiny_reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def described(ckpts, qwen_ckpts, tiny_reference) -> dict:
+def described(ckpts, qwen_ckpts, gemma_ckpt, tiny_reference) -> dict:
     paths = {**{name: str(path) for name, path in ckpts.items()}, **{k: str(v) for k, v in qwen_ckpts.items()},
-             "reference": str(tiny_reference)}
+             "gemma3": str(gemma_ckpt), "reference": str(tiny_reference)}
     run = subprocess.run([sys.executable, "-c", BLOCKER + DESCRIBE, *paths.values()], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -86,7 +93,7 @@ def test_every_family_is_described_without_torch_or_transformers(described):
     assert {d["summary"]["architecture"] for d in described.values()} == set(FAMILIES)
     for name, d in described.items():
         summary = d["summary"]
-        assert summary["image_attention"] == "causal", name
+        assert summary["image_attention"] == ("bidirectional" if name == "gemma3" else "causal"), name
         assert (summary["mmproj_projector"] is None) != (summary["mmproj_refusal"] is None), name
         for size, counts in d["images"].items():  # the planner's image-token rows are the description's
             assert counts["plan"] == counts["spec"] > 0, (name, size)
@@ -111,12 +118,12 @@ def test_the_description_is_what_the_exported_bundles_carry(described, bundles):
                 t.n_bytes for t in budget.read_gguf_tensors(gguf)), (name, precision)
 
 
-def test_the_torch_loader_carries_the_description(ckpts, qwen_ckpts, tiny_reference, described):
+def test_the_torch_loader_carries_the_description(ckpts, qwen_ckpts, gemma_ckpt, tiny_reference, described):
     """load() describes through the same describe(), from the HF tokenizer's table: the same spec as the files'."""
     from edgevlm.families import load_checkpoint
 
-    paths = {**ckpts, **qwen_ckpts, "reference": tiny_reference}
-    for name in ("llava-clip", "internvl", "smolvlm2", "qwen2.5", "qwen3", "reference"):
+    paths = {**ckpts, **qwen_ckpts, "gemma3": gemma_ckpt, "reference": tiny_reference}
+    for name in ("llava-clip", "internvl", "smolvlm2", "qwen2.5", "qwen3", "gemma3", "reference"):
         ckpt = load_checkpoint(paths[name])
         assert json.loads(json.dumps(ckpt.spec.summary())) == described[name]["summary"], name
         assert described[name]["vision_params"] == sum(p.numel() for p in ckpt.vision.parameters()), name

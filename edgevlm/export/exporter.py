@@ -106,6 +106,10 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     rope_scaling = getattr(config, "rope_scaling", None)
+    local = local_attention(config)
+    if local:  # Gemma 3: RoPE per layer type; rope_theta and any scaling are the global layers'
+        rope_scaling = dict(config.rope_parameters["full_attention"])
+        rope_theta = rope_scaling.pop("rope_theta")
     # "dynamic" NTK scaling changes nothing up to max_position_embeddings, which is the context edgevlm uses
     # (InternVL3-1B ships factor 2 dynamic); any other scaling is kept and refused by the writers that lack it
     if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", "default") in ("default", "dynamic"):
@@ -129,12 +133,27 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
             rope_scaling=rope_scaling, tie_word_embeddings=bool(config.tie_word_embeddings),
             position_scheme=arch.position_schemes[0], mrope_section=mrope_section,
             spatial_merge_size=family.preprocess.merge_size if mrope_section else None,
+            image_attention=family.image_attention, **local,
         ),
         tokenizer={
             "path": "tokenizer", "chat_template": ckpt.chat_template, "stop_token_ids": ckpt.stop_token_ids,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         },
     )
+
+
+def local_attention(config) -> dict:
+    """The manifest's sliding-window fields of a decoder with local layers (Gemma 3), {} for one without."""
+    types = list(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if "sliding_attention" not in types or not window:
+        return {}
+    globals_at = [i for i, t in enumerate(types) if t != "sliding_attention"]
+    every = globals_at[0] + 1 if globals_at else len(types) + 1
+    if [i for i in range(len(types)) if (i + 1) % every == 0] != globals_at:
+        raise BadInputError(f"the decoder's layer types {types} are not one global layer every N")
+    local_theta = config.rope_parameters["sliding_attention"]["rope_theta"]
+    return {"sliding_window": int(window), "global_every": every, "rope_local_theta": float(local_theta)}
 
 
 def write_tokenizer(ckpt, writer: BundleWriter):

@@ -220,8 +220,22 @@ def _writer_header(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str):
             raise CheckpointError(f"{manifest.encoder.row_slices - 1} DeepStack slices need a decoder of more layers "
                                   f"than that for llama.cpp (it has {spec.n_layers})")
         writer.add_num_deepstack_layers(manifest.encoder.row_slices - 1)
-    if spec.rope_scaling:
+    if spec.sliding_window:  # llama.cpp's gemma3 fixes the pattern (every sixth layer global): refuse another
+        if arch.name != "gemma3" or spec.global_every != 6:
+            raise CheckpointError(f"local attention every {spec.global_every} layers is not what llama.cpp's "
+                                  f"{arch.gguf_arch_name()} architecture computes")
+        writer.add_sliding_window(spec.sliding_window)
+        writer.add_rope_freq_base_swa(spec.rope_local_theta)
+    scaling = dict(spec.rope_scaling or {})
+    if scaling.get("rope_type") == "linear":  # Gemma 3 4B+: the global layers' positions divided by `factor`
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif scaling.get("rope_type", "default") != "default":
         raise CheckpointError(f"RoPE scaling {spec.rope_scaling} is not exported to GGUF yet")
+    scalar = getattr(ckpt.decoder.config, "query_pre_attn_scalar", None)
+    if arch.name == "gemma3" and scalar not in (None, spec.head_dim):  # llama.cpp scales by 1/sqrt(head_dim) (27B aside)
+        raise CheckpointError(f"query_pre_attn_scalar {scalar} differs from head_dim {spec.head_dim}: llama.cpp's gemma3 "
+                              "would scale attention differently; export onnx + mlx for this checkpoint")
     writer.add_vocab_size(spec.vocab_size)
     writer.add_file_type(file_type(dtype))
     write_vocab(writer, ckpt.tokenizer, tokenizer_dir, spec.vocab_size, manifest.tokenizer.get("chat_template"))
@@ -255,6 +269,8 @@ def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f3
     def converted(hf_name: str, gguf_name: str, type_name: str) -> np.ndarray:
         tensor = state[hf_name].detach()
         kind = gguf_name.split(".")[-2]
+        if arch.gguf_norm_shift and kind.endswith("norm"):  # Gemma: (1 + w) in HF, w in llama.cpp
+            tensor = tensor.float() + arch.gguf_norm_shift
         if arch.permute_qk and hf_name.endswith(".weight") and kind in ("attn_q", "attn_k"):
             tensor = torch.from_numpy(permute_rope(tensor.float().numpy(), spec.n_heads if kind == "attn_q" else spec.n_kv_heads))
         if type_name == "BF16":  # the stored bits, viewed as uint16 (gguf-py takes raw BF16 that way)

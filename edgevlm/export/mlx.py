@@ -22,7 +22,12 @@ PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "8bit": ("fl
 def write_hf_decoder(ckpt, manifest, folder: Path) -> Path:
     """The decoder as a stock HF checkpoint of its own class, with the tokenizer and chat template beside it."""
     arch = architecture(manifest.decoder.architecture)
-    if manifest.decoder.rope_scaling:  # mlx-lm reads only top-level rope keys: refuse rather than drop it silently
+    if manifest.decoder.image_attention != "causal" and arch.name != "gemma3":  # runtimes/mlx_gemma3.py: Gemma 3 only
+        raise CheckpointError(f"the MLX decoder cannot run {manifest.family}'s {manifest.decoder.image_attention} image "
+                              "attention yet; export gguf:* for this checkpoint")
+    scaling = manifest.decoder.rope_scaling or {}
+    linear_global = arch.name == "gemma3" and scaling.get("rope_type") == "linear"  # gemma3_text: global layers only
+    if scaling and not linear_global:  # mlx-lm reads only top-level rope keys: refuse rather than drop it silently
         raise CheckpointError(f"RoPE scaling {manifest.decoder.rope_scaling} is not exported to MLX yet")
     ckpt.decoder.save_pretrained(folder)
     ckpt.tokenizer.save_pretrained(folder)
@@ -30,6 +35,12 @@ def write_hf_decoder(ckpt, manifest, folder: Path) -> Path:
     config = json.loads(config_file.read_text())
     config["model_type"] = arch.mlx_model_type
     config["rope_theta"] = manifest.decoder.rope_theta
+    if linear_global:
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(scaling["factor"])}
+    if manifest.decoder.sliding_window:  # mlx-lm's gemma3_text reads these top-level keys
+        config.update(sliding_window=manifest.decoder.sliding_window,
+                      sliding_window_pattern=manifest.decoder.global_every,
+                      rope_local_base_freq=manifest.decoder.rope_local_theta)
     config["eos_token_id"] = manifest.tokenizer["stop_token_ids"] or config.get("eos_token_id")
     config_file.write_text(json.dumps(config, indent=2))
     return folder

@@ -110,6 +110,20 @@ def plan_llava(ckpt) -> MmprojPlan:
                       (list(spec.image_mean), list(spec.image_std)), feature_layers, tensors, notes)
 
 
+def plan_gemma3(ckpt) -> MmprojPlan:
+    from .mmproj_gemma3 import gemma3_parts  # Gemma 3's own tensors (a leaf module)
+
+    config, vision_config = ckpt.hf_model.config, ckpt.hf_model.config.vision_config
+    tower, projector, extra_u32, notes = gemma3_parts(ckpt)
+    flags, more = activation_flags(vision_config.hidden_act, "vision tower")
+    n_layers = int(vision_config.num_hidden_layers)
+    tensors = vit_tensors(tower.embeddings, tower.encoder.layers, n_layers) | projector
+    spec = ckpt.preprocess
+    return MmprojPlan("gemma3", _tower_u32(vision_config, config.text_config.hidden_size, n_layers) | extra_u32,
+                      {"layer_norm_epsilon": float(vision_config.layer_norm_eps)}, flags,
+                      (list(spec.image_mean), list(spec.image_std)), None, tensors, more + notes)
+
+
 def _plan_qwen3vl(ckpt) -> MmprojPlan:
     from .mmproj_qwen3vl import plan_fields  # Qwen3-VL's tensor table, in its own module
 
@@ -126,6 +140,7 @@ PLANNERS = {
     "qwen2.5vl_merger": plan_qwen2vl,
     "internvl": plan_internvl,
     "qwen3vl_merger": _plan_qwen3vl,
+    "gemma3": plan_gemma3,
 }
 
 

@@ -21,7 +21,10 @@ FAMILIES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
+# text-only checkpoints of a family's decoder (no vision tower): refused in one line by the family that names them
+TEXT_ONLY = {"Gemma3ForCausalLM": "gemma3"}
 
 
 def family_name(config: dict) -> str:
@@ -29,6 +32,8 @@ def family_name(config: dict) -> str:
     for arch in architectures:
         if arch in FAMILIES:
             return FAMILIES[arch]
+        if arch in TEXT_ONLY:
+            raise CheckpointError(family_module(TEXT_ONLY[arch]).text_only_refusal(arch))
     found = ", ".join(architectures) or f"model_type={config.get('model_type')!r}"
     raise CheckpointError(f"unsupported architecture {found}; supported: {', '.join(sorted(FAMILIES))}")
 

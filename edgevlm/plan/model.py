@@ -35,6 +35,9 @@ TEXT_DEFAULTS["qwen2vl"] = TEXT_DEFAULTS["qwen2"]  # Qwen2-VL's text config is a
 # Qwen3VLTextConfig's defaults
 TEXT_DEFAULTS["qwen3vl"] = {"num_attention_heads": 32, "max_position_embeddings": 128000, "rope_theta": 500000.0,
                             "rms_norm_eps": 1e-6}
+# Gemma3TextConfig's (rope_theta: the global layers'; the local ones use rope_parameters["sliding_attention"])
+TEXT_DEFAULTS["gemma3"] = {"num_attention_heads": 8, "max_position_embeddings": 131072, "rope_theta": 1e6,
+                           "rms_norm_eps": 1e-6}
 
 # The ONNX encoder's weights per parameter (file bytes), measured on the W1 bundle (SigLIP-B/16 + connector, 93.6 M
 # parameters): fp32 374.6 MB = 4.0 B, int8 98.9 MB = 1.06 B (weights s8 + fp32 scales, norms and biases); fp16: 2 B.
@@ -114,6 +117,12 @@ def from_preset(name: str) -> ModelShapes:
     from ..reference.preset_configs import preset_files
     from ..reference.presets import PRESETS
 
+    from ..reference.preset_gemma3 import TEXT_ONLY_PRESETS
+
+    if name in TEXT_ONLY_PRESETS:
+        from ..families.gemma3 import text_only_refusal
+
+        raise BadInputError(text_only_refusal(TEXT_ONLY_PRESETS[name]))
     if name not in PRESETS:
         raise BadInputError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     shape = PRESETS[name]
@@ -121,12 +130,18 @@ def from_preset(name: str) -> ModelShapes:
     arch = architecture(spec.decoder_architecture)
     tied = getattr(shape, "tied", False)
     head_dim = getattr(shape, "head_dim", None) or shape.text_hidden // shape.text_heads
+    config = preset_files(shape)[0]
+    local = _local_attention(text_config(config), shape.text_layers) if arch.name == "gemma3" else {}
     decoder = DecoderSpec(architecture=arch.name, hidden_size=shape.text_hidden, n_layers=shape.text_layers,
                           n_heads=shape.text_heads, n_kv_heads=shape.text_kv_heads, head_dim=head_dim,
                           intermediate_size=shape.text_mlp, vocab_size=shape.vocab, context_length=shape.context,
-                          rms_norm_eps=1e-5, rope_theta=shape.rope_theta, tie_word_embeddings=tied)
+                          rms_norm_eps=1e-5, rope_theta=shape.rope_theta, tie_word_embeddings=tied, **local)
     tensors = budget.llama_decoder_tensors(shape.text_hidden, shape.text_layers, shape.text_heads, shape.text_kv_heads,
                                            head_dim, shape.text_mlp, shape.vocab, tied, arch.bias_tensors)
+    if arch.name == "gemma3":  # QK-norm and the sandwich norms: four more vectors per block
+        tensors += [(f"blk.{i}.{n}.weight", (head_dim if n.startswith("attn_") else shape.text_hidden,))
+                    for i in range(shape.text_layers)
+                    for n in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")]
     vision = _preset_vision(spec, shape)
     return ModelShapes(name, "preset", spec.family, decoder, tuple(tensors), vision, spec.preprocess, spec.layout)
 
@@ -190,6 +205,9 @@ def _preset_vision(spec: FamilySpec, s) -> VisionShape:
     if spec.family == "idefics3":  # SigLIP: conv with bias, no CLS, post-LN; connector Linear(dv*s^2 -> d), no bias
         tower = patch_embed + dv + side * side * dv + layers + 2 * dv
         projector = dv * s.scale_factor**2 * d
+    elif spec.family == "gemma3":  # SigLIP without its pooling head; soft-embedding RMSNorm(dv) + Linear(dv -> d)
+        tower = patch_embed + dv + side * side * dv + layers + 2 * dv
+        projector = dv + dv * d
     elif spec.family == "llava":  # CLIP: class embedding, conv without bias, pre- and post-LN; 2-layer MLP projector
         tower = dv + patch_embed + (side * side + 1) * dv + 2 * dv + layers + 2 * dv
         projector = dv * d + d + d * d + d
@@ -258,18 +276,30 @@ def _checkpoint_decoder(config: dict, spec: FamilySpec, shapes: dict):
         raise CheckpointError(f"q_proj has {q_rows} rows, not a multiple of num_attention_heads {n_heads}; the "
                               "config.json does not match the weights")
     rope = text.get("rope_parameters") or {}
+    local = _local_attention(text, n_layers) if "full_attention" in rope else {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: one entry per layer type
+    head_dim = q_rows // n_heads
     decoder = DecoderSpec(
         architecture=arch.name, hidden_size=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=q_rows // n_heads, intermediate_size=shapes[f"{prefix}layers.0.mlp.gate_proj.weight"][1][0],
+        head_dim=head_dim, intermediate_size=shapes[f"{prefix}layers.0.mlp.gate_proj.weight"][1][0],
         vocab_size=vocab, context_length=int(text.get("max_position_embeddings", defaults["max_position_embeddings"])),
         rms_norm_eps=float(text.get("rms_norm_eps", defaults["rms_norm_eps"])),
         rope_theta=float(rope.get("rope_theta", text.get("rope_theta", defaults["rope_theta"]))),
-        tie_word_embeddings=not heads)
+        tie_word_embeddings=not heads, **local)
     tensors = []
     for key in keys:  # the HF decoder's own names (families/base.decoder_from), then gguf-py's
         hf_name = "lm_head.weight" if key in heads else "model." + key[len(prefix):]
         tensors.append((arch.gguf_tensor_name(hf_name, n_layers), shapes[key][1]))
     return decoder, tensors, set(keys)
+
+
+def _local_attention(text: dict, n_layers: int) -> dict:
+    """Gemma 3's sliding-window fields from its text config (transformers' defaults: window 4096, every sixth layer
+    global, local RoPE base 10k)."""
+    every = int(text.get("sliding_window_pattern", 6))
+    local = (text.get("rope_parameters") or {}).get("sliding_attention") or {}
+    return {"sliding_window": int(text.get("sliding_window") or 4096), "global_every": every,
+            "rope_local_theta": float(local.get("rope_theta", 10000.0))}
 
 
 def _checkpoint_vision(spec: FamilySpec, shapes: dict, keys: list[str]) -> VisionShape:

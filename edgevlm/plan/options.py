@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import BadInputError
-from . import budget
+from . import budget, sliding
 from .devices import Device
 
 # most accurate first: the recommendation is the first option that fits with its margin
@@ -231,7 +231,7 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
     prefix_bound = DEFAULT_PREFIX_CACHE_BYTES if request.prefix_cache_bytes is None else request.prefix_cache_bytes
     caches = embed_bound + prefix_bound
     shared = dict(
-        kv_cache=budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, n_ctx, KV_TYPE),
+        kv_cache=sliding.kv_bytes(spec, n_ctx, KV_TYPE, n_ubatch=DEFAULT_N_BATCH),  # local layers: their window
         # flash attention: on where llama.cpp offloads to a GPU, off on CPU builds (runtimes/llamacpp/context.py)
         compute_buffer=budget.llama_cpp_compute_buffer_bytes(spec.vocab_size, spec.hidden_size, spec.n_heads, n_ctx,
                                                              DEFAULT_N_BATCH, flash_attn=not cpu,
@@ -244,17 +244,14 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
     # allocated and cleared whole at load (resident either way); the prefix cache holds the image prefix's KV state
     # (its embeddings are counted with the activations: the embedding cache keeps that same array)
     request_positions = min(context, image_positions + request.prompt_tokens + request.new_tokens)
-    snapshot = budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, image_positions, KV_TYPE) \
-        if image_positions else 0
+    snapshot = sliding.kv_bytes(spec, image_positions, KV_TYPE, n_ubatch=DEFAULT_N_BATCH) if image_positions else 0
     one_request = dict(
         shared, margin=0, caches=0 if device.kind == "discrete-gpu" or snapshot > prefix_bound else snapshot,
         compute_buffer=budget.llama_cpp_compute_in_use_bytes(spec.vocab_size, spec.hidden_size, spec.n_heads,
                                                              max(1, request_positions), DEFAULT_N_BATCH,
                                                              flash_attn=not cpu))
-    kv_read_images = budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim,
-                                           max(1, image_positions), KV_TYPE, request.parallel)
-    kv_read_full = budget.kv_cache_bytes(spec.n_layers, spec.n_kv_heads, spec.head_dim, context, KV_TYPE,
-                                         request.parallel)
+    kv_read_images = sliding.kv_bytes(spec, max(1, image_positions), KV_TYPE, request.parallel, reading=True)
+    kv_read_full = sliding.kv_bytes(spec, context, KV_TYPE, request.parallel, reading=True)
     compute = device_compute(device)
     prompt_positions = image_positions + request.prompt_tokens
     prefill = prefill_flops(model.decoder_params, max(1, prompt_positions))

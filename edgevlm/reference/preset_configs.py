@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..families.spec import Vocabulary
 from .presets import (INTERNVL_SPECIAL_IDS, LLAVA15_SPECIAL_IDS, QWEN2VL_SPECIAL_IDS, SMOLVLM_SPECIAL_IDS,
-                      InternVLShape, LlavaShape, Qwen3VLShape, QwenVLShape)
+                      Gemma3Shape, InternVLShape, LlavaShape, Qwen3VLShape, QwenVLShape)
 
 QWEN_MIN_PIXELS = 56 * 56  # build_preset's processor
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -20,6 +20,10 @@ def preset_files(shape) -> tuple[dict, dict, Vocabulary]:
     """(config.json, processor config, vocabulary) of the checkpoint build_preset would write for this shape."""
     tower = dict(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_mlp,
                  num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads)
+    if isinstance(shape, Gemma3Shape):
+        from .preset_gemma3 import GEMMA3_SPECIAL_IDS, files
+
+        return (*files(shape), _vocabulary(GEMMA3_SPECIAL_IDS))
     if isinstance(shape, QwenVLShape):
         if shape.version == "2":
             vision = dict(depth=shape.vision_layers, embed_dim=shape.vision_hidden, num_heads=shape.vision_heads,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .preset_gemma3 import Gemma3Shape
 from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
@@ -145,6 +146,8 @@ PRESETS = {
     # 16 heads, 8 KV heads, head_dim 128, MLP 6144), tied, rope_theta 5e6, 262,144 positions; shapes as its published
     # config.json states them (quoted here from the public model card's config, not read offline)
     "qwen3-vl-2b": Qwen3VLShape(text_hidden=2048, text_layers=28, text_heads=16, text_kv_heads=8, text_mlp=6144),
+    # gemma-3-4b-it (preset_gemma3.py)
+    "gemma3-4b": Gemma3Shape(),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -192,6 +195,10 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
     try:
         torch.manual_seed(seed)
         shape = PRESETS[name]
+        if isinstance(shape, Gemma3Shape):
+            from .preset_gemma3 import build_gemma3
+
+            return build_gemma3(shape, out, _CORPUS)
         if isinstance(shape, InternVLShape):
             return _build_internvl(shape, out, single_tile)
         if isinstance(shape, LlavaShape):

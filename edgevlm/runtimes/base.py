@@ -105,6 +105,11 @@ class Decoder(ABC):
         """The logits (vocab,) float32 of the last position decoded in this sequence. The array may be a view into
         the backend's buffer, valid until the next call: copy it to keep it."""
 
+    def can_truncate(self, n_past: int) -> bool:
+        """Whether `truncate(n_past)` keeps a state the sequence can continue from (False: a sliding-window cache
+        dropped positions the cut would need; the caller starts cold instead)."""
+        return True
+
     @abstractmethod
     def truncate(self, n_past: int, next_position: int | None = None) -> None:
         """Keep the first n_past rows; the sequence continues at next_position (default: n_past, which only a 1-D

@@ -48,6 +48,7 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
         layout=manifest.image_layout,
         stop_token_ids=list(manifest.tokenizer.get("stop_token_ids", [])),
         position_scheme=manifest.decoder.position_scheme,
+        image_attention=manifest.decoder.image_attention,
     )
 
 
@@ -101,15 +102,19 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
 
         ckpt = ckpt or source_checkpoint(manifest)
         return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme,
-                            deepstack_layers=manifest.encoder.row_slices - 1)
+                            deepstack_layers=manifest.encoder.row_slices - 1, image_attention=manifest.decoder.image_attention)
     artifact = manifest.find("decoder", name)
     artifact.verify(bundle)
     artifact_id = f"{artifact.name}:{artifact.files[0].sha256}"
     if artifact.format == "gguf":
-        from .llamacpp import open_decoder
+        from .llamacpp import DEFAULT_N_BATCH, open_decoder
 
+        # a bidirectional image block goes in as one micro-batch: n_batch holds the largest tile's rows
+        bidirectional = manifest.decoder.image_attention == "bidirectional"
+        n_batch = max(DEFAULT_N_BATCH, manifest.image_layout.tokens_per_tile) if bidirectional else DEFAULT_N_BATCH
         return open_decoder(bundle / artifact.path, n_ctx=n_ctx, threads=threads, parity=parity,
-                            context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq)
+                            context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq,
+                            n_batch=n_batch, image_attention=manifest.decoder.image_attention)
     from .mlx_decoder import MlxDecoder
 
     from ..decoder_arch import architecture
@@ -117,7 +122,7 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
     return MlxDecoder(bundle / artifact.path, n_ctx=n_ctx or manifest.decoder.context_length,
                       mrope_section=manifest.decoder.mrope_section, artifact_id=artifact_id,
                       mrope_interleaved=architecture(manifest.decoder.architecture).mrope_interleaved,
-                      deepstack_layers=manifest.encoder.row_slices - 1)
+                      deepstack_layers=manifest.encoder.row_slices - 1, image_attention=manifest.decoder.image_attention)
 
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,

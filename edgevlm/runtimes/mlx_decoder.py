@@ -21,7 +21,8 @@ class MlxDecoder(Decoder):
     name = "mlx"
 
     def __init__(self, folder: str | Path, n_ctx: int, mrope_section: list[int] | None = None,
-                 artifact_id: str = "mlx", mrope_interleaved: bool = False, deepstack_layers: int = 0):
+                 artifact_id: str = "mlx", mrope_interleaved: bool = False, deepstack_layers: int = 0,
+                 image_attention: str = "causal"):
         """mrope_interleaved / deepstack_layers: Qwen3-VL (the decoder row's rotary layout; k DeepStack slices after
         each image row's main embedding, as the manifest's encoder.row_slices says)."""
         require_mlx()
@@ -52,6 +53,18 @@ class MlxDecoder(Decoder):
             raise BundleError("DeepStack rows run through the M-RoPE forward only (Qwen3-VL); the manifest lacks "
                               "decoder.mrope_section")
         self._mrope = self._mrope_forward(mrope_section, mrope_interleaved) if mrope_section else None
+        # Gemma 3 (mlx-lm's gemma3_text): edgevlm's masks and scaling over mlx-lm's layers (mlx_gemma3.py)
+        self._gemma3 = None
+        if self.config.get("model_type") == "gemma3_text":
+            from .mlx_gemma3 import Gemma3Forward
+
+            self._gemma3 = Gemma3Forward(self.model)
+            self._make_cache = self._gemma3.make_cache
+            self.cache = self._make_cache()
+        elif image_attention != "causal":
+            raise BundleError(f"the MLX decoder runs {image_attention} image attention only for Gemma 3 (gemma3_text); "
+                              f"this folder is {self.config.get('model_type')!r}")
+        self.image_attention = image_attention
 
     def _mrope_forward(self, mrope_section: list[int], interleaved: bool):
         from .mlx_mrope import MRopeForward
@@ -80,7 +93,9 @@ class MlxDecoder(Decoder):
             if segment.positions.ndim != 1 or not np.array_equal(segment.positions, expected):
                 raise BundleError("mlx-lm places tokens at its cache offset; this segment's positions do not continue "
                                   "the sequence there (a position scheme the MLX backend cannot run)")
-            if segment.token_ids is not None:
+            if self._gemma3 is not None:
+                logits = self._prefill_gemma3(segment)
+            elif segment.token_ids is not None:
                 logits = self.model(mx.array(segment.token_ids.astype(np.int32))[None], cache=self.cache)
             else:
                 # mlx-lm uses `inputs` only for its shape when input_embeddings are given; rows enter in the
@@ -93,6 +108,13 @@ class MlxDecoder(Decoder):
         mx.eval(last)
         self._logits = np.array(last)
         yield sum(len(s) for s in segments)
+
+    def _prefill_gemma3(self, segment: Segment):
+        mx = self._mx
+        if segment.token_ids is not None:
+            return self._gemma3(self.cache, inputs=mx.array(segment.token_ids.astype(np.int32))[None])
+        rows = mx.array(np.ascontiguousarray(segment.embeds, dtype=np.float32))[None].astype(self.dtype)
+        return self._gemma3(self.cache, input_embeddings=rows, block=self.image_attention == "bidirectional")
 
     def logits(self) -> np.ndarray:
         if self._logits is None:

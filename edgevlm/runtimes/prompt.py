@@ -27,6 +27,7 @@ class RuntimeSpec:
     layout: ImageLayout
     stop_token_ids: list[int]
     position_scheme: str = "1d"
+    image_attention: str = "causal"  # positions.IMAGE_ATTENTION
 
 
 @dataclass

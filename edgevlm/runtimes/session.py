@@ -192,9 +192,12 @@ class Session:
                 reuse, store_at = 0, max((b for b in prompt.boundaries if b < n), default=None)
         elif plan.counted_miss:
             timings["prefix_cache_misses"] += 1
-        if self.spec.position_scheme == "mrope":
-            # an image's rows share one t position, and llama.cpp removes KV by position: keep whole images only
+        if self.spec.position_scheme == "mrope" or self.spec.image_attention != "causal":
+            # an image's rows share one t position, and llama.cpp removes KV by position; a bidirectional image's
+            # rows each saw the whole image: keep whole images only
             reuse = prompts.whole_images(prompt, reuse)
+        if not self.decoder.can_truncate(reuse):  # a sliding-window cache dropped what the cut would need: cold
+            reuse, store_at = 0, max((b for b in prompt.boundaries if b < n), default=None)
         self.decoder.truncate(reuse, prompt.positions.next_after(reuse))
         self._kv_keys = self._kv_keys[:reuse]
         timings["n_reused_positions"] = reuse

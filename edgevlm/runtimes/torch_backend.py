@@ -40,13 +40,19 @@ class TorchDecoder(Decoder):
     name = "torch"
 
     def __init__(self, model, n_ctx: int | None = None, *, position_scheme: str, artifact_id: str = "torch",
-                 deepstack_layers: int = 0):
+                 deepstack_layers: int = 0, image_attention: str = "causal"):
         """position_scheme: where `step` places a generated token (the checkpoint's or manifest's scheme);
-        deepstack_layers: k DeepStack slices after the main embedding in each image row (base.Segment)."""
+        deepstack_layers: k DeepStack slices after the main embedding in each image row (base.Segment);
+        image_attention "bidirectional": each image segment is one block every row of which sees the whole block
+        (HF's token-type mask, Gemma 3)."""
         from transformers import DynamicCache
 
         self.model = model.eval()
-        self._new_cache = lambda: DynamicCache(config=model.config)
+        self.image_attention = image_attention
+        # sliding-window layers keep every position here (their mask applies the window), so truncation never
+        # meets a dropped window: the reference stays exact wherever the prompt is cut
+        sliding = "sliding_attention" in (getattr(model.config, "layer_types", None) or ())
+        self._new_cache = (lambda: DynamicCache()) if sliding else (lambda: DynamicCache(config=model.config))
         self.cache = self._new_cache()
         self.n_past = 0
         self.next_position = 0
@@ -74,10 +80,11 @@ class TorchDecoder(Decoder):
         position_ids = torch.from_numpy(positions.astype(np.int64))[None]  # (1, L)
         if positions.ndim == 2:  # (L, k) -> (k, 1, L), transformers' multi-axis position_ids
             position_ids = position_ids.permute(2, 0, 1)
+        mask = self._block_mask(segments, inputs, position_ids) if self.image_attention == "bidirectional" else None
         hooks = self._deepstack_hooks(segments, rows) if self.deepstack_layers and any(r is not None for r in rows) else []
         try:
             out = self.model(inputs_embeds=inputs, position_ids=position_ids, past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **({"attention_mask": mask} if mask is not None else {}))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -112,6 +119,22 @@ class TorchDecoder(Decoder):
 
         layers = self.model.model.layers
         return [layers[i].register_forward_hook(add(i)) for i in range(self.deepstack_layers)]
+
+    def _block_mask(self, segments: list[Segment], inputs: torch.Tensor, position_ids: torch.Tensor) -> dict | None:
+        """HF's Gemma 3 masks (create_masks_for_vision_model): causal, OR'd with "same image block" for every image
+        segment, inside the sliding window on local layers. Block ids are indexed by absolute cache position."""
+        if all(s.embeds is None for s in segments):
+            return None
+        from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model
+
+        ids = torch.full((1, self.n_past + inputs.shape[1]), -1, dtype=torch.long)
+        start, block = self.n_past, 0
+        for s in segments:
+            if s.embeds is not None:
+                ids[0, start:start + len(s)] = block
+                block += 1
+            start += len(s)
+        return create_masks_for_vision_model(self.model.config, inputs, None, self.cache, position_ids, ids)
 
     def logits(self) -> np.ndarray:
         if self._logits is None:

@@ -12,12 +12,13 @@ from .sequence import LlamaSequence
 
 def open_decoder(gguf_path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  n_batch: int = DEFAULT_N_BATCH, parity: bool = False, context_length: int | None = None,
-                 flash_attn: bool | None = None, artifact_id: str | None = None, n_seq: int = 1) -> LlamaSequence:
+                 flash_attn: bool | None = None, artifact_id: str | None = None, n_seq: int = 1,
+                 image_attention: str = "causal") -> LlamaSequence:
     """Sequence 0 of a new context of `n_seq` sequences on the GGUF's weights. n_ctx defaults to the model's
     context_length, at most DEFAULT_N_CTX (the KV cache is allocated whole when the context opens)."""
     n_ctx = int(n_ctx or min(context_length or DEFAULT_N_CTX, DEFAULT_N_CTX))
     model = LlamaModel(gguf_path, artifact_id)
-    settings = ContextSettings(n_ctx, int(n_batch), threads, parity, flash_attn)
+    settings = ContextSettings(n_ctx, int(n_batch), threads, parity, flash_attn, image_attention)
     return LlamaContext(model, settings, n_seq).sequence(0)
 
 

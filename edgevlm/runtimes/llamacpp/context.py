@@ -45,11 +45,15 @@ class ContextSettings:
     threads: int | None = None  # None: backends.thread_count's default
     parity: bool = False  # flash attention off, f32 KV: matches PyTorch to ~1e-6
     flash_attn: bool | None = None  # None: on where llama.cpp offloads to a GPU (flash_attention_type)
+    # "bidirectional": each image segment is decoded in one micro-batch with causal attention off (Gemma 3)
+    image_attention: str = "causal"
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or self.n_batch < 1:
             raise BadInputError(f"a llama.cpp context needs n_ctx >= 1 and n_batch >= 1, got {self.n_ctx}, {self.n_batch}")
         thread_count(self.threads)  # validated here, resolved when the context opens
+        if self.image_attention not in ("causal", "bidirectional"):
+            raise BadInputError(f"image_attention {self.image_attention!r}: llama.cpp runs 'causal' or 'bidirectional'")
 
 
 class LlamaContext(BatchedContext):
@@ -72,6 +76,10 @@ class LlamaContext(BatchedContext):
         params.kv_unified = self.n_seq > 1
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
+        # local layers keep only their window (llama.cpp's SWA cache) instead of n_ctx cells each; the price: the
+        # sequence cannot be cut back behind the window it dropped (LlamaSequence.can_truncate)
+        params.swa_full = False
+        self.n_swa = model.n_swa
         if settings.parity:
             params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
             params.type_k = params.type_v = lib.GGML_TYPE_F32
@@ -81,7 +89,8 @@ class LlamaContext(BatchedContext):
         self.flash_attn_type = int(params.flash_attn_type)
         # what a saved sequence state depends on: the weights, the KV type, the context and batch settings
         self.state_signature = (f"llama.cpp {lib.__version__}|{model.artifact_id}|n_ctx={self.n_ctx}|"
-                                f"n_batch={self.n_batch}|kv={self.kv_type}|fa={self.flash_attn_type}")
+                                f"n_batch={self.n_batch}|kv={self.kv_type}|fa={self.flash_attn_type}"
+                                + (f"|swa={self.n_swa}" if self.n_swa else ""))
         self.pointer = lib.llama_init_from_model(model.pointer, params)
         if not self.pointer:
             raise BackendUnavailableError(f"llama.cpp could not create a context of {self.n_ctx} positions for "
@@ -119,6 +128,9 @@ class LlamaContext(BatchedContext):
         """Decode the segments into sequence seq_id in pieces of at most n_batch rows, yielding each piece once it is
         in the KV; the last row of the last piece gets logits when want_logits (read them with `logits_at(-1)`)."""
         total, done = sum(len(s) for s in segments), 0
+        bidirectional = self.settings.image_attention == "bidirectional"
+        if bidirectional:
+            self._check_whole_images(segments)
         for piece in chunks(segments, self.n_batch):
             done += len(piece)
             positions = self._positions(piece)
@@ -132,8 +144,22 @@ class LlamaContext(BatchedContext):
                     raise BundleError(f"image embeddings have width {rows.shape[1]} but the GGUF decoder expects "
                                       f"{self.model.n_embd_inp}; the encoder and decoder come from different models")
                 ctypes.memmove(self._embeds.embd, rows.ctypes.data, rows.nbytes)
-                self._decode(self._embeds, positions, want_logits and done == total, seq_id)
+                if bidirectional:  # every row of the image sees the whole image (and everything before it)
+                    self.lib.llama_set_causal_attn(self.pointer, False)
+                try:
+                    self._decode(self._embeds, positions, want_logits and done == total, seq_id)
+                finally:
+                    if bidirectional:
+                        self.lib.llama_set_causal_attn(self.pointer, True)
             yield piece
+
+    def _check_whole_images(self, segments: list[Segment]) -> None:
+        """A bidirectional image goes into llama.cpp in one micro-batch (n_ubatch = n_batch here): refuse one that
+        cannot fit rather than run it causally in pieces."""
+        largest = max((len(s) for s in segments if s.embeds is not None), default=0)
+        if largest > self.n_batch:
+            raise BadInputError(f"an image block of {largest} rows attends bidirectionally and must fit one llama.cpp "
+                                f"micro-batch, but n_batch is {self.n_batch}; open the decoder with n_batch >= {largest}")
 
     def _decode(self, batch, positions: np.ndarray, want_logits: bool, seq_id: int) -> None:
         n = len(positions)
@@ -207,6 +233,10 @@ class LlamaContext(BatchedContext):
         """Drop the sequence's cells at positions >= first (llama.cpp removes by position); False if refused."""
         return bool(self.lib.llama_memory_seq_rm(self.memory, seq_id, first, -1))
 
+    def oldest_kept(self, seq_id: int) -> int:
+        """The first position every layer of the sequence still holds (the SWA window's start; -1: empty)."""
+        return int(self.lib.llama_memory_seq_pos_min(self.memory, seq_id))
+
     def forget(self, seq_id: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
@@ -227,7 +257,8 @@ class LlamaContext(BatchedContext):
         total = 0
         for seq_id in range(self.n_seq):
             top = int(self.lib.llama_memory_seq_pos_max(self.memory, seq_id))
-            low = int(self.lib.llama_memory_seq_pos_min(self.memory, seq_id))
+            # with an SWA cache pos_min is the window's start; the global layers still hold from position 0
+            low = 0 if self.n_swa else int(self.lib.llama_memory_seq_pos_min(self.memory, seq_id))
             total += 0 if top < 0 else top - low + 1
         return total
 

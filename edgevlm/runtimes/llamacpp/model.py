@@ -46,6 +46,8 @@ class LlamaModel:
         # M-RoPE (Qwen2-VL; interleaved: Qwen3-VL): image rows take (t, row, col) positions, four per row in an
         # embedding batch
         self.mrope = llama_cpp.llama_model_rope_type(self.pointer) in (llama_cpp.LLAMA_ROPE_TYPE_MROPE, IMROPE)
+        # local (sliding-window) attention layers keep only this many past positions in llama.cpp's SWA cache (0: none)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self.pointer))
         self.contexts_opened = 0  # counted by LlamaContext (tests: `serve --parallel N` opens one)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:

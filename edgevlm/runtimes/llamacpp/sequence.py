@@ -111,11 +111,24 @@ class LlamaSequence(Decoder):
     def sampler(self, config, history: list[int]):
         return NativeSampler(self, config, history) if self.native_sampling else super().sampler(config, history)
 
+    def can_truncate(self, n_past: int) -> bool:
+        """With an SWA cache the local layers dropped every position more than a window behind the newest one: the
+        sequence can continue at n_past only while the positions a window before it are still there (llama-server's
+        own rule, server-context.cpp: pos_min > n_past - n_swa forces a full prompt)."""
+        n_swa = self.context.n_swa
+        if not n_swa or n_past == 0 or n_past >= self.n_past:
+            return True
+        return self.context.oldest_kept(self.seq_id) <= max(0, n_past - n_swa)
+
     def truncate(self, n_past: int, next_position: int | None = None) -> None:
         """llama.cpp removes by position: 1-D, rows 0..n_past-1 hold positions 0..n_past-1; M-RoPE, the first
         removed row's t is `next_position` (text continues at max + 1 and an image starts there too; the session
         never cuts inside an image, whose rows share one t)."""
         if n_past < self.n_past:
+            if not self.can_truncate(n_past):
+                self._forget()
+                raise RuntimeError(f"llama.cpp's sliding-window cache no longer holds the window before position "
+                                   f"{n_past}; the sequence was cleared (prefill it again from the start)")
             first_removed = next_position if self.mrope and next_position is not None and n_past > 0 else n_past
             if not self.context.remove(self.seq_id, first_removed):
                 self._forget()
