@@ -1,9 +1,10 @@
 """Where image embeddings go in the token stream: the placeholder a prompt carries and the text it expands to."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "idefics2")
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,10 @@ class ImageLayout:
     placeholder may be the image token itself (InternVL's is ``<IMG_CONTEXT>``): it is split on before expanding.
     ``grid`` (Qwen2-VL): one image token per merged patch, rows x cols of them (the image's own grid, so the count
     depends on its size); the placeholder is the image token itself and the chat template writes the delimiters
-    around it (``<|vision_start|><|image_pad|><|vision_end|>``). tokens_per_tile is 1: a "tile" is one patch."""
+    around it (``<|vision_start|><|image_pad|><|vision_end|>``). tokens_per_tile is 1: a "tile" is one patch.
+    ``idefics2``: ``<fake>`` + (image tokens + ``<fake>``) per tile (4 quarters + the whole when split); `finish`
+    then applies Idefics2Processor's two string fixes (adjacent images share one ``<fake>``; a word glued to a
+    closing ``<fake>`` gets a space)."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -37,6 +41,8 @@ class ImageLayout:
             raise ValueError("the idefics3 layout needs fake_token, global_token and row_col_format")
         if self.kind == "grid" and self.tokens_per_tile != 1:
             raise ValueError("the grid layout has one image token per merged patch (tokens_per_tile 1)")
+        if self.kind == "idefics2" and not self.fake_token:
+            raise ValueError("the idefics2 layout needs fake_token")
         if self.kind == "wrapped" and not (self.start_token and self.end_token):
             raise ValueError("the wrapped layout needs start_token and end_token")
 
@@ -49,6 +55,8 @@ class ImageLayout:
             return self.image_token * (rows * cols)
         if self.kind == "wrapped":
             return self.start_token + image * self.n_tiles(rows, cols) + self.end_token
+        if self.kind == "idefics2":
+            return self.fake_token + (image + self.fake_token) * self.n_tiles(rows, cols)
         global_view = f"{self.fake_token}{self.global_token}{image}{self.fake_token}"
         if rows == 0 and cols == 0:
             return global_view
@@ -58,6 +66,14 @@ class ImageLayout:
                 text += self.fake_token + self.row_col_format.format(row=r + 1, col=c + 1) + image
             text += "\n"
         return text + "\n" + global_view
+
+    def finish(self, text: str) -> str:
+        """The expanded prompt as the family's processor leaves it (idefics2: processing_idefics2's fixes)."""
+        if self.kind != "idefics2":
+            return text
+        fake = self.fake_token
+        text = text.replace(fake + fake, fake)
+        return re.sub(rf"{re.escape(fake)}(?=[^\s<])", fake + " ", text)
 
     def n_tiles(self, rows: int, cols: int) -> int:
         if self.kind == "grid":

@@ -11,6 +11,10 @@ One spec, three resize rules:
 - ``qwen2vl`` (Qwen2VLImageProcessor): smart_resize both sides to multiples of patch_size x merge_size with the area
   in [min_pixels, max_pixels], then flatten into patches (P, 3*T*p*p) in HF's order (2x2 merge blocks row-major), the
   frame repeated temporal_patch_size times. Native resolution: no tiles, and the token count follows the image.
+- ``idefics2`` (Idefics2ImageProcessor): optionally split the image into 4 quarters + the whole, resize each so its
+  long side is at most ``longest_edge`` (keeping the aspect) and each side at least ``shortest_edge`` (not keeping
+  it), then pad bottom/right with zeros to a ``longest_edge`` square canvas. Tiles differ in size, so a 4th channel
+  carries HF's pixel_attention_mask (1 = image, 0 = padding); the encoder masks the padded patches out.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from PIL import Image
 
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
-RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl")
+RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl", "idefics2")
 MAX_TILE_SIDE_PIXELS = 4096  # the HF Idefics3 processor's absolute cap on a resized side
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter side ratios above this
 
@@ -35,9 +39,9 @@ class PreprocessSpec:
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    shortest_edge: int | None = None  # shortest_edge_crop only
-    longest_edge: int | None = None  # idefics3 only: the first resize
-    image_splitting: bool = False  # idefics3 only
+    shortest_edge: int | None = None  # shortest_edge_crop; idefics2: the smallest side after resizing
+    longest_edge: int | None = None  # idefics3: the first resize; idefics2: the largest side (and the canvas)
+    image_splitting: bool = False  # idefics3, idefics2
     max_tiles: int = field(default=1)  # internvl: the grid's largest tile count (the thumbnail comes on top)
     min_tiles: int = 1  # internvl only
     # qwen2vl only (0 elsewhere); tile_size is then the resize factor (patch_size * merge_size, both sides)
@@ -58,6 +62,10 @@ class PreprocessSpec:
             raise ValueError("shortest_edge_crop needs shortest_edge")
         if self.resize_rule == "idefics3" and not self.longest_edge:
             raise ValueError("idefics3 resizing needs longest_edge")
+        if self.resize_rule == "idefics2" and not (self.shortest_edge and self.longest_edge
+                                                   and self.shortest_edge <= self.longest_edge
+                                                   and tuple(self.tile_size) == (self.longest_edge,) * 2):
+            raise ValueError("idefics2 resizing needs 0 < shortest_edge <= longest_edge and a longest_edge square tile")
         if self.resize_rule == "qwen2vl":
             self._check_qwen2vl()
         if not 1 <= self.min_tiles <= self.max_tiles:
@@ -78,6 +86,11 @@ class PreprocessSpec:
         if not factor * factor <= self.max_pixels or self.min_pixels > self.max_pixels:
             raise ValueError(f"qwen2vl needs {factor * factor} <= max_pixels and min_pixels <= max_pixels, got "
                              f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}")
+
+    @property
+    def channels(self) -> int:
+        """Channels of an encoder input: RGB, plus the pixel mask for idefics2's padded tiles."""
+        return 4 if self.resize_rule == "idefics2" else 3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,6 +227,8 @@ def tile_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
     if spec.resize_rule == "internvl":
         rows, cols = internvl_grid(height, width, spec) if spec.max_tiles > 1 else (1, 1)
         return (0, 0) if rows * cols == 1 else (rows, cols)
+    if spec.resize_rule == "idefics2":
+        return (2, 2) if spec.image_splitting else (0, 0)
     if spec.resize_rule != "idefics3" or not spec.image_splitting:
         return 0, 0
     tile = spec.tile_size[0]
@@ -229,6 +244,8 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
     th, tw = spec.tile_size
     if spec.resize_rule == "qwen2vl":
         return _preprocess_qwen2vl(image, spec)
+    if spec.resize_rule == "idefics2":
+        return _preprocess_idefics2(image, spec)
     if spec.resize_rule == "fixed":
         return PreprocessedImage(_normalize(_resize(image, th, tw, spec.resample), spec)[None], 0, 0)
     if spec.resize_rule == "shortest_edge_crop":
@@ -268,3 +285,31 @@ def _preprocess_qwen2vl(image: Image.Image, spec: PreprocessSpec) -> Preprocesse
     patches = _patchify(_normalize(_resize(image, h, w, spec.resample), spec), spec)  # (P, 3*T*p*p)
     factor = spec.patch_size * spec.merge_size
     return PreprocessedImage(patches, h // factor, w // factor, grid=(1, h // spec.patch_size, w // spec.patch_size))
+
+
+def idefics2_size(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(height, width) after Idefics2's resize (image_processing_pil_idefics2.get_resize_output_image_size, 5.23)."""
+    aspect = width / height
+    if width >= height and width > spec.longest_edge:
+        width, height = spec.longest_edge, int(spec.longest_edge / aspect)
+    elif height > width and height > spec.longest_edge:
+        height, width = spec.longest_edge, int(spec.longest_edge * aspect)
+    return max(height, spec.shortest_edge), max(width, spec.shortest_edge)
+
+
+def _preprocess_idefics2(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
+    width, height = image.size
+    if spec.image_splitting:  # quarters (split at the floor of the half) then the whole, before resizing
+        mw, mh = width // 2, height // 2
+        boxes = [(0, 0, mw, mh), (mw, 0, width, mh), (0, mh, mw, height), (mw, mh, width, height)]
+        parts = [image.crop(box) for box in boxes] + [image]
+    else:
+        parts = [image]
+    side = spec.longest_edge
+    tiles = np.zeros((len(parts), 4, side, side), dtype=np.float32)
+    for tile, part in zip(tiles, parts):
+        h, w = idefics2_size(part.size[1], part.size[0], spec)
+        tile[:3, :h, :w] = _normalize(_resize(part, h, w, spec.resample), spec)
+        tile[3, :h, :w] = 1.0
+    rows, cols = tile_grid(height, width, spec)
+    return PreprocessedImage(tiles, rows, cols)

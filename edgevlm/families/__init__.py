@@ -20,6 +20,7 @@ FAMILIES = {
     "InternVLForConditionalGeneration": "internvl",  # InternVL3 -hf checkpoints
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+    "Idefics2ForConditionalGeneration": "idefics2",
 }
 
 
