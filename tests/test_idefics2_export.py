@@ -93,3 +93,5 @@ def test_mmproj_is_refused_in_one_line(exported, tmp_path, capsys):
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "no Idefics2 projector type" in errors[0], err
     assert not out.exists()
+    assert main(["inspect", str(exported[0])]) == 0
+    assert "no Idefics2 projector type" in " ".join(capsys.readouterr().out.split())  # inspect says why, too
