@@ -118,3 +118,23 @@ def test_describe_is_torch_free_and_refuses_the_mmproj(idefics2):
     assert spec.mmproj_projector is None and "no Idefics2 projector type" in spec.mmproj_refusal
     assert spec.image_tokens(100, 40) == 8
     assert describe_checkpoint(idefics2["idefics2-split"][0]).image_tokens(100, 40) == 40
+
+
+def test_idefics2_8b_preset_shapes_and_a_shrunk_build(tmp_path):
+    """The preset's published shapes; its builder run at shrunk widths (the 8B build is 32 GB in fp32): special-token
+    ids pinned, 64 image tokens, the description the family gives."""
+    from dataclasses import replace
+
+    from edgevlm.reference.preset_idefics2 import build_idefics2
+    from edgevlm.reference.presets import _CORPUS, PRESETS
+
+    shape = PRESETS["idefics2-8b"]
+    assert (shape.text_hidden, shape.text_layers, shape.text_kv_heads, shape.text_mlp, shape.vocab) == \
+        (4096, 32, 8, 14336, 32003)
+    assert (shape.image // shape.patch, shape.latents, shape.vision_layers) == (70, 64, 27)
+    small = replace(shape, text_hidden=64, text_layers=1, text_heads=4, text_kv_heads=2, text_mlp=128,
+                    vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, resampler_depth=1,
+                    resampler_heads=2, resampler_head_dim=16, resampler_kv_heads=1)
+    spec = describe_checkpoint(build_idefics2(small, tmp_path / "small", _CORPUS))
+    assert (spec.layout.image_token_id, spec.tokens_per_tile, spec.vision.sequence) == (32001, 64, 70 * 70)
+    assert (spec.preprocess.shortest_edge, spec.preprocess.longest_edge) == (378, 980)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .preset_idefics2 import Idefics2Shape
 from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
@@ -119,6 +120,8 @@ PRESETS = {
     # Qwen2.5-VL-3B-Instruct: ViT 32 x 1280 (SwiGLU 3420, windows, full attention on 7/15/23/31) + Qwen2.5-3B
     "qwen2.5-vl-3b": QwenVLShape(text_hidden=2048, text_layers=36, text_heads=16, text_kv_heads=2, text_mlp=11008,
                                  version="2.5", vision_mlp=3420, context=128000),
+    # Idefics2-8b: SigLIP-so400m/14 at 980 + Perceiver resampler (64 latents) + Mistral-7B (preset_idefics2.py)
+    "idefics2-8b": Idefics2Shape(),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -172,6 +175,10 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
             return _build_llava(shape, out)
         if isinstance(shape, QwenVLShape):
             return _build_qwen2_vl(shape, out, single_tile)
+        if isinstance(shape, Idefics2Shape):
+            from .preset_idefics2 import build_idefics2
+
+            return build_idefics2(shape, out, _CORPUS)
         return _build_smolvlm(shape, out, single_tile)
     finally:
         torch.set_default_dtype(previous)
