@@ -138,3 +138,22 @@ def test_idefics2_8b_preset_shapes_and_a_shrunk_build(tmp_path):
     spec = describe_checkpoint(build_idefics2(small, tmp_path / "small", _CORPUS))
     assert (spec.layout.image_token_id, spec.tokens_per_tile, spec.vision.sequence) == (32001, 64, 70 * 70)
     assert (spec.preprocess.shortest_edge, spec.preprocess.longest_edge) == (378, 980)
+
+
+def test_planner_describes_the_preset_and_counts_the_bridge(tmp_path, monkeypatch):
+    """The planner's preset description (no files) is the family's; its tower + bridge parameter formula equals the
+    parameters of a checkpoint built at shrunk widths."""
+    from dataclasses import replace
+
+    from edgevlm.plan.model import from_preset
+    from edgevlm.reference import presets
+    from edgevlm.reference.preset_idefics2 import build_idefics2
+
+    big = from_preset("idefics2-8b")
+    assert (big.family, big.layout.tokens_per_tile, big.preprocess.longest_edge) == ("idefics2", 64, 980)
+    small = replace(presets.PRESETS["idefics2-8b"], text_hidden=64, text_layers=1, text_heads=4, text_kv_heads=2,
+                    text_mlp=128, vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64, resampler_depth=2,
+                    resampler_heads=2, resampler_head_dim=16, resampler_kv_heads=1, image=56, shortest_edge=28)
+    monkeypatch.setitem(presets.PRESETS, "tiny-idefics2", small)
+    ckpt = load_checkpoint(build_idefics2(small, tmp_path / "tiny", presets._CORPUS))
+    assert from_preset("tiny-idefics2").vision.params == sum(p.numel() for p in ckpt.vision.parameters())
