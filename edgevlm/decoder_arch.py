@@ -58,7 +58,9 @@ def _tensor_name_map(gguf_arch: str, n_blocks: int):
 
 ARCHITECTURES = {
     "llama": DecoderArch(
-        name="llama", hf_model_types=("llama",), hf_class="LlamaForCausalLM", hf_rotary_class="LlamaRotaryEmbedding",
+        # Mistral (Idefics2's decoder) is a Llama to llama.cpp's converter; its sliding window bounds the context instead
+        name="llama", hf_model_types=("llama", "mistral"), hf_class="LlamaForCausalLM",
+        hf_rotary_class="LlamaRotaryEmbedding",
         gguf_arch="LLAMA", permute_qk=True, bias_tensors=(), mlx_model_type="llama", position_schemes=("1d",),
     ),
     # Qwen2 / Qwen2.5 (InternVL3, LLaVA-OneVision): q/k/v biases; llama.cpp's qwen2 arch uses NEOX (rotate-half)

@@ -1,9 +1,10 @@
 """Where image embeddings go in the token stream: the placeholder a prompt carries and the text it expands to."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2")
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,10 @@ class ImageLayout:
     around it (``<|vision_start|><|image_pad|><|vision_end|>``). tokens_per_tile is 1: a "tile" is one patch.
     ``gemma3``: the placeholder is ``<start_of_image>`` (start_token) and each tile becomes ``\\n\\n`` + start_token +
     image tokens + end_token + ``\\n\\n`` (Gemma3Processor.full_image_sequence); with pan-and-scan crops the whole
-    image is introduced in words and the crops follow, space-separated (Gemma3Processor.replace_image_token)."""
+    image is introduced in words and the crops follow, space-separated (Gemma3Processor.replace_image_token).
+    ``idefics2``: ``<fake>`` + (image tokens + ``<fake>``) per tile (4 quarters + the whole when split); `finish`
+    then applies Idefics2Processor's two string fixes (adjacent images share one ``<fake>``; a word glued to a
+    closing ``<fake>`` gets a space)."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -40,6 +44,8 @@ class ImageLayout:
             raise ValueError("the idefics3 layout needs fake_token, global_token and row_col_format")
         if self.kind == "grid" and self.tokens_per_tile != 1:
             raise ValueError("the grid layout has one image token per merged patch (tokens_per_tile 1)")
+        if self.kind == "idefics2" and not self.fake_token:
+            raise ValueError("the idefics2 layout needs fake_token")
         if self.kind in ("wrapped", "gemma3") and not (self.start_token and self.end_token):
             raise ValueError(f"the {self.kind} layout needs start_token and end_token")
 
@@ -58,6 +64,8 @@ class ImageLayout:
                 return tile
             return (f"Here is the original image {tile} and here are some crops to help you see better "
                     + " ".join([tile] * (rows * cols)))
+        if self.kind == "idefics2":
+            return self.fake_token + (image + self.fake_token) * self.n_tiles(rows, cols)
         global_view = f"{self.fake_token}{self.global_token}{image}{self.fake_token}"
         if rows == 0 and cols == 0:
             return global_view
@@ -67,6 +75,14 @@ class ImageLayout:
                 text += self.fake_token + self.row_col_format.format(row=r + 1, col=c + 1) + image
             text += "\n"
         return text + "\n" + global_view
+
+    def finish(self, text: str) -> str:
+        """The expanded prompt as the family's processor leaves it (idefics2: processing_idefics2's fixes)."""
+        if self.kind != "idefics2":
+            return text
+        fake = self.fake_token
+        text = text.replace(fake + fake, fake)
+        return re.sub(rf"{re.escape(fake)}(?=[^\s<])", fake + " ", text)
 
     def n_tiles(self, rows: int, cols: int) -> int:
         if self.kind == "grid":

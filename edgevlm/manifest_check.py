@@ -256,10 +256,11 @@ def validate(data: Any, where: str) -> None:
     elif encoder["output_shape"][1] != layout["tokens_per_tile"]:
         raise BundleError(f"{where}: encoder.output_shape gives {encoder['output_shape'][1]} tokens per tile but "
                           f"image_layout.tokens_per_tile is {layout['tokens_per_tile']}")
-    expected_input = ["tiles", 3, *data["preprocess"]["tile_size"]]
+    channels = 4 if data["preprocess"].get("resize_rule") == "idefics2" else 3  # idefics2: + the pixel mask
+    expected_input = ["tiles", channels, *data["preprocess"]["tile_size"]]
     if not grid and encoder["input_shape"] != expected_input:
         raise BundleError(f"{where}: encoder.input_shape is {_show(encoder['input_shape'])}; expected {expected_input} "
-                          "(3 channels at preprocess.tile_size)")
+                          f"({channels} channels at preprocess.tile_size)")
     tokenizers = [a for a in data["artifacts"] if a["role"] == "tokenizer"]
     if tokenizers and tokenizers[0]["path"] != data["tokenizer"]["path"]:
         raise BundleError(f"{where}: tokenizer.path {data['tokenizer']['path']!r} is not the tokenizer artifact's path "

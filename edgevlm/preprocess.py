@@ -14,6 +14,10 @@ One spec, three resize rules:
 - ``gemma3`` (Gemma3ImageProcessor): the whole image resized to one tile; with pan-and-scan (image_splitting) an
   image whose aspect ratio reaches pan_and_scan_min_ratio is also cut into 2..max_tiles equal crops along its long
   side (crops of at least pan_and_scan_min_crop pixels), each resized to a tile; the whole image comes first.
+- ``idefics2`` (Idefics2ImageProcessor): optionally split the image into 4 quarters + the whole, resize each so its
+  long side is at most ``longest_edge`` (keeping the aspect) and each side at least ``shortest_edge`` (not keeping
+  it), then pad bottom/right with zeros to a ``longest_edge`` square canvas. Tiles differ in size, so a 4th channel
+  carries HF's pixel_attention_mask (1 = image, 0 = padding); the encoder masks the padded patches out.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from PIL import Image
 
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
-RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl", "gemma3")
+RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl", "gemma3", "idefics2")
 MAX_TILE_SIDE_PIXELS = 4096  # the HF Idefics3 processor's absolute cap on a resized side
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter side ratios above this
 
@@ -38,9 +42,9 @@ class PreprocessSpec:
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    shortest_edge: int | None = None  # shortest_edge_crop only
-    longest_edge: int | None = None  # idefics3 only: the first resize
-    image_splitting: bool = False  # idefics3 only
+    shortest_edge: int | None = None  # shortest_edge_crop; idefics2: the smallest side after resizing
+    longest_edge: int | None = None  # idefics3: the first resize; idefics2: the largest side (and the canvas)
+    image_splitting: bool = False  # idefics3, idefics2
     max_tiles: int = field(default=1)  # internvl: the grid's largest tile count (the thumbnail comes on top)
     min_tiles: int = 1  # internvl only
     # qwen2vl only (0 elsewhere); tile_size is then the resize factor (patch_size * merge_size, both sides)
@@ -64,6 +68,10 @@ class PreprocessSpec:
             raise ValueError("shortest_edge_crop needs shortest_edge")
         if self.resize_rule == "idefics3" and not self.longest_edge:
             raise ValueError("idefics3 resizing needs longest_edge")
+        if self.resize_rule == "idefics2" and not (self.shortest_edge and self.longest_edge
+                                                   and self.shortest_edge <= self.longest_edge
+                                                   and tuple(self.tile_size) == (self.longest_edge,) * 2):
+            raise ValueError("idefics2 resizing needs 0 < shortest_edge <= longest_edge and a longest_edge square tile")
         if self.resize_rule == "qwen2vl":
             self._check_qwen2vl()
         if not 1 <= self.min_tiles <= self.max_tiles:
@@ -84,6 +92,11 @@ class PreprocessSpec:
         if not factor * factor <= self.max_pixels or self.min_pixels > self.max_pixels:
             raise ValueError(f"qwen2vl needs {factor * factor} <= max_pixels and min_pixels <= max_pixels, got "
                              f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}")
+
+    @property
+    def channels(self) -> int:
+        """Channels of an encoder input: RGB, plus the pixel mask for idefics2's padded tiles."""
+        return 4 if self.resize_rule == "idefics2" else 3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,6 +235,8 @@ def tile_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
         return (0, 0) if rows * cols == 1 else (rows, cols)
     if spec.resize_rule == "gemma3":
         return pan_and_scan_grid(height, width, spec)
+    if spec.resize_rule == "idefics2":
+        return (2, 2) if spec.image_splitting else (0, 0)
     if spec.resize_rule != "idefics3" or not spec.image_splitting:
         return 0, 0
     tile = spec.tile_size[0]
@@ -246,6 +261,8 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
                       for r in range(rows) for c in range(cols)]
         return PreprocessedImage(np.stack([_normalize(_resize(t, th, tw, spec.resample), spec) for t in tiles]),
                                  rows, cols)
+    if spec.resize_rule == "idefics2":
+        return _preprocess_idefics2(image, spec)
     if spec.resize_rule == "fixed":
         return PreprocessedImage(_normalize(_resize(image, th, tw, spec.resample), spec)[None], 0, 0)
     if spec.resize_rule == "shortest_edge_crop":
@@ -301,3 +318,31 @@ def pan_and_scan_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[in
     if min(math.ceil(width / cols), math.ceil(height / rows)) < spec.pan_and_scan_min_crop:
         return 0, 0
     return rows, cols
+
+
+def idefics2_size(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(height, width) after Idefics2's resize (image_processing_pil_idefics2.get_resize_output_image_size, 5.23)."""
+    aspect = width / height
+    if width >= height and width > spec.longest_edge:
+        width, height = spec.longest_edge, int(spec.longest_edge / aspect)
+    elif height > width and height > spec.longest_edge:
+        height, width = spec.longest_edge, int(spec.longest_edge * aspect)
+    return max(height, spec.shortest_edge), max(width, spec.shortest_edge)
+
+
+def _preprocess_idefics2(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
+    width, height = image.size
+    if spec.image_splitting:  # quarters (split at the floor of the half) then the whole, before resizing
+        mw, mh = width // 2, height // 2
+        boxes = [(0, 0, mw, mh), (mw, 0, width, mh), (0, mh, mw, height), (mw, mh, width, height)]
+        parts = [image.crop(box) for box in boxes] + [image]
+    else:
+        parts = [image]
+    side = spec.longest_edge
+    tiles = np.zeros((len(parts), 4, side, side), dtype=np.float32)
+    for tile, part in zip(tiles, parts):
+        h, w = idefics2_size(part.size[1], part.size[0], spec)
+        tile[:3, :h, :w] = _normalize(_resize(part, h, w, spec.resample), spec)
+        tile[3, :h, :w] = 1.0
+    rows, cols = tile_grid(height, width, spec)
+    return PreprocessedImage(tiles, rows, cols)

@@ -458,3 +458,40 @@ def gemma3_processor(path: Path):
     return Gemma3Processor(image_processor=AutoImageProcessor.from_pretrained(path),
                            tokenizer=AutoTokenizer.from_pretrained(path), chat_template=GEMMA3_TEMPLATE,
                            image_seq_length=16)
+
+
+IDEFICS2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
+                     "<end_of_utterance>"]
+
+
+def build_idefics2(out: Path, seed: int = 0, splitting: bool = False) -> Path:
+    """Idefics2 with a Mistral decoder; 8 perceiver latents over a 48-px canvas of 8-px patches. Its perceiver
+    latents start as ones (every latent the same query) and at init std the latents swamp what the cross-attention
+    adds (two images' rows differ by 0.4%): the latents are randomised and the bridge's matrices scaled x8 (80%)."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor, MistralConfig
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    torch.manual_seed(seed)
+    template = SMOLVLM_TEMPLATE.removeprefix("<|im_start|>")  # Idefics2's template: SmolVLM's without the leading token
+    tokenizer = _tokenizer(IDEFICS2_SPECIALS, template)
+    vision = Idefics2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=48, patch_size=8)  # the position table covers the canvas, as in 8B
+    perceiver = dict(resampler_n_latents=8, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=16,
+                     num_key_value_heads=1, hidden_size=64, rms_norm_eps=1e-6)
+    text = MistralConfig(**text_config(len(tokenizer)).to_dict() | {"sliding_window": None})
+    config = Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=text,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model = Idefics2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.connector.perceiver_resampler.latents.normal_()
+        for name, weight in model.model.connector.named_parameters():
+            if weight.ndim == 2 and not name.endswith("latents"):
+                weight.mul_(8)
+    image_processor = Idefics2ImageProcessorPil(size={"shortest_edge": 24, "longest_edge": 48},
+                                                do_image_splitting=splitting)
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=8,
+                                  chat_template=template)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -76,9 +76,18 @@ def tiny_reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def described(ckpts, qwen_ckpts, gemma_ckpt, tiny_reference) -> dict:
+def idefics2_ckpts(tmp_path_factory):
+    import builders
+
+    root = tmp_path_factory.mktemp("idefics2-spec")
+    return {f"idefics2{s}": builders.build_idefics2(root / f"idefics2{s}", splitting=bool(s)) for s in ("", "-split")}
+
+
+@pytest.fixture(scope="module")
+def described(ckpts, qwen_ckpts, gemma_ckpt, idefics2_ckpts, tiny_reference) -> dict:
     paths = {**{name: str(path) for name, path in ckpts.items()}, **{k: str(v) for k, v in qwen_ckpts.items()},
-             "gemma3": str(gemma_ckpt), "reference": str(tiny_reference)}
+             "gemma3": str(gemma_ckpt), **{k: str(v) for k, v in idefics2_ckpts.items()},
+             "reference": str(tiny_reference)}
     run = subprocess.run([sys.executable, "-c", BLOCKER + DESCRIBE, *paths.values()], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

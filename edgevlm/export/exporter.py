@@ -59,15 +59,17 @@ def encoder_spec(ckpt, max_tiles: int) -> EncoderSpec:
     if getattr(ckpt.vision, "grid_spec", None) is not None:
         return grid_encoder_spec(ckpt)
     tile_h, tile_w = ckpt.preprocess.tile_size
+    channels = ckpt.preprocess.channels  # RGB, + the pixel mask of padded tiles (idefics2)
     import torch
 
     with torch.inference_mode():
-        probe = ckpt.vision(torch.zeros(1, 3, tile_h, tile_w, dtype=ckpt.vision_dtype))  # (1, T, D)
+        probe = ckpt.vision(torch.zeros(1, channels, tile_h, tile_w, dtype=ckpt.vision_dtype))  # (1, T, D)
     tokens, dim = int(probe.shape[1]), int(probe.shape[2])
     if tokens != ckpt.layout.tokens_per_tile:
         raise BadInputError(f"the vision module makes {tokens} tokens per tile but the processor expects "
                             f"{ckpt.layout.tokens_per_tile}; the checkpoint's processor config does not match the model")
-    return EncoderSpec("pixel_values", "image_embeds", ["tiles", 3, tile_h, tile_w], ["tiles", tokens, dim], max_tiles)
+    return EncoderSpec("pixel_values", "image_embeds", ["tiles", channels, tile_h, tile_w], ["tiles", tokens, dim],
+                       max_tiles)
 
 
 def grid_encoder_spec(ckpt) -> EncoderSpec:

@@ -22,6 +22,7 @@ FAMILIES = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "Gemma3ForConditionalGeneration": "gemma3",
+    "Idefics2ForConditionalGeneration": "idefics2",
 }
 # text-only checkpoints of a family's decoder (no vision tower): refused in one line by the family that names them
 TEXT_ONLY = {"Gemma3ForCausalLM": "gemma3"}

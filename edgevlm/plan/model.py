@@ -146,6 +146,14 @@ def from_preset(name: str) -> ModelShapes:
     return ModelShapes(name, "preset", spec.family, decoder, tuple(tensors), vision, spec.preprocess, spec.layout)
 
 
+def perceiver_params(s) -> int:
+    """Idefics2's Perceiver resampler: the latents, per layer two RMSNorms in, Q (d -> heads*hd), K/V (d -> kv*hd), O,
+    the post-attention RMSNorm and a SwiGLU MLP of 4d, no biases; a final RMSNorm."""
+    d, hd = s.text_hidden, s.resampler_head_dim
+    attention = d * s.resampler_heads * hd * 2 + 2 * d * s.resampler_kv_heads * hd
+    return s.latents * d + s.resampler_depth * (3 * d + attention + 3 * d * 4 * d) + d
+
+
 def vit_layer_params(width: int, mlp: int, qkv_bias: bool = True, layer_scale: bool = False) -> int:
     """One pre-norm ViT block: Q/K/V/O (+ biases), the MLP's two matrices with biases, two LayerNorms (+ InternViT's
     two layer-scale vectors)."""
@@ -208,6 +216,9 @@ def _preset_vision(spec: FamilySpec, s) -> VisionShape:
     elif spec.family == "gemma3":  # SigLIP without its pooling head; soft-embedding RMSNorm(dv) + Linear(dv -> d)
         tower = patch_embed + dv + side * side * dv + layers + 2 * dv
         projector = dv + dv * d
+    elif spec.family == "idefics2":  # SigLIP as above; bridge: SwiGLU MLP(dv -> text_mlp -> d) + perceiver_params
+        tower = patch_embed + dv + side * side * dv + layers + 2 * dv
+        projector = 2 * dv * s.text_mlp + s.text_mlp * d + perceiver_params(s)
     elif spec.family == "llava":  # CLIP: class embedding, conv without bias, pre- and post-LN; 2-layer MLP projector
         tower = dv + patch_embed + (side * side + 1) * dv + 2 * dv + layers + 2 * dv
         projector = dv * d + d + d * d + d

@@ -4,6 +4,7 @@ preset through the same family code as a checkpoint folder."""
 from __future__ import annotations
 
 from ..families.spec import Vocabulary
+from .preset_idefics2 import IDEFICS2_SPECIAL_IDS, Idefics2Shape
 from .presets import (INTERNVL_SPECIAL_IDS, LLAVA15_SPECIAL_IDS, QWEN2VL_SPECIAL_IDS, SMOLVLM_SPECIAL_IDS,
                       Gemma3Shape, InternVLShape, LlavaShape, Qwen3VLShape, QwenVLShape)
 
@@ -67,6 +68,13 @@ def preset_files(shape) -> tuple[dict, dict, Vocabulary]:
                      "crop_size": {"height": shape.image, "width": shape.image}, "image_mean": CLIP_MEAN,
                      "image_std": CLIP_STD}
         return config, processor, _vocabulary(LLAVA15_SPECIAL_IDS)
+    if isinstance(shape, Idefics2Shape):
+        config = {"architectures": ["Idefics2ForConditionalGeneration"], "image_token_id": 32001,
+                  "vision_config": dict(tower, image_size=shape.image, patch_size=shape.patch),
+                  "perceiver_config": {"resampler_n_latents": shape.latents}, "text_config": {"model_type": "mistral"}}
+        processor = {"size": {"shortest_edge": shape.shortest_edge, "longest_edge": shape.image}, "resample": 2,
+                     "do_image_splitting": False, "image_seq_len": shape.latents}
+        return config, processor, _vocabulary(IDEFICS2_SPECIAL_IDS)
     arch = "SmolVLMForConditionalGeneration" if shape.architecture == "smolvlm" else "Idefics3ForConditionalGeneration"
     config = {"architectures": [arch], "vision_config": dict(tower, image_size=shape.image, patch_size=shape.patch),
               "text_config": {"model_type": "llama"}, "scale_factor": shape.scale_factor, "image_token_id": 49190}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .preset_gemma3 import Gemma3Shape
+from .preset_idefics2 import Idefics2Shape
 from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
@@ -148,6 +149,8 @@ PRESETS = {
     "qwen3-vl-2b": Qwen3VLShape(text_hidden=2048, text_layers=28, text_heads=16, text_kv_heads=8, text_mlp=6144),
     # gemma-3-4b-it (preset_gemma3.py)
     "gemma3-4b": Gemma3Shape(),
+    # Idefics2-8b: SigLIP-so400m/14 at 980 + Perceiver resampler (64 latents) + Mistral-7B (preset_idefics2.py)
+    "idefics2-8b": Idefics2Shape(),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -207,6 +210,10 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
             return _build_qwen2_vl(shape, out, single_tile)
         if isinstance(shape, Qwen3VLShape):
             return _build_qwen3_vl(shape, out, single_tile)
+        if isinstance(shape, Idefics2Shape):
+            from .preset_idefics2 import build_idefics2
+
+            return build_idefics2(shape, out, _CORPUS)
         return _build_smolvlm(shape, out, single_tile)
     finally:
         torch.set_default_dtype(previous)
