@@ -185,3 +185,17 @@ def stop_ids(path: Path, config: dict, tokenizer, extra_tokens: tuple[str, ...] 
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in extra_tokens if t in vocab)
     return sorted(ids)
+
+
+def loaded(spec: FamilySpec, path: Path, config_json: dict, hf_model, tokenizer, weights, vision, decoder,
+           context_length: int | None = None) -> LoadedCheckpoint:
+    """What every family's load() returns: its modules, with the checkpoint files' chat template, stop ids and hash;
+    the context is the text config's max_position_embeddings unless the family says otherwise."""
+    if context_length is None:
+        context_length = hf_model.config.text_config.max_position_embeddings
+    return LoadedCheckpoint(
+        spec=spec, path=path, hf_model=hf_model, vision=vision, decoder=decoder, tokenizer=tokenizer,
+        chat_template=read_chat_template(path, tokenizer),
+        stop_token_ids=stop_ids(path, config_json, tokenizer, spec.stop_tokens),
+        context_length=int(context_length), source_sha256=checkpoint_sha256(path, weights),
+    )

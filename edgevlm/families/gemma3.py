@@ -107,15 +107,4 @@ def load(path: Path, config_json: dict, dtype: str = "float32"):
     # a non-persistent buffer (sqrt(hidden)), not in the state dict: the meta-device build left it empty
     embed = decoder.model.embed_tokens
     embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
-    return base.LoadedCheckpoint(
-        spec=spec,
-        path=path,
-        hf_model=hf_model,
-        vision=Gemma3Vision(hf_model).eval(),
-        decoder=decoder,
-        tokenizer=tokenizer,
-        chat_template=base.read_chat_template(path, tokenizer),
-        stop_token_ids=base.stop_ids(path, config_json, tokenizer, spec.stop_tokens),
-        context_length=int(config.text_config.max_position_embeddings),
-        source_sha256=base.checkpoint_sha256(path, weights),
-    )
+    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, Gemma3Vision(hf_model).eval(), decoder)

@@ -84,15 +84,5 @@ def load(path: Path, config_json: dict, dtype: str = "float32"):
     # Mistral's sliding window is not in the llama row: the context stops where the window would start to matter
     window = getattr(text, "sliding_window", None)
     context = min(int(text.max_position_embeddings), int(window) if window else 1 << 62)
-    return base.LoadedCheckpoint(
-        spec=spec,
-        path=path,
-        hf_model=hf_model,
-        vision=Idefics2Vision(hf_model).eval(),
-        decoder=base.decoder_from(text, hf_model.model.text_model, hf_model.lm_head),
-        tokenizer=tokenizer,
-        chat_template=base.read_chat_template(path, tokenizer),
-        stop_token_ids=base.stop_ids(path, config_json, tokenizer, spec.stop_tokens),
-        context_length=context,
-        source_sha256=base.checkpoint_sha256(path, weights),
-    )
+    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, Idefics2Vision(hf_model).eval(),
+                       base.decoder_from(text, hf_model.model.text_model, hf_model.lm_head), context_length=context)

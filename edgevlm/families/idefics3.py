@@ -78,15 +78,4 @@ def load(path: Path, config_json: dict, dtype: str = "float32"):
     hf_model = getattr(transformers, spec.architecture).from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
     config = hf_model.config
     decoder = base.decoder_from(config.text_config, hf_model.model.text_model, hf_model.lm_head)
-    return base.LoadedCheckpoint(
-        spec=spec,
-        path=path,
-        hf_model=hf_model,
-        vision=Idefics3Vision(hf_model).eval(),
-        decoder=decoder,
-        tokenizer=tokenizer,
-        chat_template=base.read_chat_template(path, tokenizer),
-        stop_token_ids=base.stop_ids(path, config_json, tokenizer, spec.stop_tokens),
-        context_length=int(config.text_config.max_position_embeddings),
-        source_sha256=base.checkpoint_sha256(path, weights),
-    )
+    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, Idefics3Vision(hf_model).eval(), decoder)

@@ -108,15 +108,4 @@ def load(path: Path, config_json: dict, dtype: str = "float32"):
         raise CheckpointError(f"the vision tower makes {vision.side**2 // vision.shrink**2} tokens per tile, config.json "
                               f"says {spec.tokens_per_tile}; re-save the checkpoint")
     decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
-    return base.LoadedCheckpoint(
-        spec=spec,
-        path=path,
-        hf_model=hf_model,
-        vision=vision,
-        decoder=decoder,
-        tokenizer=tokenizer,
-        chat_template=base.read_chat_template(path, tokenizer),
-        stop_token_ids=base.stop_ids(path, config_json, tokenizer, spec.stop_tokens),
-        context_length=int(config.text_config.max_position_embeddings),
-        source_sha256=base.checkpoint_sha256(path, weights),
-    )
+    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, vision, decoder)

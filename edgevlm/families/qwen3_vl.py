@@ -74,15 +74,5 @@ def load(path: Path, config_json: dict, dtype: str = "float32"):
     if rotary is not None and [int(v) for v in rotary] != list(spec.mrope_section or ()):
         raise CheckpointError(f"transformers rotates M-RoPE sections {list(rotary)} but config.json reads as "
                               f"{spec.mrope_section}; re-save the checkpoint")
-    return base.LoadedCheckpoint(
-        spec=spec,
-        path=path,
-        hf_model=hf_model,
-        vision=Qwen3VisionEncoder(hf_model).eval(),
-        decoder=decoder,
-        tokenizer=tokenizer,
-        chat_template=base.read_chat_template(path, tokenizer),
-        stop_token_ids=base.stop_ids(path, config_json, tokenizer, spec.stop_tokens),
-        context_length=int(config.text_config.max_position_embeddings),
-        source_sha256=base.checkpoint_sha256(path, weights),
-    )
+    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, Qwen3VisionEncoder(hf_model).eval(),
+                       decoder)
