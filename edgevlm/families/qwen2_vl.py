@@ -118,21 +118,26 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
 
 
 def load(path: Path, config_json: dict, dtype: str = "float32"):
+    from .qwen2_vl_vision import QwenVisionEncoder
+
+    return load_qwen_vl(path, config_json, dtype, describe, QwenVisionEncoder)
+
+
+def load_qwen_vl(path: Path, config_json: dict, dtype: str, describe_checkpoint, vision_class):
+    """The Qwen-VL line's load (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): the family's describe() and vision module, one
+    check that transformers' rotary reads the M-RoPE sections as config.json does."""
     import transformers
     from transformers import AutoTokenizer
 
     from . import base
-    from .qwen2_vl_vision import QwenVisionEncoder
 
     weights = base.check_files(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    spec = describe(config_json, base.read_processor_config(path), Vocabulary.from_tokenizer(tokenizer))
+    spec = describe_checkpoint(config_json, base.read_processor_config(path), Vocabulary.from_tokenizer(tokenizer))
     hf_model = getattr(transformers, spec.architecture).from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
-    config = hf_model.config
-    decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
+    decoder = base.decoder_from(hf_model.config.text_config, hf_model.model.language_model, hf_model.lm_head)
     rotary = getattr(decoder.model.rotary_emb, "mrope_section", None)  # what transformers' rotary made of config.json
     if rotary is not None and [int(v) for v in rotary] != list(spec.mrope_section or ()):
         raise CheckpointError(f"transformers rotates M-RoPE sections {list(rotary)} but config.json reads as "
                               f"{spec.mrope_section}; re-save the checkpoint")
-    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, QwenVisionEncoder(hf_model).eval(),
-                       decoder)
+    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, vision_class(hf_model).eval(), decoder)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..layout import ImageLayout
-from .qwen2_vl import DELIMITERS, IMAGE_TOKEN, IMAGE_TOKEN_ID, preprocess_spec
+from .qwen2_vl import DELIMITERS, IMAGE_TOKEN, IMAGE_TOKEN_ID, load_qwen_vl, preprocess_spec
 from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, text_config
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
@@ -58,21 +58,6 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
 
 
 def load(path: Path, config_json: dict, dtype: str = "float32"):
-    import transformers
-    from transformers import AutoTokenizer
-
-    from . import base
     from .qwen3_vl_vision import Qwen3VisionEncoder
 
-    weights = base.check_files(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    spec = describe(config_json, base.read_processor_config(path), Vocabulary.from_tokenizer(tokenizer))
-    hf_model = getattr(transformers, spec.architecture).from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
-    config = hf_model.config
-    decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
-    rotary = getattr(decoder.model.rotary_emb, "mrope_section", None)  # what transformers' rotary made of config.json
-    if rotary is not None and [int(v) for v in rotary] != list(spec.mrope_section or ()):
-        raise CheckpointError(f"transformers rotates M-RoPE sections {list(rotary)} but config.json reads as "
-                              f"{spec.mrope_section}; re-save the checkpoint")
-    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, Qwen3VisionEncoder(hf_model).eval(),
-                       decoder)
+    return load_qwen_vl(path, config_json, dtype, describe, Qwen3VisionEncoder)
