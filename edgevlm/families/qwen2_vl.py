@@ -85,13 +85,9 @@ def mmproj_refusal(shape: dict, gated: bool, width: int, mlp: int) -> str | None
     return None
 
 
-def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
-    architecture = next((a for a in config.get("architectures") or [] if a in ARCHITECTURES), ARCHITECTURES[0])
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
-    merge, patch = int(shape["spatial_merge_size"]), int(shape["patch_size"])
-    gated = architecture == "Qwen2_5_VLForConditionalGeneration"  # 2.5: SwiGLU MLP at intermediate_size
-    width = int(shape["hidden_size"] if gated else shape["embed_dim"])
-    mlp = int(shape["intermediate_size"]) if gated else width * int(shape["mlp_ratio"])
+def image_token(config: dict, tokenizer: Vocabulary) -> int:
+    """The Qwen-VL line's image token id from config.json, checked against the tokenizer's table (with the vision
+    delimiters the chat template writes) where the checkpoint has one."""
     image_token_id = int(config.get("image_token_id") or IMAGE_TOKEN_ID)
     if tokenizer.known:
         for token in (IMAGE_TOKEN, *DELIMITERS):
@@ -100,6 +96,17 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         if tokenizer.id_of(IMAGE_TOKEN) != image_token_id:
             raise CheckpointError(f"config.json's image_token_id {image_token_id} is not the tokenizer's {IMAGE_TOKEN} "
                                   f"({tokenizer.id_of(IMAGE_TOKEN)}); the files do not belong together")
+    return image_token_id
+
+
+def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
+    architecture = next((a for a in config.get("architectures") or [] if a in ARCHITECTURES), ARCHITECTURES[0])
+    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    merge, patch = int(shape["spatial_merge_size"]), int(shape["patch_size"])
+    gated = architecture == "Qwen2_5_VLForConditionalGeneration"  # 2.5: SwiGLU MLP at intermediate_size
+    width = int(shape["hidden_size"] if gated else shape["embed_dim"])
+    mlp = int(shape["intermediate_size"]) if gated else width * int(shape["mlp_ratio"])
+    image_token_id = image_token(config, tokenizer)
     text = text_config(config)
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     refusal = mmproj_refusal(shape, gated, width, mlp)

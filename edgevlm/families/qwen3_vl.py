@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..layout import ImageLayout
-from .qwen2_vl import DELIMITERS, IMAGE_TOKEN, IMAGE_TOKEN_ID, load_qwen_vl, preprocess_spec
+from .qwen2_vl import IMAGE_TOKEN, image_token, load_qwen_vl, preprocess_spec
 from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, text_config
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
@@ -27,14 +27,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
     merge, patch = int(shape["spatial_merge_size"]), int(shape["patch_size"])
     deepstack = [int(i) for i in shape["deepstack_visual_indexes"]]
-    image_token_id = int(config.get("image_token_id") or IMAGE_TOKEN_ID)
-    if tokenizer.known:
-        for token in (IMAGE_TOKEN, *DELIMITERS):
-            if tokenizer.id_of(token) is None:
-                raise CheckpointError(f"the tokenizer lacks {token!r}; re-save the checkpoint's tokenizer")
-        if tokenizer.id_of(IMAGE_TOKEN) != image_token_id:
-            raise CheckpointError(f"config.json's image_token_id {image_token_id} is not the tokenizer's {IMAGE_TOKEN} "
-                                  f"({tokenizer.id_of(IMAGE_TOKEN)}); the files do not belong together")
+    image_token_id = image_token(config, tokenizer)
     text = text_config(config)
     n_layers = int(text.get("num_hidden_layers", 32))
     if len(deepstack) > n_layers or any(not 0 <= i < int(shape["depth"]) for i in deepstack):
