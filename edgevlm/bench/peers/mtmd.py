@@ -18,6 +18,7 @@ from ...errors import BundleError
 from ...mmproj_header import check_mmproj
 from ...runtimes.base import Segment
 from ...runtimes.llamacpp import DEFAULT_N_BATCH, ContextSettings, LlamaContext, LlamaModel
+from ...runtimes.llamacpp.model import FreedWhenCollected
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def image_token_bounds(details: dict) -> tuple[int, int] | None:
     return int(details["image_min_tokens"]), int(details["image_max_tokens"])
 
 
-class MtmdPipeline:
+class MtmdPipeline(FreedWhenCollected):
     def __init__(self, decoder_gguf: str | Path, mmproj: str | Path, n_ctx: int = 4096, threads: int | None = None,
                  n_batch: int = DEFAULT_N_BATCH, parity: bool = False, image_tokens: tuple[int, int] | None = None):
         """parity: flash attention off in the vision encoder and the decoder, f32 KV (as edgevlm's parity mode).
@@ -263,9 +264,3 @@ class MtmdPipeline:
             self._mtmd.mtmd_free(self.mctx)
             self._free_llama()
             self.mctx = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: the library may already be gone
-            pass

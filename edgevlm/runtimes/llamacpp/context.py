@@ -18,7 +18,7 @@ import numpy as np
 from ...backends import thread_count
 from ...errors import BackendUnavailableError, BadInputError, BundleError
 from ..base import BatchedContext, Segment, chunks
-from .model import LlamaModel
+from .model import FreedWhenCollected, LlamaModel
 from .sequence import LlamaSequence
 
 DEFAULT_N_CTX = 4096  # unless --n-ctx says otherwise: the KV cache is allocated whole at load
@@ -56,7 +56,7 @@ class ContextSettings:
             raise BadInputError(f"image_attention {self.image_attention!r}: llama.cpp runs 'causal' or 'bidirectional'")
 
 
-class LlamaContext(BatchedContext):
+class LlamaContext(BatchedContext, FreedWhenCollected):
     """n_seq sequences in one KV pool of n_ctx cells that any sequence may fill (not n_ctx / n_seq each); only one
     thread at a time may call it, as for any llama.cpp context."""
 
@@ -274,9 +274,3 @@ class LlamaContext(BatchedContext):
             lib.llama_batch_free(self._many)
             lib.llama_free(self.pointer)
             self.pointer = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: the library may already be gone
-            pass

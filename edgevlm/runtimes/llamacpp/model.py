@@ -22,7 +22,20 @@ def _n_embd_inp(llama_cpp, pointer, n_embd: int) -> int:
     return int(function(pointer))
 
 
-class LlamaModel:
+class FreedWhenCollected:
+    """close() frees native llama.cpp memory; an object dropped without it is freed when collected."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass
+
+
+class LlamaModel(FreedWhenCollected):
     def __init__(self, gguf_path: str | Path, artifact_id: str | None = None):
         llama_cpp = require_llama_cpp()
         self.lib = llama_cpp
@@ -65,9 +78,3 @@ class LlamaModel:
         if getattr(self, "pointer", None):
             self.lib.llama_model_free(self.pointer)
             self.pointer = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: the library may already be gone
-            pass
