@@ -151,6 +151,8 @@ def test_planner_describes_the_preset_and_counts_the_bridge(tmp_path, monkeypatc
 
     big = from_preset("idefics2-8b")
     assert (big.family, big.layout.tokens_per_tile, big.preprocess.longest_edge) == ("idefics2", 64, 980)
+    # Mistral's 4,096-token window on the llama row (every layer global): the context stops there, as load() does
+    assert big.decoder.context_length == 4096 and from_preset("qwen2-vl-2b").decoder.context_length == 32768
     small = replace(presets.PRESETS["idefics2-8b"], text_hidden=64, text_layers=1, text_heads=4, text_kv_heads=2,
                     text_mlp=128, vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64, resampler_depth=2,
                     resampler_heads=2, resampler_head_dim=16, resampler_kv_heads=1, image=56, shortest_edge=28)

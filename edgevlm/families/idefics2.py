@@ -12,7 +12,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name
-from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row
+from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row, usable_context
 
 ARCHITECTURES = ("Idefics2ForConditionalGeneration",)
 END_OF_UTTERANCE = "<end_of_utterance>"
@@ -81,8 +81,6 @@ def load(path: Path, config_json: dict, dtype: str = "float32"):
     spec = describe(config_json, base.read_processor_config(path), Vocabulary.from_tokenizer(tokenizer))
     hf_model = Idefics2ForConditionalGeneration.from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
     text = hf_model.config.text_config
-    # Mistral's sliding window is not in the llama row: the context stops where the window would start to matter
-    window = getattr(text, "sliding_window", None)
-    context = min(int(text.max_position_embeddings), int(window) if window else 1 << 62)
+    context = usable_context(text.to_dict(), spec.decoder_architecture, text.max_position_embeddings)
     return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, Idefics2Vision(hf_model).eval(),
                        base.decoder_from(text, hf_model.model.text_model, hf_model.lm_head), context_length=context)

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import BadInputError, CheckpointError
 from ..families import describe
 from ..families.files import read_config, read_processor_config, read_vocabulary
-from ..families.spec import FamilySpec, text_config
+from ..families.spec import FamilySpec, text_config, usable_context
 from ..layout import ImageLayout
 from ..manifest import DecoderSpec
 from ..preprocess import PreprocessSpec
@@ -131,10 +131,12 @@ def from_preset(name: str) -> ModelShapes:
     tied = getattr(shape, "tied", False)
     head_dim = getattr(shape, "head_dim", None) or shape.text_hidden // shape.text_heads
     config = preset_files(shape)[0]
-    local = _local_attention(text_config(config), shape.text_layers) if arch.name == "gemma3" else {}
+    text = text_config(config)
+    local = _local_attention(text, shape.text_layers) if arch.name == "gemma3" else {}
     decoder = DecoderSpec(architecture=arch.name, hidden_size=shape.text_hidden, n_layers=shape.text_layers,
                           n_heads=shape.text_heads, n_kv_heads=shape.text_kv_heads, head_dim=head_dim,
-                          intermediate_size=shape.text_mlp, vocab_size=shape.vocab, context_length=shape.context,
+                          intermediate_size=shape.text_mlp, vocab_size=shape.vocab,
+                          context_length=usable_context(text, arch.name, shape.context),
                           rms_norm_eps=1e-5, rope_theta=shape.rope_theta, tie_word_embeddings=tied, **local)
     tensors = budget.llama_decoder_tensors(shape.text_hidden, shape.text_layers, shape.text_heads, shape.text_kv_heads,
                                            head_dim, shape.text_mlp, shape.vocab, tied, arch.bias_tensors)
@@ -293,7 +295,8 @@ def _checkpoint_decoder(config: dict, spec: FamilySpec, shapes: dict):
     decoder = DecoderSpec(
         architecture=arch.name, hidden_size=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=head_dim, intermediate_size=shapes[f"{prefix}layers.0.mlp.gate_proj.weight"][1][0],
-        vocab_size=vocab, context_length=int(text.get("max_position_embeddings", defaults["max_position_embeddings"])),
+        vocab_size=vocab, context_length=usable_context(text, arch.name, text.get("max_position_embeddings",
+                                                                                defaults["max_position_embeddings"])),
         rms_norm_eps=float(text.get("rms_norm_eps", defaults["rms_norm_eps"])),
         rope_theta=float(rope.get("rope_theta", text.get("rope_theta", defaults["rope_theta"]))),
         tie_word_embeddings=not heads, **local)

@@ -71,7 +71,8 @@ def preset_files(shape) -> tuple[dict, dict, Vocabulary]:
     if isinstance(shape, Idefics2Shape):
         config = {"architectures": ["Idefics2ForConditionalGeneration"], "image_token_id": 32001,
                   "vision_config": dict(tower, image_size=shape.image, patch_size=shape.patch),
-                  "perceiver_config": {"resampler_n_latents": shape.latents}, "text_config": {"model_type": "mistral"}}
+                  "perceiver_config": {"resampler_n_latents": shape.latents},
+                  "text_config": {"model_type": "mistral", "sliding_window": shape.sliding_window}}
         processor = {"size": {"shortest_edge": shape.shortest_edge, "longest_edge": shape.image}, "resample": 2,
                      "do_image_splitting": False, "image_seq_len": shape.latents}
         return config, processor, _vocabulary(IDEFICS2_SPECIAL_IDS)
