@@ -27,7 +27,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("idefics2-export")
     ckpt_path = builders.build_idefics2(root / "ckpt", seed=21, splitting=True)
     bundle = export_checkpoint(ckpt_path, root / "bundle", [ArtifactRequest("onnx", p) for p in ("fp32", "fp16", "int8")],
-                               [ArtifactRequest("gguf", "f32")], max_tiles=8)
+                               [ArtifactRequest("gguf", "f32"), ArtifactRequest("mlx", "fp32")], max_tiles=8)
     return ckpt_path, bundle, load_checkpoint(ckpt_path)
 
 
@@ -73,6 +73,29 @@ def test_bundle_greedy_tokens_equal_model_generate(exported):
             out = ckpt.hf_model.generate(**hf, max_new_tokens=12, do_sample=False)
         expected = out[0, hf["input_ids"].shape[1]:].tolist()
         assert session.generate(image, prompt, max_tokens=12, stop_token_ids=[]).tokens == expected
+
+
+def test_two_images_through_the_bundle_equal_model_generate_on_gguf_and_mlx(exported):
+    """Two images of different sizes (tiles split and padded, 2 x 5 x 64 rows): the F32 GGUF and the fp32 MLX decoder
+    give model.generate's greedy tokens, and their logits agree with the torch reference to NMSE <= 1e-5."""
+    from edgevlm.verify import DECODER_NMSE, nmse
+
+    ckpt_path, bundle, ckpt = exported
+    processor = AutoProcessor.from_pretrained(ckpt_path)
+    pair = [random_image(30, 60, 40), random_image(31, 30, 90)]
+    prompt = "Compare <image> and <image> now."
+    options = dict(max_tokens=12, stop_token_ids=[], return_logits=True)
+    reference = edgevlm.load(ckpt_path).generate(pair, prompt, **options)
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    hf = processor(images=[pair], text=[session.render([session.user_message(prompt, 2)])], return_tensors="pt")
+    ckpt.hf_model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        expected = ckpt.hf_model.generate(**hf, max_new_tokens=12, do_sample=False)[0, hf["input_ids"].shape[1]:]
+    assert reference.tokens == expected.tolist()
+    for decoder in ("gguf:f32", "mlx:fp32"):
+        ours = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1).generate(pair, prompt, **options)
+        assert ours.tokens == reference.tokens, decoder
+        assert nmse(np.stack(ours.logits), np.stack(reference.logits)) <= DECODER_NMSE, decoder
 
 
 def test_verify_passes_what_random_weights_can_judge(exported):
