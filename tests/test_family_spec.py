@@ -175,3 +175,28 @@ def test_inspect_reads_the_description(ckpts, described, capsys):
     assert summary["image_layout"] == expected["image_layout"] and summary["vision"] == expected["vision"]
     assert summary["image_attention"] == "causal" and summary["mmproj"] == expected["mmproj_projector"] == "internvl"
     assert summary["decoder"]["architecture"] == expected["decoder_architecture"] == "qwen2"
+
+
+def test_support_table_covers_every_family_and_names_real_decoder_rows(capsys):
+    """`inspect --supported` lists every family FAMILIES routes to, with its bridge, decoder rows that exist in
+    decoder_arch, its llama.cpp projector (or why none) and what it refuses; the README names every family."""
+    import json
+    from pathlib import Path
+
+    from edgevlm.cli import main
+    from edgevlm.decoder_arch import ARCHITECTURES
+    from edgevlm.families import FAMILIES
+    from edgevlm.families.support import FamilySupport, support_rows
+
+    rows = support_rows()
+    assert set(rows) == set(FAMILIES.values())
+    assert all(set(r.decoder_rows) <= set(ARCHITECTURES) for r in rows.values()), rows
+    with pytest.raises(ValueError, match="leaves a field empty"):
+        FamilySupport("x", "x", "", ("llama",), "mlp", "-")
+    assert main(["inspect", "--supported", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["family"] for r in info["support"]} == set(FAMILIES.values())
+    assert main(["inspect", "--supported"]) == 0
+    assert "Perceiver" in capsys.readouterr().out
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert all(f"family `{name}`" in readme for name in rows), "a family is missing from the README's status table"

@@ -100,10 +100,14 @@ def bundle_summary(path: Path) -> dict:
 
 def supported() -> dict:
     from ..decoder_arch import ARCHITECTURES
+    from dataclasses import asdict
+
     from ..families import FAMILIES
+    from ..families.support import SUPPORT
 
     return {
         "families": [{"architecture": a, "family": f} for a, f in FAMILIES.items()],
+        "support": [{**asdict(row), "decoder_rows": list(row.decoder_rows)} for row in SUPPORT],
         "decoders": [{"name": r.name, "hf_model_types": list(r.hf_model_types), "hf_class": r.hf_class,
                       "gguf_arch": r.gguf_arch_name(), "permute_qk": r.permute_qk, "bias_tensors": list(r.bias_tensors),
                       "mlx_model_type": r.mlx_model_type, "position_schemes": list(r.position_schemes)}
@@ -123,6 +127,9 @@ def main(args) -> int:
         else:
             table("checkpoint architectures", ["architecture (config.json)", "family"],
                   [(f["architecture"], f["family"]) for f in info["families"]])
+            table("families", ["family", "models", "bridge", "decoder rows", "llama.cpp mmproj", "refused"],
+                  [(r["family"], r["models"], r["bridge"], ", ".join(r["decoder_rows"]), r["mmproj"], r["refused"])
+                   for r in info["support"]])
             table("decoder architectures", ["row", "text model_type", "HF class", "GGUF arch", "Q/K permuted",
                                             "biases (F32)", "MLX model", "positions"],
                   [(d["name"], ", ".join(d["hf_model_types"]), d["hf_class"], d["gguf_arch"], d["permute_qk"],
