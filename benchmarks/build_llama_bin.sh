@@ -56,7 +56,11 @@ nice -n "$NICE" cmake --build "$WORK/build" --target "${TARGETS[@]}" -j"$JOBS" >
 # moved in whole, so an interrupted build leaves no half folder behind
 mkdir -p "$WORK/out"
 for t in "${TARGETS[@]}"; do cp "$WORK/build/bin/$t" "$WORK/out/"; done
-printf 'version=%s\nisa=%s\ntargets=%s\nwheel_key=%s\nllama_cpp=%s\n' "$VERSION" "$ISA" "${TARGETS[*]}" "$KEY_FILE" \
-  "$("$WORK/out/llama-server" --version 2>&1 | grep -m1 -i version || true)" > "$WORK/out/KEY"
+# the sdist carries no git metadata (the binaries say "commit unknown"): its changelog names the vendored commit
+tar xzf "$WORK/llama_cpp_python-$VERSION.tar.gz" -C "$WORK" "llama_cpp_python-$VERSION/CHANGELOG.md"
+COMMIT=$(grep -m1 -o 'ggml-org/llama.cpp@[0-9a-f]*' "$WORK/llama_cpp_python-$VERSION/CHANGELOG.md" | cut -d@ -f2 || true)
+printf 'version=%s\nisa=%s\ntargets=%s\nwheel_key=%s\nllama_cpp=%s\nllama_cpp_commit=%s\n' "$VERSION" "${ISA# }" \
+  "${TARGETS[*]}" "$(basename "$(dirname "$KEY_FILE")")" \
+  "$("$WORK/out/llama-server" --version 2>&1 | grep -m1 -i version || true)" "$COMMIT" > "$WORK/out/KEY"
 rm -rf "$BIN_DIR" && mv "$WORK/out" "$BIN_DIR"
 echo "$BIN_DIR"

@@ -108,8 +108,13 @@ def server_command(bundle: Path, binary: Path, port: int) -> list[str]:
             "--cache-type-v", "f32", "--no-webui"]
 
 
-def ask_server(command: list[str], port: int, image_url: str, tokens: int, timeout: float, log: Path) -> dict:
-    """Start llama-server, wait for /health, ask one chat question, stop it. Whatever happens, the server is killed."""
+MEDIA = "\x00media\x00"  # where the image goes in a raw prompt: replaced by the server's own marker
+
+
+def ask_server(command: list[str], port: int, image_url: str, tokens: int, timeout: float, log: Path,
+               raw_prompt: str) -> dict:
+    """Start llama-server, wait for /health, ask one chat question, then the same as a raw /completion prompt laid
+    out as edgevlm lays it out (MEDIA where the image goes), stop it. Whatever happens, the server is killed."""
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                              {"type": "text", "text": QUESTION}]}]
     base = f"http://127.0.0.1:{port}"
@@ -140,6 +145,14 @@ def ask_server(command: list[str], port: int, image_url: str, tokens: int, timeo
         except (RuntimeError, urllib.error.URLError, OSError) as exc:
             return {**out, "answered": False, "error": str(exc)}
         choice = answer["choices"][0]
+        try:
+            raw = post(f"{base}/completion", {
+                "prompt": {"prompt_string": raw_prompt.replace(MEDIA, out["media_marker"]),
+                           "multimodal_data": [image_url.split(",", 1)[1]]},
+                "n_predict": tokens, "temperature": 0, "return_tokens": True}, max(deadline - time.monotonic(), 5))
+            out["raw"] = {"tokens": raw["tokens"], "text": raw["content"]}
+        except (RuntimeError, urllib.error.URLError, OSError) as exc:
+            out["raw"] = {"error": str(exc)}
         return {**out, "answered": True, "seconds": round(time.perf_counter() - start, 2),
                 "text": choice["message"]["content"], "finish_reason": choice["finish_reason"],
                 "tokens": answer["__verbose"]["tokens"],
@@ -179,7 +192,7 @@ def until_stop(tokens: list[int], stops: set[int]) -> list[int]:
 
 def check_family(family: Family, binary: Path, tokens: int, timeout: float, work: Path) -> dict:
     import edgevlm
-    from edgevlm.bench.peers.mtmd import MTMD_IMAGE_WRAPPERS, MtmdPipeline, image_token_bounds
+    from edgevlm.bench.peers.mtmd import MTMD_IMAGE_WRAPPERS, MtmdPipeline, image_token_bounds, media_prompt
     from edgevlm.manifest import Manifest
     from edgevlm.runtimes.prompt import prepare_image
 
@@ -204,10 +217,15 @@ def check_family(family: Family, binary: Path, tokens: int, timeout: float, work
     port = free_port()
     command = server_command(bundle, binary, port)
     row["server_command"] = shlex.join(["llama-server", *command[1:]]).replace(str(bundle), "BUNDLE")
-    server = ask_server(command, port, url, tokens, timeout, work / "llama-server.log")
+    ours_text = session.render([session.user_message(QUESTION, 1)])
+    raw_prompt = media_prompt(ours_text, manifest.image_layout.placeholder, family.projector, MEDIA)
+    server = ask_server(command, port, url, tokens, timeout, work / "llama-server.log", raw_prompt)
     row["server"] = server
     if server["answered"]:
         server["tokens"] = until_stop(server["tokens"], stops)
+        if "tokens" in server["raw"]:
+            server["raw"]["tokens"] = until_stop(server["raw"]["tokens"], stops)
+            row["raw_tokens_equal"] = server["raw"]["tokens"] == row["edgevlm"]["tokens"]
     else:
         row["server_log_tail"] = (work / "llama-server.log").read_text(errors="replace")[-1500:]
         return row
@@ -234,8 +252,7 @@ def check_family(family: Family, binary: Path, tokens: int, timeout: float, work
         first = next((i for i, (a, b) in enumerate(zip(laid_out, ids)) if a != b), min(len(laid_out), len(ids)))
         row["prompt_difference"] = {"position": first, "server": laid_out[max(first - 2, 0):first + 6],
                                     "edgevlm": ids[max(first - 2, 0):first + 6],
-                                    "server_text": server["prompt"], "edgevlm_text": session.render(
-                                        [session.user_message(QUESTION, 1)])}
+                                    "server_text": server["prompt"], "edgevlm_text": ours_text}
     row["tokens_equal"] = server["tokens"] == row["edgevlm"]["tokens"]
     row["server_equals_mtmd"] = server["tokens"] == mtmd_tokens
     prompt, raw, reference = QUESTION, False, row["edgevlm"]["tokens"]
@@ -272,27 +289,32 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def explain(row: dict) -> str:
-    """What the measurements say about a difference (empty where the tokens are equal)."""
-    if row["tokens_equal"]:
-        return ""
+    """What the measurements say: where llama-server's prompt differs from edgevlm's, and why the tokens differ."""
     parts = []
     if not row["prompt_equal"]:
         diff = row["prompt_difference"]
+        server_text = diff["server_text"].replace(row["server"]["media_marker"], "<__media__>")
         parts.append(f"llama-server's prompt (the GGUF's chat template rendered by llama.cpp over the request's content "
                      f"flattened to one string, the image laid out by mtmd) differs from edgevlm's at token "
-                     f"{diff['position']}: {diff['server']} vs {diff['edgevlm']}")
+                     f"{diff['position']} ({diff['server']} vs {diff['edgevlm']}): it renders "
+                     f"{json.dumps(server_text)} where edgevlm renders {json.dumps(diff['edgevlm_text'])}")
         on_prompt = row.get("edgevlm_on_server_prompt")
         if on_prompt is None:
-            parts.append("edgevlm cannot lay llama-server's prompt out with the same ids (the image's own tokens differ)")
+            parts.append("edgevlm cannot lay llama-server's prompt text out with llama-server's ids (edgevlm's image "
+                         "layout writes its own text around the image)")
         else:
             same = on_prompt["tokens"] == row["server"]["tokens"]
-            parts.append(f"on llama-server's prompt text edgevlm gives {'the same' if same else 'other'} tokens")
-    parts.append(f"llama-server's tokens {'equal' if row['server_equals_mtmd'] else 'differ from'} libmtmd's "
-                 "in-process tokens on the same prompt")
-    if "edgevlm_on_mtmd_rows" in row:
-        same = row["edgevlm_on_mtmd_rows"]["tokens"] == row["server"]["tokens"]
-        parts.append(f"the image rows differ (f16 mmproj vs ONNX fp32 encoder, cosine {row['rows_cosine']:.6f}); given "
-                     f"libmtmd's rows, edgevlm's decoder gives {'the same' if same else 'other'} tokens")
+            parts.append(f"on llama-server's prompt text, edgevlm gives {'the same' if same else 'other'} tokens")
+    if "raw_tokens_equal" in row and not row["prompt_equal"]:
+        parts.append(f"sent edgevlm's prompt as a raw /completion prompt, llama-server gives "
+                     f"{'the same' if row['raw_tokens_equal'] else 'other'} tokens as edgevlm")
+    if not row["tokens_equal"]:
+        parts.append(f"llama-server's tokens {'equal' if row['server_equals_mtmd'] else 'differ from'} libmtmd's "
+                     "in-process tokens on the same prompt")
+        if "edgevlm_on_mtmd_rows" in row:
+            same = row["edgevlm_on_mtmd_rows"]["tokens"] == row["server"]["tokens"]
+            parts.append(f"the image rows differ (f16 mmproj vs ONNX fp32 encoder, cosine {row['rows_cosine']:.6f}); "
+                         f"given libmtmd's rows, edgevlm's decoder gives {'the same' if same else 'other'} tokens")
     return "; ".join(parts)
 
 
@@ -324,7 +346,17 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--server-timeout", type=float, default=180)
     parser.add_argument("--out", default=OUT)
+    parser.add_argument("--render", action="store_true", help="only rewrite report.md from report.json")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.render:
+        report = json.loads((out / "report.json").read_text())
+        for row in report["rows"]:
+            if "tokens_equal" in row:
+                row["explanation"] = explain(row)
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "report.md").write_text(render_md(report))
+        return 0
     folder = args.bin or subprocess.run([str(ROOT / "benchmarks/build_llama_bin.sh"), "--print"], capture_output=True,
                                         text=True).stdout.strip()
     binary = Path(folder) / "llama-server"
@@ -334,7 +366,6 @@ def main() -> int:
     unknown = set(wanted) - {f.name for f in FAMILIES}
     if unknown:
         raise SystemExit(f"unknown families {sorted(unknown)}: {', '.join(f.name for f in FAMILIES)}")
-    out = Path(args.out)
     previous = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {"rows": []}
     rows = {row["family"]: row for row in previous["rows"]}
     for family in (f for f in FAMILIES if f.name in wanted):

@@ -1,6 +1,7 @@
 """Serving side by side: llama.cpp's llama-server and `edgevlm serve`, one at a time on 127.0.0.1, with the same
 decoder GGUF and edgevlm's mmproj (llama-server), the same threads, context and slots, driven by the official `openai`
-client with streaming.
+client with streaming. llama-server runs with --kv-unified: its slots share one KV pool of n_ctx positions, as
+edgevlm's do.
 
     .venv/bin/python benchmarks/serve_vs_llama_server.py BUNDLE [--bin DIR] [--threads 2] [--slots 4] [--n-ctx 4096]
         [--max-tokens 48] [--encoder onnx:int8] [--decoder gguf:q8_0] [--workloads a,b,c,d] [--scale 1] [--out DIR]
@@ -9,13 +10,14 @@ Workloads (each on a freshly started server, so its peak RSS is its own):
   a1/a4/a8  1, 4 and 8 clients, every request about a fresh image
   b         4 clients sharing 4 images
   c         users holding 3-turn conversations about their own image, 2 more users than slots (eviction); turn 1
-            and turns 2-3 reported apart (a returning user's TTFT)
+            and turns 2-3 reported apart (a returning user's TTFT); the assistant turns sent back are one fixed
+            sentence, so both servers get the same prompts
   d         a burst of 3 x slots requests at once (refusals counted: 429s)
 Per server and workload: aggregate completion tok/s (completion tokens from the stream's usage / wall time), TTFT
 p50/p95, inter-token gap p95 (between streamed chunks), peak RSS (VmHWM of the server process), failures, 429s.
 --scale multiplies the request counts (0.25 for a short run). Bounded: every request has a timeout, every workload a
 deadline, and every server is killed by its own process id. Images are seeded noise at --image-size. Writes
-serve-vs-llama-server.json and .md (command, date, commit, CPU, flags, both servers' versions) under --out."""
+report.json and report.md (command, date, commit, CPU, flags, both servers' versions) under --out."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +45,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Describe the image in detail."
 FOLLOW_UPS = ("What colours are there?", "Anything else?")
+# the assistant turns a conversation sends back: a fixed sentence, not the answer (a random-weight model's answer
+# re-tokenizes into hundreds of tokens, and the two servers' prompts would differ)
+ASSISTANT_TURN = "The image shows a few coloured shapes on a plain background."
 
 
 @dataclass
@@ -192,7 +197,7 @@ def run_workload(port: int, work: Workload, max_tokens: int, size: tuple[int, in
             if work.images == "own":
                 if not outcome.ok:
                     break
-                history.append({"role": "assistant", "content": outcome.text})
+                history.append({"role": "assistant", "content": ASSISTANT_TURN})
         return out
 
     start = time.perf_counter()
@@ -232,7 +237,9 @@ def commands(args, manifest, bundle: Path, port: int) -> dict[str, list[str]]:
     return {
         "llama-server": [str(Path(args.bin) / "llama-server"), "-m", str(decoder), "--mmproj", str(bundle / mmproj.path),
                          *bounds, "--threads", threads, "--threads-batch", threads, "--ctx-size", ctx, "--parallel",
-                         slots, "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
+                         # one KV pool of n_ctx positions shared by the slots, as edgevlm's (without it each slot
+                         # gets n_ctx / slots, and a 3-turn conversation overflows its slot)
+                         slots, "--kv-unified", "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
         "edgevlm serve": [sys.executable, "-m", "edgevlm", "serve", str(bundle), "--encoder", args.encoder, "--decoder",
                           args.decoder, "--threads", threads, "--n-ctx", ctx, "--parallel", slots, "--host",
                           "127.0.0.1", "--port", str(port)]}
@@ -248,6 +255,8 @@ def render_md(report: dict) -> str:
     fmt = lambda v, digits=0: "-" if v is None else f"{v:,.{digits}f}"  # noqa: E731
     for name, per_server in report["workloads"].items():
         for server, m in per_server.items():
+            if server == "_run":
+                continue
             if "error" in m:
                 lines.append(f"| {name} | {server} | - | - | - | - | - | - | - | - | - ({m['error'][:80]}) |")
                 continue
@@ -262,17 +271,19 @@ def write_report(args, bundle: Path, wanted: list[Workload], results: dict, out:
     from edgevlm.machine import cpu_flags, cpu_model, source_commit
 
     version = subprocess.run([str(Path(args.bin) / "llama-server"), "--version"], capture_output=True, text=True)
-    report = {"command": shlex.join(["python", *sys.argv]), "date": dt.datetime.now(dt.timezone.utc).isoformat(
-              timespec="seconds"), "commit": source_commit(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+    commands = dict.fromkeys(w["_run"]["command"] for w in results.values() if "_run" in w)
+    report = {"command": " ; ".join(commands) or shlex.join(["python", *sys.argv]),
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": source_commit(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
               "bundle": str(bundle), "versions": {
                   "llama-server": " ".join((version.stdout + version.stderr).split())[:120],
                   "edgevlm serve": source_commit()},
               "setup": f"{args.threads} threads, {args.slots} slots, n_ctx {args.n_ctx}, {args.max_tokens} new tokens, "
                        f"{args.image_size} images; llama-server: {args.decoder} + {args.mmproj}; edgevlm serve: "
                        f"{args.encoder} + {args.decoder}; scale {args.scale}",
-              "workload_defs": [vars(w) for w in wanted], "workloads": results}
-    (out / "serve-vs-llama-server.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "serve-vs-llama-server.md").write_text(render_md(report))
+              "workload_defs": [vars(w) for w in workloads(args.slots, args.scale).values() if w.name in results],
+              "workloads": results}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(render_md(report))
 
 
 def main() -> int:
@@ -296,6 +307,8 @@ def main() -> int:
     parser.add_argument("--request-timeout", type=float, default=300)
     parser.add_argument("--workload-timeout", type=float, default=600, help="no request starts after this (s)")
     parser.add_argument("--out", default="benchmarks/results/serve-vs-llama-server")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other workloads of an earlier report in --out (each records its command)")
     parser.add_argument("--log-dir", default=str(Path(tempfile.gettempdir()) / "serve-vs-llama-server-logs"),
                         help="the servers' own logs (appended)")
     args = parser.parse_args()
@@ -313,8 +326,12 @@ def main() -> int:
     logs = Path(args.log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
+    earlier = out / "report.json"
+    if args.merge and earlier.is_file():
+        results = json.loads(earlier.read_text())["workloads"]
     for index, work in enumerate(wanted):
-        results[work.name] = {}
+        results[work.name] = {"_run": {"command": shlex.join(["python", *sys.argv]),
+                                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
         for server_name in args.servers.split(","):
             port = free_port()
             command = commands(args, manifest, bundle, port)[server_name]
