@@ -129,7 +129,9 @@ SHOWN = (
     Shown("onnx-fusion/w3-int8.json", "Attention fusion A/B: W3's int8 encoder (Qwen2-VL-2B shapes, one 448x448 image, "
           "1,024 patches)", "onnx-fusion", "Measured as the fp32 run above; neither fuses the rotary attention."),
     Shown("llama-server-interop", "Stock llama.cpp: every family with an mmproj writer through a real "
-          "`llama-server --mmproj` (tiny random checkpoints)", "interop", INTEROP_NOTE),)
+          "`llama-server --mmproj` (tiny random checkpoints)", "interop", INTEROP_NOTE),
+    Shown("serve-vs-llama-server", "Serving side by side: llama-server and `edgevlm serve` on W1's bundle, a short run "
+          "(`--scale 0.25`)", "serve-vs-llama-server", SERVE_VS_NOTE),)
 
 RETIRED = (
     Retired("w1-avx512", "w1", "an earlier run of W1's command (another AMD EPYC VM), before ONNX Runtime's CPU "

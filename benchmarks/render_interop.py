@@ -24,8 +24,12 @@ SERVE_VS_NOTE = ("benchmarks/serve_vs_llama_server.py, one server at a time on 1
                  "--decoder gguf:q8_0 --max-tiles 17`; llama-server ran the q8_0 GGUF with the f16 mmproj and "
                  "`--kv-unified` (its slots share the n_ctx pool, as edgevlm's do), edgevlm serve the int8 ONNX "
                  "encoder with the same GGUF. A short run: 1 to 4 requests per client, so p95 is over few requests; "
-                 "random weights, so answers are noise (48 tokens each: no stop token came first). It ran under the "
-                 "shared test lock on a 2-core VM where other sessions' processes may have run beside it.")
+                 "random weights, so answers are noise (48 tokens each: no stop token came first). Most of edgevlm's "
+                 "TTFT lead is the encoder: mtmd encodes a 512x512 SmolVLM image as an overview and one slice with "
+                 "the f16 CLIP graph, edgevlm one tile with the int8 ONNX graph, and caches it. edgevlm's 429s in the "
+                 "burst are the refusals below capacity issue 32 names (its queue of 8 does not count free slots). "
+                 "It ran under the shared test lock on a 2-core VM where other sessions' processes may have run "
+                 "beside it.")
 
 
 def interop_table(report: dict) -> list[str]:
