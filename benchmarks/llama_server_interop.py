@@ -11,8 +11,10 @@ data URL, temperature 0) and the server stopped. Its greedy tokens are compared 
 the same GGUF through edgevlm's llama.cpp decoder, parity mode) and with llama.cpp's multimodal library in this
 process (libmtmd on the same mmproj and GGUF, given the prompt text llama-server rendered). Where they differ, what
 differs is measured: the prompt (llama-server renders the GGUF's chat template itself), or the image rows (the f16
-mmproj's encoder against edgevlm's ONNX graph: edgevlm's decoder is then given libmtmd's rows). Image sizes are ones
-where mtmd preprocesses as the HF processor does (the artifacts' notes say where it does not).
+mmproj's encoder against edgevlm's ONNX graph: edgevlm's decoder is then given libmtmd's rows). The same server also
+gets edgevlm's own prompt as a raw `/completion` request (`prompt_string` + `multimodal_data`), whose tokens are
+compared with edgevlm's. Image sizes are ones where mtmd preprocesses as the HF processor does (the artifacts' notes
+say where it does not).
 
 Writes benchmarks/results/llama-server-interop/report.json and report.md (command, date, commit, CPU, flags, the
 llama.cpp build); a run with --families replaces those families' rows and keeps the others. Bounded: a server gets
@@ -210,14 +212,13 @@ def check_family(family: Family, binary: Path, tokens: int, timeout: float, work
     session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1, parity=True)
     stops = set(session.spec.stop_token_ids)
     ours = session.generate(image, QUESTION, max_tokens=tokens)
-    ids = session.tokenize(session.render([session.user_message(QUESTION, 1)]),
-                           [prepare_image(session.spec, image, "probe")]).ids.tolist()
+    ours_text = session.render([session.user_message(QUESTION, 1)])
+    ids = session.tokenize(ours_text, [prepare_image(session.spec, image, "probe")]).ids.tolist()
     row["edgevlm"] = {"tokens": until_stop(ours.tokens, stops), "text": ours.text, "prompt_positions": len(ids)}
 
     port = free_port()
     command = server_command(bundle, binary, port)
     row["server_command"] = shlex.join(["llama-server", *command[1:]]).replace(str(bundle), "BUNDLE")
-    ours_text = session.render([session.user_message(QUESTION, 1)])
     raw_prompt = media_prompt(ours_text, manifest.image_layout.placeholder, family.projector, MEDIA)
     server = ask_server(command, port, url, tokens, timeout, work / "llama-server.log", raw_prompt)
     row["server"] = server
