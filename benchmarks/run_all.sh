@@ -13,9 +13,10 @@ mkdir -p "$WORK" benchmarks/results
 # (bundles named -mmproj carry llama.cpp's mmproj too: the bench runs llama.cpp's own multimodal path as a peer)
 [ -d "$WORK/w1-bundle-mmproj" ] || $EV export "$WORK/smolvlm-256m-2" -o "$WORK/w1-bundle-mmproj" \
   --encoder onnx:fp32,onnx:int8,gguf:f16 --decoder gguf:q8_0,gguf:q4_k_m --max-tiles 17
-# llama-bench (built as docs/usage.md#benchmark says) joins as a peer when it is in this folder
-LLAMA_BIN=${EDGEVLM_LLAMA_BIN:-$HOME/.cache/edgevlm/llama-bin}
-PEER_BIN=(); [ -x "$LLAMA_BIN/llama-bench" ] && PEER_BIN=(--llamacpp-bin "$LLAMA_BIN")
+# llama-bench joins as a peer: built once per machine from the vendored llama.cpp (benchmarks/build_llama_bin.sh,
+# ~10 min on idle cores; nothing else runs during a bench, so with every core), or EDGEVLM_LLAMA_BIN names a folder
+LLAMA_BIN=${EDGEVLM_LLAMA_BIN:-$(JOBS=$(nproc) NICE=0 benchmarks/build_llama_bin.sh | tail -n 1 || true)}
+PEER_BIN=(); [ -n "$LLAMA_BIN" ] && [ -x "$LLAMA_BIN/llama-bench" ] && PEER_BIN=(--llamacpp-bin "$LLAMA_BIN")
 $EV bench "$WORK/w1-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 5 \
   --encoder onnx:int8 --decoder gguf:q8_0 "${PEER_BIN[@]}" -o benchmarks/results/w1 | tail -n 1 > /dev/null
 # the same with llama-bench's KV size (its context is prompt + generated + depth): the decode comparison like for like

@@ -228,6 +228,24 @@ def build_internvl(out: Path, seed: int = 0, tied: bool = False, max_patches: in
     return out
 
 
+def build_internvl_unit_text(out: Path, seed: int = 8) -> Path:
+    """The tiny InternVL with its decoder and projector at unit scale (as build_qwen2_vl does for its decoder): at
+    HF's init (std 0.02) its greedy tokens do not depend on the image, so a greedy comparison would prove nothing
+    about the image path."""
+    from transformers import InternVLForConditionalGeneration
+
+    build_internvl(out, seed=seed)
+    model = InternVLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        projector = [(f"projector.{n}", w) for n, w in model.model.multi_modal_projector.named_parameters()]
+        for name, param in [*model.model.language_model.named_parameters(), *projector, ("lm_head", model.lm_head.weight)]:
+            if param.ndim == 2:
+                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
+    model.save_pretrained(out)
+    return out
+
+
 def internvl_processor(path: Path):
     """transformers' own InternVLProcessor for images: its constructor insists on a torchvision video processor,
     which this subclass lets be None (nothing else changes)."""
@@ -317,6 +335,18 @@ def build_qwen2_vl(out: Path, version: str = "2", seed: int = 0, tied: bool = Fa
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN2VL_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    return out
+
+
+def build_qwen25_vl_mtmd_windows(out: Path, seed: int = 11) -> Path:
+    """The tiny Qwen2.5-VL with llama.cpp's 112-px attention windows (build_qwen2_vl's 56 px is refused by the mmproj
+    writer: mtmd fixes 112), so that its 4x4-token windows split the test images into several windows."""
+    import json
+
+    build_qwen2_vl(out, "2.5", seed=seed)
+    config = json.loads((out / "config.json").read_text())
+    config["vision_config"]["window_size"] = 112
+    (out / "config.json").write_text(json.dumps(config))
     return out
 
 

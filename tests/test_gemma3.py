@@ -292,8 +292,9 @@ def mmproj_bundle(gemma_ckpts, tmp_path_factory):
 def _mtmd_text(session, question: str, marker: str) -> str:
     """edgevlm's rendered prompt with mtmd's marker where the image goes: mtmd writes <start_of_image> and
     <end_of_image> around the image itself; the blank lines Gemma3Processor adds around them stay in the text."""
-    text = session.render([session.user_message(question, 1)])
-    return text.replace(BOI, f"\n\n{marker}\n\n")
+    from edgevlm.bench.peers.mtmd import media_prompt
+
+    return media_prompt(session.render([session.user_message(question, 1)]), BOI, "gemma3", marker)
 
 
 class _FixedRows:

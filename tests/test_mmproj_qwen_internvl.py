@@ -26,42 +26,14 @@ PROJECTORS = {"qwen2": "qwen2vl_merger", "qwen2.5": "qwen2.5vl_merger", "internv
 TOKENS = 16
 
 
-def _qwen25_with_mtmd_windows(path):
-    """The tiny Qwen2.5-VL with llama.cpp's 112-px attention windows (builders' 56 px is refused: mtmd fixes 112),
-    so that its 4x4-token windows split the test images into several windows."""
-    builders.build_qwen2_vl(path, "2.5", seed=11)
-    config = json.loads((path / "config.json").read_text())
-    config["vision_config"]["window_size"] = 112
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-def _internvl_with_unit_text_weights(path):
-    """The tiny InternVL with its decoder and projector at unit scale (as builders does for Qwen2-VL's decoder): at
-    HF's init (std 0.02) its greedy tokens do not depend on the image, so a greedy comparison would prove nothing
-    about the image path."""
-    from transformers import InternVLForConditionalGeneration
-
-    builders.build_internvl(path, seed=8)
-    model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    torch.manual_seed(8)
-    with torch.no_grad():
-        projector = [(f"projector.{n}", w) for n, w in model.model.multi_modal_projector.named_parameters()]
-        for name, param in [*model.model.language_model.named_parameters(), *projector, ("lm_head", model.lm_head.weight)]:
-            if param.ndim == 2:
-                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
-    model.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def family_bundles(tmp_path_factory) -> dict:
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
     root = tmp_path_factory.mktemp("mmproj-families")
     ckpts = {"qwen2": builders.build_qwen2_vl(root / "qwen2", "2", seed=11),
-             "qwen2.5": _qwen25_with_mtmd_windows(root / "qwen2.5"),
-             "internvl": _internvl_with_unit_text_weights(root / "internvl")}
+             "qwen2.5": builders.build_qwen25_vl_mtmd_windows(root / "qwen2.5", seed=11),
+             "internvl": builders.build_internvl_unit_text(root / "internvl", seed=8)}
     encoders = [ArtifactRequest("onnx", "fp32")] + [ArtifactRequest("mmproj", p) for p in ("f32", "f16", "q8_0")]
     return {name: {"ckpt": path, "bundle": export_checkpoint(path, root / f"{name}-bundle", encoders,
                                                              [ArtifactRequest("gguf", "f32")], max_tiles=8)}

@@ -306,11 +306,12 @@ def test_qwen3_vl_2b_preset_plan():
 def _mtmd_prompt(session, image, question: str):
     """edgevlm's rendered prompt with mtmd's marker where the image goes (mtmd adds <|vision_start|> /
     <|vision_end|> around a qwen image itself), plus edgevlm's own token ids."""
+    from edgevlm.bench.peers.mtmd import media_prompt
     from edgevlm.runtimes.prompt import prepare_image
 
     text = session.render([session.user_message(question, 1)])
     ids = session.tokenize(text, [prepare_image(session.spec, image, "probe")]).ids
-    return text.replace(f"<|vision_start|>{PAD}<|vision_end|>", "{marker}"), ids
+    return media_prompt(text, PAD, "qwen3vl_merger", "{marker}"), ids
 
 
 # sizes whose smart_resize keeps the aspect ratio and stays above min_pixels: there mtmd's resize gives HF's pixels

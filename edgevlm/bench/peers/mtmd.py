@@ -44,14 +44,19 @@ class Tokenized:
 
 # the text mtmd writes around each image itself (mtmd.cpp img_beg / img_end) where a chat template writes it too
 MTMD_IMAGE_WRAPPERS = {"qwen2vl_merger": ("<|vision_start|>", "<|vision_end|>"),
-                       "qwen2.5vl_merger": ("<|vision_start|>", "<|vision_end|>")}
+                       "qwen2.5vl_merger": ("<|vision_start|>", "<|vision_end|>"),
+                       "qwen3vl_merger": ("<|vision_start|>", "<|vision_end|>")}
+# the text edgevlm's layout writes around an image that mtmd does not (Gemma3Processor's blank lines; mtmd writes
+# only <start_of_image> / <end_of_image>)
+MTMD_TEXT_AROUND_IMAGE = {"gemma3": ("\n\n", "\n\n")}
 
 
 def media_prompt(text: str, placeholder: str, projector_type: str, marker: str) -> str:
     """edgevlm's rendered prompt for mtmd: its media marker where edgevlm expands an image's placeholder, without the
-    delimiters mtmd adds around the image itself."""
+    delimiters mtmd adds around the image itself, with the text edgevlm's layout adds around it."""
     begin, end = MTMD_IMAGE_WRAPPERS.get(projector_type, ("", ""))
-    return text.replace(begin + placeholder + end, placeholder).replace(placeholder, marker)
+    before, after = MTMD_TEXT_AROUND_IMAGE.get(projector_type, ("", ""))
+    return text.replace(begin + placeholder + end, placeholder).replace(placeholder, before + marker + after)
 
 
 def image_token_bounds(details: dict) -> tuple[int, int] | None:

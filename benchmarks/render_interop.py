@@ -1,0 +1,65 @@
+"""The llama-server tables of docs/benchmarks.md: the interop table (benchmarks/llama_server_interop.py's report.json,
+also the script's own report.md) and the serving comparison (benchmarks/serve_vs_llama_server.py's report.md). Used
+by render_docs.py; standard library only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = "benchmarks/results"
+INTEROP_NOTE = ("Each family's bundle is the tiny random checkpoint its tests build (tests/builders.py), exported with "
+                "`--encoder onnx:fp32,gguf:f16 --decoder gguf:f32`. llama-server (built by "
+                "benchmarks/build_llama_bin.sh from the llama.cpp llama-cpp-python 0.3.36 vendors) ran the command "
+                "`edgevlm inspect` prints for the bundle, with 1 thread, flash attention off and an f32 KV cache, "
+                "and answered one `/v1/chat/completions` request (the image as a PNG data URL, temperature 0). "
+                "\"tokens = edgevlm's\": its greedy token ids (the response's `__verbose.tokens`) equal edgevlm's "
+                "(onnx:fp32 encoder + the same GGUF, parity mode) up to the first stop token; \"= libmtmd\": equal to "
+                "llama.cpp's multimodal library run in-process on the prompt llama-server rendered; \"prompt\": that "
+                "prompt, laid out by libmtmd, has edgevlm's token ids; \"raw prompt\": edgevlm's own prompt sent to "
+                "llama-server's `/completion` (`prompt_string` + `multimodal_data`), its tokens against edgevlm's.")
+
+SERVE_VS_NOTE = ("benchmarks/serve_vs_llama_server.py, one server at a time on 127.0.0.1, each workload on a freshly "
+                 "started server (peak RSS: its VmHWM), driven by the official `openai` client with streaming. W1's "
+                 "bundle: `edgevlm preset smolvlm-256m --single-tile` exported with `--encoder onnx:int8,gguf:f16 "
+                 "--decoder gguf:q8_0 --max-tiles 17`; llama-server ran the q8_0 GGUF with the f16 mmproj and "
+                 "`--kv-unified` (its slots share the n_ctx pool, as edgevlm's do), edgevlm serve the int8 ONNX "
+                 "encoder with the same GGUF. A short run: 1 to 4 requests per client, so p95 is over few requests; "
+                 "random weights, so answers are noise (48 tokens each: no stop token came first). Most of edgevlm's "
+                 "TTFT lead is the encoder: mtmd encodes a 512x512 SmolVLM image as an overview and one slice with "
+                 "the f16 CLIP graph, edgevlm one tile with the int8 ONNX graph, and caches it. edgevlm's 429s in the "
+                 "burst are the refusals below capacity issue 32 names (its queue of 8 does not count free slots). "
+                 "It ran under the shared test lock on a 2-core VM where other sessions' processes may have run "
+                 "beside it.")
+
+
+def interop_table(report: dict) -> list[str]:
+    build = report["llama_cpp"]
+    commit = f"commit {build['llama_cpp_commit']} (llama-cpp-python's changelog)" if build.get("llama_cpp_commit") else ""
+    out = [f"Question \"{report['question']}\", at most {report['max_tokens']} new tokens; llama.cpp "
+           f"{commit or build.get('version', '?')}.", "",
+           "| family | projector | image | answered | tokens = edgevlm's | = libmtmd in process | prompt = edgevlm's | "
+           "raw prompt: tokens = edgevlm's | llama-server's answer |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def yes(row: dict, key: str) -> str:
+        return "-" if key not in row else ("yes" if row[key] else "no")
+
+    for row in report["rows"]:
+        server = row["server"]
+        answer = server.get("text") if server["answered"] else f"(error: {server.get('error', '')})"
+        answer = json.dumps(answer, ensure_ascii=False)[:70].replace("|", "\\|")
+        out.append(f"| {row['family']} | {row['projector']} | {row['image']} | {'yes' if server['answered'] else 'no'} "
+                   f"| {yes(row, 'tokens_equal')} | {yes(row, 'server_equals_mtmd')} | {yes(row, 'prompt_equal')} | "
+                   f"{yes(row, 'raw_tokens_equal')} | {answer} |")
+    notes = [f"- {row['family']}: {row['explanation']}" for row in report["rows"] if row.get("explanation")]
+    return out + ([""] + notes if notes else [])
+
+
+def interop_body(root: Path, entry) -> list[str]:
+    return interop_table(json.loads((root / RESULTS / entry.path / "report.json").read_text()))
+
+
+def serve_vs_body(root: Path, entry) -> list[str]:
+    """The serving comparison's setup line, table and workload list, as the script wrote them in report.md."""
+    lines = (root / RESULTS / entry.path / "report.md").read_text().splitlines()
+    return ([line for line in lines if line.startswith("Bundle ")] + [""]
+            + [line for line in lines if line.startswith("|")] + [""] + [line for line in lines if line.startswith("- ")])
