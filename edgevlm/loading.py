@@ -74,11 +74,12 @@ def load_session(path, encoder: str | None = None, decoder: str | None = None, n
     threads = options.pop("threads", None)
     thread_count(threads)  # validated even though only torch uses it here
     options.pop("provider", None), options.pop("parity", None)
+    torch_dtype = options.pop("torch_dtype", "float32")
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))  # the PyTorch reference honours --threads too (process-wide)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, torch_dtype)
     if n_ctx is not None and not 1 <= n_ctx <= ckpt.context_length:
         raise BadInputError(f"--n-ctx {n_ctx} is beyond the model's context of {ckpt.context_length} positions; "
                             "choose at most that")

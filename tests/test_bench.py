@@ -58,6 +58,10 @@ def test_bench_json_has_every_metric(bundles, tmp_path, capsys):
     assert ab["loop_tok_s"]["median"] > 0 and ab["llama_decode_tok_s"]["median"] > 0 and ab["ratio"] > 0
     assert "decode_loop_vs_llama_decode" not in result["runs"][0]["metrics"]  # torch has no llama.cpp step
     assert "llama_decode alone" in (out / "bench.md").read_text()
+    prediction = ours["prediction"]  # the planner's figures for the same pair and workload, beside the measured ones
+    assert prediction["run_mib"] > 0 and prediction["decode_tok_s"] > 0 and prediction["image_size"] == "64x32"
+    assert "`edgevlm plan` (this-machine, 64x32) predicted TTFT" in (out / "bench.md").read_text()
+    assert "prediction" not in result["runs"][0]  # the reference is not a bundle pair
     peers = {p["name"]: p for p in result["peers"]}
     assert peers["llama-cpp-python generate (gguf:q8_0)"]["metrics"]["decode_tok_s"]["median"] > 0
     assert "gguf:q8_0" in " ".join(peers)
@@ -167,3 +171,23 @@ def test_llama_bench_also_runs_where_edgevlm_decodes(bundles, tmp_path, capsys):
     assert "-d" not in default.split() and "-fa" not in default.split()
     assert f"-d {depth} -fa off" in matched and benches[1]["metrics"]["decode_tok_s"]["median"] == 150.0
     assert set(result["runs"][0]["vs_peers"]) >= {p["name"] for p in benches}
+
+
+def test_torch_reference_in_the_checkpoints_bf16(tmp_path, capsys):
+    """--torch-dtype auto runs the PyTorch reference in the dtype the checkpoint stores (bf16 here, as a 4B model's
+    float32 copy does not fit beside the rest in 24 GiB): pixels and image rows are cast to the weights' dtype."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from builders import build_llava
+
+    ckpt = build_llava(tmp_path / "llava-bf16", "clip", seed=11)
+    LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).save_pretrained(ckpt)
+    code = main(["bench", str(ckpt), "--image-size", "32x32", "--prompt-tokens", "4", "--new-tokens", "3",
+                 "--repeats", "1", "--threads", "1", "--peers", "torch", "--in-process", "--torch-dtype", "auto"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (run,) = result["runs"]
+    assert run["name"] == "torch (transformers eager, bfloat16)" and run["torch_dtype"] == "bfloat16"
+    assert result["scenario"]["torch_dtype"] == "auto" and run["metrics"]["n_new_tokens"] == 3
+    assert run["roofline"]["kv_bytes"] > 0

@@ -71,3 +71,20 @@ def test_new_presets_public_dims():
     assert (internvl.text_hidden, internvl.text_layers, internvl.text_heads, internvl.text_kv_heads,
             internvl.vocab) == (896, 24, 14, 2, 151674)
     assert isinstance(PRESETS["llava-1.5-7b"], LlavaShape) and PRESETS["llava-1.5-7b"].text_mlp == 11008
+
+
+def test_gemma3_preset_projector_is_not_zero(tmp_path):
+    """transformers initialises Gemma 3's projector to zero; the preset randomises it, or every image embeds to zeros
+    (found exporting gemma3-4b for W4: the checkpoint's projector read all zeros, so the int8 encoder's cosine to
+    fp32 is 0, below the ladder, and export refuses it)."""
+    from safetensors import safe_open
+
+    from edgevlm.reference.preset_gemma3 import Gemma3Shape, build_gemma3
+    from edgevlm.reference.presets import _CORPUS
+
+    tiny = Gemma3Shape(text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=1, text_mlp=64, head_dim=16,
+                       vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, image=56, tokens_per_image=4)
+    out = build_gemma3(tiny, tmp_path / "gemma3", _CORPUS[:8])
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("multi_modal_projector.mm_input_projection_weight")
+    assert weight.shape == (32, 32) and weight.abs().max() > 0

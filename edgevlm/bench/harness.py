@@ -15,6 +15,7 @@ from ..errors import BadInputError
 from ..machine import cpu_model, current_rss_mb, machine, parse_size, peak_rss_mb  # noqa: F401 - the bench's names
 
 SCHEMA = "edgevlm-bench/1"
+TORCH_DTYPES = ("float32", "auto")
 FILLER = "Please look at the picture carefully and describe every shape, colour and position you can see in it"
 
 
@@ -28,6 +29,9 @@ class Scenario:
     n_ctx: int | None = None  # --n-ctx, --embed-cache-mb, --prefix-cache-mb: as for run/chat/serve
     embed_cache_bytes: int | None = None
     prefix_cache_bytes: int | None = None
+    # the PyTorch reference's weights: "float32", or "auto" (as the checkpoint stores them: a 4B model's float32
+    # copy, 17 GB, does not fit beside the rest on a 24 GiB machine)
+    torch_dtype: str = "float32"
 
     def session_options(self) -> dict:
         names = ("n_ctx", "embed_cache_bytes", "prefix_cache_bytes")
@@ -37,6 +41,8 @@ class Scenario:
         if min(self.image_size) < 1 or self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1 or self.threads < 1:
             raise BadInputError(f"invalid scenario {self}: sizes, tokens, repeats and threads must be positive "
                                 "(new tokens >= 2, to time decoding)")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise BadInputError(f"--torch-dtype {self.torch_dtype!r}: choose from {', '.join(TORCH_DTYPES)}")
         limits = {"image side": (max(self.image_size), 16384), "prompt tokens": (self.prompt_tokens, 65536),
                   "new tokens": (self.new_tokens, 65536), "repeats": (self.repeats, 1000), "threads": (self.threads, 1024)}
         for name, (value, limit) in limits.items():

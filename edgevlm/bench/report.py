@@ -93,7 +93,26 @@ def ratios(result: dict) -> list[str]:
             lines.append(f"{run['name']}: cold TTFT {v['ttft_cold']:.2f}x, decode {decode}x, encode "
                          f"{v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
                          f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
+    for run in result["runs"]:
+        if run.get("prediction"):
+            lines.append(prediction_line(run))
     return lines
+
+
+def prediction_line(run: dict) -> str:
+    """The planner's figures for the run beside the measured ones."""
+    p, m = run["prediction"], run["metrics"]
+    if "error" in p:
+        return f"{run['name']}: `edgevlm plan` could not predict it: {p['error']}"
+
+    def seconds(value) -> str:
+        return "-" if value is None else f"{value:.1f} s"
+
+    return (f"{run['name']}: `edgevlm plan` ({p['device']}, {p['image_size']}) predicted TTFT {seconds(p['ttft_s'])} "
+            f"(encode {seconds(p['encode_s'])}, prefill {seconds(p['prefill_s'])}; measured cold "
+            f"{_m(m['ttft_cold_ms']) / 1e3:.1f} s), decode {p['decode_tok_s']:.1f} tok/s (measured "
+            f"{_m(m['decode_tok_s']):.1f}), one request's peak {p['run_mib']:.0f} MiB (measured peak RSS "
+            f"{m['peak_rss_mb']:.0f} MiB)")
 
 
 def _peer_ratios(name: str, r: dict) -> str:

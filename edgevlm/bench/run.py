@@ -49,7 +49,7 @@ def roofline_for(session, bandwidth: float, bundle: Path | None, decoder_name: s
     """Bytes one decode step reads (weights + KV at `context` positions) against the measured bandwidth."""
     if decoder_name == "torch":
         weights = torch_weight_bytes_per_token(session.decoder.model)
-        kv_value_bytes = 4.0
+        kv_value_bytes = float(session.decoder.model.dtype.itemsize)  # the KV cache holds the weights' dtype
     elif decoder_name.startswith("gguf"):
         from ..manifest import Manifest
 
@@ -91,7 +91,7 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
     rss_before_load = harness.current_rss_mb()
     if reference:
         session = edgevlm.load(path, encoder="torch", decoder="torch", threads=scenario.threads,  # same threads as ours
-                               **scenario.session_options())
+                               torch_dtype=scenario.torch_dtype, **scenario.session_options())
     else:
         session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads,
                                **scenario.session_options())
@@ -114,7 +114,9 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
         report = evaluate(session, n=accuracy_n)
         metrics["task_accuracy"] = {"accuracy": report["accuracy"], "n": report["n"], "per_type": report["per_type"]}
     if reference:
-        return {"name": "torch (transformers eager)", "kind": "reference", "encoder": "torch", "decoder": "torch",
+        dtype = str(session.decoder.model.dtype).removeprefix("torch.")
+        name = "torch (transformers eager)" if dtype == "float32" else f"torch (transformers eager, {dtype})"
+        return {"name": name, "kind": "reference", "encoder": "torch", "decoder": "torch", "torch_dtype": dtype,
                 "metrics": metrics, "roofline": rl, "sizes": {}}
     return {"name": label, "kind": "edgevlm", "encoder": encoder, "decoder": decoder,
             "encoder_backend": session.encoder.name, "metrics": metrics, "roofline": rl,
@@ -194,6 +196,23 @@ def mtmd_peers(bundle: Path, pairs: list[tuple[str, str]], scenario: harness.Sce
         runs.append({"name": label, "kind": "llama.cpp mtmd", "decoder": decoder, "encoder": mmprojs[0],
                      "metrics": metrics, "isolated": isolate})
     return runs
+
+
+def planner_prediction(bundle: Path, encoder: str, decoder: str, scenario: harness.Scenario) -> dict | None:
+    """`edgevlm plan`'s figures for this pair on this machine and the bench's workload, beside what it measured
+    ({"error": ...} where the planner cannot say)."""
+    from ..errors import EdgeVLMError
+    from ..plan.bundle import PlanRequest, predict_pair
+    from ..plan.devices import THIS_MACHINE, get_device
+
+    try:
+        request = PlanRequest(image_size=tuple(scenario.image_size), prompt_tokens=scenario.prompt_tokens,
+                              new_tokens=scenario.new_tokens, context=scenario.n_ctx,
+                              embed_cache_bytes=scenario.embed_cache_bytes,
+                              prefix_cache_bytes=scenario.prefix_cache_bytes)
+        return predict_pair(bundle, encoder, decoder, get_device(THIS_MACHINE), request)
+    except (EdgeVLMError, OSError, ValueError) as exc:
+        return {"error": str(exc)}
 
 
 def edgevlm_flash_attention() -> bool:
@@ -277,6 +296,7 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
     for run in runs:
         if run["kind"] != "edgevlm":
             continue
+        run["prediction"] = planner_prediction(path, run["encoder"], run["decoder"], scenario)
         m = run["metrics"]
         for peer in peer_runs:
             if peer.get("decoder") != run["decoder"] or "metrics" not in peer:
@@ -295,7 +315,7 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
         "target": target or "cpu",
         "scenario": {"image_size": list(scenario.image_size), "prompt_tokens": scenario.prompt_tokens,
                      "new_tokens": scenario.new_tokens, "repeats": scenario.repeats, "threads": scenario.threads,
-                     **scenario.session_options()},
+                     "torch_dtype": scenario.torch_dtype, **scenario.session_options()},
         "machine": {**harness.machine(), "bandwidth_gbs": bandwidth, "versions": harness.environment_versions()},
         "runs": runs,
         "peers": peer_runs,

@@ -19,6 +19,9 @@ def add_arguments(parser) -> None:
                         help="also score N reference-scene questions per run (task accuracy drift; for the reference model)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every backend pair in this process (faster to start; peak RSS then accumulates)")
+    parser.add_argument("--torch-dtype", default="float32", choices=("float32", "auto"),
+                        help="the PyTorch reference's weights: float32, or auto (as the checkpoint stores them, e.g. "
+                             "bf16 where a float32 copy would not fit in memory)")
     parser.add_argument("-o", "--output", default=None, help="folder for bench.json, bench.md, bench.png")
     from .common import add_memory_arguments
 
@@ -51,7 +54,8 @@ def main(args) -> int:
             result = encoder_only(args.path, repeats=args.repeats, threads=args.threads, progress=progress)
         else:
             scenario = harness.Scenario(harness.parse_size(args.image_size), args.prompt_tokens, args.new_tokens,
-                                        args.repeats, args.threads, **memory_options(args))
+                                        args.repeats, args.threads, torch_dtype=args.torch_dtype,
+                                        **memory_options(args))
             result = run_bench(args.path, scenario, args.encoder, args.decoder, args.peers, args.target,
                                args.llamacpp_bin, progress, isolate=not args.in_process,
                                accuracy_n=args.accuracy)

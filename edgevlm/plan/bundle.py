@@ -180,3 +180,21 @@ def _grid_basis(encoders: list, vision, manifest) -> dict:
                                + "; plus the image's embeddings and its preprocessed pixels and patches",
         "ttft": BASIS["ttft"] + f" ({vision_text})",
     }
+
+
+def predict_pair(bundle: str | Path, encoder: str, decoder: str, device, request: PlanRequest) -> dict | None:
+    """The planner's figures for one encoder x decoder pair of the bundle, to set beside a measurement (the bench's
+    and the sweep's): run_mib, the peak of one request in a fresh process (the caches at what it stores, the
+    compute buffer it writes, no safety margin), the figure to set beside a measured peak RSS; memory_mib, the total
+    the verdict is judged on; decode tok/s; TTFT, encode and prefill seconds (None where it cannot say). None when the
+    plan has no such pair."""
+    plan = plan_bundle(str(bundle), device, request)
+    for option in plan["options"]:
+        if option["encoder"] == encoder and option["decoder"] == decoder:
+            images, ttft = plan["images"], option["ttft"]
+            return {"device": device.id, "image_size": f"{images['width']}x{images['height']}",
+                    "memory_mib": round(option["memory"]["total"] / 2**20, 1),
+                    "run_mib": round(option["peak_one_request"] / 2**20, 1), "verdict": option["verdict"],
+                    "decode_tok_s": option["decode_tok_s"], "ttft_s": ttft["ttft_s"], "encode_s": ttft["encode_s"],
+                    "prefill_s": ttft["prefill_s"]}
+    return None

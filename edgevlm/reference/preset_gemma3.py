@@ -76,6 +76,7 @@ def files(shape: Gemma3Shape) -> tuple[dict, dict]:
 def build_gemma3(shape: Gemma3Shape, out: Path, corpus: list[str]) -> Path:
     import json
 
+    import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -87,7 +88,12 @@ def build_gemma3(shape: Gemma3Shape, out: Path, corpus: list[str]) -> Path:
     config = Gemma3Config(vision_config={k: v for k, v in config_json["vision_config"].items() if k != "model_type"},
                           text_config=text, mm_tokens_per_image=shape.tokens_per_image, boi_token_index=255999,
                           eoi_token_index=256000, image_token_index=262144)
-    Gemma3ForConditionalGeneration(config).eval().save_pretrained(out)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    # transformers initialises the projector to zero: every image would embed to zeros (the decoder ignores it and
+    # the int8 encoder's cosine to fp32 has nothing to measure, so export refuses it); the published one is not zero
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, config.text_config.initializer_range)
+    model.save_pretrained(out)
     Gemma3ImageProcessorPil(size=processor["size"], resample=2, image_mean=[0.5] * 3,
                             image_std=[0.5] * 3).save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -52,14 +52,15 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
     )
 
 
-def source_checkpoint(manifest: Manifest):
-    """The checkpoint the bundle came from, for the torch reference backends (verify, eval)."""
+def source_checkpoint(manifest: Manifest, dtype: str = "float32"):
+    """The checkpoint the bundle came from, for the torch reference backends (verify, eval). dtype "auto": the
+    checkpoint's stored dtype (a bf16 model whose float32 copy would not fit in memory; the bench records it)."""
     from ..families import load_checkpoint
 
     path = Path(manifest.source["path"])
     if not (path / "config.json").is_file():
         raise BadInputError(f"the torch backend needs the source checkpoint {path}, which is gone; run it on an artifact")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, dtype)
     if ckpt.source_sha256 != manifest.source["sha256"]:
         raise BundleError(f"the checkpoint at {path} changed since the bundle was exported (sha256 differs); re-export")
     return ckpt
@@ -126,8 +127,9 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
 
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,
-                        n_seq: int = 1, **cache_options) -> Session:
-    """n_seq: sequences of the decoder's context (llama.cpp only; `serve --parallel N` opens one context of N)."""
+                        n_seq: int = 1, torch_dtype: str = "float32", **cache_options) -> Session:
+    """n_seq: sequences of the decoder's context (llama.cpp only; `serve --parallel N` opens one context of N);
+    torch_dtype: the torch backends' weights, "float32" or "auto" (as the checkpoint stores them)."""
     bundle = Path(path)
     manifest = Manifest.load(bundle)
     if n_ctx is not None and not 1 <= n_ctx <= manifest.decoder.context_length:
@@ -136,7 +138,7 @@ def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=No
     encoder_name = pick(manifest, "encoder", encoder, ENCODER_PREFERENCE)
     decoder_name = pick(manifest, "decoder", decoder, DECODER_PREFERENCE)
     check_sequences(n_seq, decoder_name)  # before anything loads
-    ckpt = source_checkpoint(manifest) if "torch" in (encoder_name, decoder_name) else None
+    ckpt = source_checkpoint(manifest, torch_dtype) if "torch" in (encoder_name, decoder_name) else None
     if ckpt is not None and threads:
         import torch
 

@@ -21,6 +21,7 @@ class TorchEncoder(Encoder):
     def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
         """(tiles, 3, H, W) -> (tiles, T, D); with a grid (a native-resolution encoder): (P, C*T*p*p) -> (M, D)."""
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
+        pixels = pixels.to(next(self.vision.parameters()).dtype)  # a checkpoint loaded in its stored dtype (bf16)
         out = self.vision(pixels) if grid is None else self.vision(pixels, tuple(int(v) for v in grid))
         return out.float().numpy()
 
@@ -99,7 +100,7 @@ class TorchDecoder(Decoder):
         if embeds.shape[1] != width:
             raise ValueError(f"image rows are {embeds.shape[1]} wide; this decoder takes {width} "
                              f"({1 + self.deepstack_layers} slices of {self._hidden})")
-        rows = torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32))
+        rows = torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32)).to(self._embed.weight.dtype)
         if not self.deepstack_layers:
             return rows, None
         return rows[:, : self._hidden], rows[:, self._hidden:].reshape(len(rows), self.deepstack_layers, self._hidden)

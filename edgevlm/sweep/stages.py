@@ -183,31 +183,19 @@ def run_bench(stage: dict, context: dict) -> dict:
 
 
 def prediction(bundle: Path, stage: dict, workload: dict) -> dict | None:
-    """The planner's memory total, verdict and decode tok/s for this pair on this device, for the bench's own
-    workload (image size, prompt and new tokens) (None if it cannot say)."""
+    """The planner's memory, verdict, decode tok/s and TTFT for this pair on this device, for the bench's own
+    workload (image size, prompt and new tokens) (None if it cannot say; plan.bundle.predict_pair)."""
     from ..errors import EdgeVLMError
-    from ..plan.bundle import PlanRequest, parse_image_size, plan_bundle
+    from ..plan.bundle import PlanRequest, parse_image_size, predict_pair
     from ..plan.devices import THIS_MACHINE, get_device
 
     try:
         device = get_device(stage["device"].get("plan_device") or THIS_MACHINE)
         request = PlanRequest(image_size=parse_image_size(workload["image_size"]),
                               prompt_tokens=workload["prompt_tokens"], new_tokens=workload["new_tokens"])
-        plan = plan_bundle(str(bundle), device, request)
+        return predict_pair(bundle, stage["cell"]["encoder"], stage["cell"]["decoder"], device, request)
     except (EdgeVLMError, OSError, ValueError) as exc:
         return {"error": str(exc)}
-    for option in plan["options"]:
-        if option["encoder"] == stage["cell"]["encoder"] and option["decoder"] == stage["cell"]["decoder"]:
-            memory = option["memory"]
-            # run_mib: the planner's peak for one request in a fresh process (the caches at what it stores, the
-            # compute buffer it writes, no safety margin), the figure to set beside a bench's peak RSS; memory_mib:
-            # the total the verdict is judged on
-            images = plan["images"]
-            return {"device": device.id, "image_size": f"{images['width']}x{images['height']}",
-                    "memory_mib": round(memory["total"] / 2**20, 1),
-                    "run_mib": round(option["peak_one_request"] / 2**20, 1),
-                    "verdict": option["verdict"], "decode_tok_s": option["decode_tok_s"]}
-    return None
 
 
 RUNNERS = {"export": run_export, "verify": run_verify, "build-engine": run_build_engine, "eval": run_eval,
