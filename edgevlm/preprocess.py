@@ -107,8 +107,9 @@ class PreprocessSpec:
 
     def _check_anyres(self) -> None:
         tile = self.tile_size[0]
-        if self.tile_size[1] != tile or self.patch_size < 1 or tile % self.patch_size or self.max_pooled_tiles < 1:
-            raise ValueError(f"anyres needs a square tile that patch_size divides and max_pooled_tiles >= 1, got tile "
+        # the tower's conv floors (SigLIP-so400m/14 at 384: 27 x 27 patches), so patch_size need not divide the tile
+        if self.tile_size[1] != tile or not 1 <= self.patch_size <= tile or self.max_pooled_tiles < 1:
+            raise ValueError(f"anyres needs a square tile, 1 <= patch_size <= tile and max_pooled_tiles >= 1, got tile "
                              f"{tuple(self.tile_size)}, patch_size {self.patch_size}, max_pooled_tiles "
                              f"{self.max_pooled_tiles}")
         bad = [p for p in self.grid_pinpoints if len(p) != 2 or min(p) < tile or p[0] % tile or p[1] % tile]

@@ -132,3 +132,34 @@ def test_describe_is_torch_free_and_refuses_the_mmproj(onevision):
 def test_pack_refuses_rows_of_another_grid():
     with pytest.raises(ValueError, match="anyres"):
         anyres.pack(np.zeros((3, 17, 8), np.float32), 32, 32, [[32, 32]], 32, 4, 9)
+
+
+def test_onevision_preset_shapes_worst_image_and_a_shrunk_build(tmp_path, monkeypatch):
+    """The preset's published shapes; the planner's worst-case image (the pinpoint whose packed rows are most: not
+    the largest grid, which pooling shrinks); its tower + projector formula equals a build at shrunk widths."""
+    from dataclasses import replace
+
+    from edgevlm.plan import budget
+    from edgevlm.plan.model import from_preset
+    from edgevlm.reference import presets
+    from edgevlm.reference.preset_onevision import build_onevision
+
+    shape = presets.PRESETS["llava-onevision-0.5b"]
+    assert (shape.text_hidden, shape.text_layers, shape.text_heads, shape.text_kv_heads, shape.text_mlp) == \
+        (896, 24, 14, 2, 4864)
+    assert (shape.vision_hidden, shape.vision_layers, shape.image // shape.patch, shape.vocab) == (1152, 26, 27, 152000)
+    big = from_preset("llava-onevision-0.5b")
+    assert (big.family, big.layout.tokens_per_tile, big.preprocess.max_pooled_tiles) == ("llava_onevision", 730, 9)
+    width, height = budget.largest_image(big.preprocess)
+    worst = budget.image_tokens(big.layout, big.preprocess, width, height).image_rows
+    # 768 x 1920: 5 x 2 tiles, 135 x 54 features stay under the pooling threshold: 729 + 135 x 55
+    assert ((width, height), worst) == ((768, 1920), 8154)
+    assert budget.image_tokens(big.layout, big.preprocess, 2304, 2304).image_rows == 729 + 81 * 82  # 162^2 pooled
+    small = replace(shape, text_hidden=64, text_layers=1, text_heads=4, text_kv_heads=2, text_mlp=128,
+                    vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64, image=56, patch=14, max_grid=2)
+    monkeypatch.setitem(presets.PRESETS, "tiny-onevision", small)
+    path = build_onevision(small, tmp_path / "tiny", presets._CORPUS)
+    spec = describe_checkpoint(path)
+    assert (spec.layout.image_token_id, spec.tokens_per_tile, spec.preprocess.grid_pinpoints[-1]) == (151646, 17, (112, 112))
+    ckpt = load_checkpoint(path)
+    assert from_preset("tiny-onevision").vision.params == sum(p.numel() for p in ckpt.vision.parameters())
