@@ -163,3 +163,14 @@ def test_onevision_preset_shapes_worst_image_and_a_shrunk_build(tmp_path, monkey
     assert (spec.layout.image_token_id, spec.tokens_per_tile, spec.preprocess.grid_pinpoints[-1]) == (151646, 17, (112, 112))
     ckpt = load_checkpoint(path)
     assert from_preset("tiny-onevision").vision.params == sum(p.numel() for p in ckpt.vision.parameters())
+
+
+def test_two_images_in_one_prompt_are_refused_in_one_line(onevision):
+    """HF packs each image of a multi-image prompt as one unsplit square view (batch_num_images > 1), which this
+    family does not reproduce: refused, not answered with the single-image layout."""
+    from edgevlm.errors import BadInputError
+
+    session = session_from_checkpoint(onevision[1])
+    with pytest.raises(BadInputError, match="one image per conversation"):
+        session.generate([random_image(1, 40, 30), random_image(2, 30, 40)], "Compare <image> and <image>.",
+                         max_tokens=2)

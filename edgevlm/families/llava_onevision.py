@@ -3,8 +3,8 @@
 unpadded to the image's aspect, bilinear-pooled above max_pooled_tiles tiles' worth ("anyres_max_9"), an
 image_newline row after every line (edgevlm/anyres.py). The encoder is tower + projector per tile with the newline
 as each tile's last row; the runtime packs in numpy. Single images only: HF treats each image of a multi-image prompt
-as one unsplit square-padded view, which this family does not reproduce. describe() is torch-free; load() builds the
-PyTorch modules."""
+as one unsplit square-padded view, which this family does not reproduce (prompt.tokenize refuses several images).
+describe() is torch-free; load() builds the PyTorch modules."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -106,6 +106,9 @@ def user_message(spec: RuntimeSpec, prompt: str, n_images: int) -> dict:
 def tokenize(spec: RuntimeSpec, text: str, images: list[PreparedImage]) -> Prompt:
     layout = spec.layout
     pieces = text.split(layout.placeholder)
+    if layout.kind == "anyres" and len(images) > 1:  # HF then packs each image as one unsplit square view instead
+        raise BadInputError(f"{len(images)} images in one prompt: LLaVA-OneVision's multi-image layout (each image one "
+                            "unsplit view) is not supported; send one image per conversation")
     if len(pieces) - 1 != len(images):
         raise BadInputError(f"the prompt text has {len(pieces) - 1} image placeholders but {len(images)} images were given")
     expanded = pieces[0]
