@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2", "anyres")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,11 @@ class ImageLayout:
     image is introduced in words and the crops follow, space-separated (Gemma3Processor.replace_image_token).
     ``idefics2``: ``<fake>`` + (image tokens + ``<fake>``) per tile (4 quarters + the whole when split); `finish`
     then applies Idefics2Processor's two string fixes (adjacent images share one ``<fake>``; a word glued to a
-    closing ``<fake>`` gets a space)."""
+    closing ``<fake>`` gets a space).
+    ``anyres`` (LLaVA-OneVision): the placeholder becomes one image token per packed row (the base view, then the
+    grid's unpadded, possibly pooled lines, each with its newline row); the count follows the image's size, so
+    `expand` takes it (PreprocessSpec.anyres_rows). tokens_per_tile counts the encoder's rows per tile: the tower's
+    patches plus the image_newline row each tile carries."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -49,9 +53,14 @@ class ImageLayout:
         if self.kind in ("wrapped", "gemma3") and not (self.start_token and self.end_token):
             raise ValueError(f"the {self.kind} layout needs start_token and end_token")
 
-    def expand(self, rows: int, cols: int) -> str:
-        """The text that replaces one placeholder for an image split into rows x cols tiles (0, 0 = unsplit)."""
+    def expand(self, rows: int, cols: int, n_rows: int | None = None) -> str:
+        """The text that replaces one placeholder for an image split into rows x cols tiles (0, 0 = unsplit);
+        anyres: n_rows, the image's packed rows."""
         image = self.image_token * self.tokens_per_tile
+        if self.kind == "anyres":
+            if n_rows is None:
+                raise ValueError("the anyres layout expands to the image's packed rows: pass n_rows")
+            return self.image_token * n_rows
         if self.kind == "repeat":
             return image
         if self.kind == "grid":
@@ -87,6 +96,8 @@ class ImageLayout:
     def n_tiles(self, rows: int, cols: int) -> int:
         if self.kind == "grid":
             return rows * cols
+        if self.kind == "anyres":  # the base view + the grid
+            return rows * cols + 1
         return 1 if rows == 0 and cols == 0 else rows * cols + 1
 
     def to_dict(self) -> dict:

@@ -208,6 +208,7 @@ def validate(data: Any, where: str) -> None:
         "temporal_patch_size": (integer(0, 64), False), "merge_size": (integer(0, 64), False),
         "min_pixels": (integer(0, 1 << 30), False), "max_pixels": (integer(0, 1 << 30), False),
         "pan_and_scan_min_crop": (integer(0, 16384), False), "pan_and_scan_min_ratio": (number(), False),
+        "grid_pinpoints": (list_of(list_of(pixels, 2)), False), "max_pooled_tiles": (integer(0, 1 << 16), False),
     })
     _section(where, "tokenizer", data["tokenizer"], {
         "path": (relative_path, True), "chat_template": (optional(text), False),

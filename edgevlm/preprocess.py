@@ -18,6 +18,9 @@ One spec, three resize rules:
   long side is at most ``longest_edge`` (keeping the aspect) and each side at least ``shortest_edge`` (not keeping
   it), then pad bottom/right with zeros to a ``longest_edge`` square canvas. Tiles differ in size, so a 4th channel
   carries HF's pixel_attention_mask (1 = image, 0 = padding); the encoder masks the padded patches out.
+- ``anyres`` (LlavaOnevisionImageProcessor): the whole image resized to one tile (the base view, first), then the
+  image fitted into the best of ``grid_pinpoints`` keeping its aspect, centred on a black canvas and cut into tiles
+  row-major; anyres.py packs the features (unpadding, pooling above ``max_pooled_tiles``, newlines).
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
+from . import anyres
+
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 RESAMPLE_NAMES = {v: k for k, v in RESAMPLE.items()}
-RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl", "gemma3", "idefics2")
+RESIZE_RULES = ("shortest_edge_crop", "fixed", "idefics3", "internvl", "qwen2vl", "gemma3", "idefics2", "anyres")
 MAX_TILE_SIDE_PIXELS = 4096  # the HF Idefics3 processor's absolute cap on a resized side
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter side ratios above this
 
@@ -56,6 +61,10 @@ class PreprocessSpec:
     # gemma3 with image_splitting (pan-and-scan); max_tiles is then the most crops
     pan_and_scan_min_crop: int = 0
     pan_and_scan_min_ratio: float = 0.0
+    # anyres only: the (height, width) canvases a grid may take, and the most tiles' worth of features kept unpooled
+    # ("anyres_max_9": 9); patch_size is then the tower's patch (a tile's features are (tile / patch)^2)
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    max_pooled_tiles: int = 0
 
     def __post_init__(self) -> None:
         if self.resize_rule not in RESIZE_RULES:
@@ -74,6 +83,9 @@ class PreprocessSpec:
             raise ValueError("idefics2 resizing needs 0 < shortest_edge <= longest_edge and a longest_edge square tile")
         if self.resize_rule == "qwen2vl":
             self._check_qwen2vl()
+        object.__setattr__(self, "grid_pinpoints", tuple(tuple(int(v) for v in p) for p in self.grid_pinpoints))
+        if self.resize_rule == "anyres":
+            self._check_anyres()
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"tile counts need 1 <= min_tiles ({self.min_tiles}) <= max_tiles ({self.max_tiles})")
         object.__setattr__(self, "tile_size", tuple(int(v) for v in self.tile_size))
@@ -92,6 +104,28 @@ class PreprocessSpec:
         if not factor * factor <= self.max_pixels or self.min_pixels > self.max_pixels:
             raise ValueError(f"qwen2vl needs {factor * factor} <= max_pixels and min_pixels <= max_pixels, got "
                              f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}")
+
+    def _check_anyres(self) -> None:
+        tile = self.tile_size[0]
+        # the tower's conv floors (SigLIP-so400m/14 at 384: 27 x 27 patches), so patch_size need not divide the tile
+        if self.tile_size[1] != tile or not 1 <= self.patch_size <= tile or self.max_pooled_tiles < 1:
+            raise ValueError(f"anyres needs a square tile, 1 <= patch_size <= tile and max_pooled_tiles >= 1, got tile "
+                             f"{tuple(self.tile_size)}, patch_size {self.patch_size}, max_pooled_tiles "
+                             f"{self.max_pooled_tiles}")
+        bad = [p for p in self.grid_pinpoints if len(p) != 2 or min(p) < tile or p[0] % tile or p[1] % tile]
+        if not self.grid_pinpoints or bad:
+            raise ValueError(f"anyres needs grid_pinpoints that are (height, width) multiples of the {tile}-px tile, "
+                             f"got {list(self.grid_pinpoints) or 'none'}")
+
+    def anyres_rows(self, height: int, width: int) -> int:
+        """anyres: the embedding rows (image tokens) of one height x width image after packing."""
+        return anyres.packed_rows(height, width, self.grid_pinpoints, self.tile_size[0],
+                                  self.tile_size[0] // self.patch_size, self.max_pooled_tiles)
+
+    def pack_anyres(self, embeds: np.ndarray, height: int, width: int) -> np.ndarray:
+        """anyres: encoder rows (tiles, side^2 + 1, D) of one image -> its packed (anyres_rows, D) rows."""
+        return anyres.pack(embeds, height, width, self.grid_pinpoints, self.tile_size[0],
+                           self.tile_size[0] // self.patch_size, self.max_pooled_tiles)
 
     @property
     def channels(self) -> int:
@@ -113,6 +147,7 @@ class PreprocessedImage:
     rows: int  # 0 when the image is not split (one global tile); qwen2vl: merged-token rows (h / merge)
     cols: int
     grid: tuple[int, int, int] | None = None  # qwen2vl: (t, h, w) in patches, what the grid encoder takes
+    source_size: tuple[int, int] | None = None  # anyres: the image's (height, width), which the packing unpads to
 
 
 def _resize(image: Image.Image, height: int, width: int, resample: str) -> Image.Image:
@@ -237,6 +272,8 @@ def tile_grid(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int]:
         return pan_and_scan_grid(height, width, spec)
     if spec.resize_rule == "idefics2":
         return (2, 2) if spec.image_splitting else (0, 0)
+    if spec.resize_rule == "anyres":
+        return anyres.grid(height, width, spec.grid_pinpoints, spec.tile_size[0])
     if spec.resize_rule != "idefics3" or not spec.image_splitting:
         return 0, 0
     tile = spec.tile_size[0]
@@ -263,6 +300,8 @@ def preprocess(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
                                  rows, cols)
     if spec.resize_rule == "idefics2":
         return _preprocess_idefics2(image, spec)
+    if spec.resize_rule == "anyres":
+        return _preprocess_anyres(image, spec)
     if spec.resize_rule == "fixed":
         return PreprocessedImage(_normalize(_resize(image, th, tw, spec.resample), spec)[None], 0, 0)
     if spec.resize_rule == "shortest_edge_crop":
@@ -346,3 +385,17 @@ def _preprocess_idefics2(image: Image.Image, spec: PreprocessSpec) -> Preprocess
         tile[3, :h, :w] = 1.0
     rows, cols = tile_grid(height, width, spec)
     return PreprocessedImage(tiles, rows, cols)
+
+
+def _preprocess_anyres(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
+    """LlavaOnevisionImageProcessorPil.get_image_patches for a single image: the base view, then the grid's tiles."""
+    width, height = image.size
+    tile = spec.tile_size[0]
+    best_h, best_w = anyres.select_best_resolution(height, width, spec.grid_pinpoints)
+    fit_h, fit_w = anyres.fitted_size(height, width, (best_h, best_w))
+    canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))  # HF pads with zeros before rescaling
+    canvas.paste(_resize(image, fit_h, fit_w, spec.resample), ((best_w - fit_w) // 2, (best_h - fit_h) // 2))
+    rows, cols = best_h // tile, best_w // tile
+    tiles = [_resize(image, tile, tile, spec.resample)]
+    tiles += [canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
+    return PreprocessedImage(np.stack([_normalize(t, spec) for t in tiles]), rows, cols, source_size=(height, width))

@@ -84,10 +84,17 @@ def idefics2_ckpts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def described(ckpts, qwen_ckpts, gemma_ckpt, idefics2_ckpts, tiny_reference) -> dict:
+def onevision_ckpt(tmp_path_factory):
+    import onevision_builder
+
+    return onevision_builder.build_onevision(tmp_path_factory.mktemp("onevision-spec") / "llava_onevision")
+
+
+@pytest.fixture(scope="module")
+def described(ckpts, qwen_ckpts, gemma_ckpt, idefics2_ckpts, onevision_ckpt, tiny_reference) -> dict:
     paths = {**{name: str(path) for name, path in ckpts.items()}, **{k: str(v) for k, v in qwen_ckpts.items()},
              "gemma3": str(gemma_ckpt), **{k: str(v) for k, v in idefics2_ckpts.items()},
-             "reference": str(tiny_reference)}
+             "llava_onevision": str(onevision_ckpt), "reference": str(tiny_reference)}
     run = subprocess.run([sys.executable, "-c", BLOCKER + DESCRIBE, *paths.values()], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -151,6 +151,8 @@ class FamilySpec:
     def image_tokens(self, width: int, height: int) -> int:
         """Image-token rows (embedding rows the encoder gives) of one width x height image: its tile grid under the
         preprocessing, times tokens per tile (a native-resolution image: its merged patches)."""
+        if self.preprocess.resize_rule == "anyres":
+            return self.preprocess.anyres_rows(height, width)
         rows, cols = tile_grid(height, width, self.preprocess)
         return self.layout.n_tiles(rows, cols) * self.layout.tokens_per_tile
 

@@ -24,6 +24,22 @@ class LlavaVision(torch.nn.Module):
         return self.projector(torch.cat(selected, dim=-1))  # (tiles, T, D)
 
 
+class OnevisionVision(torch.nn.Module):
+    """LLaVA-OneVision: pixel_values (tiles,3,H,W) -> (tiles, side^2 + 1, D): tower -> projector per tile, then the
+    image_newline as each tile's last row, so every encoder backend delivers it (anyres.pack takes it from there)."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        config = hf_model.config
+        self.features = LlavaVision(hf_model, config.vision_feature_layer, config.vision_feature_select_strategy)
+        self.image_newline = hf_model.model.image_newline
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        rows = self.features(pixel_values)  # (tiles, side^2, D)
+        newline = self.image_newline.to(rows.dtype)[None, None].expand(rows.shape[0], 1, rows.shape[-1])
+        return torch.cat([rows, newline], dim=1)
+
+
 class Idefics3Vision(torch.nn.Module):
     """Full tiles only (the processor always makes full tiles for single images), so position ids are static;
     this keeps the graph free of the variable-resolution code that the TorchScript ONNX exporter mis-traces."""

@@ -73,5 +73,8 @@ def _max_tiles(shapes) -> int:
         from ..preprocess import max_merged_tokens
 
         return max_merged_tokens(shapes.preprocess)
+    if shapes.preprocess.resize_rule == "anyres":  # the largest pinpoint's grid + the base view (the largest image
+        tile = shapes.preprocess.tile_size[0]  # by rows is another: pooling shrinks the large grids' rows)
+        return 1 + max((h // tile) * (w // tile) for h, w in shapes.preprocess.grid_pinpoints)
     width, height = budget.largest_image(shapes.preprocess)
     return budget.image_tokens(shapes.layout, shapes.preprocess, width, height).n_tiles

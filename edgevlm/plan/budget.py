@@ -130,7 +130,7 @@ class ImageTokens:
 
 def _assumed_text_tokens(layout: ImageLayout, rows: int, cols: int) -> int:
     """Markers of ImageLayout.expand, one token each (true for SmolVLM's tokenizer, where "\\n\\n" is two tokens)."""
-    if layout.kind in ("repeat", "grid"):  # grid: the template writes <|vision_start|>/<|vision_end|>, not the layout
+    if layout.kind in ("repeat", "grid", "anyres"):  # grid: the template writes <|vision_start|>/<|vision_end|>, not the layout
         return 0
     if layout.kind == "wrapped":
         return 2  # start + end
@@ -149,9 +149,12 @@ def image_tokens(layout: ImageLayout, preprocess: PreprocessSpec, width: int, he
     rows, cols = tile_grid(height, width, preprocess)
     n_tiles = layout.n_tiles(rows, cols)
     image_rows = n_tiles * layout.tokens_per_tile
+    if preprocess.resize_rule == "anyres":  # packed rows: unpadded to the image's aspect, pooled above the max
+        image_rows = preprocess.anyres_rows(height, width)
     if count_text is None:
         return ImageTokens(rows, cols, n_tiles, image_rows, _assumed_text_tokens(layout, rows, cols), False)
-    return ImageTokens(rows, cols, n_tiles, image_rows, count_text(layout.expand(rows, cols)) - image_rows, True)
+    text = layout.expand(rows, cols, image_rows)
+    return ImageTokens(rows, cols, n_tiles, image_rows, count_text(text) - image_rows, True)
 
 
 def largest_image(preprocess: PreprocessSpec) -> tuple[int, int]:
@@ -165,6 +168,10 @@ def largest_image(preprocess: PreprocessSpec) -> tuple[int, int]:
     if preprocess.resize_rule == "internvl":
         side = math.isqrt(preprocess.max_tiles)
         return tile_w * side, tile_h * side
+    if preprocess.resize_rule == "anyres":  # an image of a pinpoint's exact size fills its grid (nothing unpadded);
+        # the most rows are not always the largest grid's: pooling shrinks the large ones
+        height, width = max(preprocess.grid_pinpoints, key=lambda p: (preprocess.anyres_rows(*p), p[0] * p[1]))
+        return width, height
     return tile_w, tile_h
 
 

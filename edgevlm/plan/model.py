@@ -221,6 +221,9 @@ def _preset_vision(spec: FamilySpec, s) -> VisionShape:
     elif spec.family == "idefics2":  # SigLIP as above; bridge: SwiGLU MLP(dv -> text_mlp -> d) + perceiver_params
         tower = patch_embed + dv + side * side * dv + layers + 2 * dv
         projector = 2 * dv * s.text_mlp + s.text_mlp * d + perceiver_params(s)
+    elif spec.family == "llava_onevision":  # SigLIP as above; MLP projector Linear(dv -> d) + Linear(d -> d) + newline
+        tower = patch_embed + dv + side * side * dv + layers + 2 * dv
+        projector = dv * d + d + d * d + d + d
     elif spec.family == "llava":  # CLIP: class embedding, conv without bias, pre- and post-LN; 2-layer MLP projector
         tower = dv + patch_embed + (side * side + 1) * dv + 2 * dv + layers + 2 * dv
         projector = dv * d + d + d * d + d

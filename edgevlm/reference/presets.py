@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .preset_gemma3 import Gemma3Shape
 from .preset_idefics2 import Idefics2Shape
+from .preset_onevision import OnevisionShape
 from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
@@ -151,6 +152,8 @@ PRESETS = {
     "gemma3-4b": Gemma3Shape(),
     # Idefics2-8b: SigLIP-so400m/14 at 980 + Perceiver resampler (64 latents) + Mistral-7B (preset_idefics2.py)
     "idefics2-8b": Idefics2Shape(),
+    # llava-onevision-qwen2-0.5b-ov-hf: SigLIP-so400m/14 at 384 + MLP + Qwen2-0.5B, anyres_max_9 (preset_onevision.py)
+    "llava-onevision-0.5b": OnevisionShape(),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -210,6 +213,10 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
             return _build_qwen2_vl(shape, out, single_tile)
         if isinstance(shape, Qwen3VLShape):
             return _build_qwen3_vl(shape, out, single_tile)
+        if isinstance(shape, OnevisionShape):
+            from .preset_onevision import build_onevision
+
+            return build_onevision(shape, out, _CORPUS)
         if isinstance(shape, Idefics2Shape):
             from .preset_idefics2 import build_idefics2
 

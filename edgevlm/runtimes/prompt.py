@@ -64,6 +64,8 @@ def prepare_image(spec: RuntimeSpec, source, encoder_id: str) -> PreparedImage:
     rgb = load_image(source)
     rows, cols = tile_grid(rgb.size[1], rgb.size[0], spec.preprocess)
     n_rows = spec.layout.n_tiles(rows, cols) * spec.layout.tokens_per_tile
+    if spec.preprocess.resize_rule == "anyres":  # packed: unpadded to the image's aspect, maybe pooled
+        n_rows = spec.preprocess.anyres_rows(rgb.size[1], rgb.size[0])
     return PreparedImage(rgb, image_key(rgb, spec.preprocess, encoder_id), rows, cols, n_rows)
 
 
@@ -104,11 +106,14 @@ def user_message(spec: RuntimeSpec, prompt: str, n_images: int) -> dict:
 def tokenize(spec: RuntimeSpec, text: str, images: list[PreparedImage]) -> Prompt:
     layout = spec.layout
     pieces = text.split(layout.placeholder)
+    if layout.kind == "anyres" and len(images) > 1:  # HF then packs each image as one unsplit square view instead
+        raise BadInputError(f"{len(images)} images in one prompt: LLaVA-OneVision's multi-image layout (each image one "
+                            "unsplit view) is not supported; send one image per conversation")
     if len(pieces) - 1 != len(images):
         raise BadInputError(f"the prompt text has {len(pieces) - 1} image placeholders but {len(images)} images were given")
     expanded = pieces[0]
     for image, piece in zip(images, pieces[1:]):
-        expanded += layout.expand(image.rows, image.cols) + piece
+        expanded += layout.expand(image.rows, image.cols, image.n_rows_embedded) + piece
     expanded = layout.finish(expanded)
     ids = np.asarray(spec.tokenizer(expanded, add_special_tokens=True)["input_ids"], dtype=np.int32)
     is_image = ids == layout.image_token_id

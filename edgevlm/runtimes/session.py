@@ -117,6 +117,8 @@ class Session:
         timings["encode_ms"] += (t2 - t1) * 1e3
         # a native-resolution image is one encoder input (its rows are patches, not tiles)
         timings["n_tiles"] += pre.pixel_values.shape[0] if pre.grid is None else 1
+        if pre.source_size is not None:  # anyres: unpad, pool and add newlines (numpy, every encoder backend alike)
+            embeds = self.spec.preprocess.pack_anyres(embeds, *pre.source_size)
         rows = np.ascontiguousarray(embeds.reshape(-1, embeds.shape[-1]), dtype=np.float32)  # (tiles*T, D)
         if rows.shape[0] != image.n_rows_embedded:
             raise RuntimeError(
