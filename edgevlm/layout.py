@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2", "leading")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class ImageLayout:
     image is introduced in words and the crops follow, space-separated (Gemma3Processor.replace_image_token).
     ``idefics2``: ``<fake>`` + (image tokens + ``<fake>``) per tile (4 quarters + the whole when split); `finish`
     then applies Idefics2Processor's two string fixes (adjacent images share one ``<fake>``; a word glued to a
-    closing ``<fake>`` gets a space)."""
+    closing ``<fake>`` gets a space).
+    ``leading`` (BLIP-2 / InstructBLIP): every image's tokens go before the whole prompt, BOS included (the
+    processors tokenize the text alone and prepend them); placeholders in the text are dropped."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -52,7 +54,7 @@ class ImageLayout:
     def expand(self, rows: int, cols: int) -> str:
         """The text that replaces one placeholder for an image split into rows x cols tiles (0, 0 = unsplit)."""
         image = self.image_token * self.tokens_per_tile
-        if self.kind == "repeat":
+        if self.kind in ("repeat", "leading"):
             return image
         if self.kind == "grid":
             return self.image_token * (rows * cols)

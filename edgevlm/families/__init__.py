@@ -23,6 +23,8 @@ FAMILIES = {
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "Gemma3ForConditionalGeneration": "gemma3",
     "Idefics2ForConditionalGeneration": "idefics2",
+    "Blip2ForConditionalGeneration": "blip2",
+    "InstructBlipForConditionalGeneration": "blip2",
 }
 # text-only checkpoints of a family's decoder (no vision tower): refused in one line by the family that names them
 TEXT_ONLY = {"Gemma3ForCausalLM": "gemma3"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..families.spec import Vocabulary
 from .preset_idefics2 import IDEFICS2_SPECIAL_IDS, Idefics2Shape
+from .preset_instructblip import InstructBlipShape
 from .presets import (INTERNVL_SPECIAL_IDS, LLAVA15_SPECIAL_IDS, QWEN2VL_SPECIAL_IDS, SMOLVLM_SPECIAL_IDS,
                       Gemma3Shape, InternVLShape, LlavaShape, Qwen3VLShape, QwenVLShape)
 
@@ -68,6 +69,10 @@ def preset_files(shape) -> tuple[dict, dict, Vocabulary]:
                      "crop_size": {"height": shape.image, "width": shape.image}, "image_mean": CLIP_MEAN,
                      "image_std": CLIP_STD}
         return config, processor, _vocabulary(LLAVA15_SPECIAL_IDS)
+    if isinstance(shape, InstructBlipShape):
+        from .preset_instructblip import INSTRUCTBLIP_SPECIAL_IDS, files
+
+        return (*files(shape), _vocabulary(INSTRUCTBLIP_SPECIAL_IDS))
     if isinstance(shape, Idefics2Shape):
         config = {"architectures": ["Idefics2ForConditionalGeneration"], "image_token_id": 32001,
                   "vision_config": dict(tower, image_size=shape.image, patch_size=shape.patch),

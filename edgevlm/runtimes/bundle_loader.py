@@ -11,6 +11,7 @@ from .session import RuntimeSpec, Session
 ENCODER_PREFERENCE = ("tensorrt:fp16", "tensorrt:int8", "onnx:int8", "onnx:fp32", "onnx:fp16")
 DECODER_PREFERENCE = ("gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:f16", "gguf:f32",
                       "mlx:8bit", "mlx:4bit", "mlx:fp16", "mlx:fp32")
+INSTRUCTION_TOKENIZER = "tokenizer:instruction"  # the artifact of an encoder's own prompt tokenizer (InstructBLIP)
 
 
 def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[str, ...]) -> str:
@@ -41,6 +42,12 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
 
     manifest.find("tokenizer").verify(bundle)
     tokenizer = BundleTokenizer(bundle / manifest.tokenizer["path"])
+    instruction = manifest.encoder.instruction
+    if instruction:  # the encoder reads the prompt too (InstructBLIP): its own tokenizer, shipped in the bundle
+        from .tokenizer import InstructionTokenizer
+
+        manifest.find("tokenizer", INSTRUCTION_TOKENIZER).verify(bundle)
+        instruction = InstructionTokenizer(bundle / instruction["tokenizer"], instruction["max_tokens"])
     return RuntimeSpec(
         tokenizer=tokenizer,
         chat_template=manifest.tokenizer.get("chat_template"),
@@ -49,6 +56,7 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
         stop_token_ids=list(manifest.tokenizer.get("stop_token_ids", [])),
         position_scheme=manifest.decoder.position_scheme,
         image_attention=manifest.decoder.image_attention,
+        instruction_tokenizer=instruction or None,
     )
 
 
