@@ -19,6 +19,7 @@ MANIFEST = "manifest.json"
 ROLES = ("encoder", "decoder", "tokenizer", "engine")
 MMPROJ_FORMAT = "gguf-mmproj"  # llama.cpp's vision half, for llama-mtmd-cli / llama-server / Ollama
 MMPROJ_PRECISIONS = ("f16", "f32", "q8_0")  # preferred first: f16 is what llama.cpp's own converter writes
+INSTRUCTION_TOKENIZER = "tokenizer:instruction"  # the artifact of an encoder's own prompt tokenizer (InstructBLIP)
 
 
 from .hash_stamps import sha256_file  # noqa: E402,F401 - the exporters' name for it

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..decoder_arch import architecture
 from ..errors import BadInputError
-from ..manifest import MMPROJ_PRECISIONS, DecoderSpec, EncoderSpec, Manifest
+from ..manifest import INSTRUCTION_TOKENIZER, MMPROJ_PRECISIONS, DecoderSpec, EncoderSpec, Manifest
 from .bundle import BundleWriter, recover_interrupted, write_bundle
 from .memory import release_memory
 
@@ -176,8 +176,6 @@ def write_tokenizer(ckpt, writer: BundleWriter):
 
 def write_instruction_tokenizer(ckpt, writer: BundleWriter, instruction: dict):
     """The encoder's own prompt tokenizer (InstructBLIP's Q-Former BERT tokenizer), copied from the checkpoint."""
-    from ..runtimes.bundle_loader import INSTRUCTION_TOKENIZER
-
     source = Path(ckpt.path) / ckpt.spec.instruction.tokenizer
     target = writer.root / instruction["tokenizer"]
     target.mkdir(parents=True, exist_ok=True)

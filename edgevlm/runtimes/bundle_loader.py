@@ -4,15 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BadInputError, BundleError
-from ..manifest import Manifest
+from ..manifest import INSTRUCTION_TOKENIZER, Manifest
 from .session import RuntimeSpec, Session
 
 # default choice when the caller names none: fastest first on a CPU
 ENCODER_PREFERENCE = ("tensorrt:fp16", "tensorrt:int8", "onnx:int8", "onnx:fp32", "onnx:fp16")
 DECODER_PREFERENCE = ("gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:f16", "gguf:f32",
                       "mlx:8bit", "mlx:4bit", "mlx:fp16", "mlx:fp32")
-INSTRUCTION_TOKENIZER = "tokenizer:instruction"  # the artifact of an encoder's own prompt tokenizer (InstructBLIP)
-
 
 def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[str, ...]) -> str:
     have = manifest.names(role, runnable=True) + (manifest.names("engine") if role == "encoder" else [])
