@@ -12,6 +12,7 @@ ENCODER_PREFERENCE = ("tensorrt:fp16", "tensorrt:int8", "onnx:int8", "onnx:fp32"
 DECODER_PREFERENCE = ("gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:f16", "gguf:f32",
                       "mlx:8bit", "mlx:4bit", "mlx:fp16", "mlx:fp32")
 
+
 def pick(manifest: Manifest, role: str, choice: str | None, preference: tuple[str, ...]) -> str:
     have = manifest.names(role, runnable=True) + (manifest.names("engine") if role == "encoder" else [])
     if choice:
