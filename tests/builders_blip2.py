@@ -92,7 +92,7 @@ def build_blip2_opt(out: Path, seed: int = 0) -> Path:
     vision, qformer = _vision_and_qformer(False, 30522)
     text = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64, bos_token_id=0,
-                     eos_token_id=2, pad_token_id=1)
+                     eos_token_id=2, pad_token_id=1, init_std=0.2)  # at 0.02 the tiny OPT repeats one token
     config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=N_QUERIES,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     model = Blip2ForConditionalGeneration(config).eval()
