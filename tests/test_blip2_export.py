@@ -95,6 +95,8 @@ def test_bundle_embedding_cache_keys_on_the_instruction(exported):
     session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
     image = random_image(3, 50, 40)
     for prompt, (hits, misses) in zip(PROMPTS + PROMPTS[:1], [(0, 1), (0, 1), (1, 0)]):
+        session.prefix_cache.clear()  # the image's rows come from the embedding cache, not a restored KV prefix
+        session.forget_sequence()
         result = session.generate(image, prompt, max_tokens=2, stop_token_ids=[])
         assert (result.timings["embed_cache_hits"], result.timings["embed_cache_misses"]) == (hits, misses), prompt
         prepared = session._prepare_image(image, session.render([session.user_message(prompt, 1)]))

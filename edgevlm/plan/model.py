@@ -219,10 +219,10 @@ def _preset_vision(spec: FamilySpec, s) -> VisionShape:
     elif spec.family == "idefics2":  # SigLIP as above; bridge: SwiGLU MLP(dv -> text_mlp -> d) + perceiver_params
         tower = patch_embed + dv + side * side * dv + layers + 2 * dv
         projector = 2 * dv * s.text_mlp + s.text_mlp * d + perceiver_params(s)
-    elif spec.family == "blip2":  # EVA ViT: CLS, conv with bias, q/v biases only, post-LN; Q-Former + projection
+    elif spec.family == "blip2":  # EVA ViT: CLS, conv with bias, a fused qkv bias (k's part zero), post-LN; Q-Former
         from ..reference.preset_instructblip import qformer_params
 
-        tower = dv + patch_embed + dv + (side * side + 1) * dv + layers - v.layers * dv + 2 * dv
+        tower = dv + patch_embed + dv + (side * side + 1) * dv + layers + 2 * dv
         projector = qformer_params(s, instruct=spec.instruction is not None)
     elif spec.family == "llava":  # CLIP: class embedding, conv without bias, pre- and post-LN; 2-layer MLP projector
         tower = dv + patch_embed + (side * side + 1) * dv + 2 * dv + layers + 2 * dv
