@@ -24,6 +24,8 @@ class DecoderArch:
     mrope_interleaved: bool = False
     # added to every RMS-norm weight on the way to GGUF: Gemma's norms scale by (1 + weight), llama.cpp's by weight
     gguf_norm_shift: float = 0.0
+    # why neither a GGUF nor an MLX decoder can be written (one line); such a row runs on the torch runtime only
+    export_refusal: str | None = None
 
     def __post_init__(self) -> None:
         if not (self.name and self.hf_model_types and self.position_schemes):
@@ -98,6 +100,14 @@ ARCHITECTURES = {
         name="gemma3", hf_model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
         hf_rotary_class="Gemma3RotaryEmbedding", gguf_arch="GEMMA3", permute_qk=False, bias_tensors=(),
         mlx_model_type="gemma3_text", position_schemes=("1d",), gguf_norm_shift=1.0,
+    ),
+    # OPT (BLIP-2's published decoders): learned absolute positions (offset 2), LayerNorm with biases, ReLU MLP
+    "opt": DecoderArch(
+        name="opt", hf_model_types=("opt",), hf_class="OPTForCausalLM", hf_rotary_class="", gguf_arch="",
+        permute_qk=False, bias_tensors=(), mlx_model_type="", position_schemes=("1d",),
+        export_refusal="OPT decoders cannot be written as GGUF or MLX: llama.cpp (0c1e570) and mlx-lm have no OPT "
+                       "architecture, so neither runs it as a decoder here; export --encoder onnx:... alone and run "
+                       "the decoder on torch (--decoder torch)",
     ),
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2", "anyres")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2", "anyres", "leading")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,9 @@ class ImageLayout:
     ``anyres`` (LLaVA-OneVision): the placeholder becomes one image token per packed row (the base view, then the
     grid's unpadded, possibly pooled lines, each with its newline row); the count follows the image's size, so
     `expand` takes it (PreprocessSpec.anyres_rows). tokens_per_tile counts the encoder's rows per tile: the tower's
-    patches plus the image_newline row each tile carries."""
+    patches plus the image_newline row each tile carries.
+    ``leading`` (BLIP-2 / InstructBLIP): every image's tokens go before the whole prompt, BOS included (the
+    processors tokenize the text alone and prepend them); placeholders in the text are dropped."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -61,7 +63,7 @@ class ImageLayout:
             if n_rows is None:
                 raise ValueError("the anyres layout expands to the image's packed rows: pass n_rows")
             return self.image_token * n_rows
-        if self.kind == "repeat":
+        if self.kind in ("repeat", "leading"):
             return image
         if self.kind == "grid":
             return self.image_token * (rows * cols)

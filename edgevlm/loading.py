@@ -13,6 +13,11 @@ def spec_from_checkpoint(ckpt) -> RuntimeSpec:
     """The prompt building's family facts from the family's description (a bundle carries the same in its
     manifest, written from it at export)."""
     family = ckpt.spec
+    instruction = None
+    if family.instruction is not None:  # the same torch-free tokenizer a bundle's runtime uses
+        from .runtimes.tokenizer import InstructionTokenizer
+
+        instruction = InstructionTokenizer(ckpt.path / family.instruction.tokenizer, family.instruction.max_tokens)
     return RuntimeSpec(
         tokenizer=ckpt.tokenizer,
         chat_template=ckpt.chat_template,
@@ -21,6 +26,7 @@ def spec_from_checkpoint(ckpt) -> RuntimeSpec:
         stop_token_ids=list(ckpt.stop_token_ids),
         position_scheme=family.position_scheme,
         image_attention=family.image_attention,
+        instruction_tokenizer=instruction,
     )
 
 

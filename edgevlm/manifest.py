@@ -19,6 +19,7 @@ MANIFEST = "manifest.json"
 ROLES = ("encoder", "decoder", "tokenizer", "engine")
 MMPROJ_FORMAT = "gguf-mmproj"  # llama.cpp's vision half, for llama-mtmd-cli / llama-server / Ollama
 MMPROJ_PRECISIONS = ("f16", "f32", "q8_0")  # preferred first: f16 is what llama.cpp's own converter writes
+INSTRUCTION_TOKENIZER = "tokenizer:instruction"  # the artifact of an encoder's own prompt tokenizer (InstructBLIP)
 
 
 from .hash_stamps import sha256_file  # noqa: E402,F401 - the exporters' name for it
@@ -91,8 +92,21 @@ class EncoderSpec:
     # slices of decoder.hidden_size per output row: 1, or 1 + k with DeepStack (Qwen3-VL: the main embedding, then
     # the slices the decoder adds after its first k layers; runtimes/base.Segment)
     row_slices: int = 1
+    # the encoder also reads the prompt (InstructBLIP's Q-Former): {"tokenizer": folder in the bundle, "max_tokens",
+    # "inputs": [ids, mask] graph input names (tiles, n) int64, "default_ids": what an encode without a prompt reads}
+    instruction: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.instruction is not None:
+            keys = ("tokenizer", "max_tokens", "inputs", "default_ids")
+            inputs = self.instruction.get("inputs") if isinstance(self.instruction, dict) else None
+            if not (isinstance(self.instruction, dict) and all(k in self.instruction for k in keys)
+                    and isinstance(inputs, list) and len(inputs) == 2 and all(isinstance(i, str) for i in inputs)
+                    and isinstance(self.instruction["max_tokens"], int)
+                    and isinstance(self.instruction["tokenizer"], str) and ".." not in self.instruction["tokenizer"]
+                    and isinstance(self.instruction["default_ids"], list)):
+                raise BundleError(f"encoder.instruction must name {', '.join(keys)} (two input names); got "
+                                  f"{self.instruction!r}; re-export the bundle")
         if not isinstance(self.row_slices, int) or self.row_slices < 1:
             raise BundleError(f"encoder.row_slices must be an integer >= 1, got {self.row_slices!r}; re-export")
         if self.kind not in ENCODER_KINDS:

@@ -188,7 +188,7 @@ def validate(data: Any, where: str) -> None:
         "max_tiles": (integer(1, 1 << 16), True), "dtype": (string(("float32",)), False),
         "kind": (string(("tiles", "grid")), False), "inputs": (list_of(graph_input), False),
         "dynamic_axes": (free_form, False), "vision_grid": (optional(vision_grid), False),
-        "row_slices": (integer(1, 64), False),
+        "row_slices": (integer(1, 64), False), "instruction": (optional(free_form), False),
     })
     _section(where, "image_layout", data["image_layout"], {
         "kind": (string(LAYOUT_KINDS), True), "placeholder": (string(max_len=256), True),

@@ -34,6 +34,10 @@ from edgevlm.plan.model import from_checkpoint
 out = {}
 for path in sys.argv[1:]:
     spec = describe_checkpoint(path)
+    from edgevlm.decoder_arch import architecture
+    if architecture(spec.decoder_architecture).export_refusal:  # BLIP-2's OPT: nothing to plan, described only
+        out[path] = {"summary": spec.summary(), "images": {}}
+        continue
     shapes = from_checkpoint(path)
     assert shapes.layout == spec.layout and shapes.preprocess == spec.preprocess and shapes.family == spec.family
     images = {}
@@ -91,10 +95,20 @@ def onevision_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def described(ckpts, qwen_ckpts, gemma_ckpt, idefics2_ckpts, onevision_ckpt, tiny_reference) -> dict:
+def blip2_ckpts(tmp_path_factory):
+    import builders_blip2
+
+    root = tmp_path_factory.mktemp("blip2-spec")
+    return {"instructblip": builders_blip2.build_instructblip(root / "instructblip"),
+            "blip2-opt": builders_blip2.build_blip2_opt(root / "blip2-opt")}
+
+
+@pytest.fixture(scope="module")
+def described(ckpts, qwen_ckpts, gemma_ckpt, idefics2_ckpts, onevision_ckpt, blip2_ckpts, tiny_reference) -> dict:
     paths = {**{name: str(path) for name, path in ckpts.items()}, **{k: str(v) for k, v in qwen_ckpts.items()},
              "gemma3": str(gemma_ckpt), **{k: str(v) for k, v in idefics2_ckpts.items()},
-             "llava_onevision": str(onevision_ckpt), "reference": str(tiny_reference)}
+             "llava_onevision": str(onevision_ckpt), **{k: str(v) for k, v in blip2_ckpts.items()},
+             "reference": str(tiny_reference)}
     run = subprocess.run([sys.executable, "-c", BLOCKER + DESCRIBE, *paths.values()], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -35,9 +35,12 @@ def checkpoint_summary(path: Path) -> dict:
         "mmproj": spec.mmproj_projector or f"none: {spec.mmproj_refusal}",
         "vision": spec.summary()["vision"],
         "decoder": {
-            "architecture": arch.name, "gguf_arch": arch.gguf_arch_name(), "mlx_model_type": arch.mlx_model_type,
+            "architecture": arch.name, "mlx_model_type": arch.mlx_model_type,
+            # a row without GGUF/MLX (BLIP-2's OPT) says why instead
+            "gguf_arch": f"none: {arch.export_refusal}" if arch.export_refusal else arch.gguf_arch_name(),
             "hidden_size": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads,
-            "kv_heads": text.num_key_value_heads, "intermediate_size": text.intermediate_size,
+            "kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            "intermediate_size": getattr(text, "intermediate_size", None) or text.ffn_dim,
             "vocab_size": text.vocab_size, "context_length": ckpt.context_length,
             "tie_word_embeddings": bool(text.tie_word_embeddings),
         },
@@ -109,8 +112,9 @@ def supported() -> dict:
         "families": [{"architecture": a, "family": f} for a, f in FAMILIES.items()],
         "support": [{**asdict(row), "decoder_rows": list(row.decoder_rows)} for row in SUPPORT],
         "decoders": [{"name": r.name, "hf_model_types": list(r.hf_model_types), "hf_class": r.hf_class,
-                      "gguf_arch": r.gguf_arch_name(), "permute_qk": r.permute_qk, "bias_tensors": list(r.bias_tensors),
-                      "mlx_model_type": r.mlx_model_type, "position_schemes": list(r.position_schemes)}
+                      "gguf_arch": "-" if r.export_refusal else r.gguf_arch_name(), "permute_qk": r.permute_qk, "bias_tensors": list(r.bias_tensors),
+                      "mlx_model_type": r.mlx_model_type, "position_schemes": list(r.position_schemes),
+                      **({"export_refusal": r.export_refusal} if r.export_refusal else {})}
                      for r in ARCHITECTURES.values()],
     }
 
@@ -135,6 +139,9 @@ def main(args) -> int:
                   [(d["name"], ", ".join(d["hf_model_types"]), d["hf_class"], d["gguf_arch"], d["permute_qk"],
                     ", ".join(d["bias_tensors"]) or "-", d["mlx_model_type"], ", ".join(d["position_schemes"]))
                    for d in info["decoders"]])
+            for d in info["decoders"]:
+                if d.get("export_refusal"):
+                    print(f"decoder {d['name']}: {d['export_refusal']}")
         return 0
     if not args.path:
         raise BadInputError("edgevlm inspect needs a checkpoint folder or bundle (or --supported)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..decoder_arch import architecture
 from ..errors import BadInputError
-from ..manifest import MMPROJ_PRECISIONS, DecoderSpec, EncoderSpec, Manifest
+from ..manifest import INSTRUCTION_TOKENIZER, MMPROJ_PRECISIONS, DecoderSpec, EncoderSpec, Manifest
 from .bundle import BundleWriter, recover_interrupted, write_bundle
 from .memory import release_memory
 
@@ -21,6 +21,7 @@ DECODER_FORMATS = {
     "gguf": ("gguf", ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")),
     "mlx": ("mlx", ("fp32", "fp16", "8bit", "4bit")),
 }
+INSTRUCTION_INPUTS = ("qformer_input_ids", "qformer_attention_mask")  # HF's names, (tiles, n) int64 each
 DEFAULT_MAX_TILES = 17  # SmolVLM splits up to 4x4 tiles + the global view
 
 
@@ -68,8 +69,12 @@ def encoder_spec(ckpt, max_tiles: int) -> EncoderSpec:
     if tokens != ckpt.layout.tokens_per_tile:
         raise BadInputError(f"the vision module makes {tokens} tokens per tile but the processor expects "
                             f"{ckpt.layout.tokens_per_tile}; the checkpoint's processor config does not match the model")
+    instruction = ckpt.spec.instruction
+    if instruction is not None:  # InstructBLIP: the graph reads the prompt's Q-Former ids and mask too
+        instruction = {"tokenizer": "qformer_tokenizer", "max_tokens": instruction.max_tokens,
+                       "inputs": list(INSTRUCTION_INPUTS), "default_ids": ckpt.vision.default_ids[0].tolist()}
     return EncoderSpec("pixel_values", "image_embeds", ["tiles", channels, tile_h, tile_w], ["tiles", tokens, dim],
-                       max_tiles)
+                       max_tiles, instruction=instruction)
 
 
 def grid_encoder_spec(ckpt) -> EncoderSpec:
@@ -129,9 +134,12 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
         encoder=encoder,
         decoder=DecoderSpec(
             architecture=arch.name, hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
-            n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=head_dim,
-            intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
-            context_length=ckpt.context_length, rms_norm_eps=float(config.rms_norm_eps), rope_theta=float(rope_theta),
+            # OPT (torch only) names its MLP ffn_dim and has neither KV groups nor RMS norms
+            n_heads=config.num_attention_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim=head_dim,
+            intermediate_size=getattr(config, "intermediate_size", None) or config.ffn_dim, vocab_size=config.vocab_size,
+            context_length=ckpt.context_length, rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-5)),
+            rope_theta=float(rope_theta),
             rope_scaling=rope_scaling, tie_word_embeddings=bool(config.tie_word_embeddings),
             position_scheme=arch.position_schemes[0], mrope_section=mrope_section,
             spatial_merge_size=family.preprocess.merge_size if mrope_section else None,
@@ -166,6 +174,17 @@ def write_tokenizer(ckpt, writer: BundleWriter):
     return writer.artifact("tokenizer", "tokenizer", "hf-tokenizer", "-", "tokenizer")
 
 
+def write_instruction_tokenizer(ckpt, writer: BundleWriter, instruction: dict):
+    """The encoder's own prompt tokenizer (InstructBLIP's Q-Former BERT tokenizer), copied from the checkpoint."""
+    source = Path(ckpt.path) / ckpt.spec.instruction.tokenizer
+    target = writer.root / instruction["tokenizer"]
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    return writer.artifact(INSTRUCTION_TOKENIZER, "tokenizer", "hf-tokenizer", "-", instruction["tokenizer"])
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -191,6 +210,9 @@ def export_checkpoint(
     if output.exists() and not force:
         raise BadInputError(f"{output} already exists; choose another -o or pass --force to replace it")
     spec = describe_checkpoint(checkpoint)  # torch-free: what the family's description refuses, before the load
+    refusal = architecture(spec.decoder_architecture).export_refusal
+    if decoders and refusal:  # e.g. BLIP-2's OPT: no GGUF/MLX decoder can be written
+        raise BadInputError(refusal)
     for request in encoders:  # a format the family has no writer for is refused before the (slow) load
         module = _module(ENCODER_FORMATS, request)
         if hasattr(module, "check_spec"):
@@ -205,6 +227,8 @@ def export_checkpoint(
     tensor_progress = options.pop("tensor_progress", None)
     with write_bundle(output, manifest, overwrite=force) as writer:
         manifest.artifacts.append(write_tokenizer(ckpt, writer))
+        if manifest.encoder.instruction:
+            manifest.artifacts.append(write_instruction_tokenizer(ckpt, writer, manifest.encoder.instruction))
         # Memory: the decoder's inputs (GGUF files, the quantizer's 16-bit input, mlx-lm's HF folder) are written
         # first, straight from the stored-dtype weights; then the decoder is freed before llama.cpp's quantizer,
         # mlx-lm and the vision export run, so no step holds two copies of the model.

@@ -38,10 +38,16 @@ def export_graph(vision, encoder_spec, path: Path) -> Path:
     dummy = torch.zeros(min(2, encoder_spec.max_tiles), channels, height, width)
     n_bytes = sum(p.numel() * p.element_size() for p in vision.parameters())
     tiles = torch.export.Dim("tiles", min=1, max=max(2, encoder_spec.max_tiles))
+    args, names, shapes = (dummy,), [encoder_spec.input_name], ({0: tiles},)
+    if encoder_spec.instruction:  # InstructBLIP: (tiles, n) ids + mask, n the instruction's own axis
+        n = torch.export.Dim("instruction_tokens", min=2, max=int(encoder_spec.instruction["max_tokens"]))
+        ids = torch.ones(len(dummy), 5, dtype=torch.long)  # not 2: the exporter would specialise a size it met twice
+        args, names = (dummy, ids, torch.ones_like(ids)), names + list(encoder_spec.instruction["inputs"])
+        shapes = ({0: tiles}, {0: tiles, 1: n}, {0: tiles, 1: n})
     with torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(
-            vision, (dummy,), str(path), dynamo=True, input_names=[encoder_spec.input_name],
-            output_names=[encoder_spec.output_name], dynamic_shapes=({0: tiles},),
+            vision, args, str(path), dynamo=True, input_names=names,
+            output_names=[encoder_spec.output_name], dynamic_shapes=shapes,
             external_data=n_bytes > EXTERNAL_DATA_BYTES, verbose=False,
         )
     _drop_rewriter_state()
@@ -126,6 +132,7 @@ class HalfPrecision(torch.nn.Module):
         self.inner = copy.deepcopy(vision).half()  # never mutate the caller's module
 
     def forward(self, pixel_values, vision_pos=None, window_ids=None, table_weights=None):
+        # (an instruction-reading encoder's ids and mask come in the same places: integers, passed on as they are)
         # a grid encoder's positions and window ids are integers: only the pixels change dtype. Named parameters, not
         # *args: torch.export matches dynamic_shapes to the signature's parameters. The inputs after the pixels are
         # passed on in order whatever they are (Qwen3-VL: positions, table ids, table weights; its module casts them)
@@ -273,8 +280,20 @@ def int8_feeds(manifest) -> tuple[list[dict], list[dict]]:
     fresh = calibration_tiles(manifest, 8, seed=3_500_000_000)
     noise = np.random.default_rng(0).normal(size=(4, *fresh.shape[1:])).astype(np.float32)
     held_out = np.concatenate([fresh, noise])
-    return ([{name: calibration[i : i + 1]} for i in range(len(calibration))],
-            [{name: held_out[i : i + 1]} for i in range(len(held_out))])
+    extra = instruction_feeds(manifest.encoder, 1)
+    return ([{name: calibration[i : i + 1], **extra} for i in range(len(calibration))],
+            [{name: held_out[i : i + 1], **extra} for i in range(len(held_out))])
+
+
+def instruction_feeds(encoder_spec, tiles: int) -> dict:
+    """An instruction-reading graph's other inputs (InstructBLIP): the contract's default instruction per tile."""
+    import numpy as np
+
+    if not encoder_spec.instruction:
+        return {}
+    ids = np.tile(np.asarray(encoder_spec.instruction["default_ids"], dtype=np.int64), (tiles, 1))
+    first, second = encoder_spec.instruction["inputs"]
+    return {first: ids, second: np.ones_like(ids)}
 
 
 def run_per_tile(session, feeds: list[dict]) -> tuple:
@@ -360,7 +379,7 @@ def choose_cpu_fusion(graph: Path, staged: Path, encoder_spec, log=print, refere
     if not build_cpu_graph(graph, staged, fuse=True):
         return False  # nothing matched
     tile = np.random.default_rng(0).normal(size=(1, *encoder_spec.input_shape[1:])).astype(np.float32)
-    feed = {encoder_spec.input_name: tile}
+    feed = {encoder_spec.input_name: tile, **instruction_feeds(encoder_spec, 1)}
 
     def output(source: Path):
         return ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, feed)[0]

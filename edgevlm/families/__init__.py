@@ -24,6 +24,8 @@ FAMILIES = {
     "Gemma3ForConditionalGeneration": "gemma3",
     "Idefics2ForConditionalGeneration": "idefics2",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+    "Blip2ForConditionalGeneration": "blip2",
+    "InstructBlipForConditionalGeneration": "blip2",
 }
 # text-only checkpoints of a family's decoder (no vision tower): refused in one line by the family that names them
 TEXT_ONLY = {"Gemma3ForCausalLM": "gemma3"}

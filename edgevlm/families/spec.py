@@ -98,6 +98,20 @@ class VisionShapes:
 
 
 @dataclass(frozen=True)
+class InstructionInput:
+    """The encoder also reads the prompt (InstructBLIP's Q-Former): the rendered prompt, image placeholders removed,
+    tokenized by the tokenizer in `tokenizer` (a folder of the checkpoint, shipped in the bundle) into at most
+    `max_tokens` ids. Its ids are part of the image's identity (cache keys)."""
+
+    tokenizer: str  # folder (tokenizer.json inside) relative to the checkpoint / bundle
+    max_tokens: int  # the Q-Former's position table
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer or not isinstance(self.max_tokens, int) or self.max_tokens < 2:
+            raise CheckpointError(f"an instruction input needs a tokenizer folder and max_tokens >= 2, got {self}")
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     family: str  # edgevlm.families module and the manifest's family
     architecture: str  # the config.json architecture it was described from
@@ -113,6 +127,7 @@ class FamilySpec:
     # DeepStack (Qwen3-VL): an image row carries 1 + k slices of the decoder's width; slice i is added to the
     # hidden states after decoder layer i - 1 at the image's positions
     deepstack_layers: int = 0
+    instruction: InstructionInput | None = None  # the encoder reads the prompt too (InstructBLIP)
 
     def __post_init__(self) -> None:
         if not isinstance(self.deepstack_layers, int) or self.deepstack_layers < 0:
@@ -169,7 +184,8 @@ class FamilySpec:
                 "mmproj_projector": self.mmproj_projector, "mmproj_refusal": self.mmproj_refusal,
                 "stop_tokens": list(self.stop_tokens),
                 "mrope_section": list(self.mrope_section) if self.mrope_section else None,
-                "deepstack_layers": self.deepstack_layers}
+                "deepstack_layers": self.deepstack_layers,
+                "instruction": asdict(self.instruction) if self.instruction else None}
 
 
 def mlp_width_refusal(projector_type: str, width: int, mlp: int) -> str | None:

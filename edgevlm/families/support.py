@@ -41,6 +41,15 @@ SUPPORT = (
     FamilySupport("idefics2", "Idefics2", "MLP + Perceiver resampler (64 latents)", ("llama",),
                   f"none: {PINNED_LLAMA_CPP} has no Idefics2 projector type",
                   "mmproj; preprocessing without padding or without shortest/longest edges"),
+    FamilySupport("llava_onevision", "LLaVA-OneVision (-ov-hf)",
+                  "2-layer MLP + anyres-max tiling (unpadding, pooling past the max, image_newline rows)", ("qwen2",),
+                  f"none: {PINNED_LLAMA_CPP} has no LLaVA-OneVision projector type",
+                  "several images in one prompt (HF packs them as unsplit views); mmproj; video"),
+    FamilySupport("blip2", "BLIP-2 (OPT, Flan-T5), InstructBLIP (Vicuna)",
+                  "Q-Former (32 queries; InstructBLIP's reads the instruction) + linear", ("llama",),
+                  f"none: {PINNED_LLAMA_CPP} has no BLIP-2 projector type",
+                  "GGUF/MLX decoders for OPT (llama.cpp and mlx-lm have no OPT: torch decoder only); Flan-T5 "
+                  "(encoder-decoder)"),
 )
 
 

@@ -224,6 +224,11 @@ def _preset_vision(spec: FamilySpec, s) -> VisionShape:
     elif spec.family == "llava_onevision":  # SigLIP as above; MLP projector Linear(dv -> d) + Linear(d -> d) + newline
         tower = patch_embed + dv + side * side * dv + layers + 2 * dv
         projector = dv * d + d + d * d + d + d
+    elif spec.family == "blip2":  # EVA ViT: CLS, conv with bias, a fused qkv bias (k's part zero), post-LN; Q-Former
+        from ..reference.preset_instructblip import qformer_params
+
+        tower = dv + patch_embed + dv + (side * side + 1) * dv + layers + 2 * dv
+        projector = qformer_params(s, instruct=spec.instruction is not None)
     elif spec.family == "llava":  # CLIP: class embedding, conv without bias, pre- and post-LN; 2-layer MLP projector
         tower = dv + patch_embed + (side * side + 1) * dv + 2 * dv + layers + 2 * dv
         projector = dv * d + d + d * d + d
@@ -261,6 +266,11 @@ def from_checkpoint(path: str | Path) -> ModelShapes:
         raise BadInputError(f"{path} has no config.json; pass a Hugging Face checkpoint folder (save_pretrained)")
     config = read_config(path)
     spec = describe(config, read_processor_config(path), read_vocabulary(path))
+    from ..decoder_arch import architecture
+
+    refusal = architecture(spec.decoder_architecture).export_refusal
+    if refusal:  # nothing the planner prices (GGUF/MLX decoders) can be written for this decoder (BLIP-2's OPT)
+        raise CheckpointError(refusal)
     shapes = safetensors_shapes(path)
     decoder, tensors, decoder_keys = _checkpoint_decoder(config, spec, shapes)
     vision_keys = [k for k in shapes if k not in decoder_keys]  # tower (a SigLIP pooling head included) + projector
@@ -339,7 +349,7 @@ def _checkpoint_vision(spec: FamilySpec, shapes: dict, keys: list[str]) -> Visio
         if len(conv) != 1:
             raise CheckpointError(f"cannot find the vision tower's patch embedding (found {conv or 'no 4-D tensor'})")
         width, _, patch, _ = shapes[conv[0]][1]
-        table = next((k for k in keys if "position_embedding" in k), None)
+        table = next((k for k in keys if "position_embedding" in k and k not in projector), None)  # not a Q-Former's
         if table and shapes[table][1][-2] != v.sequence:
             raise CheckpointError(f"the vision tower's position table has {shapes[table][1][-2]} rows but config.json "
                                   f"makes {v.sequence} positions per tile; the files do not belong together")

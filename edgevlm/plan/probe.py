@@ -81,8 +81,10 @@ def measure_encoder(graph: str, input_name: str, tile_shape: tuple[int, int, int
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     opened = rss_bytes()
     base_peak = peak_rss_bytes()  # opening may peak above `opened` (graph copies freed again)
+    # any other input is an instruction's ids (InstructBLIP): a short one per tile
+    extra = {i.name: np.ones((CPU_TILES_PER_RUN, 4), dtype=np.int64) for i in session.get_inputs() if i.name != input_name}
     for tiles in inputs:
-        session.run(None, {input_name: tiles})
+        session.run(None, {input_name: tiles, **extra})
     peak = peak_rss_bytes()
     return {"session_bytes": opened - before,
             "activation_bytes_per_tile": max(0, peak - max(opened, base_peak)) // CPU_TILES_PER_RUN,

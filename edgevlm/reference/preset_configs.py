@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..families.spec import Vocabulary
 from .preset_idefics2 import IDEFICS2_SPECIAL_IDS, Idefics2Shape
 from .preset_onevision import ONEVISION_SPECIAL_IDS, OnevisionShape
+from .preset_instructblip import InstructBlipShape
 from .presets import (INTERNVL_SPECIAL_IDS, LLAVA15_SPECIAL_IDS, QWEN2VL_SPECIAL_IDS, SMOLVLM_SPECIAL_IDS,
                       Gemma3Shape, InternVLShape, LlavaShape, Qwen3VLShape, QwenVLShape)
 
@@ -73,6 +74,10 @@ def preset_files(shape) -> tuple[dict, dict, Vocabulary]:
         from .preset_onevision import files
 
         return (*files(shape), _vocabulary(ONEVISION_SPECIAL_IDS))
+    if isinstance(shape, InstructBlipShape):
+        from .preset_instructblip import INSTRUCTBLIP_SPECIAL_IDS, files
+
+        return (*files(shape), _vocabulary(INSTRUCTBLIP_SPECIAL_IDS))
     if isinstance(shape, Idefics2Shape):
         config = {"architectures": ["Idefics2ForConditionalGeneration"], "image_token_id": 32001,
                   "vision_config": dict(tower, image_size=shape.image, patch_size=shape.patch),

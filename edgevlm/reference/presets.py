@@ -9,6 +9,7 @@ from pathlib import Path
 from .preset_gemma3 import Gemma3Shape
 from .preset_idefics2 import Idefics2Shape
 from .preset_onevision import OnevisionShape
+from .preset_instructblip import InstructBlipShape
 from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
@@ -154,6 +155,8 @@ PRESETS = {
     "idefics2-8b": Idefics2Shape(),
     # llava-onevision-qwen2-0.5b-ov-hf: SigLIP-so400m/14 at 384 + MLP + Qwen2-0.5B, anyres_max_9 (preset_onevision.py)
     "llava-onevision-0.5b": OnevisionShape(),
+    # InstructBLIP-Vicuna-7B: EVA ViT-g/14 at 224 + Q-Former (32 queries) + Vicuna-7B (preset_instructblip.py)
+    "instructblip-vicuna-7b": InstructBlipShape(),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -221,6 +224,10 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
             from .preset_idefics2 import build_idefics2
 
             return build_idefics2(shape, out, _CORPUS)
+        if isinstance(shape, InstructBlipShape):
+            from .preset_instructblip import build_instructblip
+
+            return build_instructblip(shape, out, _CORPUS)
         return _build_smolvlm(shape, out, single_tile)
     finally:
         torch.set_default_dtype(previous)

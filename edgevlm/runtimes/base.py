@@ -72,10 +72,12 @@ class Encoder(ABC):
     graph_bytes: int | None = None  # bytes of the graph file the runtime loaded (None: not a file, e.g. torch)
 
     @abstractmethod
-    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
+    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None,
+               instruction: np.ndarray | None = None) -> np.ndarray:
         """(tiles, 3, H, W) float32 -> (tiles, T, D) float32; with a grid (a native-resolution encoder):
         (P, C*T*p*p) patches of a (t, h, w) grid -> (M, D). D is encoder.row_slices x the decoder's width (a
-        DeepStack row carries its slices side by side)."""
+        DeepStack row carries its slices side by side). `instruction`: (n,) int64 ids of the prompt, for an encoder
+        that reads it (InstructBLIP's Q-Former; without it, the contract's default instruction)."""
 
 
 class Decoder(ABC):

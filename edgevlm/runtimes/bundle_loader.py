@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BadInputError, BundleError
-from ..manifest import Manifest
+from ..manifest import INSTRUCTION_TOKENIZER, Manifest
 from .session import RuntimeSpec, Session
 
 # default choice when the caller names none: fastest first on a CPU
@@ -41,6 +41,12 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
 
     manifest.find("tokenizer").verify(bundle)
     tokenizer = BundleTokenizer(bundle / manifest.tokenizer["path"])
+    instruction = manifest.encoder.instruction
+    if instruction:  # the encoder reads the prompt too (InstructBLIP): its own tokenizer, shipped in the bundle
+        from .tokenizer import InstructionTokenizer
+
+        manifest.find("tokenizer", INSTRUCTION_TOKENIZER).verify(bundle)
+        instruction = InstructionTokenizer(bundle / instruction["tokenizer"], instruction["max_tokens"])
     return RuntimeSpec(
         tokenizer=tokenizer,
         chat_template=manifest.tokenizer.get("chat_template"),
@@ -49,6 +55,7 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
         stop_token_ids=list(manifest.tokenizer.get("stop_token_ids", [])),
         position_scheme=manifest.decoder.position_scheme,
         image_attention=manifest.decoder.image_attention,
+        instruction_tokenizer=instruction or None,
     )
 
 

@@ -109,6 +109,7 @@ class OnnxRuntimeEncoder(Encoder):
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         wanted = [i["name"] for i in spec.inputs] if spec.kind == "grid" else [spec.input_name]
+        wanted += list(spec.instruction["inputs"]) if spec.instruction else []
         if sorted(wanted) != sorted(inputs) or spec.output_name not in outputs:
             raise BundleError(f"{graph_name} has inputs {sorted(inputs)} and outputs {outputs}, but the manifest names "
                               f"{', '.join(map(repr, wanted))} and {spec.output_name!r}; re-export the bundle")
@@ -131,11 +132,15 @@ class OnnxRuntimeEncoder(Encoder):
             merge = self.grid_spec.merge_size
             self.encode(np.zeros((merge * merge, self.grid_spec.patch_dim), dtype=np.float32), grid=(1, merge, merge))
 
-    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
+    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None,
+               instruction: np.ndarray | None = None) -> np.ndarray:
         """tiles (tiles, 3, H, W) -> (tiles, T, D); a grid encoder: one image's patches (P, C*T*p*p) and its
-        (t, h, w) grid in patches -> (t*h*w / merge^2, D)."""
+        (t, h, w) grid in patches -> (t*h*w / merge^2, D). An encoder that reads the instruction (InstructBLIP)
+        takes its (n,) ids (default: the manifest's default_ids) for every tile."""
         if self.grid_spec is not None or grid is not None:
             return self._encode_grid(pixel_values, grid)
+        if instruction is not None and not self.spec.instruction:
+            raise BadInputError("this encoder takes pixels only; it was given an instruction")
         expected = tuple(self.spec.input_shape[1:])
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise BadInputError(f"encoder input must be (tiles, {', '.join(map(str, expected))}), got {pixel_values.shape}")
@@ -143,9 +148,20 @@ class OnnxRuntimeEncoder(Encoder):
         per_run = CPU_TILES_PER_RUN if self.provider == PROVIDERS["cpu"] else TILES_PER_RUN
         step = max(1, min(self.spec.max_tiles, per_run))
         chunks = [pixel_values[i : i + step] for i in range(0, len(pixel_values), step)]
-        outputs = [self.session.run([self.spec.output_name], {self.spec.input_name: c}, self.run_options)[0]
-                   for c in chunks]
+        outputs = [self.session.run([self.spec.output_name], {self.spec.input_name: c, **self._instruction_feeds(
+                   len(c), instruction)}, self.run_options)[0] for c in chunks]
         return np.concatenate(outputs).astype(np.float32, copy=False)  # (tiles, T, D)
+
+    def _instruction_feeds(self, tiles: int, instruction: np.ndarray | None) -> dict:
+        if not self.spec.instruction:
+            return {}
+        ids = np.asarray(self.spec.instruction["default_ids"] if instruction is None else instruction, dtype=np.int64)
+        if ids.ndim != 1 or not 1 <= len(ids) <= self.spec.instruction["max_tokens"]:
+            raise BadInputError(f"the instruction must be 1 to {self.spec.instruction['max_tokens']} ids, got shape "
+                                f"{ids.shape}")
+        ids = np.ascontiguousarray(np.broadcast_to(ids, (tiles, len(ids))))
+        names = self.spec.instruction["inputs"]
+        return {names[0]: ids, names[1]: np.ones_like(ids)}
 
     def _encode_grid(self, pixel_values: np.ndarray, grid) -> np.ndarray:
         if self.grid_spec is None:

@@ -28,15 +28,18 @@ class RuntimeSpec:
     stop_token_ids: list[int]
     position_scheme: str = "1d"
     image_attention: str = "causal"  # positions.IMAGE_ATTENTION
+    # the encoder also reads the prompt (InstructBLIP): text -> ids (runtimes/tokenizer.InstructionTokenizer)
+    instruction_tokenizer: Any = None
 
 
 @dataclass
 class PreparedImage:
     rgb: Image.Image
-    key: str  # content hash: decoded pixels + preprocessing + encoder artifact
+    key: str  # content hash: decoded pixels + preprocessing + encoder artifact (+ the instruction's ids)
     rows: int
     cols: int
     n_rows_embedded: int  # tiles * tokens per tile
+    instruction: np.ndarray | None = None  # (n,) int64: what the encoder reads besides the pixels, when it does
 
 
 @dataclass
@@ -51,22 +54,36 @@ class Prompt:
         return len(self.ids)
 
 
-def image_key(rgb: Image.Image, preprocess: PreprocessSpec, encoder_id: str) -> str:
+def image_key(rgb: Image.Image, preprocess: PreprocessSpec, encoder_id: str, instruction: np.ndarray | None = None) -> str:
     digest = hashlib.sha256()
     digest.update(f"{rgb.size}".encode())
     digest.update(rgb.tobytes())
     digest.update(json.dumps(preprocess.to_dict(), sort_keys=True).encode())
     digest.update(encoder_id.encode())
+    if instruction is not None:  # the same pixels read with another instruction are other rows
+        digest.update(b"instruction:" + np.asarray(instruction, dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 
-def prepare_image(spec: RuntimeSpec, source, encoder_id: str) -> PreparedImage:
+def instruction_text(spec: RuntimeSpec, text: str) -> str:
+    """What the encoder's instruction input reads: the rendered prompt without its image placeholders (the text
+    InstructBlipProcessor is given)."""
+    return "".join(text.split(spec.layout.placeholder))
+
+
+def prepare_image(spec: RuntimeSpec, source, encoder_id: str, text: str | None = None) -> PreparedImage:
+    """`text`: the rendered prompt, needed when the encoder reads it too (spec.instruction_tokenizer)."""
     rgb = load_image(source)
     rows, cols = tile_grid(rgb.size[1], rgb.size[0], spec.preprocess)
     n_rows = spec.layout.n_tiles(rows, cols) * spec.layout.tokens_per_tile
     if spec.preprocess.resize_rule == "anyres":  # packed: unpadded to the image's aspect, maybe pooled
         n_rows = spec.preprocess.anyres_rows(rgb.size[1], rgb.size[0])
-    return PreparedImage(rgb, image_key(rgb, spec.preprocess, encoder_id), rows, cols, n_rows)
+    instruction = None
+    if spec.instruction_tokenizer is not None:
+        if text is None:
+            raise ValueError("this encoder reads the prompt too: prepare images with the rendered prompt")
+        instruction = spec.instruction_tokenizer(instruction_text(spec, text))
+    return PreparedImage(rgb, image_key(rgb, spec.preprocess, encoder_id, instruction), rows, cols, n_rows, instruction)
 
 
 def render(spec: RuntimeSpec, messages: list[dict]) -> str:
@@ -111,11 +128,16 @@ def tokenize(spec: RuntimeSpec, text: str, images: list[PreparedImage]) -> Promp
                             "unsplit view) is not supported; send one image per conversation")
     if len(pieces) - 1 != len(images):
         raise BadInputError(f"the prompt text has {len(pieces) - 1} image placeholders but {len(images)} images were given")
-    expanded = pieces[0]
-    for image, piece in zip(images, pieces[1:]):
-        expanded += layout.expand(image.rows, image.cols, image.n_rows_embedded) + piece
-    expanded = layout.finish(expanded)
-    ids = np.asarray(spec.tokenizer(expanded, add_special_tokens=True)["input_ids"], dtype=np.int32)
+    if layout.kind == "leading":  # BLIP-2 / InstructBLIP: image tokens before the text's own special tokens
+        leading = [layout.image_token_id] * sum(image.n_rows_embedded for image in images)
+        ids = np.asarray(leading + list(spec.tokenizer("".join(pieces), add_special_tokens=True)["input_ids"]),
+                         dtype=np.int32)
+    else:
+        expanded = pieces[0]
+        for image, piece in zip(images, pieces[1:]):
+            expanded += layout.expand(image.rows, image.cols, image.n_rows_embedded) + piece
+        expanded = layout.finish(expanded)
+        ids = np.asarray(spec.tokenizer(expanded, add_special_tokens=True)["input_ids"], dtype=np.int32)
     is_image = ids == layout.image_token_id
     keys: list = ids.tolist()
     runs: list[tuple[int, int, int, int]] = []

@@ -79,8 +79,9 @@ class Session:
         return self.decoder.artifact_id
 
     # ---- prompt building (prompt.py) -------------------------------------------------------------------------
-    def _prepare_image(self, source) -> PreparedImage:
-        return prompts.prepare_image(self.spec, source, self.encoder.artifact_id)
+    def _prepare_image(self, source, text: str | None = None) -> PreparedImage:
+        """`text`: the rendered prompt, which an encoder that reads the instruction too (InstructBLIP) needs."""
+        return prompts.prepare_image(self.spec, source, self.encoder.artifact_id, text)
 
     def render(self, messages: list[dict]) -> str:
         return prompts.render(self.spec, messages)
@@ -108,7 +109,9 @@ class Session:
         t0 = time.perf_counter()
         pre = preprocess(image.rgb, self.spec.preprocess)
         t1 = time.perf_counter()
-        if pre.grid is None:
+        if image.instruction is not None:  # the encoder reads the prompt's instruction ids too (InstructBLIP)
+            embeds = self.encoder.encode(pre.pixel_values, instruction=image.instruction)
+        elif pre.grid is None:
             embeds = self.encoder.encode(pre.pixel_values)  # (tiles, T, D)
         else:  # a native-resolution encoder: (P, C*T*p*p) patches of a (t, h, w) grid -> (M, D)
             embeds = self.encoder.encode(pre.pixel_values, grid=pre.grid)
@@ -270,8 +273,8 @@ class Session:
             stop_filter = StopFilter(stop) if stop else None
         except ValueError as exc:
             raise BadInputError(f"{exc}; got {stop!r}") from None
-        prepared = [self._prepare_image(s) for s in images]
         text = raw_text if raw_text is not None else self.render(messages or [])
+        prepared = [self._prepare_image(s, text) for s in images]
         prompt = self.tokenize(text, prepared)
         n_prompt = len(prompt)
         n_image = sum(im.n_rows_embedded for im in prepared)
@@ -439,8 +442,10 @@ class Session:
 
     def teacher_forced_logits(self, image, prompt: str, tokens: Sequence[int]) -> list[np.ndarray]:
         """Logits before each of ``tokens`` when the decoder is fed exactly those tokens (for parity checks)."""
-        images = [self._prepare_image(s) for s in _as_list(image)]
-        prompt_ids = self.tokenize(self.render([self.user_message(prompt, len(images))]), images)
+        sources = _as_list(image)
+        text = self.render([self.user_message(prompt, len(sources))])
+        images = [self._prepare_image(s, text) for s in sources]
+        prompt_ids = self.tokenize(text, images)
         self.forget_sequence()
         try:
             segments = self._segments(prompt_ids, images, 0, len(prompt_ids), _new_timings())

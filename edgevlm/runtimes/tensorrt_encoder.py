@@ -85,9 +85,13 @@ class TensorRTEncoder(Encoder):
         cuda_call(cudart, cudart.cudaStreamSynchronize(self.stream))  # the host reads `output` only after this
         return output.astype(np.float32, copy=False)
 
-    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
+    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None,
+               instruction: np.ndarray | None = None) -> np.ndarray:
         if grid is not None:
             raise BundleError(GRID_REFUSAL)
+        if instruction is not None or self.spec.instruction:
+            raise BundleError("the TensorRT encoder takes pixels only; an encoder that reads the instruction too "
+                              "(InstructBLIP) runs on ONNX Runtime (--encoder onnx:...)")
         expected = tuple(self.spec.input_shape[1:])
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise BadInputError(f"encoder input must be (tiles, {', '.join(map(str, expected))}), got {pixel_values.shape}")

@@ -118,3 +118,32 @@ def _clean_up_tokenization(text: str) -> str:
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(before, after)
     return text
+
+
+class InstructionTokenizer:
+    """The tokenizer an encoder reads the prompt with (InstructBLIP's Q-Former BERT tokenizer): tokenizer.json in
+    `folder` through `tokenizers` (torch-free), special tokens added as its post-processor says ([CLS] x [SEP]);
+    text -> (n,) int64 ids, refused beyond `max_tokens` (the Q-Former's position table)."""
+
+    def __init__(self, folder: Path, max_tokens: int):
+        from tokenizers import Tokenizer
+
+        file = Path(folder) / "tokenizer.json"
+        if not file.is_file():
+            raise BundleError(f"{folder} has no tokenizer.json: the encoder's instruction tokenizer is missing; re-save "
+                              "the checkpoint's processor (save_pretrained writes it) or re-export the bundle")
+        self._tokenizer = Tokenizer.from_file(str(file))
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self.max_tokens = int(max_tokens)
+
+    def __call__(self, text: str):
+        import numpy as np
+
+        from ..errors import BadInputError
+
+        ids = np.asarray(self._tokenizer.encode(text, add_special_tokens=True).ids, dtype=np.int64)
+        if len(ids) > self.max_tokens:
+            raise BadInputError(f"the prompt is {len(ids)} tokens for the vision bridge's instruction input, which takes "
+                                f"at most {self.max_tokens}; shorten the prompt")
+        return ids

@@ -18,10 +18,15 @@ class TorchEncoder(Encoder):
         self.artifact_id = artifact_id
 
     @torch.inference_mode()
-    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None) -> np.ndarray:
-        """(tiles, 3, H, W) -> (tiles, T, D); with a grid (a native-resolution encoder): (P, C*T*p*p) -> (M, D)."""
+    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int] | None = None,
+               instruction: np.ndarray | None = None) -> np.ndarray:
+        """(tiles, 3, H, W) -> (tiles, T, D); with a grid (a native-resolution encoder): (P, C*T*p*p) -> (M, D);
+        with an instruction (InstructBLIP): its (n,) ids, repeated for every tile, with an all-ones mask."""
         pixels = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32))
         pixels = pixels.to(next(self.vision.parameters()).dtype)  # a checkpoint loaded in its stored dtype (bf16)
+        if instruction is not None:
+            ids = torch.from_numpy(np.asarray(instruction, dtype=np.int64))[None].expand(len(pixels), -1)
+            return self.vision(pixels, ids, torch.ones_like(ids)).float().numpy()
         out = self.vision(pixels) if grid is None else self.vision(pixels, tuple(int(v) for v in grid))
         return out.float().numpy()
 
