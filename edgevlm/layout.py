@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2", "paligemma")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,10 @@ class ImageLayout:
     image is introduced in words and the crops follow, space-separated (Gemma3Processor.replace_image_token).
     ``idefics2``: ``<fake>`` + (image tokens + ``<fake>``) per tile (4 quarters + the whole when split); `finish`
     then applies Idefics2Processor's two string fixes (adjacent images share one ``<fake>``; a word glued to a
-    closing ``<fake>`` gets a space)."""
+    closing ``<fake>`` gets a space).
+    ``paligemma``: the placeholder becomes ``tokens_per_tile`` image tokens; `finish` puts start_token (``<bos>``)
+    right after the last image and a newline at the end (PaliGemmaProcessor), and the text is tokenized without the
+    tokenizer's own bos (`adds_special_tokens`)."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -48,11 +51,13 @@ class ImageLayout:
             raise ValueError("the idefics2 layout needs fake_token")
         if self.kind in ("wrapped", "gemma3") and not (self.start_token and self.end_token):
             raise ValueError(f"the {self.kind} layout needs start_token and end_token")
+        if self.kind == "paligemma" and not self.start_token:
+            raise ValueError("the paligemma layout needs start_token (the bos after the images)")
 
     def expand(self, rows: int, cols: int) -> str:
         """The text that replaces one placeholder for an image split into rows x cols tiles (0, 0 = unsplit)."""
         image = self.image_token * self.tokens_per_tile
-        if self.kind == "repeat":
+        if self.kind in ("repeat", "paligemma"):
             return image
         if self.kind == "grid":
             return self.image_token * (rows * cols)
@@ -78,11 +83,21 @@ class ImageLayout:
 
     def finish(self, text: str) -> str:
         """The expanded prompt as the family's processor leaves it (idefics2: processing_idefics2's fixes)."""
+        if self.kind == "paligemma":
+            end = text.rfind(self.image_token)
+            end = 0 if end < 0 else end + len(self.image_token)
+            return text[:end] + self.start_token + text[end:] + "\n"
         if self.kind != "idefics2":
             return text
         fake = self.fake_token
         text = text.replace(fake + fake, fake)
         return re.sub(rf"{re.escape(fake)}(?=[^\s<])", fake + " ", text)
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its own special tokens (bos) to the expanded prompt: not for PaliGemma, whose
+        processor places bos after the images itself."""
+        return self.kind != "paligemma"
 
     def n_tiles(self, rows: int, cols: int) -> int:
         if self.kind == "grid":

@@ -23,6 +23,7 @@ FAMILIES = {
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "Gemma3ForConditionalGeneration": "gemma3",
     "Idefics2ForConditionalGeneration": "idefics2",
+    "PaliGemmaForConditionalGeneration": "paligemma",  # PaliGemma 2 (Gemma 2 decoder)
 }
 # text-only checkpoints of a family's decoder (no vision tower): refused in one line by the family that names them
 TEXT_ONLY = {"Gemma3ForCausalLM": "gemma3"}

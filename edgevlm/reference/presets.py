@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .preset_gemma3 import Gemma3Shape
 from .preset_idefics2 import Idefics2Shape
+from .preset_paligemma import PaliGemmaShape
 from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
@@ -151,6 +152,8 @@ PRESETS = {
     "gemma3-4b": Gemma3Shape(),
     # Idefics2-8b: SigLIP-so400m/14 at 980 + Perceiver resampler (64 latents) + Mistral-7B (preset_idefics2.py)
     "idefics2-8b": Idefics2Shape(),
+    # PaliGemma 2 3B at 448: SigLIP-so400m/14 (1024 image tokens) + Gemma 2 2B, prefix-LM (preset_paligemma.py)
+    "paligemma2-3b-448": PaliGemmaShape(),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -214,6 +217,10 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
             from .preset_idefics2 import build_idefics2
 
             return build_idefics2(shape, out, _CORPUS)
+        if isinstance(shape, PaliGemmaShape):
+            from .preset_paligemma import build_paligemma
+
+            return build_paligemma(shape, out, _CORPUS)
         return _build_smolvlm(shape, out, single_tile)
     finally:
         torch.set_default_dtype(previous)
