@@ -88,9 +88,9 @@ class MlxDecoder(Decoder):
     def prefill_chunks(self, segments: list[Segment]) -> Iterator[int]:
         """The whole prompt as one chunk: mlx evaluates lazily, so the segments' calls run as one graph."""
         mx = self._mx
-        logits = None
-        if self._gemma2 is not None:
-            segments, logits = [], self._prefill_gemma2(segments)
+        logits, total = None, sum(len(s) for s in segments)
+        if self._gemma2 is not None:  # one call for all segments (a prefix-LM prompt is one block)
+            logits, segments = self._prefill_gemma2(segments), []
         for segment in segments:
             if self._mrope is not None:
                 logits = self._prefill_mrope(segment)
@@ -115,7 +115,7 @@ class MlxDecoder(Decoder):
         last = logits[0, -1].astype(mx.float32)
         mx.eval(last)
         self._logits = np.array(last)
-        yield sum(len(s) for s in segments)
+        yield total
 
     def _prefill_gemma2(self, segments: list[Segment]):
         """All segments in one call: into an empty sequence with prefix attention they are the prompt, one block."""
