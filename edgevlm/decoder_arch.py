@@ -26,6 +26,11 @@ class DecoderArch:
     gguf_norm_shift: float = 0.0
     # why neither a GGUF nor an MLX decoder can be written (one line); such a row runs on the torch runtime only
     export_refusal: str | None = None
+    # llama.cpp's graph for this arch multiplies every input row by sqrt(n_embd), embedding rows included (gemma2):
+    # image rows, which HF adds unscaled, go in divided by it
+    llama_scales_input_rows: bool = False
+    # local (sliding-window) layers: llama.cpp's arch fixes one global layer every N (None: no local layers)
+    swa_global_every: int | None = None
 
     def __post_init__(self) -> None:
         if not (self.name and self.hf_model_types and self.position_schemes):
@@ -99,7 +104,17 @@ ARCHITECTURES = {
     "gemma3": DecoderArch(
         name="gemma3", hf_model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
         hf_rotary_class="Gemma3RotaryEmbedding", gguf_arch="GEMMA3", permute_qk=False, bias_tensors=(),
-        mlx_model_type="gemma3_text", position_schemes=("1d",), gguf_norm_shift=1.0,
+        mlx_model_type="gemma3_text", position_schemes=("1d",), gguf_norm_shift=1.0, swa_global_every=6,
+    ),
+    # Gemma 2 text (PaliGemma 2): sandwich norms, (1 + w) RMS norms, attention-logit and final-logit soft-capping,
+    # local layers (even) alternating with global ones (odd); no QK-norm. llama.cpp's gemma2 scales every input row
+    # by sqrt(n_embd) (models/gemma2.cpp), HF only the token embeddings. transformers: Gemma2ForCausalLM; mlx-lm:
+    # gemma2's weights under edgevlm's own masks (runtimes/mlx_gemma2.py: mlx-lm's forward has no sliding window)
+    "gemma2": DecoderArch(
+        name="gemma2", hf_model_types=("gemma2",), hf_class="Gemma2ForCausalLM",
+        hf_rotary_class="Gemma2RotaryEmbedding", gguf_arch="GEMMA2", permute_qk=False, bias_tensors=(),
+        mlx_model_type="gemma2", position_schemes=("1d",), gguf_norm_shift=1.0, llama_scales_input_rows=True,
+        swa_global_every=2,
     ),
     # OPT (BLIP-2's published decoders): learned absolute positions (offset 2), LayerNorm with biases, ReLU MLP
     "opt": DecoderArch(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2", "anyres", "leading")
+LAYOUT_KINDS = ("repeat", "idefics3", "wrapped", "grid", "gemma3", "idefics2", "anyres", "leading", "paligemma")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,10 @@ class ImageLayout:
     `expand` takes it (PreprocessSpec.anyres_rows). tokens_per_tile counts the encoder's rows per tile: the tower's
     patches plus the image_newline row each tile carries.
     ``leading`` (BLIP-2 / InstructBLIP): every image's tokens go before the whole prompt, BOS included (the
-    processors tokenize the text alone and prepend them); placeholders in the text are dropped."""
+    processors tokenize the text alone and prepend them); placeholders in the text are dropped.
+    ``paligemma``: the placeholder becomes ``tokens_per_tile`` image tokens; `finish` puts start_token (``<bos>``)
+    right after the last image and a newline at the end (PaliGemmaProcessor), and the text is tokenized without the
+    tokenizer's own bos (`adds_special_tokens`)."""
 
     kind: str
     placeholder: str  # what a user prompt contains, once per image
@@ -54,6 +57,8 @@ class ImageLayout:
             raise ValueError("the idefics2 layout needs fake_token")
         if self.kind in ("wrapped", "gemma3") and not (self.start_token and self.end_token):
             raise ValueError(f"the {self.kind} layout needs start_token and end_token")
+        if self.kind == "paligemma" and not self.start_token:
+            raise ValueError("the paligemma layout needs start_token (the bos after the images)")
 
     def expand(self, rows: int, cols: int, n_rows: int | None = None) -> str:
         """The text that replaces one placeholder for an image split into rows x cols tiles (0, 0 = unsplit);
@@ -63,7 +68,7 @@ class ImageLayout:
             if n_rows is None:
                 raise ValueError("the anyres layout expands to the image's packed rows: pass n_rows")
             return self.image_token * n_rows
-        if self.kind in ("repeat", "leading"):
+        if self.kind in ("repeat", "leading", "paligemma"):
             return image
         if self.kind == "grid":
             return self.image_token * (rows * cols)
@@ -89,11 +94,21 @@ class ImageLayout:
 
     def finish(self, text: str) -> str:
         """The expanded prompt as the family's processor leaves it (idefics2: processing_idefics2's fixes)."""
+        if self.kind == "paligemma":
+            end = text.rfind(self.image_token)
+            end = 0 if end < 0 else end + len(self.image_token)
+            return text[:end] + self.start_token + text[end:] + "\n"
         if self.kind != "idefics2":
             return text
         fake = self.fake_token
         text = text.replace(fake + fake, fake)
         return re.sub(rf"{re.escape(fake)}(?=[^\s<])", fake + " ", text)
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its own special tokens (bos) to the expanded prompt: not for PaliGemma, whose
+        processor places bos after the images itself."""
+        return self.kind != "paligemma"
 
     def n_tiles(self, rows: int, cols: int) -> int:
         if self.kind == "grid":

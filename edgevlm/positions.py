@@ -14,8 +14,10 @@ import numpy as np
 
 POSITION_SCHEMES = ("1d", "mrope")
 # how the decoder attends inside one image's block of rows: causal, or bidirectional (Gemma 3: every row of an image
-# sees the whole image; the block is never cut by prefix reuse and goes into the decoder in one piece)
-IMAGE_ATTENTION = ("causal", "bidirectional")
+# sees the whole image; the block is never cut by prefix reuse and goes into the decoder in one piece), or prefix
+# (PaliGemma's prefix-LM: the whole prompt, images and text, is one bidirectional block, the answer causal; a
+# prompt is never extended in place nor cut)
+IMAGE_ATTENTION = ("causal", "bidirectional", "prefix")
 
 
 @dataclass(frozen=True)

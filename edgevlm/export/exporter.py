@@ -114,8 +114,8 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
     rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     rope_scaling = getattr(config, "rope_scaling", None)
     local = local_attention(config)
-    if local:  # Gemma 3: RoPE per layer type; rope_theta and any scaling are the global layers'
-        rope_scaling = dict(config.rope_parameters["full_attention"])
+    if local and "full_attention" in (config.rope_parameters or {}):  # Gemma 3: RoPE per layer type; rope_theta
+        rope_scaling = dict(config.rope_parameters["full_attention"])  # and any scaling are the global layers'
         rope_theta = rope_scaling.pop("rope_theta")
     # "dynamic" NTK scaling changes nothing up to max_position_embeddings, which is the context edgevlm uses
     # (InternVL3-1B ships factor 2 dynamic); any other scaling is kept and refused by the writers that lack it
@@ -162,7 +162,9 @@ def local_attention(config) -> dict:
     every = globals_at[0] + 1 if globals_at else len(types) + 1
     if [i for i in range(len(types)) if (i + 1) % every == 0] != globals_at:
         raise BadInputError(f"the decoder's layer types {types} are not one global layer every N")
-    local_theta = config.rope_parameters["sliding_attention"]["rope_theta"]
+    rope = config.rope_parameters or {}
+    # Gemma 3: a RoPE per layer type; Gemma 2: one for all layers
+    local_theta = (rope["sliding_attention"] if "sliding_attention" in rope else rope).get("rope_theta", 10000.0)
     return {"sliding_window": int(window), "global_every": every, "rope_local_theta": float(local_theta)}
 
 

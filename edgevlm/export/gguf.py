@@ -220,22 +220,31 @@ def _writer_header(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str):
             raise CheckpointError(f"{manifest.encoder.row_slices - 1} DeepStack slices need a decoder of more layers "
                                   f"than that for llama.cpp (it has {spec.n_layers})")
         writer.add_num_deepstack_layers(manifest.encoder.row_slices - 1)
-    if spec.sliding_window:  # llama.cpp's gemma3 fixes the pattern (every sixth layer global): refuse another
-        if arch.name != "gemma3" or spec.global_every != 6:
+    if spec.sliding_window:  # llama.cpp's gemma3 / gemma2 fix the pattern (every 6th / 2nd layer global)
+        if spec.global_every != arch.swa_global_every:
             raise CheckpointError(f"local attention every {spec.global_every} layers is not what llama.cpp's "
                                   f"{arch.gguf_arch_name()} architecture computes")
         writer.add_sliding_window(spec.sliding_window)
         writer.add_rope_freq_base_swa(spec.rope_local_theta)
+    config = ckpt.decoder.config
+    if arch.name == "gemma2":  # soft-capping: tanh(x / cap) * cap on attention scores and on the final logits
+        for key, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", writer.add_final_logit_softcapping)):
+            if getattr(config, key, None) is None:  # llama.cpp's gemma2 always caps (50 / 30 by default)
+                raise CheckpointError(f"the Gemma 2 decoder has no {key}; llama.cpp's gemma2 always applies one")
+            add(float(getattr(config, key)))
     scaling = dict(spec.rope_scaling or {})
     if scaling.get("rope_type") == "linear":  # Gemma 3 4B+: the global layers' positions divided by `factor`
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
     elif scaling.get("rope_type", "default") != "default":
         raise CheckpointError(f"RoPE scaling {spec.rope_scaling} is not exported to GGUF yet")
-    scalar = getattr(ckpt.decoder.config, "query_pre_attn_scalar", None)
-    if arch.name == "gemma3" and scalar not in (None, spec.head_dim):  # llama.cpp scales by 1/sqrt(head_dim) (27B aside)
-        raise CheckpointError(f"query_pre_attn_scalar {scalar} differs from head_dim {spec.head_dim}: llama.cpp's gemma3 "
-                              "would scale attention differently; export onnx + mlx for this checkpoint")
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    # llama.cpp's gemma2 / gemma3 scale attention by 1/sqrt(head_dim), except gemma2's 46-layer 27B: hidden / heads
+    usual = spec.hidden_size // spec.n_heads if arch.name == "gemma2" and spec.n_layers == 46 else spec.head_dim
+    if arch.name in ("gemma2", "gemma3") and scalar not in (None, usual):
+        raise CheckpointError(f"query_pre_attn_scalar {scalar} differs from {usual}: llama.cpp's {arch.name} would "
+                              "scale attention differently; export onnx + mlx for this checkpoint")
     writer.add_vocab_size(spec.vocab_size)
     writer.add_file_type(file_type(dtype))
     write_vocab(writer, ckpt.tokenizer, tokenizer_dir, spec.vocab_size, manifest.tokenizer.get("chat_template"))
@@ -253,6 +262,10 @@ def write_gguf(ckpt, manifest, path: Path, tokenizer_dir: Path, dtype: str = "f3
     arch = architecture(spec.architecture)
     state = ckpt.decoder.state_dict()  # references to the model's tensors, no copies
     n_blocks = spec.n_layers
+    if spec.tie_word_embeddings:  # llama.cpp falls back to token_embd (gguf-py's gemma2 has no output tensor at all)
+        state.pop("lm_head.weight", None)
+    elif arch.name == "gemma2":
+        raise CheckpointError("the Gemma 2 decoder has an untied lm_head; llama.cpp's gemma2 always reads token_embd")
     names = {k: arch.gguf_tensor_name(k, n_blocks) for k in state}
     stray = [k for k in state if k.endswith(".bias") and names[k].split(".")[-2] not in arch.bias_tensors]
     if stray:

@@ -26,6 +26,7 @@ FAMILIES = {
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
     "Blip2ForConditionalGeneration": "blip2",
     "InstructBlipForConditionalGeneration": "blip2",
+    "PaliGemmaForConditionalGeneration": "paligemma",  # PaliGemma 2 (Gemma 2 decoder)
 }
 # text-only checkpoints of a family's decoder (no vision tower): refused in one line by the family that names them
 TEXT_ONLY = {"Gemma3ForCausalLM": "gemma3"}

@@ -208,15 +208,13 @@ def text_config(config: dict) -> dict:
     return {}
 
 
-# Decoder rows whose llama.cpp graph keeps a window per local layer (llama.cpp's SWA cache) and whose MLX forward masks it
-SLIDING_WINDOW_ROWS = ("gemma3", "gemma2")
-
-
 def usable_context(text: dict, row: str, max_positions: int) -> int:
     """Positions a decoder answers as its checkpoint does: a sliding window on a row that runs every layer globally
     (Mistral on the llama row) caps the context where the window would start to matter."""
+    from ..decoder_arch import architecture
+
     window = text.get("sliding_window") if text.get("use_sliding_window", True) else None
-    if window and row not in SLIDING_WINDOW_ROWS:
+    if window and not architecture(row).swa_global_every:  # rows with local layers keep their window (SWA cache)
         return min(int(max_positions), int(window))
     return int(max_positions)
 

@@ -50,6 +50,9 @@ SUPPORT = (
                   f"none: {PINNED_LLAMA_CPP} has no BLIP-2 projector type",
                   "GGUF/MLX decoders for OPT (llama.cpp and mlx-lm have no OPT: torch decoder only); Flan-T5 "
                   "(encoder-decoder)"),
+    FamilySupport("paligemma", "PaliGemma 2", "linear projector; prefix-LM (image + prompt attend both ways)",
+                  ("gemma2",), f"none: {PINNED_LLAMA_CPP} has no PaliGemma projector type",
+                  "PaliGemma 1 (Gemma decoder); mmproj"),
 )
 
 

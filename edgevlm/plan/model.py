@@ -38,6 +38,9 @@ TEXT_DEFAULTS["qwen3vl"] = {"num_attention_heads": 32, "max_position_embeddings"
 # Gemma3TextConfig's (rope_theta: the global layers'; the local ones use rope_parameters["sliding_attention"])
 TEXT_DEFAULTS["gemma3"] = {"num_attention_heads": 8, "max_position_embeddings": 131072, "rope_theta": 1e6,
                            "rms_norm_eps": 1e-6}
+# Gemma2Config's (PaliGemma 2)
+TEXT_DEFAULTS["gemma2"] = {"num_attention_heads": 8, "max_position_embeddings": 8192, "rope_theta": 10000.0,
+                           "rms_norm_eps": 1e-6}
 
 # The ONNX encoder's weights per parameter (file bytes), measured on the W1 bundle (SigLIP-B/16 + connector, 93.6 M
 # parameters): fp32 374.6 MB = 4.0 B, int8 98.9 MB = 1.06 B (weights s8 + fp32 scales, norms and biases); fp16: 2 B.
@@ -132,7 +135,7 @@ def from_preset(name: str) -> ModelShapes:
     head_dim = getattr(shape, "head_dim", None) or shape.text_hidden // shape.text_heads
     config = preset_files(shape)[0]
     text = text_config(config)
-    local = _local_attention(text, shape.text_layers) if arch.name == "gemma3" else {}
+    local = _local_attention(text, shape.text_layers, arch) if arch.swa_global_every else {}
     decoder = DecoderSpec(architecture=arch.name, hidden_size=shape.text_hidden, n_layers=shape.text_layers,
                           n_heads=shape.text_heads, n_kv_heads=shape.text_kv_heads, head_dim=head_dim,
                           intermediate_size=shape.text_mlp, vocab_size=shape.vocab,
@@ -140,10 +143,11 @@ def from_preset(name: str) -> ModelShapes:
                           rms_norm_eps=1e-5, rope_theta=shape.rope_theta, tie_word_embeddings=tied, **local)
     tensors = budget.llama_decoder_tensors(shape.text_hidden, shape.text_layers, shape.text_heads, shape.text_kv_heads,
                                            head_dim, shape.text_mlp, shape.vocab, tied, arch.bias_tensors)
-    if arch.name == "gemma3":  # QK-norm and the sandwich norms: four more vectors per block
-        tensors += [(f"blk.{i}.{n}.weight", (head_dim if n.startswith("attn_") else shape.text_hidden,))
-                    for i in range(shape.text_layers)
-                    for n in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")]
+    # Gemma 3: QK-norm and the sandwich norms, four more vectors per block; Gemma 2: the sandwich norms
+    extra = {"gemma3": ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"),
+             "gemma2": ("post_attention_norm", "post_ffw_norm")}.get(arch.name, ())
+    tensors += [(f"blk.{i}.{n}.weight", (head_dim if n.startswith("attn_") else shape.text_hidden,))
+                for i in range(shape.text_layers) for n in extra]
     vision = _preset_vision(spec, shape)
     return ModelShapes(name, "preset", spec.family, decoder, tuple(tensors), vision, spec.preprocess, spec.layout)
 
@@ -218,6 +222,9 @@ def _preset_vision(spec: FamilySpec, s) -> VisionShape:
     elif spec.family == "gemma3":  # SigLIP without its pooling head; soft-embedding RMSNorm(dv) + Linear(dv -> d)
         tower = patch_embed + dv + side * side * dv + layers + 2 * dv
         projector = dv + dv * d
+    elif spec.family == "paligemma":  # SigLIP without its pooling head; Linear(dv -> d) with bias
+        tower = patch_embed + dv + side * side * dv + layers + 2 * dv
+        projector = dv * d + d
     elif spec.family == "idefics2":  # SigLIP as above; bridge: SwiGLU MLP(dv -> text_mlp -> d) + perceiver_params
         tower = patch_embed + dv + side * side * dv + layers + 2 * dv
         projector = 2 * dv * s.text_mlp + s.text_mlp * d + perceiver_params(s)
@@ -302,7 +309,7 @@ def _checkpoint_decoder(config: dict, spec: FamilySpec, shapes: dict):
         raise CheckpointError(f"q_proj has {q_rows} rows, not a multiple of num_attention_heads {n_heads}; the "
                               "config.json does not match the weights")
     rope = text.get("rope_parameters") or {}
-    local = _local_attention(text, n_layers) if "full_attention" in rope else {}
+    local = _local_attention(text, n_layers, arch) if arch.swa_global_every else {}
     rope = rope.get("full_attention", rope)  # Gemma 3: one entry per layer type
     head_dim = q_rows // n_heads
     decoder = DecoderSpec(
@@ -320,10 +327,14 @@ def _checkpoint_decoder(config: dict, spec: FamilySpec, shapes: dict):
     return decoder, tensors, set(keys)
 
 
-def _local_attention(text: dict, n_layers: int) -> dict:
-    """Gemma 3's sliding-window fields from its text config (transformers' defaults: window 4096, every sixth layer
-    global, local RoPE base 10k)."""
-    every = int(text.get("sliding_window_pattern", 6))
+def _local_attention(text: dict, n_layers: int, arch) -> dict:
+    """The sliding-window fields from a text config (transformers' defaults: window 4096; Gemma 3: every sixth layer
+    global, local RoPE base 10k; Gemma 2: every second layer, one RoPE base for all)."""
+    if arch.name == "gemma2":
+        rope = text.get("rope_parameters") or {}
+        return {"sliding_window": int(text.get("sliding_window") or 4096), "global_every": 2,
+                "rope_local_theta": float(rope.get("rope_theta", text.get("rope_theta", 10000.0)))}
+    every = int(text.get("sliding_window_pattern", arch.swa_global_every))
     local = (text.get("rope_parameters") or {}).get("sliding_attention") or {}
     return {"sliding_window": int(text.get("sliding_window") or 4096), "global_every": every,
             "rope_local_theta": float(local.get("rope_theta", 10000.0))}

@@ -7,6 +7,7 @@ from ..families.spec import Vocabulary
 from .preset_idefics2 import IDEFICS2_SPECIAL_IDS, Idefics2Shape
 from .preset_onevision import ONEVISION_SPECIAL_IDS, OnevisionShape
 from .preset_instructblip import InstructBlipShape
+from .preset_paligemma import PaliGemmaShape
 from .presets import (INTERNVL_SPECIAL_IDS, LLAVA15_SPECIAL_IDS, QWEN2VL_SPECIAL_IDS, SMOLVLM_SPECIAL_IDS,
                       Gemma3Shape, InternVLShape, LlavaShape, Qwen3VLShape, QwenVLShape)
 
@@ -27,6 +28,10 @@ def preset_files(shape) -> tuple[dict, dict, Vocabulary]:
         from .preset_gemma3 import GEMMA3_SPECIAL_IDS, files
 
         return (*files(shape), _vocabulary(GEMMA3_SPECIAL_IDS))
+    if isinstance(shape, PaliGemmaShape):
+        from .preset_paligemma import files as paligemma_files, special_ids
+
+        return (*paligemma_files(shape), _vocabulary(special_ids(shape)))
     if isinstance(shape, QwenVLShape):
         if shape.version == "2":
             vision = dict(depth=shape.vision_layers, embed_dim=shape.vision_hidden, num_heads=shape.vision_heads,

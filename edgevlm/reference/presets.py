@@ -10,6 +10,7 @@ from .preset_gemma3 import Gemma3Shape
 from .preset_idefics2 import Idefics2Shape
 from .preset_onevision import OnevisionShape
 from .preset_instructblip import InstructBlipShape
+from .preset_paligemma import PaliGemmaShape
 from .tokenizers import SMOLVLM_TEMPLATE, bpe_with_pinned_ids, wrap
 
 
@@ -157,6 +158,8 @@ PRESETS = {
     "llava-onevision-0.5b": OnevisionShape(),
     # InstructBLIP-Vicuna-7B: EVA ViT-g/14 at 224 + Q-Former (32 queries) + Vicuna-7B (preset_instructblip.py)
     "instructblip-vicuna-7b": InstructBlipShape(),
+    # PaliGemma 2 3B at 448: SigLIP-so400m/14 (1024 image tokens) + Gemma 2 2B, prefix-LM (preset_paligemma.py)
+    "paligemma2-3b-448": PaliGemmaShape(),
 }
 
 # SmolVLM's special tokens at their ids in the public vocabulary (49280 entries).
@@ -228,6 +231,10 @@ def build_preset(name: str, out: Path, seed: int = 0, single_tile: bool = False,
             from .preset_instructblip import build_instructblip
 
             return build_instructblip(shape, out, _CORPUS)
+        if isinstance(shape, PaliGemmaShape):
+            from .preset_paligemma import build_paligemma
+
+            return build_paligemma(shape, out, _CORPUS)
         return _build_smolvlm(shape, out, single_tile)
     finally:
         torch.set_default_dtype(previous)

@@ -117,9 +117,10 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
     if artifact.format == "gguf":
         from .llamacpp import DEFAULT_N_BATCH, open_decoder
 
-        # a bidirectional image block goes in as one micro-batch: n_batch holds the largest tile's rows
-        bidirectional = manifest.decoder.image_attention == "bidirectional"
-        n_batch = max(DEFAULT_N_BATCH, manifest.image_layout.tokens_per_tile) if bidirectional else DEFAULT_N_BATCH
+        # a bidirectional image block goes in as one micro-batch: n_batch holds the largest tile's rows; a prefix-LM
+        # prompt (PaliGemma) is one micro-batch too: room for one image and DEFAULT_N_BATCH positions of text
+        mode, tile = manifest.decoder.image_attention, manifest.image_layout.tokens_per_tile
+        n_batch = {"bidirectional": max(DEFAULT_N_BATCH, tile), "prefix": tile + DEFAULT_N_BATCH}.get(mode, DEFAULT_N_BATCH)
         return open_decoder(bundle / artifact.path, n_ctx=n_ctx, threads=threads, parity=parity,
                             context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq,
                             n_batch=n_batch, image_attention=manifest.decoder.image_attention)

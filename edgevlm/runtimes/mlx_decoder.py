@@ -54,15 +54,21 @@ class MlxDecoder(Decoder):
                               "decoder.mrope_section")
         self._mrope = self._mrope_forward(mrope_section, mrope_interleaved) if mrope_section else None
         # Gemma 3 (mlx-lm's gemma3_text): edgevlm's masks and scaling over mlx-lm's layers (mlx_gemma3.py)
-        self._gemma3 = None
+        self._gemma3 = self._gemma2 = None
         if self.config.get("model_type") == "gemma3_text":
             from .mlx_gemma3 import Gemma3Forward
 
             self._gemma3 = Gemma3Forward(self.model)
             self._make_cache = self._gemma3.make_cache
             self.cache = self._make_cache()
+        elif self.config.get("model_type") == "gemma2":  # PaliGemma 2: mlx_gemma2.py (window, prefix, capping)
+            from .mlx_gemma2 import Gemma2Forward
+
+            self._gemma2 = Gemma2Forward(self.model, self.config.get("sliding_window"))
+            self._make_cache = self._gemma2.make_cache
+            self.cache = self._make_cache()
         elif image_attention != "causal":
-            raise BundleError(f"the MLX decoder runs {image_attention} image attention only for Gemma 3 (gemma3_text); "
+            raise BundleError(f"the MLX decoder runs {image_attention} image attention only for Gemma 3 and Gemma 2; "
                               f"this folder is {self.config.get('model_type')!r}")
         self.image_attention = image_attention
 
@@ -82,7 +88,9 @@ class MlxDecoder(Decoder):
     def prefill_chunks(self, segments: list[Segment]) -> Iterator[int]:
         """The whole prompt as one chunk: mlx evaluates lazily, so the segments' calls run as one graph."""
         mx = self._mx
-        logits = None
+        logits, total = None, sum(len(s) for s in segments)
+        if self._gemma2 is not None:  # one call for all segments (a prefix-LM prompt is one block)
+            logits, segments = self._prefill_gemma2(segments), []
         for segment in segments:
             if self._mrope is not None:
                 logits = self._prefill_mrope(segment)
@@ -107,7 +115,23 @@ class MlxDecoder(Decoder):
         last = logits[0, -1].astype(mx.float32)
         mx.eval(last)
         self._logits = np.array(last)
-        yield sum(len(s) for s in segments)
+        yield total
+
+    def _prefill_gemma2(self, segments: list[Segment]):
+        """All segments in one call: into an empty sequence with prefix attention they are the prompt, one block."""
+        mx = self._mx
+        n = sum(len(s) for s in segments)
+        positions = np.concatenate([s.positions for s in segments])
+        if positions.ndim != 1 or not np.array_equal(positions, np.arange(self.n_past, self.n_past + n)):
+            raise BundleError("mlx-lm places tokens at its cache offset; these positions do not continue the sequence")
+        h = mx.concatenate([self._gemma2.embed(mx.array(s.token_ids.astype(np.int32))[None]) if s.token_ids is not None
+                            else mx.array(np.ascontiguousarray(s.embeds, dtype=np.float32))[None].astype(self.dtype)
+                            for s in segments], axis=1)
+        block = self.image_attention == "prefix" and self.n_past == 0
+        logits = self._gemma2(self.cache, h, block=block)
+        self.n_past += n
+        self.next_position = self.n_past
+        return logits
 
     def _prefill_gemma3(self, segment: Segment):
         mx = self._mx

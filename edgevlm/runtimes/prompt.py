@@ -137,7 +137,8 @@ def tokenize(spec: RuntimeSpec, text: str, images: list[PreparedImage]) -> Promp
         for image, piece in zip(images, pieces[1:]):
             expanded += layout.expand(image.rows, image.cols, image.n_rows_embedded) + piece
         expanded = layout.finish(expanded)
-        ids = np.asarray(spec.tokenizer(expanded, add_special_tokens=True)["input_ids"], dtype=np.int32)
+        ids = np.asarray(spec.tokenizer(expanded, add_special_tokens=layout.adds_special_tokens)["input_ids"],
+                         dtype=np.int32)
     is_image = ids == layout.image_token_id
     keys: list = ids.tolist()
     runs: list[tuple[int, int, int, int]] = []

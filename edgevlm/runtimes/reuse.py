@@ -42,7 +42,13 @@ class ReusePlan:
 
 
 def plan_reuse(prompt_keys: Sequence, boundaries: Sequence[int], kv_keys: Sequence, n_past: int, decoder_id: str,
-               cached: Callable[[str], bool]) -> ReusePlan:
+               cached: Callable[[str], bool], prefix_lm: bool = False) -> ReusePlan:
+    """prefix_lm: the prompt is one bidirectional block (PaliGemma), so every position of it depends on the whole
+    prompt: neither the live sequence (not even the same prompt, whose last position would be prefilled alone) nor a
+    snapshot of an earlier prompt that starts the same is valid, and no snapshot inside the prompt is worth storing.
+    The whole prompt is prefilled (image embeddings still come from their cache)."""
+    if prefix_lm:
+        return ReusePlan(0, None, None, False)
     n = len(prompt_keys)
     # 1. what the live sequence already holds (a chat turn, the same image asked again); the last position is always
     # prefilled again, since its logits are needed

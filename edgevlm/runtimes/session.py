@@ -184,7 +184,8 @@ class Session:
         namespace = self._state_namespace
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
                           lambda key: key in self.prefix_cache or (namespace is not None
-                                                                   and self.disk_cache.has(namespace, key)))
+                                                                   and self.disk_cache.has(namespace, key)),
+                          prefix_lm=self.spec.image_attention == "prefix")
         reuse, store_at = plan.reuse, plan.store_at
         if plan.restore_key is not None:
             from_disk = plan.restore_key not in self.prefix_cache  # _restore brings it up from the disk tier
@@ -473,6 +474,8 @@ class Session:
     def shared_prefix_length(self, keys: Sequence) -> int:
         """How many leading positions of a prompt (its `Prompt.keys`) the live sequence already holds: what a request
         continuing it would not prefill again (a scheduler picks the sequence with the most)."""
+        if self.spec.image_attention == "prefix":  # a prefix-LM prompt is never continued in place (reuse.py)
+            return 0
         return min(common_prefix(self._kv_keys, keys), self.decoder.n_past)
 
     def forget_sequence(self) -> None:

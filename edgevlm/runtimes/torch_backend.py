@@ -50,7 +50,8 @@ class TorchDecoder(Decoder):
         """position_scheme: where `step` places a generated token (the checkpoint's or manifest's scheme);
         deepstack_layers: k DeepStack slices after the main embedding in each image row (base.Segment);
         image_attention "bidirectional": each image segment is one block every row of which sees the whole block
-        (HF's token-type mask, Gemma 3)."""
+        (HF's token-type mask, Gemma 3); "prefix": what is prefilled into an empty sequence (the prompt) is one such
+        block, and everything after it causal (PaliGemma's prefix-LM)."""
         from transformers import DynamicCache
 
         self.model = model.eval()
@@ -86,7 +87,11 @@ class TorchDecoder(Decoder):
         position_ids = torch.from_numpy(positions.astype(np.int64))[None]  # (1, L)
         if positions.ndim == 2:  # (L, k) -> (k, 1, L), transformers' multi-axis position_ids
             position_ids = position_ids.permute(2, 0, 1)
-        mask = self._block_mask(segments, inputs, position_ids) if self.image_attention == "bidirectional" else None
+        mask = None
+        if self.image_attention == "bidirectional":
+            mask = self._block_mask(segments, inputs, position_ids)
+        elif self.image_attention == "prefix" and self.n_past == 0:  # the prompt: one block; later tokens causal
+            mask = self._prefix_mask(inputs, position_ids)
         hooks = self._deepstack_hooks(segments, rows) if self.deepstack_layers and any(r is not None for r in rows) else []
         try:
             out = self.model(inputs_embeds=inputs, position_ids=position_ids, past_key_values=self.cache,
@@ -141,6 +146,18 @@ class TorchDecoder(Decoder):
                 block += 1
             start += len(s)
         return create_masks_for_vision_model(self.model.config, inputs, None, self.cache, position_ids, ids)
+
+    def _prefix_mask(self, inputs: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """HF PaliGemma's masks for the prompt (token_type_ids 0 everywhere: block_sequence_ids 0), full and sliding:
+        causal (within the window on local layers) OR "both in the prefix"."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        kwargs = dict(config=self.model.config, inputs_embeds=inputs, attention_mask=None, past_key_values=self.cache,
+                      position_ids=position_ids, block_sequence_ids=torch.zeros(inputs.shape[:2], dtype=torch.long))
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if getattr(self.model.config, "sliding_window", None) is not None:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
 
     def logits(self) -> np.ndarray:
         if self._logits is None:

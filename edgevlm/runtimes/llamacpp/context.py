@@ -45,15 +45,17 @@ class ContextSettings:
     threads: int | None = None  # None: backends.thread_count's default
     parity: bool = False  # flash attention off, f32 KV: matches PyTorch to ~1e-6
     flash_attn: bool | None = None  # None: on where llama.cpp offloads to a GPU (flash_attention_type)
-    # "bidirectional": each image segment is decoded in one micro-batch with causal attention off (Gemma 3)
+    # "bidirectional": each image segment is decoded in one micro-batch with causal attention off (Gemma 3);
+    # "prefix": the prompt (a prefill into an empty sequence) is, text and images together (decode_prefix)
     image_attention: str = "causal"
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or self.n_batch < 1:
             raise BadInputError(f"a llama.cpp context needs n_ctx >= 1 and n_batch >= 1, got {self.n_ctx}, {self.n_batch}")
         thread_count(self.threads)  # validated here, resolved when the context opens
-        if self.image_attention not in ("causal", "bidirectional"):
-            raise BadInputError(f"image_attention {self.image_attention!r}: llama.cpp runs 'causal' or 'bidirectional'")
+        if self.image_attention not in ("causal", "bidirectional", "prefix"):
+            raise BadInputError(f"image_attention {self.image_attention!r}: llama.cpp runs 'causal', 'bidirectional' "
+                                "or 'prefix'")
 
 
 class LlamaContext(BatchedContext, FreedWhenCollected):
@@ -139,7 +141,7 @@ class LlamaContext(BatchedContext, FreedWhenCollected):
                 ctypes.memmove(self._tokens.token, ids.ctypes.data, ids.nbytes)
                 self._decode(self._tokens, positions, want_logits and done == total, seq_id)
             else:
-                rows = np.ascontiguousarray(piece.embeds, dtype=np.float32)  # (n, n_embd_inp)
+                rows = np.ascontiguousarray(piece.embeds * self.model.input_row_scale, dtype=np.float32)  # (n, n_embd_inp)
                 if rows.shape[1] != self.model.n_embd_inp:
                     raise BundleError(f"image embeddings have width {rows.shape[1]} but the GGUF decoder expects "
                                       f"{self.model.n_embd_inp}; the encoder and decoder come from different models")
@@ -152,6 +154,35 @@ class LlamaContext(BatchedContext, FreedWhenCollected):
                     if bidirectional:
                         self.lib.llama_set_causal_attn(self.pointer, True)
             yield piece
+
+    def decode_prefix(self, seq_id: int, segments: list[Segment]) -> int:
+        """A prefix-LM prompt (PaliGemma): every row sees every other, so it goes in as one micro-batch of embedding
+        rows (its text as the GGUF's token rows) with causal attention off; the answer after it is causal. Refused,
+        in one line, when it cannot fit the micro-batch or is longer than the sliding window (llama.cpp would hide
+        from a prefix row what lies more than a window behind it, which HF's prefix mask lets it see)."""
+        n, fits = sum(len(s) for s in segments), min(self.n_batch, self.n_ctx)  # llama.cpp caps n_ubatch at n_ctx
+        if n > fits:
+            raise BadInputError(f"a prefix-LM prompt of {n} positions attends bidirectionally and must fit one "
+                                f"llama.cpp micro-batch, but it holds {fits}; open the decoder with n_batch (and "
+                                f"n_ctx) >= {n} or shorten the prompt")
+        if self.n_swa and n > self.n_swa:
+            raise BadInputError(f"a prefix-LM prompt of {n} positions is longer than the local layers' window of "
+                                f"{self.n_swa}; llama.cpp would not let its first rows see its last: shorten the prompt")
+        scale = self.model.input_row_scale
+        rows = np.ascontiguousarray(np.concatenate(
+            [self.model.token_rows(s.token_ids) if s.token_ids is not None else s.embeds * scale for s in segments]),
+            dtype=np.float32)
+        if rows.shape[1] != self.model.n_embd_inp:
+            raise BundleError(f"image embeddings have width {rows.shape[1]} but the GGUF decoder expects "
+                              f"{self.model.n_embd_inp}; the encoder and decoder come from different models")
+        positions = self._positions(Segment(np.concatenate([s.positions for s in segments]), embeds=rows))
+        ctypes.memmove(self._embeds.embd, rows.ctypes.data, rows.nbytes)
+        self.lib.llama_set_causal_attn(self.pointer, False)
+        try:
+            self._decode(self._embeds, positions, True, seq_id)
+        finally:
+            self.lib.llama_set_causal_attn(self.pointer, True)
+        return n
 
     def _check_whole_images(self, segments: list[Segment]) -> None:
         """A bidirectional image goes into llama.cpp in one micro-batch (n_ubatch = n_batch here): refuse one that

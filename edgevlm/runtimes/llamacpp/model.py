@@ -42,7 +42,7 @@ class LlamaModel(FreedWhenCollected):
         silence_llama_logs(llama_cpp)
         llama_cpp.llama_backend_init()
         self.path = Path(gguf_path)
-        check_before_loading(self.path)  # what llama.cpp would abort on (not return from) is refused in one line
+        header = check_before_loading(self.path)  # what llama.cpp would abort on (not return from): one line
         self.pointer = llama_cpp.llama_model_load_from_file(str(self.path).encode(),
                                                             llama_cpp.llama_model_default_params())
         if not self.pointer:
@@ -62,6 +62,22 @@ class LlamaModel(FreedWhenCollected):
         # local (sliding-window) attention layers keep only this many past positions in llama.cpp's SWA cache (0: none)
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.pointer))
         self.contexts_opened = 0  # counted by LlamaContext (tests: `serve --parallel N` opens one)
+        # image rows go in divided by sqrt(n_embd) where the arch's graph scales every input row by it (gemma2)
+        from ...decoder_arch import ARCHITECTURES
+
+        arch = header.metadata.get("general.architecture")
+        scaled = any(row.llama_scales_input_rows and row.gguf_arch.lower() == arch for row in ARCHITECTURES.values())
+        self.input_row_scale = self.n_embd ** -0.5 if scaled else 1.0
+        self._token_rows = None
+        self._header = header
+
+    def token_rows(self, ids) -> "np.ndarray":
+        """(n,) token ids -> (n, n_embd) float32 embedding rows as the GGUF stores them (a prefix-LM prompt's text)."""
+        if self._token_rows is None:
+            from .token_rows import TokenRows
+
+            self._token_rows = TokenRows(self.path, self._header)
+        return self._token_rows(ids)
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """llama.cpp's own tokenizer (for checking that the GGUF vocabulary matches the HF one)."""

@@ -90,6 +90,11 @@ class LlamaSequence(Decoder):
         total = sum(len(s) for s in segments)
         if self.n_past + total > self.n_ctx:
             raise RuntimeError(f"{self.n_past + total} positions exceed the llama.cpp context of {self.n_ctx}")
+        if self.n_past == 0 and total > 0 and self.context.settings.image_attention == "prefix":
+            rows = self.context.decode_prefix(self.seq_id, segments)  # the prompt: one bidirectional block
+            self.decoded(rows, int(max(s.positions.max() for s in segments)) + 1)
+            yield rows
+            return
         for piece in self.context.decode_chunks(self.seq_id, segments):
             self.decoded(len(piece), int(piece.positions.max()) + 1)
             yield len(piece)
