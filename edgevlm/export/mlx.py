@@ -22,7 +22,7 @@ PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "8bit": ("fl
 def write_hf_decoder(ckpt, manifest, folder: Path) -> Path:
     """The decoder as a stock HF checkpoint of its own class, with the tokenizer and chat template beside it."""
     arch = architecture(manifest.decoder.architecture)
-    if manifest.decoder.image_attention != "causal" and arch.name != "gemma3":  # runtimes/mlx_gemma3.py: Gemma 3 only
+    if manifest.decoder.image_attention != "causal" and arch.name != "gemma3":  # runtimes/mlx_vlm_seam.py: Gemma 3 only
         raise CheckpointError(f"the MLX decoder cannot run {manifest.family}'s {manifest.decoder.image_attention} image "
                               "attention yet; export gguf:* for this checkpoint")
     scaling = manifest.decoder.rope_scaling or {}
