@@ -95,10 +95,14 @@ def silence_mtmd_logs(llama_cpp, mtmd_cpp) -> None:
     mtmd_cpp.mtmd_helper_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
-def require_mlx():
+def require_mlx(mlx_lm: bool = True):
+    """mlx_lm=False: MLX alone (mlx-vlm's language models through runtimes/mlx_vlm_seam.py); `import mlx_lm` itself
+    imports transformers and torch (3 s here)."""
     try:
         import mlx.core  # noqa: F401
-        import mlx_lm  # noqa: F401
+
+        if mlx_lm:
+            import mlx_lm as _  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailableError(
             f"MLX is not available here ({exc}); on Linux `pip install 'mlx[cpu]' mlx-lm`, on Apple Silicon "

@@ -80,7 +80,7 @@ ARCHITECTURES = {
     # Qwen2-VL / Qwen2.5-VL text: Qwen2 weights and attention, M-RoPE ((t, row, col) positions, rotate-half pairs
     # whose frequency sections take one axis each). transformers: Qwen2ForCausalLM with Qwen2-VL's rotary gives the
     # VL model's logits exactly; llama.cpp: arch qwen2vl (LLAMA_ROPE_TYPE_MROPE, NEOX pairs, so no Q/K permutation);
-    # mlx-lm: its qwen2 weights under edgevlm's own M-RoPE forward (runtimes/mlx_mrope.py)
+    # MLX: mlx-lm's qwen2 folder, run by mlx-vlm's qwen2_vl language model (runtimes/mlx_vlm_seam.py)
     "qwen2vl": DecoderArch(
         name="qwen2vl", hf_model_types=("qwen2_vl_text", "qwen2_5_vl_text"), hf_class="Qwen2ForCausalLM",
         hf_rotary_class="Qwen2VLRotaryEmbedding", gguf_arch="QWEN2VL", permute_qk=False,
@@ -90,7 +90,7 @@ ARCHITECTURES = {
     # Qwen3-VL text: Qwen3 weights (QK-norm on each head, no biases) with interleaved M-RoPE: frequency i takes row
     # when i % 3 == 1 and i < 3 * section[1], col when i % 3 == 2 and i < 3 * section[2], else t (HF's
     # Qwen3VLTextRotaryEmbedding); image rows carry DeepStack slices (FamilySpec.deepstack_layers). llama.cpp: arch
-    # qwen3vl (LLAMA_ROPE_TYPE_IMROPE, NEOX pairs: no Q/K permutation)
+    # qwen3vl (LLAMA_ROPE_TYPE_IMROPE, NEOX pairs: no Q/K permutation); MLX: mlx-vlm's qwen3_vl language model
     "qwen3vl": DecoderArch(
         name="qwen3vl", hf_model_types=("qwen3_vl_text",), hf_class="Qwen3ForCausalLM",
         hf_rotary_class="Qwen3VLTextRotaryEmbedding", gguf_arch="QWEN3VL", permute_qk=False, bias_tensors=(),
@@ -100,7 +100,7 @@ ARCHITECTURES = {
     # Gemma 3 text: QK-norm, sandwich norms (post-attention / post-feed-forward), (1 + w) RMS norms, token
     # embeddings scaled by sqrt(hidden) inside the model (image rows are not: llama.cpp scales only token input),
     # local sliding-window layers (RoPE base 10k) and global ones every sixth layer; NEOX RoPE in llama.cpp (no Q/K
-    # permutation). transformers: Gemma3ForCausalLM; mlx-lm: gemma3_text.
+    # permutation). transformers: Gemma3ForCausalLM; MLX: mlx-lm's gemma3_text folder, mlx-vlm's gemma3 layers.
     "gemma3": DecoderArch(
         name="gemma3", hf_model_types=("gemma3_text",), hf_class="Gemma3ForCausalLM",
         hf_rotary_class="Gemma3RotaryEmbedding", gguf_arch="GEMMA3", permute_qk=False, bias_tensors=(),

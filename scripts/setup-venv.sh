@@ -65,8 +65,15 @@ if [ "$(cat "$VENV/.llama-cpp-wheel-key" 2>/dev/null)" != "$WHEEL_KEY" ]; then
   echo "$WHEEL_KEY" > "$VENV/.llama-cpp-wheel-key"
 fi
 quiet "${PIP[@]}" install --find-links "$WHEEL_DIR" -e ".[all]"
+# mlx-vlm's language models run the MLX decoder of Qwen2-VL, Qwen3-VL and Gemma 3 (edgevlm/runtimes/mlx_vlm_seam.py,
+# which pins the version). --no-deps: its declared dependencies pull opencv, datasets, transformers and audio packages
+# that those modules never import, and pyproject's extras cannot say --no-deps.
+quiet "${PIP[@]}" install --no-deps "mlx-vlm==$(sed -n 's/^MLX_VLM_VERSION = "\([^"]*\)".*/\1/p' edgevlm/runtimes/mlx_vlm_seam.py)"
 "$VENV/bin/python" - <<'PY'
 import torch, llama_cpp, llama_cpp.mtmd_cpp, onnxruntime, gguf, mlx.core, mlx_lm  # fail here, not mid-test-run
+from edgevlm.runtimes.mlx_vlm_seam import FAMILIES, import_language
+for family in FAMILIES.values():
+    import_language(family)
 assert "+cpu" in torch.__version__ or not torch.cuda.is_available(), torch.__version__
 print(f"edgevlm venv ready: torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, onnxruntime {onnxruntime.__version__}")
 PY

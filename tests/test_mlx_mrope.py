@@ -1,7 +1,8 @@
 """MLX M-RoPE decoder (Qwen2-VL / Qwen2.5-VL text) against HF's VL text model, on mlx[cpu].
 
 The MLX folder is what the export writes: the VL text weights as a plain HF qwen2 checkpoint (`Qwen2ForCausalLM`)
-converted by mlx-lm; `MlxDecoder(mrope_section=...)` runs it at explicit (t, row, col) positions. The reference is
+converted by mlx-lm; `MlxDecoder(mrope_section=...)` runs it through mlx-vlm's qwen2_vl language model at explicit
+(t, row, col) positions. The reference is
 `hf_model.model.language_model(inputs_embeds, position_ids=(3, 1, L))` + `lm_head`, the full VL model's logits."""
 from __future__ import annotations
 
@@ -239,16 +240,18 @@ def test_truncate_part_way_needs_the_next_position(qwen):
 
 
 def test_text_positions_reduce_to_stock_mlx_lm(qwen):
-    """On text (t = row = col) M-RoPE is 1-D RoPE: the M-RoPE forward equals mlx-lm's own qwen2 forward, also for
-    the 8- and 4-bit folders (the forward calls the model's quantized modules)."""
+    """On text (t = row = col) M-RoPE is 1-D RoPE: mlx-vlm's M-RoPE forward equals mlx-lm's own qwen2 forward on the
+    same folder, also for the 8- and 4-bit folders (the seam quantizes the layers the folder has scales for)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
 
     ids = np.concatenate([qwen.prompt.before, qwen.prompt.after])
     for precision in ("fp32", "8bit", "4bit"):
         decoder = _decoder(qwen, precision)
         ours = decoder.prefill([Segment.tokens(ids, 0)])
-        stock = decoder.model(mx.array(ids)[None], cache=make_prompt_cache(decoder.model))[0, -1].astype(mx.float32)
+        stock_model = load_model(qwen.folders[precision])[0]  # the same folder as mlx-lm's own qwen2
+        stock = stock_model(mx.array(ids)[None], cache=make_prompt_cache(stock_model))[0, -1].astype(mx.float32)
         assert np.abs(ours - np.array(stock)).max() <= 1e-4
 
 
@@ -280,3 +283,39 @@ def test_fp32_greedy_and_8bit_teacher_forced_agreement(qwen):
     agreement = float(np.mean(results["8bit"].argmax(-1) == np.array(ref_tokens)))
     print(f"8-bit top-1 agreement {agreement:.3f}, max |dlogit| {np.abs(results['8bit'] - ref_logits).max():.3g}")
     assert agreement >= 0.95
+
+
+def test_the_decoder_runs_without_torch(qwen, tmp_path):
+    """MlxDecoder on the M-RoPE folder in a fresh process (what a device runs): mlx-vlm's language model loads and
+    answers an image prompt with neither torch, transformers, opencv nor datasets imported, and gives this process's
+    logits."""
+    import subprocess
+    import sys
+
+    segments = _segments(qwen.prompt)
+    np.savez(tmp_path / "prompt.npz", *[s.token_ids if s.token_ids is not None else s.embeds for s in segments],
+             *[s.positions for s in segments])
+    script = (
+        "import json, sys, time\n"
+        "import numpy as np\n"
+        "start = time.perf_counter()\n"
+        "from edgevlm.runtimes.base import Segment\n"
+        "from edgevlm.runtimes.mlx_decoder import MlxDecoder\n"
+        f"decoder = MlxDecoder({str(qwen.folders['fp32'])!r}, n_ctx=256, mrope_section={MROPE_SECTION})\n"
+        "loaded = time.perf_counter() - start\n"
+        f"data = np.load({str(tmp_path / 'prompt.npz')!r})\n"
+        "parts = [data[f'arr_{i}'] for i in range(len(data.files))]\n"
+        "k = len(parts) // 2\n"
+        "segments = [Segment(parts[k + i], **({'token_ids': p} if p.dtype.kind == 'i' else {'embeds': p}))\n"
+        "            for i, p in enumerate(parts[:k])]\n"
+        "np.save(sys.argv[1], decoder.prefill(segments))\n"
+        "print(json.dumps({'load_seconds': loaded, 'heavy': sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('torch', 'transformers', 'cv2', 'datasets'))}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "logits.npy")], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"MlxDecoder (mlx-vlm qwen2_vl) import + load: {report['load_seconds']:.2f} s")
+    assert report["heavy"] == []
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), _decoder(qwen).prefill(segments))

@@ -209,6 +209,46 @@ def test_device_install_does_not_pull_torch():
     assert not device & {"torch", "transformers"}
     assert {"onnxruntime", "llama-cpp-python", "tokenizers", "jinja2"} <= device
     assert {"torch", "transformers"} <= names(project["optional-dependencies"]["export"])
+    # nor opencv or datasets, with or without the MLX extra; mlx-vlm would pull all four (it is installed --no-deps)
+    heavy = {"torch", "transformers", "opencv-python", "opencv-python-headless", "datasets", "mlx-vlm"}
+    assert not (device | names(project["optional-dependencies"]["mlx"])) & heavy
+
+
+def test_mlx_vlm_is_installed_without_its_dependencies():
+    """scripts/setup-venv.sh (what `make setup` and CI run) installs mlx-vlm --no-deps at the version the seam pins;
+    its declared dependencies are what that keeps out."""
+    import re
+    from importlib.metadata import requires, version
+    from pathlib import Path
+
+    from edgevlm.runtimes.mlx_vlm_seam import MLX_VLM_VERSION
+
+    script = (Path(__file__).parents[1] / "scripts" / "setup-venv.sh").read_text()
+    install = [line for line in script.splitlines() if "install" in line and "mlx-vlm==" in line]
+    assert len(install) == 1 and "--no-deps" in install[0] and "MLX_VLM_VERSION" in install[0]
+    assert version("mlx-vlm") == MLX_VLM_VERSION
+    declared = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requires("mlx-vlm") or []}
+    assert {"opencv-python", "datasets", "transformers"} <= declared
+
+
+def test_mlx_vlm_language_modules_import_without_torch():
+    """The seam loads mlx-vlm's qwen2_vl, qwen3_vl and gemma3 language modules with neither torch, transformers,
+    opencv, datasets nor mlx-lm (through mlx_vlm's own packages they import transformers and torch)."""
+    script = (
+        "import json, sys, time\n"
+        "start = time.perf_counter()\n"
+        "from edgevlm.runtimes.mlx_vlm_seam import FAMILIES, import_language\n"
+        "modules = [import_language(f) for f in FAMILIES.values()]\n"
+        "seconds = time.perf_counter() - start\n"
+        "print(json.dumps({'seconds': seconds, 'language': [m.__name__ for m in modules], 'heavy': sorted(m for m in "
+        "sys.modules if m.split('.')[0] in ('torch', 'transformers', 'cv2', 'datasets', 'mlx_lm'))}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"mlx-vlm language modules imported in {report['seconds']:.2f} s")
+    assert report["heavy"] == []
+    assert report["language"] == [f"mlx_vlm.models.{f}.language" for f in ("qwen2_vl", "qwen3_vl", "gemma3")]
 
 
 def test_a_runtime_only_install_names_the_extra_for_export(monkeypatch, capsys, tmp_path):

@@ -212,7 +212,8 @@ def environment_versions() -> dict:
 
     versions = {}
     for name, distribution in (("torch", "torch"), ("transformers", "transformers"), ("onnxruntime", "onnxruntime"),
-                               ("llama_cpp", "llama-cpp-python"), ("mlx", "mlx"), ("mlx_lm", "mlx-lm")):
+                               ("llama_cpp", "llama-cpp-python"), ("mlx", "mlx"), ("mlx_lm", "mlx-lm"),
+                               ("mlx_vlm", "mlx-vlm")):
         try:
             versions[name] = metadata.version(distribution)
         except metadata.PackageNotFoundError:

@@ -22,7 +22,7 @@ PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "8bit": ("fl
 def write_hf_decoder(ckpt, manifest, folder: Path) -> Path:
     """The decoder as a stock HF checkpoint of its own class, with the tokenizer and chat template beside it."""
     arch = architecture(manifest.decoder.architecture)
-    # runtimes/mlx_gemma3.py and mlx_gemma2.py: edgevlm's own masks over mlx-lm's Gemma layers
+    # Gemma 3: mlx-vlm's language model (runtimes/mlx_vlm_seam.py); Gemma 2: edgevlm's masks (mlx_gemma2.py)
     if manifest.decoder.image_attention != "causal" and arch.name not in ("gemma3", "gemma2"):
         raise CheckpointError(f"the MLX decoder cannot run {manifest.family}'s {manifest.decoder.image_attention} image "
                               "attention yet; export gguf:* for this checkpoint")

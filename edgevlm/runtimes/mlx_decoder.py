@@ -1,12 +1,14 @@
-"""Decoder backend on MLX (mlx-lm's Llama): token ids, or `input_embeddings` for image rows, into mlx-lm's prompt
-cache; truncation with `trim_prompt_cache`, snapshots with `copy.deepcopy` of the cache (KVCache has no copy()).
+"""Decoder backend on MLX: token ids, or `input_embeddings` for image rows, into a KV cache per layer; truncation
+by trimming the caches, snapshots with `copy.deepcopy` of the cache (KVCache has no copy()).
 
-With `mrope_section` (Qwen2-VL / 2.5-VL) the model runs through `mlx_mrope.MRopeForward` at the segments' own (n, 3)
-positions: the cache holds `n_past` rows while the sequence continues at `next_position`, which is not n_past after
-an image."""
+Plain decoders (Llama, Qwen2, ...) run on mlx-lm's model and prompt cache, at the cache offset. The VL families run
+on mlx-vlm's language models (mlx_vlm_seam.py): with `mrope_section` (Qwen2-VL / 2.5-VL; Qwen3-VL interleaved, with
+DeepStack slices) at the segments' own (n, 3) positions: the cache holds `n_past` rows while the sequence continues
+at `next_position`, which is not n_past after an image; Gemma 3 with its image blocks bidirectional."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +17,7 @@ import numpy as np
 from ..errors import BundleError
 from ..backends import require_mlx
 from .base import Decoder, DecoderState, Segment
+from .mlx_vlm_seam import family_for
 
 
 class MlxDecoder(Decoder):
@@ -25,20 +28,52 @@ class MlxDecoder(Decoder):
                  image_attention: str = "causal"):
         """mrope_interleaved / deepstack_layers: Qwen3-VL (the decoder row's rotary layout; k DeepStack slices after
         each image row's main embedding, as the manifest's encoder.row_slices says)."""
-        require_mlx()
+        folder = Path(folder)
+        model_type = _model_type(folder)
+        family = family_for(model_type, mrope_interleaved) if (mrope_section or model_type == "gemma3_text") else None
+        require_mlx(mlx_lm=family is None)  # the VL families never import mlx_lm (which imports torch)
         import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.utils import load_model
 
         self._mx = mx
-        try:
-            self.model, self.config = load_model(Path(folder))
-        except Exception as exc:  # noqa: BLE001 - mlx-lm's own errors for a malformed folder: the bundle's problem
-            raise BundleError(f"mlx-lm cannot load {folder} ({type(exc).__name__}: {str(exc)[:200]}); re-export it") from None
-        self._make_cache = lambda: make_prompt_cache(self.model)
+        self.deepstack_layers = int(deepstack_layers)
+        if self.deepstack_layers and not mrope_section:
+            raise BundleError("DeepStack rows run through the M-RoPE forward only (Qwen3-VL); the manifest lacks "
+                              "decoder.mrope_section")
+        if mrope_section and family is None:
+            wanted = "qwen3" if mrope_interleaved else "qwen2"
+            raise BundleError(f"{'interleaved ' if mrope_interleaved else ''}M-RoPE runs over mlx-vlm's "
+                              f"{wanted} layout; this folder is {model_type!r}")
+        if image_attention != "causal" and family != "gemma3" and model_type != "gemma2":
+            raise BundleError(f"the MLX decoder runs {image_attention} image attention only for Gemma 3 (gemma3_text) "
+                              f"and Gemma 2; this folder is {model_type!r}")
+        self._mrope = self._gemma3 = self._gemma2 = None
+        if family is not None:  # the VL families: mlx-vlm's language models (mlx_vlm_seam.py)
+            from . import mlx_vlm_seam
+
+            self.model, self.config = mlx_vlm_seam.load_language_model(folder, family, mrope_section)
+            self._make_cache = lambda: mlx_vlm_seam.make_cache(self.model)
+            if family == "gemma3":
+                self._gemma3 = mlx_vlm_seam.Gemma3Language(self.model)
+            else:
+                self._mrope = mlx_vlm_seam.MRopeLanguage(self.model, [int(s) for s in mrope_section])
+        else:  # plain decoders: mlx-lm's own model and prompt cache
+            from mlx_lm.models.cache import make_prompt_cache
+            from mlx_lm.utils import load_model
+
+            try:
+                self.model, self.config = load_model(folder)
+            except Exception as exc:  # noqa: BLE001 - mlx-lm's own errors for a malformed folder: the bundle's problem
+                raise BundleError(f"mlx-lm cannot load {folder} ({type(exc).__name__}: {str(exc)[:200]}); "
+                                  "re-export it") from None
+            self._make_cache = lambda: make_prompt_cache(self.model)
+            if model_type == "gemma2":  # PaliGemma 2: mlx_gemma2.py (window, prefix, capping) over mlx-lm's layers
+                from .mlx_gemma2 import Gemma2Forward
+
+                self._gemma2 = Gemma2Forward(self.model, self.config.get("sliding_window"))
+                self._make_cache = self._gemma2.make_cache
         self.cache = self._make_cache()
         self.n_ctx = int(n_ctx)
-        self.n_batch = self.n_ctx  # mlx-lm takes a whole segment in one call
+        self.n_batch = self.n_ctx  # one call takes a whole segment
         self.artifact_id = artifact_id
         self.position_scheme = "mrope" if mrope_section else "1d"
         self._logits: np.ndarray | None = None
@@ -48,42 +83,7 @@ class MlxDecoder(Decoder):
         self.device = str(mx.default_device())
         embedding = self.model.model.embed_tokens
         self.dtype = getattr(embedding, "scales", embedding.weight).dtype  # quantized: the dtype of its scales
-        self.deepstack_layers = int(deepstack_layers)
-        if self.deepstack_layers and not mrope_section:
-            raise BundleError("DeepStack rows run through the M-RoPE forward only (Qwen3-VL); the manifest lacks "
-                              "decoder.mrope_section")
-        self._mrope = self._mrope_forward(mrope_section, mrope_interleaved) if mrope_section else None
-        # Gemma 3 (mlx-lm's gemma3_text): edgevlm's masks and scaling over mlx-lm's layers (mlx_gemma3.py)
-        self._gemma3 = self._gemma2 = None
-        if self.config.get("model_type") == "gemma3_text":
-            from .mlx_gemma3 import Gemma3Forward
-
-            self._gemma3 = Gemma3Forward(self.model)
-            self._make_cache = self._gemma3.make_cache
-            self.cache = self._make_cache()
-        elif self.config.get("model_type") == "gemma2":  # PaliGemma 2: mlx_gemma2.py (window, prefix, capping)
-            from .mlx_gemma2 import Gemma2Forward
-
-            self._gemma2 = Gemma2Forward(self.model, self.config.get("sliding_window"))
-            self._make_cache = self._gemma2.make_cache
-            self.cache = self._make_cache()
-        elif image_attention != "causal":
-            raise BundleError(f"the MLX decoder runs {image_attention} image attention only for Gemma 3 and Gemma 2; "
-                              f"this folder is {self.config.get('model_type')!r}")
         self.image_attention = image_attention
-
-    def _mrope_forward(self, mrope_section: list[int], interleaved: bool):
-        from .mlx_mrope import MRopeForward
-
-        # the forward follows mlx-lm's qwen2 / qwen3 module layout
-        if self.config.get("model_type") != ("qwen3" if interleaved else "qwen2"):
-            raise BundleError(f"{'interleaved ' if interleaved else ''}M-RoPE runs over mlx-lm's "
-                              f"{'qwen3' if interleaved else 'qwen2'} model; this folder is "
-                              f"{self.config.get('model_type')!r}")
-        try:
-            return MRopeForward(self.model, mrope_section, interleaved, self.deepstack_layers)
-        except ValueError as exc:
-            raise BundleError(f"the manifest's mrope_section does not fit the MLX decoder: {exc}") from None
 
     def prefill_chunks(self, segments: list[Segment]) -> Iterator[int]:
         """The whole prompt as one chunk: mlx evaluates lazily, so the segments' calls run as one graph."""
@@ -96,11 +96,11 @@ class MlxDecoder(Decoder):
                 logits = self._prefill_mrope(segment)
                 continue
             n = len(segment)
-            # mlx-lm's models take RoPE positions from the cache offset: a segment must continue the sequence there
+            # 1-D models take RoPE positions from the cache offset: a segment must continue the sequence there
             expected = np.arange(self.n_past, self.n_past + n)
             if segment.positions.ndim != 1 or not np.array_equal(segment.positions, expected):
-                raise BundleError("mlx-lm places tokens at its cache offset; this segment's positions do not continue "
-                                  "the sequence there (a position scheme the MLX backend cannot run)")
+                raise BundleError("the MLX model places tokens at its cache offset; this segment's positions do not "
+                                  "continue the sequence there (a position scheme the MLX backend cannot run)")
             if self._gemma3 is not None:
                 logits = self._prefill_gemma3(segment)
             elif segment.token_ids is not None:
@@ -160,8 +160,9 @@ class MlxDecoder(Decoder):
                                   f"{1 + self.deepstack_layers} slices of {self.config['hidden_size']}")
             embeds = mx.array(rows[:, :hidden])[None].astype(self.dtype)
             deepstack = None
-            if self.deepstack_layers:  # (1, n, k, D): the slices added after the first k layers
-                deepstack = mx.array(rows[:, hidden:].reshape(len(rows), self.deepstack_layers, hidden))[None]
+            if self.deepstack_layers:  # k slices (n, D), added after layers 0..k-1 in the model's dtype (as HF)
+                deepstack = [mx.array(rows[:, hidden * (i + 1):hidden * (i + 2)]).astype(self.dtype)
+                             for i in range(self.deepstack_layers)]
             logits = self._mrope(mx.array(positions), self.cache, input_embeddings=embeds, deepstack=deepstack)
         self.n_past += len(segment)
         # the sequence continues after the largest position so far (after an image: pos0 + max(h', w'))
@@ -169,8 +170,6 @@ class MlxDecoder(Decoder):
         return logits
 
     def truncate(self, n_past: int, next_position: int | None = None) -> None:
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
         kept = min(self.n_past, n_past)
         if next_position is None:
             next_position = self._default_next_position(kept)
@@ -178,11 +177,12 @@ class MlxDecoder(Decoder):
             self.cache = self._make_cache()
         elif n_past < self.n_past:
             wanted = self.n_past - n_past
-            trimmed = trim_prompt_cache(self.cache, wanted) if can_trim_prompt_cache(self.cache) else 0
+            # mlx-lm's trim_prompt_cache, for its caches and mlx-vlm's alike (same is_trimmable / trim protocol)
+            trimmed = [c.trim(wanted) for c in self.cache][0] if all(c.is_trimmable() for c in self.cache) else 0
             if trimmed != wanted:  # e.g. a rotating (sliding-window) cache: start over rather than lie about n_past
                 self.cache = self._make_cache()
                 self.n_past = self.next_position = 0
-                raise RuntimeError(f"mlx-lm's cache could trim {trimmed} of {wanted} positions; the sequence was cleared")
+                raise RuntimeError(f"the MLX cache could trim {trimmed} of {wanted} positions; the sequence was cleared")
         self.n_past, self.next_position = kept, next_position
 
     def _default_next_position(self, kept: int) -> int:
@@ -202,6 +202,14 @@ class MlxDecoder(Decoder):
     def restore(self, state: DecoderState) -> None:
         self.cache = copy.deepcopy(state.payload)
         self.n_past, self.next_position = state.n_past, state.next_position
+
+
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"the MLX decoder folder {folder} has no readable config.json ({exc}); "
+                          "re-export it") from None
 
 
 def _mrope_positions(positions: np.ndarray) -> np.ndarray:
