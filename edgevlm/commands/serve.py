@@ -7,6 +7,12 @@ import sys
 # one), and two decode steps in one llama_decode cost little more than one on a memory-bound device; more slots
 # split the same pool further, so larger N is a choice (--parallel 4 for a small team).
 DEFAULT_PARALLEL = 2
+# requests waiting beside the --parallel answering ones: a burst of 3x the slots is queued, never refused (issue 32)
+DEFAULT_QUEUE_MIN = 8
+
+
+def default_queue(parallel: int) -> int:
+    return max(DEFAULT_QUEUE_MIN, 2 * parallel)
 
 
 def add_arguments(parser) -> None:
@@ -16,7 +22,9 @@ def add_arguments(parser) -> None:
     add_backend_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--queue", type=int, default=8, help="requests that may wait for the model; more get 429")
+    parser.add_argument("--queue", type=int, default=None,
+                        help=f"requests that may wait beside the --parallel answering ones; more get 429 with "
+                             f"Retry-After (default max({DEFAULT_QUEUE_MIN}, 2 x --parallel): a burst of 3x the slots)")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take (504 after)")
     parser.add_argument("--socket-timeout", type=float, default=30.0,
                         help="seconds a client may stall sending or reading before its connection is dropped")
@@ -52,7 +60,8 @@ def open_server(args):
     parallel = args.parallel
     if parallel is None:
         parallel = DEFAULT_PARALLEL if holds_sequences(args.path, args.decoder) else 1
-    server_options = ServerOptions(args.queue, args.request_timeout, args.socket_timeout,
+    queue = default_queue(parallel) if args.queue is None else args.queue
+    server_options = ServerOptions(queue, args.request_timeout, args.socket_timeout,
                                    args.api_key or os.environ.get("EDGEVLM_API_KEY") or None, args.allow_local_images,
                                    args.max_connections, args.cache_dir,
                                    int(args.cache_dir_mb * (1 << 20)) if args.cache_dir_mb == args.cache_dir_mb

@@ -18,11 +18,11 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..positions import text_positions
-from ..preprocess import preprocess
 from . import prompt as prompts
 from .base import Decoder, DecoderState, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
+from .embeddings import SingleFlight, image_embeddings
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .requests import (  # noqa: F401 - part of this module's API
     COUNTER_KEYS, PAUSE, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list,
@@ -56,6 +56,7 @@ class Session:
         self.embed_cache = ByteLRU(embed_cache_bytes)
         self.prefix_cache = ByteLRU(prefix_cache_bytes)
         self.disk_cache = None  # DiskCache: embeddings and prefix states that survive a restart (serve --cache-dir)
+        self.encode_flights = SingleFlight()  # one image is never encoded twice at once
         self._kv_keys: list = []  # identity of every position the decoder holds, always true
         self._messages: list[dict] = []  # the conversation `chat` continues
         self._chat_images: list = []
@@ -66,6 +67,7 @@ class Session:
         its sequence is emptied to match (a context's sequence may hold what an earlier session left there)."""
         other = Session(self.spec, self.encoder, decoder, 0, 0, self.encoder_name, self.decoder_name)
         other.embed_cache, other.prefix_cache, other.disk_cache = self.embed_cache, self.prefix_cache, self.disk_cache
+        other.encode_flights = self.encode_flights
         other.forget_sequence()
         return other
 
@@ -93,40 +95,8 @@ class Session:
 
     # ---- prefill ---------------------------------------------------------------------------------------------
     def _embeddings(self, image: PreparedImage, timings: dict) -> np.ndarray:
-        cached = self.embed_cache.get(image.key)
-        if cached is not None:
-            timings["embed_cache_hits"] += 1
-            return cached
-        if self.disk_cache is not None:
-            rows = self.disk_cache.get_array("embeddings", image.key)
-            if rows is not None and rows.shape[0] == image.n_rows_embedded:
-                timings["embed_cache_hits"] += 1
-                timings["disk_cache_hits"] += 1
-                self.embed_cache.put(image.key, rows)
-                return rows
-        timings["embed_cache_misses"] += 1
-        t0 = time.perf_counter()
-        pre = preprocess(image.rgb, self.spec.preprocess)
-        t1 = time.perf_counter()
-        if pre.grid is None:
-            embeds = self.encoder.encode(pre.pixel_values)  # (tiles, T, D)
-        else:  # a native-resolution encoder: (P, C*T*p*p) patches of a (t, h, w) grid -> (M, D)
-            embeds = self.encoder.encode(pre.pixel_values, grid=pre.grid)
-        t2 = time.perf_counter()
-        timings["preprocess_ms"] += (t1 - t0) * 1e3
-        timings["encode_ms"] += (t2 - t1) * 1e3
-        # a native-resolution image is one encoder input (its rows are patches, not tiles)
-        timings["n_tiles"] += pre.pixel_values.shape[0] if pre.grid is None else 1
-        rows = np.ascontiguousarray(embeds.reshape(-1, embeds.shape[-1]), dtype=np.float32)  # (tiles*T, D)
-        if rows.shape[0] != image.n_rows_embedded:
-            raise RuntimeError(
-                f"encoder returned {rows.shape[0]} rows for an image that needs {image.n_rows_embedded}; "
-                "the encoder and the manifest's image layout disagree"
-            )
-        self.embed_cache.put(image.key, rows)
-        if self.disk_cache is not None:
-            self.disk_cache.put_array("embeddings", image.key, rows)
-        return rows
+        return image_embeddings(image, self.encoder, self.spec.preprocess, self.embed_cache, self.disk_cache,
+                                self.encode_flights, timings)
 
     def _segments(self, prompt: Prompt, images: list[PreparedImage], start: int, stop: int, timings: dict,
                   encoded: dict[int, np.ndarray] | None = None) -> list[Segment]:

@@ -36,7 +36,7 @@ def log(line: str) -> None:
 
 @dataclass(frozen=True)
 class ServerOptions:
-    capacity: int = 8  # requests waiting for the engine; more get 429 at once
+    capacity: int = 8  # requests that may wait beyond the --parallel answering ones; more get 429 at once
     request_timeout_s: float = 300.0
     socket_timeout_s: float = 30.0
     api_key: str | None = None
@@ -221,7 +221,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             job = engine.submit(Job(body))
         except QueueFull:
-            self._error(429, f"the server is busy ({engine.jobs.maxsize} requests waiting); retry shortly",
+            self._error(429, f"the server is busy ({engine.limit} requests answering or waiting: --parallel "
+                             f"{len(engine.slots)} + --queue {engine.capacity}); retry shortly",
                         "rate_limit_error", {"Retry-After": "1"})
             return
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"

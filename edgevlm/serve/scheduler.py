@@ -5,8 +5,9 @@ decodes one token of every slot that has one in ONE llama_decode, then lets ever
 chunk (or one image encode), so a long image prefill delays the others by chunks, not by its whole length. Greedy
 answers do not depend on who else is served: each row of a batch is its own sequence, sampled by its own sampler.
 
-A request waits in a bounded queue (full: QueueFull, a 429 at once); its text goes to its handler through the job's
-own queue, so a client that stops reading holds only its own handler thread, and a cancelled job stops at its next
+Admission counts every request the engine holds, in a slot or waiting: up to slots + capacity (--parallel + --queue)
+are taken, one more is QueueFull (a 429 at once), so a burst is never refused while slots are free but not yet
+filled. Its text goes to its handler through the job's own queue, so a client that stops reading holds only its own handler thread, and a cancelled job stops at its next
 token. A new request goes to the idle slot whose sequence shares the longest prefix with its prompt (the
 conversation's next turn prefills only its new tokens), else to the least recently used idle slot. All slots share
 one KV pool of n_ctx positions: a request is placed once its prompt + max_tokens fit beside what the busy slots
@@ -40,6 +41,7 @@ class Job:
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    counted: bool = False  # holds one place of the engine's admission count until it leaves the engine
 
 
 @dataclass
@@ -79,8 +81,12 @@ class Scheduler(threading.Thread):
         self.service, self.sequences = service, sequences
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.state)
-        self.jobs: queue.Queue = queue.Queue(maxsize=capacity)
+        self.jobs: queue.Queue = queue.Queue()  # bounded by the admission count, not by its own size
         self.slots = [Slot(i, session, sequences.batched) for i, session in enumerate(sequences.sessions)]
+        self.capacity = capacity
+        self.limit = len(self.slots) + capacity  # requests held at once: answering or waiting
+        self._admitted = 0
+        self._admission = threading.Lock()
         self.last_error: str | None = None
         self.tick_hook: Callable[[], None] | None = None  # tests: slow the engine down to act mid-answer
         self._held: Waiting | None = None
@@ -88,11 +94,21 @@ class Scheduler(threading.Thread):
         self._stopping = False
 
     def submit(self, job: Job) -> Job:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+        """Take the job, or QueueFull when `limit` requests are already answering or waiting."""
+        with self._admission:
+            if self._admitted >= self.limit:
+                raise QueueFull
+            self._admitted += 1
+            job.counted = True
+        self.jobs.put_nowait(job)
         return job
+
+    def _retire(self, job: Job | None) -> None:
+        """The job left the engine (answered, failed, cancelled): its place is free for the next request."""
+        with self._admission:
+            if job is not None and job.counted:
+                job.counted = False
+                self._admitted -= 1
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -126,6 +142,7 @@ class Scheduler(threading.Thread):
                     continue
             if self._held.job.cancelled.is_set():
                 self.metrics.cancelled.inc()
+                self._retire(self._held.job)
                 self._held = None
                 continue
             if not self._place(self._held):
@@ -136,6 +153,7 @@ class Scheduler(threading.Thread):
         """Batched slots: parse and tokenize (no decoder work) to choose the slot; bad input is answered here."""
         if job.cancelled.is_set():
             self.metrics.cancelled.inc()
+            self._retire(job)
             return None
         if not self.sequences.batched:
             return Waiting(job)
@@ -146,6 +164,7 @@ class Scheduler(threading.Thread):
             job.events.put(("error", 400, str(exc)))
         except Exception as exc:  # noqa: BLE001 - the engine outlives any request
             self._fail(job, exc)
+        self._retire(job)
         return None
 
     def _place(self, waiting: Waiting) -> bool:
@@ -266,6 +285,7 @@ class Scheduler(threading.Thread):
         slot.pending = item if isinstance(item, StepRequest) else None
 
     def _release(self, slot: Slot) -> None:
+        self._retire(slot.job)
         slot.job = slot.steps = slot.pending = None
         slot.reserved = 0
 
