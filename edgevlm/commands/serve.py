@@ -36,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="keep image embeddings and image-prefix KV states here across restarts")
     parser.add_argument("--cache-dir-mb", type=float, default=2048.0, help="bound of --cache-dir (default 2048 MiB)")
+    parser.add_argument("--conversation-cache-mb", type=float, default=256.0,
+                        help="RAM for the sequence states of conversations whose slot went to another one, restored "
+                             "when they continue instead of prefilled again (default 256 MiB; 0: off)")
     parser.add_argument("--parallel", type=int, default=None, metavar="N",
                         help=f"requests answered at once, their decode steps batched in one llama_decode and sharing "
                              f"one KV pool of --n-ctx positions (default {DEFAULT_PARALLEL} for a gguf decoder; MLX and "
@@ -66,7 +69,9 @@ def open_server(args):
                                    args.max_connections, args.cache_dir,
                                    int(args.cache_dir_mb * (1 << 20)) if args.cache_dir_mb == args.cache_dir_mb
                                    else -1,  # validated before the model loads (NaN is refused)
-                                   parallel, public_metrics=args.public_metrics)
+                                   parallel, public_metrics=args.public_metrics,
+                                   conversation_cache_bytes=int(args.conversation_cache_mb * (1 << 20))
+                                   if args.conversation_cache_mb == args.conversation_cache_mb else -1)
     session = load_session_checked(args, {**backend_options(args), "n_seq": parallel})
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
     return make_server(session, model, args.host, args.port, server_options), session, server_options, model

@@ -23,6 +23,7 @@ from .base import Decoder, DecoderState, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .embeddings import SingleFlight, image_embeddings
+from .parked import ParkedSequences, unpark
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .requests import (  # noqa: F401 - part of this module's API
     COUNTER_KEYS, PAUSE, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list,
@@ -57,6 +58,7 @@ class Session:
         self.prefix_cache = ByteLRU(prefix_cache_bytes)
         self.disk_cache = None  # DiskCache: embeddings and prefix states that survive a restart (serve --cache-dir)
         self.encode_flights = SingleFlight()  # one image is never encoded twice at once
+        self.parked = ParkedSequences(0)  # evicted conversations' states (serve --conversation-cache-mb; 0: off)
         self._kv_keys: list = []  # identity of every position the decoder holds, always true
         self._messages: list[dict] = []  # the conversation `chat` continues
         self._chat_images: list = []
@@ -67,7 +69,7 @@ class Session:
         its sequence is emptied to match (a context's sequence may hold what an earlier session left there)."""
         other = Session(self.spec, self.encoder, decoder, 0, 0, self.encoder_name, self.decoder_name)
         other.embed_cache, other.prefix_cache, other.disk_cache = self.embed_cache, self.prefix_cache, self.disk_cache
-        other.encode_flights = self.encode_flights
+        other.encode_flights, other.parked = self.encode_flights, self.parked
         other.forget_sequence()
         return other
 
@@ -147,6 +149,8 @@ class Session:
         chunks (`prefill_chunks`: the logits are the same), where a scheduler may run other work."""
         n = len(prompt)
         namespace = self._state_namespace
+        if self.parked.max_bytes:
+            unpark(self, prompt, timings)
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
                           lambda key: key in self.prefix_cache or (namespace is not None
                                                                    and self.disk_cache.has(namespace, key)))
@@ -438,6 +442,13 @@ class Session:
         continuing it would not prefill again (a scheduler picks the sequence with the most)."""
         return min(common_prefix(self._kv_keys, keys), self.decoder.n_past)
 
+    def park_sequence(self) -> None:
+        """Give the live sequence up (to another conversation, or to make room): its state goes to the parked tier,
+        if that is on, for its conversation to come back to; then the sequence is emptied."""
+        if self.parked.max_bytes and self._kv_keys and len(self._kv_keys) == self.decoder.n_past:
+            self.parked.park(self._decoder_id, self._kv_keys, self.decoder.snapshot())
+        self.forget_sequence()
+
     def forget_sequence(self) -> None:
         """Empty the decoder's live sequence; the embedding and prefix caches stay."""
         self._kv_keys = []
@@ -448,3 +459,4 @@ class Session:
         self.forget_sequence()
         self.embed_cache.clear()
         self.prefix_cache.clear()
+        self.parked.clear()

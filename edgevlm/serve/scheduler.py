@@ -11,7 +11,9 @@ filled. Its text goes to its handler through the job's own queue, so a client th
 token. A new request goes to the idle slot whose sequence shares the longest prefix with its prompt (the
 conversation's next turn prefills only its new tokens), else to the least recently used idle slot. All slots share
 one KV pool of n_ctx positions: a request is placed once its prompt + max_tokens fit beside what the busy slots
-reserved, evicting idle slots' sequences (least recently used first); until then it waits, first in line."""
+reserved, evicting idle slots' sequences (least recently used first); until then it waits, first in line. A
+sequence given to another conversation, or evicted, is parked in RAM (runtimes/parked.py) and restored when its
+conversation comes back."""
 from __future__ import annotations
 
 import queue
@@ -173,10 +175,14 @@ class Scheduler(threading.Thread):
             return False
         slot, need = idle[0], 0
         if waiting.request is not None:
-            slot = self._choose(idle, waiting.request.prompt.keys)
+            keys = waiting.request.prompt.keys
+            slot = self._choose(idle, keys)
             need = min(waiting.request.n_positions, self.sequences.n_ctx)
             if not self._make_room(slot, idle, need):
                 return False
+            held = slot.session.kv_positions
+            if held and slot.session.shared_prefix_length(keys) < CONTINUATION_SHARE * held:
+                slot.session.park_sequence()  # another conversation takes the slot: this one may come back
         self._clock += 1
         slot.job, slot.reserved, slot.last_used, slot.result = waiting.job, need, self._clock, None
         try:
@@ -194,7 +200,7 @@ class Scheduler(threading.Thread):
 
     def _make_room(self, slot: Slot, idle: list[Slot], need: int) -> bool:
         """Whether `need` KV positions fit beside the busy slots' reservations; idle slots' sequences are evicted,
-        least recently used first, until they do (their conversations fall back to the prefix cache)."""
+        least recently used first, until they do (their conversations are parked, see Session.park_sequence)."""
         busy = sum(s.reserved for s in self.slots if s.job is not None)
         if busy + need > self.sequences.n_ctx:
             return False
@@ -204,7 +210,7 @@ class Scheduler(threading.Thread):
             if busy + held + need <= self.sequences.n_ctx:
                 break
             held -= victim.session.kv_positions
-            victim.session.forget_sequence()
+            victim.session.park_sequence()
         return True
 
     @staticmethod
