@@ -189,15 +189,15 @@ def test_local_sweep_records_a_failed_stage_and_blocks_what_needs_it(reference, 
 IN_NAMESPACE = os.environ.get("EDGEVLM_TEST_NAMESPACE") == "1"
 
 
-def rerun_isolated(test: str) -> bool:
-    """Outside the namespace: run `test` of this file inside a fresh one and assert it passed (True: the caller
-    returns). Inside: False, the caller runs its body."""
+def rerun_isolated(test: str, file: str = __file__) -> bool:
+    """Outside the namespace: run `test` of `file` (this one by default) inside a fresh one and assert it passed
+    (True: the caller returns). Inside: False, the caller runs its body."""
     if IN_NAMESPACE:
         return False
     import subprocess
     import sys
 
-    inner = f"ip link set lo up && exec {sys.executable} -m pytest -q -x -p no:cacheprovider {__file__}::{test}"
+    inner = f"ip link set lo up && exec {sys.executable} -m pytest -q -x -p no:cacheprovider {file}::{test}"
     done = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c", inner],
                           env={**os.environ, "EDGEVLM_TEST_NAMESPACE": "1", "RAY_USAGE_STATS_ENABLED": "0"},
                           capture_output=True, text=True, timeout=900)

@@ -7,6 +7,12 @@ import sys
 # one), and two decode steps in one llama_decode cost little more than one on a memory-bound device; more slots
 # split the same pool further, so larger N is a choice (--parallel 4 for a small team).
 DEFAULT_PARALLEL = 2
+# requests waiting beside the --parallel answering ones: a burst of 3x the slots is queued, never refused (issue 32)
+DEFAULT_QUEUE_MIN = 8
+
+
+def default_queue(parallel: int) -> int:
+    return max(DEFAULT_QUEUE_MIN, 2 * parallel)
 
 
 def add_arguments(parser) -> None:
@@ -16,7 +22,9 @@ def add_arguments(parser) -> None:
     add_backend_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--queue", type=int, default=8, help="requests that may wait for the model; more get 429")
+    parser.add_argument("--queue", type=int, default=None,
+                        help=f"requests that may wait beside the --parallel answering ones; more get 429 with "
+                             f"Retry-After (default max({DEFAULT_QUEUE_MIN}, 2 x --parallel): a burst of 3x the slots)")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take (504 after)")
     parser.add_argument("--socket-timeout", type=float, default=30.0,
                         help="seconds a client may stall sending or reading before its connection is dropped")
@@ -28,6 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="keep image embeddings and image-prefix KV states here across restarts")
     parser.add_argument("--cache-dir-mb", type=float, default=2048.0, help="bound of --cache-dir (default 2048 MiB)")
+    parser.add_argument("--conversation-cache-mb", type=float, default=256.0,
+                        help="RAM for the sequence states of conversations whose slot went to another one, restored "
+                             "when they continue instead of prefilled again (default 256 MiB; 0: off)")
     parser.add_argument("--parallel", type=int, default=None, metavar="N",
                         help=f"requests answered at once, their decode steps batched in one llama_decode and sharing "
                              f"one KV pool of --n-ctx positions (default {DEFAULT_PARALLEL} for a gguf decoder; MLX and "
@@ -52,12 +63,15 @@ def open_server(args):
     parallel = args.parallel
     if parallel is None:
         parallel = DEFAULT_PARALLEL if holds_sequences(args.path, args.decoder) else 1
-    server_options = ServerOptions(args.queue, args.request_timeout, args.socket_timeout,
+    queue = default_queue(parallel) if args.queue is None else args.queue
+    server_options = ServerOptions(queue, args.request_timeout, args.socket_timeout,
                                    args.api_key or os.environ.get("EDGEVLM_API_KEY") or None, args.allow_local_images,
                                    args.max_connections, args.cache_dir,
                                    int(args.cache_dir_mb * (1 << 20)) if args.cache_dir_mb == args.cache_dir_mb
                                    else -1,  # validated before the model loads (NaN is refused)
-                                   parallel, public_metrics=args.public_metrics)
+                                   parallel, public_metrics=args.public_metrics,
+                                   conversation_cache_bytes=int(args.conversation_cache_mb * (1 << 20))
+                                   if args.conversation_cache_mb == args.conversation_cache_mb else -1)
     session = load_session_checked(args, {**backend_options(args), "n_seq": parallel})
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
     return make_server(session, model, args.host, args.port, server_options), session, server_options, model

@@ -63,10 +63,11 @@ def main(args) -> int:
 
     from ..errors import BadInputError
     from ..sweep import records, report
-    from ..sweep.executors import make_executor
+    from ..sweep.executors import make_executor, ray_head_or_hint, sigterm_interrupts
     from ..sweep.run import run_sweep
     from .common import print_json, table
 
+    sigterm_interrupts()  # SIGTERM ends it as Ctrl-C does, at any time
     console = Console(stderr=True)
     folder = Path(args.output)
     command = "edgevlm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -86,6 +87,7 @@ def main(args) -> int:
                 import ray  # noqa: F401
             except ImportError:
                 raise BadInputError("the ray executor needs Ray: pip install 'edgevlm[ray]'") from None
+            ray_head_or_hint(args.address)  # no head: one line and exit 2 in seconds, before anything is written
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -1,6 +1,8 @@
-"""A least-recently-used map bounded in bytes, with hit/miss counters: image embeddings and decoder prefix states."""
+"""A least-recently-used map bounded in bytes, with hit/miss counters: image embeddings and decoder prefix states.
+Safe to share between threads (an encode may run beside the engine thread)."""
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -22,6 +24,7 @@ class ByteLRU:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self._lock = threading.RLock()
 
     def __contains__(self, key: str) -> bool:
         return key in self._items
@@ -30,12 +33,13 @@ class ByteLRU:
         return len(self._items)
 
     def get(self, key: str) -> Any | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        self.misses += 1
-        return None
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+            return None
 
     def peek(self, key: str) -> Any | None:
         """Look without counting or reordering."""
@@ -44,25 +48,28 @@ class ByteLRU:
     def put(self, key: str, value: Any) -> bool:
         """Store; returns False when the value alone is larger than the bound (then nothing is kept)."""
         size = nbytes_of(value)
-        if key in self._items:
-            self.bytes -= nbytes_of(self._items.pop(key))
-        if size > self.max_bytes:
-            return False
-        while self.bytes + size > self.max_bytes and self._items:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= nbytes_of(old)
-            self.evictions += 1
-        self._items[key] = value
-        self.bytes += size
-        return True
+        with self._lock:
+            if key in self._items:
+                self.bytes -= nbytes_of(self._items.pop(key))
+            if size > self.max_bytes:
+                return False
+            while self.bytes + size > self.max_bytes and self._items:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= nbytes_of(old)
+                self.evictions += 1
+            self._items[key] = value
+            self.bytes += size
+            return True
 
     def pop(self, key: str) -> Any | None:
         """Drop an entry (a state that turned out unusable); returns it, or None."""
-        value = self._items.pop(key, None)
-        if value is not None:
-            self.bytes -= nbytes_of(value)
-        return value
+        with self._lock:
+            value = self._items.pop(key, None)
+            if value is not None:
+                self.bytes -= nbytes_of(value)
+            return value
 
     def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0

@@ -18,11 +18,12 @@ import numpy as np
 
 from ..errors import BadInputError
 from ..positions import text_positions
-from ..preprocess import preprocess
 from . import prompt as prompts
 from .base import Decoder, DecoderState, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
+from .embeddings import SingleFlight, image_embeddings
+from .parked import ParkedSequences, unpark
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .requests import (  # noqa: F401 - part of this module's API
     COUNTER_KEYS, PAUSE, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list,
@@ -56,6 +57,8 @@ class Session:
         self.embed_cache = ByteLRU(embed_cache_bytes)
         self.prefix_cache = ByteLRU(prefix_cache_bytes)
         self.disk_cache = None  # DiskCache: embeddings and prefix states that survive a restart (serve --cache-dir)
+        self.encode_flights = SingleFlight()  # one image is never encoded twice at once
+        self.parked = ParkedSequences(0)  # evicted conversations' states (serve --conversation-cache-mb; 0: off)
         self._kv_keys: list = []  # identity of every position the decoder holds, always true
         self._messages: list[dict] = []  # the conversation `chat` continues
         self._chat_images: list = []
@@ -66,6 +69,7 @@ class Session:
         its sequence is emptied to match (a context's sequence may hold what an earlier session left there)."""
         other = Session(self.spec, self.encoder, decoder, 0, 0, self.encoder_name, self.decoder_name)
         other.embed_cache, other.prefix_cache, other.disk_cache = self.embed_cache, self.prefix_cache, self.disk_cache
+        other.encode_flights, other.parked = self.encode_flights, self.parked
         other.forget_sequence()
         return other
 
@@ -94,44 +98,8 @@ class Session:
 
     # ---- prefill ---------------------------------------------------------------------------------------------
     def _embeddings(self, image: PreparedImage, timings: dict) -> np.ndarray:
-        cached = self.embed_cache.get(image.key)
-        if cached is not None:
-            timings["embed_cache_hits"] += 1
-            return cached
-        if self.disk_cache is not None:
-            rows = self.disk_cache.get_array("embeddings", image.key)
-            if rows is not None and rows.shape[0] == image.n_rows_embedded:
-                timings["embed_cache_hits"] += 1
-                timings["disk_cache_hits"] += 1
-                self.embed_cache.put(image.key, rows)
-                return rows
-        timings["embed_cache_misses"] += 1
-        t0 = time.perf_counter()
-        pre = preprocess(image.rgb, self.spec.preprocess)
-        t1 = time.perf_counter()
-        if image.instruction is not None:  # the encoder reads the prompt's instruction ids too (InstructBLIP)
-            embeds = self.encoder.encode(pre.pixel_values, instruction=image.instruction)
-        elif pre.grid is None:
-            embeds = self.encoder.encode(pre.pixel_values)  # (tiles, T, D)
-        else:  # a native-resolution encoder: (P, C*T*p*p) patches of a (t, h, w) grid -> (M, D)
-            embeds = self.encoder.encode(pre.pixel_values, grid=pre.grid)
-        t2 = time.perf_counter()
-        timings["preprocess_ms"] += (t1 - t0) * 1e3
-        timings["encode_ms"] += (t2 - t1) * 1e3
-        # a native-resolution image is one encoder input (its rows are patches, not tiles)
-        timings["n_tiles"] += pre.pixel_values.shape[0] if pre.grid is None else 1
-        if pre.source_size is not None:  # anyres: unpad, pool and add newlines (numpy, every encoder backend alike)
-            embeds = self.spec.preprocess.pack_anyres(embeds, *pre.source_size)
-        rows = np.ascontiguousarray(embeds.reshape(-1, embeds.shape[-1]), dtype=np.float32)  # (tiles*T, D)
-        if rows.shape[0] != image.n_rows_embedded:
-            raise RuntimeError(
-                f"encoder returned {rows.shape[0]} rows for an image that needs {image.n_rows_embedded}; "
-                "the encoder and the manifest's image layout disagree"
-            )
-        self.embed_cache.put(image.key, rows)
-        if self.disk_cache is not None:
-            self.disk_cache.put_array("embeddings", image.key, rows)
-        return rows
+        return image_embeddings(image, self.encoder, self.spec.preprocess, self.embed_cache, self.disk_cache,
+                                self.encode_flights, timings)
 
     def _segments(self, prompt: Prompt, images: list[PreparedImage], start: int, stop: int, timings: dict,
                   encoded: dict[int, np.ndarray] | None = None) -> list[Segment]:
@@ -182,6 +150,8 @@ class Session:
         chunks (`prefill_chunks`: the logits are the same), where a scheduler may run other work."""
         n = len(prompt)
         namespace = self._state_namespace
+        if self.parked.max_bytes:
+            unpark(self, prompt, timings)
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
                           lambda key: key in self.prefix_cache or (namespace is not None
                                                                    and self.disk_cache.has(namespace, key)),
@@ -478,6 +448,13 @@ class Session:
             return 0
         return min(common_prefix(self._kv_keys, keys), self.decoder.n_past)
 
+    def park_sequence(self) -> None:
+        """Give the live sequence up (to another conversation, or to make room): its state goes to the parked tier,
+        if that is on, for its conversation to come back to; then the sequence is emptied."""
+        if self.parked.max_bytes and self._kv_keys and len(self._kv_keys) == self.decoder.n_past:
+            self.parked.park(self._decoder_id, self._kv_keys, self.decoder.snapshot())
+        self.forget_sequence()
+
     def forget_sequence(self) -> None:
         """Empty the decoder's live sequence; the embedding and prefix caches stay."""
         self._kv_keys = []
@@ -488,3 +465,4 @@ class Session:
         self.forget_sequence()
         self.embed_cache.clear()
         self.prefix_cache.clear()
+        self.parked.clear()

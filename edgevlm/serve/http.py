@@ -36,7 +36,7 @@ def log(line: str) -> None:
 
 @dataclass(frozen=True)
 class ServerOptions:
-    capacity: int = 8  # requests waiting for the engine; more get 429 at once
+    capacity: int = 8  # requests that may wait beyond the --parallel answering ones; more get 429 at once
     request_timeout_s: float = 300.0
     socket_timeout_s: float = 30.0
     api_key: str | None = None
@@ -46,6 +46,7 @@ class ServerOptions:
     cache_dir_bytes: int = 2 << 30
     parallel: int = 1  # sequences decoded together (llama.cpp decoders only); 1 = one self-stepping slot
     public_metrics: bool = False  # /health and /metrics without the API key (a scraper on a trusted network)
+    conversation_cache_bytes: int = 256 << 20  # evicted conversations' sequence states kept in RAM (0: none)
 
     def __post_init__(self) -> None:
         if not 1 <= self.parallel <= MAX_PARALLEL:
@@ -60,6 +61,8 @@ class ServerOptions:
             raise BadInputError(f"--max-connections must be 1..65536, got {self.max_connections}")
         if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
             raise BadInputError(f"--allow-local-images {self.allow_local_images}: not a folder")
+        if not 0 <= self.conversation_cache_bytes <= 1 << 50:
+            raise BadInputError(f"--conversation-cache-mb must be 0..{1 << 30}, got {self.conversation_cache_bytes >> 20}")
         if not 0 <= self.cache_dir_bytes <= 1 << 50:
             raise BadInputError(f"--cache-dir-mb must be 0..{1 << 30}, got {self.cache_dir_bytes >> 20}")
         if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
@@ -221,7 +224,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             job = engine.submit(Job(body))
         except QueueFull:
-            self._error(429, f"the server is busy ({engine.jobs.maxsize} requests waiting); retry shortly",
+            self._error(429, f"the server is busy ({engine.limit} requests answering or waiting: --parallel "
+                             f"{len(engine.slots)} + --queue {engine.capacity}); retry shortly",
                         "rate_limit_error", {"Retry-After": "1"})
             return
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -357,6 +361,9 @@ def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8
         from ..runtimes.disk_cache import DiskCache
 
         session.disk_cache = DiskCache(options.cache_dir, options.cache_dir_bytes)  # before the slots share it
+    from ..runtimes.parked import ParkedSequences
+
+    session.parked = ParkedSequences(options.conversation_cache_bytes)  # before the slots share it
     service = ChatService(session, model_name, allow)
     engine = Scheduler(service, open_sequences(session, options.parallel), options.capacity)
     engine.start()

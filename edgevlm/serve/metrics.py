@@ -14,7 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format generate_latest writes
 TTFT_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 1000)
-CACHE_KEYS = ("prefix_cache_hits", "prefix_cache_misses", "embed_cache_hits", "embed_cache_misses")
+CACHE_KEYS = ("prefix_cache_hits", "prefix_cache_misses", "embed_cache_hits", "embed_cache_misses",
+              "conversation_cache_hits", "conversation_cache_misses")
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,9 @@ class _StateCollector:
             cache = dict(self.metrics._cache)
         for key, value in cache.items():
             yield CounterMetricFamily(f"edgevlm_{key}", key.replace("_", " "), value=value)
-        hits = cache["prefix_cache_hits"] + cache["embed_cache_hits"]
+        hits = cache["prefix_cache_hits"] + cache["embed_cache_hits"] + cache["conversation_cache_hits"]
         looks = sum(cache.values())
-        yield GaugeMetricFamily("edgevlm_cache_hit_ratio", "cache hits / lookups (prefix and embedding caches)",
+        yield GaugeMetricFamily("edgevlm_cache_hit_ratio", "cache hits / lookups (prefix, embedding and conversation caches)",
                                 value=hits / looks if looks else 0.0)
         if self.metrics._state is None:
             return

@@ -5,12 +5,15 @@ decodes one token of every slot that has one in ONE llama_decode, then lets ever
 chunk (or one image encode), so a long image prefill delays the others by chunks, not by its whole length. Greedy
 answers do not depend on who else is served: each row of a batch is its own sequence, sampled by its own sampler.
 
-A request waits in a bounded queue (full: QueueFull, a 429 at once); its text goes to its handler through the job's
-own queue, so a client that stops reading holds only its own handler thread, and a cancelled job stops at its next
+Admission counts every request the engine holds, in a slot or waiting: up to slots + capacity (--parallel + --queue)
+are taken, one more is QueueFull (a 429 at once), so a burst is never refused while slots are free but not yet
+filled. Its text goes to its handler through the job's own queue, so a client that stops reading holds only its own handler thread, and a cancelled job stops at its next
 token. A new request goes to the idle slot whose sequence shares the longest prefix with its prompt (the
 conversation's next turn prefills only its new tokens), else to the least recently used idle slot. All slots share
 one KV pool of n_ctx positions: a request is placed once its prompt + max_tokens fit beside what the busy slots
-reserved, evicting idle slots' sequences (least recently used first); until then it waits, first in line."""
+reserved, evicting idle slots' sequences (least recently used first); until then it waits, first in line. A
+sequence given to another conversation, or evicted, is parked in RAM (runtimes/parked.py) and restored when its
+conversation comes back."""
 from __future__ import annotations
 
 import queue
@@ -40,6 +43,7 @@ class Job:
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    counted: bool = False  # holds one place of the engine's admission count until it leaves the engine
 
 
 @dataclass
@@ -79,8 +83,12 @@ class Scheduler(threading.Thread):
         self.service, self.sequences = service, sequences
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.state)
-        self.jobs: queue.Queue = queue.Queue(maxsize=capacity)
+        self.jobs: queue.Queue = queue.Queue()  # bounded by the admission count, not by its own size
         self.slots = [Slot(i, session, sequences.batched) for i, session in enumerate(sequences.sessions)]
+        self.capacity = capacity
+        self.limit = len(self.slots) + capacity  # requests held at once: answering or waiting
+        self._admitted = 0
+        self._admission = threading.Lock()
         self.last_error: str | None = None
         self.tick_hook: Callable[[], None] | None = None  # tests: slow the engine down to act mid-answer
         self._held: Waiting | None = None
@@ -88,11 +96,21 @@ class Scheduler(threading.Thread):
         self._stopping = False
 
     def submit(self, job: Job) -> Job:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+        """Take the job, or QueueFull when `limit` requests are already answering or waiting."""
+        with self._admission:
+            if self._admitted >= self.limit:
+                raise QueueFull
+            self._admitted += 1
+            job.counted = True
+        self.jobs.put_nowait(job)
         return job
+
+    def _retire(self, job: Job | None) -> None:
+        """The job left the engine (answered, failed, cancelled): its place is free for the next request."""
+        with self._admission:
+            if job is not None and job.counted:
+                job.counted = False
+                self._admitted -= 1
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -126,6 +144,7 @@ class Scheduler(threading.Thread):
                     continue
             if self._held.job.cancelled.is_set():
                 self.metrics.cancelled.inc()
+                self._retire(self._held.job)
                 self._held = None
                 continue
             if not self._place(self._held):
@@ -136,6 +155,7 @@ class Scheduler(threading.Thread):
         """Batched slots: parse and tokenize (no decoder work) to choose the slot; bad input is answered here."""
         if job.cancelled.is_set():
             self.metrics.cancelled.inc()
+            self._retire(job)
             return None
         if not self.sequences.batched:
             return Waiting(job)
@@ -146,6 +166,7 @@ class Scheduler(threading.Thread):
             job.events.put(("error", 400, str(exc)))
         except Exception as exc:  # noqa: BLE001 - the engine outlives any request
             self._fail(job, exc)
+        self._retire(job)
         return None
 
     def _place(self, waiting: Waiting) -> bool:
@@ -154,10 +175,14 @@ class Scheduler(threading.Thread):
             return False
         slot, need = idle[0], 0
         if waiting.request is not None:
-            slot = self._choose(idle, waiting.request.prompt.keys)
+            keys = waiting.request.prompt.keys
+            slot = self._choose(idle, keys)
             need = min(waiting.request.n_positions, self.sequences.n_ctx)
             if not self._make_room(slot, idle, need):
                 return False
+            held = slot.session.kv_positions
+            if held and slot.session.shared_prefix_length(keys) < CONTINUATION_SHARE * held:
+                slot.session.park_sequence()  # another conversation takes the slot: this one may come back
         self._clock += 1
         slot.job, slot.reserved, slot.last_used, slot.result = waiting.job, need, self._clock, None
         try:
@@ -175,7 +200,7 @@ class Scheduler(threading.Thread):
 
     def _make_room(self, slot: Slot, idle: list[Slot], need: int) -> bool:
         """Whether `need` KV positions fit beside the busy slots' reservations; idle slots' sequences are evicted,
-        least recently used first, until they do (their conversations fall back to the prefix cache)."""
+        least recently used first, until they do (their conversations are parked, see Session.park_sequence)."""
         busy = sum(s.reserved for s in self.slots if s.job is not None)
         if busy + need > self.sequences.n_ctx:
             return False
@@ -185,7 +210,7 @@ class Scheduler(threading.Thread):
             if busy + held + need <= self.sequences.n_ctx:
                 break
             held -= victim.session.kv_positions
-            victim.session.forget_sequence()
+            victim.session.park_sequence()
         return True
 
     @staticmethod
@@ -266,6 +291,7 @@ class Scheduler(threading.Thread):
         slot.pending = item if isinstance(item, StepRequest) else None
 
     def _release(self, slot: Slot) -> None:
+        self._retire(slot.job)
         slot.job = slot.steps = slot.pending = None
         slot.reserved = 0
 

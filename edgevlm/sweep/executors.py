@@ -5,16 +5,23 @@
 - `ray`: a Ray cluster (Ray core). Devices join with `edgevlm agent`: node labels name the device, its target and
   role, and a `edgevlm_bench` resource of 1 is the device's exclusive token, which every device stage takes. Build
   stages go to nodes labelled role=builder. A device with no live node leaves its stages pending ("waiting for
-  device X"); the sweep stops after `wait_s` of waiting with nothing running, never hangs.
+  device X"); the sweep stops after `wait_s` of waiting with nothing running, never hangs. Before Ray is asked to
+  connect, the head is probed (`ray_head_or_hint`): with no head there, the sweep ends in seconds with one line
+  saying how to start one, instead of Ray's minutes of connection retries.
 
 Both schedule from the driver: a stage is submitted once the stages it needs have succeeded; one whose need failed
 is recorded as blocked. `on_start(stage)` is called as each stage is handed to a worker (progress display)."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from .matrix import Stage
 from .stages import fingerprint, run_stage, unrun_record
@@ -23,7 +30,11 @@ LABEL_DEVICE = "edgevlm.io/device"
 LABEL_TARGET = "edgevlm.io/target"
 LABEL_ROLE = "edgevlm.io/role"
 BENCH_RESOURCE = "edgevlm_bench"  # 1 per device node: the token that makes device stages exclusive there
-LABELS_SINCE = (2, 49)  # Ray's node labels (beta) and label_selector; before that, routing uses numeric resources
+LABELS_SINCE = (2, 49)
+PROBE_TIMEOUT_S = 5.0  # a head on a LAN answers in milliseconds; Ray itself retries for minutes
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+START_HINT = ("start one with `edgevlm agent --start-head` (on the build host), or give --address HOST:PORT of "
+              "a running head")  # Ray's node labels (beta) and label_selector; before that, routing uses numeric resources
 
 
 def device_resource(device_id: str) -> str:
@@ -137,12 +148,16 @@ class RayExecutor:
         self.wait_s = wait_s
         self.poll_s = poll_s
         self._orphaned: dict[str, float] = {}  # stage key -> when its node was first seen gone
+        self.connected_here = False  # this executor called ray.init (so it shuts Ray down when interrupted)
 
     def connect(self):
         import ray
 
         if not ray.is_initialized():
+            ray_head_or_hint(self.address)
             ray.init(address=self.address or "auto", log_to_driver=False, logging_level="ERROR")
+            self.connected_here = True
+            sigterm_interrupts()  # ray.init set its own handler: a sys.exit from wherever the driver happens to be
         return ray
 
     @staticmethod
@@ -172,11 +187,26 @@ class RayExecutor:
     def run(self, stages: list[Stage], context: dict, done: set[str], on_record, log=print,
             on_start=None) -> list[str]:
         ray = self.connect()
+        running: dict = {}  # ObjectRef -> (stage, submitted at)
+        try:
+            return self._run(ray, running, stages, context, done, on_record, log, on_start)
+        except BaseException:  # Ctrl-C, SIGTERM: what was submitted is cancelled, and Ray let go of
+            for ref in running:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 - a node already gone; the rest are still cancelled
+                    pass
+            if self.connected_here:
+                ray.shutdown()
+                self.connected_here = False
+            raise
+
+    def _run(self, ray, running: dict, stages: list[Stage], context: dict, done: set[str], on_record, log,
+             on_start) -> list[str]:
         labels = (tuple(int(p) for p in ray.__version__.split(".")[:2]) >= LABELS_SINCE if self.routing == "auto"
                   else self.routing == "labels")
         remote = ray.remote(_remote_stage)
         scheduler = Scheduler(stages, done, on_record)
-        running: dict = {}  # ObjectRef -> (stage, submitted at)
         waiting: dict[str, str] = {}
         waited_since = None
         while True:
@@ -238,6 +268,73 @@ class RayExecutor:
             scheduler.finish(unrun_record(stage.to_dict(), submitted, "failed",
                                           f"NodeLost: the node for {where} left the cluster and did not come back "
                                           f"within {self.wait_s:.0f} s"))
+
+
+def ray_head_or_hint(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> str:
+    """The host:port Ray would connect to for `address` (None/"auto": RAY_ADDRESS, else the cluster `ray start` last
+    recorded here), once a gRPC server answers there within `timeout_s`; else a BadInputError (exit 2) whose one line
+    says how to start a head."""
+    from ..errors import BadInputError
+
+    given = address or "auto"
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        with fd2_silenced():  # offline, Ray's C++ logs its failed guess of this node's address there
+            target = canonicalize_bootstrap_address_or_die(given)
+    except (ConnectionError, ValueError, OSError) as exc:
+        raise BadInputError(f"no Ray cluster found (--address {given}: {str(exc).split('. ')[0]}); {START_HINT}") from None
+    except ImportError:  # an older or newer Ray without this helper: ray.init reports it
+        return given
+    host, _, port = target.rpartition(":")
+    why = grpc_server_answers(host.strip("[]"), int(port), timeout_s)
+    if why:
+        raise BadInputError(f"no Ray cluster at {target} (--address {given}: {why}); {START_HINT}")
+    return target
+
+
+@contextmanager
+def fd2_silenced() -> Iterator[None]:
+    """Standard error (the file descriptor, which native code writes to) goes to /dev/null for a moment."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def grpc_server_answers(host: str, port: int, timeout_s: float) -> str | None:
+    """None when an HTTP/2 (gRPC) server, as a Ray head's GCS is, answers the client preface with a SETTINGS frame
+    within `timeout_s`; else why not, in a few words."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(HTTP2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # + an empty SETTINGS frame
+            header = b""
+            while len(header) < 9:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                piece = sock.recv(9 - len(header))
+                if not piece:
+                    return "it closed the connection: not a Ray head"
+                header += piece
+    except ConnectionRefusedError:
+        return "connection refused: nothing listens there"
+    except (TimeoutError, socket.timeout):
+        return f"no answer within {timeout_s:.0f} s"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return None if header[3] == 0x04 else "it does not speak gRPC: not a Ray head"
+
+
+def sigterm_interrupts() -> None:
+    """SIGTERM ends the sweep as Ctrl-C does: a KeyboardInterrupt in the driver (submitted stages cancelled, exit
+    130), wherever it is waiting."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def make_executor(name: str, **options):
