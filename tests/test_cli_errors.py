@@ -69,13 +69,13 @@ def test_incomplete_checkpoint(capsys, ckpts, tmp_path, image_file, remove, need
 
 
 def test_unsupported_architecture(capsys, ckpts, tmp_path, image_file):
-    other = tmp_path / "paligemma"
+    other = tmp_path / "mllama"
     shutil.copytree(ckpts["llava-clip"], other)
     config = json.loads((other / "config.json").read_text())
-    config["architectures"] = ["PaliGemmaForConditionalGeneration"]
+    config["architectures"] = ["MllamaForConditionalGeneration"]
     (other / "config.json").write_text(json.dumps(config))
     code, _, err = run_cli(capsys, "run", str(other), "--image", str(image_file), "--prompt", "hi")
-    assert_clean_error(code, err, "unsupported architecture PaliGemmaForConditionalGeneration",
+    assert_clean_error(code, err, "unsupported architecture MllamaForConditionalGeneration",
                        "Idefics3ForConditionalGeneration", "LlavaForConditionalGeneration")
 
 
