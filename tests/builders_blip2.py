@@ -15,21 +15,21 @@ N_QUERIES = 8
 
 
 def qformer_tokenizer():
-    """A BERT-style WordPiece tokenizer ([PAD]=0, [UNK], [CLS], [SEP], [MASK]; lower-cased; [CLS] x [SEP])."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style WordPiece tokenizer ([PAD]=0, [UNK], [CLS], [SEP], [MASK]; lower-cased; [CLS] x [SEP]) with a
+    vocabulary listed from the corpus (the corpus' words, its characters and their ## forms, sorted): `tokenizers`'
+    WordPiece trainer breaks ties differently from run to run, and the tests need the same ids every time."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for line in CORPUS for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line))})
+    chars = sorted({c for w in words for c in w})
+    vocab = specials + chars + ["##" + c for c in chars] + [w for w in words if len(w) > 1]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, splitter, decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    from tokenizers import decoders
-
-    tok.decoder = decoders.WordPiece()
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
                              cls_token="[CLS]", mask_token="[MASK]", do_lower_case=True)
 

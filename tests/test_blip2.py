@@ -87,14 +87,15 @@ def test_greedy_tokens_equal_model_generate_and_follow_image_and_instruction(nam
     path, ckpt, processor = models[name]
     session = session_from_checkpoint(ckpt)
     tokens = {}
-    for seed in (0, 1):
+    seeds = (0, 1, 2)
+    for seed in seeds:
         image = random_image(seed, 50, 40)
         for prompt in PROMPTS:
             expected = _generate_hf(ckpt, processor, image, prompt)
             result = session.generate(image, prompt, max_tokens=12, stop_token_ids=[])
             assert result.tokens == expected, (seed, prompt)
-            tokens[seed, prompt] = result.tokens
-    assert tokens[0, PROMPTS[0]] != tokens[1, PROMPTS[0]], "the tiny model ignores the image"
+            tokens[seed, prompt] = tuple(result.tokens)
+    assert all(len({tokens[s, p] for s in seeds}) > 1 for p in PROMPTS), "the tiny model ignores the image"
     assert tokens[0, PROMPTS[0]] != tokens[0, PROMPTS[1]], "the tiny model ignores the instruction"
 
 
@@ -162,3 +163,17 @@ def test_instructblip_preset_shapes_plan_and_a_shrunk_build(tmp_path, monkeypatc
     assert (spec.layout.image_token_id, spec.tokens_per_tile, spec.instruction.max_tokens) == (32001, 4, 64)
     ckpt = load_checkpoint(path)
     assert from_preset("tiny-instructblip").vision.params == sum(p.numel() for p in ckpt.vision.parameters())
+
+
+
+def test_the_instruction_the_qformer_reads_changes_the_greedy_tokens(models):
+    """The same decoder prompt with the Q-Former reading another instruction gives other tokens: the bridge's
+    instruction input is not ignored by the tiny model (so a runtime that dropped it would be caught)."""
+    path, ckpt, processor = models["instructblip"]
+    session = session_from_checkpoint(ckpt)
+    image = random_image(0, 50, 40)
+    right = session.generate(image, PROMPTS[0], max_tokens=12, stop_token_ids=[]).tokens
+    other = session.spec.instruction_tokenizer(PROMPTS[1])
+    session.spec.instruction_tokenizer = lambda text: other
+    session.clear_caches()
+    assert session.generate(image, PROMPTS[0], max_tokens=12, stop_token_ids=[]).tokens != right
