@@ -62,7 +62,7 @@ class PreprocessSpec:
     pan_and_scan_min_crop: int = 0
     pan_and_scan_min_ratio: float = 0.0
     # anyres only: the (height, width) canvases a grid may take, and the most tiles' worth of features kept unpooled
-    # ("anyres_max_9": 9); patch_size is then the tower's patch (a tile's features are (tile / patch)^2)
+    # ("anyres_max_9": 9); patch_size is then the tower's patch (a tile's features are (tile // patch)^2)
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     max_pooled_tiles: int = 0
 
