@@ -44,13 +44,14 @@ $EV bench "$W2" --image-size 128x128 --prompt-tokens 24 --new-tokens 32 --thread
 # tokens), onnx:int8 + gguf:q4_k_m against PyTorch eager and llama.cpp's mtmd on the same GGUF + edgevlm's f16 mmproj.
 # The export is measured as it runs (peak RSS against the checkpoint on disk: issue 30's export-memory goal). The
 # PyTorch reference runs in the checkpoint's bf16 (--torch-dtype auto): its float32 copy (17 GB) does not fit beside
-# the rest in 24 GiB. About 8.6 GB of checkpoint and 20 minutes on 2 cores; skip with EDGEVLM_BENCH_SKIP_W4=1.
+# the rest in 24 GiB. About 8.6 GB of checkpoint, 23 minutes of export and 10 of bench (one repeat) on 2 cores;
+# skip with EDGEVLM_BENCH_SKIP_W4=1.
 if [ -z "${EDGEVLM_BENCH_SKIP_W4:-}" ]; then
   [ -d "$WORK/gemma3-4b-bf16" ] || $EV preset gemma3-4b --dtype bfloat16 -o "$WORK/gemma3-4b-bf16"
   [ -d "$WORK/w4-bundle-mmproj" ] || .venv/bin/python benchmarks/export_memory.py "$WORK/gemma3-4b-bf16" \
     -o "$WORK/w4-bundle-mmproj" --encoder onnx:int8,gguf:f16 --decoder gguf:q4_k_m \
     --json benchmarks/results/export-memory/gemma3-4b-bf16.json
-  $EV bench "$WORK/w4-bundle-mmproj" --image-size 896x896 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 2 \
+  $EV bench "$WORK/w4-bundle-mmproj" --image-size 896x896 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 1 \
     --encoder onnx:int8 --decoder gguf:q4_k_m --torch-dtype auto -o benchmarks/results/w4 | tail -n 1 > /dev/null
 fi
 echo "results in benchmarks/results/"
