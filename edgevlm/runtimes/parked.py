@@ -21,7 +21,8 @@ class ParkedSequence:
 
     def __post_init__(self) -> None:
         if len(self.keys) != self.state.n_past:
-            raise ValueError(f"a parked state of {self.state.n_past} positions needs as many keys, got {len(self.keys)}")
+            raise ValueError(f"a parked state of {self.state.n_past} positions needs as many keys, "
+                             f"got {len(self.keys)}")
 
     @property
     def nbytes(self) -> int:

@@ -62,7 +62,8 @@ class ServerOptions:
         if self.allow_local_images is not None and not Path(self.allow_local_images).is_dir():
             raise BadInputError(f"--allow-local-images {self.allow_local_images}: not a folder")
         if not 0 <= self.conversation_cache_bytes <= 1 << 50:
-            raise BadInputError(f"--conversation-cache-mb must be 0..{1 << 30}, got {self.conversation_cache_bytes >> 20}")
+            raise BadInputError(f"--conversation-cache-mb must be 0..{1 << 30}, "
+                                f"got {self.conversation_cache_bytes >> 20}")
         if not 0 <= self.cache_dir_bytes <= 1 << 50:
             raise BadInputError(f"--cache-dir-mb must be 0..{1 << 30}, got {self.cache_dir_bytes >> 20}")
         if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():

@@ -100,7 +100,8 @@ class _StateCollector:
             yield CounterMetricFamily(f"edgevlm_{key}", key.replace("_", " "), value=value)
         hits = cache["prefix_cache_hits"] + cache["embed_cache_hits"] + cache["conversation_cache_hits"]
         looks = sum(cache.values())
-        yield GaugeMetricFamily("edgevlm_cache_hit_ratio", "cache hits / lookups (prefix, embedding and conversation caches)",
+        yield GaugeMetricFamily("edgevlm_cache_hit_ratio",
+                                "cache hits / lookups (prefix, embedding and conversation caches)",
                                 value=hits / looks if looks else 0.0)
         if self.metrics._state is None:
             return

@@ -7,13 +7,13 @@ answers do not depend on who else is served: each row of a batch is its own sequ
 
 Admission counts every request the engine holds, in a slot or waiting: up to slots + capacity (--parallel + --queue)
 are taken, one more is QueueFull (a 429 at once), so a burst is never refused while slots are free but not yet
-filled. Its text goes to its handler through the job's own queue, so a client that stops reading holds only its own handler thread, and a cancelled job stops at its next
-token. A new request goes to the idle slot whose sequence shares the longest prefix with its prompt (the
-conversation's next turn prefills only its new tokens), else to the least recently used idle slot. All slots share
-one KV pool of n_ctx positions: a request is placed once its prompt + max_tokens fit beside what the busy slots
-reserved, evicting idle slots' sequences (least recently used first); until then it waits, first in line. A
-sequence given to another conversation, or evicted, is parked in RAM (runtimes/parked.py) and restored when its
-conversation comes back."""
+filled. Its text goes to its handler through the job's own queue, so a client that stops reading holds only its own
+handler thread, and a cancelled job stops at its next token. A new request goes to the idle slot whose sequence
+shares the longest prefix with its prompt (the conversation's next turn prefills only its new tokens), else to the
+least recently used idle slot. All slots share one KV pool of n_ctx positions: a request is placed once its prompt
+and max_tokens fit beside what the busy slots reserved, evicting idle slots' sequences (least recently used first);
+until then it waits, first in line. A sequence given to another conversation, or evicted, is parked in RAM
+(runtimes/parked.py) and restored when its conversation comes back."""
 from __future__ import annotations
 
 import queue

@@ -30,11 +30,11 @@ LABEL_DEVICE = "edgevlm.io/device"
 LABEL_TARGET = "edgevlm.io/target"
 LABEL_ROLE = "edgevlm.io/role"
 BENCH_RESOURCE = "edgevlm_bench"  # 1 per device node: the token that makes device stages exclusive there
-LABELS_SINCE = (2, 49)
+LABELS_SINCE = (2, 49)  # Ray's node labels (beta) and label_selector; before that, routing uses numeric resources
 PROBE_TIMEOUT_S = 5.0  # a head on a LAN answers in milliseconds; Ray itself retries for minutes
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 START_HINT = ("start one with `edgevlm agent --start-head` (on the build host), or give --address HOST:PORT of "
-              "a running head")  # Ray's node labels (beta) and label_selector; before that, routing uses numeric resources
+              "a running head")
 
 
 def device_resource(device_id: str) -> str:
@@ -283,7 +283,8 @@ def ray_head_or_hint(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) ->
         with fd2_silenced():  # offline, Ray's C++ logs its failed guess of this node's address there
             target = canonicalize_bootstrap_address_or_die(given)
     except (ConnectionError, ValueError, OSError) as exc:
-        raise BadInputError(f"no Ray cluster found (--address {given}: {str(exc).split('. ')[0]}); {START_HINT}") from None
+        why = str(exc).split(". ")[0]
+        raise BadInputError(f"no Ray cluster found (--address {given}: {why}); {START_HINT}") from None
     except ImportError:  # an older or newer Ray without this helper: ray.init reports it
         return given
     host, _, port = target.rpartition(":")
