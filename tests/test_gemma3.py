@@ -387,7 +387,7 @@ def test_plan_figures_and_presets(gemma_bundle, gemma_ckpts, monkeypatch, capsys
 
 
 def test_mlx_fp32_matches_the_torch_reference(gemma_ckpts, gemma_bundle, pics):
-    """mlx-vlm's gemma3 language model under edgevlm's masks (runtimes/mlx_vlm_seam.py): the image block bidirectional and
+    """mlx-vlm's gemma3 layers under edgevlm's masks (runtimes/mlx_vlm_seam.py): the image block bidirectional and
     unscaled, local layers windowed; greedy tokens equal the torch reference's, logits NMSE <= 1e-5, also after a
     prefix-cache hit (snapshot / restore) and a chat turn that reuses the live sequence."""
     import edgevlm

@@ -188,7 +188,7 @@ def test_f32_gguf_takes_deepstack_rows_and_matches_pytorch(ckpt, qwen3_bundle, p
 
 
 def test_mlx_fp32_takes_deepstack_rows_and_matches_pytorch(ckpt, qwen3_bundle, pics):
-    """mlx-lm's qwen3 weights under edgevlm's M-RoPE forward with interleaved sections and DeepStack adds."""
+    """mlx-vlm's qwen3_vl language model over mlx-lm's qwen3 folder: interleaved sections and DeepStack adds."""
     from edgevlm.verify import DECODER_NMSE, nmse
 
     images = [pics["tall"], pics["big"]]

@@ -52,12 +52,13 @@ class MlxDecoder(Decoder):
 
             self.model, self.config = mlx_vlm_seam.load_language_model(folder, family, mrope_section)
             self._make_cache = lambda: mlx_vlm_seam.make_cache(self.model)
+            self._trim = lambda n: mlx_vlm_seam.trim_cache(self.cache, n)
             if family == "gemma3":
                 self._gemma3 = mlx_vlm_seam.Gemma3Language(self.model)
             else:
                 self._mrope = mlx_vlm_seam.MRopeLanguage(self.model, [int(s) for s in mrope_section])
         else:  # plain decoders: mlx-lm's own model and prompt cache
-            from mlx_lm.models.cache import make_prompt_cache
+            import mlx_lm.models.cache as lm_cache
             from mlx_lm.utils import load_model
 
             try:
@@ -65,7 +66,9 @@ class MlxDecoder(Decoder):
             except Exception as exc:  # noqa: BLE001 - mlx-lm's own errors for a malformed folder: the bundle's problem
                 raise BundleError(f"mlx-lm cannot load {folder} ({type(exc).__name__}: {str(exc)[:200]}); "
                                   "re-export it") from None
-            self._make_cache = lambda: make_prompt_cache(self.model)
+            self._make_cache = lambda: lm_cache.make_prompt_cache(self.model)
+            self._trim = lambda n: lm_cache.trim_prompt_cache(self.cache, n) if lm_cache.can_trim_prompt_cache(
+                self.cache) else 0
             if model_type == "gemma2":  # PaliGemma 2: mlx_gemma2.py (window, prefix, capping) over mlx-lm's layers
                 from .mlx_gemma2 import Gemma2Forward
 
@@ -177,8 +180,7 @@ class MlxDecoder(Decoder):
             self.cache = self._make_cache()
         elif n_past < self.n_past:
             wanted = self.n_past - n_past
-            # mlx-lm's trim_prompt_cache, for its caches and mlx-vlm's alike (same is_trimmable / trim protocol)
-            trimmed = [c.trim(wanted) for c in self.cache][0] if all(c.is_trimmable() for c in self.cache) else 0
+            trimmed = self._trim(wanted)
             if trimmed != wanted:  # e.g. a rotating (sliding-window) cache: start over rather than lie about n_past
                 self.cache = self._make_cache()
                 self.n_past = self.next_position = 0

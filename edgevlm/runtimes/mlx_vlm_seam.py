@@ -115,6 +115,11 @@ def make_cache(model) -> list:
     return [KVCache() for _ in model.layers]
 
 
+def trim_cache(cache: list, n: int) -> int:
+    """Positions trimmed off every layer's end (mlx-lm's trim_prompt_cache, over mlx-vlm's caches)."""
+    return [c.trim(n) for c in cache][0] if cache and all(c.is_trimmable() for c in cache) else 0
+
+
 class MRopeLanguage:
     """mlx-vlm's Qwen2-VL / Qwen3-VL LanguageModel at explicit (t, row, col) positions; given position ids it keeps
     none of its own rope state (get_rope_index runs only without them)."""
