@@ -90,6 +90,13 @@ SHOWN = (
           "mtmd's (1.09 s against 0.72 s; not a goal). The planner line is `edgevlm plan` for this machine and "
           "workload: it over-estimates TTFT (37.6 s against 27.5 s) and under-estimates decode (3.9 against 10.5 "
           "tok/s) and the peak (3,779 against 5,170 MiB)."),
+    Shown("bridges-onevision", "Bridges: LLaVA-OneVision 0.5B shapes (random weights, `edgevlm preset "
+          "llava-onevision-0.5b`), one 640x480 image (anyres-max: 4 tiles + the base view, 2,929 image rows), "
+          "24-token prompt, 64 new tokens, 2 threads", "bench",
+          "Issue 31's bench row for the anyres-max bridge: onnx:int8 + gguf:q4_k_m against PyTorch eager (float32) "
+          "in the same run, two repeats after a warm-up. llama.cpp has no LLaVA-OneVision projector, so there is "
+          "no mtmd peer; the llama-cpp-python row decodes after a short text prompt, not after 2,963 positions, so "
+          "its decode figure is not like for like. Random weights: the top-1 column says nothing about quality."),
     Shown("startup", "Start-up: `edgevlm run` on W3 (Qwen2-VL-2B shapes, onnx:int8 + gguf:q8_0), one 448x448 image, "
           "4 new tokens, 2 threads", "startup",
           "Each run is a fresh process, after one warm-up run (page cache warm, hash stamps written). \"before\" is "
