@@ -250,7 +250,7 @@ def test_plan_figures_and_preset(ckpt_path, bundle, monkeypatch, tmp_path):
     kv_row = 2 * 4 * 256 * 2  # K and V, 4 KV heads of 256, f16
     kv = result["options"][0]["memory"]["kv_cache"]
     print("paligemma2-3b-448 kv", kv, "vision params", shapes.vision.params)
-    assert 13 * 8192 * kv_row < kv <= 26 * 8192 * kv_row
+    assert kv == 13 * 8192 * kv_row + 13 * (4096 + 512) * kv_row
     from dataclasses import replace
 
     from edgevlm.reference import presets

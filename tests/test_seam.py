@@ -284,7 +284,7 @@ def test_snapshots_are_fast_and_reported(bundles, images):
 
 
 @pytest.mark.parametrize("field_name,value", [("position_scheme", "something-else"), ("architecture", "gpt-j"),
-                                              ("image_attention", "prefix")])
+                                              ("image_attention", "cross-attention")])
 def test_a_bundle_with_an_unknown_contract_value_is_refused(field_name, value, bundles, tmp_path, images, capsys):
     bundle = shutil.copytree(bundles["llava-clip"], tmp_path / "b")
     data = json.loads((bundle / "manifest.json").read_text())

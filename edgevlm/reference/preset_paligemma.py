@@ -64,7 +64,8 @@ def files(shape: PaliGemmaShape) -> tuple[dict, dict]:
 def build_paligemma(shape: PaliGemmaShape, out: Path, corpus: list[str]) -> Path:
     import json
 
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipImageProcessor
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     tokenizer = wrap(bpe_with_pinned_ids(corpus, shape.vocab, special_ids(shape), n_merges=1000), bos="<bos>",
                      eos="<eos>", pad="<pad>", chat_template=None, image_token="<image>")
@@ -74,7 +75,7 @@ def build_paligemma(shape: PaliGemmaShape, out: Path, corpus: list[str]) -> Path
                              text_config={**config_json["text_config"]}, image_token_index=shape.image_token_id,
                              projection_dim=shape.text_hidden, hidden_size=shape.text_hidden)
     PaliGemmaForConditionalGeneration(config).eval().save_pretrained(out)
-    image_processor = SiglipImageProcessor(size=processor["size"], resample=3, image_mean=[0.5] * 3,
+    image_processor = SiglipImageProcessorPil(size=processor["size"], resample=3, image_mean=[0.5] * 3,
                                            image_std=[0.5] * 3)
     image_processor.image_seq_length = processor["image_seq_length"]
     image_processor.save_pretrained(out)
