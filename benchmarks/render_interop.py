@@ -27,7 +27,9 @@ SERVE_VS_NOTE = ("benchmarks/serve_vs_llama_server.py, one server at a time on 1
                  "random weights, so answers are noise (48 tokens each: no stop token came first). Most of edgevlm's "
                  "TTFT lead is the encoder: mtmd encodes a 512x512 SmolVLM image as an overview and one slice with "
                  "the f16 CLIP graph, edgevlm one tile with the int8 ONNX graph, and caches it. edgevlm's 429s in the "
-                 "burst are the refusals below capacity issue 32 names (its queue of 8 does not count free slots). "
+                 "burst are the refusals below capacity issue 32 names (its queue of 8 did not count free slots); this "
+                 "run predates the admission fix merged the same day (a burst of --parallel + --queue is now "
+                 "admitted: tests/test_serve_burst.py), so re-run it before quoting the burst row. "
                  "It ran under the shared test lock on a 2-core VM where other sessions' processes may have run "
                  "beside it.")
 
