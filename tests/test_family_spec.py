@@ -104,11 +104,19 @@ def blip2_ckpts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def described(ckpts, qwen_ckpts, gemma_ckpt, idefics2_ckpts, onevision_ckpt, blip2_ckpts, tiny_reference) -> dict:
+def paligemma_ckpt(tmp_path_factory):
+    from builders_paligemma import build_paligemma
+
+    return build_paligemma(tmp_path_factory.mktemp("paligemma-spec") / "paligemma", seed=3)
+
+
+@pytest.fixture(scope="module")
+def described(ckpts, qwen_ckpts, gemma_ckpt, idefics2_ckpts, onevision_ckpt, blip2_ckpts, paligemma_ckpt,
+              tiny_reference) -> dict:
     paths = {**{name: str(path) for name, path in ckpts.items()}, **{k: str(v) for k, v in qwen_ckpts.items()},
              "gemma3": str(gemma_ckpt), **{k: str(v) for k, v in idefics2_ckpts.items()},
              "llava_onevision": str(onevision_ckpt), **{k: str(v) for k, v in blip2_ckpts.items()},
-             "reference": str(tiny_reference)}
+             "paligemma": str(paligemma_ckpt), "reference": str(tiny_reference)}
     run = subprocess.run([sys.executable, "-c", BLOCKER + DESCRIBE, *paths.values()], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -123,7 +131,7 @@ def test_every_family_is_described_without_torch_or_transformers(described):
     assert {d["summary"]["architecture"] for d in described.values()} == set(FAMILIES)
     for name, d in described.items():
         summary = d["summary"]
-        assert summary["image_attention"] == ("bidirectional" if name == "gemma3" else "causal"), name
+        assert summary["image_attention"] == {"gemma3": "bidirectional", "paligemma": "prefix"}.get(name, "causal"), name
         assert (summary["mmproj_projector"] is None) != (summary["mmproj_refusal"] is None), name
         for size, counts in d["images"].items():  # the planner's image-token rows are the description's
             assert counts["plan"] == counts["spec"] > 0, (name, size)
