@@ -97,6 +97,15 @@ SHOWN = (
           "in the same run, two repeats after a warm-up. llama.cpp has no LLaVA-OneVision projector, so there is "
           "no mtmd peer; the llama-cpp-python row decodes after a short text prompt, not after 2,963 positions, so "
           "its decode figure is not like for like. Random weights: the top-1 column says nothing about quality."),
+    Shown("bridges-paligemma", "Bridges: PaliGemma 2 3B-448 shapes (random weights, `edgevlm preset "
+          "paligemma2-3b-448`), one 448x448 image (1,024 image rows), 24-token prompt, 64 new tokens, 2 threads",
+          "bench",
+          "Issue 31's bench row for the prefix-LM bridge: onnx:int8 + gguf:q4_k_m against PyTorch eager (float32) in "
+          "the same run, two repeats after a warm-up. Warm TTFT stays near cold by design: a prefix-LM prompt is "
+          "re-prefilled whole (image rows from the cache), since a new question changes what the prefix attends to. "
+          "llama.cpp has no PaliGemma projector, so there is no mtmd peer. The roofline counts the tied embedding "
+          "table that decode only gathers from, so it can read above 100%. Random weights: the top-1 column says "
+          "nothing about quality."),
     Shown("startup", "Start-up: `edgevlm run` on W3 (Qwen2-VL-2B shapes, onnx:int8 + gguf:q8_0), one 448x448 image, "
           "4 new tokens, 2 threads", "startup",
           "Each run is a fresh process, after one warm-up run (page cache warm, hash stamps written). \"before\" is "
