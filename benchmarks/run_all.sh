@@ -54,4 +54,15 @@ if [ -z "${EDGEVLM_BENCH_SKIP_W4:-}" ]; then
   $EV bench "$WORK/w4-bundle-mmproj" --image-size 896x896 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 1 \
     --encoder onnx:int8 --decoder gguf:q4_k_m --torch-dtype auto -o benchmarks/results/w4 | tail -n 1 > /dev/null
 fi
+# Bridges (issue 31): LLaVA-OneVision 0.5B (anyres-max) and PaliGemma 2 3B-448 (prefix-LM) shapes, onnx:int8 +
+# gguf:q4_k_m against PyTorch eager in float32; ~10 and ~20 minutes on 2 cores. The 7B/8B presets (instructblip, idefics2)
+# are left out: their checkpoints plus a torch peer do not fit in 24 GiB.
+[ -d "$WORK/llava-onevision-0.5b" ] || $EV preset llava-onevision-0.5b -o "$WORK/llava-onevision-0.5b"
+[ -d "$WORK/b1-bundle" ] || $EV export "$WORK/llava-onevision-0.5b" -o "$WORK/b1-bundle" --encoder onnx:int8 --decoder gguf:q4_k_m
+$EV bench "$WORK/b1-bundle" --image-size 640x480 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 2 \
+  --encoder onnx:int8 --decoder gguf:q4_k_m -o benchmarks/results/bridges-onevision | tail -n 1 > /dev/null
+[ -d "$WORK/paligemma2-3b-448" ] || $EV preset paligemma2-3b-448 -o "$WORK/paligemma2-3b-448"
+[ -d "$WORK/b2-bundle" ] || $EV export "$WORK/paligemma2-3b-448" -o "$WORK/b2-bundle" --encoder onnx:int8 --decoder gguf:q4_k_m
+$EV bench "$WORK/b2-bundle" --image-size 448x448 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 2 \
+  --encoder onnx:int8 --decoder gguf:q4_k_m -o benchmarks/results/bridges-paligemma | tail -n 1 > /dev/null
 echo "results in benchmarks/results/"
