@@ -69,8 +69,18 @@ quiet "${PIP[@]}" install --find-links "$WHEEL_DIR" -e ".[all]"
 # which pins the version). --no-deps: its declared dependencies pull opencv, datasets, transformers and audio packages
 # that those modules never import, and pyproject's extras cannot say --no-deps.
 quiet "${PIP[@]}" install --no-deps "mlx-vlm==$(sed -n 's/^MLX_VLM_VERSION = "\([^"]*\)".*/\1/p' edgevlm/runtimes/mlx_vlm_seam.py)"
+# Tests only: transformers' video processors (the parity reference for video input) need torchvision, and the only
+# torchvision wheel for torch 2.13 on the index is a CUDA build whose _C.so cannot load here. Its Python half
+# (transforms) works; tests/hf_video.py runs it in a subprocess with this folder on the path. Never on sys.path of
+# the tests themselves: transformers would switch every image processor to its torchvision variant.
+HF_TORCHVISION="$VENV/hf-torchvision"
+if [ ! -f "$HF_TORCHVISION/.ready" ]; then
+  rm -rf "$HF_TORCHVISION"
+  quiet "${PIP[@]}" install --no-deps --target "$HF_TORCHVISION" torchvision==0.28.0
+  rm -f "$HF_TORCHVISION"/torchvision/_C.so && touch "$HF_TORCHVISION/.ready"
+fi
 "$VENV/bin/python" - <<'PY'
-import torch, llama_cpp, llama_cpp.mtmd_cpp, onnxruntime, gguf, mlx.core, mlx_lm  # fail here, not mid-test-run
+import torch, llama_cpp, llama_cpp.mtmd_cpp, onnxruntime, gguf, mlx.core, mlx_lm, av  # fail here, not mid-test-run
 from edgevlm.runtimes.mlx_vlm_seam import FAMILIES, import_language
 for family in FAMILIES.values():
     import_language(family)
