@@ -50,6 +50,11 @@ def rows(result: dict) -> list[list[str]]:
                         f"{_m(m['prefill_decode_ms']):.1f}", f"{_m(m['ttft_cold_ms']):.1f}", f"{_m(m['ttft_warm_ms']):.1f}",
                         f"{_m(m['decode_tok_s']):.1f}", "-", "-", f"{m['peak_rss_mb']:.0f}", "-"]
                        + (["-"] if with_accuracy else []))
+        elif peer.get("kind") == "mlx-vlm" and "metrics" in peer:  # its own processor, encoder and generate loop
+            m = peer["metrics"]
+            out.append([peer["name"], "-", "-", "-", f"{_m(m['ttft_cold_ms']):.1f}", f"{_m(m['ttft_warm_ms']):.1f}",
+                        f"{_m(m['decode_tok_s']):.1f}", "-", "-", f"{m['peak_rss_mb']:.0f}", _drift(m, False)]
+                       + (["-"] if with_accuracy else []))
         elif "metrics" in peer:  # text-only peers: llama-cpp-python's loop (TTFT of a text prompt), llama-bench (pp rate)
             m = peer["metrics"]
             prefill = f"pp {_m(m['prefill_tok_s']):.0f} tok/s" if "prefill_tok_s" in m else "-"

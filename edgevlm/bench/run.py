@@ -12,7 +12,7 @@ from . import harness
 from ..machine import measure_bandwidth_gbs
 from ..plan.roofline import gguf_weight_bytes_per_token, kv_bytes_per_token, roofline, torch_weight_bytes_per_token
 
-PEERS = ("torch", "llamacpp")
+PEERS = ("torch", "llamacpp", "mlx-vlm", "ort-genai")
 CHILD_PROGRESS = "edgevlm-progress: "  # prefix of the progress lines an isolated run writes to its stderr
 
 
@@ -198,6 +198,37 @@ def mtmd_peers(bundle: Path, pairs: list[tuple[str, str]], scenario: harness.Sce
     return runs
 
 
+def other_library_peers(path: Path, bundle: Path | None, peer_list: list[str], scenario: harness.Scenario, trace: str,
+                        mlx_vlm_python: str | None, repeats: int, progress: Callable[[str], None]) -> list[dict]:
+    """mlx-vlm and ONNX Runtime GenAI on the bundle's source checkpoint, each in its own environment and process
+    (edgevlm.bench.peers.external), or their rows with the reason they did not run."""
+    from .peers import external
+
+    if not {"mlx-vlm", "ort-genai"} & set(peer_list):
+        return []
+    checkpoint = path
+    if bundle is not None:
+        from ..manifest import Manifest
+
+        checkpoint = Path(Manifest.load(bundle).source["path"])
+    if not (checkpoint / "config.json").is_file():
+        reason = f"the source checkpoint {checkpoint} is gone (these peers build their own model from it)"
+        names = {"mlx-vlm": "mlx-vlm", "ort-genai": "onnxruntime-genai"}
+        return [{"name": names[p], "kind": names[p], "skipped": reason} for p in peer_list if p in names]
+    rows = []
+    if "mlx-vlm" in peer_list:
+        python, why_not = external.find_mlx_vlm_python(mlx_vlm_python)
+        if bundle is None:
+            python, why_not = None, "runs on a bundle (its chat template renders the bench's prompts)"
+        texts = harness.mtmd_prompts(bundle, scenario)[0] if python else []
+        progress("mlx-vlm peer")
+        rows.append(external.mlx_vlm_row(checkpoint, texts, harness.bench_image(scenario.image_size),
+                                         scenario.new_tokens, repeats, trace, python, why_not, progress))
+    if "ort-genai" in peer_list:
+        rows.append(external.ort_genai_row(checkpoint))
+    return rows
+
+
 def planner_prediction(bundle: Path, encoder: str, decoder: str, scenario: harness.Scenario) -> dict | None:
     """`edgevlm plan`'s figures for this pair on this machine and the bench's workload, beside what it measured
     ({"error": ...} where the planner cannot say)."""
@@ -226,9 +257,12 @@ def edgevlm_flash_attention() -> bool:
 
 def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None = None, decoders: str | None = None,
               peers: str | None = "torch,llamacpp", target: str | None = None, llamacpp_bin: str | None = None,
-              progress: Callable[[str], None] = lambda m: None, isolate: bool = True, accuracy_n: int = 0) -> dict:
+              progress: Callable[[str], None] = lambda m: None, isolate: bool = True, accuracy_n: int = 0,
+              mlx_vlm_python: str | None = None, peer_repeats: int | None = None) -> dict:
     """isolate: each backend pair runs in a fresh Python process, so its peak RSS is its own (ru_maxrss covers a
-    whole process: in one process every run would inherit the peaks of the runs before it)."""
+    whole process: in one process every run would inherit the peaks of the runs before it).
+    mlx_vlm_python: the Python of the mlx-vlm peer's environment (default: benchmarks/build_mlx_vlm_env.sh's);
+    peer_repeats: repeats of the other libraries' peers (mlx-vlm), default the scenario's."""
     from ..loading import is_bundle
 
     path = Path(path)
@@ -242,12 +276,15 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
         raise BadInputError(f"unknown target {target!r}; see `edgevlm targets`")
     if accuracy_n < 0:
         raise BadInputError(f"--accuracy must be a number of questions >= 0, got {accuracy_n}")
+    if peer_repeats is not None and not 1 <= peer_repeats <= 1000:
+        raise BadInputError(f"--peer-repeats must be 1..1000, got {peer_repeats}")
     bundle = path if is_bundle(path) else None
     pairs = plan_pairs(path, encoders, decoders, target)
     progress("measuring memory bandwidth")
     bandwidth = measure_bandwidth_gbs()
     plan = [("torch", "torch")] if "torch" in peer_list or not pairs else []
     runs: list[dict] = []
+    library_peers: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="edgevlm-bench-") as scratch:
         trace = str(Path(scratch) / "reference-trace.npz")
         for encoder, decoder in plan + pairs:
@@ -255,6 +292,8 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
             progress(label)
             run = measure_isolated if isolate else measure
             runs.append(run(path, encoder, decoder, scenario, bandwidth, progress, trace, accuracy_n))
+        library_peers = other_library_peers(path, bundle, peer_list, scenario, trace, mlx_vlm_python,
+                                            peer_repeats or scenario.repeats, progress)
     peer_runs = []
     if "llamacpp" in peer_list and bundle is not None:
         from ..manifest import Manifest
@@ -281,6 +320,7 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
                 peer_runs.append({"name": f"llama-bench ({decoder})", "decoder": decoder, "skipped":
                                   "llama-bench not found on PATH (pass --llamacpp-bin DIR)"})
         peer_runs += mtmd_peers(bundle, pairs, scenario, isolate, progress)
+    peer_runs += library_peers
     reference = runs[0]["metrics"] if runs and runs[0]["kind"] == "reference" else None
     if reference:
         for run in runs[1:]:
@@ -299,10 +339,11 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
         run["prediction"] = planner_prediction(path, run["encoder"], run["decoder"], scenario)
         m = run["metrics"]
         for peer in peer_runs:
-            if peer.get("decoder") != run["decoder"] or "metrics" not in peer:
+            whole_model = peer.get("kind") in ("llama.cpp mtmd", "mlx-vlm")  # image to tokens, as edgevlm's runs
+            if (peer.get("decoder") != run["decoder"] and peer.get("kind") != "mlx-vlm") or "metrics" not in peer:
                 continue
             ratios = {"decode_tok_s": m["decode_tok_s"]["median"] / peer["metrics"]["decode_tok_s"]["median"]}
-            if peer.get("kind") == "llama.cpp mtmd":  # edgevlm over llama.cpp's own multimodal path: < 1 is faster
+            if whole_model:  # edgevlm over the peer's own multimodal path: < 1 is faster
                 pm = peer["metrics"]
                 ratios |= {"ttft_cold": m["ttft_cold_ms"]["median"] / pm["ttft_cold_ms"]["median"],
                            "ttft_warm": m["ttft_warm_ms"]["median"] / pm["ttft_warm_ms"]["median"],

@@ -12,7 +12,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="threads for every run, the PyTorch reference included")
-    parser.add_argument("--peers", default="torch,llamacpp", help="comma list of torch, llamacpp ('' for none)")
+    parser.add_argument("--peers", default="torch,llamacpp",
+                        help="comma list of torch, llamacpp, mlx-vlm, ort-genai ('' for none)")
+    parser.add_argument("--mlx-vlm-python", default=None,
+                        help="the Python of the mlx-vlm peer's environment (default: the one "
+                             "benchmarks/build_mlx_vlm_env.sh builds, or $EDGEVLM_MLX_VLM_PYTHON)")
+    parser.add_argument("--peer-repeats", type=int, default=None,
+                        help="repeats for the other libraries' peers (mlx-vlm; default --repeats)")
     parser.add_argument("--llamacpp-bin", default=None, help="folder with llama.cpp binaries (llama-bench, llama-mtmd-cli)")
     parser.add_argument("--encoder-only", action="store_true", help="per-tile encode latency of every encoder only")
     parser.add_argument("--accuracy", type=int, default=0, metavar="N",
@@ -58,7 +64,8 @@ def main(args) -> int:
                                         **memory_options(args))
             result = run_bench(args.path, scenario, args.encoder, args.decoder, args.peers, args.target,
                                args.llamacpp_bin, progress, isolate=not args.in_process,
-                               accuracy_n=args.accuracy)
+                               accuracy_n=args.accuracy, mlx_vlm_python=args.mlx_vlm_python,
+                               peer_repeats=args.peer_repeats)
     if args.encoder_only:
         from .common import table
 
