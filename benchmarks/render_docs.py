@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_fuzz.py besid
 from render_fuzz import FUZZ_END, FUZZ_START, fuzz_body, readme_with_fuzz, render_fuzz  # noqa: E402,F401
 from render_fusion import FUSION_NOTE, onnx_fusion_body  # noqa: E402
 from render_interop import INTEROP_NOTE, SERVE_VS_NOTE, interop_body, serve_vs_body  # noqa: E402
+from render_peers import PEERS_END, PEERS_NOTE, PEERS_START, readme_with_peers, render_peers  # noqa: E402,F401
 
 RESULTS = "benchmarks/results"
 DOC = "docs/benchmarks.md"
@@ -63,6 +64,8 @@ SHOWN = (
           "process) on the mmproj and the q8_0 GGUF of the same bundle; it encodes an overview tile as well, hence "
           "its image tokens. The two llama-bench rows are llama.cpp's benchmark binary on the same GGUF: with its "
           "defaults, and at the depth and flash-attention setting edgevlm decodes with."),
+    Shown("w1-peers", "W1 against the other libraries: mlx-vlm and ONNX Runtime GenAI rows beside PyTorch and "
+          "llama.cpp, same workload", "bench", PEERS_NOTE),
     Shown("w1-ctx256", "W1 with `--n-ctx 256` (a KV cache of llama-bench's size), same machine, minutes later",
           "bench", "The same workload and machine as W1 with a 256-position context instead of the default; see W1's "
           "note for the CPU flags."),
@@ -493,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     doc, readme = ROOT / DOC, ROOT / "README.md"
     wanted = {doc: render_benchmarks(ROOT),
-              readme: readme_with_fuzz(readme_with_headline(readme.read_text(), render_headline(ROOT)), render_fuzz(ROOT))}
+              readme: readme_with_peers(readme_with_fuzz(readme_with_headline(readme.read_text(), render_headline(ROOT)),
+                                                         render_fuzz(ROOT)), render_peers(ROOT))}
     stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:

@@ -23,6 +23,14 @@ $EV bench "$WORK/w1-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new
 $EV bench "$WORK/w1-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 5 \
   --encoder onnx:int8 --decoder gguf:q8_0 --n-ctx 256 "${PEER_BIN[@]}" -o benchmarks/results/w1-ctx256 | tail -n 1 > /dev/null
 $EV bench "$WORK/w1-bundle-mmproj" --encoder-only --threads 2 --repeats 5 -o benchmarks/results/w1-encoder | tail -n 1 > /dev/null
+# W1 against the other libraries (issue 33): mlx-vlm in its own environment (built once, ~1 min, ~1.1 GB:
+# benchmarks/build_mlx_vlm_env.sh) converting and generating the checkpoint itself, and ONNX Runtime GenAI's row (the
+# reason its builder cannot build SmolVLM). mlx-vlm on mlx[cpu] takes ~1.5 min a cold request here: one repeat.
+MLX_VLM_PY=$(benchmarks/build_mlx_vlm_env.sh | tail -n 1 || true)
+PEER_MLX=(); [ -n "$MLX_VLM_PY" ] && PEER_MLX=(--mlx-vlm-python "$MLX_VLM_PY")
+$EV bench "$WORK/w1-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 5 \
+  --encoder onnx:int8 --decoder gguf:q8_0 --peers torch,llamacpp,mlx-vlm,ort-genai --peer-repeats 1 "${PEER_BIN[@]}" \
+  "${PEER_MLX[@]}" -o benchmarks/results/w1-peers | tail -n 1 > /dev/null
 
 # W1-split: the same model as SmolVLM ships its processor (image splitting on): a 512x512 image becomes 16 tiles +
 # the global view, 1,088 image tokens. Where the KV-cache reuse pays most: a new question skips all of them.

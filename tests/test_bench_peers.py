@@ -51,32 +51,38 @@ def test_ort_genai_row_for_a_builder_family_names_what_is_missing(tmp_path):
     assert "builds only Qwen2_5_VLForConditionalGeneration's text decoder" in row["skipped"]
 
 
-def test_a_tied_head_is_written_out_for_mlx_vlm(tmp_path):
-    """mlx-vlm 0.7.10's idefics3 has no tied head: the peer hands its converter the checkpoint with lm_head.weight
-    written as a copy of the embedding (the same function), the other files linked, the original untouched."""
+def test_the_checkpoint_is_adapted_for_mlx_vlm_without_changing_the_model(tmp_path):
+    """mlx-vlm 0.7.10's idefics3 has no tied head and reads rope_theta only at the top of text_config: the peer hands
+    its converter the checkpoint with lm_head.weight written as a copy of the embedding and rope_theta copied out
+    of transformers 5's rope_parameters (the same model), the other files linked, the original untouched."""
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from edgevlm.bench.peers.mlx_vlm_child import untied_head
+    from edgevlm.bench.peers.mlx_vlm_child import adapted_checkpoint
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     embedding = np.arange(12, dtype=np.float32).reshape(4, 3)
     save_file({"model.text_model.embed_tokens.weight": embedding}, str(ckpt / "model.safetensors"))
-    config = {"model_type": "idefics3", "tie_word_embeddings": True, "text_config": {"tie_word_embeddings": True}}
+    config = {"model_type": "idefics3", "tie_word_embeddings": True,
+              "text_config": {"tie_word_embeddings": True, "rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}}
     (ckpt / "config.json").write_text(json.dumps(config))
     (ckpt / "tokenizer.json").write_text("{}")
-    source, adapted = untied_head(ckpt, tmp_path / "untied")
-    assert source == tmp_path / "untied" and "model.text_model.embed_tokens.weight" in adapted
+    source, adapted = adapted_checkpoint(ckpt, tmp_path / "adapted")
+    assert source == tmp_path / "adapted" and "model.text_model.embed_tokens.weight" in adapted
+    assert "rope_theta 100000 copied out of rope_parameters" in adapted
     weights = load_file(str(source / "model.safetensors"))
     assert np.array_equal(weights["lm_head.weight"], embedding)
     written = json.loads((source / "config.json").read_text())
     assert not written["tie_word_embeddings"] and not written["text_config"]["tie_word_embeddings"]
+    assert written["text_config"]["rope_theta"] == 1e5
     assert (source / "tokenizer.json").is_symlink() and json.loads((ckpt / "config.json").read_text()) == config
-    # a checkpoint with its own head, or untied: converted as it is
+    # a checkpoint with its own head and rope_theta where mlx-vlm reads it: converted as it is
     save_file({"model.text_model.embed_tokens.weight": embedding, "lm_head.weight": embedding},
               str(ckpt / "model.safetensors"))
-    assert untied_head(ckpt, tmp_path / "again") == (ckpt, None)
+    config["text_config"]["rope_theta"] = 1e5
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert adapted_checkpoint(ckpt, tmp_path / "again") == (ckpt, None)
 
 
 def test_mlx_vlm_peer_row_in_the_bench(bundles, tmp_path, monkeypatch, capsys):
@@ -101,11 +107,11 @@ def test_mlx_vlm_peer_row_in_the_bench(bundles, tmp_path, monkeypatch, capsys):
     for metric in ("ttft_cold_ms", "ttft_warm_ms", "decode_tok_s"):
         assert set(m[metric]) == {"median", "min", "max"} and m[metric]["median"] > 0
     assert m["n_new_tokens"] == 4 and m["peak_rss_mb"] > 0 and m["mlx_device"].startswith("Device(cpu")
-    assert m["checkpoint_adapted"] is None  # the tiny checkpoint has its own lm_head (W1's ties it: see below)
+    assert "rope_theta" in m["checkpoint_adapted"]  # transformers 5 wrote the tiny checkpoint's in rope_parameters
     assert m["convert_s"] > 0  # converted by mlx-vlm in this run (cached for the next)
-    drift = m["drift"]  # teacher-forced on the reference's 4 greedy tokens
-    assert drift["n_tokens"] == 4 and 0 <= drift["top1_agreement"] <= 1 and drift["logits_nmse"] >= 0
-    assert 0 <= m["greedy_tokens_same_as_reference"] <= 4
+    drift = m["drift"]  # teacher-forced on the reference's 4 greedy tokens: float32 on both sides, so parity
+    assert drift["n_tokens"] == 4 and drift["top1_agreement"] == 1.0 and drift["logits_nmse"] <= 1e-6, drift
+    assert m["greedy_tokens_same_as_reference"] == 4  # (with rope_theta left at mlx-vlm's default: 0.75, 4e-5)
     # the same image with another question: what mlx-vlm's prompt cache kept (it reuses a prefix only when the rest
     # of the prompt is text: here the questions differ before the image, so nothing; on W1 the image comes first)
     assert 0 <= m["warm_reused_tokens"] < m["n_prompt_tokens"]

@@ -54,6 +54,16 @@ def test_readme_fuzz_table_is_what_the_results_give():
     assert readme.count(render.FUZZ_START) == 1 and "seeded fuzzers" not in readme  # one table, no older one beside it
 
 
+def test_readme_peers_table_is_what_the_results_give():
+    render = _render_docs()
+    readme = (ROOT / "README.md").read_text()
+    assert render.readme_with_peers(readme, render.render_peers(ROOT)) == readme, \
+        "the README's peers block is not what benchmarks/results/w1-peers gives: run python benchmarks/render_docs.py"
+    block = readme[readme.index(render.PEERS_START):readme.index(render.PEERS_END)]
+    # every peer of the run is in it: the ones with numbers and the ones with the reason they have none
+    assert "peer: mlx-vlm" in block and "peer: onnxruntime-genai" in block and "skipped: its model builder" in block
+
+
 def test_every_results_file_is_shown_or_retired_by_a_newer_one():
     render = _render_docs()
     render.check_entries(ROOT)  # raises naming the file

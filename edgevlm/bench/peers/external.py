@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 MLX_VLM_VERSION = "0.7.10"  # benchmarks/build_mlx_vlm_env.sh installs this version
+CONVERT_RECIPE = 2  # mlx_vlm_child.adapted_checkpoint's version: a change converts afresh (2: rope_theta copied out)
 MLX_VLM_ENV_VARIABLE = "EDGEVLM_MLX_VLM_PYTHON"
 CHILD_SCRIPT = Path(__file__).with_name("mlx_vlm_child.py")
 PROGRESS = "edgevlm-progress: "  # edgevlm.bench.run.CHILD_PROGRESS
@@ -70,7 +71,7 @@ def converted_model_path(checkpoint: Path, quantize: int | None) -> Path:
     """The folder mlx-vlm's converted copy of the checkpoint is cached in: keyed by the checkpoint's files (path,
     size, mtime), the quantization and mlx-vlm's version, so a re-made checkpoint is converted afresh."""
     stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoint.iterdir() if p.is_file())
-    key = hashlib.sha256(json.dumps([str(checkpoint.resolve()), stats, quantize, MLX_VLM_VERSION]).encode())
+    key = hashlib.sha256(json.dumps([str(checkpoint.resolve()), stats, quantize, MLX_VLM_VERSION, CONVERT_RECIPE]).encode())
     return cache_root() / "mlx-vlm-models" / f"{checkpoint.name}-{'q%d' % quantize if quantize else 'dtype'}-" \
                                              f"{key.hexdigest()[:12]}"
 

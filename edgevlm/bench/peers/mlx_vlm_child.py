@@ -42,42 +42,56 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def untied_head(checkpoint: Path, scratch: Path) -> tuple[Path, str | None]:
-    """mlx-vlm 0.7.10's idefics3/smolvlm language model always has its own lm_head and no tied-embedding option: a
-    checkpoint that ties them (no lm_head.weight) fails to load with "Missing 1 parameters: language_model.lm_head".
-    Such a checkpoint is handed to the converter with lm_head.weight written out as a copy of the embedding: the same
-    function, one more tensor. Returns the folder to convert and what was changed (None: the checkpoint as it is)."""
+def adapted_checkpoint(checkpoint: Path, scratch: Path) -> tuple[Path, str | None]:
+    """The checkpoint as mlx-vlm 0.7.10 can read it, the model unchanged: (folder to convert, what was changed or None).
+    - rope_theta: its configs read `rope_theta` at the top of text_config and ignore transformers 5's
+      `rope_parameters` (idefics3 then silently runs with its default 1e6, not SmolVLM's 1e5): copied up.
+    - a tied head: its idefics3/smolvlm language model always has its own lm_head, so a checkpoint without
+      lm_head.weight fails to load ("Missing 1 parameters: language_model.lm_head.weight"): written out as a copy
+      of the embedding, the same function.
+    The changed copy lives in `scratch` (other files linked); the checkpoint itself is never touched."""
     config = json.loads((checkpoint / "config.json").read_text())
-    text = config.get("text_config", {})
+    changes = []
+    for section in (config, config.get("text_config")):
+        rope = (section or {}).get("rope_parameters") or {}
+        if "rope_theta" in rope and "rope_theta" not in section:
+            section["rope_theta"] = rope["rope_theta"]
+            changes.append(f"rope_theta {rope['rope_theta']:g} copied out of rope_parameters")
+    text = config.get("text_config") or {}
     tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     files = sorted(checkpoint.glob("*.safetensors"))
-    if not tied or len(files) != 1:
-        return checkpoint, None
-    from safetensors.numpy import load_file, save_file
+    weights, embedding = None, []
+    if tied and len(files) == 1:
+        from safetensors.numpy import load_file
 
-    weights = load_file(str(files[0]))
-    if any(k.endswith("lm_head.weight") for k in weights):
-        return checkpoint, None
-    embedding = [k for k in weights if k.endswith("embed_tokens.weight")]
-    if len(embedding) != 1:
+        weights = load_file(str(files[0]))
+        embedding = [k for k in weights if k.endswith("embed_tokens.weight")]
+        if any(k.endswith("lm_head.weight") for k in weights) or len(embedding) != 1:
+            weights = None
+    if weights is not None:
+        weights["lm_head.weight"] = weights[embedding[0]]
+        config["tie_word_embeddings"] = False
+        if text:
+            text["tie_word_embeddings"] = False
+        changes.append(f"lm_head.weight written as a copy of the tied {embedding[0]}")
+    if not changes:
         return checkpoint, None
     scratch.mkdir(parents=True, exist_ok=True)
+    rewritten = {"config.json"} | ({files[0].name} if weights is not None else set())
     for item in checkpoint.iterdir():
-        if item.name not in (files[0].name, "config.json") and not (scratch / item.name).exists():
+        if item.name not in rewritten and not (scratch / item.name).exists():
             (scratch / item.name).symlink_to(item.resolve())
-    weights["lm_head.weight"] = weights[embedding[0]]
-    save_file(weights, str(scratch / files[0].name), metadata={"format": "pt"})
-    config["tie_word_embeddings"] = False
-    if text:
-        text["tie_word_embeddings"] = False
+    if weights is not None:
+        from safetensors.numpy import save_file
+
+        save_file(weights, str(scratch / files[0].name), metadata={"format": "pt"})
     (scratch / "config.json").write_text(json.dumps(config, indent=2))
-    return scratch, f"lm_head.weight written as a copy of {embedding[0]} (tied in the checkpoint; mlx-vlm's " \
-                    f"{config.get('model_type')} has no tied head)"
+    return scratch, "; ".join(changes) + f" (for mlx-vlm's {config.get('model_type')})"
 
 
 def convert_once(checkpoint: str, mlx_path: Path, quantize: int | None) -> tuple[float | None, str | None]:
     """mlx-vlm's own converter on the checkpoint: (seconds it took, or None when the converted model was already
-    there; the adaptation untied_head made, if any). The adaptation is remembered beside the converted model."""
+    there; the adaptation adapted_checkpoint made, if any). The adaptation is remembered beside the converted model."""
     note = mlx_path / "edgevlm-peer-note.json"
     if (mlx_path / "config.json").is_file():
         return None, json.loads(note.read_text())["adapted"] if note.is_file() else None
@@ -88,7 +102,7 @@ def convert_once(checkpoint: str, mlx_path: Path, quantize: int | None) -> tuple
     start = time.perf_counter()
     partial = mlx_path.with_name(mlx_path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    source, adapted = untied_head(Path(checkpoint), mlx_path.with_name(mlx_path.name + ".untied"))
+    source, adapted = adapted_checkpoint(Path(checkpoint), mlx_path.with_name(mlx_path.name + ".adapted"))
     convert(hf_path=str(source), mlx_path=str(partial), quantize=quantize is not None, q_bits=quantize or 4)
     note_text = json.dumps({"checkpoint": checkpoint, "adapted": adapted})
     (partial / note.name).write_text(note_text)
