@@ -93,7 +93,13 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
         session = edgevlm.load(path, encoder="torch", decoder="torch", threads=scenario.threads,  # same threads as ours
                                torch_dtype=scenario.torch_dtype, **scenario.session_options())
     else:
-        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads,
+        job = None
+        if bundle is not None and scenario.n_ctx is None:  # the context sized to the bench's requests
+            from ..manifest import Manifest
+            from ..runtimes.bundle_loader import runtime_spec
+
+            job = scenario.job(runtime_spec(bundle, Manifest.load(bundle)))
+        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads, job=job,
                                **scenario.session_options())
     rss_after_load = harness.current_rss_mb()
     metrics = harness.run_session(session, scenario, image, label, progress)
@@ -198,16 +204,17 @@ def mtmd_peers(bundle: Path, pairs: list[tuple[str, str]], scenario: harness.Sce
     return runs
 
 
-def planner_prediction(bundle: Path, encoder: str, decoder: str, scenario: harness.Scenario) -> dict | None:
-    """`edgevlm plan`'s figures for this pair on this machine and the bench's workload, beside what it measured
-    ({"error": ...} where the planner cannot say)."""
+def planner_prediction(bundle: Path, encoder: str, decoder: str, scenario: harness.Scenario,
+                       context: int | None = None) -> dict | None:
+    """`edgevlm plan`'s figures for this pair on this machine and the bench's workload (at the context the run
+    opened), beside what it measured ({"error": ...} where the planner cannot say)."""
     from ..errors import EdgeVLMError
     from ..plan.bundle import PlanRequest, predict_pair
     from ..plan.devices import THIS_MACHINE, get_device
 
     try:
         request = PlanRequest(image_size=tuple(scenario.image_size), prompt_tokens=scenario.prompt_tokens,
-                              new_tokens=scenario.new_tokens, context=scenario.n_ctx,
+                              new_tokens=scenario.new_tokens, context=context or scenario.n_ctx,
                               embed_cache_bytes=scenario.embed_cache_bytes,
                               prefix_cache_bytes=scenario.prefix_cache_bytes)
         return predict_pair(bundle, encoder, decoder, get_device(THIS_MACHINE), request)
@@ -216,7 +223,8 @@ def planner_prediction(bundle: Path, encoder: str, decoder: str, scenario: harne
 
 
 def edgevlm_flash_attention() -> bool:
-    """Whether edgevlm's llama.cpp decoder runs with flash attention here by default (off on CPU-only builds)."""
+    """Whether a llama.cpp context opened without a choice runs flash attention here (runs that recorded the
+    choice their decoder made, measured per CPU, use that instead)."""
     from ..backends import require_llama_cpp
     from ..runtimes.llamacpp.context import flash_attention_type
 
@@ -270,9 +278,11 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
                 peer_runs.append({"name": f"llama-bench ({decoder})", "decoder": decoder,
                                   "metrics": harness.llama_bench_peer(bench_binary, gguf, scenario)})
                 # the same where edgevlm decodes: after its prompt (image rows included), its flash-attention setting
-                depth = max((r["metrics"]["n_prompt_tokens"] for r in runs if r.get("decoder") == decoder), default=0)
+                ours = [r["metrics"] for r in runs if r.get("decoder") == decoder]
+                depth = max((m["n_prompt_tokens"] for m in ours), default=0)
                 if depth:
-                    fa = edgevlm_flash_attention()
+                    fa = next((m["flash_attn"] for m in ours if "flash_attn" in m), None)
+                    fa = edgevlm_flash_attention() if fa is None else fa
                     peer_runs.append({"name": f"llama-bench ({decoder}, tg after {depth} positions, flash attention "
                                               f"{'on' if fa else 'off'} as edgevlm)", "decoder": decoder,
                                       "depth": depth, "flash_attn": fa,
@@ -296,7 +306,8 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
     for run in runs:
         if run["kind"] != "edgevlm":
             continue
-        run["prediction"] = planner_prediction(path, run["encoder"], run["decoder"], scenario)
+        run["prediction"] = planner_prediction(path, run["encoder"], run["decoder"], scenario,
+                                               run["metrics"].get("n_ctx"))
         m = run["metrics"]
         for peer in peer_runs:
             if peer.get("decoder") != run["decoder"] or "metrics" not in peer:
