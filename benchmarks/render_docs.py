@@ -252,6 +252,9 @@ def header(root: Path, entry: Shown) -> str:
         cpu += f", {machine['cpu_count']} cores, {machine['memory_gib']} GiB"
     if machine.get("bandwidth_gbs"):
         cpu += f", copy bandwidth {machine['bandwidth_gbs']:.1f} GB/s measured by the run"
+    if machine.get("read_bandwidth_gbs"):  # the roofline column's denominator, where the run measured it
+        cpu += (f", read bandwidth {machine['read_bandwidth_gbs']:.1f} GB/s on {machine.get('read_bandwidth_threads')} "
+                "threads (the roofline's)")
     command_text = f"`{command}`" if command and not command.startswith(NOT_RECORDED) else (command or NOT_RECORDED)
     link = file.relative_to(root).as_posix()
     return (f"**Command:** {command_text} · **Date:** {_field(data, 'date')} · **Commit:** {commit or NOT_RECORDED} · "

@@ -151,7 +151,8 @@ def test_report_rows_show_llama_bench_prompt_rate_not_nan():
 
 def test_llama_bench_also_runs_where_edgevlm_decodes(bundles, tmp_path, capsys):
     """Besides its default (tg from position 0, flash attention auto), llama-bench runs after edgevlm's prompt length
-    with edgevlm's flash-attention setting (off on a CPU-only build): the like-for-like decode comparison."""
+    with edgevlm's flash-attention setting (the one its run recorded; --flash-attn off here): the like-for-like
+    decode comparison."""
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "bin" / "llama-bench"
     fake.parent.mkdir()
@@ -161,10 +162,11 @@ def test_llama_bench_also_runs_where_edgevlm_decodes(bundles, tmp_path, capsys):
     fake.chmod(0o755)
     code = main(["bench", str(bundles["llava-clip"]), "--image-size", "32x32", "--prompt-tokens", "4", "--new-tokens",
                  "2", "--repeats", "1", "--threads", "1", "--encoder", "onnx:fp32", "--decoder", "gguf:q8_0",
-                 "--peers", "llamacpp", "--llamacpp-bin", str(fake.parent)])
+                 "--peers", "llamacpp", "--llamacpp-bin", str(fake.parent), "--flash-attn", "off"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     depth = result["runs"][0]["metrics"]["n_prompt_tokens"]
+    assert result["runs"][0]["metrics"]["flash_attn"] is False
     benches = [p for p in result["peers"] if p["name"].startswith("llama-bench")]
     assert [p.get("depth") for p in benches] == [None, depth] and benches[1]["flash_attn"] is False
     default, matched = calls.read_text().splitlines()

@@ -122,10 +122,19 @@ def _peer_ratios(name: str, r: dict) -> str:
             f"{r['decode_tok_s']:.2f}x, peak RSS {r['peak_rss']:.2f}x")
 
 
+def bandwidths(machine: dict) -> str:
+    """The bandwidth figures a results file records; the roofline column is against the read one where it has one."""
+    text = f"copy bandwidth {machine['bandwidth_gbs']:.1f} GB/s"
+    if machine.get("read_bandwidth_gbs"):
+        text += (f", read bandwidth {machine['read_bandwidth_gbs']:.1f} GB/s on {machine.get('read_bandwidth_threads')}"
+                 " threads (the roofline's)")
+    return text
+
+
 def markdown(result: dict, command: str) -> str:
     lines = [f"Command: `{command}`  ", f"Date: {result['date']}  ",
              f"Machine: {result['machine'].get('cpu', result['machine']['processor'])}, {result['machine']['cpu_count']} cores, "
-             f"{result['machine'].get('memory_gib', '?')} GiB, copy bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s", "",
+             f"{result['machine'].get('memory_gib', '?')} GiB, {bandwidths(result['machine'])}", "",
              "| " + " | ".join(columns(result)) + " |", "|" + "---|" * len(columns(result))]
     lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
     lines += [""] + [f"- {line}" for line in ratios(result)]

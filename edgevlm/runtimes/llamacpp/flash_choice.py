@@ -114,6 +114,7 @@ def measure(model, n_ctx: int, threads: int | None, n_batch: int) -> dict:
                 steps[flash].append(time.perf_counter() - start)
     for seq in sequences.values():
         seq.context.close()
+    model.contexts_opened -= len(sequences)  # the count is of the contexts the caller opened (tests of serve read it)
     measurements_run += 1
     on, off = (1.0 / statistics.median(steps[f]) for f in (True, False))
     return {"flash_attn": bool(on > off), "on_tok_s": on, "off_tok_s": off, "depth": depth, "n_ctx": int(n_ctx),
