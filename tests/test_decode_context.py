@@ -54,11 +54,12 @@ def test_the_context_is_sized_to_the_job(bundles, images, fa_cache):
     from edgevlm.manifest import Manifest
 
     model_context = Manifest.load(bundle).decoder.context_length
-    assert session.decoder.n_ctx == min(-(-(longest + 100) // 256) * 256, model_context) < 4096
+    assert session.decoder.n_ctx == min(-(-(longest + 100) // 256) * 256, model_context)
+    assert longest + 100 <= session.decoder.n_ctx
     result = session.generate(images["small"], questions[1], max_tokens=100, stop_token_ids=[])
     assert result.timings["n_prompt_tokens"] == longest and len(result.tokens) == 100  # the job fits its context
     # --n-ctx wins over the job; no job: the default
-    assert edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:q8_0", job=job, n_ctx=1024).decoder.n_ctx == 1024
+    assert edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:q8_0", job=job, n_ctx=384).decoder.n_ctx == 384
     assert edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:q8_0").decoder.n_ctx == min(4096, model_context)
 
 
@@ -90,9 +91,10 @@ def test_flash_attention_is_measured_once_and_read_back(bundles, fa_cache):
     assert flash_choice.measurements_run == before + 1 and files[0].read_bytes() == written
     assert _enabled(again) == entry["flash_attn"]
     # what the file says is what the next context gets (the cache is the decision, whichever way it went)
-    data["choices"][entry_key]["flash_attn"] = not entry["flash_attn"]
+    measured = entry["flash_attn"]
+    data["choices"][entry_key]["flash_attn"] = not measured
     files[0].write_text(json.dumps(data))
-    assert _enabled(open_decoder(gguf, n_ctx=256, threads=1)) is (not entry["flash_attn"])
+    assert _enabled(open_decoder(gguf, n_ctx=256, threads=1)) is (not measured)
     assert flash_choice.measurements_run == before + 1
 
     open_decoder(gguf, n_ctx=1024, threads=1)  # another context class: its own entry
@@ -133,8 +135,14 @@ def test_run_command_opens_the_job_sized_context(bundles, images, tmp_path, fa_c
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bundle_loader, "make_decoder", recording)
+    from edgevlm.manifest import Manifest
+
     path = tmp_path / "small.png"
     images["small"].save(path)
-    assert main(["run", str(bundles["llava-siglip"]), "--image", str(path), "--prompt", "What is this?",
-                 "--max-tokens", "300", "--decoder", "gguf:q8_0", "--encoder", "onnx:fp32", "--json"]) == 0
-    assert opened and opened[0] is not None and opened[0] % 256 == 0 and 300 < opened[0] < 4096
+    bundle = bundles["llava-siglip"]
+    assert main(["run", str(bundle), "--image", str(path), "--prompt", "What is this?", "--max-tokens", "8",
+                 "--decoder", "gguf:q8_0", "--encoder", "onnx:fp32", "--json"]) == 0
+    expected = Job(("What is this?",), (images["small"],), 8).positions(
+        bundle_loader.runtime_spec(bundle, Manifest.load(bundle)))
+    assert opened == [round_context(expected, Manifest.load(bundle).decoder.context_length)]
+    assert opened[0] < Manifest.load(bundle).decoder.context_length  # not the default (the whole model context)
