@@ -149,6 +149,18 @@ def test_report_rows_show_llama_bench_prompt_rate_not_nan():
     assert loop[3] == "-" and loop[4] == "120.0 (text)"
 
 
+def test_report_keeps_peer_ratios_without_a_pytorch_peer():
+    """A run benched with --peers llamacpp (no PyTorch reference) still reports its decode against llama-bench: the
+    ratios line was written only beside the reference's (W3 q4_k_m's bench.md lost it)."""
+    from edgevlm.bench.report import ratios
+
+    run = {"name": "onnx:fp32 + gguf:q4_k_m", "kind": "edgevlm",
+           "metrics": {"ttft_warm_over_cold": 0.03, "decode_tok_s_warm": {"median": 26.2}},
+           "vs_peers": {"llama-bench (gguf:q4_k_m)": {"decode_tok_s": 0.81}}}
+    lines = ratios({"runs": [run], "peers": []})
+    assert len(lines) == 1 and "decode 0.81x llama-bench (gguf:q4_k_m)" in lines[0] and "PyTorch" not in lines[0]
+
+
 def test_llama_bench_also_runs_where_edgevlm_decodes(bundles, tmp_path, capsys):
     """Besides its default (tg from position 0, flash attention auto), llama-bench runs after edgevlm's prompt length
     with edgevlm's flash-attention setting (the one its run recorded; --flash-attn off here): the like-for-like
