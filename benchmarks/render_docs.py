@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_fuzz.py besid
 
 from render_fuzz import FUZZ_END, FUZZ_START, fuzz_body, readme_with_fuzz, render_fuzz  # noqa: E402,F401
 from render_fusion import FUSION_NOTE, onnx_fusion_body  # noqa: E402
-from render_plan import PLAN_OOS_NOTE, W3_Q4_NOTE, plan_oos_body  # noqa: E402
+from render_decode import PLAN_OOS_NOTE, W1_NOTE, W3_Q4_NOTE, plan_oos_body  # noqa: E402
 from render_interop import INTEROP_NOTE, SERVE_VS_NOTE, interop_body, serve_vs_body  # noqa: E402
 
 RESULTS = "benchmarks/results"
@@ -58,18 +58,7 @@ class Retired:
 SHOWN = (
     Shown("w1", "W1: SmolVLM-256M shapes (random weights), one 512x512 image, 24-token prompt, 64 new tokens, "
           "2 threads", "bench",
-          "At the default settings: the llama.cpp context sized to the job (prompt + image + new tokens, rounded up "
-          "to 256) and flash attention as measured once on this CPU (cached under ~/.cache/edgevlm/flash-attn; the "
-          "row of llama-bench at edgevlm's depth names the setting). The bundle is W1's checkpoint "
-          "(`edgevlm preset smolvlm-256m --single-tile`) exported with `--encoder onnx:int8,gguf:f16 --decoder "
-          "gguf:q8_0` (benchmarks/run_all.sh's w1-bundle-mmproj adds artifacts this command does not run). Decode "
-          "tok/s is the median per-token step of the whole loop (decode, sampling, detokenizing). The llama.cpp mtmd "
-          "row is llama.cpp's own multimodal path (libmtmd, in its own process) on the mmproj and the q8_0 GGUF of "
-          "the same bundle, at a 4,096-position context with flash attention off; it encodes an overview tile as "
-          "well, hence its image tokens. The two llama-bench rows are llama.cpp's benchmark binary on the same GGUF: "
-          "with its defaults (flash attention auto, i.e. on for a CPU; generation from position 0), and at the depth "
-          "and flash-attention setting edgevlm decoded with. A 2-core VM shared with other sessions' work: run-to-run "
-          "spread is in bench.json (min/max)."),
+          W1_NOTE),
     Shown("w1-encoder-avx2", "Encoder alone: W1's bundle, one 512x512 tile", "encoder",
           "The same machine as W1 (see its note for the CPU flags)."),
     Shown("w3", "W3: Qwen2-VL-2B shapes (random weights), one 448x448 image, 24-token prompt, 64 new tokens, "

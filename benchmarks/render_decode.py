@@ -1,5 +1,6 @@
-"""The planner's out-of-sample error table of docs/benchmarks.md, from benchmarks/plan_out_of_sample.py's results file.
-Used by render_docs.py; standard library only."""
+"""The decode sections' notes of docs/benchmarks.md (W1 at default settings, W3 at q4_k_m) and the planner's
+out-of-sample error table from benchmarks/plan_out_of_sample.py's results file. Used by render_docs.py; standard
+library only."""
 from __future__ import annotations
 
 import json
@@ -49,3 +50,17 @@ W3_Q4_NOTE = (
     "mean depth, against the read bandwidth measured on the run's 2 threads. The llama-bench row at edgevlm's depth "
     "runs at the same depth, flash-attention setting and (after llama.cpp's padding to 256) context. No mmproj in "
     "this bundle, so no mtmd peer. A 2-core VM shared with other sessions' work.")
+
+W1_NOTE = (
+    "At the default settings: the llama.cpp context sized to the job (prompt + image + new tokens, rounded up "
+    "to 256) and flash attention as measured once on this CPU (cached under ~/.cache/edgevlm/flash-attn; the "
+    "row of llama-bench at edgevlm's depth names the setting). The bundle is W1's checkpoint "
+    "(`edgevlm preset smolvlm-256m --single-tile`) exported with `--encoder onnx:int8,gguf:f16 --decoder "
+    "gguf:q8_0` (benchmarks/run_all.sh's w1-bundle-mmproj adds artifacts this command does not run). Decode "
+    "tok/s is the median per-token step of the whole loop (decode, sampling, detokenizing). The llama.cpp mtmd "
+    "row is llama.cpp's own multimodal path (libmtmd, in its own process) on the mmproj and the q8_0 GGUF of "
+    "the same bundle, at a 4,096-position context with flash attention off; it encodes an overview tile as "
+    "well, hence its image tokens. The two llama-bench rows are llama.cpp's benchmark binary on the same GGUF: "
+    "with its defaults (flash attention auto, i.e. on for a CPU; generation from position 0), and at the depth "
+    "and flash-attention setting edgevlm decoded with. A 2-core VM shared with other sessions' work: run-to-run "
+    "spread is in bench.json (min/max).")
