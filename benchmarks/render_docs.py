@@ -172,6 +172,8 @@ SHOWN = (
           "(`--scale 0.25`)", "serve-vs-llama-server", SERVE_VS_NOTE),)
 
 RETIRED = (
+    Retired("w1-first", "w1", "the same W1 command 16 minutes earlier, while the VM was busier: 105.3 tok/s, 0.88x "
+            "llama-bench's default row (120.1), 0.94x llama-bench at the same depth (112.4)"),
     Retired("w3-q4-first", "w3-q4", "the same W3 q4_k_m command 15 minutes earlier, while the VM was busier: 26.2 "
             "tok/s, 79% of a 33.0 GB/s read roofline, 0.93x llama-bench at the same depth (28.2)"),
     Retired("w1-ctx256", "w1", "W1 at `--n-ctx 256` on the AVX2 EPYC: the default context is now sized to the job "
