@@ -146,3 +146,22 @@ def test_run_command_opens_the_job_sized_context(bundles, images, tmp_path, fa_c
         bundle_loader.runtime_spec(bundle, Manifest.load(bundle)))
     assert opened == [round_context(expected, Manifest.load(bundle).decoder.context_length)]
     assert opened[0] < Manifest.load(bundle).decoder.context_length  # not the default (the whole model context)
+
+
+def test_eval_command_opens_the_job_sized_context(bundles, fa_cache, monkeypatch, capsys):
+    """`edgevlm eval` sizes the context to the questions it will ask (all of them, with a scene image)."""
+    from edgevlm.cli import main
+    from edgevlm.manifest import Manifest
+    from edgevlm.reference.evaluate import evaluation_job
+    from edgevlm.runtimes import bundle_loader
+
+    opened = []
+    real = bundle_loader.make_decoder
+    monkeypatch.setattr(bundle_loader, "make_decoder",
+                        lambda *a, **k: opened.append(k.get("n_ctx")) or real(*a, **k))
+    bundle = bundles["llava-siglip"]
+    assert main(["eval", str(bundle), "--n", "3", "--json", "--encoder", "onnx:fp32", "--decoder", "gguf:q8_0"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 3
+    manifest = Manifest.load(bundle)
+    positions = evaluation_job(3).positions(bundle_loader.runtime_spec(bundle, manifest))
+    assert opened == [round_context(positions, manifest.decoder.context_length)]
