@@ -80,6 +80,7 @@ def load_session(path, encoder: str | None = None, decoder: str | None = None, n
     threads = options.pop("threads", None)
     thread_count(threads)  # validated even though only torch uses it here
     options.pop("provider", None), options.pop("parity", None)
+    options.pop("job", None), options.pop("flash_attn", None)  # llama.cpp's context settings
     torch_dtype = options.pop("torch_dtype", "float32")
     if threads:
         import torch

@@ -103,6 +103,27 @@ def measure_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
     return best
 
 
+def measure_read_bandwidth_gbs(threads: int = 1, n_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s with `threads` threads, each reducing its own part of one buffer (numpy releases the
+    GIL in the loop), best of a few runs: what a decode step does with the weights (it reads them, writes nothing),
+    on as many cores as the decoder runs. The copy figure above counts a written byte as a read one and runs on one
+    core, so a decoder on two cores can read faster than it says."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    buffer = np.ones(n_bytes // 8, dtype=np.uint64)  # written once: the pages are faulted in before timing
+    parts = np.array_split(buffer, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.bitwise_or.reduce, parts))
+            best = max(best, buffer.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'WxH' -> (width, height)."""
     try:

@@ -149,9 +149,22 @@ def test_report_rows_show_llama_bench_prompt_rate_not_nan():
     assert loop[3] == "-" and loop[4] == "120.0 (text)"
 
 
+def test_report_keeps_peer_ratios_without_a_pytorch_peer():
+    """A run benched with --peers llamacpp (no PyTorch reference) still reports its decode against llama-bench: the
+    ratios line was written only beside the reference's (W3 q4_k_m's bench.md lost it)."""
+    from edgevlm.bench.report import ratios
+
+    run = {"name": "onnx:fp32 + gguf:q4_k_m", "kind": "edgevlm",
+           "metrics": {"ttft_warm_over_cold": 0.03, "decode_tok_s_warm": {"median": 26.2}},
+           "vs_peers": {"llama-bench (gguf:q4_k_m)": {"decode_tok_s": 0.81}}}
+    lines = ratios({"runs": [run], "peers": []})
+    assert len(lines) == 1 and "decode 0.81x llama-bench (gguf:q4_k_m)" in lines[0] and "PyTorch" not in lines[0]
+
+
 def test_llama_bench_also_runs_where_edgevlm_decodes(bundles, tmp_path, capsys):
     """Besides its default (tg from position 0, flash attention auto), llama-bench runs after edgevlm's prompt length
-    with edgevlm's flash-attention setting (off on a CPU-only build): the like-for-like decode comparison."""
+    with edgevlm's flash-attention setting (the one its run recorded; --flash-attn off here): the like-for-like
+    decode comparison."""
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "bin" / "llama-bench"
     fake.parent.mkdir()
@@ -161,10 +174,11 @@ def test_llama_bench_also_runs_where_edgevlm_decodes(bundles, tmp_path, capsys):
     fake.chmod(0o755)
     code = main(["bench", str(bundles["llava-clip"]), "--image-size", "32x32", "--prompt-tokens", "4", "--new-tokens",
                  "2", "--repeats", "1", "--threads", "1", "--encoder", "onnx:fp32", "--decoder", "gguf:q8_0",
-                 "--peers", "llamacpp", "--llamacpp-bin", str(fake.parent)])
+                 "--peers", "llamacpp", "--llamacpp-bin", str(fake.parent), "--flash-attn", "off"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     depth = result["runs"][0]["metrics"]["n_prompt_tokens"]
+    assert result["runs"][0]["metrics"]["flash_attn"] is False
     benches = [p for p in result["peers"] if p["name"].startswith("llama-bench")]
     assert [p.get("depth") for p in benches] == [None, depth] and benches[1]["flash_attn"] is False
     default, matched = calls.read_text().splitlines()

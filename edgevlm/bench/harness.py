@@ -32,10 +32,19 @@ class Scenario:
     # the PyTorch reference's weights: "float32", or "auto" (as the checkpoint stores them: a 4B model's float32
     # copy, 17 GB, does not fit beside the rest on a 24 GiB machine)
     torch_dtype: str = "float32"
+    flash_attn: bool | None = None  # --flash-attn on/off; None: the decoder's own choice (measured per CPU)
 
     def session_options(self) -> dict:
-        names = ("n_ctx", "embed_cache_bytes", "prefix_cache_bytes")
+        names = ("n_ctx", "embed_cache_bytes", "prefix_cache_bytes", "flash_attn")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def job(self, spec):
+        """The bench's requests as a job (runtimes/job_context.py): its two questions about its image, new_tokens
+        each; a llama.cpp context opened without --n-ctx is sized to it."""
+        from ..runtimes.job_context import Job
+
+        questions = tuple(prompt_of(spec.tokenizer, self.prompt_tokens, v) for v in (0, 1))
+        return Job(questions, (bench_image(self.image_size),), self.new_tokens)
 
     def __post_init__(self) -> None:
         if min(self.image_size) < 1 or self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1 or self.threads < 1:
@@ -147,6 +156,10 @@ def run_session(session, scenario: Scenario, image: Image.Image, label: str, pro
         "rss_mb": current_rss_mb(),
         "peak_rss_mb": peak_rss_mb(),
     }
+    context = getattr(session.decoder, "context", None)  # llama.cpp's: the context size and attention it ran with
+    if context is not None and hasattr(context, "flash_attn_type"):
+        metrics["n_ctx"] = context.n_ctx
+        metrics["flash_attn"] = context.flash_attn_type != context.lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ab = decode_loop_vs_llama_decode(session, scenario, image, scenario.repeats)
     if ab is not None:
         metrics["decode_loop_vs_llama_decode"] = ab

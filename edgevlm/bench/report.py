@@ -84,20 +84,25 @@ def ratios(result: dict) -> list[str]:
     """One line per edgevlm run: its ratios to the PyTorch reference and to the llama.cpp peers of the same run."""
     lines = []
     for run in result["runs"]:
-        if "vs_reference" in run:
-            v = run["vs_reference"]
-            extra = "".join(_peer_ratios(name, r) for name, r in run.get("vs_peers", {}).items())
-            ab, warm = run["metrics"].get("decode_loop_vs_llama_decode"), run["metrics"].get("decode_tok_s_warm")
-            if warm:
-                extra += f"; decode in the warm requests (no encode just before) {warm['median']:.1f} tok/s"
-            if ab:
-                extra += f"; decode loop {ab['ratio']:.3f}x llama_decode alone (same process, alternated)"
-            if "accuracy_points" in v:
-                extra += f"; task accuracy {v['accuracy_points']:+.1f} points vs the reference"
-            decode = f"{v['decode_tok_s']:.1f}" if v["decode_tok_s"] >= 1 else f"{v['decode_tok_s']:.2f}"
-            lines.append(f"{run['name']}: cold TTFT {v['ttft_cold']:.2f}x, decode {decode}x, encode "
-                         f"{v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
-                         f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
+        if run.get("kind") != "edgevlm":
+            continue
+        v = run.get("vs_reference")
+        extra = "".join(_peer_ratios(name, r) for name, r in run.get("vs_peers", {}).items())
+        ab, warm = run["metrics"].get("decode_loop_vs_llama_decode"), run["metrics"].get("decode_tok_s_warm")
+        if warm:
+            extra += f"; decode in the warm requests (no encode just before) {warm['median']:.1f} tok/s"
+        if ab:
+            extra += f"; decode loop {ab['ratio']:.3f}x llama_decode alone (same process, alternated)"
+        if v is None:  # no PyTorch peer in this run (--peers llamacpp): the peers' ratios still count
+            if extra:
+                lines.append(f"{run['name']}: warm/cold TTFT {run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
+            continue
+        if "accuracy_points" in v:
+            extra += f"; task accuracy {v['accuracy_points']:+.1f} points vs the reference"
+        decode = f"{v['decode_tok_s']:.1f}" if v["decode_tok_s"] >= 1 else f"{v['decode_tok_s']:.2f}"
+        lines.append(f"{run['name']}: cold TTFT {v['ttft_cold']:.2f}x, decode {decode}x, encode "
+                     f"{v['encode_ms_per_tile']:.2f}x the PyTorch reference; warm/cold TTFT "
+                     f"{run['metrics']['ttft_warm_over_cold']:.3f}{extra}")
     for run in result["runs"]:
         if run.get("prediction"):
             lines.append(prediction_line(run))
@@ -127,10 +132,19 @@ def _peer_ratios(name: str, r: dict) -> str:
             f"{r['decode_tok_s']:.2f}x, peak RSS {r['peak_rss']:.2f}x")
 
 
+def bandwidths(machine: dict) -> str:
+    """The bandwidth figures a results file records; the roofline column is against the read one where it has one."""
+    text = f"copy bandwidth {machine['bandwidth_gbs']:.1f} GB/s"
+    if machine.get("read_bandwidth_gbs"):
+        text += (f", read bandwidth {machine['read_bandwidth_gbs']:.1f} GB/s on {machine.get('read_bandwidth_threads')}"
+                 " threads (the roofline's)")
+    return text
+
+
 def markdown(result: dict, command: str) -> str:
     lines = [f"Command: `{command}`  ", f"Date: {result['date']}  ",
              f"Machine: {result['machine'].get('cpu', result['machine']['processor'])}, {result['machine']['cpu_count']} cores, "
-             f"{result['machine'].get('memory_gib', '?')} GiB, copy bandwidth {result['machine']['bandwidth_gbs']:.1f} GB/s", "",
+             f"{result['machine'].get('memory_gib', '?')} GiB, {bandwidths(result['machine'])}", "",
              "| " + " | ".join(columns(result)) + " |", "|" + "---|" * len(columns(result))]
     lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
     lines += [""] + [f"- {line}" for line in ratios(result)]

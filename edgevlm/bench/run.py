@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..errors import BadInputError
 from . import harness
-from ..machine import measure_bandwidth_gbs
+from ..machine import measure_bandwidth_gbs, measure_read_bandwidth_gbs
 from ..plan.roofline import gguf_weight_bytes_per_token, kv_bytes_per_token, roofline, torch_weight_bytes_per_token
 
 PEERS = ("torch", "llamacpp", "mlx-vlm", "ort-genai")
@@ -46,7 +46,9 @@ def plan_pairs(path: Path, encoders: str | None, decoders: str | None, target: s
 
 def roofline_for(session, bandwidth: float, bundle: Path | None, decoder_name: str, context: int,
                  measured_tok_s: float) -> dict | None:
-    """Bytes one decode step reads (weights + KV at `context` positions) against the measured bandwidth."""
+    """Bytes one decode step reads against the read bandwidth measured on the decoder's threads: the weights it
+    multiplies by (every tensor but the token-embedding table it gathers one row from; a tied table is counted once,
+    as llama.cpp's output head reads all of it) and the KV cache at `context` positions."""
     if decoder_name == "torch":
         weights = torch_weight_bytes_per_token(session.decoder.model)
         kv_value_bytes = float(session.decoder.model.dtype.itemsize)  # the KV cache holds the weights' dtype
@@ -93,7 +95,13 @@ def measure(path: str | Path, encoder: str, decoder: str, scenario: harness.Scen
         session = edgevlm.load(path, encoder="torch", decoder="torch", threads=scenario.threads,  # same threads as ours
                                torch_dtype=scenario.torch_dtype, **scenario.session_options())
     else:
-        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads,
+        job = None
+        if bundle is not None and scenario.n_ctx is None:  # the context sized to the bench's requests
+            from ..manifest import Manifest
+            from ..runtimes.bundle_loader import runtime_spec
+
+            job = scenario.job(runtime_spec(bundle, Manifest.load(bundle)))
+        session = edgevlm.load(path, encoder=encoder, decoder=decoder, threads=scenario.threads, job=job,
                                **scenario.session_options())
     rss_after_load = harness.current_rss_mb()
     metrics = harness.run_session(session, scenario, image, label, progress)
@@ -229,16 +237,17 @@ def other_library_peers(path: Path, bundle: Path | None, peer_list: list[str], s
     return rows
 
 
-def planner_prediction(bundle: Path, encoder: str, decoder: str, scenario: harness.Scenario) -> dict | None:
-    """`edgevlm plan`'s figures for this pair on this machine and the bench's workload, beside what it measured
-    ({"error": ...} where the planner cannot say)."""
+def planner_prediction(bundle: Path, encoder: str, decoder: str, scenario: harness.Scenario,
+                       context: int | None = None) -> dict | None:
+    """`edgevlm plan`'s figures for this pair on this machine and the bench's workload (at the context the run
+    opened), beside what it measured ({"error": ...} where the planner cannot say)."""
     from ..errors import EdgeVLMError
     from ..plan.bundle import PlanRequest, predict_pair
     from ..plan.devices import THIS_MACHINE, get_device
 
     try:
         request = PlanRequest(image_size=tuple(scenario.image_size), prompt_tokens=scenario.prompt_tokens,
-                              new_tokens=scenario.new_tokens, context=scenario.n_ctx,
+                              new_tokens=scenario.new_tokens, context=context or scenario.n_ctx,
                               embed_cache_bytes=scenario.embed_cache_bytes,
                               prefix_cache_bytes=scenario.prefix_cache_bytes)
         return predict_pair(bundle, encoder, decoder, get_device(THIS_MACHINE), request)
@@ -247,7 +256,8 @@ def planner_prediction(bundle: Path, encoder: str, decoder: str, scenario: harne
 
 
 def edgevlm_flash_attention() -> bool:
-    """Whether edgevlm's llama.cpp decoder runs with flash attention here by default (off on CPU-only builds)."""
+    """Whether a llama.cpp context opened without a choice runs flash attention here (runs that recorded the
+    choice their decoder made, measured per CPU, use that instead)."""
     from ..backends import require_llama_cpp
     from ..runtimes.llamacpp.context import flash_attention_type
 
@@ -281,7 +291,8 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
     bundle = path if is_bundle(path) else None
     pairs = plan_pairs(path, encoders, decoders, target)
     progress("measuring memory bandwidth")
-    bandwidth = measure_bandwidth_gbs()
+    bandwidth = measure_bandwidth_gbs()  # copy, one core: the figure the planner's efficiencies were fitted against
+    read_bandwidth = measure_read_bandwidth_gbs(scenario.threads)  # the roofline's: what decoding does
     plan = [("torch", "torch")] if "torch" in peer_list or not pairs else []
     runs: list[dict] = []
     library_peers: list[dict] = []
@@ -291,7 +302,7 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
             label = "PyTorch reference" if (encoder, decoder) == ("torch", "torch") else f"{encoder} + {decoder}"
             progress(label)
             run = measure_isolated if isolate else measure
-            runs.append(run(path, encoder, decoder, scenario, bandwidth, progress, trace, accuracy_n))
+            runs.append(run(path, encoder, decoder, scenario, read_bandwidth, progress, trace, accuracy_n))
         library_peers = other_library_peers(path, bundle, peer_list, scenario, trace, mlx_vlm_python,
                                             peer_repeats or scenario.repeats, progress)
     peer_runs = []
@@ -309,9 +320,11 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
                 peer_runs.append({"name": f"llama-bench ({decoder})", "decoder": decoder,
                                   "metrics": harness.llama_bench_peer(bench_binary, gguf, scenario)})
                 # the same where edgevlm decodes: after its prompt (image rows included), its flash-attention setting
-                depth = max((r["metrics"]["n_prompt_tokens"] for r in runs if r.get("decoder") == decoder), default=0)
+                ours = [r["metrics"] for r in runs if r.get("decoder") == decoder]
+                depth = max((m["n_prompt_tokens"] for m in ours), default=0)
                 if depth:
-                    fa = edgevlm_flash_attention()
+                    fa = next((m["flash_attn"] for m in ours if "flash_attn" in m), None)
+                    fa = edgevlm_flash_attention() if fa is None else fa
                     peer_runs.append({"name": f"llama-bench ({decoder}, tg after {depth} positions, flash attention "
                                               f"{'on' if fa else 'off'} as edgevlm)", "decoder": decoder,
                                       "depth": depth, "flash_attn": fa,
@@ -336,7 +349,8 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
     for run in runs:
         if run["kind"] != "edgevlm":
             continue
-        run["prediction"] = planner_prediction(path, run["encoder"], run["decoder"], scenario)
+        run["prediction"] = planner_prediction(path, run["encoder"], run["decoder"], scenario,
+                                               run["metrics"].get("n_ctx"))
         m = run["metrics"]
         for peer in peer_runs:
             whole_model = peer.get("kind") in ("llama.cpp mtmd", "mlx-vlm")  # image to tokens, as edgevlm's runs
@@ -357,7 +371,8 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
         "scenario": {"image_size": list(scenario.image_size), "prompt_tokens": scenario.prompt_tokens,
                      "new_tokens": scenario.new_tokens, "repeats": scenario.repeats, "threads": scenario.threads,
                      "torch_dtype": scenario.torch_dtype, **scenario.session_options()},
-        "machine": {**harness.machine(), "bandwidth_gbs": bandwidth, "versions": harness.environment_versions()},
+        "machine": {**harness.machine(), "bandwidth_gbs": bandwidth, "read_bandwidth_gbs": read_bandwidth,
+                    "read_bandwidth_threads": scenario.threads, "versions": harness.environment_versions()},
         "runs": runs,
         "peers": peer_runs,
     }

@@ -29,9 +29,10 @@ def add_arguments(parser) -> None:
                         help="the PyTorch reference's weights: float32, or auto (as the checkpoint stores them, e.g. "
                              "bf16 where a float32 copy would not fit in memory)")
     parser.add_argument("-o", "--output", default=None, help="folder for bench.json, bench.md, bench.png")
-    from .common import add_memory_arguments
+    from .common import add_flash_attn_argument, add_memory_arguments
 
     add_memory_arguments(parser)
+    add_flash_attn_argument(parser)
 
 
 def main(args) -> int:
@@ -44,7 +45,7 @@ def main(args) -> int:
 
     from ..bench import harness, report
     from ..bench.run import encoder_only, run_bench
-    from .common import memory_options
+    from .common import flash_attn_option, memory_options
 
     console = Console(stderr=True)
     command = "edgevlm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "edgevlm bench"
@@ -61,7 +62,7 @@ def main(args) -> int:
         else:
             scenario = harness.Scenario(harness.parse_size(args.image_size), args.prompt_tokens, args.new_tokens,
                                         args.repeats, args.threads, torch_dtype=args.torch_dtype,
-                                        **memory_options(args))
+                                        **memory_options(args), **flash_attn_option(args))
             result = run_bench(args.path, scenario, args.encoder, args.decoder, args.peers, args.target,
                                args.llamacpp_bin, progress, isolate=not args.in_process,
                                accuracy_n=args.accuracy, mlx_vlm_python=args.mlx_vlm_python,

@@ -70,12 +70,26 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--verify-hashes", action="store_true",
                         help="hash every artifact file before loading it (default: once per file version)")
     add_memory_arguments(parser)
+    add_flash_attn_argument(parser)
+
+
+def add_flash_attn_argument(parser) -> None:
+    parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                        help="llama.cpp flash attention (default auto: on a CPU, the faster of on and off as measured "
+                             "once on this CPU and cached under ~/.cache/edgevlm/flash-attn; on a GPU, llama.cpp's own)")
+
+
+def flash_attn_option(args) -> dict:
+    """{"flash_attn": True/False} for --flash-attn on/off; {} for auto (the decoder chooses)."""
+    choice = getattr(args, "flash_attn", "auto") or "auto"
+    return {} if choice == "auto" else {"flash_attn": choice == "on"}
 
 
 def add_memory_arguments(parser) -> None:
     parser.add_argument("--n-ctx", type=int, default=None,
-                        help="decoder context in positions (default: the model's, at most 4096 for llama.cpp, whose KV "
-                             "cache is allocated whole at load)")
+                        help="decoder context in positions (default: run, eval and bench size llama.cpp's to the job, "
+                             "prompt + images + max tokens rounded up to 256; otherwise the model's, at most 4096, "
+                             "since llama.cpp allocates the KV cache whole at load)")
     parser.add_argument("--embed-cache-mb", type=float, default=None, help="image-embedding cache bound (default 256)")
     parser.add_argument("--prefix-cache-mb", type=float, default=None, help="prefix KV-state cache bound (default 512)")
 
@@ -110,7 +124,7 @@ def check_threads(threads: int | None) -> None:
 def backend_options(args) -> dict:
     from ..errors import BadInputError
 
-    options = memory_options(args)
+    options = memory_options(args) | flash_attn_option(args)
     check_threads(getattr(args, "threads", None))
     for name in ("threads", "provider"):
         if getattr(args, name, None) is not None:

@@ -19,14 +19,15 @@ def main(args) -> int:
 
     from .. import load
     from ..errors import BadInputError
-    from ..reference.evaluate import evaluate
+    from ..reference.evaluate import evaluate, evaluation_job
     from ..reference.train import reference_path
     from .common import backend_options, print_json, table
 
     if not 1 <= args.n <= 100_000:
         raise BadInputError(f"--n must be 1..100000, got {args.n}")
     path = args.path or reference_path()
-    session = load(path, encoder=args.encoder, decoder=args.decoder, **backend_options(args))
+    session = load(path, encoder=args.encoder, decoder=args.decoder, job=evaluation_job(args.n),  # sizes llama.cpp's
+                   **backend_options(args))  # context unless --n-ctx
     with Progress(transient=True, console=None) as progress:
         task = progress.add_task("evaluating", total=args.n)
         report = evaluate(session, args.n, progress=lambda done, total: progress.update(task, completed=done),

@@ -27,7 +27,10 @@ def main(args) -> int:
     kwargs = sampling_kwargs(args)
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading any model
     started = time.perf_counter()
-    session = load_session_checked(args, backend_options(args))
+    from ..runtimes.job_context import Job
+
+    job = Job((args.prompt,), tuple(images), kwargs["max_tokens"])  # sizes llama.cpp's context unless --n-ctx
+    session = load_session_checked(args, {**backend_options(args), "job": job})
     load_ms = (time.perf_counter() - started) * 1e3
     first_token: list[float] = []
 

@@ -102,8 +102,9 @@ def check_sequences(n_seq: int, decoder_name: str) -> None:
 
 
 def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, threads=None, parity=False, ckpt=None,
-                 n_seq: int = 1):
-    """The decoder `name` of the bundle: sequence 0 of a context of n_seq sequences (`decoder.context`) for gguf."""
+                 n_seq: int = 1, flash_attn: bool | None = None):
+    """The decoder `name` of the bundle: sequence 0 of a context of n_seq sequences (`decoder.context`) for gguf
+    (flash_attn None: measured once per CPU, llamacpp.flash_choice)."""
     check_sequences(n_seq, name)
     if name == "torch":
         from .torch_backend import TorchDecoder
@@ -123,7 +124,7 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
         n_batch = {"bidirectional": max(DEFAULT_N_BATCH, tile), "prefix": tile + DEFAULT_N_BATCH}.get(mode, DEFAULT_N_BATCH)
         return open_decoder(bundle / artifact.path, n_ctx=n_ctx, threads=threads, parity=parity,
                             context_length=manifest.decoder.context_length, artifact_id=artifact_id, n_seq=n_seq,
-                            n_batch=n_batch, image_attention=manifest.decoder.image_attention)
+                            n_batch=n_batch, image_attention=manifest.decoder.image_attention, flash_attn=flash_attn)
     from .mlx_decoder import MlxDecoder
 
     from ..decoder_arch import architecture
@@ -135,9 +136,12 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
 
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,
-                        n_seq: int = 1, torch_dtype: str = "float32", **cache_options) -> Session:
+                        n_seq: int = 1, torch_dtype: str = "float32", job=None, flash_attn: bool | None = None,
+                        **cache_options) -> Session:
     """n_seq: sequences of the decoder's context (llama.cpp only; `serve --parallel N` opens one context of N);
-    torch_dtype: the torch backends' weights, "float32" or "auto" (as the checkpoint stores them)."""
+    torch_dtype: the torch backends' weights, "float32" or "auto" (as the checkpoint stores them); job
+    (job_context.Job): what a one-shot command will ask, which sizes a llama.cpp context where n_ctx is not given;
+    flash_attn: llama.cpp's flash attention on/off (None: chosen per CPU)."""
     bundle = Path(path)
     manifest = Manifest.load(bundle)
     if n_ctx is not None and not 1 <= n_ctx <= manifest.decoder.context_length:
@@ -152,11 +156,15 @@ def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=No
 
         torch.set_num_threads(int(threads))  # the torch backends honour --threads too
     spec = runtime_spec(bundle, manifest)
+    if n_ctx is None and job is not None and decoder_name.startswith("gguf"):
+        from .job_context import job_context
+
+        n_ctx = job_context(job, spec, manifest.decoder.context_length)
     return Session(
         spec,
         make_encoder(bundle, manifest, encoder_name, provider=provider, threads=threads, ckpt=ckpt),
         make_decoder(bundle, manifest, decoder_name, n_ctx=n_ctx, threads=threads, parity=parity, ckpt=ckpt,
-                     n_seq=n_seq),
+                     n_seq=n_seq, flash_attn=flash_attn),
         encoder_name=encoder_name, decoder_name=decoder_name,
         **cache_options,
     )

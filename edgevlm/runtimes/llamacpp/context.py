@@ -4,8 +4,8 @@ is removed with `llama_memory_seq_rm` and saved/restored with `llama_state_seq_g
 generated token of several sequences in one `llama_decode` (`edgevlm serve --parallel N`).
 
 Parity mode (flash attention off, f32 KV) matches PyTorch to ~1e-6. Otherwise the KV cache is f16, and flash
-attention is on where llama.cpp offloads to a GPU (it computes in f16, ~5e-3) and off on CPU-only builds, where
-it is slower (see flash_attention_type)."""
+attention (f16, ~5e-3) is on where llama.cpp offloads to a GPU; on a CPU-only build open_decoder measures it once per
+CPU and context class (flash_choice.py) and a context opened with no choice gets it off."""
 from __future__ import annotations
 
 import ctypes
@@ -27,9 +27,10 @@ MAX_SEQUENCES = 64  # llama.cpp allows 256 (LLAMA_MAX_SEQ); a device serves a fe
 
 
 def flash_attention_type(llama_cpp, wanted: bool | None) -> int:
-    """Flash attention pays on GPUs. llama.cpp's CPU kernel decodes at long context at half the speed of the plain
-    one here (SmolVLM-256M q8_0 after 1,088 image rows: 27 vs 61 tok/s; prefill 15% faster), so a CPU-only build
-    gets it off unless asked for."""
+    """Flash attention pays on GPUs. On CPUs it depends on the CPU and the depth (an AVX2 EPYC, SmolVLM-256M q8_0
+    after 1,088 image rows: 27 vs 61 tok/s off; an AVX-512 EPYC after 3,072 positions: 52 vs 47 tok/s on), so a
+    context opened with no choice gets it off on a CPU-only build and open_decoder passes the measured one
+    (flash_choice.choose_flash_attention)."""
     if wanted is None:
         gpu = llama_cpp.llama_supports_gpu_offload()
         return llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -68,6 +68,11 @@ class LlamaModel(FreedWhenCollected):
         arch = header.metadata.get("general.architecture")
         scaled = any(row.llama_scales_input_rows and row.gguf_arch.lower() == arch for row in ARCHITECTURES.values())
         self.input_row_scale = self.n_embd ** -0.5 if scaled else 1.0
+        # the KV's shape per position (the flash-attention choice is cached per shape: flash_choice.entry_key)
+        self.n_head_kv = int(llama_cpp.llama_model_n_head_kv(self.pointer))
+        key_length = header.metadata.get(f"{arch}.attention.key_length")
+        n_head = max(int(llama_cpp.llama_model_n_head(self.pointer)), 1)
+        self.head_dim = int(key_length) if isinstance(key_length, int) else self.n_embd // n_head
         self._token_rows = None
         self._header = header
 
