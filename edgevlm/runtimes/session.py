@@ -24,7 +24,7 @@ from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .embeddings import SingleFlight, image_embeddings
 from .encode_worker import embeddings_between
-from .parked import ParkedSequences, unpark
+from .parked import ParkedSequences, park, unpark
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .requests import (  # noqa: F401 - part of this module's API
     COUNTER_KEYS, PAUSE, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list,
@@ -153,7 +153,7 @@ class Session:
         an image is encoded on the session's encode worker."""
         n = len(prompt)
         namespace = self._state_namespace
-        if self.parked.max_bytes:
+        if self.parked.enabled:
             unpark(self, prompt, timings)
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
                           lambda key: key in self.prefix_cache or (namespace is not None
@@ -441,8 +441,7 @@ class Session:
     def park_sequence(self) -> None:
         """Give the live sequence up (to another conversation, or to make room): its state goes to the parked tier,
         if that is on, for its conversation to come back to; then the sequence is emptied."""
-        if self.parked.max_bytes and self._kv_keys and len(self._kv_keys) == self.decoder.n_past:
-            self.parked.park(self._decoder_id, self._kv_keys, self.decoder.snapshot())
+        park(self)
         self.forget_sequence()
 
     def forget_sequence(self) -> None:

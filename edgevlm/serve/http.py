@@ -358,9 +358,11 @@ class EdgeServer(ThreadingHTTPServer):
     def server_close(self):
         super().server_close()
         self.engine.stop()
-        worker = self.service.session.encode_worker
+        worker, parked = self.service.session.encode_worker, self.service.session.parked
         if worker is not None:
             worker.close()
+        if parked.disk is not None:
+            parked.disk.close()  # the states parked so far are on disk before the process goes
 
 
 def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8000,
@@ -373,7 +375,12 @@ def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8
         session.disk_cache = DiskCache(options.cache_dir, options.cache_dir_bytes)  # before the slots share it
     from ..runtimes.parked import ParkedSequences
 
-    session.parked = ParkedSequences(options.conversation_cache_bytes)  # before the slots share it
+    disk_parked = None
+    if session.disk_cache is not None and getattr(session.decoder, "state_signature", None):
+        from ..runtimes.parked_disk import DiskParked
+
+        disk_parked = DiskParked(session.disk_cache, session.decoder.state_signature, session.decoder.artifact_id)
+    session.parked = ParkedSequences(options.conversation_cache_bytes, disk_parked)  # before the slots share it
     service = ChatService(session, model_name, allow)
     threads, session.encode_worker = None, None
     if options.parallel > 1 and options.encode_threads != 0:  # encodes beside the others' decodes: own worker, cores
