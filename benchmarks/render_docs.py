@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_fuzz.py besid
 from render_fuzz import FUZZ_END, FUZZ_START, fuzz_body, readme_with_fuzz, render_fuzz  # noqa: E402,F401
 from render_fusion import FUSION_NOTE, onnx_fusion_body  # noqa: E402
 from render_decode import PLAN_OOS_NOTE, W1_NOTE, W3_Q4_NOTE, plan_oos_body  # noqa: E402
-from render_interop import INTEROP_NOTE, SERVE_VS_NOTE, interop_body, serve_vs_body  # noqa: E402
+from render_interop import INTEROP_NOTE, SERVE_ENCODE_NOTE, SERVE_VS_NOTE, interop_body, serve_vs_body  # noqa: E402
 from render_peers import PEERS_END, PEERS_NOTE, PEERS_START, readme_with_peers, render_peers  # noqa: E402,F401
 
 RESULTS = "benchmarks/results"
@@ -172,7 +172,10 @@ SHOWN = (
     Shown("llama-server-interop", "Stock llama.cpp: every family with an mmproj writer through a real "
           "`llama-server --mmproj` (tiny random checkpoints)", "interop", INTEROP_NOTE),
     Shown("serve-vs-llama-server", "Serving side by side: llama-server and `edgevlm serve` on W1's bundle, a short run "
-          "(`--scale 0.25`)", "serve-vs-llama-server", SERVE_VS_NOTE),)
+          "(`--scale 0.25`)", "serve-vs-llama-server", SERVE_VS_NOTE),
+    Shown("serve-encode", "Image encodes beside a stream (issue 32): a streaming client's inter-token gaps while "
+          "another user's images are encoded, before and after the encode worker", "serve-vs-llama-server",
+          SERVE_ENCODE_NOTE),)
 
 RETIRED = (
     Retired("w1-first", "w1", "the same W1 command 16 minutes earlier, while the VM was busier: 105.3 tok/s, 0.88x "

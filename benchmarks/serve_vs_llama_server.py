@@ -13,9 +13,14 @@ Workloads (each on a freshly started server, so its peak RSS is its own):
             and turns 2-3 reported apart (a returning user's TTFT); the assistant turns sent back are one fixed
             sentence, so both servers get the same prompts
   d         a burst of 3 x slots requests at once (refusals counted: 429s)
+  e         encodes beside a stream: one client streams text-only answers while another sends fresh images one after
+            the other; the streaming client's inter-token gaps are reported apart (p50, p95, max): an encode that
+            pauses the other slots' decode shows as a gap p95 far above the median
 Per server and workload: aggregate completion tok/s (completion tokens from the stream's usage / wall time), TTFT
 p50/p95, inter-token gap p95 (between streamed chunks), peak RSS (VmHWM of the server process), failures, 429s.
---scale multiplies the request counts (0.25 for a short run). Bounded: every request has a timeout, every workload a
+--scale multiplies the request counts (0.25 for a short run). --edgevlm-args adds flags to `edgevlm serve` (e.g.
+"--encode-threads 0" for encodes on the engine thread); its results are then keyed "edgevlm serve [flags]", so
+--merge keeps runs with different flags side by side. Bounded: every request has a timeout, every workload a
 deadline, and every server is killed by its own process id. Images are seeded noise at --image-size. Writes
 report.json and report.md (command, date, commit, CPU, flags, both servers' versions) under --out."""
 from __future__ import annotations
@@ -60,6 +65,8 @@ class Outcome:
     completion_tokens: int = 0
     text: str = ""
     label: str = ""
+    sent: float = 0.0  # time.perf_counter() when the request went out
+    stamps: list[float] = field(default_factory=list)  # perf_counter of each content chunk
 
 
 def image_url(seed: int, size: tuple[int, int]) -> str:
@@ -139,7 +146,7 @@ def stream_chat(client, messages: list[dict], max_tokens: int, label: str = "") 
         return Outcome(False, "error: no content streamed", label=label)
     gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
     tokens = usage.completion_tokens if usage is not None else len(stamps)
-    return Outcome(True, "ok", (stamps[0] - start) * 1e3, gaps, tokens, "".join(text), label)
+    return Outcome(True, "ok", (stamps[0] - start) * 1e3, gaps, tokens, "".join(text), label, start, stamps)
 
 
 def user_turn(url: str, question: str) -> dict:
@@ -163,7 +170,8 @@ def workloads(slots: int, scale: float) -> dict[str, Workload]:
             "a8": Workload("a8", 8, n(2), "fresh", "8 clients, fresh images"),
             "b": Workload("b", 4, n(4), "shared", "4 clients sharing 4 images"),
             "c": Workload("c", slots + 2, 3, "own", f"{slots + 2} users x 3-turn conversations, {slots} slots"),
-            "d": Workload("d", 3 * slots, 1, "shared", f"burst of {3 * slots} requests at once")}
+            "d": Workload("d", 3 * slots, 1, "shared", f"burst of {3 * slots} requests at once"),
+            "e": Workload("e", 2, n(4), "encode", "1 client streaming text-only answers, 1 sending fresh images")}
 
 
 def run_workload(port: int, work: Workload, max_tokens: int, size: tuple[int, int], seed: int, timeout: float,
@@ -184,7 +192,10 @@ def run_workload(port: int, work: Workload, max_tokens: int, size: tuple[int, in
             if time.monotonic() > deadline:
                 out += [Outcome(False, "error: workload deadline", label=f"turn{t + 1}") for t in range(turn, work.requests)]
                 break
-            if work.images == "fresh":
+            if work.images == "encode":  # client 0 streams text only; client 1 sends a fresh image each turn
+                messages = ([{"role": "user", "content": QUESTION}] if index == 0
+                            else [user_turn(image_url(seed + 100 * index + turn, size), QUESTION)])
+            elif work.images == "fresh":
                 messages = [user_turn(image_url(seed + 100 * index + turn, size), QUESTION)]
             elif work.images == "shared":
                 messages = [user_turn(shared[(index + turn) % len(shared)], QUESTION)]
@@ -192,7 +203,8 @@ def run_workload(port: int, work: Workload, max_tokens: int, size: tuple[int, in
                 history.append(user_turn(own, QUESTION) if turn == 0
                                else {"role": "user", "content": FOLLOW_UPS[(turn - 1) % len(FOLLOW_UPS)]})
                 messages = list(history)
-            outcome = stream_chat(client, messages, max_tokens, label=f"turn{turn + 1}")
+            label = "stream" if work.images == "encode" and index == 0 else f"turn{turn + 1}"
+            outcome = stream_chat(client, messages, max_tokens, label=label)
             out.append(outcome)
             if work.images == "own":
                 if not outcome.ok:
@@ -221,6 +233,17 @@ def summarize(outcomes: list[Outcome], wall: float, rss: float | None) -> dict:
            "ttft_p50_ms": pct(ttft, 50), "ttft_p95_ms": pct(ttft, 95), "gap_p50_ms": pct(gaps, 50),
            "gap_p95_ms": pct(gaps, 95), "peak_rss_mib": rss,
            "errors": sorted({o.status for o in outcomes if o.status.startswith("error")})[:3]}
+    streamed = [g for o in ok if o.label == "stream" for g in o.gaps_ms]
+    if streamed:  # workload e: the streaming client's gaps while the other client's images are encoded
+        out["stream_gap_p50_ms"], out["stream_gap_p95_ms"] = pct(streamed, 50), pct(streamed, 95)
+        out["stream_gap_max_ms"] = max(streamed)
+        # the gaps that overlap another request's wait for its first token (its image's encode and prefill)
+        windows = [(o.sent, o.stamps[0]) for o in ok if o.label != "stream"]
+        during = [(b - a) * 1e3 for o in ok if o.label == "stream" for a, b in zip(o.stamps, o.stamps[1:])
+                  if any(a < hi and b > lo for lo, hi in windows)]
+        out["stream_gaps_during_image"] = len(during)
+        out["image_ttft_p50_ms"] = pct([o.ttft_ms for o in ok if o.label != "stream"], 50)
+        out["stream_gap_during_p50_ms"], out["stream_gap_during_p95_ms"] = pct(during, 50), pct(during, 95)
     later = [o.ttft_ms for o in ok if o.label in ("turn2", "turn3")]
     if later:
         out["ttft_turn1_p50_ms"] = pct([o.ttft_ms for o in ok if o.label == "turn1"], 50)
@@ -242,7 +265,7 @@ def commands(args, manifest, bundle: Path, port: int) -> dict[str, list[str]]:
                          slots, "--kv-unified", "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
         "edgevlm serve": [sys.executable, "-m", "edgevlm", "serve", str(bundle), "--encoder", args.encoder, "--decoder",
                           args.decoder, "--threads", threads, "--n-ctx", ctx, "--parallel", slots, "--host",
-                          "127.0.0.1", "--port", str(port)]}
+                          "127.0.0.1", "--port", str(port), *shlex.split(args.edgevlm_args)]}
 
 
 def render_md(report: dict) -> str:
@@ -264,6 +287,19 @@ def render_md(report: dict) -> str:
                          f"{m['failures']} | {m['aggregate_tok_s']:.1f} | {fmt(m['ttft_p50_ms'])} / "
                          f"{fmt(m['ttft_p95_ms'])} | {fmt(m['gap_p95_ms'], 1)} | {fmt(m.get('ttft_turns23_p50_ms'))} | "
                          f"{fmt(m['peak_rss_mib'])} |")
+    streams = [(name, server, m) for name, per_server in report["workloads"].items() for server, m in per_server.items()
+               if server != "_run" and "stream_gap_p50_ms" in m]
+    if streams:
+        lines += ["", "The streaming client of workload e (gaps between its content chunks while the other client's "
+                  "images are encoded; 'during': the gaps overlapping an image request's wait for its first token, "
+                  "i.e. its encode and prefill):", "",
+                  "| workload | server | stream gap p50 ms | p95 ms | max ms | gaps during | during p50 / p95 ms | "
+                  "during p95 / overall p50 | image TTFT p50 ms |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {server} | {m['stream_gap_p50_ms']:.1f} | {m['stream_gap_p95_ms']:.1f} | "
+                  f"{m['stream_gap_max_ms']:.1f} | {m['stream_gaps_during_image']} | {fmt(m['stream_gap_during_p50_ms'], 1)}"
+                  f" / {fmt(m['stream_gap_during_p95_ms'], 1)} | "
+                  f"{(m['stream_gap_during_p95_ms'] or 0) / m['stream_gap_p50_ms']:.2f}x | {fmt(m['image_ttft_p50_ms'])} |"
+                  for name, server, m in streams]
     return "\n".join(lines + [""] + [f"- {w['name']}: {w['what']}" for w in report["workload_defs"]]) + "\n"
 
 
@@ -271,7 +307,8 @@ def write_report(args, bundle: Path, wanted: list[Workload], results: dict, out:
     from edgevlm.machine import cpu_flags, cpu_model, source_commit
 
     version = subprocess.run([str(Path(args.bin) / "llama-server"), "--version"], capture_output=True, text=True)
-    commands = dict.fromkeys(w["_run"]["command"] for w in results.values() if "_run" in w)
+    commands = dict.fromkeys([m["command"] for w in results.values() for k, m in w.items() if k != "_run"
+                              and "command" in m] + [w["_run"]["command"] for w in results.values() if "_run" in w])
     report = {"command": " ; ".join(commands) or shlex.join(["python", *sys.argv]),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": source_commit(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
               "bundle": str(bundle), "versions": {
@@ -303,6 +340,7 @@ def main() -> int:
     parser.add_argument("--image-size", default="512x512")
     parser.add_argument("--workloads", default="a1,a4,a8,b,c,d")
     parser.add_argument("--servers", default="llama-server,edgevlm serve")
+    parser.add_argument("--edgevlm-args", default="", help="more flags for edgevlm serve (results keyed by them)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the request counts")
     parser.add_argument("--request-timeout", type=float, default=300)
     parser.add_argument("--workload-timeout", type=float, default=600, help="no request starts after this (s)")
@@ -330,11 +368,13 @@ def main() -> int:
     if args.merge and earlier.is_file():
         results = json.loads(earlier.read_text())["workloads"]
     for index, work in enumerate(wanted):
-        results[work.name] = {"_run": {"command": shlex.join(["python", *sys.argv]),
-                                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
-        for server_name in args.servers.split(","):
+        run = {"command": shlex.join(["python", *sys.argv]),
+               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        results[work.name] = {**(results.get(work.name, {}) if args.merge else {}), "_run": run}
+        for name in args.servers.split(","):
             port = free_port()
-            command = commands(args, manifest, bundle, port)[server_name]
+            command = commands(args, manifest, bundle, port)[name]
+            server_name = f"{name} [{args.edgevlm_args}]" if name == "edgevlm serve" and args.edgevlm_args else name
             try:
                 with Server(server_name, command, port, logs / f"{server_name.replace(' ', '-')}.log") as server:
                     outcomes, wall = run_workload(port, work, args.max_tokens, size, seed=10_000 * (index + 1),
@@ -343,6 +383,7 @@ def main() -> int:
                     results[work.name][server_name] = summarize(outcomes, wall, server.peak_rss_mib())
             except RuntimeError as exc:
                 results[work.name][server_name] = {"error": str(exc)}
+            results[work.name][server_name]["command"] = run["command"]
             print(json.dumps({"workload": work.name, "server": server_name} | results[work.name][server_name]),
                   flush=True)
             write_report(args, bundle, wanted, results, out)  # after each run: a run cut short keeps what it measured

@@ -79,7 +79,7 @@ def load_session(path, encoder: str | None = None, decoder: str | None = None, n
     check_sequences(n_seq, TORCH)
     threads = options.pop("threads", None)
     thread_count(threads)  # validated even though only torch uses it here
-    options.pop("provider", None), options.pop("parity", None)
+    options.pop("provider", None), options.pop("parity", None), options.pop("encoder_threads", None)
     options.pop("job", None), options.pop("flash_attn", None)  # llama.cpp's context settings
     torch_dtype = options.pop("torch_dtype", "float32")
     if threads:

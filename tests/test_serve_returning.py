@@ -62,3 +62,52 @@ def test_an_evicted_conversation_is_restored_when_it_returns_and_answers_as_a_co
         assert back["text"] == cold["text"]
     finally:
         stop(cold_server)
+
+
+def test_a_parked_conversation_comes_back_from_disk_after_a_restart(session, urls, tmp_path):  # noqa: F811
+    """--cache-dir: the evicted conversation's state is written to disk too (atomically, nothing half-written left);
+    a new server on the same folder, RAM tier empty, restores it from disk, skips its prefill, counts a disk hit, and
+    answers what a cold run answers."""
+    from edgevlm.runtimes.parked_disk import decode_keys, encode_keys
+
+    keys = [5, 6, ("img", 0), ("img", 1), ("img", 2), 7, ("img", 0), ("other", 4), ("other", 5)]
+    assert encode_keys(keys) == [5, 6, ["img", 0, 3], 7, ["img", 0, 1], ["other", 4, 2]]
+    assert decode_keys(encode_keys(keys)) == tuple(keys)
+    first = [user(urls["small"], QUESTION)]
+    cache = tmp_path / "cache"
+    server, base = start(session, parallel=2, cache_dir=str(cache))
+    try:
+        turn1 = ask(base, first)
+        ask(base, [user(urls["wide"], QUESTION)])
+        ask(base, [user(urls["tall"], QUESTION)])  # the first conversation is parked: RAM and disk
+        server.engine.sequences.sessions[0].parked.disk.flush()
+        assert len(server.engine.sequences.sessions[0].parked.disk) >= 1
+    finally:
+        stop(server)
+    assert not list(cache.glob(".*.tmp-*"))  # every write renamed into place
+    returning = first + [{"role": "assistant", "content": turn1["text"]},
+                         {"role": "user", "content": "How many shapes are there?"}]
+    session.clear_caches()  # RAM: no parked state, no prefix, no embeddings
+    restarted, base2 = start(session, parallel=2, cache_dir=str(cache))
+    try:
+        for sibling in restarted.engine.sequences.sessions:
+            sibling.forget_sequence()
+        back = ask(base2, returning)
+        t = back["timings"]
+        assert t["conversation_cache_hits"] == 1 and t["conversation_disk_hits"] == 1 and t["encode_ms"] == 0
+        assert t["n_reused_positions"] > turn1["timings"]["n_image_tokens"]  # past the image: the conversation
+        assert t["n_prefilled_positions"] == t["n_prompt_tokens"] - t["n_reused_positions"]  # the prefill it skipped
+        assert metric(base2, "edgevlm_conversation_disk_hits_total") == 1
+    finally:
+        stop(restarted)
+    session.clear_caches()
+    session.disk_cache = None
+    cold_server, cold_base = start(session, parallel=2, conversation_cache_bytes=0)
+    try:
+        for sibling in cold_server.engine.sequences.sessions:
+            sibling.forget_sequence()
+        cold = ask(cold_base, returning)
+        assert cold["timings"]["n_reused_positions"] == 0 and cold["timings"]["conversation_disk_hits"] == 0
+        assert back["text"] == cold["text"]
+    finally:
+        stop(cold_server)

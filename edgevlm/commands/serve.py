@@ -43,6 +43,11 @@ def add_arguments(parser) -> None:
                         help=f"requests answered at once, their decode steps batched in one llama_decode and sharing "
                              f"one KV pool of --n-ctx positions (default {DEFAULT_PARALLEL} for a gguf decoder; MLX and "
                              "torch decoders serve one at a time and refuse N > 1)")
+    parser.add_argument("--encode-threads", type=int, default=None, metavar="N",
+                        help="threads of the image encoder, which runs beside the other slots' decodes with --parallel "
+                             "N > 1; the decoder gives them up while an encode runs (default: half of --threads, at "
+                             "least 1: on 2 cores, encode 1 + decode 1 during an encode, decode 2 otherwise; 0: "
+                             "encode on the engine thread with all threads, pausing the other slots' decode)")
     parser.add_argument("--allow-local-images", default=None, metavar="DIR",
                         help="let requests name image files under DIR (default: data URLs only)")
 
@@ -71,8 +76,15 @@ def open_server(args):
                                    else -1,  # validated before the model loads (NaN is refused)
                                    parallel, public_metrics=args.public_metrics,
                                    conversation_cache_bytes=int(args.conversation_cache_mb * (1 << 20))
-                                   if args.conversation_cache_mb == args.conversation_cache_mb else -1)
-    session = load_session_checked(args, {**backend_options(args), "n_seq": parallel})
+                                   if args.conversation_cache_mb == args.conversation_cache_mb else -1,
+                                   encode_threads=args.encode_threads)
+    options = {**backend_options(args), "n_seq": parallel}
+    if parallel > 1 and args.encode_threads != 0:  # the encoder runs beside the decodes: its own share of the cores
+        from ..backends import thread_count
+        from ..runtimes.encode_worker import default_encode_threads
+
+        options["encoder_threads"] = args.encode_threads or default_encode_threads(thread_count(args.threads))
+    session = load_session_checked(args, options)
     model = f"{Path(args.path).resolve().name}:{session.decoder_name}"
     return make_server(session, model, args.host, args.port, server_options), session, server_options, model
 

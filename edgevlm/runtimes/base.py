@@ -161,6 +161,10 @@ class BatchedContext(ABC):
     def kv_used(self) -> int:
         """KV cells in use by all sequences."""
 
+    def set_threads(self, threads: int) -> None:
+        """The threads of later decodes (a server lends some to the image encoder meanwhile); a backend without such
+        a setting keeps its own."""
+
     @property
     @abstractmethod
     def contexts_opened(self) -> int:

@@ -137,11 +137,12 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
 
 def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=None, provider=None, parity=False,
                         n_seq: int = 1, torch_dtype: str = "float32", job=None, flash_attn: bool | None = None,
-                        **cache_options) -> Session:
+                        encoder_threads: int | None = None, **cache_options) -> Session:
     """n_seq: sequences of the decoder's context (llama.cpp only; `serve --parallel N` opens one context of N);
     torch_dtype: the torch backends' weights, "float32" or "auto" (as the checkpoint stores them); job
     (job_context.Job): what a one-shot command will ask, which sizes a llama.cpp context where n_ctx is not given;
-    flash_attn: llama.cpp's flash attention on/off (None: chosen per CPU)."""
+    flash_attn: llama.cpp's flash attention on/off (None: chosen per CPU); encoder_threads: the ONNX encoder's own
+    threads (default `threads`; a server encodes beside its decodes, --encode-threads)."""
     bundle = Path(path)
     manifest = Manifest.load(bundle)
     if n_ctx is not None and not 1 <= n_ctx <= manifest.decoder.context_length:
@@ -162,7 +163,7 @@ def session_from_bundle(path, encoder=None, decoder=None, n_ctx=None, threads=No
         n_ctx = job_context(job, spec, manifest.decoder.context_length)
     return Session(
         spec,
-        make_encoder(bundle, manifest, encoder_name, provider=provider, threads=threads, ckpt=ckpt),
+        make_encoder(bundle, manifest, encoder_name, provider=provider, threads=encoder_threads or threads, ckpt=ckpt),
         make_decoder(bundle, manifest, decoder_name, n_ctx=n_ctx, threads=threads, parity=parity, ckpt=ckpt,
                      n_seq=n_seq, flash_attn=flash_attn),
         encoder_name=encoder_name, decoder_name=decoder_name,

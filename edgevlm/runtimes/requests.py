@@ -13,7 +13,8 @@ from .prompt import PreparedImage, Prompt
 
 TIMING_KEYS = ("preprocess_ms", "encode_ms", "prefill_ms", "snapshot_ms")
 COUNTER_KEYS = ("n_tiles", "embed_cache_hits", "embed_cache_misses", "prefix_cache_hits", "prefix_cache_misses",
-                "disk_cache_hits", "conversation_cache_hits", "conversation_cache_misses")
+                "disk_cache_hits", "conversation_cache_hits", "conversation_cache_misses", "conversation_disk_hits",
+                "conversation_disk_misses")
 
 
 @dataclass

@@ -23,7 +23,8 @@ from .base import Decoder, DecoderState, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .embeddings import SingleFlight, image_embeddings
-from .parked import ParkedSequences, unpark
+from .encode_worker import embeddings_between
+from .parked import ParkedSequences, park, unpark
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .requests import (  # noqa: F401 - part of this module's API
     COUNTER_KEYS, PAUSE, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list,
@@ -58,6 +59,7 @@ class Session:
         self.prefix_cache = ByteLRU(prefix_cache_bytes)
         self.disk_cache = None  # DiskCache: embeddings and prefix states that survive a restart (serve --cache-dir)
         self.encode_flights = SingleFlight()  # one image is never encoded twice at once
+        self.encode_worker = None  # EncodeWorker: a server's encodes off the engine thread (encode_worker.py)
         self.parked = ParkedSequences(0)  # evicted conversations' states (serve --conversation-cache-mb; 0: off)
         self._kv_keys: list = []  # identity of every position the decoder holds, always true
         self._messages: list[dict] = []  # the conversation `chat` continues
@@ -69,7 +71,7 @@ class Session:
         its sequence is emptied to match (a context's sequence may hold what an earlier session left there)."""
         other = Session(self.spec, self.encoder, decoder, 0, 0, self.encoder_name, self.decoder_name)
         other.embed_cache, other.prefix_cache, other.disk_cache = self.embed_cache, self.prefix_cache, self.disk_cache
-        other.encode_flights, other.parked = self.encode_flights, self.parked
+        other.encode_flights, other.parked, other.encode_worker = self.encode_flights, self.parked, self.encode_worker
         other.forget_sequence()
         return other
 
@@ -147,10 +149,11 @@ class Session:
                  interleave: bool = False) -> Iterator["Pause"]:
         """Bring the sequence to the whole prompt (reuse, restore, encode, prefill, snapshot); `return`s the last
         position's logits. With `interleave`, it yields PAUSE after each image encode and between the decoder's prefill
-        chunks (`prefill_chunks`: the logits are the same), where a scheduler may run other work."""
+        chunks (`prefill_chunks`: the logits are the same), where a scheduler may run other work, and EncodeWait while
+        an image is encoded on the session's encode worker."""
         n = len(prompt)
         namespace = self._state_namespace
-        if self.parked.max_bytes:
+        if self.parked.enabled:
             unpark(self, prompt, timings)
         plan = plan_reuse(prompt.keys, prompt.boundaries, self._kv_keys, self.decoder.n_past, self._decoder_id,
                           lambda key: key in self.prefix_cache or (namespace is not None
@@ -179,7 +182,7 @@ class Session:
         timings["n_reused_positions"] = reuse
         logits, start = None, reuse
         for stop in ([store_at] if store_at else []) + [n]:
-            encoded = (yield from self._encode_each(prompt, images, start, stop, timings)) if interleave else None
+            encoded = (yield from embeddings_between(self, prompt, images, start, stop, timings)) if interleave else None
             chunks = self.decoder.prefill_chunks(self._segments(prompt, images, start, stop, timings, encoded))
             while start < stop:
                 t0 = time.perf_counter()
@@ -200,19 +203,6 @@ class Session:
                 timings["snapshot_ms"] += (time.perf_counter() - t0) * 1e3
         timings["n_prefilled_positions"] = n - reuse
         return logits
-
-    def _encode_each(self, prompt: Prompt, images: list[PreparedImage], start: int, stop: int,
-                     timings: dict) -> Iterator["Pause"]:
-        """The embeddings of the images in [start, stop), a PAUSE after each one the encoder had to run."""
-        encoded: dict[int, np.ndarray] = {}
-        for run_start, run_stop, idx, _ in prompt.runs:
-            if run_stop <= start or run_start >= stop or idx in encoded:
-                continue
-            misses = timings["embed_cache_misses"]
-            encoded[idx] = self._embeddings(images[idx], timings)
-            if timings["embed_cache_misses"] > misses:
-                yield PAUSE
-        return encoded
 
     def _prefix_cache_key(self, prompt: Prompt, stop: int) -> str:
         return prefix_key(self._decoder_id, prompt.keys, stop)
@@ -451,8 +441,7 @@ class Session:
     def park_sequence(self) -> None:
         """Give the live sequence up (to another conversation, or to make room): its state goes to the parked tier,
         if that is on, for its conversation to come back to; then the sequence is emptied."""
-        if self.parked.max_bytes and self._kv_keys and len(self._kv_keys) == self.decoder.n_past:
-            self.parked.park(self._decoder_id, self._kv_keys, self.decoder.snapshot())
+        park(self)
         self.forget_sequence()
 
     def forget_sequence(self) -> None:

@@ -47,6 +47,10 @@ class ServerOptions:
     parallel: int = 1  # sequences decoded together (llama.cpp decoders only); 1 = one self-stepping slot
     public_metrics: bool = False  # /health and /metrics without the API key (a scraper on a trusted network)
     conversation_cache_bytes: int = 256 << 20  # evicted conversations' sequence states kept in RAM (0: none)
+    # the image encoder's threads (what it was loaded with, --encode-threads): with --parallel N the decoder gives up
+    # as many while an encode runs beside it (at least one left); None: half the decoder's threads (encode_worker.py);
+    # 0: encodes on the engine thread, pausing every other slot's decode (the behaviour before issue 32)
+    encode_threads: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.parallel <= MAX_PARALLEL:
@@ -70,6 +74,8 @@ class ServerOptions:
             raise BadInputError(f"--cache-dir {self.cache_dir}: exists and is not a folder")
         if self.api_key is not None and not self.api_key.strip():
             raise BadInputError("--api-key is empty")
+        if self.encode_threads is not None and not 0 <= self.encode_threads <= 1024:
+            raise BadInputError(f"--encode-threads must be 0..1024, got {self.encode_threads}")
 
 
 class ClientGone(Exception):
@@ -352,6 +358,11 @@ class EdgeServer(ThreadingHTTPServer):
     def server_close(self):
         super().server_close()
         self.engine.stop()
+        worker, parked = self.service.session.encode_worker, self.service.session.parked
+        if worker is not None:
+            worker.close()
+        if parked.disk is not None:
+            parked.disk.close()  # the states parked so far are on disk before the process goes
 
 
 def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8000,
@@ -364,8 +375,22 @@ def make_server(session, model_name: str, host: str = "127.0.0.1", port: int = 8
         session.disk_cache = DiskCache(options.cache_dir, options.cache_dir_bytes)  # before the slots share it
     from ..runtimes.parked import ParkedSequences
 
-    session.parked = ParkedSequences(options.conversation_cache_bytes)  # before the slots share it
+    disk_parked = None
+    if session.disk_cache is not None and getattr(session.decoder, "state_signature", None):
+        from ..runtimes.parked_disk import DiskParked
+
+        disk_parked = DiskParked(session.disk_cache, session.decoder.state_signature, session.decoder.artifact_id)
+    session.parked = ParkedSequences(options.conversation_cache_bytes, disk_parked)  # before the slots share it
     service = ChatService(session, model_name, allow)
-    engine = Scheduler(service, open_sequences(session, options.parallel), options.capacity)
+    threads, session.encode_worker = None, None
+    if options.parallel > 1 and options.encode_threads != 0:  # encodes beside the others' decodes: own worker, cores
+        from ..runtimes.encode_worker import EncodeWorker, decode_threads_while_encoding, default_encode_threads
+
+        session.encode_worker = EncodeWorker()  # before the slots share it
+        decode = getattr(getattr(session.decoder, "context", None), "threads", None)
+        if decode is not None:
+            threads = (decode, decode_threads_while_encoding(decode, options.encode_threads
+                                                             or default_encode_threads(decode)))
+    engine = Scheduler(service, open_sequences(session, options.parallel), options.capacity, threads=threads)
     engine.start()
     return EdgeServer((host, port), service, engine, options)

@@ -15,7 +15,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format gen
 TTFT_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 1000)
 CACHE_KEYS = ("prefix_cache_hits", "prefix_cache_misses", "embed_cache_hits", "embed_cache_misses",
-              "conversation_cache_hits", "conversation_cache_misses")
+              "conversation_cache_hits", "conversation_cache_misses", "conversation_disk_hits",
+              "conversation_disk_misses")
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class _StateCollector:
         for key, value in cache.items():
             yield CounterMetricFamily(f"edgevlm_{key}", key.replace("_", " "), value=value)
         hits = cache["prefix_cache_hits"] + cache["embed_cache_hits"] + cache["conversation_cache_hits"]
-        looks = sum(cache.values())
+        looks = sum(v for k, v in cache.items() if not k.startswith("conversation_disk"))  # a subset of the above
         yield GaugeMetricFamily("edgevlm_cache_hit_ratio",
                                 "cache hits / lookups (prefix, embedding and conversation caches)",
                                 value=hits / looks if looks else 0.0)

@@ -2,7 +2,9 @@
 thread-safe), answering requests in slots, one slot per sequence (sequences.py says which). One slot is the N=1
 case: its generation decodes its own tokens. With N sequences of one llama.cpp context (`--parallel N`), each tick
 decodes one token of every slot that has one in ONE llama_decode, then lets every prefilling slot run one prefill
-chunk (or one image encode), so a long image prefill delays the others by chunks, not by its whole length. Greedy
+chunk, so a long image prefill delays the others by chunks, not by its whole length. Image encodes run on the
+encode worker (runtimes/encode_worker.py) while the other slots keep decoding: a slot waiting for one is skipped
+until its rows are there, with the decoder's threads cut to its share meanwhile. Greedy
 answers do not depend on who else is served: each row of a batch is its own sequence, sampled by its own sampler.
 
 Admission counts every request the engine holds, in a slot or waiting: up to slots + capacity (--parallel + --queue)
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import EdgeVLMError
+from ..runtimes.encode_worker import EncodeWait
 from ..runtimes.session import Delta, StepRequest
 from .metrics import EngineState, Metrics, SlotState
 from .openai import ChatService
@@ -64,6 +67,7 @@ class Slot:
     job: Job | None = None
     steps: Any = None  # the generation running the job: Deltas, and (batched) StepRequests and prefill pauses
     pending: StepRequest | None = None  # waiting for the next batched decode
+    encoding: Any = None  # the Future of its image encode on the worker, while it waits for it
     reserved: int = 0  # KV positions its answer may take (prompt + max_tokens, at most n_ctx)
     last_used: int = 0
     result: Any = None
@@ -74,11 +78,15 @@ class Slot:
             return "idle"
         if not self.batched:
             return "busy"
+        if self.encoding is not None:
+            return "encode"
         return "decode" if self.pending is not None else "prefill"
 
 
 class Scheduler(threading.Thread):
-    def __init__(self, service: ChatService, sequences, capacity: int = 8, metrics: Metrics | None = None):
+    def __init__(self, service: ChatService, sequences, capacity: int = 8, metrics: Metrics | None = None,
+                 threads: tuple[int, int] | None = None):
+        """threads: (the decoder's threads, its threads while an image encode runs on the worker); None: unchanged."""
         super().__init__(daemon=True, name="edgevlm-engine")
         self.service, self.sequences = service, sequences
         self.metrics = metrics or Metrics()
@@ -94,6 +102,8 @@ class Scheduler(threading.Thread):
         self._held: Waiting | None = None
         self._clock = 0
         self._stopping = False
+        self.threads, self._threads_now = threads, threads[0] if threads else None
+        self._wake = threading.Event()  # a new job, a finished encode or stop: the engine has work again
 
     def submit(self, job: Job) -> Job:
         """Take the job, or QueueFull when `limit` requests are already answering or waiting."""
@@ -103,6 +113,7 @@ class Scheduler(threading.Thread):
             self._admitted += 1
             job.counted = True
         self.jobs.put_nowait(job)
+        self._wake.set()
         return job
 
     def _retire(self, job: Job | None) -> None:
@@ -114,17 +125,38 @@ class Scheduler(threading.Thread):
 
     def stop(self) -> None:
         self.jobs.put(None)
+        self._wake.set()
 
     def run(self) -> None:
         while not self._stopping:
+            self._wake.clear()  # before looking: a wake-up while this tick runs is not lost
             self._admit()
             self._cancel()
+            self._split_threads()
             self._step_batch()
+            ran = False
             for slot in self.slots:
-                if slot.job is not None and slot.pending is None:
-                    self._advance(slot)  # one prefill chunk, or to its next StepRequest (self-stepping: to its end)
+                if slot.job is None or slot.pending is not None:
+                    continue
+                if slot.encoding is not None:
+                    if not slot.encoding.done():
+                        continue  # the worker is encoding its image: the others decode meanwhile
+                    slot.encoding = None
+                ran = True
+                self._advance(slot)  # one prefill chunk, or to its next StepRequest (self-stepping: to its end)
             if self.tick_hook is not None:
                 self.tick_hook()
+            if not ran and not any(slot.pending is not None for slot in self.slots) and not self._stopping:
+                self._wake.wait(0.5)  # only encodes in flight (or a request waiting for room): nothing to decode
+
+    def _split_threads(self) -> None:
+        """The decoder runs its share of the cores while an encode is in flight, all of them otherwise."""
+        if self.threads is None:
+            return
+        wanted = self.threads[1] if any(slot.encoding is not None for slot in self.slots) else self.threads[0]
+        if wanted != self._threads_now:
+            self.sequences.context.set_threads(wanted)
+            self._threads_now = wanted
 
     # ---- admission -------------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -289,10 +321,13 @@ class Scheduler(threading.Thread):
             self._release(slot)
             return
         slot.pending = item if isinstance(item, StepRequest) else None
+        if isinstance(item, EncodeWait):
+            slot.encoding = item.future
+            item.future.add_done_callback(lambda _: self._wake.set())
 
     def _release(self, slot: Slot) -> None:
         self._retire(slot.job)
-        slot.job = slot.steps = slot.pending = None
+        slot.job = slot.steps = slot.pending = slot.encoding = None
         slot.reserved = 0
 
     def _fail(self, job: Job, exc: Exception) -> None:

@@ -113,6 +113,10 @@ class LlamaContext(BatchedContext, FreedWhenCollected):
             self._embeds.pos = self._pos4.ctypes.data_as(ctypes.POINTER(lib.llama_pos))
         self._sequences: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
+    def set_threads(self, threads: int) -> None:
+        """The threads of every later decode and prefill (a server lends some to the image encoder meanwhile)."""
+        self.lib.llama_set_n_threads(self.pointer, thread_count(threads), thread_count(threads))
+
     @property
     def contexts_opened(self) -> int:
         return self.model.contexts_opened
