@@ -8,7 +8,7 @@ Apple Silicon."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,6 @@ class MlxVisionConfig:
     drop_first: bool = False  # llava "default" strategy: drop row 0 (CLIP's CLS)
     dtype: str = "float32"
     quantization: dict | None = None  # {"bits", "group_size", "mode"} of the Linear layers that carry scales
-    details: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.family not in TOWERS:
