@@ -166,3 +166,12 @@ def test_verify_passes_the_mlx_encoders_of_the_trained_reference_model(tmp_path)
         assert tokens["mlx:fp16"] == tokens["onnx:fp32"] == tokens["mlx:8bit"]
         answers.append(tokens["onnx:fp32"])
     assert len({tuple(a) for a in answers}) > 1  # the scenes' answers differ: the image is read
+
+
+def test_every_encoder_backend_is_an_edge_of_the_import_graph():
+    """The backends are imported when chosen, by plain import statements: the layering checks see them."""
+    from test_layering import import_graph
+
+    edges = import_graph()["edgevlm.runtimes.bundle_loader"]
+    assert {"edgevlm.runtimes.onnx_encoder", "edgevlm.runtimes.tensorrt_encoder", "edgevlm.runtimes.mlx_encoder"} <= edges
+    assert "edgevlm.mlx_vision" in import_graph()["edgevlm.runtimes.mlx_encoder"]

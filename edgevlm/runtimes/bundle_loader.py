@@ -74,11 +74,31 @@ def source_checkpoint(manifest: Manifest, dtype: str = "float32"):
     return ckpt
 
 
-# artifact format -> (module under runtimes/, class, the manifest role it reads, the options it takes)
+# Each backend is imported when it is chosen (ONNX Runtime, TensorRT, MLX are optional), by a plain import
+# statement so that tests/test_layering.py's import graph sees the edge.
+def _onnx_backend():
+    from .onnx_encoder import OnnxRuntimeEncoder
+
+    return OnnxRuntimeEncoder
+
+
+def _tensorrt_backend():
+    from .tensorrt_encoder import TensorRTEncoder
+
+    return TensorRTEncoder
+
+
+def _mlx_backend():
+    from .mlx_encoder import MlxEncoder  # mlx-vlm's vision modules (edgevlm/mlx_vision.py)
+
+    return MlxEncoder
+
+
+# artifact format -> (what imports the backend class, the manifest role it reads, the options it takes)
 ENCODER_BACKENDS = {
-    "onnx": ("onnx_encoder", "OnnxRuntimeEncoder", "encoder", ("provider", "threads")),
-    "tensorrt": ("tensorrt_encoder", "TensorRTEncoder", "engine", ()),
-    "mlx": ("mlx_encoder", "MlxEncoder", "encoder", ()),  # mlx-vlm's vision modules (edgevlm/mlx_vision.py)
+    "onnx": (_onnx_backend, "encoder", ("provider", "threads")),
+    "tensorrt": (_tensorrt_backend, "engine", ()),
+    "mlx": (_mlx_backend, "encoder", ()),
 }
 
 
@@ -88,15 +108,12 @@ def make_encoder(bundle: Path, manifest: Manifest, name: str, provider=None, thr
 
         ckpt = ckpt or source_checkpoint(manifest)
         return TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}")
-    import importlib
-
     fmt = name.split(":", 1)[0]
     if fmt not in ENCODER_BACKENDS:
         raise BadInputError(f"no encoder backend runs {name!r}; formats: {', '.join(ENCODER_BACKENDS)}")
-    module, cls, role, takes = ENCODER_BACKENDS[fmt]
-    backend = getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+    backend, role, takes = ENCODER_BACKENDS[fmt]
     options = {key: value for key, value in (("provider", provider), ("threads", threads)) if key in takes}
-    return backend(bundle, manifest.find(role, name), manifest.encoder, **options)
+    return backend()(bundle, manifest.find(role, name), manifest.encoder, **options)
 
 
 def holds_sequences(decoder_name: str) -> bool:
