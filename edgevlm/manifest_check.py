@@ -14,9 +14,10 @@ from .errors import BundleError
 
 Check = Callable[[Any], str | None]  # returns what was expected, or None when the value is fine
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-ARTIFACT_FORMATS = {"onnx": ("onnx", "encoder"), "gguf": ("gguf", "decoder"), "mlx": ("mlx", "decoder"),
-                    "tensorrt": ("tensorrt", "engine"), "tokenizer": ("hf-tokenizer", "tokenizer"),
-                    "mmproj": ("gguf-mmproj", "encoder")}
+# artifact name prefix -> (format, the roles it may have); an MLX folder is a decoder or the vision half
+ARTIFACT_FORMATS = {"onnx": ("onnx", ("encoder",)), "gguf": ("gguf", ("decoder",)), "mlx": ("mlx", ("decoder", "encoder")),
+                    "tensorrt": ("tensorrt", ("engine",)), "tokenizer": ("hf-tokenizer", ("tokenizer",)),
+                    "mmproj": ("gguf-mmproj", ("encoder",))}
 
 
 def _show(value: Any) -> str:
@@ -229,13 +230,15 @@ def validate(data: Any, where: str) -> None:
             raise BundleError(f"{where}: {label}.details.cpu_optimized is {_show(optimized)}; expected the path of one "
                               "of the artifact's files")
         kind = artifact["name"].split(":")[0]
-        expected_format, expected_role = ARTIFACT_FORMATS.get(kind, (None, None))
-        if (artifact["format"], artifact["role"]) != (expected_format, expected_role):
+        expected_format, expected_roles = ARTIFACT_FORMATS.get(kind, (None, ()))
+        if artifact["format"] != expected_format or artifact["role"] not in expected_roles:
             raise BundleError(f"{where}: {label} {artifact['name']!r} has format {artifact['format']!r} and role "
-                              f"{artifact['role']!r}; a {kind!r} artifact is format {expected_format!r}, role {expected_role!r}")
-        if artifact["name"] in names:
-            raise BundleError(f"{where}: {label}: artifact {artifact['name']!r} appears twice")
-        names.add(artifact["name"])
+                              f"{artifact['role']!r}; a {kind!r} artifact is format {expected_format!r}, role "
+                              f"{' or '.join(map(repr, expected_roles)) or None}")
+        # unique per role: "mlx:fp16" names both an MLX decoder and an MLX vision half (runtimes look up role + name)
+        if (artifact["role"], artifact["name"]) in names:
+            raise BundleError(f"{where}: {label}: {artifact['role']} artifact {artifact['name']!r} appears twice")
+        names.add((artifact["role"], artifact["name"]))
         for j, entry in enumerate(artifact["files"]):
             _section(where, f"{label}.files[{j}]", entry, {
                 "path": (relative_path, True), "sha256": (lambda v: None if isinstance(v, str) and SHA256.match(v)

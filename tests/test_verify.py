@@ -108,26 +108,34 @@ def test_every_precision_the_cli_offers_passes_its_gate_on_a_tiny_model(family, 
     decoders = [ArtifactRequest(f, p) for f, (_, precisions) in DECODER_FORMATS.items() for p in precisions]
     assert {r.name for r in decoders} == set(DECODER_GATES)  # one gate per offered precision, no more
     assert {r.precision for r in encoders if r.format == "onnx"} <= set(ENCODER_GATES)
+    assert {r.precision for r in encoders if r.format == "mlx"} <= set(ENCODER_GATES)
     assert {r.precision for r in encoders if r.format == "mmproj"} <= set(MMPROJ_GATES)
     bundle = export_checkpoint(ckpts[family], tmp_path / "all", encoders, decoders, max_tiles=4)
     code, out = _verify(bundle, capsys)
-    rows = {r["artifact"]: r for r in out["rows"]}
+    # keyed by role too: "mlx:fp32" names the MLX vision half and the MLX decoder alike
+    rows = {(r["role"], r["artifact"]): r for r in out["rows"]}
     # random weights: every gate that holds on any weights passes; the trained-only ones are measured, not judged
-    runnable = [r.name for r in encoders if r.format == "onnx"]
+    runnable = [r.name for r in encoders if r.format in ("onnx", "mlx")]
     pairs = [f"{e} + {d.name}" for e in runnable for d in decoders]
-    trained_only = {d.name for d in decoders if DECODER_GATES[d.name].trained_only}
-    trained_only |= {r.name for r in encoders if r.format == "onnx" and ENCODER_GATES[r.precision].trained_only}
-    trained_only |= {r.name for r in encoders if r.format == "mmproj" and MMPROJ_GATES[r.precision].trained_only}
-    exact_pairs = {f"onnx:fp32 + {d.name}" for d in decoders if not DECODER_GATES[d.name].trained_only}
-    assert {name for name, row in rows.items() if row["status"] != "pass"} == trained_only | (set(pairs) - exact_pairs)
+    trained_only = {("decoder", d.name) for d in decoders if DECODER_GATES[d.name].trained_only}
+    trained_only |= {("encoder", r.name) for r in encoders
+                     if r.format in ("onnx", "mlx") and ENCODER_GATES[r.precision].trained_only}
+    trained_only |= {("encoder", r.name) for r in encoders
+                     if r.format == "mmproj" and MMPROJ_GATES[r.precision].trained_only}
+    exact_pairs = {f"{fmt}:fp32 + {d.name}" for fmt in ("onnx", "mlx") for d in decoders
+                   if not DECODER_GATES[d.name].trained_only}
+    judged_pairs = {("pair", p) for p in set(pairs) - exact_pairs}
+    assert {key for key, row in rows.items() if row["status"] != "pass"} == trained_only | judged_pairs
     assert {row["status"] for row in rows.values()} == {"pass", "unjudged"}, rows
     assert code == 3 and len(rows) == 1 + len(encoders) + len(decoders) + len(pairs)
     for name in ("gguf:f32", "gguf:f16", "mlx:fp32"):
-        assert rows[name]["greedy_agreement"] == 1.0
-    assert rows["onnx:fp32 + gguf:f32"]["greedy_agreement"] == 1.0
-    for name in trained_only & set(RANDOM_WEIGHT_BOUNDS):
+        assert rows[("decoder", name)]["greedy_agreement"] == 1.0
+    assert rows[("pair", "onnx:fp32 + gguf:f32")]["greedy_agreement"] == 1.0
+    assert rows[("pair", "mlx:fp32 + gguf:f32")]["greedy_agreement"] == 1.0
+    for role, name in trained_only & {("decoder", n) for n in RANDOM_WEIGHT_BOUNDS}:
         max_nmse, min_agreement = RANDOM_WEIGHT_BOUNDS[name]
-        assert rows[name]["nmse"] <= max_nmse and rows[name]["greedy_agreement"] >= min_agreement, rows[name]
+        row = rows[(role, name)]
+        assert row["nmse"] <= max_nmse and row["greedy_agreement"] >= min_agreement, row
 
 
 def test_verify_without_a_bundle_is_bad_input(tmp_path, capsys):

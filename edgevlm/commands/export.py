@@ -17,7 +17,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="Hugging Face checkpoint folder")
     parser.add_argument("-o", "--output", required=True, help="bundle folder to create")
     parser.add_argument("--encoder", default=None, help=f"(default {DEFAULT_ENCODER}) comma list of onnx:fp32|fp16|int8 and gguf:f16|f32|q8_0 (llama.cpp's mmproj, "
-                        "for llama-mtmd-cli / llama-server / Ollama) ('' for none)")
+                        "for llama-mtmd-cli / llama-server / Ollama) and mlx:fp16|8bit|4bit|fp32 (the vision half on MLX, for a Mac) "
+                        "('' for none)")
     parser.add_argument("--decoder", default=None,
                         help=f"(default {DEFAULT_DECODER}) comma list of gguf:f32|f16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0 and mlx:fp32|fp16|8bit|4bit")
     parser.add_argument("--max-tiles", type=int, default=17, help="largest tile batch the encoder graph accepts")

@@ -16,7 +16,8 @@ from .memory import release_memory
 # format -> (module under edgevlm.export, precisions); the first precision is the default
 # "gguf" on the encoder side is llama.cpp's mmproj (artifact name mmproj:<precision>); "mmproj" is the same writer
 ENCODER_FORMATS = {"onnx": ("onnx", ("fp32", "fp16", "int8")), "gguf": ("mmproj", MMPROJ_PRECISIONS),
-                   "mmproj": ("mmproj", MMPROJ_PRECISIONS)}
+                   "mmproj": ("mmproj", MMPROJ_PRECISIONS),
+                   "mlx": ("mlx", ("fp16", "8bit", "4bit", "fp32"))}  # mlx-vlm's vision modules (export/mlx_encoder.py)
 DECODER_FORMATS = {
     "gguf": ("gguf", ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")),
     "mlx": ("mlx", ("fp32", "fp16", "8bit", "4bit")),

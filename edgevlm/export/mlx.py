@@ -1,4 +1,5 @@
-"""Decoder -> MLX (mlx-lm layout) through mlx-lm's own converter and affine quantization.
+"""Decoder -> MLX (mlx-lm layout) through mlx-lm's own converter and affine quantization; the vision half -> MLX
+is export/mlx_encoder.py (the exporter finds both writers of the "mlx" format here).
 
 The decoder is first written as a plain HF checkpoint folder of its own class (mlx-lm reads that), with `rope_theta` at the top level of
 config.json: mlx-lm ignores transformers-5's `rope_parameters` and would silently use 10000."""
@@ -14,6 +15,7 @@ from ..decoder_arch import architecture
 from ..errors import CheckpointError
 from ..manifest import Artifact
 from .bundle import BundleWriter
+from .mlx_encoder import check_encoder, check_spec, export_encoder  # noqa: F401 - the "mlx" format's encoder half
 
 # precision -> (dtype of unquantized tensors, bits or None)
 PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "8bit": ("float16", 8), "4bit": ("float16", 4)}

@@ -8,7 +8,8 @@ from ..manifest import INSTRUCTION_TOKENIZER, Manifest
 from .session import RuntimeSpec, Session
 
 # default choice when the caller names none: fastest first on a CPU
-ENCODER_PREFERENCE = ("tensorrt:fp16", "tensorrt:int8", "onnx:int8", "onnx:fp32", "onnx:fp16")
+ENCODER_PREFERENCE = ("tensorrt:fp16", "tensorrt:int8", "onnx:int8", "onnx:fp32", "onnx:fp16",
+                      "mlx:fp16", "mlx:8bit", "mlx:4bit", "mlx:fp32")
 DECODER_PREFERENCE = ("gguf:q8_0", "gguf:q6_k", "gguf:q5_k_m", "gguf:q4_k_m", "gguf:q4_0", "gguf:f16", "gguf:f32",
                       "mlx:8bit", "mlx:4bit", "mlx:fp16", "mlx:fp32")
 
@@ -73,19 +74,46 @@ def source_checkpoint(manifest: Manifest, dtype: str = "float32"):
     return ckpt
 
 
+# Each backend is imported when it is chosen (ONNX Runtime, TensorRT, MLX are optional), by a plain import
+# statement so that tests/test_layering.py's import graph sees the edge.
+def _onnx_backend():
+    from .onnx_encoder import OnnxRuntimeEncoder
+
+    return OnnxRuntimeEncoder
+
+
+def _tensorrt_backend():
+    from .tensorrt_encoder import TensorRTEncoder
+
+    return TensorRTEncoder
+
+
+def _mlx_backend():
+    from .mlx_encoder import MlxEncoder  # mlx-vlm's vision modules (edgevlm/mlx_vision.py)
+
+    return MlxEncoder
+
+
+# artifact format -> (what imports the backend class, the manifest role it reads, the options it takes)
+ENCODER_BACKENDS = {
+    "onnx": (_onnx_backend, "encoder", ("provider", "threads")),
+    "tensorrt": (_tensorrt_backend, "engine", ()),
+    "mlx": (_mlx_backend, "encoder", ()),
+}
+
+
 def make_encoder(bundle: Path, manifest: Manifest, name: str, provider=None, threads=None, ckpt=None):
     if name == "torch":
         from .torch_backend import TorchEncoder
 
         ckpt = ckpt or source_checkpoint(manifest)
         return TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}")
-    if name.startswith("tensorrt:"):
-        from .tensorrt_encoder import TensorRTEncoder
-
-        return TensorRTEncoder(bundle, manifest.find("engine", name), manifest.encoder)
-    from .onnx_encoder import OnnxRuntimeEncoder
-
-    return OnnxRuntimeEncoder(bundle, manifest.find("encoder", name), manifest.encoder, provider=provider, threads=threads)
+    fmt = name.split(":", 1)[0]
+    if fmt not in ENCODER_BACKENDS:
+        raise BadInputError(f"no encoder backend runs {name!r}; formats: {', '.join(ENCODER_BACKENDS)}")
+    backend, role, takes = ENCODER_BACKENDS[fmt]
+    options = {key: value for key, value in (("provider", provider), ("threads", threads)) if key in takes}
+    return backend()(bundle, manifest.find(role, name), manifest.encoder, **options)
 
 
 def holds_sequences(decoder_name: str) -> bool:

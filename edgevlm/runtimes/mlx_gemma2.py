@@ -4,7 +4,11 @@ every input row by sqrt(hidden); HF scales only token embeddings, windows the lo
 prefix-LM prompt, lets every prompt row see every other. So this forward embeds and scales the tokens (in the
 model's dtype, as HF does), passes image rows as they are, runs one call per prompt with boolean masks: the prompt
 block all-visible (HF's block overlay wins over the window); after it causal, windowed on local layers; and applies
-the final soft-capping. Every layer keeps a full KVCache, so truncation and snapshots stay exact anywhere."""
+the final soft-capping. Every layer keeps a full KVCache, so truncation and snapshots stay exact anywhere.
+
+Not mlx-vlm 0.7.10's paligemma language model (issue 33 checked it): it gives every layer one mask (no sliding
+window) and scales every input row, image rows included, by sqrt(hidden). On a tiny PaliGemma 2, 40-token text
+prompt, against HF: NMSE 1.03 (argmax 25%) with window 8, 2.9e-4 with window 256; the fp32 gate is 1e-5."""
 from __future__ import annotations
 
 

@@ -1,28 +1,20 @@
 """mlx-vlm's language models (Qwen2-VL / 2.5-VL, Qwen3-VL, Gemma 3) over edgevlm's MLX decoder folders, torch-free.
 
-`import mlx_vlm.models.<family>.language` through the packages runs `mlx_vlm/__init__.py` and the family's
-`__init__.py`, which import transformers and torch (their processors) in ~4 s. The language modules themselves need only
-mlx, numpy and PIL: registering bare namespace packages for `mlx_vlm`, `mlx_vlm.models` and the family lets Python load
-`language.py`, `config.py` and their shared helpers (base, cache, rope_utils, mlp) alone. A process that imported
-the real `mlx_vlm` package first keeps it (the peers of `edgevlm bench` run in their own processes).
+The language modules are imported one by one without mlx-vlm's packages (edgevlm/mlx_vlm_modules.py says how).
 
 mlx-vlm is installed with `pip install --no-deps` (scripts/setup-venv.sh): its declared dependencies pull opencv,
 datasets, transformers and audio packages that none of these modules import. The folders are what export/mlx.py writes
 through mlx-lm (its qwen2 / qwen3 / gemma3_text layout); mlx-vlm's language models name their weights the same way."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailableError, BundleError
+from ..errors import BundleError
+from ..mlx_vlm_modules import INSTALL, MLX_VLM_VERSION, import_module  # noqa: F401 - re-exported (tests, callers)
 
-MLX_VLM_VERSION = "0.7.10"  # the modules' attribute names and call signatures this seam was written against
-INSTALL = f"pip install --no-deps mlx-vlm=={MLX_VLM_VERSION}"
 # mlx-lm model_type of the exported folder (+ interleaved M-RoPE) -> mlx-vlm's family folder. Qwen2.5-VL's text
 # model is Qwen2-VL's (qwen2_5_vl/language.py differs only in batched-cache bookkeeping).
 FAMILIES = {("qwen2", False): "qwen2_vl", ("qwen3", True): "qwen3_vl", ("gemma3_text", False): "gemma3"}
@@ -35,34 +27,7 @@ def family_for(model_type: str | None, mrope_interleaved: bool = False) -> str |
 
 def import_language(family: str) -> types.ModuleType:
     """mlx_vlm.models.<family>.language without the packages' __init__ (no torch, no transformers)."""
-    if "mlx_vlm" not in sys.modules:
-        spec = importlib.util.find_spec("mlx_vlm")
-        if spec is None:
-            raise BackendUnavailableError(f"mlx-vlm is not installed; the MLX decoder of Qwen2-VL, Qwen3-VL and "
-                                          f"Gemma 3 runs its language models: `{INSTALL}`")
-        _check_version()
-        root = Path(spec.submodule_search_locations[0])
-        _namespace("mlx_vlm", root)
-        _namespace("mlx_vlm.models", root / "models")
-    package = f"mlx_vlm.models.{family}"
-    if package not in sys.modules and not hasattr(sys.modules["mlx_vlm"], "__file__"):  # ours, not the real one
-        _namespace(package, Path(sys.modules["mlx_vlm.models"].__path__[0]) / family)
-    return importlib.import_module(f"{package}.language")
-
-
-def _namespace(name: str, folder: Path) -> None:
-    module = types.ModuleType(name)
-    module.__path__ = [str(folder)]
-    sys.modules[name] = module
-
-
-def _check_version() -> None:
-    from importlib.metadata import version
-
-    found = version("mlx-vlm")
-    if found.split(".")[:2] != MLX_VLM_VERSION.split(".")[:2]:
-        raise BackendUnavailableError(f"mlx-vlm {found} is installed; edgevlm's MLX decoder is written against "
-                                      f"{MLX_VLM_VERSION}: `{INSTALL}`")
+    return import_module(family, "language")
 
 
 def text_config(family: str, config: dict, mrope_section: list[int] | None) -> Any:

@@ -11,7 +11,8 @@ TARGETS = {
              "needs": ["cuda_gpu", "tensorrt_or_ort_cuda", "llama_cpp_gpu"]},
     "jetson-orin": {"encoder": "tensorrt:int8/fp16 (engine built on the device)", "decoder": "gguf (llama.cpp CUDA build)",
                     "needs": ["jetson", "cuda_gpu", "tensorrt", "llama_cpp_gpu"]},
-    "apple-silicon": {"encoder": "onnx (ORT CoreML, else CPU)", "decoder": "mlx:4bit/8bit (MLX Metal)",
+    "apple-silicon": {"encoder": "mlx:fp16/8bit (MLX Metal; idefics3, llava-CLIP) or onnx (ORT CoreML, else CPU)",
+                      "decoder": "mlx:4bit/8bit (MLX Metal)",
                       "needs": ["apple_silicon", "mlx_metal", "onnxruntime"]},
 }
 
