@@ -1,7 +1,7 @@
 """A LLaVA-OneVision bundle through the real runtimes: the ONNX encoder graph (SigLIP + projector per tile, the
 image_newline as each tile's last row) packed in numpy against HF's image features, the F32 GGUF and fp32 MLX
-decoders (qwen2 row) against the torch reference and model.generate, `verify`, `plan` figures, and the mmproj refusal
-(llama.cpp has no LLaVA-OneVision projector)."""
+decoders (qwen2 row) against the torch reference and model.generate (one image, and two in one prompt), `verify`,
+`plan` figures, and the mmproj refusal (llama.cpp has no LLaVA-OneVision projector)."""
 from __future__ import annotations
 
 import numpy as np
@@ -75,6 +75,29 @@ def test_f32_decoders_parity_with_pytorch_and_model_generate(decoder, exported):
         with torch.inference_mode():
             out = ckpt.hf_model.generate(**hf, max_new_tokens=16, do_sample=False)
         assert ours.tokens == out[0, hf["input_ids"].shape[1]:].tolist(), (decoder, w, h)
+
+
+@pytest.mark.parametrize("decoder", ["gguf:f32", "mlx:fp32"])
+def test_two_images_in_one_prompt_through_the_bundle_equal_pytorch_and_model_generate(decoder, exported):
+    """Several images in one prompt (each a square view: one tile's rows + the newline row): the ONNX encoder with
+    the F32 GGUF / fp32 MLX decoder gives the torch reference's tokens and logits, and model.generate's tokens."""
+    ckpt_path, bundle, ckpt = exported
+    processor = onevision_builder.hf_processor(ckpt_path)
+    reference = edgevlm.load(ckpt_path)
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1)
+    prompt = "Compare <image> and <image>."
+    text = session.render([session.user_message(prompt, 2)])
+    for i, sizes in enumerate([((100, 40), (50, 70)), ((128, 128), (40, 30))]):
+        images = [random_image(20 + 2 * i + j, w, h) for j, (w, h) in enumerate(sizes)]
+        ref = reference.generate(images, prompt, max_tokens=16, stop_token_ids=[], return_logits=True)
+        ours = session.generate(images, prompt, max_tokens=16, stop_token_ids=[], return_logits=True)
+        assert ours.tokens == ref.tokens, (decoder, sizes)
+        assert nmse(np.stack(ours.logits), np.stack(ref.logits)) <= DECODER_NMSE
+        hf = processor(images=[images], text=[text], return_tensors="pt")
+        ckpt.hf_model.generation_config.eos_token_id = None
+        with torch.inference_mode():
+            out = ckpt.hf_model.generate(**hf, max_new_tokens=16, do_sample=False)
+        assert ours.tokens == out[0, hf["input_ids"].shape[1]:].tolist(), (decoder, sizes)
 
 
 def test_verify_passes_what_random_weights_can_judge(exported):

@@ -44,7 +44,7 @@ SUPPORT = (
     FamilySupport("llava_onevision", "LLaVA-OneVision (-ov-hf)",
                   "2-layer MLP + anyres-max tiling (unpadding, pooling past the max, image_newline rows)", ("qwen2",),
                   f"none: {PINNED_LLAMA_CPP} has no LLaVA-OneVision projector type",
-                  "several images in one prompt (HF packs them as unsplit views); mmproj; video"),
+                  "mmproj; video"),
     FamilySupport("blip2", "BLIP-2 (OPT, Flan-T5), InstructBLIP (Vicuna)",
                   "Q-Former (32 queries; InstructBLIP's reads the instruction) + linear", ("llama",),
                   f"none: {PINNED_LLAMA_CPP} has no BLIP-2 projector type",
