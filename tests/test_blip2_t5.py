@@ -10,9 +10,9 @@ import torch
 from transformers import AutoProcessor
 
 import builders_blip2
+from bundle_checks import assert_refused_in_one_line
 import edgevlm
 from conftest import random_image
-from edgevlm.cli import main
 from edgevlm.families import describe_checkpoint, load_checkpoint
 from edgevlm.loading import session_from_checkpoint
 from edgevlm.preprocess import preprocess
@@ -142,9 +142,5 @@ def test_onnx_encoder_equals_hf_image_features_and_runs_with_the_torch_t5(t5, bu
 @pytest.mark.parametrize("decoder", ["gguf:f32", "mlx:fp32"])
 def test_gguf_and_mlx_t5_decoders_are_refused_in_one_line(t5, decoder, tmp_path, capsys):
     out = tmp_path / "refused"
-    code = main(["export", str(t5[0]), "-o", str(out), "--encoder", "onnx:fp32", "--decoder", decoder])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(lines) == 1 and "T5 decoders cannot be written as GGUF or MLX" in lines[0], err
-    assert not out.exists()
+    assert_refused_in_one_line(["export", str(t5[0]), "-o", str(out), "--encoder", "onnx:fp32", "--decoder", decoder],
+                               "T5 decoders cannot be written as GGUF or MLX", out, capsys)

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from bundle_checks import assert_mmproj_refused, record_worst
 import edgevlm
 import onevision_builder
 from conftest import random_image
-from edgevlm.cli import main
 from edgevlm.families import load_checkpoint
-from edgevlm.metrics import cosine
 from edgevlm.preprocess import preprocess
 from edgevlm.verify import DECODER_NMSE, nmse, outcome, verify_bundle
 
@@ -48,9 +47,7 @@ def test_onnx_encoder_packed_equals_hf_image_features(exported):
             pre = preprocess(image, session.spec.preprocess)  # the manifest's preprocessing
             ours = session.spec.preprocess.pack_anyres(session.encoder.encode(pre.pixel_values), *pre.source_size)
             assert ours.shape == expected.shape
-            rel = float(np.abs(ours - expected).max() / np.abs(expected).max())
-            old_rel, old_cos = worst.get(precision, (0.0, 1.0))
-            worst[precision] = max(old_rel, rel), min(old_cos, cosine(ours, expected))
+            record_worst(worst, precision, ours, expected)
     assert worst["fp32"][0] <= 1e-4, worst
     # random weights: fp16/int8 held to sanity only (verify judges them on trained weights)
     assert worst["fp16"][1] >= 0.99 and worst["int8"][1] >= 0.98, worst
@@ -112,12 +109,4 @@ def test_verify_passes_what_random_weights_can_judge(exported):
 
 
 def test_mmproj_is_refused_in_one_line(exported, tmp_path, capsys):
-    out = tmp_path / "refused"
-    code = main(["export", str(exported[0]), "-o", str(out), "--encoder", "onnx:fp32,gguf:f16", "--decoder", "gguf:f32"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "no LLaVA-OneVision projector type" in errors[0], err
-    assert not out.exists()
-    assert main(["inspect", str(exported[0])]) == 0
-    assert "no LLaVA-OneVision projector type" in " ".join(capsys.readouterr().out.split())
+    assert_mmproj_refused(exported[0], tmp_path, capsys, "no LLaVA-OneVision projector type")
