@@ -124,6 +124,15 @@ ARCHITECTURES = {
                        "architecture, so neither runs it as a decoder here; export --encoder onnx:... alone and run "
                        "the decoder on torch (--decoder torch)",
     ),
+    # T5 (BLIP-2 Flan-T5): an encoder-decoder. The prompt (image rows + text) is the T5 encoder's input and the
+    # answer the T5 decoder's (runtimes/torch_seq2seq.py); relative attention buckets, no positions in the rows
+    "t5": DecoderArch(
+        name="t5", hf_model_types=("t5",), hf_class="T5ForConditionalGeneration", hf_rotary_class="", gguf_arch="",
+        permute_qk=False, bias_tensors=(), mlx_model_type="", position_schemes=("1d",),
+        export_refusal="T5 decoders cannot be written as GGUF or MLX: T5 is an encoder-decoder, which llama.cpp "
+                       "(0c1e570) runs only as text through llama_encode (no image rows) and mlx-lm not as a VLM "
+                       "decoder; export --encoder onnx:... alone and run the decoder on torch (--decoder torch)",
+    ),
 }
 
 

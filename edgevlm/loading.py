@@ -31,13 +31,14 @@ def spec_from_checkpoint(ckpt) -> RuntimeSpec:
 
 
 def session_from_checkpoint(ckpt, n_ctx: int | None = None, **cache_options) -> Session:
-    from .runtimes.torch_backend import TorchDecoder, TorchEncoder
+    from .runtimes.torch_backend import TorchEncoder
+    from .runtimes.torch_seq2seq import torch_decoder
 
     return Session(
         spec_from_checkpoint(ckpt),
         TorchEncoder(ckpt.vision, f"torch:{ckpt.source_sha256}"),
-        TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=ckpt.position_scheme,
-                     deepstack_layers=ckpt.spec.deepstack_layers, image_attention=ckpt.spec.image_attention),
+        torch_decoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=ckpt.position_scheme,
+                      deepstack_layers=ckpt.spec.deepstack_layers, image_attention=ckpt.spec.image_attention),
         encoder_name=TORCH, decoder_name=TORCH,
         **cache_options,
     )

@@ -399,3 +399,14 @@ def _preprocess_anyres(image: Image.Image, spec: PreprocessSpec) -> Preprocessed
     tiles = [_resize(image, tile, tile, spec.resample)]
     tiles += [canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
     return PreprocessedImage(np.stack([_normalize(t, spec) for t in tiles]), rows, cols, source_size=(height, width))
+
+
+def preprocess_square_view(image: Image.Image, spec: PreprocessSpec) -> PreprocessedImage:
+    """anyres, one image of several in a prompt (LlavaOnevisionImageProcessorPil with batch_num_images > 1): no grid,
+    the image padded to a square with the mean colour (int(mean * 255), centred), resized to one tile."""
+    width, height = image.size
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in spec.image_mean))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    tile = _resize(canvas, spec.tile_size[0], spec.tile_size[1], spec.resample)
+    return PreprocessedImage(_normalize(tile, spec)[None], 0, 0)

@@ -150,7 +150,8 @@ def verify_report(bundle, threads: int | None = None, progress=None, pairs: bool
     from .reference import scenes
     from .runtimes.bundle_loader import make_decoder, runtime_spec, source_checkpoint
     from .runtimes.session import Session
-    from .runtimes.torch_backend import TorchDecoder, TorchEncoder
+    from .runtimes.torch_backend import TorchEncoder
+    from .runtimes.torch_seq2seq import torch_decoder
 
     bundle = Path(bundle)
     manifest = Manifest.load(bundle)
@@ -175,8 +176,8 @@ def verify_report(bundle, threads: int | None = None, progress=None, pairs: bool
     trained, probes, ref_logits = None, [], None
     if spec is not None:
         reference = Session(spec, TorchEncoder(ckpt.vision, "torch"),
-                            TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme,
-                                         deepstack_layers=ckpt.deepstack_layers, image_attention=spec.image_attention))
+                            torch_decoder(ckpt.decoder, position_scheme=spec.position_scheme,
+                                          deepstack_layers=ckpt.deepstack_layers, image_attention=spec.image_attention))
         for i in range(PROBE_SCENES):
             image, question = scenes.render(scenes.make_scene(4_000_000_001 + i)), "Describe the image."
             result = reference.generate(image, question, max_tokens=PROBE_TOKENS, stop_token_ids=[], return_logits=True)

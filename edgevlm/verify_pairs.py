@@ -53,15 +53,16 @@ def pair_rows(bundle, manifest, ckpt, spec, weights: dict, threads, log) -> list
     FAIL (a part that does not load)."""
     from .runtimes.bundle_loader import make_decoder, make_encoder
     from .runtimes.session import Session
-    from .runtimes.torch_backend import TorchDecoder, TorchEncoder
+    from .runtimes.torch_backend import TorchEncoder
+    from .runtimes.torch_seq2seq import torch_decoder
 
     pairs = _pairs(manifest)
     if not pairs:
         return []
     trained, reference_model = weights["trained"], weights["reference_model"] and weights["trained"]
     reference = Session(spec, TorchEncoder(ckpt.vision, "torch"),
-                        TorchDecoder(ckpt.decoder, position_scheme=spec.position_scheme,
-                                     deepstack_layers=ckpt.deepstack_layers, image_attention=spec.image_attention))
+                        torch_decoder(ckpt.decoder, position_scheme=spec.position_scheme,
+                                      deepstack_layers=ckpt.deepstack_layers, image_attention=spec.image_attention))
     probes = None
     reference_accuracy = None
     out = []

@@ -1,4 +1,4 @@
-"""Tiny BLIP-2 (OPT decoder) and InstructBLIP (Llama decoder) checkpoints built in the test session: real
+"""Tiny BLIP-2 (OPT and Flan-T5 decoders) and InstructBLIP (Llama decoder) checkpoints built in the test session: real
 transformers classes and processors, random weights, a WordPiece Q-Former tokenizer trained here (no download).
 InstructBLIP's query tokens start at zero and its vision weights at std 1e-10 (the image would be ignored): both are
 randomised, and the bridge's matrices scaled so that the image and the instruction move the greedy tokens."""
@@ -97,6 +97,33 @@ def build_blip2_opt(out: Path, seed: int = 0) -> Path:
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     model = Blip2ForConditionalGeneration(config).eval()
     _randomise(model)
+    processor = Blip2Processor(image_processor=_image_processor(), tokenizer=tokenizer, num_query_tokens=N_QUERIES)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_blip2_t5(out: Path, seed: int = 0) -> Path:
+    """BLIP-2 with a Flan-T5-shaped decoder (an encoder-decoder: gated-GELU, untied head, relative attention
+    buckets), 8 queries. The prompt (image rows + text) is T5's encoder input; generation starts from the pad id."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, T5Config
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(BLIP_SPECIALS, None)
+    vision, qformer = _vision_and_qformer(False, 30522)
+    pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                    num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=pad, eos_token_id=eos,
+                    decoder_start_token_id=pad)
+    config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=N_QUERIES,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = Blip2ForConditionalGeneration(config).eval()
+    _randomise(model)
+    with torch.no_grad():  # at T5's init the residual stream stays the input token's embedding, and the tied head
+        for name, param in model.language_model.named_parameters():  # then repeats the start token whatever the image
+            if param.ndim == 2 and "shared" not in name and "relative_attention" not in name:
+                param.mul_(4)
     processor = Blip2Processor(image_processor=_image_processor(), tokenizer=tokenizer, num_query_tokens=N_QUERIES)
     model.save_pretrained(out)
     processor.save_pretrained(out)

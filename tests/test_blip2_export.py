@@ -11,11 +11,10 @@ from conftest import random_image
 from transformers import AutoProcessor
 
 import builders_blip2
+from bundle_checks import assert_mmproj_refused, assert_refused_in_one_line, record_worst
 import edgevlm
-from edgevlm.cli import main
 from edgevlm.families import load_checkpoint
 from edgevlm.loading import session_from_checkpoint
-from edgevlm.metrics import cosine
 from edgevlm.preprocess import preprocess
 from edgevlm.verify import DECODER_NMSE, nmse, verify_bundle
 
@@ -60,9 +59,7 @@ def test_onnx_encoder_reads_the_instruction_and_equals_hf_image_features(exporte
                 prepared = session._prepare_image(image, session.render([session.user_message(prompt, 1)]))
                 ours = session.encoder.encode(preprocess(image, ckpt.preprocess).pixel_values,
                                               instruction=prepared.instruction)[0]
-                rel = float(np.abs(ours - expected).max() / np.abs(expected).max())
-                old_rel, old_cos = worst.get(precision, (0.0, 1.0))
-                worst[precision] = max(old_rel, rel), min(old_cos, cosine(ours, expected))
+                record_worst(worst, precision, ours, expected)
                 outputs.append(ours)
             if precision == "fp32":  # two instructions on the same image: different rows
                 assert float(np.abs(outputs[0] - outputs[1]).max()) > 1e-3
@@ -115,26 +112,14 @@ def test_verify_passes_what_random_weights_can_judge(exported):
 
 
 def test_mmproj_is_refused_in_one_line(exported, tmp_path, capsys):
-    out = tmp_path / "refused"
-    code = main(["export", str(exported[0]), "-o", str(out), "--encoder", "onnx:fp32,gguf:f16", "--decoder", "gguf:f32"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and "no BLIP-2 projector type" in errors[0], err
-    assert not out.exists()
-    assert main(["inspect", str(exported[0])]) == 0
-    assert "no BLIP-2 projector type" in " ".join(capsys.readouterr().out.split())
+    assert_mmproj_refused(exported[0], tmp_path, capsys, "no BLIP-2 projector type")
 
 
 @pytest.mark.parametrize("decoder", ["gguf:f32", "mlx:fp32"])
 def test_blip2_opt_decoder_is_refused_in_one_line(blip2_opt, decoder, tmp_path, capsys):
     out = tmp_path / "refused"
-    code = main(["export", str(blip2_opt), "-o", str(out), "--encoder", "onnx:fp32", "--decoder", decoder])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(lines) == 1 and "OPT decoders cannot be written as GGUF or MLX" in lines[0], err
-    assert not out.exists()
+    assert_refused_in_one_line(["export", str(blip2_opt), "-o", str(out), "--encoder", "onnx:fp32", "--decoder", decoder],
+                               "OPT decoders cannot be written as GGUF or MLX", out, capsys)
 
 
 def test_blip2_opt_onnx_encoder_with_the_torch_decoder_equals_model_generate(blip2_opt, tmp_path):

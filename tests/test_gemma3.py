@@ -455,16 +455,7 @@ def test_cache_hits_give_the_cold_tokens(gemma_bundle, pics):
 def test_disk_tier_keeps_the_bidirectional_prefix(gemma_bundle, pics, tmp_path):
     """A restart with the same --cache-dir reads the image rows and the image-prefix state (SWA cache) from disk: no
     encode, a prefix hit, the cold run's tokens."""
-    from edgevlm.runtimes.disk_cache import DiskCache
+    from bundle_checks import assert_disk_tier_restores
 
-    ask = f"What is in {BOI} this picture?"
-    cold = _bundle_session(gemma_bundle).generate(pics["wide"], ask, max_tokens=10, stop_token_ids=[])
-    first = _bundle_session(gemma_bundle)
-    first.disk_cache = DiskCache(tmp_path / "cache", 1 << 28)
-    assert first.generate(pics["wide"], ask, max_tokens=10, stop_token_ids=[]).tokens == cold.tokens
-    assert len(list((tmp_path / "cache").glob("*.evc"))) == 2  # the rows and the image-prefix state
-    restarted = _bundle_session(gemma_bundle)
-    restarted.disk_cache = DiskCache(tmp_path / "cache", 1 << 28)
-    warm = restarted.generate(pics["wide"], ask, max_tokens=10, stop_token_ids=[])
-    assert warm.timings["disk_cache_hits"] >= 1 and warm.timings["prefix_cache_hits"] == 1
-    assert warm.timings["n_tiles"] == 0 and warm.tokens == cold.tokens
+    assert_disk_tier_restores(lambda: _bundle_session(gemma_bundle), pics["wide"], f"What is in {BOI} this picture?",
+                              10, tmp_path / "cache")

@@ -1,7 +1,7 @@
 """LLaVA-OneVision (anyres-max bridge) on a tiny random checkpoint: pixels and ids equal transformers' processor for
 several aspect ratios (one grid pooled by the anyres_max_9 rule), the per-tile vision module + numpy packing equal
 HF's get_image_features + pack_image_features, and the torch runtime's greedy tokens equal model.generate; dropping
-the newline rows or the unpadding changes the tokens."""
+the newline rows or the unpadding changes the tokens; several images in one prompt are square views, as HF's."""
 from __future__ import annotations
 
 import numpy as np
@@ -165,12 +165,66 @@ def test_onevision_preset_shapes_worst_image_and_a_shrunk_build(tmp_path, monkey
     assert from_preset("tiny-onevision").vision.params == sum(p.numel() for p in ckpt.vision.parameters())
 
 
-def test_two_images_in_one_prompt_are_refused_in_one_line(onevision):
-    """HF packs each image of a multi-image prompt as one unsplit square view (batch_num_images > 1), which this
-    family does not reproduce: refused, not answered with the single-image layout."""
-    from edgevlm.errors import BadInputError
+TWO_IMAGES = "Compare <image> and <image>."
 
-    session = session_from_checkpoint(onevision[1])
-    with pytest.raises(BadInputError, match="one image per conversation"):
-        session.generate([random_image(1, 40, 30), random_image(2, 30, 40)], "Compare <image> and <image>.",
-                         max_tokens=2)
+
+def _hf_several(processor, images, text, **kwargs):
+    """HF's multi-image path: the images of one prompt as one nested list (what apply_chat_template hands over)."""
+    return processor(images=[images], text=[text], **kwargs)
+
+
+def test_several_images_in_one_prompt_are_square_views_as_hf(onevision):
+    """Each image of a multi-image prompt: one square-padded view (no grid, no packing), its tile's rows and one
+    image_newline row; pixels, ids, rows and greedy tokens equal the HF processor and model (batch_num_images)."""
+    from edgevlm.preprocess import preprocess_square_view
+
+    path, ckpt, processor = onevision
+    session = session_from_checkpoint(ckpt)
+    text = session.render([session.user_message(TWO_IMAGES, 2)])
+    tokens = {}
+    for i, sizes in enumerate([((40, 30), (30, 70)), ((128, 96), (32, 32)), ((200, 150), (100, 40))]):
+        images = [random_image(10 * i + j, w, h) for j, (w, h) in enumerate(sizes)]
+        hf = _hf_several(processor, images, text, return_tensors="pt")
+        assert hf["batch_num_images"].tolist() == [2]
+        prepared = [session._prepare_image(image, text) for image in images]
+        assert [p.n_rows_embedded for p in prepared] == [17, 17] and all(p.square_view for p in prepared)
+        assert session.tokenize(text, prepared).ids.tolist() == hf["input_ids"][0].tolist(), sizes
+        with torch.inference_mode():
+            expected = ckpt.hf_model.model.get_image_features(hf["pixel_values"], hf["image_sizes"],
+                                                              batch_num_images=hf["batch_num_images"]).pooler_output
+        for j, image in enumerate(images):
+            pixels = preprocess_square_view(image, ckpt.preprocess).pixel_values
+            assert np.abs(pixels - hf["pixel_values"][j].numpy()).max() <= 1e-6, (sizes, j)
+            with torch.inference_mode():
+                rows = ckpt.vision(torch.from_numpy(pixels)).numpy()[0]  # (16 + 1, D): no packing
+            rel = float(np.abs(rows - expected[j].numpy()).max() / expected[j].abs().max())
+            assert rel <= 1e-5, (sizes, j, rel)
+        ckpt.hf_model.generation_config.eos_token_id = None
+        with torch.inference_mode():
+            out = ckpt.hf_model.generate(**hf, max_new_tokens=12, do_sample=False)[0, hf["input_ids"].shape[1]:]
+        tokens[i] = session.generate(images, TWO_IMAGES, max_tokens=12, stop_token_ids=[]).tokens
+        assert tokens[i] == out.tolist(), sizes
+    assert len(set(map(tuple, tokens.values()))) == 3, "the tiny model ignores the images"
+    # the same image alone in a prompt is packed (anyres grid), not a square view: other rows, another cache key
+    alone = session._prepare_image(random_image(0, 40, 30), session.render([session.user_message(PROMPT, 1)]))
+    assert not alone.square_view and alone.n_rows_embedded == ckpt.preprocess.anyres_rows(30, 40)
+    assert alone.key != session._prepare_image(random_image(0, 40, 30), text).key
+
+
+def test_a_second_image_in_a_follow_up_turn_makes_both_square_views(onevision):
+    """HF's chat template hands every image of the conversation to the processor at once: an image asked about alone
+    (packed) becomes a square view once a later turn adds another; the follow-up equals model.generate on the whole
+    conversation (the live sequence is not reused past the first image, whose rows changed)."""
+    path, ckpt, processor = onevision
+    session = session_from_checkpoint(ckpt)
+    first, second = random_image(7, 100, 40), random_image(8, 50, 70)
+    session.generate(first, PROMPT, max_tokens=4, stop_token_ids=[])
+    follow = session.chat("And <image>?", image=second, max_tokens=12, stop_token_ids=[])
+    text = session.render(session._messages[:-1])
+    assert text.count("<image>") == 2
+    hf = _hf_several(processor, [first, second], text, return_tensors="pt")
+    ckpt.hf_model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        out = ckpt.hf_model.generate(**hf, max_new_tokens=12, do_sample=False)[0, hf["input_ids"].shape[1]:]
+    assert follow.tokens == out.tolist()
+    assert follow.timings["embed_cache_misses"] == 2  # both images encoded as square views

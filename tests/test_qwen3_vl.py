@@ -390,20 +390,12 @@ def test_disk_tier_and_a_second_sequence_keep_deepstack_rows(qwen3_bundle, pics,
     """A restart with the same --cache-dir reads the image's rows (DeepStack slices included) and its prefix state from
     disk: no encode, a prefix hit, the cold tokens; `serve --parallel`'s second sequence answers as a fresh session."""
     import edgevlm
-    from edgevlm.runtimes.disk_cache import DiskCache
+    from bundle_checks import assert_disk_tier_restores
 
     question = f"What is in {PAD} this picture?"
-    cold = _bundle_session(qwen3_bundle).generate(pics["tall"], question, max_tokens=12, stop_token_ids=[])
-    first = _bundle_session(qwen3_bundle)
-    first.disk_cache = DiskCache(tmp_path / "cache", 1 << 28)
-    assert first.generate(pics["tall"], question, max_tokens=12, stop_token_ids=[]).tokens == cold.tokens
-    assert len(list((tmp_path / "cache").glob("*.evc"))) == 2  # the rows and the image-prefix state
-    restarted = _bundle_session(qwen3_bundle)
-    restarted.disk_cache = DiskCache(tmp_path / "cache", 1 << 28)
-    warm = restarted.generate(pics["tall"], question, max_tokens=12, stop_token_ids=[])
-    assert warm.timings["disk_cache_hits"] >= 1 and warm.timings["prefix_cache_hits"] == 1
-    assert warm.timings["n_tiles"] == 0 and warm.tokens == cold.tokens
+    cold = assert_disk_tier_restores(lambda: _bundle_session(qwen3_bundle), pics["tall"], question, 12,
+                                     tmp_path / "cache")
     parallel = edgevlm.load(qwen3_bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1, parity=True, n_seq=2)
     sibling = parallel.sibling(parallel.decoder.context.sequence(1))
     parallel.generate(pics["big"], question, max_tokens=4, stop_token_ids=[])
-    assert sibling.generate(pics["tall"], question, max_tokens=12, stop_token_ids=[]).tokens == cold.tokens
+    assert sibling.generate(pics["tall"], question, max_tokens=12, stop_token_ids=[]).tokens == cold

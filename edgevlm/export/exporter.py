@@ -135,10 +135,11 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
         encoder=encoder,
         decoder=DecoderSpec(
             architecture=arch.name, hidden_size=config.hidden_size, n_layers=config.num_hidden_layers,
-            # OPT (torch only) names its MLP ffn_dim and has neither KV groups nor RMS norms
+            # OPT (torch only) names its MLP ffn_dim, T5 (torch only) d_ff; neither has KV groups nor RMS norms
             n_heads=config.num_attention_heads,
             n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim=head_dim,
-            intermediate_size=getattr(config, "intermediate_size", None) or config.ffn_dim, vocab_size=config.vocab_size,
+            intermediate_size=getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or config.d_ff,
+            vocab_size=config.vocab_size,
             context_length=ckpt.context_length, rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-5)),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling, tie_word_embeddings=bool(config.tie_word_embeddings),

@@ -3,8 +3,9 @@ Q-Former bridge (`num_query_tokens` learned queries cross-attending to the ViT's
 also reads the prompt through its own BERT tokenizer, shipped in `qformer_tokenizer/`), a linear projection into the
 decoder: every image is `num_query_tokens` rows, placed before the whole prompt (BOS included), as the processors do.
 Decoders: a Llama (InstructBLIP-Vicuna: the llama row, GGUF and MLX); OPT (BLIP-2: the opt row, torch only, GGUF and
-MLX refused). Flan-T5 (an encoder-decoder) is refused. describe() is torch-free; load() builds the PyTorch modules
-(blip2_vision.QFormerBridge)."""
+MLX refused); Flan-T5 (BLIP-2: the t5 row, torch only, GGUF and MLX refused): an encoder-decoder whose encoder reads
+the whole prompt bidirectionally, so the prompt is one prefix-LM block (image_attention "prefix": never extended in
+place). describe() is torch-free; load() builds the PyTorch modules (blip2_vision.QFormerBridge)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,9 +27,8 @@ N_QUERIES = 32
 QFORMER_TOKENIZER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts the Q-Former's tokenizer
 MMPROJ_REFUSAL = (f"{PINNED_LLAMA_CPP} has no BLIP-2 projector type (clip-impl.h lists no Q-Former), so no mmproj "
                   "can be written; export --encoder onnx:... (a Llama decoder's GGUF runs in llama.cpp as usual)")
-T5_REFUSAL = ("BLIP-2 with a Flan-T5 decoder is not supported: T5 is an encoder-decoder, which edgevlm's decoder "
-              "seam (image rows into a causal decoder) does not run, and llama.cpp runs T5 only through llama_encode; "
-              "use a BLIP-2 OPT or InstructBLIP Vicuna checkpoint")
+# T5 has relative positions and no maximum; Flan-T5's tokenizer caps its inputs at 512 (runtimes/torch_seq2seq.py)
+T5_CONTEXT = 512
 
 
 def preprocess_spec(processor: dict, image_size: int) -> PreprocessSpec:
@@ -47,8 +47,6 @@ def _shape(config: dict, key: str, defaults: dict) -> dict:
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
     architecture = next((a for a in config.get("architectures") or [] if a in ARCHITECTURES), ARCHITECTURES[0])
-    if (config.get("text_config") or {}).get("model_type") in ("t5", "mt5", "umt5"):
-        raise CheckpointError(T5_REFUSAL)
     tower = _shape(config, "vision_config", TOWER_DEFAULTS)
     qformer = _shape(config, "qformer_config", QFORMER_DEFAULTS)
     image, patch = int(tower["image_size"]), int(tower["patch_size"])
@@ -63,6 +61,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         raise CheckpointError("neither config.json nor the tokenizer names the image token (<image>); re-save the "
                               "checkpoint with a transformers that writes image_token_index")
     image_token = tokenizer.text_of(int(image_token_id)) or "<image>"
+    row = decoder_row(config, "opt")
     instruct = architecture == "InstructBlipForConditionalGeneration"
     instruction = InstructionInput(QFORMER_TOKENIZER, int(qformer["max_position_embeddings"])) if instruct else None
     return FamilySpec(
@@ -71,8 +70,9 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         vision=VisionShapes(image, patch, int(tower["hidden_size"]), int(tower["num_hidden_layers"]),
                             int(tower["num_attention_heads"]), int(tower["intermediate_size"]),
                             (image // patch) ** 2 + 1, queries, ("qformer.", "query_tokens", "language_projection.")),
-        decoder_architecture=decoder_row(config, "opt"), mmproj_projector=None, mmproj_refusal=MMPROJ_REFUSAL,
-        instruction=instruction,
+        decoder_architecture=row, mmproj_projector=None, mmproj_refusal=MMPROJ_REFUSAL, instruction=instruction,
+        # T5's encoder reads the whole prompt (image rows and text) bidirectionally: one prefix-LM block
+        image_attention="prefix" if row == "t5" else "causal",
     )
 
 
@@ -94,9 +94,10 @@ def load(path: Path, config_json: dict, dtype: str = "float32"):
         default_ids = InstructionTokenizer(path / spec.instruction.tokenizer, spec.instruction.max_tokens)("").tolist()
     language_model = hf_model.language_model
     text = hf_model.config.text_config
-    if spec.decoder_architecture == "opt":  # no rotary to rebuild: the OPT causal LM runs as it is
+    if spec.decoder_architecture in ("opt", "t5"):  # no rotary to rebuild: the OPT causal LM / T5 run as they are
         decoder = language_model
     else:
         decoder = base.decoder_from(text, language_model.model, language_model.lm_head)
     return base.loaded(spec, path, config_json, hf_model, tokenizer, weights,
-                       QFormerBridge(hf_model, default_ids).eval(), decoder)
+                       QFormerBridge(hf_model, default_ids).eval(), decoder,
+                       context_length=T5_CONTEXT if spec.decoder_architecture == "t5" else None)

@@ -2,8 +2,8 @@
 "anyres-max" images: a base view plus a grid of tiles chosen from the pinpoint resolutions, the grid's features
 unpadded to the image's aspect, bilinear-pooled above max_pooled_tiles tiles' worth ("anyres_max_9"), an
 image_newline row after every line (edgevlm/anyres.py). The encoder is tower + projector per tile with the newline
-as each tile's last row; the runtime packs in numpy. Single images only: HF treats each image of a multi-image prompt
-as one unsplit square-padded view, which this family does not reproduce (prompt.tokenize refuses several images).
+as each tile's last row; the runtime packs in numpy. Several images in one prompt: HF treats each image of a multi-image prompt
+as one square-padded view (the tile's rows + image_newline, unpacked): prompt.prepare_image does the same.
 describe() is torch-free; load() builds the PyTorch modules."""
 from __future__ import annotations
 

@@ -44,12 +44,12 @@ SUPPORT = (
     FamilySupport("llava_onevision", "LLaVA-OneVision (-ov-hf)",
                   "2-layer MLP + anyres-max tiling (unpadding, pooling past the max, image_newline rows)", ("qwen2",),
                   f"none: {PINNED_LLAMA_CPP} has no LLaVA-OneVision projector type",
-                  "several images in one prompt (HF packs them as unsplit views); mmproj; video"),
+                  "mmproj; video"),
     FamilySupport("blip2", "BLIP-2 (OPT, Flan-T5), InstructBLIP (Vicuna)",
                   "Q-Former (32 queries; InstructBLIP's reads the instruction) + linear", ("llama",),
                   f"none: {PINNED_LLAMA_CPP} has no BLIP-2 projector type",
-                  "GGUF/MLX decoders for OPT (llama.cpp and mlx-lm have no OPT: torch decoder only); Flan-T5 "
-                  "(encoder-decoder)"),
+                  "GGUF/MLX decoders for OPT and Flan-T5 (llama.cpp and mlx-lm have no OPT and run no T5 "
+                  "encoder-decoder as a VLM decoder: ONNX encoder + torch decoder)"),
     FamilySupport("paligemma", "PaliGemma 2", "linear projector; prefix-LM (image + prompt attend both ways)",
                   ("gemma2",), f"none: {PINNED_LLAMA_CPP} has no PaliGemma projector type",
                   "PaliGemma 1 (Gemma decoder); mmproj"),

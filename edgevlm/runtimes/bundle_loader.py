@@ -135,11 +135,11 @@ def make_decoder(bundle: Path, manifest: Manifest, name: str, n_ctx=None, thread
     (flash_attn None: measured once per CPU, llamacpp.flash_choice)."""
     check_sequences(n_seq, name)
     if name == "torch":
-        from .torch_backend import TorchDecoder
+        from .torch_seq2seq import torch_decoder
 
         ckpt = ckpt or source_checkpoint(manifest)
-        return TorchDecoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme,
-                            deepstack_layers=manifest.encoder.row_slices - 1, image_attention=manifest.decoder.image_attention)
+        return torch_decoder(ckpt.decoder, n_ctx=n_ctx, position_scheme=manifest.decoder.position_scheme,
+                             deepstack_layers=manifest.encoder.row_slices - 1, image_attention=manifest.decoder.image_attention)
     artifact = manifest.find("decoder", name)
     artifact.verify(bundle)
     artifact_id = f"{artifact.name}:{artifact.files[0].sha256}"

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..preprocess import preprocess
+from ..preprocess import preprocess, preprocess_square_view
 from .cache import ByteLRU
 from .prompt import PreparedImage
 
@@ -90,7 +90,7 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
 
 def _encode(image: PreparedImage, encoder, preprocess_spec, timings: dict) -> np.ndarray:
     t0 = time.perf_counter()
-    pre = preprocess(image.rgb, preprocess_spec)
+    pre = preprocess_square_view(image.rgb, preprocess_spec) if image.square_view else preprocess(image.rgb, preprocess_spec)
     t1 = time.perf_counter()
     if image.instruction is not None:  # the encoder reads the prompt's instruction ids too (InstructBLIP)
         embeds = encoder.encode(pre.pixel_values, instruction=image.instruction)

@@ -40,6 +40,9 @@ class PreparedImage:
     cols: int
     n_rows_embedded: int  # tiles * tokens per tile
     instruction: np.ndarray | None = None  # (n,) int64: what the encoder reads besides the pixels, when it does
+    # anyres (LLaVA-OneVision) with several images in the prompt: each is one square-padded view (no grid, no
+    # packing), as HF's processor and model treat every image of a multi-image prompt
+    square_view: bool = False
 
 
 @dataclass
@@ -54,8 +57,11 @@ class Prompt:
         return len(self.ids)
 
 
-def image_key(rgb: Image.Image, preprocess: PreprocessSpec, encoder_id: str, instruction: np.ndarray | None = None) -> str:
+def image_key(rgb: Image.Image, preprocess: PreprocessSpec, encoder_id: str, instruction: np.ndarray | None = None,
+              square_view: bool = False) -> str:
     digest = hashlib.sha256()
+    if square_view:  # other pixels and other rows than the same image's anyres grid
+        digest.update(b"square-view:")
     digest.update(f"{rgb.size}".encode())
     digest.update(rgb.tobytes())
     digest.update(json.dumps(preprocess.to_dict(), sort_keys=True).encode())
@@ -76,14 +82,21 @@ def prepare_image(spec: RuntimeSpec, source, encoder_id: str, text: str | None =
     rgb = load_image(source)
     rows, cols = tile_grid(rgb.size[1], rgb.size[0], spec.preprocess)
     n_rows = spec.layout.n_tiles(rows, cols) * spec.layout.tokens_per_tile
-    if spec.preprocess.resize_rule == "anyres":  # packed: unpadded to the image's aspect, maybe pooled
+    # anyres: several images in the prompt (the whole conversation, as HF's chat template hands them to the
+    # processor) make each one square view: the tile's rows + the newline row; one image is packed (unpadded, pooled)
+    square_view = spec.preprocess.resize_rule == "anyres" and text is not None and \
+        text.count(spec.layout.placeholder) > 1
+    if square_view:
+        rows, cols, n_rows = 0, 0, spec.layout.tokens_per_tile
+    elif spec.preprocess.resize_rule == "anyres":
         n_rows = spec.preprocess.anyres_rows(rgb.size[1], rgb.size[0])
     instruction = None
     if spec.instruction_tokenizer is not None:
         if text is None:
             raise ValueError("this encoder reads the prompt too: prepare images with the rendered prompt")
         instruction = spec.instruction_tokenizer(instruction_text(spec, text))
-    return PreparedImage(rgb, image_key(rgb, spec.preprocess, encoder_id, instruction), rows, cols, n_rows, instruction)
+    return PreparedImage(rgb, image_key(rgb, spec.preprocess, encoder_id, instruction, square_view), rows, cols, n_rows,
+                         instruction, square_view)
 
 
 def render(spec: RuntimeSpec, messages: list[dict]) -> str:
@@ -123,9 +136,6 @@ def user_message(spec: RuntimeSpec, prompt: str, n_images: int) -> dict:
 def tokenize(spec: RuntimeSpec, text: str, images: list[PreparedImage]) -> Prompt:
     layout = spec.layout
     pieces = text.split(layout.placeholder)
-    if layout.kind == "anyres" and len(images) > 1:  # HF then packs each image as one unsplit square view instead
-        raise BadInputError(f"{len(images)} images in one prompt: LLaVA-OneVision's multi-image layout (each image one "
-                            "unsplit view) is not supported; send one image per conversation")
     if len(pieces) - 1 != len(images):
         raise BadInputError(f"the prompt text has {len(pieces) - 1} image placeholders but {len(images)} images were given")
     if layout.kind == "leading":  # BLIP-2 / InstructBLIP: image tokens before the text's own special tokens
