@@ -90,7 +90,7 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
 
 def _encode(image: PreparedImage, encoder, preprocess_spec, timings: dict) -> np.ndarray:
     t0 = time.perf_counter()
-    pre = preprocess(image.rgb, preprocess_spec)
+    pre = preprocess(image.rgb, preprocess_spec) if image.frame_preprocess is None else image.frame_preprocess(image.rgb)
     t1 = time.perf_counter()
     if image.instruction is not None:  # the encoder reads the prompt's instruction ids too (InstructBLIP)
         embeds = encoder.encode(pre.pixel_values, instruction=image.instruction)

@@ -30,6 +30,7 @@ class RuntimeSpec:
     image_attention: str = "causal"  # positions.IMAGE_ATTENTION
     # the encoder also reads the prompt (InstructBLIP): text -> ids (runtimes/tokenizer.InstructionTokenizer)
     instruction_tokenizer: Any = None
+    video: Any = None  # the family's video processing (edgevlm.video.kinds); None: the model takes no video
 
 
 @dataclass
@@ -40,6 +41,8 @@ class PreparedImage:
     cols: int
     n_rows_embedded: int  # tiles * tokens per tile
     instruction: np.ndarray | None = None  # (n,) int64: what the encoder reads besides the pixels, when it does
+    # a video frame: rgb is its (H, W, 3) uint8 array and this its family's frame preprocessing (not the image one)
+    frame_preprocess: Any = None
 
 
 @dataclass
