@@ -113,3 +113,87 @@ def test_no_video_families_and_bad_limits_refuse_in_one_line(tmp_path, clips):
         session.generate(prompt=QUESTION, video=clips["shapes"], max_tokens=2)
     with pytest.raises(BadInputError, match="max_frames must be"):
         VideoRequest(clips["shapes"], max_frames=0)
+
+
+def hf_generate(ckpt_path, hf, max_tokens: int) -> list[int]:
+    from transformers import SmolVLMForConditionalGeneration
+
+    model = SmolVLMForConditionalGeneration.from_pretrained(ckpt_path).eval()
+    ids = torch.from_numpy(hf["input_ids"])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=torch.from_numpy(hf["pixel_values"]),
+                             pixel_attention_mask=torch.from_numpy(hf["pixel_attention_mask"]).bool(),
+                             max_new_tokens=max_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(ckpt_path, clips):
+    return {name: hf_generate(ckpt_path, reference(ckpt_path, clips[name]), 8) for name in ("shapes", "other")}
+
+
+def test_torch_greedy_tokens_equal_model_generate_and_follow_the_video(ckpt_path, clips, hf_tokens):
+    session = session_from_checkpoint(load_checkpoint(ckpt_path))
+    for name in ("shapes", "other"):
+        result = session.generate(prompt=QUESTION, video=clips[name], max_tokens=8)
+        assert result.tokens[:len(hf_tokens[name])] == hf_tokens[name], name
+    assert hf_tokens["shapes"] != hf_tokens["other"]  # the tiny model is discriminative: another video, other tokens
+
+
+@pytest.fixture(scope="module")
+def bundle(ckpt_path, tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    decoders = [ArtifactRequest("gguf", "f32")]
+    try:
+        import mlx.core  # noqa: F401
+
+        decoders.append(ArtifactRequest("mlx", "fp32"))
+    except ImportError:
+        pass
+    return export_checkpoint(ckpt_path, tmp_path_factory.mktemp("bundle") / "smolvlm2-video",
+                             [ArtifactRequest("onnx", "fp32")], decoders, max_tiles=8, options={"group_size": 32})
+
+
+@pytest.mark.parametrize("decoder", ["gguf:f32", "mlx:fp32"])
+def test_exported_decoders_give_the_same_tokens(bundle, clips, hf_tokens, decoder):
+    import edgevlm
+    from edgevlm.manifest import Manifest
+
+    if decoder.startswith("mlx"):
+        pytest.importorskip("mlx.core", reason="MLX is not installed on this platform")
+    assert Manifest.load(bundle).video["kind"] == "smolvlm"
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1)
+    for name in ("shapes", "other"):
+        result = session.generate(prompt=QUESTION, video=clips[name], max_tokens=8)
+        assert result.tokens[:len(hf_tokens[name])] == hf_tokens[name], (decoder, name)
+
+
+def _window(frames, start: int, length: int, fps: float):
+    from edgevlm.video.clip import VideoClip
+
+    return VideoClip(frames[start:start + length], np.arange(length) / fps, fps, length / fps)
+
+
+def test_a_window_advanced_by_k_frames_encodes_k_frames_and_answers_as_a_cold_run(bundle, clips):
+    """A stream kept at the sampling rate (2 fps): a 3 s window holds 6 frames, all sampled; moved on by 2 frames it
+    shares 4 with the last window, whose embeddings come from the cache. Positions move (the frames' timestamps and
+    places in the prompt change), so the KV of the shared frames cannot be reused: only the encoder work is saved."""
+    import edgevlm
+    from edgevlm.video.decode import decode_video
+
+    stream = decode_video(clips["shapes"], lambda probe: np.arange(0, probe.total_frames, 4)).frames  # kept as 2 fps
+    warm = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    first = warm.generate(prompt=QUESTION, video=_window(stream, 0, 6, 2.0), max_tokens=6)
+    assert first.timings["embed_cache_misses"] == 6
+    for k, start in ((2, 2), (1, 3)):
+        moved = warm.generate(prompt=QUESTION, video=_window(stream, start, 6, 2.0), max_tokens=6)
+        assert (moved.timings["embed_cache_misses"], moved.timings["embed_cache_hits"]) == (k, 6 - k)
+        cold = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+        again = cold.generate(prompt=QUESTION, video=_window(stream, start, 6, 2.0), max_tokens=6)
+        assert again.timings["embed_cache_misses"] == 6
+        assert again.tokens == moved.tokens and again.text == moved.text
+    # the same clip asked again: nothing is encoded
+    assert warm.generate(prompt="Describe it.", video=_window(stream, 2, 6, 2.0),
+                         max_tokens=2).timings["embed_cache_misses"] == 0
