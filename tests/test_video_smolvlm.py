@@ -197,3 +197,52 @@ def test_a_window_advanced_by_k_frames_encodes_k_frames_and_answers_as_a_cold_ru
     # the same clip asked again: nothing is encoded
     assert warm.generate(prompt="Describe it.", video=_window(stream, 2, 6, 2.0),
                          max_tokens=2).timings["embed_cache_misses"] == 0
+
+
+def _cli(capsys, *argv):
+    from edgevlm.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_exit_2(code, err, *needles):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err)
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_cli_run_video_and_its_one_line_errors(capsys, bundle, ckpt_path, clips, hf_tokens, tmp_path):
+    import json
+
+    code, out, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+                          "--max-tokens", "8", "--encoder", "onnx:fp32", "--decoder", "gguf:f32", "--json")
+    assert code == 0, err
+    answer = json.loads(out.strip().splitlines()[-1])
+    assert answer["tokens"][:len(hf_tokens["shapes"])] == hf_tokens["shapes"]
+    assert answer["timings"]["embed_cache_misses"] == 6
+    # the context: 6 frames (a 245-token prompt) do not fit 200 positions; said before any frame is decoded or encoded
+    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+                        "--n-ctx", "200", "--decoder", "gguf:f32")
+    _one_line_exit_2(code, err, "over the decoder context of 200", "--max-frames")
+    fit = int(err.split("--max-frames ")[1].split()[0])
+    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+                        "--n-ctx", "200", "--decoder", "gguf:f32", "--max-frames", str(fit), "--max-tokens", "1")
+    assert code == 0 and 1 <= fit < 6, err  # the suggested frame count fits
+    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+                        "--n-ctx", "120", "--decoder", "gguf:f32")
+    _one_line_exit_2(code, err, "even one frame makes a", "raise --n-ctx")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(clips["shapes"].read_bytes()[:300])
+    for argv, needles in [
+        (["--video", str(bad)], ["cannot read video", "bad.mp4"]),
+        (["--video", str(tmp_path / "none.mp4")], ["video not found"]),
+        (["--video", str(clips["shapes"]), "--max-frames", "0"], ["max_frames must be"]),
+        (["--max-frames", "3"], ["pass --video FILE"]),
+    ]:
+        _one_line_exit_2(*_cli(capsys, "run", str(bundle), "--prompt", QUESTION, *argv)[::2], *needles)
+    idefics3 = builders.build_idefics3(tmp_path / "idefics3", seed=2)
+    code, _, err = _cli(capsys, "run", str(idefics3), "--video", str(clips["shapes"]), "--prompt", QUESTION)
+    _one_line_exit_2(code, err, "this model takes no video")

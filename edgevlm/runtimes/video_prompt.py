@@ -86,9 +86,10 @@ def prepare_video(spec: RuntimeSpec, text: str, request: VideoRequest, encoder_i
         one = prompt_length(spec, text, timestamps[:1], duration, per_frame)
         each = max(1, (n_prompt - one) // max(1, len(indices) - 1))
         fit = max(0, (n_ctx - 1 - one) // each + 1) if one < n_ctx else 0
-        raise BadInputError(
-            f"the video's {len(indices)} frames x {per_frame} tokens make a {n_prompt}-token prompt, over the decoder "
-            f"context of {n_ctx}; pass --max-frames {fit} or less (or a lower --fps), or raise --n-ctx")
+        fix = f"pass --max-frames {fit} or less (or a lower --fps), or raise --n-ctx" if fit else \
+            f"even one frame makes a {one}-token prompt: raise --n-ctx or shorten the prompt"
+        raise BadInputError(f"the video's {len(indices)} frames x {per_frame} tokens make a {n_prompt}-token prompt, "
+                            f"over the decoder context of {n_ctx}; {fix}")
     if isinstance(source, VideoClip):
         clip = source.select(indices)
     else:
