@@ -246,3 +246,38 @@ def test_cli_run_video_and_its_one_line_errors(capsys, bundle, ckpt_path, clips,
     idefics3 = builders.build_idefics3(tmp_path / "idefics3", seed=2)
     code, _, err = _cli(capsys, "run", str(idefics3), "--video", str(clips["shapes"]), "--prompt", QUESTION)
     _one_line_exit_2(code, err, "this model takes no video")
+
+
+def test_serve_video_url_data_and_local_paths(bundle, clips, hf_tokens):
+    import base64
+
+    import edgevlm
+    from edgevlm.serve import ChatService
+
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    data = base64.b64encode(clips["shapes"].read_bytes()).decode()
+
+    def body(url, extra=()):
+        return {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, *extra,
+                                                          {"type": "text", "text": QUESTION}]}], "max_tokens": 8}
+
+    def answer(service, request):
+        return [d for d in service.complete(request) if d.result is not None][0].result
+
+    result = answer(ChatService(session, "m"), body(f"data:video/mp4;base64,{data}"))
+    assert result.tokens[:len(hf_tokens["shapes"])] == hf_tokens["shapes"]
+    local = ChatService(session, "m", allow_local_images=clips["shapes"].parent)
+    assert answer(local, body(str(clips["shapes"]))).tokens == result.tokens
+    png = "data:image/png;base64," + base64.b64encode(b"x").decode()
+    for service, request, needle in [
+        (ChatService(session, "m"), body(str(clips["shapes"])), "local video paths are refused"),
+        (ChatService(session, "m"), body("data:video/mp4;base64,AAAA"), "cannot read video"),
+        (ChatService(session, "m"), body("data:video/mp4,raw"), "a video data URL must be base64"),
+        (ChatService(session, "m"), body("https://example.com/a.mp4"), "remote video URLs are not fetched"),
+        (local, body("/etc/passwd"), "outside the folder"),
+        (ChatService(session, "m"), body(png, [{"type": "image_url", "image_url": {"url": png}}]),
+         "one video_url and no image_url"),
+    ]:
+        with pytest.raises(BadInputError, match=needle) as caught:
+            answer(service, request)
+        assert "\n" not in str(caught.value)
