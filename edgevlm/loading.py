@@ -27,6 +27,7 @@ def spec_from_checkpoint(ckpt) -> RuntimeSpec:
         position_scheme=family.position_scheme,
         image_attention=family.image_attention,
         instruction_tokenizer=instruction,
+        video=family.video,
     )
 
 

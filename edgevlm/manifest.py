@@ -171,6 +171,14 @@ def _check_supported(where: str, decoder: dict) -> None:
                               f"{', '.join(supported)}); upgrade edgevlm or re-export the bundle")
 
 
+def _video(data):
+    """The manifest's video section, checked by building its spec (a ValueError says what is wrong)."""
+    from .video.kinds import video_spec_from_dict
+
+    video_spec_from_dict(data)
+    return data
+
+
 @dataclass
 class Manifest:
     family: str
@@ -184,9 +192,12 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     edgevlm_version: str = ""
+    video: dict | None = None  # the family's video processing (edgevlm.video.kinds), None: images only
 
     def to_json(self) -> str:
         data = asdict(self)
+        if data["video"] is None:  # an images-only bundle's manifest stays as before
+            del data["video"]
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
@@ -217,6 +228,7 @@ class Manifest:
                 format=data["format"],
                 format_version=version,
                 edgevlm_version=data.get("edgevlm_version", ""),
+                video=_video(data.get("video")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the bundle") from None

@@ -165,6 +165,7 @@ def validate(data: Any, where: str) -> None:
         "family": (string(), True), "source": (free_form, True), "preprocess": (free_form, True),
         "image_layout": (free_form, True), "encoder": (free_form, True), "decoder": (free_form, True),
         "tokenizer": (free_form, True), "artifacts": (list_of(free_form), True),
+        "video": (optional(free_form), False),
     })
     size = integer(1, 1 << 24)  # generous for any real model, and inside the 32-bit ints the C libraries take
     decoder = _section(where, "decoder", data["decoder"], {

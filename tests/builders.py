@@ -150,7 +150,7 @@ def build_idefics3(out: Path, seed: int = 0, splitting: bool = True) -> Path:
     return out
 
 
-def build_smolvlm2(out: Path, seed: int = 0) -> Path:
+def build_smolvlm2(out: Path, seed: int = 0, video_sampling: dict | None = None) -> Path:
     """SmolVLM2 (SmolVLMForConditionalGeneration, model_type smolvlm). Its processor class needs torchvision and
     num2words, so the parts are saved one by one, as the Hub checkpoints ship them: image processor, tokenizer,
     processor_config.json (image_seq_len) and the chat template."""
@@ -174,6 +174,9 @@ def build_smolvlm2(out: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
     (out / "processor_config.json").write_text(json.dumps({"image_seq_len": 4, "processor_class": "SmolVLMProcessor"}))
+    if video_sampling is not None:  # where the Hub's SmolVLM2 checkpoints keep the video processor's settings
+        config = json.loads((out / "preprocessor_config.json").read_text())
+        (out / "preprocessor_config.json").write_text(json.dumps({**config, "video_sampling": video_sampling}))
     return out
 
 

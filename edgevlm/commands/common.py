@@ -49,6 +49,32 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
+def add_video_arguments(parser) -> None:
+    parser.add_argument("--video", default=None, help="a video file (SmolVLM2, Qwen-VL): frames sampled as the model's "
+                        "processor does")
+    parser.add_argument("--max-frames", type=int, default=None, help="most video frames (default: the processor's)")
+    parser.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default: the "
+                        "processor's)")
+
+
+def video_kwargs(args, images=()) -> dict:
+    """generate()'s video arguments; the file's header is read now, so a bad video fails before a model loads."""
+    from ..errors import BadInputError
+
+    if args.video is None:
+        if args.max_frames is not None or args.fps is not None:
+            raise BadInputError("--max-frames and --fps apply to a video; pass --video FILE")
+        return {}
+    if images:
+        raise BadInputError("pass --video or --image, not both")
+    from ..runtimes.video_prompt import VideoRequest
+    from ..video.decode import probe_video
+
+    VideoRequest(args.video, args.max_frames, args.fps)  # the limits' one-line errors
+    probe_video(args.video)
+    return {"video": args.video, "max_frames": args.max_frames, "video_fps": args.fps}
+
+
 def sampling_kwargs(args) -> dict:
     from ..errors import BadInputError
     from ..runtimes.sampling import SamplingConfig

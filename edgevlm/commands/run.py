@@ -1,4 +1,4 @@
-"""edgevlm run PATH --image IMG --prompt TEXT"""
+"""edgevlm run PATH --image IMG --prompt TEXT  (or --video FILE [--max-frames N] [--fps F])"""
 from __future__ import annotations
 
 import sys
@@ -6,11 +6,12 @@ import time
 
 
 def add_arguments(parser) -> None:
-    from .common import add_backend_arguments, add_sampling_arguments
+    from .common import add_backend_arguments, add_sampling_arguments, add_video_arguments
 
     parser.add_argument("path", help="checkpoint folder or bundle")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     parser.add_argument("--prompt", required=True, help="the question; <image> marks where each image goes")
+    add_video_arguments(parser)
     add_sampling_arguments(parser)
     add_backend_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
@@ -20,12 +21,13 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from ..errors import BadInputError
     from ..images import load_image
-    from .common import backend_options, load_session_checked, print_json, sampling_kwargs, table
+    from .common import backend_options, load_session_checked, print_json, sampling_kwargs, table, video_kwargs
 
     if not args.prompt.strip():
         raise BadInputError("the prompt is empty; pass a question with --prompt")
     kwargs = sampling_kwargs(args)
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading any model
+    video = video_kwargs(args, images)  # and on a bad video (its header is read, no frame decoded)
     started = time.perf_counter()
     from ..runtimes.job_context import Job
 
@@ -40,7 +42,7 @@ def main(args) -> int:
         if not args.json:
             print(text, end="", flush=True)
 
-    result = session.generate(images or None, args.prompt, on_text=on_text, **kwargs)
+    result = session.generate(images or None, args.prompt, on_text=on_text, **video, **kwargs)
     # start-up as a user sees it: from the process's creation (the interpreter and imports included) to the first
     # streamed text, beside the load (fit check + bundle) it spent before the request (benchmarks/startup.py)
     timings = {**result.timings, "load_ms": load_ms}

@@ -151,6 +151,7 @@ def build_manifest(ckpt, max_tiles: int) -> Manifest:
             "path": "tokenizer", "chat_template": ckpt.chat_template, "stop_token_ids": ckpt.stop_token_ids,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         },
+        video=family.video.to_dict() if family.video is not None else None,
     )
 
 

@@ -41,6 +41,12 @@ def read_processor_config(path: Path) -> dict:
             data.update(loaded.get("image_processor", loaded) if name == "processor_config.json" else loaded)
             if name == "processor_config.json":
                 data.update({k: v for k, v in loaded.items() if k != "image_processor"})
+    video = Path(path) / "video_preprocessor_config.json"  # the video processor's own settings, when saved apart
+    if video.is_file():
+        try:
+            data["video_processor"] = json.loads(video.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{video} is not valid JSON ({exc}); re-save the checkpoint") from None
     return data
 
 

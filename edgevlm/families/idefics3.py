@@ -1,7 +1,7 @@
 """Idefics3 / SmolVLM / SmolVLM2: SigLIP, pixel-shuffle connector, image splitting into tiles + a global view, Llama
 decoder. SmolVLM2 (`SmolVLMForConditionalGeneration`) subclasses Idefics3 with the same submodules, processor rule
 and prompt layout (transformers' processing_smolvlm builds the same strings as Idefics3's); it is loaded with its own
-class. Video input is not exported. describe() is torch-free; load() builds the PyTorch modules
+class. SmolVLM2's video input: edgevlm.video.smolvlm. describe() is torch-free; load() builds the PyTorch modules
 (towers.Idefics3Vision)."""
 from __future__ import annotations
 
@@ -60,8 +60,20 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
                             int(shape["num_attention_heads"]), int(shape["intermediate_size"]), patches, tokens,
                             ("connector.",)),
         decoder_architecture=decoder_row(config), mmproj_projector=None if refusal else "idefics3",
-        mmproj_refusal=refusal, stop_tokens=(END_OF_UTTERANCE,),
+        mmproj_refusal=refusal, stop_tokens=(END_OF_UTTERANCE,), video=video_spec(architecture, processor),
     )
+
+
+def video_spec(architecture: str, processor: dict):
+    """SmolVLM2 reads video (frames as unsplit tiles with timestamps); Idefics3 and SmolVLM-1 do not."""
+    if architecture != "SmolVLMForConditionalGeneration":
+        return None
+    from ..video.smolvlm import SmolVLMVideoSpec
+
+    try:
+        return SmolVLMVideoSpec.from_processor(processor, processor.get("video_processor"))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the video processor settings are unusable ({exc}); re-save the checkpoint") from None
 
 
 def load(path: Path, config_json: dict, dtype: str = "float32"):

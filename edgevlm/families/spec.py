@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..decoder_arch import ARCHITECTURES
 from ..errors import CheckpointError
@@ -128,6 +128,7 @@ class FamilySpec:
     # hidden states after decoder layer i - 1 at the image's positions
     deepstack_layers: int = 0
     instruction: InstructionInput | None = None  # the encoder reads the prompt too (InstructBLIP)
+    video: Any = None  # the family's video processing (edgevlm.video.kinds); None: no video input
 
     def __post_init__(self) -> None:
         if not isinstance(self.deepstack_layers, int) or self.deepstack_layers < 0:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..errors import BadInputError, BundleError
 from ..manifest import INSTRUCTION_TOKENIZER, Manifest
+from ..video.kinds import video_spec_from_dict
 from .session import RuntimeSpec, Session
 
 # default choice when the caller names none: fastest first on a CPU
@@ -57,6 +58,7 @@ def runtime_spec(bundle: Path, manifest: Manifest) -> RuntimeSpec:
         position_scheme=manifest.decoder.position_scheme,
         image_attention=manifest.decoder.image_attention,
         instruction_tokenizer=instruction or None,
+        video=video_spec_from_dict(manifest.video),
     )
 
 

@@ -90,7 +90,12 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
 
 def _encode(image: PreparedImage, encoder, preprocess_spec, timings: dict) -> np.ndarray:
     t0 = time.perf_counter()
-    pre = preprocess_square_view(image.rgb, preprocess_spec) if image.square_view else preprocess(image.rgb, preprocess_spec)
+    if image.frame_preprocess is not None:  # a video frame: its family's frame preprocessing
+        pre = image.frame_preprocess(image.rgb)
+    elif image.square_view:
+        pre = preprocess_square_view(image.rgb, preprocess_spec)
+    else:
+        pre = preprocess(image.rgb, preprocess_spec)
     t1 = time.perf_counter()
     if image.instruction is not None:  # the encoder reads the prompt's instruction ids too (InstructBLIP)
         embeds = encoder.encode(pre.pixel_values, instruction=image.instruction)

@@ -30,6 +30,7 @@ class RuntimeSpec:
     image_attention: str = "causal"  # positions.IMAGE_ATTENTION
     # the encoder also reads the prompt (InstructBLIP): text -> ids (runtimes/tokenizer.InstructionTokenizer)
     instruction_tokenizer: Any = None
+    video: Any = None  # the family's video processing (edgevlm.video.kinds); None: the model takes no video
 
 
 @dataclass
@@ -43,6 +44,8 @@ class PreparedImage:
     # anyres (LLaVA-OneVision) with several images in the prompt: each is one square-padded view (no grid, no
     # packing), as HF's processor and model treat every image of a multi-image prompt
     square_view: bool = False
+    # a video frame: rgb is its (H, W, 3) uint8 array and this its family's frame preprocessing (not the image one)
+    frame_preprocess: Any = None
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import BadInputError
 from ..positions import text_positions
 from . import prompt as prompts
+from . import video_prompt
 from .base import Decoder, DecoderState, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
@@ -32,6 +33,7 @@ from .requests import (  # noqa: F401 - part of this module's API
 )
 from .reuse import common_prefix, plan_reuse, prefix_key
 from .sampling import SamplingConfig
+from .video_prompt import VideoRequest
 from .stop import StopFilter
 
 DEFAULT_MAX_TOKENS = 64
@@ -223,6 +225,7 @@ class Session:
         stop_token_ids: Sequence[int] | None = None,
         stop: Sequence[str] | None = None,
         return_logits: bool = False,
+        video: "VideoRequest | None" = None,
     ) -> "Request":
         """Check, render and tokenize a request (images decoded and hashed, not encoded): no decoder work, so a
         scheduler can pick the sequence that already holds most of the prompt before anything runs."""
@@ -236,6 +239,11 @@ class Session:
             raise BadInputError(f"{exc}; got {stop!r}") from None
         text = raw_text if raw_text is not None else self.render(messages or [])
         prepared = [self._prepare_image(s, text) for s in images]
+        if video is not None:  # frames become images (runtimes/video_prompt.py); the context is checked before decoding
+            if images:
+                raise BadInputError("a prompt takes one video or images, not both; send the images in another turn")
+            text, prepared = video_prompt.prepare_video(self.spec, text, video, self.encoder.artifact_id,
+                                                        self.decoder.n_ctx)
         prompt = self.tokenize(text, prepared)
         n_prompt = len(prompt)
         n_image = sum(im.n_rows_embedded for im in prepared)
@@ -341,24 +349,31 @@ class Session:
         yield Delta("", GenerationResult(text, tokens, finish, timings, all_logits if return_logits else None))
 
     # ---- built on respond ------------------------------------------------------------------------------------
-    def _start_conversation(self, image, prompt: str, raw: bool) -> tuple[list[dict] | None, list]:
+    def _start_conversation(self, image, prompt: str, raw: bool, video=None) -> tuple[list[dict] | None, list]:
         if not prompt.strip():
             raise BadInputError("the prompt is empty; pass a question or instruction with --prompt")
         images = _as_list(image)
+        if video is not None and not raw:
+            return [video_prompt.user_message(prompt)], images
         return (None if raw else [self.user_message(prompt, len(images))]), images
 
     def generate(self, image=None, prompt: str = "", on_text: Callable[[str], None] | None = None, *,
-                 raw: bool = False, **options) -> GenerationResult:
-        """Answer one prompt about zero or more images. It starts a new conversation that `chat` continues."""
-        messages, images = self._start_conversation(image, prompt, raw)
+                 raw: bool = False, video=None, max_frames: int | None = None, video_fps: float | None = None,
+                 **options) -> GenerationResult:
+        """Answer one prompt about zero or more images, or about one `video` (a path, bytes, file-like or VideoClip;
+        `max_frames` and `video_fps` bound its sampling). It starts a new conversation that `chat` continues."""
+        messages, images = self._start_conversation(image, prompt, raw, video)
+        if video is not None:
+            options["video"] = VideoRequest(video, max_frames, video_fps)
         result = None
         for delta in self.respond(messages, images, raw_text=prompt if raw else None, **options):
             if delta.result is not None:
                 result = delta.result
             elif on_text is not None:
                 on_text(delta.text)
-        self._messages = [] if raw else messages + [self._assistant(result)]
-        self._chat_images = [] if raw else images
+        # a video's frames are not kept for `chat` to continue: a follow-up asks with the video again
+        self._messages = [] if raw or video is not None else messages + [self._assistant(result)]
+        self._chat_images = [] if raw or video is not None else images
         return result
 
     def stream(self, image=None, prompt: str = "", *, raw: bool = False, **options) -> Iterator[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import BadInputError
+from ..runtimes.video_prompt import VideoRequest
 
 MAX_COMPLETION_TOKENS = 1 << 16
 MAX_JSON_DEPTH = 64  # a chat request nests 6 deep; deeper is an attack on the parser, not a request
@@ -70,8 +71,14 @@ def parse_messages(body: dict, allow_local: Path | None = None) -> tuple[list[di
                     url = url.get("url") if isinstance(url, dict) else url
                     images.append(image_source(str(url or ""), allow_local))
                     items.append({"type": "image"})
+                elif kind == "video_url":  # llama-server's and vLLM's shape; its source rides with the images
+                    url = part.get("video_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    images.append(VideoRequest(image_source(str(url or ""), allow_local, "video")))
+                    items.append({"type": "video"})
                 else:
-                    raise BadInputError(f"messages[{i}] has a content part of type {kind!r}; use 'text' or 'image_url'")
+                    raise BadInputError(f"messages[{i}] has a content part of type {kind!r}; use 'text', 'image_url' "
+                                        "or 'video_url'")
         else:
             raise BadInputError(f"messages[{i}].content must be a string or a list of parts")
         if role == "system":  # templates differ in system support; fold it into the first user turn's text
@@ -89,28 +96,30 @@ def parse_messages(body: dict, allow_local: Path | None = None) -> tuple[list[di
     return merged, images
 
 
-def image_source(url: str, allow_local: Path | None = None) -> bytes | str:
+def image_source(url: str, allow_local: Path | None = None, what: str = "image") -> bytes | str:
     """data:image/...;base64,... -> bytes. A local path (file:///path or a plain path) only under `allow_local`
     (`--allow-local-images DIR`), resolved with symlinks, so a client cannot make the server read any file the
     process can. Remote URLs are refused: an edge server should not fetch from the network on a client's behalf."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header or not payload:
-            raise BadInputError("an image data URL must be base64: data:image/png;base64,...")
+            example = "data:video/mp4;base64,..." if what == "video" else "data:image/png;base64,..."
+            raise BadInputError(f"{'a' if what == 'video' else 'an'} {what} data URL must be base64: {example}")
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise BadInputError("the image data URL is not valid base64") from None
+            raise BadInputError(f"the {what} data URL is not valid base64") from None
     if url.startswith(("http://", "https://")):
-        raise BadInputError("remote image URLs are not fetched; send the image as a data URL (base64) or a local path")
+        raise BadInputError(f"remote {what} URLs are not fetched; send the {what} as a data URL (base64) or a local "
+                            "path")
     if allow_local is None:
-        raise BadInputError("local image paths are refused by this server; send the image as a data URL (base64), "
+        raise BadInputError(f"local {what} paths are refused by this server; send the {what} as a data URL (base64), "
                             "or start it with --allow-local-images DIR")
     root = Path(allow_local).resolve()
     path = Path(url.removeprefix("file://")).expanduser()
     resolved = (root / path if not path.is_absolute() else path).resolve()
     if resolved != root and root not in resolved.parents:
-        raise BadInputError(f"image path {url!r} is outside the folder this server may read ({root})")
+        raise BadInputError(f"{what} path {url!r} is outside the folder this server may read ({root})")
     return str(resolved)
 
 
@@ -171,6 +180,12 @@ class ChatService:
         """The request body as the session's messages, images and options (bad input: BadInputError)."""
         messages, images = parse_messages(body, self.allow_local_images)
         options = sampling_options(body)
+        videos = [x for x in images if isinstance(x, VideoRequest)]
+        if videos:  # one video per request, and then no image (the families' processors take one or the other)
+            if len(videos) > 1 or len(videos) != len(images):
+                raise BadInputError(f"a request takes one video_url and no image_url parts, got {len(videos)} videos "
+                                    f"and {len(images) - len(videos)} images")
+            images, options["video"] = [], videos[0]
         stops = stop_strings(body)
         if stops:
             options["stop"] = stops

@@ -1,0 +1,283 @@
+"""SmolVLM2 video: frame sampling, pixels and prompt ids equal transformers' SmolVLMVideoProcessor +
+SmolVLMProcessor (run in a child with torchvision, tests/hf_video.py) on a PyAV-written clip; greedy tokens equal
+`model.generate`, on torch and on the exported F32 GGUF and fp32 MLX decoders; per-frame embeddings are cached."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import builders
+import hf_video
+import video_clips
+from edgevlm.errors import BadInputError
+from edgevlm.families import load_checkpoint
+from edgevlm.loading import session_from_checkpoint
+from edgevlm.runtimes.video_prompt import VideoRequest, user_message
+from edgevlm.video.smolvlm import number_words
+
+pytest.importorskip("av")
+# the tiny checkpoint's video settings: 2 fps, at most 6 frames, frames to 48 px then to the 32 px tile
+VIDEO_SAMPLING = {"fps": 2, "max_frames": 6, "video_size": {"longest_edge": 48}}
+QUESTION = "What moves in the video?"
+
+REFERENCE = r'''
+import sys
+import transformers.models.smolvlm.processing_smolvlm as processing
+REAL = int(processing.num2words is not None)
+if not REAL:  # num2words is not installed here: the count's words come from ours, checked against a table below
+    from edgevlm.video.smolvlm import number_words
+    processing.num2words = number_words
+from transformers import AutoTokenizer
+from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor, DEFAULT_CHAT_TEMPLATE
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+from transformers.video_utils import read_video_pyav
+path, clip = str(INPUTS["ckpt"]), str(INPUTS["clip"])
+video_processor = SmolVLMVideoProcessor.from_pretrained(path)
+processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessorPil.from_pretrained(path),
+                             tokenizer=AutoTokenizer.from_pretrained(path), video_processor=video_processor,
+                             image_seq_len=4, chat_template=DEFAULT_CHAT_TEMPLATE)
+messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": str(INPUTS["question"])}]}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+kwargs = {}
+if "max_frames" in INPUTS:
+    kwargs["num_frames"] = int(INPUTS["max_frames"])
+video, meta = read_video_pyav(clip, sample_indices_fn=video_processor.sample_frames, **kwargs)
+out = processor(text=[text], videos=[video], video_metadata=[meta], do_sample_frames=False, return_tensors="pt")
+OUTPUTS.update(pixel_values=out["pixel_values"].numpy(), input_ids=out["input_ids"].numpy(),
+               pixel_attention_mask=out["pixel_attention_mask"].numpy(), indices=np.asarray(meta.frames_indices),
+               real_num2words=REAL)
+'''
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    return builders.build_smolvlm2(tmp_path_factory.mktemp("smolvlm2-video"), seed=5, video_sampling=VIDEO_SAMPLING)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    return {"shapes": video_clips.make_clip(folder, "shapes.mp4"),
+            "other": video_clips.make_clip(folder, "other.mp4", seed=7),
+            "long": video_clips.make_clip(folder, "long.mp4", seconds=12, fps=5, width=161, height=97)}
+
+
+def reference(ckpt_path, clip, **extra):
+    if not hf_video.available():
+        pytest.skip("torchvision's Python half is missing (make setup)")
+    inputs = {"ckpt": np.array(str(ckpt_path)), "clip": np.array(str(clip)), "question": np.array(QUESTION)}
+    inputs.update({k: np.array(v) for k, v in extra.items()})
+    return hf_video.run_reference(REFERENCE, inputs)
+
+
+def ours(session, clip, **limits):
+    request = session.prepare([user_message(QUESTION)], video=VideoRequest(clip, **limits))
+    pixels = np.stack([im.frame_preprocess(im.rgb).pixel_values[0] for im in request.images])
+    return request, pixels
+
+
+def test_number_words_match_num2words_english():
+    table = {0: "zero", 1: "one", 6: "six", 13: "thirteen", 20: "twenty", 21: "twenty-one", 40: "forty",
+             64: "sixty-four", 99: "ninety-nine", 100: "one hundred", 101: "one hundred and one",
+             342: "three hundred and forty-two", 999: "nine hundred and ninety-nine"}
+    assert {n: number_words(n) for n in table} == table
+
+
+@pytest.mark.parametrize("clip_name, limits", [("shapes", {}), ("long", {}), ("long", {"max_frames": 4})])
+def test_frames_pixels_and_prompt_ids_equal_hf(ckpt_path, clips, clip_name, limits):
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt.spec.video is not None and ckpt.spec.video.max_frames == 6
+    hf = reference(ckpt_path, clips[clip_name], **limits)
+    request, pixels = ours(session_from_checkpoint(ckpt), clips[clip_name], **limits)
+    assert len(request.images) == len(hf["indices"])
+    assert pixels.shape == hf["pixel_values"][0].shape
+    # Pillow's LANCZOS (ours) and torch's uint8 antialiased LANCZOS (HF's, int16 weights) round differently: a value
+    # is off by at most one uint8 level (2/255 after normalizing to [-1, 1]), and rarely
+    diff = np.abs(pixels - hf["pixel_values"][0])
+    assert diff.max() <= 2 / 255 + 1e-6, diff.max()
+    assert (diff > 1e-6).mean() < 0.02, (diff > 1e-6).mean()
+    assert hf["pixel_attention_mask"].all()  # one size for every frame: nothing padded
+    assert request.prompt.ids.tolist() == hf["input_ids"][0].tolist()
+    from edgevlm.video.decode import probe_video
+
+    probe = probe_video(clips[clip_name])  # the same indices (the prompt's timestamps already say so)
+    assert ckpt.spec.video.sample(probe.total_frames, probe.fps, limits.get("max_frames")).tolist() == \
+        hf["indices"].tolist()
+
+
+def test_no_video_families_and_bad_limits_refuse_in_one_line(tmp_path, clips):
+    session = session_from_checkpoint(load_checkpoint(builders.build_idefics3(tmp_path / "idefics3", seed=2)))
+    with pytest.raises(BadInputError, match="this model takes no video"):
+        session.generate(prompt=QUESTION, video=clips["shapes"], max_tokens=2)
+    with pytest.raises(BadInputError, match="max_frames must be"):
+        VideoRequest(clips["shapes"], max_frames=0)
+
+
+def hf_generate(ckpt_path, hf, max_tokens: int) -> list[int]:
+    from transformers import SmolVLMForConditionalGeneration
+
+    model = SmolVLMForConditionalGeneration.from_pretrained(ckpt_path).eval()
+    ids = torch.from_numpy(hf["input_ids"])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=torch.from_numpy(hf["pixel_values"]),
+                             pixel_attention_mask=torch.from_numpy(hf["pixel_attention_mask"]).bool(),
+                             max_new_tokens=max_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(ckpt_path, clips):
+    return {name: hf_generate(ckpt_path, reference(ckpt_path, clips[name]), 8) for name in ("shapes", "other")}
+
+
+def test_torch_greedy_tokens_equal_model_generate_and_follow_the_video(ckpt_path, clips, hf_tokens):
+    session = session_from_checkpoint(load_checkpoint(ckpt_path))
+    for name in ("shapes", "other"):
+        result = session.generate(prompt=QUESTION, video=clips[name], max_tokens=8)
+        assert result.tokens[:len(hf_tokens[name])] == hf_tokens[name], name
+    assert hf_tokens["shapes"] != hf_tokens["other"]  # the tiny model is discriminative: another video, other tokens
+
+
+@pytest.fixture(scope="module")
+def bundle(ckpt_path, tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    decoders = [ArtifactRequest("gguf", "f32")]
+    try:
+        import mlx.core  # noqa: F401
+
+        decoders.append(ArtifactRequest("mlx", "fp32"))
+    except ImportError:
+        pass
+    return export_checkpoint(ckpt_path, tmp_path_factory.mktemp("bundle") / "smolvlm2-video",
+                             [ArtifactRequest("onnx", "fp32")], decoders, max_tiles=8, options={"group_size": 32})
+
+
+@pytest.mark.parametrize("decoder", ["gguf:f32", "mlx:fp32"])
+def test_exported_decoders_give_the_same_tokens(bundle, clips, hf_tokens, decoder):
+    import edgevlm
+    from edgevlm.manifest import Manifest
+
+    if decoder.startswith("mlx"):
+        pytest.importorskip("mlx.core", reason="MLX is not installed on this platform")
+    assert Manifest.load(bundle).video["kind"] == "smolvlm"
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder=decoder, threads=1)
+    for name in ("shapes", "other"):
+        result = session.generate(prompt=QUESTION, video=clips[name], max_tokens=8)
+        assert result.tokens[:len(hf_tokens[name])] == hf_tokens[name], (decoder, name)
+
+
+def _window(frames, start: int, length: int, fps: float):
+    from edgevlm.video.clip import VideoClip
+
+    return VideoClip(frames[start:start + length], np.arange(length) / fps, fps, length / fps)
+
+
+def test_a_window_advanced_by_k_frames_encodes_k_frames_and_answers_as_a_cold_run(bundle, clips):
+    """A stream kept at the sampling rate (2 fps): a 3 s window holds 6 frames, all sampled; moved on by 2 frames it
+    shares 4 with the last window, whose embeddings come from the cache. Positions move (the frames' timestamps and
+    places in the prompt change), so the KV of the shared frames cannot be reused: only the encoder work is saved."""
+    import edgevlm
+    from edgevlm.video.decode import decode_video
+
+    stream = decode_video(clips["shapes"], lambda probe: np.arange(0, probe.total_frames, 4)).frames  # kept as 2 fps
+    warm = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    first = warm.generate(prompt=QUESTION, video=_window(stream, 0, 6, 2.0), max_tokens=6)
+    assert first.timings["embed_cache_misses"] == 6
+    for k, start in ((2, 2), (1, 3)):
+        moved = warm.generate(prompt=QUESTION, video=_window(stream, start, 6, 2.0), max_tokens=6)
+        assert (moved.timings["embed_cache_misses"], moved.timings["embed_cache_hits"]) == (k, 6 - k)
+        cold = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+        again = cold.generate(prompt=QUESTION, video=_window(stream, start, 6, 2.0), max_tokens=6)
+        assert again.timings["embed_cache_misses"] == 6
+        assert again.tokens == moved.tokens and again.text == moved.text
+    # the same clip asked again: nothing is encoded
+    assert warm.generate(prompt="Describe it.", video=_window(stream, 2, 6, 2.0),
+                         max_tokens=2).timings["embed_cache_misses"] == 0
+
+
+def _cli(capsys, *argv):
+    from edgevlm.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_exit_2(code, err, *needles):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err)
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_cli_run_video_and_its_one_line_errors(capsys, bundle, ckpt_path, clips, hf_tokens, tmp_path):
+    import json
+
+    code, out, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+                          "--max-tokens", "8", "--encoder", "onnx:fp32", "--decoder", "gguf:f32", "--json")
+    assert code == 0, err
+    answer = json.loads(out.strip().splitlines()[-1])
+    assert answer["tokens"][:len(hf_tokens["shapes"])] == hf_tokens["shapes"]
+    assert answer["timings"]["embed_cache_misses"] == 6
+    # the context: 6 frames (a 245-token prompt) do not fit 200 positions; said before any frame is decoded or encoded
+    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+                        "--n-ctx", "200", "--decoder", "gguf:f32")
+    _one_line_exit_2(code, err, "over the decoder context of 200", "--max-frames")
+    fit = int(err.split("--max-frames ")[1].split()[0])
+    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+                        "--n-ctx", "200", "--decoder", "gguf:f32", "--max-frames", str(fit), "--max-tokens", "1")
+    assert code == 0 and 1 <= fit < 6, err  # the suggested frame count fits
+    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+                        "--n-ctx", "120", "--decoder", "gguf:f32")
+    _one_line_exit_2(code, err, "even one frame makes a", "raise --n-ctx")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(clips["shapes"].read_bytes()[:300])
+    for argv, needles in [
+        (["--video", str(bad)], ["cannot read video", "bad.mp4"]),
+        (["--video", str(tmp_path / "none.mp4")], ["video not found"]),
+        (["--video", str(clips["shapes"]), "--max-frames", "0"], ["max_frames must be"]),
+        (["--max-frames", "3"], ["pass --video FILE"]),
+    ]:
+        _one_line_exit_2(*_cli(capsys, "run", str(bundle), "--prompt", QUESTION, *argv)[::2], *needles)
+    idefics3 = builders.build_idefics3(tmp_path / "idefics3", seed=2)
+    code, _, err = _cli(capsys, "run", str(idefics3), "--video", str(clips["shapes"]), "--prompt", QUESTION)
+    _one_line_exit_2(code, err, "this model takes no video")
+
+
+def test_serve_video_url_data_and_local_paths(bundle, clips, hf_tokens):
+    import base64
+
+    import edgevlm
+    from edgevlm.serve import ChatService
+
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    data = base64.b64encode(clips["shapes"].read_bytes()).decode()
+
+    def body(url, extra=()):
+        return {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, *extra,
+                                                          {"type": "text", "text": QUESTION}]}], "max_tokens": 8}
+
+    def answer(service, request):
+        return [d for d in service.complete(request) if d.result is not None][0].result
+
+    result = answer(ChatService(session, "m"), body(f"data:video/mp4;base64,{data}"))
+    assert result.tokens[:len(hf_tokens["shapes"])] == hf_tokens["shapes"]
+    local = ChatService(session, "m", allow_local_images=clips["shapes"].parent)
+    assert answer(local, body(str(clips["shapes"]))).tokens == result.tokens
+    png = "data:image/png;base64," + base64.b64encode(b"x").decode()
+    for service, request, needle in [
+        (ChatService(session, "m"), body(str(clips["shapes"])), "local video paths are refused"),
+        (ChatService(session, "m"), body("data:video/mp4;base64,AAAA"), "cannot read video"),
+        (ChatService(session, "m"), body("data:video/mp4,raw"), "a video data URL must be base64"),
+        (ChatService(session, "m"), body("https://example.com/a.mp4"), "remote video URLs are not fetched"),
+        (local, body("/etc/passwd"), "outside the folder"),
+        (ChatService(session, "m"), body(png, [{"type": "image_url", "image_url": {"url": png}}]),
+         "one video_url and no image_url"),
+    ]:
+        with pytest.raises(BadInputError, match=needle) as caught:
+            answer(service, request)
+        assert "\n" not in str(caught.value)
