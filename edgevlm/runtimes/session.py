@@ -32,6 +32,7 @@ from .requests import (  # noqa: F401 - part of this module's API
 from .reuse import common_prefix, plan_reuse, prefix_key
 from .sampling import SamplingConfig
 from .stop import StopFilter
+from .video_embeddings import PreparedVideo, video_embeddings
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_EMBED_CACHE_BYTES = 256 << 20
@@ -98,6 +99,9 @@ class Session:
 
     # ---- prefill ---------------------------------------------------------------------------------------------
     def _embeddings(self, image: PreparedImage, timings: dict) -> np.ndarray:
+        if isinstance(image, PreparedVideo):  # a video's rows: cached and encoded unit by unit
+            return video_embeddings(image, self.encoder, self.embed_cache, self.disk_cache, self.encode_flights,
+                                    timings)
         return image_embeddings(image, self.encoder, self.spec.preprocess, self.embed_cache, self.disk_cache,
                                 self.encode_flights, timings)
 
