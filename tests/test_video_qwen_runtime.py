@@ -136,3 +136,28 @@ def test_window_advanced_by_one_temporal_patch_encodes_one(bundle, spec, clip):
     again = generate_video(session, second, QUESTION, spec, **OPTIONS)
     assert again.timings["video_units_encoded"] == 0 and again.tokens == cold.tokens
     assert again.timings["n_reused_positions"] >= again.timings["n_prompt_tokens"] - 1
+
+
+def test_qwen2_vl_video_without_time_scaling(tmp_path):
+    """Qwen2-VL: the same processor, no time scaling (t advances 1 per temporal patch); torch tokens =
+    model.generate."""
+    path = builders.build_qwen2_vl(tmp_path / "qwen2", "2", seed=11)
+    spec = video_spec(json.loads((path / "config.json").read_text()), read_video_processor_config(path))
+    assert spec.tokens_per_second is None
+    ckpt, session = _torch_session(path)
+    video = prepare_video(moving_shapes(41, 75, 131), spec)
+    assert video.time_interval == 1.0 and video.grid[0] == 4
+    item = prepared_video(video, session.encoder.artifact_id)
+    text = session.render([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}])
+    prompt = video_prompt(session, text, video, item)
+    ids = torch.from_numpy(prompt.ids.astype(np.int64))[None]
+    types = (ids == spec.video_token_id).int() * 2
+    ref, _ = ckpt.hf_model.model.get_rope_index(ids, types, None, torch.tensor([video.grid]),
+                                                attention_mask=torch.ones_like(ids))
+    assert prompt.positions.positions.T.tolist() == ref[:, 0].tolist()
+    ckpt.hf_model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        out = ckpt.hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                                     pixel_values_videos=torch.from_numpy(video.pixel_patches()),
+                                     video_grid_thw=torch.tensor([video.grid]), max_new_tokens=16, do_sample=False)
+    assert generate_video(session, video, QUESTION, spec, **OPTIONS).tokens == out[0, ids.shape[1]:].tolist()
