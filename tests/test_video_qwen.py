@@ -88,6 +88,10 @@ def test_sampling_follows_the_processor():
     assert len(sample_indices(3000, 30.0, QwenVideoSpec(max_frames=64))) == 64
     with pytest.raises(ValueError, match="shorter than one temporal patch"):
         sample_indices(1, 10.0, spec)
+    # the generic hook (a manifest's video section, --max-frames, --fps)
+    assert spec.sample(3000, 30.0, max_frames=8).tolist() == list(range(0, 3000, 375))
+    assert spec.sample(40, 10.0, fps=1.0).tolist() == [0, 10, 20, 30]
+    assert QwenVideoSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["kind"] == "qwen2_vl"
 
 
 def test_frames_patches_ids_and_positions_equal_hf(qwen25):

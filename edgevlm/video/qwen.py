@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -32,8 +33,10 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 @dataclass(frozen=True)
 class QwenVideoSpec:
-    """How a Qwen2-VL / Qwen2.5-VL checkpoint reads video; written beside the image preprocessing."""
+    """How a Qwen2-VL / Qwen2.5-VL checkpoint reads video; written beside the image preprocessing (a manifest's
+    "video" section: `kind` + to_dict(), the shape the video-smol branch's edgevlm/video/kinds.py reads)."""
 
+    kind: ClassVar[str] = "qwen2_vl"
     min_pixels: int = DEFAULT_VIDEO_MIN_PIXELS
     max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS
     fps: float = DEFAULT_FPS  # frames sampled per second of source
@@ -72,11 +75,18 @@ class QwenVideoSpec:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"kind": self.kind, **asdict(self)}
+
+    def sample(self, total_frames: int, source_fps: float, max_frames: int | None = None,
+               fps: float | None = None) -> np.ndarray:
+        """Indices of the frames to decode (the generic sampler hook: a caller's --max-frames caps the processor's)."""
+        spec = self if max_frames is None else replace(self, max_frames=max_frames,
+                                                       min_frames=min(self.min_frames, max_frames))
+        return sample_indices(total_frames, source_fps, spec, fps)
 
     @classmethod
     def from_dict(cls, data: dict) -> "QwenVideoSpec":
-        known = set(cls.__dataclass_fields__)
+        known = {f.name for f in fields(cls)}  # not `kind` (a ClassVar)
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
 
 
@@ -219,7 +229,7 @@ def patch_key(frames: np.ndarray, size: tuple[int, int], spec: QwenVideoSpec) ->
     digest = hashlib.sha256()
     digest.update(f"qwen-video {frames.shape} {size}".encode())
     digest.update(np.ascontiguousarray(frames).tobytes())
-    spec_part = {k: v for k, v in spec.to_dict().items() if k not in ("fps", "min_frames", "max_frames",
+    spec_part = {k: v for k, v in spec.to_dict().items() if k not in ("kind", "fps", "min_frames", "max_frames",
                                                                       "tokens_per_second", "video_token_id")}
     digest.update(json.dumps(spec_part, sort_keys=True).encode())
     return digest.hexdigest()
