@@ -35,6 +35,7 @@ from .reuse import common_prefix, plan_reuse, prefix_key
 from .sampling import SamplingConfig
 from .video_prompt import VideoRequest
 from .stop import StopFilter
+from .video_embeddings import PreparedVideo, video_embeddings
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_EMBED_CACHE_BYTES = 256 << 20
@@ -102,6 +103,9 @@ class Session:
 
     # ---- prefill ---------------------------------------------------------------------------------------------
     def _embeddings(self, image: PreparedImage, timings: dict) -> np.ndarray:
+        if isinstance(image, PreparedVideo):  # a video's rows: cached and encoded unit by unit
+            return video_embeddings(image, self.encoder, self.embed_cache, self.disk_cache, self.encode_flights,
+                                    timings)
         return image_embeddings(image, self.encoder, self.spec.preprocess, self.embed_cache, self.disk_cache,
                                 self.encode_flights, timings)
 
