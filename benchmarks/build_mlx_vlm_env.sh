@@ -9,7 +9,7 @@
 # Environment: PYTHON (the interpreter to make the venv from; default python3.11, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=0.7.10  # edgevlm/bench/peers/external.py MLX_VLM_VERSION
+VERSION=0.7.10  # edgevlm/mlx_vlm_modules.py MLX_VLM_VERSION (one pin)
 ROOT=${EDGEVLM_PEER_CACHE:-$HOME/.cache/edgevlm/peers}
 ENV="$ROOT/mlx-vlm-$VERSION"
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}

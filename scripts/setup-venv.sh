@@ -65,10 +65,10 @@ if [ "$(cat "$VENV/.llama-cpp-wheel-key" 2>/dev/null)" != "$WHEEL_KEY" ]; then
   echo "$WHEEL_KEY" > "$VENV/.llama-cpp-wheel-key"
 fi
 quiet "${PIP[@]}" install --find-links "$WHEEL_DIR" -e ".[all]"
-# mlx-vlm's language models run the MLX decoder of Qwen2-VL, Qwen3-VL and Gemma 3 (edgevlm/runtimes/mlx_vlm_seam.py,
-# which pins the version). --no-deps: its declared dependencies pull opencv, datasets, transformers and audio packages
+# mlx-vlm's language models run the MLX decoder of Qwen2-VL, Qwen3-VL and Gemma 3 (edgevlm/runtimes/mlx_vlm_seam.py;
+# edgevlm/mlx_vlm_modules.py pins the version). --no-deps: its declared dependencies pull opencv, datasets, transformers and audio packages
 # that those modules never import, and pyproject's extras cannot say --no-deps.
-quiet "${PIP[@]}" install --no-deps "mlx-vlm==$(sed -n 's/^MLX_VLM_VERSION = "\([^"]*\)".*/\1/p' edgevlm/runtimes/mlx_vlm_seam.py)"
+quiet "${PIP[@]}" install --no-deps "mlx-vlm==$(sed -n 's/^MLX_VLM_VERSION = "\([^"]*\)".*/\1/p' edgevlm/mlx_vlm_modules.py)"
 # Tests only: transformers' video processors (the parity reference for video input) need torchvision, and the only
 # torchvision wheel for torch 2.13 on the index is a CUDA build whose _C.so cannot load here. Its Python half
 # (transforms) works; tests/hf_video.py runs it in a subprocess with this folder on the path. Never on sys.path of

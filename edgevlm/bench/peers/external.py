@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-MLX_VLM_VERSION = "0.7.10"  # benchmarks/build_mlx_vlm_env.sh installs this version
+from ...mlx_vlm_modules import MLX_VLM_VERSION  # one pin: the seam's modules and the peer (build_mlx_vlm_env.sh)
 CONVERT_RECIPE = 2  # mlx_vlm_child.adapted_checkpoint's version: a change converts afresh (2: rope_theta copied out)
 MLX_VLM_ENV_VARIABLE = "EDGEVLM_MLX_VLM_PYTHON"
 CHILD_SCRIPT = Path(__file__).with_name("mlx_vlm_child.py")
