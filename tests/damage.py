@@ -67,11 +67,13 @@ def _suffixes(arrays: dict, base: str) -> list[str]:
     return [s for s in ("", "_quantized", "_scale", "_zero_point") if base + s in arrays]
 
 
-def swap_onnx_attention_layers(bundle: Path, name: str, a: int = 0, b: int = 1) -> None:
-    """Layers a and b's attention weights (q, k, v, out) swapped in every graph file of the artifact."""
+def swap_onnx_attention_layers(bundle: Path, name: str, a: int = 0, b: int = 1,
+                               weights: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+    """Layers a and b's attention weights (`weights` of q, k, v, out: 0..3) swapped in every graph file of the
+    artifact."""
     files = _graph_files(bundle, name)
     bases = _weight_names(bundle / files[0])
-    pairs = [(bases[WEIGHTS_PER_LAYER * a + j], bases[WEIGHTS_PER_LAYER * b + j]) for j in range(4)]
+    pairs = [(bases[WEIGHTS_PER_LAYER * a + j], bases[WEIGHTS_PER_LAYER * b + j]) for j in weights]
 
     def edit(arrays):
         changed = {}

@@ -42,6 +42,18 @@ def test_round_context():
         round_context(0, 4096)
 
 
+def test_a_job_refuses_what_it_cannot_size_in_one_line():
+    """`run --max-tokens -1` reached Job before the session's own check and ended in a ValueError traceback (the CLI
+    fuzz found it): a job's bad input is a one-line BadInputError, exit 2."""
+    from edgevlm.errors import BadInputError
+    from edgevlm.runtimes.job_context import Job
+
+    with pytest.raises(BadInputError, match="--max-tokens 1 or more"):
+        Job(("q",), (), -1)
+    with pytest.raises(BadInputError, match="at least one question"):
+        Job((), (), 8)
+
+
 def test_the_context_is_sized_to_the_job(bundles, images, fa_cache):
     """The longest of the job's requests (template, text and image positions, as the session counts them) plus its
     max tokens, rounded up to 256: what `run`, `eval` and `bench` open instead of the default 4,096."""

@@ -66,15 +66,25 @@ def test_damaged_encoders_fail_on_the_reference_model(label, shipped, tmp_path):
     assert rows["onnx:fp32"]["status"] == rows["onnx:int8"]["status"] == "FAIL", rows
 
 
+# Swaps of layers 0 and 1's attention, strongest first: how far one moves the int8 tower depends on the trained weights,
+# which differ between CPUs (the whole swap: worst-tile cosine 0.992 on the EPYC that calibrated the gates, 0.972 on an
+# Intel Xeon; q+k only 0.9925 there)
+SWAPS_STRONGEST_FIRST = ((0, 1, 2, 3), (0, 1), (2, 3), (1,), (0,))
+
+
 @pytest.mark.slow
 def test_the_pair_gate_fails_a_damaged_int8_encoder_whose_cosine_clears_0_99(shipped, tmp_path):
-    """Layers 0 and 1's attention swapped in the int8 graph only: its worst tile keeps cosine >= 0.99 (the old int8
-    gate, and the exporter's floor, would pass it), yet the pairs it is shipped in move far from the reference."""
-    bundle = shutil.copytree(shipped, tmp_path / "b")
-    damage.swap_onnx_attention_layers(bundle, "onnx:int8", 0, 1)
+    """Layers 0 and 1's attention swapped in the int8 graph only, as much of it as keeps the worst tile's cosine >= 0.99
+    (the old int8 gate, and the exporter's floor, would pass it): the pairs it is shipped in move far from the
+    reference and fail."""
+    for i, weights in enumerate(SWAPS_STRONGEST_FIRST):
+        bundle = shutil.copytree(shipped, tmp_path / f"b{i}")
+        damage.swap_onnx_attention_layers(bundle, "onnx:int8", 0, 1, weights)
+        if _rows(bundle, decoders=False)["onnx:int8"]["cosine"] >= 0.99:
+            break
     rows = _rows(bundle)
-    assert rows["onnx:int8"]["cosine"] >= 0.99, rows["onnx:int8"]
-    assert rows["onnx:int8 + gguf:f32"]["status"] == rows["onnx:int8 + gguf:q4_0"]["status"] == "FAIL", rows
+    assert rows["onnx:int8"]["cosine"] >= 0.99, (weights, rows["onnx:int8"])
+    assert rows["onnx:int8 + gguf:f32"]["status"] == rows["onnx:int8 + gguf:q4_0"]["status"] == "FAIL", (weights, rows)
     assert rows["onnx:fp32 + gguf:f32"]["status"] == rows["onnx:fp32 + gguf:q4_0"]["status"] == "pass"
 
 

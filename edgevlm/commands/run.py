@@ -31,7 +31,10 @@ def main(args) -> int:
     started = time.perf_counter()
     from ..runtimes.job_context import Job
 
-    job = Job((args.prompt,), tuple(images), kwargs["max_tokens"])  # sizes llama.cpp's context unless --n-ctx
+    from ..runtimes.video_prompt import VideoRequest
+
+    request = VideoRequest(video["video"], video["max_frames"], video["video_fps"]) if video else None
+    job = Job((args.prompt,), tuple(images), kwargs["max_tokens"], request)  # sizes llama.cpp's context unless --n-ctx
     session = load_session_checked(args, {**backend_options(args), "job": job})
     load_ms = (time.perf_counter() - started) * 1e3
     first_token: list[float] = []

@@ -6,6 +6,9 @@ keeps its --n-ctx (its conversations are not known in advance)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BadInputError
 from . import prompt as prompts
 
 CONTEXT_MULTIPLE = 256  # llama-context.cpp pads n_ctx to 256 (the planner's budget.LLAMA_CTX_PAD)
@@ -13,21 +16,31 @@ CONTEXT_MULTIPLE = 256  # llama-context.cpp pads n_ctx to 256 (the planner's bud
 
 @dataclass(frozen=True)
 class Job:
-    """A job's questions (each asked about `images`) and the most tokens any answer may take."""
+    """A job's questions (each asked about `images`, or about `video`) and the most tokens any answer may take."""
 
     questions: tuple[str, ...]
     images: tuple = ()  # sources (paths, PIL images, arrays) every question is asked about
     max_tokens: int = 64
+    video: Any = None  # a video_prompt.VideoRequest every question is asked about (instead of images)
 
     def __post_init__(self) -> None:
-        if not self.questions or self.max_tokens < 1:
-            raise ValueError("a job has at least one question and max_tokens >= 1")
+        if not self.questions:
+            raise BadInputError("a job has at least one question; pass a prompt")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise BadInputError(f"max_tokens must be a whole number >= 1, got {self.max_tokens!r}; pass --max-tokens 1 "
+                                "or more")
 
     def positions(self, spec: prompts.RuntimeSpec) -> int:
         """The KV positions its longest request fills: prompt + answer."""
         prepared = None
         longest = 0
         for question in self.questions:
+            if self.video is not None:  # its frames as the session will lay them out, counted from the header
+                from .video_prompt import user_message, video_prompt_positions
+
+                text = prompts.render(spec, [user_message(question)])
+                longest = max(longest, video_prompt_positions(spec, text, self.video))
+                continue
             text = prompts.render(spec, [prompts.user_message(spec, question, len(self.images))])
             if prepared is None or spec.instruction_tokenizer is not None:  # InstructBLIP's rows depend on the text
                 prepared = [prompts.prepare_image(spec, image, "", text) for image in self.images]

@@ -101,6 +101,14 @@ def prepare_video(spec: RuntimeSpec, text: str, request: VideoRequest, encoder_i
     return _expand(spec, text, timestamps, duration), frames
 
 
+def video_prompt_positions(spec: RuntimeSpec, text: str, request: VideoRequest) -> int:
+    """The positions a rendered one-video prompt fills, from the header's numbers (no frame decoded): what a
+    one-shot job sizes llama.cpp's context with (runtimes/job_context.py)."""
+    _refuse_no_video(spec)
+    _, indices, fps, duration = _chosen(request, spec.video)
+    return prompt_length(spec, text, indices / fps, duration, spec.video.tokens_per_frame(spec.layout.tokens_per_tile))
+
+
 def _expand(spec: RuntimeSpec, text: str, timestamps: np.ndarray, duration: float) -> str:
     return text.replace(VIDEO_PLACEHOLDER, spec.video.prompt_text(timestamps, duration, spec.layout.placeholder))
 
