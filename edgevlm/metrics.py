@@ -164,7 +164,7 @@ class PairGate(_Gate):
 # calibrated on the trained reference model: on random weights two swapped attention layers keep cosine 1.0 (attention
 # barely moves a random tower's residual stream), so there they are measured, not judged. norm_err sees the scale
 # errors cosine cannot (a projector 2% off). The int8 cosine floor is the exporter's preferred one
-# (export/onnx.py INT8_PREFERRED_COSINE): a graph of its 0.99 fallback does not pass verify.
+# (export/onnx_int8.py INT8_PREFERRED_COSINE): a graph of its 0.99 fallback does not pass verify.
 ENCODER_GATES = {
     "fp32": EncoderGate("max_rel_err", 1e-4),
     "fp16": EncoderGate("cosine", 0.9999, max_norm_err=2e-3, trained_only=True),

@@ -53,6 +53,41 @@ def _tokenizer(specials, template, extra_corpus: tuple[str, ...] | list[str] = (
                 chat_template=template)
 
 
+def qwen2_tokenizer(specials: list[str], template: str, **options):
+    """A byte-level BPE with Qwen2's pre-tokenizer and no BOS, as the Qwen2-VL, Qwen3-VL, InternVL3 and
+    LLaVA-OneVision checkpoints ship it (eos <|im_end|>, pad <|endoftext|>); options: PreTrainedTokenizerFast's."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(CORPUS, 400, specials, pre="qwen2"),
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>", **options)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def to_unit_scale(named_parameters, bias_std: float | None = None) -> None:
+    """Weights at unit scale (std 1/sqrt(fan_in), embeddings std 1): at HF's init (std 0.02) attention is nearly
+    uniform and the image barely moves the greedy tokens. bias_std: biases (zero at init) drawn at this std too."""
+    with torch.no_grad():
+        for name, param in named_parameters:
+            if bias_std is not None and name.endswith("bias"):
+                param.normal_(0.0, bias_std)
+            elif param.ndim == 2:
+                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
+
+
+def images_only(processor_class):
+    """transformers' processor class for images: its constructor insists on a torchvision video processor, which
+    this subclass lets be None (nothing else changes)."""
+
+    class ImagesOnly(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImagesOnly
+
+
 def sentencepiece_tokenizer(folder: Path):
     """A Llama-2-style tokenizer: SentencePiece BPE with byte fallback (<unk>, <s>, </s> at 0-2), trained here and
     saved as tokenizer.model beside the checkpoint, as real LLaVA-1.5 checkpoints ship it, plus <image> added."""
@@ -197,17 +232,13 @@ def build_internvl(out: Path, seed: int = 0, tied: bool = False, max_patches: in
     random q/k/v biases. The processor needs torchvision (video), so its parts are saved one by one."""
     import json
 
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, PreTrainedTokenizerFast
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    from edgevlm.reference.tokenizers import train_bpe
-
     torch.manual_seed(seed)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe(CORPUS, 400, INTERNVL_SPECIALS, pre="qwen2"), eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                                                          "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
-    tokenizer.chat_template = INTERNVL_TEMPLATE
+    tokenizer = qwen2_tokenizer(INTERNVL_SPECIALS, INTERNVL_TEMPLATE, extra_special_tokens={
+        "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>"})
     vision = InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                   image_size=32, patch_size=8)
     text = text_config(len(tokenizer), "qwen2", tie_word_embeddings=tied, bos_token_id=None,
@@ -240,28 +271,19 @@ def build_internvl_unit_text(out: Path, seed: int = 8) -> Path:
     build_internvl(out, seed=seed)
     model = InternVLForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
     torch.manual_seed(seed)
-    with torch.no_grad():
-        projector = [(f"projector.{n}", w) for n, w in model.model.multi_modal_projector.named_parameters()]
-        for name, param in [*model.model.language_model.named_parameters(), *projector, ("lm_head", model.lm_head.weight)]:
-            if param.ndim == 2:
-                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
+    projector = [(f"projector.{n}", w) for n, w in model.model.multi_modal_projector.named_parameters()]
+    to_unit_scale([*model.model.language_model.named_parameters(), *projector, ("lm_head", model.lm_head.weight)])
     model.save_pretrained(out)
     return out
 
 
 def internvl_processor(path: Path):
-    """transformers' own InternVLProcessor for images: its constructor insists on a torchvision video processor,
-    which this subclass lets be None (nothing else changes)."""
+    """transformers' own InternVLProcessor for images (images_only: no torchvision video processor)."""
     from transformers import AutoImageProcessor, AutoTokenizer, InternVLProcessor
 
-    class ImagesOnly(InternVLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
-                      video_processor=None, image_seq_length=4, chat_template=INTERNVL_TEMPLATE)
+    return images_only(InternVLProcessor)(
+        image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
+        video_processor=None, image_seq_length=4, chat_template=INTERNVL_TEMPLATE)
 
 
 # Qwen2-VL-2B-Instruct's chat template (tokenizer_config.json on the Hub): ChatML with a default system message,
@@ -284,6 +306,15 @@ QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_sta
 QWEN2VL_MIN_PIXELS, QWEN2VL_MAX_PIXELS = 56 * 56, 224 * 224
 
 
+def _qwen_vl_tokenizer():
+    """Qwen2-VL's tokenizer (Qwen3-VL keeps it) and the config's ids of its image, video and vision delimiters."""
+    tokenizer = qwen2_tokenizer(QWEN2VL_SPECIALS, QWEN2VL_TEMPLATE)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return tokenizer, ids
+
+
 def build_qwen2_vl(out: Path, version: str = "2", seed: int = 0, tied: bool = False) -> Path:
     """Qwen2-VL ("2") or Qwen2.5-VL ("2.5"): the native-resolution ViT (14-px patches, 2x2 merge; 2.5 with window
     attention on its first block and full attention on its second) and a Qwen2 decoder with M-RoPE sections
@@ -291,18 +322,10 @@ def build_qwen2_vl(out: Path, version: str = "2", seed: int = 0, tied: bool = Fa
     processor, tokenizer and chat template are saved one by one, as the Hub checkpoints ship them."""
     import json
 
-    from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from edgevlm.reference.tokenizers import train_bpe
-
     torch.manual_seed(seed)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(CORPUS, 400, QWEN2VL_SPECIALS, pre="qwen2"),
-                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = QWEN2VL_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    tokenizer, ids = _qwen_vl_tokenizer()
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
                 bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -324,14 +347,8 @@ def build_qwen2_vl(out: Path, version: str = "2", seed: int = 0, tied: bool = Fa
         model = Qwen2_5_VLForConditionalGeneration(config).eval()
     else:
         raise ValueError(f"version {version!r}: '2' or '2.5'")
-    with torch.no_grad():
-        # text weights at unit scale (std 1/sqrt(fan_in), embeddings std 1): at HF's init (std 0.02) attention is
-        # nearly uniform and image rows at wrong positions move the logits by ~1e-3 only; biases are zero at init
-        for name, param in [*model.model.language_model.named_parameters(), ("lm_head", model.lm_head.weight)]:
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.5)
-            elif param.ndim == 2:
-                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
+    # text weights at unit scale: at HF's init image rows at wrong positions move the logits by ~1e-3 only
+    to_unit_scale([*model.model.language_model.named_parameters(), ("lm_head", model.lm_head.weight)], bias_std=0.5)
     model.save_pretrained(out)
     Qwen2VLImageProcessorPil(min_pixels=QWEN2VL_MIN_PIXELS, max_pixels=QWEN2VL_MAX_PIXELS, patch_size=14,
                              temporal_patch_size=2, merge_size=2).save_pretrained(out)
@@ -365,18 +382,11 @@ def build_qwen3_vl(out: Path, seed: int = 0, tied: bool = False) -> Path:
     embeddings' scale, so the greedy tokens change with the image and when the DeepStack slices are dropped."""
     import json
 
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from edgevlm.reference.tokenizers import train_bpe
-
     torch.manual_seed(seed)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(CORPUS, 400, QWEN2VL_SPECIALS, pre="qwen2"),
-                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = QWEN2VL_TEMPLATE
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    tokenizer, ids = _qwen_vl_tokenizer()
     # 3 decoder layers for 2 DeepStack slices: llama.cpp's qwen3vl graph cannot add a slice after its last layer
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
@@ -389,12 +399,9 @@ def build_qwen3_vl(out: Path, seed: int = 0, tied: bool = False) -> Path:
                   deepstack_visual_indexes=[0, 1])
     config = Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=tied, **ids)
     model = Qwen3VLForConditionalGeneration(config).eval()
+    # text weights at unit scale: at HF's init neither the image nor DeepStack moves the greedy tokens
+    to_unit_scale([*model.model.language_model.named_parameters(), ("lm_head", model.lm_head.weight)])
     with torch.no_grad():
-        # text weights at unit scale (std 1/sqrt(fan_in), embeddings std 1): at HF's init (std 0.02) attention is
-        # nearly uniform and neither the image nor DeepStack moves the greedy tokens
-        for name, param in [*model.model.language_model.named_parameters(), ("lm_head", model.lm_head.weight)]:
-            if param.ndim == 2:
-                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
         visual = model.model.visual
         visual.pos_embed.weight.normal_(0.0, 1.0)  # the learned grid matters to the interpolation's parity
         for merger in [visual.merger, *visual.deepstack_merger_list]:  # rows at the token embeddings' scale

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from builders import CORPUS, text_config
+from builders import images_only, qwen2_tokenizer, text_config, to_unit_scale
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 # llava-onevision-qwen2-*-ov-hf's template in short: ChatML, each image "<image>\n" before the text
@@ -24,16 +24,13 @@ PINPOINTS = [[TILE * r, TILE * c] for r in range(1, 5) for c in range(1, 5)]
 
 
 def build_onevision(out: Path, seed: int = 0) -> Path:
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast,
-                              SiglipVisionConfig)
+    # not builders.build_llava(decoder="qwen2"): OneVision's own config and processor (anyres pinpoints), Qwen2's
+    # tokenizer without BOS, the whole decoder at unit scale, and the processor's config written by hand
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-    from edgevlm.reference.tokenizers import train_bpe
-
     torch.manual_seed(seed)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(CORPUS, 400, SPECIALS, pre="qwen2"),
-                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = TEMPLATE
+    tokenizer = qwen2_tokenizer(SPECIALS, TEMPLATE)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=TILE, patch_size=PATCH, vision_use_head=False)
     text = text_config(len(tokenizer), "qwen2", bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
@@ -43,13 +40,9 @@ def build_onevision(out: Path, seed: int = 0) -> Path:
                                   video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
                                   image_grid_pinpoints=PINPOINTS, vision_aspect_ratio="anyres_max_9")
     model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # at HF's init (std 0.02) attention is nearly uniform and a wrong row order moves the logits by ~1e-3 only
+    to_unit_scale([*model.model.language_model.named_parameters(), ("lm_head", model.lm_head.weight)], bias_std=0.5)
     with torch.no_grad():
-        # at HF's init (std 0.02) attention is nearly uniform and a wrong row order moves the logits by ~1e-3 only
-        for name, param in [*model.model.language_model.named_parameters(), ("lm_head", model.lm_head.weight)]:
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.5)
-            elif param.ndim == 2:
-                param.normal_(0.0, 1.0 if "embed_tokens" in name else param.shape[1] ** -0.5)
         model.model.image_newline.normal_(0.0, 1.0)
     model.save_pretrained(out)
     LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS
@@ -64,18 +57,11 @@ def build_onevision(out: Path, seed: int = 0) -> Path:
 
 
 def hf_processor(path: Path):
-    """transformers' LlavaOnevisionProcessor for images: its constructor insists on a torchvision video processor,
-    which this subclass lets be None (nothing else changes)."""
+    """transformers' LlavaOnevisionProcessor for images (builders.images_only: no torchvision video processor)."""
     from transformers import AutoTokenizer, LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-    class ImagesOnly(LlavaOnevisionProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return ImagesOnly(image_processor=LlavaOnevisionImageProcessorPil.from_pretrained(path),
-                      tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None,
-                      num_image_tokens=(TILE // PATCH) ** 2, vision_feature_select_strategy="full",
-                      vision_aspect_ratio="anyres_max_9", chat_template=TEMPLATE)
+    return images_only(LlavaOnevisionProcessor)(
+        image_processor=LlavaOnevisionImageProcessorPil.from_pretrained(path),
+        tokenizer=AutoTokenizer.from_pretrained(path), video_processor=None, num_image_tokens=(TILE // PATCH) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=TEMPLATE)

@@ -51,7 +51,7 @@ def qemu():
 
 @pytest.mark.parametrize("family", ["llava-siglip", "llava-clip", "idefics3"])
 def test_int8_encoder_gives_the_same_numbers_on_the_avx2_path(family, qemu, ckpts, bundles, tmp_path):
-    from edgevlm.export.onnx import WEIGHT_TYPES, quantize_dynamic_int8
+    from edgevlm.export.onnx_int8 import WEIGHT_TYPES, quantize_dynamic_int8
 
     bundle = bundles[family]
     artifact = Manifest.load(bundle).find("encoder", "onnx:int8")
@@ -73,7 +73,7 @@ def test_int8_encoder_gives_the_same_numbers_on_the_avx2_path(family, qemu, ckpt
 
 
 def test_int8_method_rule_is_by_accuracy_and_deterministic():
-    from edgevlm.export.onnx import choose_int8
+    from edgevlm.export.onnx_int8 import choose_int8
 
     assert choose_int8({"dynamic": 0.999, "static_qdq": 0.9999, "dynamic_u8": 0.9999}) == "dynamic"  # fastest first
     assert choose_int8({"dynamic": 0.993, "static_qdq": 0.996, "dynamic_u8": 0.999}) == "static_qdq"

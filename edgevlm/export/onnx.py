@@ -1,6 +1,6 @@
 """Encoder + projector -> ONNX: fp32 (torch.onnx dynamo exporter, one dynamic axis `tiles`), fp16 (fp32 IO kept),
-int8 (onnxruntime dynamic quantization). One portable graph per precision; the CPU provider's optimized copy is built
-on the machine that runs it (onnx_cpu.py)."""
+int8 (onnxruntime quantization, chosen by accuracy in onnx_int8.py). One portable graph per precision; the CPU
+provider's optimized copy is built on the machine that runs it (onnx_cpu.py)."""
 from __future__ import annotations
 
 import gc
@@ -11,13 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ExportError
 from ..manifest import Artifact
 from .bundle import BundleWriter
-from .memory import release_memory
+from .onnx_int8 import instruction_feeds, quantize_int8
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph itself
-CALIBRATION_TILES = 16  # reference-scene tiles for static QDQ calibration and for choosing the int8 method
 
 
 def _quiet_exporter() -> None:
@@ -138,228 +136,6 @@ class HalfPrecision(torch.nn.Module):
         # passed on in order whatever they are (Qwen3-VL: positions, table ids, table weights; its module casts them)
         grid_inputs = [t for t in (vision_pos, window_ids, table_weights) if t is not None]
         return self.inner(pixel_values.half(), *grid_inputs).float()
-
-
-def _quiet_root_logger():
-    # ORT's quantizer logs a pre-processing hint on the root logger; the graph is ORT-optimized at load anyway
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    return lambda: root.setLevel(level)
-
-
-# Every int8 graph the exporter writes computes the same numbers on all of ONNX Runtime's x86 kernel paths, so the
-# accuracy measured here holds on the device. Activations are u8. With full-range s8 weights, the kernels for CPUs
-# without VNNI (AVX2, AVX-512 before Cascade Lake) add pairs of u8 x s8 products in saturating int16 (vpmaddubsw):
-# 2 x 255 x 127 overflows, and the tiny SigLIP test model gave cosine 0.983 there against 0.9999 with VNNI. Two
-# portable forms remain:
-# - "s7": s8 weights limited to 7 bits (reduce_range); 2 x 255 x 63 < 32767, so no sum saturates, and the fast
-#   kernels stay (SmolVLM-256M's tower on a VNNI Xeon: 578 ms/tile, vs 518 for full s8 and 1,592 for u8).
-# - "u8": u8 weights; u8 x u8 widens to int16 before multiplying and is exact everywhere, one bit more precise than
-#   s7, but ~3x slower where VNNI would have run s8.
-WEIGHT_TYPES = {"s7": "int8 (7-bit range)", "u8": "uint8"}
-
-
-def _weight_options(weight: str) -> dict:
-    from onnxruntime.quantization import QuantType
-
-    return {"s7": dict(weight_type=QuantType.QInt8, reduce_range=True), "u8": dict(weight_type=QuantType.QUInt8)}[weight]
-
-
-def quantize_dynamic_int8(fp32_path: Path, path: Path, _calibration=None, weight: str = "s7") -> Path:
-    """MatMul/Gemm weights to int8 with per-channel scales; activations quantized on the fly."""
-    from onnxruntime.quantization import quantize_dynamic
-
-    restore = _quiet_root_logger()
-    try:
-        quantize_dynamic(str(fp32_path), str(path), per_channel=True, op_types_to_quantize=["MatMul", "Gemm"],
-                         **_weight_options(weight))
-    finally:
-        restore()
-    return path
-
-
-def quantize_static_qdq_int8(fp32_path: Path, path: Path, calibration, weight: str = "s7") -> Path:
-    """QDQ int8 with activation ranges calibrated on reference-scene tiles (same preprocessing as at run time)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(calibration)
-
-        def get_next(self):
-            return next(self.items, None)
-
-    restore = _quiet_root_logger()
-    try:
-        quantize_static(str(fp32_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                        **_weight_options(weight))
-    finally:
-        restore()
-    return path
-
-
-# method -> (quantizer, weight form), in the order they run fastest on every x86 path
-INT8_METHODS = {
-    "dynamic": (quantize_dynamic_int8, "s7"),
-    "static_qdq": (quantize_static_qdq_int8, "s7"),
-    "dynamic_u8": (quantize_dynamic_int8, "u8"),
-}
-INT8_MIN_COSINE = 0.99  # DESIGN ladder: below this on held-out tiles, no int8 graph is shipped
-INT8_PREFERRED_COSINE = 0.995  # the first method (fastest first) at or above this wins
-
-
-def choose_int8(cosines: dict[str, float]) -> str | None:
-    """The deterministic rule (accuracy only, never timing): the fastest method that reaches INT8_PREFERRED_COSINE on
-    the held-out tiles; failing that the most accurate one if it reaches INT8_MIN_COSINE; else None."""
-    for method in INT8_METHODS:
-        if cosines[method] >= INT8_PREFERRED_COSINE:
-            return method
-    best = max(INT8_METHODS, key=lambda m: cosines[m])
-    return best if cosines[best] >= INT8_MIN_COSINE else None
-
-
-def calibration_tiles(manifest, n: int = CALIBRATION_TILES, seed: int | None = None):
-    """The int8 calibration set (ONNX static QDQ and TensorRT): reference-scene tiles, (n, 3, H, W) float32."""
-    from ..reference import scenes
-
-    return scenes.scene_tiles(manifest.preprocess, n, scenes.CALIBRATION_SEED if seed is None else seed)
-
-
-def grid_feeds(manifest, images) -> list[dict]:
-    """A grid encoder's graph inputs for each image (RGB PIL), preprocessed as at run time."""
-    from ..preprocess import preprocess
-    from ..vision_grid import VisionGrid, encoder_feeds
-
-    grid_spec, names = VisionGrid.from_dict(manifest.encoder.vision_grid), [i["name"] for i in manifest.encoder.inputs]
-    feeds = []
-    for image in images:
-        pre = preprocess(image, manifest.preprocess)
-        all_inputs = encoder_feeds(pre.pixel_values, pre.grid, grid_spec)
-        feeds.append({name: all_inputs[name] for name in names})
-    return feeds
-
-
-# Image sizes (width, height) of the grid encoder's calibration and held-out scenes; smart_resize brings each inside
-# the checkpoint's pixel budget, so a small budget sees them downscaled
-GRID_SIZES = ((224, 224), (308, 224), (224, 336), (280, 280))
-
-
-def grid_int8_feeds(manifest) -> tuple[list[dict], list[dict]]:
-    """(calibration, held-out) inputs of a grid encoder: reference scenes at several sizes and aspect ratios, plus
-    Gaussian-noise patches (at a scene's grid) in the held-out set."""
-    import numpy as np
-
-    from ..reference import scenes
-
-    def images(n: int, seed: int):
-        for i in range(n):
-            width, height = GRID_SIZES[i % len(GRID_SIZES)]
-            yield scenes.render(scenes.make_scene(seed + i), size=max(width, height)).resize((width, height))
-
-    calibration = grid_feeds(manifest, images(8, scenes.CALIBRATION_SEED))
-    held_out = grid_feeds(manifest, images(6, 3_500_000_000))
-    rng = np.random.default_rng(0)
-    for feeds in held_out[:2]:
-        noise = dict(feeds)
-        noise[manifest.encoder.input_name] = rng.normal(size=feeds[manifest.encoder.input_name].shape).astype(np.float32)
-        held_out.append(noise)
-    return calibration, held_out
-
-
-def int8_feeds(manifest) -> tuple[list[dict], list[dict]]:
-    """(calibration, held-out) graph inputs, one run each: reference-scene tiles for calibration; fresh scenes plus
-    Gaussian noise held out, since users' images are not our scenes and static ranges clip what calibration never saw."""
-    import numpy as np
-
-    if manifest.encoder.kind == "grid":
-        return grid_int8_feeds(manifest)
-    name = manifest.encoder.input_name
-    calibration = calibration_tiles(manifest)
-    fresh = calibration_tiles(manifest, 8, seed=3_500_000_000)
-    noise = np.random.default_rng(0).normal(size=(4, *fresh.shape[1:])).astype(np.float32)
-    held_out = np.concatenate([fresh, noise])
-    extra = instruction_feeds(manifest.encoder, 1)
-    return ([{name: calibration[i : i + 1], **extra} for i in range(len(calibration))],
-            [{name: held_out[i : i + 1], **extra} for i in range(len(held_out))])
-
-
-def instruction_feeds(encoder_spec, tiles: int) -> dict:
-    """An instruction-reading graph's other inputs (InstructBLIP): the contract's default instruction per tile."""
-    import numpy as np
-
-    if not encoder_spec.instruction:
-        return {}
-    ids = np.tile(np.asarray(encoder_spec.instruction["default_ids"], dtype=np.int64), (tiles, 1))
-    first, second = encoder_spec.instruction["inputs"]
-    return {first: ids, second: np.ones_like(ids)}
-
-
-def run_per_tile(session, feeds: list[dict]) -> tuple:
-    """One input (a tile, or a grid encoder's image) per run, after a warm-up: the outputs, concatenated along the
-    first axis, and the ms of each run."""
-    import time
-
-    import numpy as np
-
-    session.run(None, feeds[0])
-    times, outputs = [], []
-    for feed in feeds:
-        start = time.perf_counter()
-        outputs.append(session.run(None, feed)[0])
-        times.append((time.perf_counter() - start) * 1e3)
-    return np.concatenate(outputs), times
-
-
-def measure(graph: Path, feeds: list[dict], reference) -> dict:
-    """Median ms per run (tile or image) and cosine to the fp32 graph's outputs."""
-    import statistics
-
-    import onnxruntime as ort
-
-    from ..metrics import cosine
-
-    outputs, times = run_per_tile(ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]), feeds)
-    return {"ms_per_tile": statistics.median(times), "cosine": cosine(outputs, reference)}
-
-
-def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
-    """Every int8 method, judged on held-out inputs (`int8_feeds`: tiles, or a grid encoder's images), chosen by
-    `choose_int8`; an int8 graph below the ladder's cosine is refused rather than shipped."""
-    import onnxruntime as ort
-
-    calibration, held_out = int8_feeds(manifest)
-    unit = "image" if manifest.encoder.kind == "grid" else "tile"
-    fp32 = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    reference, _ = run_per_tile(fp32, held_out)
-    del fp32  # a second copy of the weights while the quantizers hold theirs
-    release_memory()
-    candidates = {}
-    for method, (quantize, weight) in INT8_METHODS.items():
-        if any(c["cosine"] >= INT8_PREFERRED_COSINE for c in candidates.values()):
-            break  # choose_int8 takes the first method at the preferred cosine: the rest cannot change the choice
-        candidate = path.with_name(f".{method}.{path.name}")
-        quantize(fp32_path, candidate, calibration, weight=weight)
-        candidates[method] = {**measure(candidate, held_out, reference), "weight_type": WEIGHT_TYPES[weight],
-                              "graph": candidate}
-        release_memory()  # the quantizer's copies of the model
-        log(f"  int8 {method} ({WEIGHT_TYPES[weight]} weights): cosine {candidates[method]['cosine']:.4f} on held-out "
-            f"{unit}s ({candidates[method]['ms_per_tile']:.1f} ms/{unit} here)")
-    chosen = choose_int8({m: c["cosine"] for m, c in candidates.items()})
-    if chosen is None:
-        for c in candidates.values():
-            c["graph"].unlink(missing_ok=True)
-        best = max(c["cosine"] for c in candidates.values())
-        raise ExportError(f"the int8 encoder reaches cosine {best:.4f} < {INT8_MIN_COSINE} against fp32 on held-out "
-                          f"{unit}s; this model does not quantize well to int8: export onnx:fp16 or onnx:fp32")
-    candidates[chosen]["graph"].replace(path)
-    for c in candidates.values():
-        c.pop("graph").unlink(missing_ok=True)
-    return {"quantization": chosen, "weight_type": candidates[chosen]["weight_type"], "candidates": candidates,
-            "rule": f"the first of {', '.join(INT8_METHODS)} with cosine >= {INT8_PREFERRED_COSINE}, else the most "
-                    f"accurate if >= {INT8_MIN_COSINE} (timings are information only)",
-            "calibration": f"{len(calibration)} reference-scene {unit}s; judged on {len(held_out)} held-out {unit}s"}
 
 
 def choose_cpu_fusion(graph: Path, staged: Path, encoder_spec, log=print, reference: Path | None = None) -> bool:

@@ -67,9 +67,8 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     return FamilySpec(
         family="blip2", architecture=architecture, preprocess=preprocess_spec(processor, image),
         layout=ImageLayout("leading", image_token, image_token, int(image_token_id), queries),
-        vision=VisionShapes(image, patch, int(tower["hidden_size"]), int(tower["num_hidden_layers"]),
-                            int(tower["num_attention_heads"]), int(tower["intermediate_size"]),
-                            (image // patch) ** 2 + 1, queries, ("qformer.", "query_tokens", "language_projection.")),
+        vision=VisionShapes.of_tower(tower, image, patch, (image // patch) ** 2 + 1, queries,
+                                     ("qformer.", "query_tokens", "language_projection.")),
         decoder_architecture=row, mmproj_projector=None, mmproj_refusal=MMPROJ_REFUSAL, instruction=instruction,
         # T5's encoder reads the whole prompt (image rows and text) bidirectionally: one prefix-LM block
         image_attention="prefix" if row == "t5" else "causal",

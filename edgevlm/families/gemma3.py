@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name, square_side
-from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal
+from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal, tower_config
 
 ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 # transformers' SiglipVisionConfig as Gemma3Config builds it (So400m/14 at 896) for keys a config.json may omit
@@ -61,7 +61,7 @@ def layer_pattern_refusal(text: dict) -> str | None:
 
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    shape = tower_config(config, TOWER_DEFAULTS)
     image, patch = square_side(shape["image_size"]), square_side(shape["patch_size"])
     side = image // patch
     tokens = int(config.get("mm_tokens_per_image", 256))
@@ -83,28 +83,15 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     return FamilySpec(
         family="gemma3", architecture=ARCHITECTURES[0], preprocess=preprocess_spec(processor, image),
         layout=ImageLayout("gemma3", BOI, image_token, image_token_id, tokens, start_token=BOI, end_token=EOI),
-        vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
-                            int(shape["num_attention_heads"]), int(shape["intermediate_size"]), side * side, tokens,
-                            ("multi_modal_projector.",)),
+        vision=VisionShapes.of_tower(shape, image, patch, side * side, tokens, ("multi_modal_projector.",)),
         decoder_architecture=decoder_row(config, "gemma3_text"), mmproj_projector=None if wide else "gemma3", mmproj_refusal=wide,
         stop_tokens=("<end_of_turn>",), image_attention="bidirectional",
     )
 
 
 def load(path: Path, config_json: dict, dtype: str = "float32"):
-    import torch
-    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+    from transformers import Gemma3ForConditionalGeneration
 
-    from . import base
-    from .gemma3_vision import Gemma3Vision
+    from .gemma3_vision import load_siglip_gemma
 
-    weights = base.check_files(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    spec = describe(config_json, base.read_processor_config(path), Vocabulary.from_tokenizer(tokenizer))
-    hf_model = Gemma3ForConditionalGeneration.from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
-    config = hf_model.config
-    decoder = base.decoder_from(config.text_config, hf_model.model.language_model, hf_model.lm_head)
-    # a non-persistent buffer (sqrt(hidden)), not in the state dict: the meta-device build left it empty
-    embed = decoder.model.embed_tokens
-    embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
-    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, Gemma3Vision(hf_model).eval(), decoder)
+    return load_siglip_gemma(path, config_json, dtype, Gemma3ForConditionalGeneration, describe)

@@ -12,7 +12,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name
-from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row, usable_context
+from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row, tower_config, usable_context
 
 ARCHITECTURES = ("Idefics2ForConditionalGeneration",)
 END_OF_UTTERANCE = "<end_of_utterance>"
@@ -45,7 +45,7 @@ def preprocess_spec(processor: dict) -> PreprocessSpec:
 
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    shape = tower_config(config, TOWER_DEFAULTS)
     image, patch = int(shape["image_size"]), int(shape["patch_size"])
     latents = int((config.get("perceiver_config") or {}).get("resampler_n_latents", N_LATENTS))
     tokens = int(processor.get("image_seq_len", latents))
@@ -62,9 +62,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     return FamilySpec(
         family="idefics2", architecture=ARCHITECTURES[0], preprocess=preprocess,
         layout=ImageLayout("idefics2", image_token, image_token, int(image_token_id), tokens, fake_token=FAKE_TOKEN),
-        vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
-                            int(shape["num_attention_heads"]), int(shape["intermediate_size"]), side * side, tokens,
-                            ("connector.",)),
+        vision=VisionShapes.of_tower(shape, image, patch, side * side, tokens, ("connector.",)),
         decoder_architecture=decoder_row(config, "mistral"), mmproj_projector=None, mmproj_refusal=MMPROJ_REFUSAL,
         stop_tokens=(END_OF_UTTERANCE,),
     )

@@ -11,7 +11,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name
-from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal
+from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal, tower_config
 
 ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 END_OF_UTTERANCE = "<end_of_utterance>"
@@ -37,7 +37,7 @@ def preprocess_spec(processor: dict, image_size: int) -> PreprocessSpec:
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
     architecture = next((a for a in config.get("architectures") or [] if a in ARCHITECTURES), ARCHITECTURES[0])
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    shape = tower_config(config, TOWER_DEFAULTS)
     image, patch = int(shape["image_size"]), int(shape["patch_size"])
     scale = int(config.get("scale_factor", 2))
     patches = (image // patch) ** 2
@@ -56,9 +56,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     refusal = refusal or mlp_width_refusal("idefics3", int(shape["hidden_size"]), int(shape["intermediate_size"]))
     return FamilySpec(
         family="idefics3", architecture=architecture, preprocess=preprocess_spec(processor, image), layout=layout,
-        vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
-                            int(shape["num_attention_heads"]), int(shape["intermediate_size"]), patches, tokens,
-                            ("connector.",)),
+        vision=VisionShapes.of_tower(shape, image, patch, patches, tokens, ("connector.",)),
         decoder_architecture=decoder_row(config), mmproj_projector=None if refusal else "idefics3",
         mmproj_refusal=refusal, stop_tokens=(END_OF_UTTERANCE,), video=video_spec(architecture, processor),
     )

@@ -10,7 +10,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name, square_side
-from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row
+from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, tower_config
 
 ARCHITECTURES = ("InternVLForConditionalGeneration",)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -62,7 +62,7 @@ def preprocess_spec(processor: dict, image_size: int) -> PreprocessSpec:
 
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    shape = tower_config(config, TOWER_DEFAULTS)
     image, patch = square_side(shape["image_size"]), square_side(shape["patch_size"])
     side = image // patch
     shrink = round(1 / float(config.get("downsample_ratio", 0.5)))  # 2 for InternVL3's 0.5
@@ -82,9 +82,8 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         family="internvl", architecture=ARCHITECTURES[0], preprocess=preprocess_spec(processor, image),
         layout=ImageLayout("wrapped", image_token, image_token, image_token_id, tokens, start_token=start,
                            end_token=end),
-        vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
-                            int(shape["num_attention_heads"]), int(shape["intermediate_size"]), side * side + 1,
-                            tokens, ("multi_modal_projector.",)),  # + 1: the CLS position
+        vision=VisionShapes.of_tower(shape, image, patch, side * side + 1,  # + 1: the CLS position
+                                     tokens, ("multi_modal_projector.",)),
         decoder_architecture=decoder_row(config, "qwen2"), mmproj_projector=None if refusal else "internvl",
         mmproj_refusal=f"{refusal}: no llama.cpp mmproj can run this checkpoint (export onnx:fp32 / onnx:int8 instead)"
         if refusal else None,

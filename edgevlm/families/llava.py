@@ -83,9 +83,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     return FamilySpec(
         family="llava", architecture=ARCHITECTURES[0], preprocess=preprocess_spec(processor, image),
         layout=ImageLayout("repeat", image_token, image_token, int(image_token_id), tokens),
-        vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
-                            int(shape["num_attention_heads"]), int(shape["intermediate_size"]), sequence, tokens,
-                            ("multi_modal_projector.",)),
+        vision=VisionShapes.of_tower(shape, image, patch, sequence, tokens, ("multi_modal_projector.",)),
         decoder_architecture=decoder_row(config), mmproj_projector=projector, mmproj_refusal=refusal,
         stop_tokens=STOP_TOKENS,
     )

@@ -13,7 +13,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name
-from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row
+from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row, tower_config
 
 ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -66,7 +66,7 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     if vision_config.get("model_type", "siglip_vision_model") != "siglip_vision_model":
         raise CheckpointError(f"LLaVA-OneVision vision tower {vision_config.get('model_type')!r} is not supported "
                               "(SigLIP)")
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in vision_config.items() if v is not None}}
+    shape = tower_config(config, TOWER_DEFAULTS)
     image, patch = int(shape["image_size"]), int(shape["patch_size"])
     side = image // patch
     strategy = config.get("vision_feature_select_strategy", "full")
@@ -84,9 +84,8 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         family="llava_onevision", architecture=ARCHITECTURES[0],
         preprocess=preprocess_spec(config, processor, image, patch),
         layout=ImageLayout("anyres", image_token, image_token, int(image_token_id), per_tile),
-        vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
-                            int(shape["num_attention_heads"]), int(shape["intermediate_size"]), side * side, per_tile,
-                            ("multi_modal_projector.", "image_newline")),
+        vision=VisionShapes.of_tower(shape, image, patch, side * side, per_tile,
+                                     ("multi_modal_projector.", "image_newline")),
         decoder_architecture=decoder_row(config, "qwen2"), mmproj_projector=None, mmproj_refusal=MMPROJ_REFUSAL,
         stop_tokens=("<|im_end|>",),
     )

@@ -13,7 +13,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name, square_side
-from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row
+from .spec import PINNED_LLAMA_CPP, FamilySpec, Vocabulary, VisionShapes, decoder_row, tower_config
 
 ARCHITECTURES = ("PaliGemmaForConditionalGeneration",)
 # transformers' SiglipVisionConfig defaults as PaliGemmaConfig builds it (So400m/14 at 224), for omitted keys
@@ -38,9 +38,9 @@ def preprocess_spec(processor: dict, image_size: int) -> PreprocessSpec:
 
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    shape = tower_config(config, TOWER_DEFAULTS)
     image, patch = square_side(shape["image_size"]), square_side(shape["patch_size"])
-    tokens = (image // patch) ** 2
+    tokens = (image // patch) ** 2  # one row per patch: no pooling to mm_tokens_per_image, unlike Gemma 3's describe
     seq_len = int(processor.get("image_seq_length", tokens))
     if seq_len != tokens:
         raise CheckpointError(f"the processor says {seq_len} tokens per image but the {image}px tower with "
@@ -56,33 +56,15 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
     return FamilySpec(
         family="paligemma", architecture=ARCHITECTURES[0], preprocess=preprocess_spec(processor, image),
         layout=ImageLayout("paligemma", IMAGE, image_token, image_token_id, tokens, start_token=BOS),
-        vision=VisionShapes(image, patch, int(shape["hidden_size"]), int(shape["num_hidden_layers"]),
-                            int(shape["num_attention_heads"]), int(shape["intermediate_size"]), tokens, tokens,
-                            ("multi_modal_projector.",)),
+        vision=VisionShapes.of_tower(shape, image, patch, tokens, tokens, ("multi_modal_projector.",)),
         decoder_architecture=decoder_row(config, "gemma2"), mmproj_projector=None, mmproj_refusal=MMPROJ_REFUSAL,
         stop_tokens=("<eos>",), image_attention="prefix",
     )
 
 
 def load(path: Path, config_json: dict, dtype: str = "float32"):
-    import torch
-    from transformers import AutoTokenizer, PaliGemmaForConditionalGeneration
+    from transformers import PaliGemmaForConditionalGeneration
 
-    from . import base
-    from .gemma3_vision import Gemma3Vision
+    from .gemma3_vision import load_siglip_gemma
 
-    weights = base.check_files(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    spec = describe(config_json, base.read_processor_config(path), Vocabulary.from_tokenizer(tokenizer))
-    hf_model = PaliGemmaForConditionalGeneration.from_pretrained(path, dtype=base.torch_dtype(dtype)).eval()
-    decoder = base.decoder_from(hf_model.config.text_config, hf_model.model.language_model, hf_model.lm_head)
-    # a non-persistent buffer (sqrt(hidden)), not in the state dict: the meta-device build left it empty
-    embed = decoder.model.embed_tokens
-    embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
-    # PaliGemmaConfig sets use_bidirectional_attention on its text config (HF's VL model always passes its own
-    # masks); the decoder alone must be causal wherever no mask is given (the backends give the prefix's)
-    decoder.config.use_bidirectional_attention = False
-    for layer in decoder.model.layers:
-        layer.self_attn.is_causal = True
-    # tower -> last hidden state -> projector: Gemma 3's split has the same submodule names (no pooling here)
-    return base.loaded(spec, path, config_json, hf_model, tokenizer, weights, Gemma3Vision(hf_model).eval(), decoder)
+    return load_siglip_gemma(path, config_json, dtype, PaliGemmaForConditionalGeneration, describe, causal_decoder=True)

@@ -11,7 +11,7 @@ from ..errors import CheckpointError
 from ..layout import ImageLayout
 from ..preprocess import PreprocessSpec
 from .files import resample_name
-from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal, text_config
+from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, mlp_width_refusal, text_config, tower_config
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 IMAGE_TOKEN, IMAGE_TOKEN_ID = "<|image_pad|>", 151655
@@ -101,7 +101,7 @@ def image_token(config: dict, tokenizer: Vocabulary) -> int:
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
     architecture = next((a for a in config.get("architectures") or [] if a in ARCHITECTURES), ARCHITECTURES[0])
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    shape = tower_config(config, TOWER_DEFAULTS)
     merge, patch = int(shape["spatial_merge_size"]), int(shape["patch_size"])
     gated = architecture == "Qwen2_5_VLForConditionalGeneration"  # 2.5: SwiGLU MLP at intermediate_size
     width = int(shape["hidden_size"] if gated else shape["embed_dim"])

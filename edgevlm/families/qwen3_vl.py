@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..layout import ImageLayout
 from .qwen2_vl import IMAGE_TOKEN, image_token, load_qwen_vl, preprocess_spec
-from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, text_config
+from .spec import FamilySpec, Vocabulary, VisionShapes, decoder_row, text_config, tower_config
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 # transformers' Qwen3VLVisionConfig defaults, for keys a config.json may omit
@@ -24,7 +24,7 @@ PROCESSOR_DEFAULTS = {"patch_size": 16, "image_mean": (0.5, 0.5, 0.5), "image_st
 
 
 def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec:
-    shape = {**TOWER_DEFAULTS, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
+    shape = tower_config(config, TOWER_DEFAULTS)
     merge, patch = int(shape["spatial_merge_size"]), int(shape["patch_size"])
     deepstack = [int(i) for i in shape["deepstack_visual_indexes"]]
     image_token_id = image_token(config, tokenizer)

@@ -96,6 +96,15 @@ class VisionShapes:
         if not self.projector_prefixes:
             raise ValueError("a vision description names its projector's tensors (projector_prefixes)")
 
+    @classmethod
+    def of_tower(cls, tower: Mapping[str, Any], image: int, patch: int, sequence: int, tokens_per_tile: int,
+                 projector_prefixes: tuple[str, ...]) -> VisionShapes:
+        """A ViT tower config's (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size) as the
+        description's width, layers, heads and MLP width; the family says what a tile's sequence and rows are."""
+        return cls(image, patch, int(tower["hidden_size"]), int(tower["num_hidden_layers"]),
+                   int(tower["num_attention_heads"]), int(tower["intermediate_size"]), sequence, tokens_per_tile,
+                   projector_prefixes)
+
 
 @dataclass(frozen=True)
 class InstructionInput:
@@ -187,6 +196,11 @@ class FamilySpec:
                 "mrope_section": list(self.mrope_section) if self.mrope_section else None,
                 "deepstack_layers": self.deepstack_layers,
                 "instruction": asdict(self.instruction) if self.instruction else None}
+
+
+def tower_config(config: dict, defaults: Mapping[str, Any]) -> dict:
+    """config.json's vision_config over the family's defaults, which stand for keys it omits or stores as null."""
+    return {**defaults, **{k: v for k, v in (config.get("vision_config") or {}).items() if v is not None}}
 
 
 def mlp_width_refusal(projector_type: str, width: int, mlp: int) -> str | None:

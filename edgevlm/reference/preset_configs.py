@@ -8,8 +8,9 @@ from .preset_idefics2 import IDEFICS2_SPECIAL_IDS, Idefics2Shape
 from .preset_onevision import ONEVISION_SPECIAL_IDS, OnevisionShape
 from .preset_instructblip import InstructBlipShape
 from .preset_paligemma import PaliGemmaShape
-from .presets import (INTERNVL_SPECIAL_IDS, LLAVA15_SPECIAL_IDS, QWEN2VL_SPECIAL_IDS, SMOLVLM_SPECIAL_IDS,
-                      Gemma3Shape, InternVLShape, LlavaShape, Qwen3VLShape, QwenVLShape)
+from .preset_qwen_vl import QWEN2VL_SPECIAL_IDS, Qwen3VLShape, QwenVLShape
+from .presets import (INTERNVL_SPECIAL_IDS, LLAVA15_SPECIAL_IDS, SMOLVLM_SPECIAL_IDS, Gemma3Shape, InternVLShape,
+                      LlavaShape)
 
 QWEN_MIN_PIXELS = 56 * 56  # build_preset's processor
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]

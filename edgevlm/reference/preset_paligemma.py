@@ -13,11 +13,11 @@ from pathlib import Path
 from .tokenizers import bpe_with_pinned_ids, wrap
 
 
-
 def special_ids(shape: "PaliGemmaShape") -> dict[int, str]:
     return {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", shape.image_token_id: "<image>"}
 
 
+# Gemma3Shape's tower fields again, on purpose: each preset's defaults are its own checkpoint's published config
 @dataclass(frozen=True)
 class PaliGemmaShape:
     text_hidden: int = 2304
