@@ -167,3 +167,12 @@ def test_one_line_errors(capsys, bundle, clip, tmp_path):
     idefics3 = builders.build_idefics3(tmp_path / "idefics3", seed=2)
     code, _, err = _cli(capsys, "watch", str(idefics3), str(clip), "--prompt", QUESTION)
     _one_line_exit_2(code, err, "this model takes no video")
+
+
+def test_watch_table_for_people(capsys, bundle, clip):
+    code, out, err = _cli(capsys, "watch", str(bundle), str(clip), "--every", "1s", "--window", "3s", "--prompt",
+                          QUESTION, "--max-tokens", "2", "--max-answers", "2", *PAIR)
+    assert code == 0, err
+    assert out.count("stream time") == 1 and out.count("TTFT ms") == 1  # one header, then a row per answer
+    assert "watching: a 6-frame window (3 s at 2 fps" in out and "2.5 s" in out and "3.5 s" in out
+    assert "2 answers, 8 frames encoded, 4 reused" in err
