@@ -176,3 +176,21 @@ def test_watch_table_for_people(capsys, bundle, clip):
     assert out.count("stream time") == 1 and out.count("TTFT ms") == 1  # one header, then a row per answer
     assert "watching: a 6-frame window (3 s at 2 fps" in out and "2.5 s" in out and "3.5 s" in out
     assert "2 answers, 8 frames encoded, 4 reused" in err
+
+
+def test_realtime_paces_each_kept_frame_to_its_stream_time(bundle, clip, monkeypatch):
+    """--realtime: before each kept frame, a sleep until its stream time (recorded, not waited: no timed test)."""
+    import edgevlm
+    from edgevlm.video import window
+    from edgevlm.video.window import StreamSource, plan_window, watch
+
+    clock = [100.0]
+    slept: list[float] = []
+    monkeypatch.setattr(window.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(window.time, "sleep", lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    with StreamSource(clip) as source:
+        result = watch(session, source.frames(), QUESTION, plan_window(session.spec.video, 3.0, 1.0),
+                       max_answers=1, realtime=True, generate_kwargs={"max_tokens": 1})
+    assert len(result.answers) == 1
+    assert slept == pytest.approx([0.0, 0.5, 0.5, 0.5, 0.5, 0.5])  # the 6 kept frames, 0.5 s of stream apart
