@@ -38,6 +38,18 @@ $EV bench "$WORK/w1-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new
 $EV bench "$WORK/w1-split-bundle-mmproj" --image-size 512x512 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 3 \
   --encoder onnx:int8 --decoder gguf:q8_0 -o benchmarks/results/w1-split | tail -n 1 > /dev/null
 
+# W5: video (issue 34). SmolVLM2-256M shapes (random weights; the preset writes SmolVLMVideoProcessor's sampling: 1 fps,
+# at most 64 frames), a generated 10 s clip (640x360, 10 fps: 10 frames sampled), onnx:int8 + gguf:q8_0 against
+# PyTorch eager: cold TTFT, a second question on the same clip, and a 2 s stride over a 30 s clip (10-frame window).
+# ~1.5 min of export and ~4 of bench on 2 cores. llama-mtmd-cli's video path needs an ffmpeg executable (its row says
+# when there is none).
+[ -d "$WORK/smolvlm2-256m" ] || $EV preset smolvlm2-256m -o "$WORK/smolvlm2-256m"
+[ -d "$WORK/w5-bundle" ] || $EV export "$WORK/smolvlm2-256m" -o "$WORK/w5-bundle" --encoder onnx:int8 \
+  --decoder gguf:q8_0 --max-tiles 17
+$EV bench "$WORK/w5-bundle" --video-seconds 10 --video-stride-seconds 30 --video-every 2s --prompt-tokens 24 \
+  --new-tokens 16 --repeats 2 --threads 2 --encoder onnx:int8 --decoder gguf:q8_0 "${PEER_BIN[@]}" \
+  -o benchmarks/results/w5 | tail -n 1 > /dev/null
+
 # W2: the reference model (trained locally), its own 128x128 scenes
 REF=$($EV reference --json | tail -n 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')
 W2="$WORK/w2-bundle-$(basename "$REF")"  # keyed by the recipe hash: a retrained model gets a fresh bundle

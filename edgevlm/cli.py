@@ -16,6 +16,7 @@ COMMANDS = {
     "inspect": "show family, parameters, shapes and image-token layout of a checkpoint or bundle",
     "export": "export a checkpoint to an edge bundle (ONNX encoder, GGUF/MLX decoder)",
     "run": "answer one prompt about one or more images",
+    "watch": "answer over the last seconds of a video file or live stream, every few seconds (video models)",
     "chat": "multi-turn chat about an image (the KV cache is kept between turns)",
     "serve": "serve a bundle over an OpenAI-compatible HTTP API (/v1/chat/completions)",
     "eval": "task accuracy of the reference model on held-out synthetic scenes",

@@ -88,3 +88,21 @@ def test_gemma3_preset_projector_is_not_zero(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         weight = f.get_tensor("multi_modal_projector.mm_input_projection_weight")
     assert weight.shape == (32, 32) and weight.abs().max() > 0
+
+
+def test_smolvlm2_presets_carry_the_video_sampling(tmp_path):
+    """SmolVLM2 checkpoints take video: the preset writes SmolVLMVideoProcessor's sampling (1 fps, at most 64 frames)
+    where the Hub's checkpoints keep it, and the loader reads it (the image `size` is the first resize, as in
+    transformers). A tiny SmolVLM2-shaped model; SmolVLM (Idefics3) presets stay image-only."""
+    from dataclasses import replace
+
+    from edgevlm.families import load_checkpoint
+    from edgevlm.reference.presets import _build_smolvlm
+
+    tiny = replace(PRESETS["smolvlm2-256m"], text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1,
+                   text_mlp=128, vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, image=64)
+    video = load_checkpoint(_build_smolvlm(tiny, tmp_path / "smolvlm2", single_tile=False)).spec.video
+    assert (video.kind, video.fps, video.max_frames, video.video_longest_edge, video.frame_size) == \
+        ("smolvlm", 1.0, 64, 4 * 64, 64)
+    idefics3 = replace(tiny, architecture=PRESETS["smolvlm-256m"].architecture)
+    assert load_checkpoint(_build_smolvlm(idefics3, tmp_path / "smolvlm", single_tile=False)).spec.video is None

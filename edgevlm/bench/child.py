@@ -19,7 +19,12 @@ def main() -> int:
         print(CHILD_PROGRESS + message, file=sys.stderr, flush=True)
 
     try:
-        if request.get("peer") == "mtmd":  # llama.cpp's own multimodal path, alone in this process
+        if request.get("workload") == "video":  # the video workload (edgevlm.bench.video)
+            from .video import VideoWorkload, measure_video
+
+            record = measure_video(request["path"], request["encoder"], request["decoder"], Scenario(**values),
+                                   VideoWorkload(**request["video"]), progress)
+        elif request.get("peer") == "mtmd":  # llama.cpp's own multimodal path, alone in this process
             from pathlib import Path
 
             from .harness import mtmd_peer

@@ -28,6 +28,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--torch-dtype", default="float32", choices=("float32", "auto"),
                         help="the PyTorch reference's weights: float32, or auto (as the checkpoint stores them, e.g. "
                              "bf16 where a float32 copy would not fit in memory)")
+    parser.add_argument("--video", default=None, help="the video workload on this clip (cold TTFT, a second "
+                        "question, a stride run over the same file) instead of the image one")
+    parser.add_argument("--video-seconds", type=float, default=None, help="the video workload on a generated clip of "
+                        "this many seconds (moving shapes, 640x360 at 10 fps)")
+    parser.add_argument("--video-stride-seconds", type=float, default=None, help="the generated clip the stride run "
+                        "slides over (default 3x --video-seconds)")
+    parser.add_argument("--video-every", default="2s", help="the stride run's answer interval (default 2s)")
+    parser.add_argument("--video-window", default=None, help="the stride run's window (default: the clip's length, at "
+                        "most what the processor samples whole)")
     parser.add_argument("-o", "--output", default=None, help="folder for bench.json, bench.md, bench.png")
     from .common import add_flash_attn_argument, add_memory_arguments
 
@@ -53,6 +62,8 @@ def main(args) -> int:
 
     if not 0 <= args.accuracy <= 100_000:
         raise BadInputError(f"--accuracy must be 0..100000 questions, got {args.accuracy}")
+    if args.video is not None or args.video_seconds is not None:
+        return _video(args, console, command)
     with console.status("benchmarking") as status:
         def progress(message: str) -> None:
             status.update(message)
@@ -82,5 +93,32 @@ def main(args) -> int:
         if args.output:
             files = report.write(result, Path(args.output), command)
             console.print("wrote " + ", ".join(str(p) for p in files.values()))
+    print(json.dumps(result))  # the last stdout line is the JSON summary
+    return 0
+
+
+def _video(args, console, command: str) -> int:
+    """The video workload (edgevlm/bench/video.py): its table, bench.json and bench.md, the JSON last on stdout."""
+    import json
+    from pathlib import Path
+
+    from ..bench import harness, video
+    from ..video.window import parse_seconds
+    from .common import flash_attn_option, memory_options
+
+    every = parse_seconds(args.video_every, "--video-every")
+    window = parse_seconds(args.video_window, "--video-window") if args.video_window is not None else None
+    scenario = harness.Scenario(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
+                                threads=args.threads, torch_dtype=args.torch_dtype, **memory_options(args),
+                                **flash_attn_option(args))
+    with video.scratch_folder() as scratch, console.status("benchmarking video") as status:
+        workload = video.make_workload(Path(scratch), args.video, args.video_seconds, args.video_stride_seconds,
+                                       every, window)
+        result = video.run_video_bench(args.path, scenario, workload, args.encoder, args.decoder, args.peers,
+                                       args.target, args.llamacpp_bin, status.update, isolate=not args.in_process)
+    video.print_table(result, console)
+    if args.output:
+        files = video.write(result, Path(args.output), command)
+        console.print("wrote " + ", ".join(str(p) for p in files.values()))
     print(json.dumps(result))  # the last stdout line is the JSON summary
     return 0

@@ -236,6 +236,11 @@ def _build_smolvlm(shape: SmolVLMShape, out: Path, single_tile: bool) -> Path:
         (out / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
         (out / "processor_config.json").write_text(json.dumps({"image_seq_len": image_seq_len,
                                                                "processor_class": "SmolVLMProcessor"}))
+        # the video processor's settings, where the Hub's SmolVLM2 checkpoints keep them (SmolVLMVideoProcessor's
+        # defaults: 1 fps, at most 64 frames); its `size` above overrides video_size, as in transformers
+        processor_file = out / "preprocessor_config.json"
+        processor_file.write_text(json.dumps({**json.loads(processor_file.read_text()), "video_sampling": {
+            "fps": 1, "max_frames": 64, "video_size": {"longest_edge": shape.image}}}, indent=2))
         return out
     Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
                       chat_template=SMOLVLM_TEMPLATE).save_pretrained(out)

@@ -1,0 +1,196 @@
+"""`edgevlm watch`: a window over a stream, moved on by k frames, encodes exactly the k new frames and answers as a cold
+run of the same window; bad sources, families without video and windows that do not fit are one line, exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import builders
+import video_clips
+from edgevlm.video.window import FrameGrid, WindowPlan, parse_seconds
+
+pytest.importorskip("av")
+VIDEO_SAMPLING = {"fps": 2, "max_frames": 6, "video_size": {"longest_edge": 48}}  # as tests/test_video_smolvlm.py
+QUESTION = "What moves in the video?"
+PAIR = ["--encoder", "onnx:fp32", "--decoder", "gguf:f32", "--threads", "1", "--flash-attn", "off"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    ckpt = builders.build_smolvlm2(tmp_path_factory.mktemp("smolvlm2-watch"), seed=5, video_sampling=VIDEO_SAMPLING)
+    return export_checkpoint(ckpt, tmp_path_factory.mktemp("bundle") / "smolvlm2-watch",
+                             [ArtifactRequest("onnx", "fp32")], [ArtifactRequest("gguf", "f32")], max_tiles=8,
+                             options={"group_size": 32})
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    # 6 s at 10 fps: the 2-fps grid keeps frames 0, 5, ..., 55 (12 frames)
+    return video_clips.make_clip(tmp_path_factory.mktemp("clips"), "stream.mp4", seconds=6)
+
+
+def grid_frames(path) -> np.ndarray:
+    """The frames the 2-fps grid keeps, decoded independently of window.py: every 5th of the 10-fps clip."""
+    from edgevlm.video.decode import decode_video
+
+    return decode_video(path, lambda probe: np.arange(0, probe.total_frames, 5)).frames
+
+
+def window_clip(frames: np.ndarray, start: int, n: int = 6):
+    from edgevlm.video.clip import VideoClip
+
+    return VideoClip(frames[start:start + n], np.arange(n) / 2.0, 2.0, n / 2.0)
+
+
+def _cli(capsys, *argv):
+    from edgevlm.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_exit_2(code, err, *needles):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err)
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_durations_and_the_grid():
+    assert [parse_seconds(t, "--every") for t in ("2s", "500ms", "1.5", "1m", 3)] == [2.0, 0.5, 1.5, 60.0, 3.0]
+    grid = FrameGrid(2.0)  # 10 fps source: every 5th frame; a 1.5 fps source: every frame that passes a tick
+    assert [i for i in range(30) if grid.keep(i / 10)] == [0, 5, 10, 15, 20, 25]
+    grid = FrameGrid(2.0)
+    assert [round(t, 3) for t in np.arange(6) / 1.5 if grid.keep(t)] == [0.0, 0.667, 1.333, 2.0, 2.667, 3.333]
+    assert WindowPlan(2.0, 6, 2).window_s == 3.0 and WindowPlan(2.0, 6, 2).every_s == 1.0
+
+
+def test_watch_json_encodes_only_new_frames_and_answers_as_a_cold_run(capsys, bundle, clip):
+    import edgevlm
+
+    code, out, err = _cli(capsys, "watch", str(bundle), str(clip), "--every", "1s", "--window", "3s", "--prompt",
+                          QUESTION, "--max-tokens", "6", "--json", *PAIR)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    answers, summary = lines[:-1], lines[-1]["summary"]
+    # 12 kept frames, a 6-frame window every 2 new frames: windows start at kept frames 0, 2, 4, 6
+    assert [a["stream_time_s"] for a in answers] == [2.5, 3.5, 4.5, 5.5]
+    assert [a["window_s"][0] for a in answers] == [0.0, 1.0, 2.0, 3.0]
+    assert [(a["frames_encoded"], a["frames_reused"]) for a in answers] == [(6, 0), (2, 4), (2, 4), (2, 4)]
+    assert all(a["reused_positions"] > 0 for a in answers[1:])  # the text before the first frame stays in the KV
+    assert summary == {"answers": 4, "frames_decoded": 60, "frames_encoded": 12, "frames_reused": 12,
+                       "interrupted": False}
+    frames = grid_frames(clip)
+    cold = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    for j, answer in enumerate(answers):
+        cold.clear_caches()
+        cold.forget_sequence()
+        again = cold.generate(prompt=QUESTION, video=window_clip(frames, 2 * j), max_tokens=6)
+        assert again.timings["embed_cache_misses"] == 6
+        assert again.tokens == answer["tokens"] and again.text == answer["text"], j
+    assert len({tuple(a["tokens"]) for a in answers}) > 1  # the windows differ, and so do the answers
+
+
+def test_stride_of_one_frame_max_answers_and_ctrl_c(bundle, clip):
+    import edgevlm
+    from edgevlm.video.window import StreamSource, plan_window, watch
+
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    plan = plan_window(session.spec.video, 3.0, 0.5)
+    assert (plan.window_frames, plan.stride_frames, plan.rate) == (6, 1, 2.0)
+    with StreamSource(clip) as source:
+        result = watch(session, source.frames(), QUESTION, plan, max_answers=3, generate_kwargs={"max_tokens": 3})
+    assert [(a.frames_encoded, a.frames_reused) for a in result.answers] == [(6, 0), (1, 5), (1, 5)]
+    assert [a.window_start_s for a in result.answers] == [0.0, 0.5, 1.0] and not result.interrupted
+
+    def interrupt(answer):
+        if answer.index == 2:
+            raise KeyboardInterrupt
+
+    session.clear_caches()
+    with StreamSource(clip) as source:
+        result = watch(session, source.frames(), QUESTION, plan, on_answer=interrupt, generate_kwargs={"max_tokens": 2})
+    assert result.interrupted and len(result.answers) == 2  # what was answered before Ctrl-C is kept
+
+
+def test_a_stream_shorter_than_the_window_is_answered_once(bundle, tmp_path):
+    import edgevlm
+    from edgevlm.video.window import StreamSource, plan_window, watch
+
+    short = video_clips.make_clip(tmp_path, "short.mp4", seconds=1.5)  # 3 kept frames, a 6-frame window
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    with StreamSource(short) as source:
+        result = watch(session, source.frames(), QUESTION, plan_window(session.spec.video, 3.0, 1.0),
+                       generate_kwargs={"max_tokens": 2})
+    assert [(a.n_frames, a.frames_encoded) for a in result.answers] == [(3, 3)]
+
+
+def test_stdin_stream(bundle, clip, tmp_path, capsys):
+    """`-` reads a streamable container from stdin: the same first answer as the file."""
+    mkv = video_clips.write_clip(tmp_path / "stream.mkv", video_clips.moving_shapes(60), codec="libx264")
+    argv = ["watch", str(bundle), "-", "--every", "1s", "--window", "3s", "--prompt", QUESTION, "--max-tokens", "6",
+            "--json", "--max-answers", "1", *PAIR]
+    root = Path(__file__).resolve().parent.parent
+    with open(mkv, "rb") as stdin:
+        done = subprocess.run([sys.executable, "-m", "edgevlm", *argv], stdin=stdin, capture_output=True, text=True,
+                              cwd=root, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert len(lines) == 2 and lines[0]["frames_encoded"] == 6 and lines[1]["summary"]["answers"] == 1
+    code, out, err = _cli(capsys, *[str(mkv) if a == "-" else a for a in argv])
+    assert code == 0, err
+    assert json.loads(out.splitlines()[0])["tokens"] == lines[0]["tokens"]
+
+
+def test_one_line_errors(capsys, bundle, clip, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(clip.read_bytes()[:300])
+    base = ["--prompt", QUESTION, *PAIR]
+    for argv, needles in [
+        ([str(tmp_path / "none.mp4")], ["video not found"]),
+        ([str(bad)], ["cannot read video", "bad.mp4"]),
+        ([str(clip), "--every", "soon"], ["--every 'soon' is not a duration"]),
+        ([str(clip), "--window", "10s"], ["is 20 frames, over the 6 frames", "--window"]),
+        ([str(clip), "--window", "0.1s"], ["holds no frame"]),
+        ([str(clip), "--window", "3s", "--n-ctx", "200"], ["over the decoder context of 200", "--window"]),
+        ([str(clip), "--max-answers", "0"], ["--max-answers must be"]),
+    ]:
+        _one_line_exit_2(*_cli(capsys, "watch", str(bundle), *argv, *base)[::2], *needles)
+    idefics3 = builders.build_idefics3(tmp_path / "idefics3", seed=2)
+    code, _, err = _cli(capsys, "watch", str(idefics3), str(clip), "--prompt", QUESTION)
+    _one_line_exit_2(code, err, "this model takes no video")
+
+
+def test_watch_table_for_people(capsys, bundle, clip):
+    code, out, err = _cli(capsys, "watch", str(bundle), str(clip), "--every", "1s", "--window", "3s", "--prompt",
+                          QUESTION, "--max-tokens", "2", "--max-answers", "2", *PAIR)
+    assert code == 0, err
+    assert out.count("stream time") == 1 and out.count("TTFT ms") == 1  # one header, then a row per answer
+    assert "watching: a 6-frame window (3 s at 2 fps" in out and "2.5 s" in out and "3.5 s" in out
+    assert "2 answers, 8 frames encoded, 4 reused" in err
+
+
+def test_realtime_paces_each_kept_frame_to_its_stream_time(bundle, clip, monkeypatch):
+    """--realtime: before each kept frame, a sleep until its stream time (recorded, not waited: no timed test)."""
+    import edgevlm
+    from edgevlm.video import window
+    from edgevlm.video.window import StreamSource, plan_window, watch
+
+    clock = [100.0]
+    slept: list[float] = []
+    monkeypatch.setattr(window.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(window.time, "sleep", lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    with StreamSource(clip) as source:
+        result = watch(session, source.frames(), QUESTION, plan_window(session.spec.video, 3.0, 1.0),
+                       max_answers=1, realtime=True, generate_kwargs={"max_tokens": 1})
+    assert len(result.answers) == 1
+    assert slept == pytest.approx([0.0, 0.5, 0.5, 0.5, 0.5, 0.5])  # the 6 kept frames, 0.5 s of stream apart
