@@ -179,13 +179,15 @@ SHOWN = (
           "1,024 patches)", "onnx-fusion", "Measured as the fp32 run above; neither fuses the rotary attention."),
     Shown("llama-server-interop", "Stock llama.cpp: every family with an mmproj writer through a real "
           "`llama-server --mmproj` (tiny random checkpoints)", "interop", INTEROP_NOTE),
-    Shown("serve-vs-llama-server", "Serving side by side: llama-server and `edgevlm serve` on W1's bundle, a short run "
-          "(`--scale 0.25`)", "serve-vs-llama-server", SERVE_VS_NOTE),
+    Shown("serve-vs-llama-server", "Serving side by side: llama-server and `edgevlm serve` on W1's bundle, full scale",
+          "serve-vs-llama-server", SERVE_VS_NOTE),
     Shown("serve-encode", "Image encodes beside a stream (issue 32): a streaming client's inter-token gaps while "
           "another user's images are encoded, before and after the encode worker", "serve-vs-llama-server",
           SERVE_ENCODE_NOTE),)
 
 RETIRED = (
+    Retired("serve-vs-llama-server-short", "serve-vs-llama-server", "the same benchmark at `--scale 0.25` (1 to 4 "
+            "requests per client), before the admission fix: edgevlm refused 2 of the burst's 12 with 429"),
     Retired("w1-first", "w1", "the same W1 command 16 minutes earlier, while the VM was busier: 105.3 tok/s, 0.88x "
             "llama-bench's default row (120.1), 0.94x llama-bench at the same depth (112.4)"),
     Retired("w3-q4-first", "w3-q4", "the same W3 q4_k_m command 15 minutes earlier, while the VM was busier: 26.2 "
