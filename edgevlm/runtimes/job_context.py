@@ -6,6 +6,8 @@ keeps its --n-ctx (its conversations are not known in advance)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 from . import prompt as prompts
 
 CONTEXT_MULTIPLE = 256  # llama-context.cpp pads n_ctx to 256 (the planner's budget.LLAMA_CTX_PAD)
@@ -18,6 +20,7 @@ class Job:
     questions: tuple[str, ...]
     images: tuple = ()  # sources (paths, PIL images, arrays) every question is asked about
     max_tokens: int = 64
+    video: Any = None  # a video_prompt.VideoRequest every question is asked about (its header is read, no frame)
 
     def __post_init__(self) -> None:
         if not self.questions or self.max_tokens < 1:
@@ -27,6 +30,11 @@ class Job:
         """The KV positions its longest request fills: prompt + answer."""
         prepared = None
         longest = 0
+        if self.video is not None:
+            from .video_prompt import user_message, video_prompt_length
+
+            return max(video_prompt_length(spec, prompts.render(spec, [user_message(q)]), self.video)
+                       for q in self.questions) + self.max_tokens
         for question in self.questions:
             text = prompts.render(spec, [prompts.user_message(spec, question, len(self.images))])
             if prepared is None or spec.instruction_tokenizer is not None:  # InstructBLIP's rows depend on the text

@@ -1,0 +1,206 @@
+"""Qwen2.5-VL video through the one generic path (issue 34, integration): the export records the video section, and
+`edgevlm run --video`, Session.generate(video=...) and serve's video_url give the greedy tokens of transformers'
+model.generate on the same PyAV-written clip, whose processor outputs come from the HF video processor in a child
+(tests/hf_video.py); context overflow is one line, exit 2, before decoding."""
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_video_qwen import HF_PROCESSOR
+
+import builders
+import hf_video
+import video_clips
+from edgevlm.errors import BadInputError
+from edgevlm.video.qwen import QwenVideoSpec, read_video_processor_config, video_spec
+
+pytest.importorskip("av")
+pytestmark = pytest.mark.skipif(not hf_video.available(), reason="no torchvision for the HF video reference")
+QUESTION = "What moves here?"
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def qwen25(tmp_path_factory):
+    return builders.build_qwen2_vl(tmp_path_factory.mktemp("qwen25-video-int"), "2.5", seed=11)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """4 s at 10 fps, 131 x 75 (odd on both sides): 8 frames sampled at 2 fps, 4 temporal patches of 3 x 5 tokens."""
+    folder = tmp_path_factory.mktemp("qwen-clips")
+    return {"shapes": video_clips.make_clip(folder, "shapes.mp4", seconds=4, width=131, height=75),
+            "other": video_clips.make_clip(folder, "other.mp4", seconds=4, width=131, height=75, seed=7)}
+
+
+@pytest.fixture(scope="module")
+def bundle(qwen25, tmp_path_factory):
+    from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
+
+    return export_checkpoint(qwen25, tmp_path_factory.mktemp("qwen25-int") / "bundle",
+                             [ArtifactRequest("onnx", "fp32")],
+                             [ArtifactRequest("gguf", "f32"), ArtifactRequest("mlx", "fp32")], max_tiles=8,
+                             options={"group_size": 32})
+
+
+def _frames(path):
+    """Every frame of the file, decoded by PyAV here (not through edgevlm's decoder)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+        return frames, float(stream.average_rate)
+
+
+def hf_tokens(ckpt_path, clip_path) -> list[int]:
+    """transformers end to end: Qwen2_5_VLProcessor + Qwen2VLVideoProcessor (child), then model.generate."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    frames, fps = _frames(clip_path)
+    hf = hf_video.run_reference(HF_PROCESSOR.replace("PATH", repr(str(ckpt_path))).replace(
+        '{"type": "text", "text": "What moves?"}', '{"type": "text", "text": ' + repr(QUESTION) + '}'),
+        {"frames": frames, "fps": np.asarray(fps)})
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt_path, dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id  # <|im_end|>, the bundle's stop token too (not in our tokens)
+    ids = torch.from_numpy(hf["input_ids"])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values_videos=torch.from_numpy(hf["pixel_values_videos"]),
+                             video_grid_thw=torch.from_numpy(hf["video_grid_thw"]),
+                             second_per_grid_ts=torch.from_numpy(hf["second_per_grid_ts"]),
+                             mm_token_type_ids=torch.from_numpy(hf["mm_token_type_ids"]),
+                             max_new_tokens=MAX_TOKENS, do_sample=False)
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tokens[:-1] if tokens and tokens[-1] in ([eos] if isinstance(eos, int) else eos) else tokens
+
+
+@pytest.fixture(scope="module")
+def reference(qwen25, clips):
+    return {name: hf_tokens(qwen25, clips[name]) for name in ("shapes", "other")}
+
+
+def test_the_bundle_records_the_qwen_video_section(qwen25, bundle, tmp_path):
+    from edgevlm.families import describe_checkpoint
+    from edgevlm.manifest import Manifest
+    from edgevlm.video.kinds import video_spec_from_dict
+
+    expected = video_spec(json.loads((qwen25 / "config.json").read_text()), read_video_processor_config(qwen25))
+    section = Manifest.load(bundle).video
+    assert section["kind"] == "qwen2_vl" and video_spec_from_dict(section) == expected
+    assert expected.tokens_per_second == 4 and (expected.min_pixels, expected.max_pixels) == (56 * 56, 224 * 224)
+    # Qwen2-VL: the same processor, no time scaling (t advances 1 per temporal patch)
+    qwen2 = describe_checkpoint(builders.build_qwen2_vl(tmp_path / "qwen2", "2", seed=3)).video
+    assert isinstance(qwen2, QwenVideoSpec) and qwen2.tokens_per_second is None
+
+
+def _cli(capsys, *argv):
+    from edgevlm.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_exit_2(code, err, *needles):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err)
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_cli_run_video_equals_model_generate(capsys, bundle, clips, reference):
+    assert reference["shapes"] != reference["other"]  # the tiny model is discriminative: another clip, other tokens
+    for name in ("shapes", "other"):
+        code, out, err = _cli(capsys, "run", str(bundle), "--video", str(clips[name]), "--prompt", QUESTION,
+                              "--max-tokens", str(MAX_TOKENS), "--encoder", "onnx:fp32", "--decoder", "mlx:fp32",
+                              "--json")
+        assert code == 0, err
+        answer = json.loads(out.strip().splitlines()[-1])
+        assert answer["tokens"] == reference[name], name
+        assert answer["timings"]["video_units_encoded"] == 4 and answer["timings"]["n_image_tokens"] == 60
+
+
+def test_session_generate_video_torch_and_bundle(qwen25, bundle, clips, reference):
+    import edgevlm
+    from edgevlm.families import load_checkpoint
+    from edgevlm.loading import session_from_checkpoint
+
+    torch_session = session_from_checkpoint(load_checkpoint(qwen25))
+    result = torch_session.generate(prompt=QUESTION, video=clips["shapes"], max_tokens=MAX_TOKENS)
+    assert result.tokens == reference["shapes"]
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="mlx:fp32", threads=1)
+    first = session.generate(prompt=QUESTION, video=clips["shapes"], max_tokens=MAX_TOKENS)
+    again = session.generate(prompt=QUESTION, video=clips["shapes"], max_tokens=MAX_TOKENS)
+    assert first.tokens == again.tokens == reference["shapes"]
+    # asked again: the whole prompt's KV prefix is reused, no unit looked up; with the KV gone (the prefix cache
+    # emptied), the 4 temporal patches come from the embedding cache
+    assert again.timings["video_units_encoded"] == 0
+    assert again.timings["n_reused_positions"] >= again.timings["n_prompt_tokens"] - 1
+    session.forget_sequence()
+    session.prefix_cache.clear()
+    other = session.generate(prompt="Describe it.", video=clips["shapes"], max_tokens=2)
+    assert (other.timings["video_units_encoded"], other.timings["video_units_reused"]) == (0, 4)
+    # --max-frames 4: 2 temporal patches, the first 2 s of the clip's sampling spread over it
+    short = session.generate(prompt=QUESTION, video=clips["shapes"], max_frames=4, max_tokens=2)
+    assert short.timings["n_image_tokens"] == 30
+
+
+def test_serve_video_url_equals_model_generate(bundle, clips, reference):
+    import edgevlm
+    from edgevlm.serve import ChatService
+
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="mlx:fp32", threads=1)
+    data = base64.b64encode(clips["shapes"].read_bytes()).decode()
+    request = {"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{data}"}},
+        {"type": "text", "text": QUESTION}]}], "max_tokens": MAX_TOKENS}
+    result = [d for d in ChatService(session, "m").complete(request) if d.result is not None][0].result
+    assert result.tokens[:len(reference["shapes"])] == reference["shapes"]
+
+
+def test_context_overflow_and_bad_limits_are_one_line(capsys, bundle, clips):
+    base = ["run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION, "--encoder", "onnx:fp32",
+            "--decoder", "mlx:fp32"]
+    # 4 temporal patches x 15 tokens + 60 text positions: 120 do not fit 100; said before any frame is decoded, with
+    # the frames that fit: 2 temporal patches (a 90-position prompt)
+    code, _, err = _cli(capsys, *base, "--n-ctx", "100")
+    _one_line_exit_2(code, err, "4 temporal patches x 15 tokens) make a 120-token prompt, over the decoder context "
+                     "of 100", "--max-frames 4 or less")
+    code, out, err = _cli(capsys, *base, "--n-ctx", "100", "--max-frames", "4", "--max-tokens", "1", "--json")
+    assert code == 0, err
+    timings = json.loads(out.strip().splitlines()[-1])["timings"]
+    assert (timings["video_units_encoded"], timings["n_prompt_tokens"]) == (2, 90)
+    code, _, err = _cli(capsys, *base, "--n-ctx", "70")
+    _one_line_exit_2(code, err, "even one temporal patch makes a", "raise --n-ctx")
+    code, _, err = _cli(capsys, *base, "--max-frames", "1")
+    _one_line_exit_2(code, err, "under one temporal patch", "--max-frames 2")
+
+
+def test_llama_cpp_context_sized_with_the_video_and_its_refusal(capsys, bundle, clips):
+    """gguf: a one-shot job's llama.cpp context counts the video's positions (header only); llama.cpp cannot take the
+    text after several time-scaled temporal patches (refused in one line); one temporal patch runs."""
+    from edgevlm.manifest import Manifest
+    from edgevlm.runtimes.bundle_loader import runtime_spec
+    from edgevlm.runtimes.job_context import Job
+    from edgevlm.runtimes.video_prompt import VideoRequest
+
+    spec = runtime_spec(bundle, Manifest.load(bundle))
+    assert Job((QUESTION,), (), 2, VideoRequest(clips["shapes"])).positions(spec) == 120 + 2
+    assert Job((QUESTION,), (), 2, VideoRequest(clips["shapes"], max_frames=4)).positions(spec) == 90 + 2
+    base = ["run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION, "--encoder", "onnx:fp32",
+            "--decoder", "gguf:f32", "--max-tokens", "2"]
+    code, _, err = _cli(capsys, *base)
+    _one_line_exit_2(code, err, "llama.cpp cannot take text there")
+    code, out, err = _cli(capsys, *base, "--max-frames", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["timings"]["n_image_tokens"] == 15
+    import edgevlm
+
+    with pytest.raises(BadInputError, match="llama.cpp cannot take text there"):
+        edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1).generate(
+            prompt=QUESTION, video=clips["shapes"], max_tokens=2)
