@@ -204,3 +204,44 @@ def test_llama_cpp_context_sized_with_the_video_and_its_refusal(capsys, bundle, 
     with pytest.raises(BadInputError, match="llama.cpp cannot take text there"):
         edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1).generate(
             prompt=QUESTION, video=clips["shapes"], max_tokens=2)
+
+
+def test_chat_video_is_the_first_turns_attachment(capsys, monkeypatch, bundle, clips, reference, tmp_path):
+    """`edgevlm chat --video`: the first turn answers as model.generate; the second prefills only its own turn (the
+    video's rows live in the sequence, no unit encoded) and equals a cold run of the whole conversation."""
+    import edgevlm
+    from edgevlm.cli import main
+    from edgevlm.video.chat import VideoConversation
+
+    load = dict(encoder="onnx:fp32", decoder="mlx:fp32", threads=1)
+    warm = VideoConversation(edgevlm.load(bundle, **load), clips["shapes"])
+    first = warm.ask(QUESTION, max_tokens=6)
+    assert first.tokens == reference["shapes"][:6] and first.timings["video_units_encoded"] == 4
+    second = warm.ask("And then?", max_tokens=6)
+    assert second.timings["video_units_encoded"] == second.timings["video_units_reused"] == 0
+    # the first turn's prompt (video included) is not prefilled again (its answer's text, re-tokenized, may split
+    # otherwise than the sampled tokens, and the last sampled token was never fed)
+    assert second.timings["n_reused_positions"] >= first.timings["n_prompt_tokens"] == 120
+    cold = VideoConversation(edgevlm.load(bundle, **load), clips["shapes"])
+    cold.messages = warm.messages[:2]
+    again = cold.ask("And then?", max_tokens=6)
+    assert again.tokens == second.tokens and again.timings["video_units_encoded"] == 4
+
+    lines = iter([QUESTION, "And then?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code = main(["chat", str(bundle), "--video", str(clips["shapes"]), "--max-tokens", "6", "--verbose",
+                 "--encoder", "onnx:fp32", "--decoder", "mlx:fp32", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    answers = [part.rstrip("\n") for part in captured.out.split("vlm> ")[1:]]
+    assert answers == [first.text, second.text]
+    turns = [line for line in captured.err.splitlines() if "new positions" in line]
+    assert "video units encoded 4 reused 0" in turns[0] and "video units encoded 0 reused 0" in turns[1]
+    # --video with --image, or a limit without --video: one line before the model loads
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    code, _, err = _cli(capsys, "chat", str(bundle), "--video", str(clips["shapes"]), "--image",
+                        str(tmp_path / "red.png"))
+    _one_line_exit_2(code, err, "pass --video or --image, not both")
+    _one_line_exit_2(*_cli(capsys, "chat", str(bundle), "--fps", "1")[::2], "pass --video FILE")
