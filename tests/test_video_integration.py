@@ -245,3 +245,64 @@ def test_chat_video_is_the_first_turns_attachment(capsys, monkeypatch, bundle, c
                         str(tmp_path / "red.png"))
     _one_line_exit_2(code, err, "pass --video or --image, not both")
     _one_line_exit_2(*_cli(capsys, "chat", str(bundle), "--fps", "1")[::2], "pass --video FILE")
+
+
+def _hf_text_positions(ckpt_path) -> int:
+    """The video turn with an empty question through transformers' tokenizer and the checkpoint's template: its
+    length with the one <|video_pad|> left unexpanded."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_path)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": ""}]}]
+    text = tokenizer.apply_chat_template(messages, chat_template=(ckpt_path / "chat_template.jinja").read_text(),
+                                         tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_plan_counts_qwen_video_tokens_and_the_longest_clip(capsys, bundle, qwen25):
+    """4 s of 131x75 at a nominal 30 fps: 120 frames, 2 fps -> 8 frames = 4 temporal patches; smart_resize(75, 131)
+    with the video's 56^2..224^2 pixels = 84 x 140 -> 3 x 5 = 15 tokens each; positions = the template's text + 60
+    video tokens + 24 question + 64 answer. At S >= 2 s, floor(S) temporal patches: the longest clip in a context of
+    C positions: the last tenth of a second whose temporal patches fit, counted here as Qwen2VLVideoProcessor
+    samples (n = the fps count floored to pairs, then torch.arange(0, total, total / n), whose length can be n + 1:
+    the last frame is then repeated to fill a temporal patch)."""
+    text = _hf_text_positions(qwen25) - 1
+
+    def units(seconds: float) -> int:
+        total = round(seconds * 30)
+        n = int(min(max(total / 30 * 2, 4), min(768, total) // 2 * 2, total) // 2 * 2)
+        return -(-len(torch.arange(0, total, total / n)) // 2)
+
+    def longest_in(context: int) -> float:
+        return max(t / 10 for t in range(1, 3860) if text + 15 * units(t / 10) + 88 <= context)
+    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
+                          "--video-size", "131x75", "--context", "256", "--json")
+    assert code == 0, err
+    video = json.loads(out)["video"]
+    assert (video["frames"], video["unit"], video["units"], video["tokens_per_unit"], video["video_tokens"]) == \
+        (8, "temporal patch", 4, 15, 60)
+    assert video["positions"] == text + 60 + 24 + 64 and video["fits_context"]
+    longest = longest_in(256)
+    assert video["largest_clip_s"]["context"] == longest
+    # the tiny model fits any device's memory: each option's longest clip is the context's
+    assert all(value == longest for value in video["largest_clip_s"].values()) and video["any_length"] == []
+    # without --context: the model's 1,024 positions, and the plan is sized to the clip's positions
+    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
+                          "--video-size", "131x75", "--json")
+    result = json.loads(out)
+    assert result["context"] == text + 148 and result["video"]["largest_clip_s"]["context"] == longest_in(1024)
+    # --max-frames 6 (3 temporal patches) caps every clip: any length fits
+    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "60",
+                          "--video-size", "131x75", "--max-frames", "6", "--json")
+    video = json.loads(out)["video"]
+    assert (video["frames"], video["video_tokens"]) == (6, 45) and "context" in video["any_length"]
+    # the table, and the one-line refusals
+    code, out, _ = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
+                        "--video-size", "131x75", "--context", "256")
+    assert code == 0 and "4 x 15 = 60" in out and "8 = 4 temporal patches" in out and f"{longest:g} s" in out
+    _one_line_exit_2(*_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--fps", "1")[::2],
+                     "pass --video-seconds S")
+    _one_line_exit_2(*_cli(capsys, "plan", str(qwen25), "--device", "jetson-orin-nano-8gb", "--video-seconds",
+                           "4")[::2], "pass an exported BUNDLE folder")
+    _one_line_exit_2(*_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds",
+                           "0")[::2], "--video-seconds must be in")
