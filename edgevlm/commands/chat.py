@@ -30,6 +30,10 @@ def main(args) -> int:
         from ..video.chat import VideoConversation
 
         conversation = VideoConversation(session, VideoRequest(video["video"], video["max_frames"], video["video_fps"]))
+
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
     print(f"edgevlm chat: {session.encoder_name} encoder + {session.decoder_name} decoder. "
           "Empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
     first = True
@@ -47,7 +51,6 @@ def main(args) -> int:
             first = True
             continue
         print("vlm> ", end="", flush=True)
-        show = lambda s: print(s, end="", flush=True)  # noqa: E731
         if conversation is not None:
             result = conversation.ask(line, on_text=show, **kwargs)
         else:
