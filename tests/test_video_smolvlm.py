@@ -281,3 +281,23 @@ def test_serve_video_url_data_and_local_paths(bundle, clips, hf_tokens):
         with pytest.raises(BadInputError, match=needle) as caught:
             answer(service, request)
         assert "\n" not in str(caught.value)
+
+
+def test_plan_counts_frames_and_finds_any_length_fits(capsys, bundle):
+    """The tiny SmolVLM2 samples 2 fps, at most 6 frames: 10 s -> min(round(2 x 10), 6) = 6 frames, each one tile of
+    the layout's tokens; from 3 s on every clip gives those 6 frames, so any length that fits once fits."""
+    import json
+
+    from edgevlm.manifest import Manifest
+
+    per_tile = Manifest.load(bundle).image_layout.tokens_per_tile
+    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--video-seconds", "10",
+                          "--json")
+    assert code == 0, err
+    video = json.loads(out)["video"]
+    assert (video["frames"], video["unit"], video["units"], video["tokens_per_unit"], video["video_tokens"]) == \
+        (6, "frame", 6, per_tile, 6 * per_tile)
+    assert video["fits_context"] and "context" in video["any_length"]
+    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--video-seconds", "1",
+                          "--json")
+    assert json.loads(out)["video"]["frames"] == 2  # round(2 x 1)

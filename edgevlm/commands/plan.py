@@ -1,10 +1,14 @@
 """edgevlm plan (BUNDLE | CHECKPOINT | --preset NAME) --device ID [--images N] [--image-size WxH] [--context N]
-[--max-tiles N] [--parallel N] [--prompt-tokens N] [--new-tokens N] [--json] [--png F]:
+[--max-tiles N] [--parallel N] [--prompt-tokens N] [--new-tokens N] [--video-seconds S [--fps F] [--max-frames N]
+[--video-size WxH]] [--json] [--png F]:
 will each decoder x encoder fit the device, item by item, and how fast will it decode and answer (TTFT). A bundle is
 planned from its files; a checkpoint or a preset before any export, for every quantization `edgevlm export` writes.
 Ends with a recommendation (plan/advise.py): the most accurate option that fits with its margin, else what to lower
 first (the image's tile cap or size, then the context) and which option then fits.
-`--device this-machine` measures this machine; `--device-file F` adds devices (schema: edgevlm/plan/devices.json)."""
+With --video-seconds (a bundle with a video section), one request about a clip that long: its frames x tokens per
+frame (per temporal patch for Qwen), the positions, and the longest clip that fits the context and each option's
+memory (plan/video.py). `--device this-machine` measures this machine; `--device-file F` adds devices (schema:
+edgevlm/plan/devices.json)."""
 from __future__ import annotations
 
 MIB = 1 << 20
@@ -32,6 +36,12 @@ def add_arguments(parser) -> None:
                         help="text tokens of the one request the one-request peak describes (default 24, as bench)")
     parser.add_argument("--new-tokens", type=int, default=64,
                         help="tokens that request generates (default 64, as bench)")
+    parser.add_argument("--video-seconds", type=float, default=None,
+                        help="plan one question about a clip this long (a bundle with a video section)")
+    parser.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default: the "
+                        "processor's; with --video-seconds)")
+    parser.add_argument("--max-frames", type=int, default=None, help="most video frames (default: the processor's)")
+    parser.add_argument("--video-size", default=None, help="WIDTHxHEIGHT of the clip's frames (default 1280x720)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     parser.add_argument("--png", default=None, metavar="FILE",
                         help="also draw the plan: stacked memory bars per option with the device's usable line")
@@ -51,7 +61,14 @@ def main(args) -> int:
                           embed_cache_bytes=caches.get("embed_cache_bytes"),
                           prefix_cache_bytes=caches.get("prefix_cache_bytes"),
                           prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, max_tiles=args.max_tiles)
-    result = plan(device, request)
+    video = video_query(args)
+    if video is not None:
+        from ..plan.video import VideoCounter, plan_video
+
+        result, section, request = plan_video(VideoCounter(args.path), video, plan, device, request)
+        result["video"] = section
+    else:
+        result = plan(device, request)
     result["recommendation"] = recommend(lambda lowered: plan(device, lowered), request, result, preprocess)
     if args.png:
         plot(result, args.png)
@@ -60,6 +77,25 @@ def main(args) -> int:
     else:
         show(result)
     return 0
+
+
+def video_query(args):
+    """The clip --video-seconds asks about, or None; the video options without it, or on a checkpoint, refused."""
+    from pathlib import Path
+
+    from ..errors import BadInputError
+
+    if args.video_seconds is None:
+        if args.fps is not None or args.max_frames is not None or args.video_size is not None:
+            raise BadInputError("--fps, --max-frames and --video-size plan a video; pass --video-seconds S")
+        return None
+    if args.path is None or not (Path(args.path) / "manifest.json").is_file():
+        raise BadInputError("--video-seconds plans a bundle's video section; pass an exported BUNDLE folder")
+    from ..plan.bundle import parse_image_size
+    from ..plan.video import DEFAULT_VIDEO_SIZE, VideoQuery
+
+    size = parse_image_size(args.video_size) if args.video_size else DEFAULT_VIDEO_SIZE
+    return VideoQuery(args.video_seconds, args.fps, args.max_frames, size)
 
 
 def planner(path: str | None, preset: str | None):
@@ -131,6 +167,8 @@ def show(result: dict) -> None:
         print(f"{model['family']}: decoder blocks {model['decoder_params'] / 1e6:,.1f} M parameters, vision "
               f"{model['vision_params'] / 1e6:,.1f} M ({flops}); encoder terms are estimates, not measured (export, "
               "then plan the bundle to measure them)")
+    if "video" in result:
+        show_video(result["video"])
     options = result["options"]
     if len(options) > 6:  # a plan before export: one row per option
         show_rows(result)
@@ -147,6 +185,29 @@ def show(result: dict) -> None:
     table(f"memory (MiB) and speed: {title(result)}",
           ["item", *[f"{o['encoder']} + {o['decoder']}" for o in options]], rows)
     footer(result)
+
+
+def show_video(video: dict) -> None:
+    from .common import table
+
+    unit, units = video["unit"], f"{video['unit']}es" if video["unit"].endswith("h") else f"{video['unit']}s"
+
+    def longest(key: str) -> str:
+        value = video["largest_clip_s"][key]
+        return "none" if value is None else "any length" if key in video["any_length"] else f"{value:g} s"
+
+    table(f"video: {video['seconds']:g} s of {video['width']}x{video['height']} at {video['source_fps']:g} fps",
+          ["field", "value"], [
+              ("sampling", f"{video['sampling_fps']:g} fps, at most {video['max_frames']} frames"),
+              ("frames", f"{video['frames']} = {video['units']} {units}" if video["units"] != video["frames"]
+               else str(video["frames"])),
+              (f"tokens per {unit}", video["tokens_per_unit"]),
+              ("video tokens", f"{video['units']} x {video['tokens_per_unit']} = {video['video_tokens']}"),
+              ("positions (prompt + question + answer)", video["positions"]),
+              ("context", f"{video['context']} ({'fits' if video['fits_context'] else 'does not fit'})"),
+              *[(f"longest clip: {key}", longest(key)) for key in video["largest_clip_s"]],
+          ])
+    print(f"video basis: {video['basis']}")
 
 
 def show_rows(result: dict) -> None:

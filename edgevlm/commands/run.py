@@ -30,11 +30,11 @@ def main(args) -> int:
     video = video_kwargs(args, images)  # and on a bad video (its header is read, no frame decoded)
     started = time.perf_counter()
     from ..runtimes.job_context import Job
-
     from ..runtimes.video_prompt import VideoRequest
 
-    request = VideoRequest(video["video"], video["max_frames"], video["video_fps"]) if video else None
-    job = Job((args.prompt,), tuple(images), kwargs["max_tokens"], request)  # sizes llama.cpp's context unless --n-ctx
+    video_job = VideoRequest(video["video"], video["max_frames"], video["video_fps"]) if video else None
+    # sizes llama.cpp's context unless --n-ctx (a video's positions counted from its header)
+    job = Job((args.prompt,), tuple(images), kwargs["max_tokens"], video_job)
     session = load_session_checked(args, {**backend_options(args), "job": job})
     load_ms = (time.perf_counter() - started) * 1e3
     first_token: list[float] = []

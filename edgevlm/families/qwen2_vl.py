@@ -120,8 +120,21 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
         mmproj_projector=None if refusal else MMPROJ_TYPES[architecture],
         mmproj_refusal=f"{refusal}: no llama.cpp mmproj can run this checkpoint (export onnx:fp32 / onnx:int8 instead)"
         if refusal else None,
-        stop_tokens=("<|im_end|>",), mrope_section=rope.get("mrope_section"),
+        stop_tokens=("<|im_end|>",), mrope_section=rope.get("mrope_section"), video=video_spec(config, processor),
     )
+
+
+def video_spec(config: dict, processor: dict):
+    """Qwen2-VL and Qwen2.5-VL read video (temporal patches; 2.5 with time-scaled M-RoPE): the video processor's
+    settings from video_preprocessor_config.json or processor_config.json's "video_processor" where saved, else the
+    image processor's (what Qwen2VLVideoProcessor reads from preprocessor_config.json then)."""
+    from ..video.qwen import video_spec as qwen_video_spec
+
+    video = processor.get("video_processor")
+    try:
+        return qwen_video_spec(config, video if isinstance(video, dict) else processor)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the video processor settings are unusable ({exc}); re-save the checkpoint") from None
 
 
 def load(path: Path, config_json: dict, dtype: str = "float32"):

@@ -59,9 +59,11 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
                      timings: dict) -> np.ndarray:
     """(tiles*T, D) float32 rows of `image`; `timings` counts the hit or the miss (a wait for another caller's
     encode is a hit) and, for a miss, the preprocess and encode time. `disk`: a DiskCache or None."""
+    frame = int(image.frame_preprocess is not None)  # a video frame also counts as a video unit
     cached = memory.get(image.key)
     if cached is not None:
         timings["embed_cache_hits"] += 1
+        timings["video_units_reused"] += frame
         return cached
 
     def lead() -> tuple[np.ndarray, str]:
@@ -82,9 +84,11 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
     (rows, source), led = flights.run(image.key, lead)
     if led and source == "encoded":
         timings["embed_cache_misses"] += 1
+        timings["video_units_encoded"] += frame
     else:
         timings["embed_cache_hits"] += 1
         timings["disk_cache_hits"] += int(led and source == "disk")
+        timings["video_units_reused"] += frame
     return rows
 
 

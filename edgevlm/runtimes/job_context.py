@@ -21,7 +21,7 @@ class Job:
     questions: tuple[str, ...]
     images: tuple = ()  # sources (paths, PIL images, arrays) every question is asked about
     max_tokens: int = 64
-    video: Any = None  # a video_prompt.VideoRequest every question is asked about (instead of images)
+    video: Any = None  # a video_prompt.VideoRequest every question is asked about (its header is read, no frame)
 
     def __post_init__(self) -> None:
         if not self.questions:
@@ -34,13 +34,12 @@ class Job:
         """The KV positions its longest request fills: prompt + answer."""
         prepared = None
         longest = 0
-        for question in self.questions:
-            if self.video is not None:  # its frames as the session will lay them out, counted from the header
-                from .video_prompt import user_message, video_prompt_positions
+        if self.video is not None:
+            from .video_prompt import user_message, video_prompt_length
 
-                text = prompts.render(spec, [user_message(question)])
-                longest = max(longest, video_prompt_positions(spec, text, self.video))
-                continue
+            return max(video_prompt_length(spec, prompts.render(spec, [user_message(q)]), self.video)
+                       for q in self.questions) + self.max_tokens
+        for question in self.questions:
             text = prompts.render(spec, [prompts.user_message(spec, question, len(self.images))])
             if prepared is None or spec.instruction_tokenizer is not None:  # InstructBLIP's rows depend on the text
                 prepared = [prompts.prepare_image(spec, image, "", text) for image in self.images]

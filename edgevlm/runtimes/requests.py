@@ -14,7 +14,9 @@ from .prompt import PreparedImage, Prompt
 TIMING_KEYS = ("preprocess_ms", "encode_ms", "prefill_ms", "snapshot_ms")
 COUNTER_KEYS = ("n_tiles", "embed_cache_hits", "embed_cache_misses", "prefix_cache_hits", "prefix_cache_misses",
                 "disk_cache_hits", "conversation_cache_hits", "conversation_cache_misses", "conversation_disk_hits",
-                "conversation_disk_misses")
+                "conversation_disk_misses",
+                # a video's units (SmolVLM2: frames; Qwen: temporal patches) encoded, and found in a cache
+                "video_units_encoded", "video_units_reused")
 
 
 @dataclass

@@ -243,12 +243,10 @@ class Session:
             raise BadInputError(f"{exc}; got {stop!r}") from None
         text = raw_text if raw_text is not None else self.render(messages or [])
         prepared = [self._prepare_image(s, text) for s in images]
-        if video is not None:  # frames become images (runtimes/video_prompt.py); the context is checked before decoding
-            if images:
-                raise BadInputError("a prompt takes one video or images, not both; send the images in another turn")
-            text, prepared = video_prompt.prepare_video(self.spec, text, video, self.encoder.artifact_id,
-                                                        self.decoder.n_ctx)
-        prompt = self.tokenize(text, prepared)
+        if video is not None:  # the family's layout (runtimes/video_prompt.py); the context checked before decoding
+            prompt, prepared = video_prompt.prepare_video(self, text, video, prepared)
+        else:
+            prompt = self.tokenize(text, prepared)
         n_prompt = len(prompt)
         n_image = sum(im.n_rows_embedded for im in prepared)
         if n_prompt >= self.decoder.n_ctx:

@@ -1,21 +1,25 @@
 """A video in a prompt: probe, sample, check the context, then decode only the chosen frames, and lay them out as
-the family's processor does. Each frame becomes a PreparedImage keyed by its decoded pixels and the video
-preprocessing, so the embedding cache serves a frame seen before (a second question, a window that moved on).
-
-The chat template renders the video item as "<video>" (SmolVLM's and Qwen's templates do); that text is replaced by
-the family's prompt_text, one image placeholder per frame, and tokenized like images."""
+the family's processor does. One path for every family; what differs is the layout, found by the spec's kind in
+LAYOUTS (the one dispatch):
+- "smolvlm" (SmolVLM2): each frame a PreparedImage keyed by its decoded pixels and the video preprocessing; the chat
+  template's "<video>" becomes the family's text with one image placeholder per frame, tokenized like images;
+- "qwen2_vl" (Qwen2-VL / Qwen2.5-VL): the template's <|video_pad|> expanded to the video's tokens, one run of
+  temporal patches (each encoded and cached alone) at M-RoPE positions with the time scaling (video/qwen_session.py).
+Either way the embedding cache serves a unit seen before (a second question, a window that moved on), and the prompt's
+length is computed from the header's numbers before any frame is decoded."""
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import BadInputError
 from ..video.clip import VideoClip
-from .prompt import PreparedImage, RuntimeSpec, tokenize
+from .prompt import PreparedImage, Prompt, RuntimeSpec, tokenize
 
 VIDEO_PLACEHOLDER = "<video>"
 
@@ -35,6 +39,39 @@ class VideoRequest:
             raise BadInputError(f"the sampling fps must be in (0, 1000], got {self.fps!r}")
 
 
+@dataclass(frozen=True)
+class VideoChoice:
+    """What the sampler chose, known from the header (or a decoded clip) before any pixel is decoded."""
+
+    source: Any  # the request's source (a VideoClip is selected from, anything else decoded)
+    indices: np.ndarray  # (n,) frame indices to decode
+    total_frames: int
+    source_fps: float
+    duration_s: float
+    height: int
+    width: int
+
+    @property
+    def timestamps_s(self) -> np.ndarray:
+        return self.indices / self.source_fps
+
+    @property
+    def sampled_fps(self) -> float:
+        """transformers' VideoMetadata.sampled_fps: frames kept per second of source."""
+        return len(self.indices) / self.total_frames * self.source_fps
+
+    def first(self, n_frames: int) -> "VideoChoice":
+        return replace(self, indices=self.indices[:n_frames])
+
+    def frames(self) -> VideoClip:
+        """The chosen frames, decoded (times: their source times)."""
+        if isinstance(self.source, VideoClip):
+            return self.source.select(self.indices)
+        from ..video.decode import decode_video
+
+        return decode_video(self.source, lambda probe: self.indices)
+
+
 def user_message(prompt: str) -> dict:
     """The one-turn message with the video first, as HF's chat examples put it."""
     return {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}
@@ -51,62 +88,106 @@ def frame_key(frame: np.ndarray, video_spec, encoder_id: str) -> str:
 
 def _refuse_no_video(spec: RuntimeSpec) -> None:
     if spec.video is None:
-        raise BadInputError("this model takes no video (video input: SmolVLM2, and Qwen2-VL/2.5-VL/3-VL where "
-                            "supported); pass images instead")
+        raise BadInputError("this model takes no video (video input: SmolVLM2, Qwen2-VL and Qwen2.5-VL); pass "
+                            "images instead")
 
 
-def _chosen(request: VideoRequest, video_spec) -> tuple[Any, np.ndarray, float, float]:
-    """(probe or clip, indices, fps, duration) before decoding anything."""
+def choose(spec: RuntimeSpec, request: VideoRequest) -> VideoChoice:
+    """Probe the source (or read a decoded clip's numbers) and sample, decoding nothing."""
+    _refuse_no_video(spec)
     source = request.source
     if isinstance(source, VideoClip):  # already decoded (a stream's window): sample its frames
-        indices = video_spec.sample(source.num_frames, source.source_fps, request.max_frames, request.fps)
-        return source, indices, source.source_fps, source.duration_s
-    from ..video.decode import probe_video
+        total, fps, duration = source.num_frames, source.source_fps, source.duration_s
+        height, width = source.frames.shape[1:3]
+    else:
+        from ..video.decode import probe_video
 
-    probe = probe_video(source)
-    indices = video_spec.sample(probe.total_frames, probe.fps, request.max_frames, request.fps)
-    return probe, indices, probe.fps, probe.duration_s
+        probe = probe_video(source)
+        total, fps, duration, height, width = probe.total_frames, probe.fps, probe.duration_s, probe.height, probe.width
+    try:
+        indices = spec.video.sample(total, fps, request.max_frames, request.fps)
+    except ValueError as exc:  # a clip shorter than one temporal patch, a --max-frames under one
+        raise BadInputError(str(exc)) from None
+    return VideoChoice(source, np.asarray(indices), int(total), float(fps), float(duration), int(height), int(width))
 
 
-def prepare_video(spec: RuntimeSpec, text: str, request: VideoRequest, encoder_id: str,
-                  n_ctx: int) -> tuple[str, list[PreparedImage]]:
-    """(the prompt text with one image placeholder per frame, the frames as PreparedImages). The prompt's length is
-    checked against `n_ctx` from the header's numbers, before any frame is decoded."""
+class FrameLayout:
+    """SmolVLM2: each frame one unsplit tile, laid out as images between timestamp text."""
+
+    placeholder = VIDEO_PLACEHOLDER
+
+    def length(self, spec: RuntimeSpec, text: str, choice: VideoChoice) -> int:
+        per_frame = spec.video.tokens_per_unit(choice.height, choice.width, spec.layout.tokens_per_tile)
+        return prompt_length(spec, text, choice.timestamps_s, choice.duration_s, per_frame)
+
+    def build(self, session, text: str, choice: VideoChoice, clip: VideoClip) -> tuple[Prompt, list]:
+        spec = session.spec
+        per_frame = spec.video.tokens_per_unit(choice.height, choice.width, spec.layout.tokens_per_tile)
+        frames = [PreparedImage(frame, frame_key(frame, spec.video, session.encoder.artifact_id), 0, 0, per_frame,
+                                frame_preprocess=spec.video.preprocess_frame) for frame in clip.frames]
+        return tokenize(spec, _expand(spec, text, choice.timestamps_s, choice.duration_s), frames), frames
+
+
+def _qwen_layout():
+    from ..video.qwen_session import TemporalPatchLayout
+
+    return TemporalPatchLayout()
+
+
+# the one dispatch by the manifest's video kind (edgevlm.video.kinds): how a family's units become prompt rows
+LAYOUTS = {"smolvlm": FrameLayout, "qwen2_vl": _qwen_layout}
+
+
+def layout_for(spec: RuntimeSpec):
     _refuse_no_video(spec)
-    video_spec = spec.video
-    if text.count(VIDEO_PLACEHOLDER) != 1:
-        raise BadInputError(f"the rendered prompt has {text.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER} items; "
+    return LAYOUTS[spec.video.kind]()
+
+
+def _check_placeholder(layout, text: str) -> None:
+    if text.count(layout.placeholder) != 1:
+        raise BadInputError(f"the rendered prompt has {text.count(layout.placeholder)} {layout.placeholder} items; "
                             "this chat template does not place a video (use one video per prompt, and a template "
                             "that renders {'type': 'video'})")
-    source, indices, fps, duration = _chosen(request, video_spec)
-    timestamps = indices / fps
-    per_frame = video_spec.tokens_per_frame(spec.layout.tokens_per_tile)
-    n_prompt = prompt_length(spec, text, timestamps, duration, per_frame)
+
+
+def video_prompt_length(spec: RuntimeSpec, text: str, request: VideoRequest) -> int:
+    """The prompt's positions with this video (header read, nothing decoded): what a job's context is sized by."""
+    layout = layout_for(spec)
+    _check_placeholder(layout, text)
+    return layout.length(spec, text, choose(spec, request))
+
+
+def prepare_video(session, text: str, request: VideoRequest, images: list) -> tuple[Prompt, list]:
+    """(the tokenized prompt, its images: frames or one PreparedVideo) of rendered `text` about the video. The prompt's
+    length is checked against the decoder's context from the header's numbers, before any frame is decoded."""
+    if images:
+        raise BadInputError("a prompt takes one video or images, not both; send the images in another turn")
+    spec, n_ctx = session.spec, session.decoder.n_ctx
+    layout = layout_for(spec)
+    _check_placeholder(layout, text)
+    choice = choose(spec, request)
+    n_prompt = layout.length(spec, text, choice)
     if n_prompt >= n_ctx:
-        one = prompt_length(spec, text, timestamps[:1], duration, per_frame)
-        each = max(1, (n_prompt - one) // max(1, len(indices) - 1))
-        fit = max(0, (n_ctx - 1 - one) // each + 1) if one < n_ctx else 0
-        fix = f"pass --max-frames {fit} or less (or a lower --fps), or raise --n-ctx" if fit else \
-            f"even one frame makes a {one}-token prompt: raise --n-ctx or shorten the prompt"
-        raise BadInputError(f"the video's {len(indices)} frames x {per_frame} tokens make a {n_prompt}-token prompt, "
-                            f"over the decoder context of {n_ctx}; {fix}")
-    if isinstance(source, VideoClip):
-        clip = source.select(indices)
-    else:
-        from ..video.decode import decode_video
-
-        clip = decode_video(request.source, lambda probe: indices)
-    frames = [PreparedImage(frame, frame_key(frame, video_spec, encoder_id), 0, 0, per_frame,
-                            frame_preprocess=video_spec.preprocess_frame) for frame in clip.frames]
-    return _expand(spec, text, timestamps, duration), frames
+        raise BadInputError(_overflow(spec, layout, text, choice, n_prompt, n_ctx))
+    try:
+        return layout.build(session, text, choice, choice.frames())
+    except ValueError as exc:  # e.g. positions llama.cpp cannot take (video/qwen_session.py)
+        raise BadInputError(str(exc)) from None
 
 
-def video_prompt_positions(spec: RuntimeSpec, text: str, request: VideoRequest) -> int:
-    """The positions a rendered one-video prompt fills, from the header's numbers (no frame decoded): what a
-    one-shot job sizes llama.cpp's context with (runtimes/job_context.py)."""
-    _refuse_no_video(spec)
-    _, indices, fps, duration = _chosen(request, spec.video)
-    return prompt_length(spec, text, indices / fps, duration, spec.video.tokens_per_frame(spec.layout.tokens_per_tile))
+def _overflow(spec: RuntimeSpec, layout, text: str, choice: VideoChoice, n_prompt: int, n_ctx: int) -> str:
+    """The one-line refusal, with the --max-frames that fits (prompt length is linear in the units)."""
+    video = spec.video
+    per_unit, unit = video.frames_per_unit, video.unit_name
+    units = math.ceil(len(choice.indices) / per_unit)
+    one = layout.length(spec, text, choice.first(per_unit))
+    each = max(1, (n_prompt - one) // max(1, units - 1))
+    fit = (max(0, (n_ctx - 1 - one) // each + 1) if one < n_ctx else 0) * per_unit
+    fix = f"pass --max-frames {fit} or less (or a lower --fps), or raise --n-ctx" if fit else \
+        f"even one {unit} makes a {one}-token prompt: raise --n-ctx or shorten the prompt"
+    tokens = video.tokens_per_unit(choice.height, choice.width, spec.layout.tokens_per_tile)
+    return (f"the video's {len(choice.indices)} frames ({units} {unit}{'es' if unit.endswith('h') else 's'} x "
+            f"{tokens} tokens) make a {n_prompt}-token prompt, over the decoder context of {n_ctx}; {fix}")
 
 
 def _expand(spec: RuntimeSpec, text: str, timestamps: np.ndarray, duration: float) -> str:
@@ -117,4 +198,3 @@ def prompt_length(spec: RuntimeSpec, text: str, timestamps: np.ndarray, duration
     """The tokenized prompt's length with these frames, no pixel needed (the planner's and the context check's)."""
     pending = [PreparedImage(None, f"pending-{i}", 0, 0, per_frame) for i in range(len(timestamps))]
     return len(tokenize(spec, _expand(spec, text, timestamps, duration), pending))
-

@@ -1,15 +1,21 @@
 """The families' video processing specs by the `kind` a bundle manifest records ("video": {"kind": ..., ...}).
 
-A spec is a frozen dataclass with `kind`, `to_dict()` / `from_dict()`, and what runtimes/video_prompt.py calls:
-`sample(total_frames, source_fps, max_frames, fps) -> indices`, `prompt_text(timestamps_s, duration_s,
-placeholder) -> str` (one placeholder per frame entry of the prompt), `preprocess_frame(frame) -> PreprocessedImage`
-and `tokens_per_frame(tokens_per_tile)`. A family with another frame grouping (Qwen's temporal patches) adds its kind
-here."""
+A spec is a frozen dataclass with `kind`, `to_dict()` / `from_dict()`, and the unit protocol every caller (the
+runtime's prompt builder, the job's context sizing, the planner) reads without knowing the family:
+- `sample(total_frames, source_fps, max_frames, fps) -> indices` (the processor's frame sampling; `max_frames` and
+  `fps` are the caller's --max-frames / --fps, None for the processor's own);
+- `unit_name`, `frames_per_unit`: what one encoder call and one cache entry holds (SmolVLM2: a frame; Qwen2-VL /
+  Qwen2.5-VL: a temporal patch of 2 frames);
+- `tokens_per_unit(height, width, tokens_per_tile)`: decoder rows one unit gives for source frames of that size.
+
+How a unit becomes prompt rows (SmolVLM2's per-frame images with timestamp text, Qwen's temporal patches at M-RoPE
+time positions) is the runtime's one table by kind: runtimes/video_prompt.LAYOUTS."""
 from __future__ import annotations
 
+from .qwen import QwenVideoSpec
 from .smolvlm import SmolVLMVideoSpec
 
-KINDS = {SmolVLMVideoSpec.kind: SmolVLMVideoSpec}
+KINDS = {SmolVLMVideoSpec.kind: SmolVLMVideoSpec, QwenVideoSpec.kind: QwenVideoSpec}
 
 
 def video_spec_from_dict(data: dict | None):

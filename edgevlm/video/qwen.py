@@ -74,12 +74,28 @@ class QwenVideoSpec:
     def patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
+    # the unit protocol edgevlm.video.kinds names: a temporal patch of 2 frames, encoded and cached alone
+    unit_name: ClassVar[str] = "temporal patch"
+
+    @property
+    def frames_per_unit(self) -> int:
+        return self.temporal_patch_size
+
+    def tokens_per_unit(self, height: int, width: int, tokens_per_tile: int = 0) -> int:
+        """Merged tokens of one temporal patch of (height, width) source frames (smart_resize, 2x2 merge)."""
+        h, w = smart_resize(height, width, self)
+        return (h // self.factor) * (w // self.factor)
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
 
     def sample(self, total_frames: int, source_fps: float, max_frames: int | None = None,
                fps: float | None = None) -> np.ndarray:
         """Indices of the frames to decode (the generic sampler hook: a caller's --max-frames caps the processor's)."""
+        if max_frames is not None and max_frames < self.temporal_patch_size:
+            raise ValueError(f"max_frames {max_frames} is under one temporal patch: pass --max-frames "
+                             f"{self.temporal_patch_size} or more (Qwen video takes frames {self.temporal_patch_size} "
+                             "at a time)")
         spec = self if max_frames is None else replace(self, max_frames=max_frames,
                                                        min_frames=min(self.min_frames, max_frames))
         return sample_indices(total_frames, source_fps, spec, fps)

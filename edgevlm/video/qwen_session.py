@@ -2,8 +2,9 @@
 <|video_pad|> expansion, the video's rows as one run of temporal patches (each encoded and cached alone) at their
 M-RoPE positions, then the session's own generation loop (any decoder backend: positions are passed in).
 
-The hooks the generic plumbing calls (CLI --video, the Python API's `video`, serve's video_url):
-`qwen_video_request(session, clip, question, spec, **options) -> Request` and `generate_video(...)`.
+The generic path (CLI --video, the Python API's `video`, serve's video_url: runtimes/video_prompt.py) reaches this
+through `TemporalPatchLayout`, its entry in video_prompt.LAYOUTS; `qwen_video_request` / `generate_video` ask about
+an already sampled QwenVideo (or a clip sampled here) directly.
 Prefix reuse across windows of a stream: a position's key is (unit content + time interval, row), so a re-asked clip
 reuses its whole prefix; a window that slid keeps none of the old KV, because its first temporal patch changed and
 every kept patch moved to another M-RoPE t (its embeddings are reused instead)."""
@@ -15,11 +16,11 @@ import hashlib
 import numpy as np
 
 from ..positions import VideoSpan, plan_positions
-from ..runtimes.prompt import Prompt
+from ..runtimes.prompt import Prompt, RuntimeSpec
 from ..runtimes.requests import GenerationResult, Request
 from ..runtimes.video_embeddings import VIDEO_COUNTERS, PreparedVideo, unit_key
 from .clip import VideoClip
-from .qwen import QwenVideo, QwenVideoSpec, expand_video_tokens, prepare_video
+from .qwen import VIDEO_TOKEN, QwenVideo, QwenVideoSpec, expand_video_tokens, prepare_video
 
 
 def prepared_video(video: QwenVideo, encoder_id: str) -> PreparedVideo:
@@ -72,6 +73,32 @@ def qwen_video_request(session, clip: VideoClip | QwenVideo, question: str, spec
                          f"{session.decoder.n_ctx}; sample fewer frames (--fps, --max-frames) or raise --n-ctx")
     _check_llama_cpp_positions(session, prompt, item)
     return dataclasses.replace(base, prompt=prompt, images=[item])
+
+
+class TemporalPatchLayout:
+    """runtimes/video_prompt.py's layout for kind "qwen2_vl": the chosen frames as temporal patches, one run of rows at
+    M-RoPE positions (t advanced per temporal patch, scaled by seconds on Qwen2.5-VL)."""
+
+    placeholder = VIDEO_TOKEN
+
+    def length(self, spec: RuntimeSpec, text: str, choice) -> int:
+        """Positions of rendered `text` once its one <|video_pad|> is expanded (no pixel needed)."""
+        video = spec.video
+        units = -(-len(choice.indices) // video.frames_per_unit)  # the last frame repeats to fill a temporal patch
+        n_video = units * video.tokens_per_unit(choice.height, choice.width)
+        ids = spec.tokenizer(text, add_special_tokens=spec.layout.adds_special_tokens)["input_ids"]
+        return len(ids) - 1 + n_video
+
+    def build(self, session, text: str, choice, clip: VideoClip) -> tuple[Prompt, list]:
+        if session.spec.position_scheme != "mrope":
+            raise ValueError("Qwen video needs the M-RoPE decoder of a Qwen2-VL / Qwen2.5-VL bundle")
+        # the chosen frames at the sampled rate: a temporal patch covers temporal_patch_size / sampled_fps seconds
+        sampled = VideoClip(clip.frames, clip.timestamps_s, choice.sampled_fps, choice.duration_s)
+        video = prepare_video(sampled, session.spec.video, sample=False)
+        item = prepared_video(video, session.encoder.artifact_id)
+        prompt = video_prompt(session, text, video, item)
+        _check_llama_cpp_positions(session, prompt, item)
+        return prompt, [item]
 
 
 def _check_llama_cpp_positions(session, prompt: Prompt, item: PreparedVideo) -> None:

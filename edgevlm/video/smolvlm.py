@@ -83,6 +83,12 @@ class SmolVLMVideoSpec:
     def tokens_per_frame(self, tokens_per_tile: int) -> int:
         return tokens_per_tile  # one unsplit tile per frame
 
+    unit_name = "frame"  # each frame is encoded and cached alone
+    frames_per_unit = 1
+
+    def tokens_per_unit(self, height: int, width: int, tokens_per_tile: int) -> int:
+        return tokens_per_tile  # every frame is stretched to one square tile, whatever its size
+
     @classmethod
     def from_processor(cls, processor: dict, video_processor: dict | None = None) -> "SmolVLMVideoSpec | None":
         """From video_preprocessor_config.json when the checkpoint has one, else from preprocessor_config.json
