@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_fuzz.py besid
 from render_fuzz import FUZZ_END, FUZZ_START, fuzz_body, readme_with_fuzz, render_fuzz  # noqa: E402,F401
 from render_fusion import FUSION_NOTE, onnx_fusion_body  # noqa: E402
 from render_decode import PLAN_OOS_NOTE, W1_NOTE, W3_Q4_NOTE, plan_oos_body  # noqa: E402
-from render_interop import INTEROP_NOTE, SERVE_ENCODE_NOTE, SERVE_VS_NOTE, interop_body, serve_vs_body  # noqa: E402
+from render_interop import (INTEROP_NOTE, SERVE_ENCODE_NOTE, SERVE_VS_NOTE, SERVE_VS_W3_NOTE,  # noqa: E402
+                            interop_body, serve_vs_body)
 from render_peers import PEERS_END, PEERS_NOTE, PEERS_START, readme_with_peers, render_peers  # noqa: E402,F401
 from render_headline import HEADLINE_END, HEADLINE_START, readme_with_headline, render_headline  # noqa: E402,F401
 from render_results import NOT_RECORDED, RESULTS, cpu_flags, data_file, field, load, minute  # noqa: E402
@@ -181,6 +182,8 @@ SHOWN = (
           "`llama-server --mmproj` (tiny random checkpoints)", "interop", INTEROP_NOTE),
     Shown("serve-vs-llama-server", "Serving side by side: llama-server and `edgevlm serve` on W1's bundle, full scale",
           "serve-vs-llama-server", SERVE_VS_NOTE),
+    Shown("serve-vs-llama-server-w3", "Serving side by side on a 2B-class bundle: llama-server and `edgevlm serve` on "
+          "Qwen2-VL-2B shapes (gguf:q4_k_m)", "serve-vs-llama-server", SERVE_VS_W3_NOTE),
     Shown("serve-encode", "Image encodes beside a stream (issue 32): a streaming client's inter-token gaps while "
           "another user's images are encoded, before and after the encode worker", "serve-vs-llama-server",
           SERVE_ENCODE_NOTE),)
