@@ -2,8 +2,8 @@
 reference, as the image bench runs it): cold TTFT on a clip (decoding the file included, as `run --video`), TTFT of
 a second question on the same clip (its frames come from the embedding cache), and a stride run over a longer clip
 (`edgevlm watch`'s rolling window: frames encoded and TTFT per answer). llama.cpp's own video path
-(`llama-mtmd-cli`, which pipes frames from an `ffmpeg` executable) is a row, skipped with its reason where either is
-missing."""
+(`llama-mtmd-cli`, which pipes frames from an `ffmpeg` executable) is a row (edgevlm/bench/mtmd_video.py), skipped
+with its reason where either is missing."""
 from __future__ import annotations
 
 import datetime as dt
