@@ -68,7 +68,8 @@ def command(binary: str, gguf: Path, mmproj: Path, clip: str, question: str, fps
 def faststart(clip: str | Path, folder: Path) -> Path:
     """The clip with its index (moov atom) first, streams copied (the same frames). mtmd-cli reads the file into
     memory and runs ffprobe on it through a pipe, which cannot seek to an index at the end (PyAV writes it there):
-    ffprobe then reports width=0 and the CLI fails with "ffprobe failed on buffer". Other containers pass as they are."""
+    ffprobe then reports width=0 and the CLI fails with "ffprobe failed on buffer". Other containers pass as they
+    are."""
     clip = Path(clip)
     if clip.suffix.lower() not in (".mp4", ".mov", ".m4v"):
         return clip
@@ -184,8 +185,9 @@ def mtmd_video_row(bundle: Path | None, decoder: str | None, clip: str, scenario
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # a skip line, never a traceback
         return {**row, "skipped": f"{Path(binary).name} failed ({error})"}
     cold, first = runs[1:], runs[1]
+    # bundle-relative paths: the record names no local folder
     shown = command("llama-mtmd-cli", Path(gguf.path), Path(projector.path), Path(argv[6]).name, question, fps,
-                    frame_tokens, scenario.threads, scenario.new_tokens)  # bundle-relative: the record names no local folder
+                    frame_tokens, scenario.threads, scenario.new_tokens)
     return {**row, "encoder": mmprojs[0], "decoder": decoder, "command": shown,
             "metrics": {"n_frames": first["n_frames"], "n_views": first["n_views"],
                         "n_image_tokens": first["n_image_tokens"],
