@@ -41,12 +41,13 @@ $EV bench "$WORK/w1-split-bundle-mmproj" --image-size 512x512 --prompt-tokens 24
 # W5: video (issue 34). SmolVLM2-256M shapes (random weights; the preset writes SmolVLMVideoProcessor's sampling: 1 fps,
 # at most 64 frames), a generated 10 s clip (640x360, 10 fps: 10 frames sampled), onnx:int8 + gguf:q8_0 against
 # PyTorch eager: cold TTFT, a second question on the same clip, and a 2 s stride over a 30 s clip (10-frame window).
-# ~1.5 min of export and ~4 of bench on 2 cores. llama-mtmd-cli's video path needs an ffmpeg executable (its row says
-# when there is none).
+# ~1.5 min of export and ~6 of bench on 2 cores. The bundle carries an mmproj: llama.cpp's own video path
+# (llama-mtmd-cli, ~30 s a run here) is a row; it needs ffmpeg and ffprobe on PATH (apt-get install ffmpeg; its row
+# says when they are missing).
 [ -d "$WORK/smolvlm2-256m" ] || $EV preset smolvlm2-256m -o "$WORK/smolvlm2-256m"
-[ -d "$WORK/w5-bundle" ] || $EV export "$WORK/smolvlm2-256m" -o "$WORK/w5-bundle" --encoder onnx:int8 \
-  --decoder gguf:q8_0 --max-tiles 17
-$EV bench "$WORK/w5-bundle" --video-seconds 10 --video-stride-seconds 30 --video-every 2s --prompt-tokens 24 \
+[ -d "$WORK/w5-bundle-mmproj" ] || $EV export "$WORK/smolvlm2-256m" -o "$WORK/w5-bundle-mmproj" \
+  --encoder onnx:int8,gguf:f16 --decoder gguf:q8_0 --max-tiles 17
+$EV bench "$WORK/w5-bundle-mmproj" --video-seconds 10 --video-stride-seconds 30 --video-every 2s --prompt-tokens 24 \
   --new-tokens 16 --repeats 2 --threads 2 --encoder onnx:int8 --decoder gguf:q8_0 "${PEER_BIN[@]}" \
   -o benchmarks/results/w5 | tail -n 1 > /dev/null
 

@@ -2,12 +2,11 @@
 reference, as the image bench runs it): cold TTFT on a clip (decoding the file included, as `run --video`), TTFT of
 a second question on the same clip (its frames come from the embedding cache), and a stride run over a longer clip
 (`edgevlm watch`'s rolling window: frames encoded and TTFT per answer). llama.cpp's own video path
-(`llama-mtmd-cli`, which pipes frames from an `ffmpeg` executable) is a row, skipped with its reason where either is
-missing."""
+(`llama-mtmd-cli`, which pipes frames from an `ffmpeg` executable) is a row (edgevlm/bench/mtmd_video.py), skipped
+with its reason where either is missing."""
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,20 +130,6 @@ def measure_video(path: str | Path, encoder: str, decoder: str, scenario: harnes
     return {"name": label, "kind": "edgevlm", "encoder": encoder, "decoder": decoder, "metrics": metrics}
 
 
-def mtmd_video_row(llamacpp_bin: str | None) -> dict:
-    """llama.cpp's own video path: llama-mtmd-cli reads a video by piping frames from an ffmpeg executable."""
-    name = "llama-mtmd-cli video (llama.cpp's own path)"
-    if shutil.which("ffmpeg") is None:
-        return {"name": name, "kind": "llama.cpp video", "skipped": "no ffmpeg executable on PATH (llama-mtmd-cli's "
-                "video path pipes frames from it)"}
-    binary = shutil.which("llama-mtmd-cli", path=llamacpp_bin) if llamacpp_bin else shutil.which("llama-mtmd-cli")
-    if binary is None:
-        return {"name": name, "kind": "llama.cpp video", "skipped": "llama-mtmd-cli not found (pass --llamacpp-bin "
-                "DIR; benchmarks/build_llama_bin.sh builds it)"}
-    return {"name": name, "kind": "llama.cpp video", "skipped": f"{binary} and ffmpeg are here, but edgevlm bench "
-            "does not drive llama-mtmd-cli's video path yet"}
-
-
 def run_video_bench(path: str | Path, scenario: harness.Scenario, workload: VideoWorkload, encoders: str | None = None,
                     decoders: str | None = None, peers: str | None = "torch,llamacpp", target: str | None = None,
                     llamacpp_bin: str | None = None, progress: Callable[[str], None] = lambda m: None,
@@ -169,7 +154,14 @@ def run_video_bench(path: str | Path, scenario: harness.Scenario, workload: Vide
             runs.append(run_child(request, f"{encoder} + {decoder} (video)", progress))
         else:
             runs.append(measure_video(path, encoder, decoder, scenario, workload, progress))
-    peer_rows = [mtmd_video_row(llamacpp_bin)] if "llamacpp" in peer_list and is_bundle(path) else []
+    peer_rows = []
+    if "llamacpp" in peer_list and is_bundle(path):
+        from .mtmd_video import mtmd_video_row
+
+        progress("llama-mtmd-cli (video)")
+        gguf = next((d for _, d in pairs if d.startswith("gguf:")), None)
+        frames = next((r["metrics"]["n_frames"] for r in runs if r["kind"] == "edgevlm"), None)
+        peer_rows.append(mtmd_video_row(path, gguf, workload.clip, scenario, llamacpp_bin, frames, progress))
     reference = runs[0]["metrics"] if runs and runs[0]["kind"] == "reference" else None
     for run in runs[1:] if reference else []:
         m = run["metrics"]
@@ -210,7 +202,13 @@ def rows(result: dict) -> list[list[str]]:
                     " ".join(f"{a['ttft_ms']:.0f}" for a in s["answers"]),
                     f"{s['ttft_ms_after_first']['median']:.0f}"])
     for peer in result["peers"]:
-        out.append([peer["name"], "skipped: " + peer["skipped"], *["-"] * (len(COLUMNS) - 2)])
+        if "skipped" in peer:
+            out.append([peer["name"], "skipped: " + peer["skipped"], *["-"] * (len(COLUMNS) - 2)])
+            continue
+        m = peer["metrics"]  # one question per process: no second question, no stride run
+        out.append([f"{peer['name']} ({peer['encoder']} + {peer['decoder']})", str(m["n_frames"]),
+                    str(m["n_prompt_tokens"]), f"{m['ttft_cold_ms']['median']:.0f}",
+                    f"{m['encode_ms_cold']['median']:.0f}", *["-"] * (len(COLUMNS) - 5)])
     return out
 
 
@@ -222,6 +220,15 @@ def ratios(result: dict) -> list[str]:
             lines.append(f"{run['name']}: cold TTFT {v['ttft_cold_ms']:.2f}x, second question TTFT "
                          f"{v['ttft_second_question_ms']:.2f}x, stride TTFT {v['stride_ttft_ms']:.2f}x the PyTorch "
                          "reference")
+    reference = next((r["metrics"] for r in result["runs"] if r["kind"] == "reference"), None)
+    for peer in result["peers"]:
+        if "metrics" in peer:
+            m = peer["metrics"]
+            against = (f" ({m['ttft_cold_ms']['median'] / reference['ttft_cold_ms']['median']:.2f}x the PyTorch "
+                       "reference's)") if reference else ""
+            lines.append(f"{peer['name']}: a fresh process per question, cold TTFT from process start{against}; "
+                         f"{m['n_image_tokens']} image tokens, decode {m['decode_tok_s']['median']:.1f} tok/s, peak "
+                         f"RSS {m['peak_rss_mb']:.0f} MB; {peer['sampling']}")
     return lines
 
 
