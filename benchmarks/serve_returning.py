@@ -21,7 +21,7 @@ NOTES_WORDS = 60  # ~300 tokens of notes in turn 1 with W1's tokenizer (beside t
 METRICS = ("edgevlm_conversation_cache_hits_total", "edgevlm_conversation_cache_misses_total",
            "edgevlm_conversation_disk_hits_total", "edgevlm_prefix_cache_hits_total")
 
-DETAIL = ("encode_ms", "prefill_ms", "snapshot_ms", "n_prompt_tokens", "n_reused_positions", "conversation_cache_hits",
+DETAIL = ("preprocess_ms", "encode_ms", "prefill_ms", "snapshot_ms", "n_prompt_tokens", "n_reused_positions", "conversation_cache_hits",
           "prefix_cache_hits", "cache_n", "prompt_n", "prompt_ms")  # per request, from each server's timings
 
 
