@@ -16,6 +16,11 @@ Workloads (each on a freshly started server, so its peak RSS is its own):
   e         encodes beside a stream: one client streams text-only answers while another sends fresh images one after
             the other; the streaming client's inter-token gaps are reported apart (p50, p95, max): an encode that
             pauses the other slots' decode shows as a gap p95 far above the median
+  f         returning users on idle slots (serve_returning.py): slots + 2 users take 3 turns one request at a time,
+            every user's turn 1 before anyone's turn 2, so nothing queues and each return finds an idle slot holding
+            another user's conversation; turn 1 is the image and ~300 tokens of notes; turn 1 and turns 2-3 TTFT
+            p50/p95, the positions each server reused (its own timings) and edgevlm's conversation-cache hits
+            (/metrics before and after)
 Per server and workload: aggregate completion tok/s (completion tokens from the stream's usage / wall time), TTFT
 p50/p95, inter-token gap p95 (between streamed chunks), peak RSS (VmHWM of the server process), failures, 429s.
 --scale multiplies the request counts (0.25 for a short run). --edgevlm-args adds flags to `edgevlm serve` (e.g.
@@ -47,6 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_returning.py beside this file
+from serve_returning import render_returning, run_returning, scrape, summarize_returning  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Describe the image in detail."
 FOLLOW_UPS = ("What colours are there?", "Anything else?")
@@ -67,6 +75,7 @@ class Outcome:
     label: str = ""
     sent: float = 0.0  # time.perf_counter() when the request went out
     stamps: list[float] = field(default_factory=list)  # perf_counter of each content chunk
+    timings: dict | None = None  # the server's own timings from the stream's last chunk (both servers send them)
 
 
 def image_url(seed: int, size: tuple[int, int]) -> str:
@@ -127,13 +136,14 @@ def stream_chat(client, messages: list[dict], max_tokens: int, label: str = "") 
     import openai
 
     start = time.perf_counter()
-    stamps, text, usage = [], [], None
+    stamps, text, usage, timings = [], [], None, None
     try:
         stream = client.chat.completions.create(model="bundle", messages=messages, max_tokens=max_tokens,
                                                 temperature=0, stream=True, stream_options={"include_usage": True})
         for event in stream:
             if event.usage is not None:
                 usage = event.usage
+            timings = (event.model_extra or {}).get("timings") or timings
             for choice in event.choices:
                 if choice.delta and choice.delta.content:
                     stamps.append(time.perf_counter())
@@ -146,7 +156,7 @@ def stream_chat(client, messages: list[dict], max_tokens: int, label: str = "") 
         return Outcome(False, "error: no content streamed", label=label)
     gaps = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
     tokens = usage.completion_tokens if usage is not None else len(stamps)
-    return Outcome(True, "ok", (stamps[0] - start) * 1e3, gaps, tokens, "".join(text), label, start, stamps)
+    return Outcome(True, "ok", (stamps[0] - start) * 1e3, gaps, tokens, "".join(text), label, start, stamps, timings)
 
 
 def user_turn(url: str, question: str) -> dict:
@@ -159,7 +169,7 @@ class Workload:
     name: str
     clients: int
     requests: int  # per client (conversations: turns)
-    images: str  # fresh | shared | own
+    images: str  # fresh | shared | own | encode | returning
     what: str
 
 
@@ -171,7 +181,9 @@ def workloads(slots: int, scale: float) -> dict[str, Workload]:
             "b": Workload("b", 4, n(4), "shared", "4 clients sharing 4 images"),
             "c": Workload("c", slots + 2, 3, "own", f"{slots + 2} users x 3-turn conversations, {slots} slots"),
             "d": Workload("d", 3 * slots, 1, "shared", f"burst of {3 * slots} requests at once"),
-            "e": Workload("e", 2, n(4), "encode", "1 client streaming text-only answers, 1 sending fresh images")}
+            "e": Workload("e", 2, n(4), "encode", "1 client streaming text-only answers, 1 sending fresh images"),
+            "f": Workload("f", slots + 2, 3, "returning", f"{slots + 2} users x 3 turns one request at a time on "
+                          f"{slots} slots (each return on an idle slot holding another user's conversation)")}
 
 
 def run_workload(port: int, work: Workload, max_tokens: int, size: tuple[int, int], seed: int, timeout: float,
@@ -180,6 +192,15 @@ def run_workload(port: int, work: Workload, max_tokens: int, size: tuple[int, in
     import openai
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=timeout)
+    if work.images == "returning":
+        start = time.perf_counter()
+        outcomes = run_returning(
+            work.clients, work.requests, deadline,
+            ask=lambda messages, label: (Outcome(False, "error: workload deadline", label=label) if messages is None
+                                         else stream_chat(client, messages, max_tokens, label=label)),
+            first_turn=lambda index, text: user_turn(image_url(seed + 1000 + index, size), f"{text} {QUESTION}"),
+            follow_ups=FOLLOW_UPS, assistant=ASSISTANT_TURN)
+        return outcomes, time.perf_counter() - start
     shared = [image_url(seed + i, size) for i in range(4)] if work.images == "shared" else []
     barrier = threading.Barrier(work.clients)
 
@@ -287,6 +308,9 @@ def render_md(report: dict) -> str:
                          f"{m['failures']} | {m['aggregate_tok_s']:.1f} | {fmt(m['ttft_p50_ms'])} / "
                          f"{fmt(m['ttft_p95_ms'])} | {fmt(m['gap_p95_ms'], 1)} | {fmt(m.get('ttft_turns23_p50_ms'))} | "
                          f"{fmt(m['peak_rss_mib'])} |")
+    lines += render_returning([(name, server, m) for name, per_server in report["workloads"].items()
+                                for server, m in per_server.items() if server != "_run" and "ttft_turn1_p95_ms" in m],
+                               fmt)
     streams = [(name, server, m) for name, per_server in report["workloads"].items() for server, m in per_server.items()
                if server != "_run" and "stream_gap_p50_ms" in m]
     if streams:
@@ -377,10 +401,13 @@ def main() -> int:
             server_name = f"{name} [{args.edgevlm_args}]" if name == "edgevlm serve" and args.edgevlm_args else name
             try:
                 with Server(server_name, command, port, logs / f"{server_name.replace(' ', '-')}.log") as server:
+                    before = scrape(port)
                     outcomes, wall = run_workload(port, work, args.max_tokens, size, seed=10_000 * (index + 1),
                                                   timeout=args.request_timeout,
                                                   deadline=time.monotonic() + args.workload_timeout)
                     results[work.name][server_name] = summarize(outcomes, wall, server.peak_rss_mib())
+                    if work.images == "returning":
+                        results[work.name][server_name] |= summarize_returning(outcomes, before, scrape(port), pct)
             except RuntimeError as exc:
                 results[work.name][server_name] = {"error": str(exc)}
             results[work.name][server_name]["command"] = run["command"]
