@@ -4,7 +4,9 @@ LAYOUTS (the one dispatch):
 - "smolvlm" (SmolVLM2): each frame a PreparedImage keyed by its decoded pixels and the video preprocessing; the chat
   template's "<video>" becomes the family's text with one image placeholder per frame, tokenized like images;
 - "qwen2_vl" (Qwen2-VL / Qwen2.5-VL): the template's <|video_pad|> expanded to the video's tokens, one run of
-  temporal patches (each encoded and cached alone) at M-RoPE positions with the time scaling (video/qwen_session.py).
+  temporal patches (each encoded and cached alone) at M-RoPE positions with the time scaling (video/qwen_session.py);
+- "qwen3_vl" (Qwen3-VL): each temporal patch behind its "<t seconds>" text and its own vision delimiters, placed
+  like an image (video/qwen3_session.py).
 Either way the embedding cache serves a unit seen before (a second question, a window that moved on), and the prompt's
 length is computed from the header's numbers before any frame is decoded."""
 from __future__ import annotations
@@ -88,8 +90,8 @@ def frame_key(frame: np.ndarray, video_spec, encoder_id: str) -> str:
 
 def _refuse_no_video(spec: RuntimeSpec) -> None:
     if spec.video is None:
-        raise BadInputError("this model takes no video (video input: SmolVLM2, Qwen2-VL and Qwen2.5-VL); pass "
-                            "images instead")
+        raise BadInputError("this model takes no video (video input: SmolVLM2, Qwen2-VL, Qwen2.5-VL and Qwen3-VL); "
+                            "pass images instead")
 
 
 def choose(spec: RuntimeSpec, request: VideoRequest) -> VideoChoice:
@@ -134,8 +136,14 @@ def _qwen_layout():
     return TemporalPatchLayout()
 
 
+def _qwen3_layout():
+    from ..video.qwen3_session import Qwen3PatchLayout
+
+    return Qwen3PatchLayout()
+
+
 # the one dispatch by the manifest's video kind (edgevlm.video.kinds): how a family's units become prompt rows
-LAYOUTS = {"smolvlm": FrameLayout, "qwen2_vl": _qwen_layout}
+LAYOUTS = {"smolvlm": FrameLayout, "qwen2_vl": _qwen_layout, "qwen3_vl": _qwen3_layout}
 
 
 def layout_for(spec: RuntimeSpec):
@@ -185,7 +193,8 @@ def _overflow(spec: RuntimeSpec, layout, text: str, choice: VideoChoice, n_promp
     fit = (max(0, (n_ctx - 1 - one) // each + 1) if one < n_ctx else 0) * per_unit
     fix = f"pass --max-frames {fit} or less (or a lower --fps), or raise --n-ctx" if fit else \
         f"even one {unit} makes a {one}-token prompt: raise --n-ctx or shorten the prompt"
-    tokens = video.tokens_per_unit(choice.height, choice.width, spec.layout.tokens_per_tile)
+    tokens = video.tokens_per_unit(choice.height, choice.width, spec.layout.tokens_per_tile,
+                                  n_frames=len(choice.indices))
     return (f"the video's {len(choice.indices)} frames ({units} {unit}{'es' if unit.endswith('h') else 's'} x "
             f"{tokens} tokens) make a {n_prompt}-token prompt, over the decoder context of {n_ctx}; {fix}")
 
