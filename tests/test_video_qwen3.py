@@ -200,3 +200,24 @@ def test_onnx_encoder_and_exported_decoders_equal_model_generate(decoder, bundle
     session.prefix_cache.clear()
     again = session.generate(prompt="Describe it.", video=clips["shapes"], max_tokens=2)
     assert (again.timings["video_units_encoded"], again.timings["video_units_reused"]) == (0, 4)
+
+
+def test_context_overflow_names_max_frames_that_fit(bundle, clips):
+    """Said before any frame is decoded; the --max-frames it names fits (checked with the frames it would sample:
+    Qwen3-VL sizes frames by the whole clip's budget, so the length is not linear in the patches) and 2 more do not."""
+    import re
+
+    import edgevlm
+    from edgevlm.errors import BadInputError
+
+    full = edgevlm.load(bundle, encoder="onnx:fp32", decoder="mlx:fp32", threads=1).generate(
+        prompt=QUESTION, video=clips["shapes"], max_tokens=1).timings["n_prompt_tokens"]
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="mlx:fp32", threads=1, n_ctx=full - 10)
+    with pytest.raises(BadInputError, match=f"4 temporal patches x 8 tokens\\) make a {full}-token prompt") as info:
+        session.generate(prompt=QUESTION, video=clips["shapes"], max_tokens=1)
+    fit = int(re.search(r"--max-frames (\d+) or less", str(info.value)).group(1))
+    assert fit >= 2 and "\n" not in str(info.value)
+    short = session.generate(prompt=QUESTION, video=clips["shapes"], max_frames=fit, max_tokens=1)
+    assert short.timings["n_prompt_tokens"] < full - 10
+    with pytest.raises(BadInputError, match="over the decoder context"):
+        session.generate(prompt=QUESTION, video=clips["shapes"], max_frames=fit + 2, max_tokens=1)
