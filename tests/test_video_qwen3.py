@@ -221,3 +221,24 @@ def test_context_overflow_names_max_frames_that_fit(bundle, clips):
     assert short.timings["n_prompt_tokens"] < full - 10
     with pytest.raises(BadInputError, match="over the decoder context"):
         session.generate(prompt=QUESTION, video=clips["shapes"], max_frames=fit + 2, max_tokens=1)
+
+
+def test_a_window_advanced_by_one_patch_encodes_one(bundle, clips):
+    """Two 8-frame windows 2 frames apart (every frame sampled: 2 fps source at the processor's 2 fps): the second
+    encodes 1 of its 4 temporal patches (the others come from the embedding cache; their KV cannot be kept, the
+    first patch and the time texts changed) and answers as a cold session does."""
+    import edgevlm
+
+    frames, _ = _frames(clips["shapes"])
+
+    def window(start: int) -> VideoClip:
+        return VideoClip(frames[start:start + 8], np.arange(8) / 2.0, 2.0, 4.0)
+
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="mlx:fp32", threads=1)
+    first = session.generate(prompt=QUESTION, video=window(0), max_tokens=4)
+    second = session.generate(prompt=QUESTION, video=window(2), max_tokens=4)
+    assert first.timings["video_units_encoded"] == 4
+    assert (second.timings["video_units_encoded"], second.timings["video_units_reused"]) == (1, 3)
+    cold = edgevlm.load(bundle, encoder="onnx:fp32", decoder="mlx:fp32", threads=1).generate(
+        prompt=QUESTION, video=window(2), max_tokens=4)
+    assert cold.tokens == second.tokens and cold.timings["video_units_encoded"] == 4
