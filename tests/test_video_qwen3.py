@@ -17,6 +17,7 @@ from edgevlm.video.clip import VideoClip
 from edgevlm.video.qwen import read_video_processor_config
 from edgevlm.video.qwen3 import Qwen3VideoSpec, patch_times, prepare_video, sample_indices, smart_resize, video_spec
 
+pytest.importorskip("av")
 pytestmark = pytest.mark.skipif(not hf_video.available(), reason="no torchvision for the HF video reference")
 QUESTION = "What moves here?"
 MAX_TOKENS = 12
@@ -276,3 +277,27 @@ def test_plan_counts_qwen3_video_tokens(capsys, bundle):
     assert code == 0, err
     video = json.loads(out)["video"]
     assert (video["frames"], video["units"], video["tokens_per_unit"]) == (120, 60, 1)
+
+
+def test_serve_video_url_and_a_second_chat_turn(bundle, clips, reference):
+    """serve's video_url (data URL) gives model.generate's tokens on GGUF; a VideoConversation's second turn keeps the
+    video in the sequence: it encodes nothing and prefills only its own turn."""
+    import base64
+
+    import edgevlm
+    from edgevlm.serve import ChatService
+    from edgevlm.video.chat import VideoConversation
+
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1, parity=True)
+    data = base64.b64encode(clips["shapes"].read_bytes()).decode()
+    request = {"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{data}"}},
+        {"type": "text", "text": QUESTION}]}], "max_tokens": MAX_TOKENS}
+    result = [d for d in ChatService(session, "m").complete(request) if d.result is not None][0].result
+    assert result.tokens[:len(reference["shapes"]["tokens"])] == reference["shapes"]["tokens"]
+    chat = VideoConversation(session, clips["other"])
+    first = chat.ask(QUESTION, max_tokens=4)
+    second = chat.ask("And then?", max_tokens=4)
+    assert first.timings["video_units_encoded"] == 4
+    assert second.timings["video_units_encoded"] == 0
+    assert second.timings["n_reused_positions"] >= first.timings["n_prompt_tokens"]
