@@ -151,7 +151,8 @@ def test_frames_pixels_ids_and_positions_equal_hf(qwen3, torch_session, referenc
     assert choice.indices.tolist() == hf["frames_indices"].tolist() == [0, 6, 11, 17, 23, 28, 34]
     clip = choice.frames()
     video = prepare_video(clip, spec, indices=choice.indices, source_fps=choice.source_fps)
-    assert list(video.grid) == hf["video_grid_thw"][0].tolist() == [4, 4, 8]  # 7 frames padded to 4 patches of 2 x 4 tokens
+    # 7 frames padded to 4 temporal patches of 2 x 4 tokens
+    assert list(video.grid) == hf["video_grid_thw"][0].tolist() == [4, 4, 8]
     patches = video.pixel_patches()
     assert patches.shape == hf["pixel_values_videos"].shape
     assert np.abs(patches - hf["pixel_values_videos"]).max() <= 1e-5  # fused normalize: float32 rounding only
@@ -180,7 +181,8 @@ def test_torch_runtime_equals_model_generate_and_tells_clips_apart(torch_session
 def bundle(qwen3, tmp_path_factory):
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
-    return export_checkpoint(qwen3, tmp_path_factory.mktemp("qwen3-video-bundle") / "b", [ArtifactRequest("onnx", "fp32")],
+    return export_checkpoint(qwen3, tmp_path_factory.mktemp("qwen3-video-bundle") / "b",
+                             [ArtifactRequest("onnx", "fp32")],
                              [ArtifactRequest("gguf", "f32"), ArtifactRequest("mlx", "fp32")], max_tiles=8,
                              options={"group_size": 32})
 

@@ -213,11 +213,12 @@ class Qwen3Video:
 
 def prepare_video(clip: VideoClip, spec: Qwen3VideoSpec, indices=None, source_fps: float | None = None,
                   fps: float | None = None) -> Qwen3Video:
-    """Sample `clip` (or take its frames as the ones sampled at `indices` of a `source_fps` source), size it for the
-    sampled count, pad to whole temporal patches and key each one."""
+    """Sample `clip` (or take its frames as the ones sampled at `indices` of a `source_fps` source: the clip's own
+    rate unless given), size it for the sampled count, pad to whole temporal patches and key each one."""
+    source_fps = clip.source_fps if source_fps is None else source_fps
     if indices is None:
         indices = sample_indices(clip.num_frames, clip.source_fps, spec, fps)
-        clip, source_fps = clip.select(indices), clip.source_fps
+        clip = clip.select(indices)
     tp = spec.temporal_patch_size
     n_sampled = len(clip.frames)
     size = smart_resize(n_sampled, clip.frames.shape[1], clip.frames.shape[2], spec)
