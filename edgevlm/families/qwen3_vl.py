@@ -4,8 +4,8 @@ between `<|vision_start|>` / `<|vision_end|>`, as Qwen2-VL), and a Qwen3 decoder
 interleaved M-RoPE. DeepStack: the features of a few intermediate vision blocks go through their own mergers and are
 added to the hidden states after the first k decoder layers at the image's positions, so an image row is
 (1 + k) x hidden wide (main embedding, then the k slices: llama.cpp's layout). Preprocessing is Qwen2-VL's image
-processor (Qwen2VLImageProcessor) at patch 16. describe() is torch-free; load() builds the PyTorch modules, whose
-vision side lives in qwen3_vl_vision.py."""
+processor (Qwen2VLImageProcessor) at patch 16; video is Qwen3VLVideoProcessor's (edgevlm/video/qwen3.py).
+describe() is torch-free; load() builds the PyTorch modules, whose vision side lives in qwen3_vl_vision.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +46,21 @@ def describe(config: dict, processor: dict, tokenizer: Vocabulary) -> FamilySpec
                             (".merger.", "merger.", "deepstack_merger_list."), merge_size=merge),
         decoder_architecture=decoder_row(config, "qwen3_vl_text"), mmproj_projector="qwen3vl_merger", mmproj_refusal=None,
         stop_tokens=("<|im_end|>",), mrope_section=rope.get("mrope_section") or [24, 20, 20],
-        deepstack_layers=len(deepstack),
+        deepstack_layers=len(deepstack), video=video_spec(config, processor),
     )
+
+
+def video_spec(config: dict, processor: dict):
+    """Qwen3-VL reads video (temporal patches behind timestamp text): Qwen3VLVideoProcessor's settings from
+    video_preprocessor_config.json or processor_config.json's "video_processor" where saved, else the image
+    processor's file (what its from_pretrained falls back to)."""
+    from ..video.qwen3 import video_spec as qwen3_video_spec
+
+    video = processor.get("video_processor")
+    try:
+        return qwen3_video_spec(video if isinstance(video, dict) else processor, config)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the video processor settings are unusable ({exc}); re-save the checkpoint") from None
 
 
 def load(path: Path, config_json: dict, dtype: str = "float32"):

@@ -67,7 +67,7 @@ class VideoCounter:
         width, height = query.size
         try:
             indices = np.asarray(video.sample(total, query.source_fps, query.max_frames, query.fps))
-            per_unit = video.tokens_per_unit(height, width, self.spec.layout.tokens_per_tile)
+            per_unit = video.tokens_per_unit(height, width, self.spec.layout.tokens_per_tile, n_frames=len(indices))
         except ValueError as exc:
             raise BadInputError(f"{exc}; plan another --video-seconds, --max-frames or --video-size") from None
         units = math.ceil(len(indices) / video.frames_per_unit)
@@ -84,6 +84,13 @@ class VideoCounter:
             from ..video.qwen import smart_resize
 
             height, width = smart_resize(query.size[1], query.size[0], video)
+            return (width, height), None
+        if video.kind == "qwen3_vl":  # frames sized by the whole clip's pixel budget
+            from ..video.qwen3 import smart_resize as smart_resize3
+
+            total = max(1, round(query.seconds * query.source_fps))
+            n = len(video.sample(total, query.source_fps, query.max_frames, query.fps))
+            height, width = smart_resize3(n, query.size[1], query.size[0], video)
             return (width, height), None
         return (video.frame_size, video.frame_size), 1
 

@@ -4,7 +4,9 @@ LAYOUTS (the one dispatch):
 - "smolvlm" (SmolVLM2): each frame a PreparedImage keyed by its decoded pixels and the video preprocessing; the chat
   template's "<video>" becomes the family's text with one image placeholder per frame, tokenized like images;
 - "qwen2_vl" (Qwen2-VL / Qwen2.5-VL): the template's <|video_pad|> expanded to the video's tokens, one run of
-  temporal patches (each encoded and cached alone) at M-RoPE positions with the time scaling (video/qwen_session.py).
+  temporal patches (each encoded and cached alone) at M-RoPE positions with the time scaling (video/qwen_session.py);
+- "qwen3_vl" (Qwen3-VL): each temporal patch behind its "<t seconds>" text and its own vision delimiters, placed
+  like an image (video/qwen3_session.py).
 Either way the embedding cache serves a unit seen before (a second question, a window that moved on), and the prompt's
 length is computed from the header's numbers before any frame is decoded."""
 from __future__ import annotations
@@ -88,8 +90,8 @@ def frame_key(frame: np.ndarray, video_spec, encoder_id: str) -> str:
 
 def _refuse_no_video(spec: RuntimeSpec) -> None:
     if spec.video is None:
-        raise BadInputError("this model takes no video (video input: SmolVLM2, Qwen2-VL and Qwen2.5-VL); pass "
-                            "images instead")
+        raise BadInputError("this model takes no video (video input: SmolVLM2, Qwen2-VL, Qwen2.5-VL and Qwen3-VL); "
+                            "pass images instead")
 
 
 def choose(spec: RuntimeSpec, request: VideoRequest) -> VideoChoice:
@@ -134,8 +136,14 @@ def _qwen_layout():
     return TemporalPatchLayout()
 
 
+def _qwen3_layout():
+    from ..video.qwen3_session import Qwen3PatchLayout
+
+    return Qwen3PatchLayout()
+
+
 # the one dispatch by the manifest's video kind (edgevlm.video.kinds): how a family's units become prompt rows
-LAYOUTS = {"smolvlm": FrameLayout, "qwen2_vl": _qwen_layout}
+LAYOUTS = {"smolvlm": FrameLayout, "qwen2_vl": _qwen_layout, "qwen3_vl": _qwen3_layout}
 
 
 def layout_for(spec: RuntimeSpec):
@@ -168,26 +176,39 @@ def prepare_video(session, text: str, request: VideoRequest, images: list) -> tu
     choice = choose(spec, request)
     n_prompt = layout.length(spec, text, choice)
     if n_prompt >= n_ctx:
-        raise BadInputError(_overflow(spec, layout, text, choice, n_prompt, n_ctx))
+        raise BadInputError(_overflow(spec, layout, text, choice, n_prompt, n_ctx, request.fps))
     try:
         return layout.build(session, text, choice, choice.frames())
     except ValueError as exc:  # e.g. positions llama.cpp cannot take (video/qwen_session.py)
         raise BadInputError(str(exc)) from None
 
 
-def _overflow(spec: RuntimeSpec, layout, text: str, choice: VideoChoice, n_prompt: int, n_ctx: int) -> str:
-    """The one-line refusal, with the --max-frames that fits (prompt length is linear in the units)."""
+def _overflow(spec: RuntimeSpec, layout, text: str, choice: VideoChoice, n_prompt: int, n_ctx: int,
+              fps: float | None = None) -> str:
+    """The one-line refusal, with the --max-frames that fits (estimated as linear in the units, then checked with
+    the frames --max-frames would sample: Qwen3-VL sizes frames by the whole clip's budget, so it is not linear)."""
     video = spec.video
     per_unit, unit = video.frames_per_unit, video.unit_name
     units = math.ceil(len(choice.indices) / per_unit)
     one = layout.length(spec, text, choice.first(per_unit))
     each = max(1, (n_prompt - one) // max(1, units - 1))
     fit = (max(0, (n_ctx - 1 - one) // each + 1) if one < n_ctx else 0) * per_unit
+    while fit >= per_unit and _resampled_length(spec, layout, text, choice, fit, fps) >= n_ctx:
+        fit -= per_unit
+    fit = fit if fit >= per_unit else 0
     fix = f"pass --max-frames {fit} or less (or a lower --fps), or raise --n-ctx" if fit else \
         f"even one {unit} makes a {one}-token prompt: raise --n-ctx or shorten the prompt"
-    tokens = video.tokens_per_unit(choice.height, choice.width, spec.layout.tokens_per_tile)
+    tokens = video.tokens_per_unit(choice.height, choice.width, spec.layout.tokens_per_tile,
+                                  n_frames=len(choice.indices))
     return (f"the video's {len(choice.indices)} frames ({units} {unit}{'es' if unit.endswith('h') else 's'} x "
             f"{tokens} tokens) make a {n_prompt}-token prompt, over the decoder context of {n_ctx}; {fix}")
+
+
+def _resampled_length(spec: RuntimeSpec, layout, text: str, choice: VideoChoice, max_frames: int,
+                      fps: float | None) -> int:
+    """The prompt's length were the clip sampled with --max-frames `max_frames`."""
+    indices = np.asarray(spec.video.sample(choice.total_frames, choice.source_fps, max_frames, fps))
+    return layout.length(spec, text, replace(choice, indices=indices))
 
 
 def _expand(spec: RuntimeSpec, text: str, timestamps: np.ndarray, duration: float) -> str:

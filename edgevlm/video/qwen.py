@@ -81,7 +81,8 @@ class QwenVideoSpec:
     def frames_per_unit(self) -> int:
         return self.temporal_patch_size
 
-    def tokens_per_unit(self, height: int, width: int, tokens_per_tile: int = 0) -> int:
+    def tokens_per_unit(self, height: int, width: int, tokens_per_tile: int = 0,
+                        n_frames: int | None = None) -> int:
         """Merged tokens of one temporal patch of (height, width) source frames (smart_resize, 2x2 merge)."""
         h, w = smart_resize(height, width, self)
         return (h // self.factor) * (w // self.factor)

@@ -86,7 +86,7 @@ class SmolVLMVideoSpec:
     unit_name = "frame"  # each frame is encoded and cached alone
     frames_per_unit = 1
 
-    def tokens_per_unit(self, height: int, width: int, tokens_per_tile: int) -> int:
+    def tokens_per_unit(self, height: int, width: int, tokens_per_tile: int, n_frames: int | None = None) -> int:
         return tokens_per_tile  # every frame is stretched to one square tile, whatever its size
 
     @classmethod
