@@ -84,12 +84,18 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
     (rows, source), led = flights.run(image.key, lead)
     if led and source == "encoded":
         timings["embed_cache_misses"] += 1
-        timings["video_units_encoded"] += frame
+        _count_frame(timings, "video_units_encoded", frame)
     else:
         timings["embed_cache_hits"] += 1
         timings["disk_cache_hits"] += int(led and source == "disk")
-        timings["video_units_reused"] += frame
+        _count_frame(timings, "video_units_reused", frame)
     return rows
+
+
+def _count_frame(timings: dict, counter: str, frame: int) -> None:
+    """A video frame's hit or miss; an image's touches no video counter (callers with images only need not have one)."""
+    if frame:
+        timings[counter] = timings.get(counter, 0) + frame
 
 
 def _encode(image: PreparedImage, encoder, preprocess_spec, timings: dict) -> np.ndarray:
