@@ -63,7 +63,7 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
     cached = memory.get(image.key)
     if cached is not None:
         timings["embed_cache_hits"] += 1
-        timings["video_units_reused"] += frame
+        _count_frame(timings, "video_units_reused", frame)
         return cached
 
     def lead() -> tuple[np.ndarray, str]:
