@@ -184,16 +184,9 @@ def smart_resize(height: int, width: int, spec: QwenVideoSpec) -> tuple[int, int
     return h_bar, w_bar
 
 
-@dataclass(frozen=True)
-class QwenVideo:
-    """A sampled clip, ready to be patchified one temporal patch at a time (nothing resized until asked)."""
-
-    frames: np.ndarray  # (t * temporal_patch_size, H, W, 3) uint8 sampled source frames, last repeated to fill
-    timestamps_s: np.ndarray  # (same,) their source times
-    size: tuple[int, int]  # (height, width) after smart_resize
-    second_per_grid_t: float  # seconds one temporal patch covers (temporal_patch_size / sampled fps)
-    spec: QwenVideoSpec
-    patch_keys: tuple[str, ...]  # one content key per temporal patch
+class TemporalPatches:
+    """The geometry and pixels of a sampled Qwen clip (Qwen2-VL / 2.5-VL's QwenVideo, Qwen3-VL's Qwen3Video): needs
+    `frames` ((t * temporal_patch_size, H, W, 3) uint8), `size` ((height, width) after smart_resize) and `spec`."""
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -207,6 +200,29 @@ class QwenVideo:
         t, h, w = self.grid
         return t, h // self.spec.merge_size, w // self.spec.merge_size
 
+    def pixel_patches(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(n * h * w, patch_dim) float32 patches of temporal patches [start, stop), in pixel_values_videos' order."""
+        spec, tp = self.spec, self.spec.temporal_patch_size
+        stop = self.grid[0] if stop is None else stop
+        frames = resize_bicubic_aa(self.frames[start * tp:stop * tp], *self.size)  # (n*tp, H, W, 3) uint8
+        # the processor's fused rescale + normalize: (x - mean / rescale) / (std / rescale), in float32
+        mean = np.asarray([m / spec.rescale_factor for m in spec.image_mean], dtype=np.float32)
+        std = np.asarray([s / spec.rescale_factor for s in spec.image_std], dtype=np.float32)
+        values = ((frames.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)  # (n*tp, C, H, W)
+        return patchify(values, spec)
+
+
+@dataclass(frozen=True)
+class QwenVideo(TemporalPatches):
+    """A sampled clip, ready to be patchified one temporal patch at a time (nothing resized until asked)."""
+
+    frames: np.ndarray  # (t * temporal_patch_size, H, W, 3) uint8 sampled source frames, last repeated to fill
+    timestamps_s: np.ndarray  # (same,) their source times
+    size: tuple[int, int]  # (height, width) after smart_resize
+    second_per_grid_t: float  # seconds one temporal patch covers (temporal_patch_size / sampled fps)
+    spec: QwenVideoSpec
+    patch_keys: tuple[str, ...]  # one content key per temporal patch
+
     @property
     def n_tokens(self) -> int:
         t, rows, cols = self.merged
@@ -218,17 +234,6 @@ class QwenVideo:
         tps = self.spec.tokens_per_second
         # float32, as transformers multiplies the processor's float32 second_per_grid_ts tensor
         return 1.0 if tps is None else float(np.float32(tps) * np.float32(self.second_per_grid_t))
-
-    def pixel_patches(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """(n * h * w, patch_dim) float32 patches of temporal patches [start, stop), in pixel_values_videos' order."""
-        spec, tp = self.spec, self.spec.temporal_patch_size
-        stop = self.grid[0] if stop is None else stop
-        frames = resize_bicubic_aa(self.frames[start * tp:stop * tp], *self.size)  # (n*tp, H, W, 3) uint8
-        # the processor's fused rescale + normalize: (x - mean / rescale) / (std / rescale), in float32
-        mean = np.asarray([m / spec.rescale_factor for m in spec.image_mean], dtype=np.float32)
-        std = np.asarray([s / spec.rescale_factor for s in spec.image_std], dtype=np.float32)
-        values = ((frames.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)  # (n*tp, C, H, W)
-        return patchify(values, spec)
 
 
 def patchify(values: np.ndarray, spec: QwenVideoSpec) -> np.ndarray:

@@ -18,8 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from .clip import VideoClip
-from .qwen import VIDEO_TOKEN, VIDEO_TOKEN_ID, patch_key, patchify
-from .resize import resize_bicubic_aa
+from .qwen import VIDEO_TOKEN, VIDEO_TOKEN_ID, TemporalPatches, patch_key
 
 # Qwen3VLVideoProcessor's class defaults
 DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 128 * 32 * 32, 32 * 32 * 768
@@ -173,7 +172,7 @@ def video_text(times: list[float], tokens_per_patch: int, token: str = VIDEO_TOK
 
 
 @dataclass(frozen=True)
-class Qwen3Video:
+class Qwen3Video(TemporalPatches):
     """A sampled clip, ready to be patchified one temporal patch at a time."""
 
     frames: np.ndarray  # (t * temporal_patch_size, H, W, 3) uint8, the last frame repeated to fill
@@ -183,32 +182,12 @@ class Qwen3Video:
     patch_keys: tuple[str, ...]
 
     @property
-    def grid(self) -> tuple[int, int, int]:
-        p = self.spec.patch_size
-        return len(self.frames) // self.spec.temporal_patch_size, self.size[0] // p, self.size[1] // p
-
-    @property
-    def merged(self) -> tuple[int, int, int]:
-        t, h, w = self.grid
-        return t, h // self.spec.merge_size, w // self.spec.merge_size
-
-    @property
     def tokens_per_patch(self) -> int:
         _, rows, cols = self.merged
         return rows * cols
 
     def text(self) -> str:
         return video_text(list(self.times), self.tokens_per_patch)
-
-    def pixel_patches(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """(n * h * w, patch_dim) float32 patches of temporal patches [start, stop), pixel_values_videos' order."""
-        spec, tp = self.spec, self.spec.temporal_patch_size
-        stop = self.grid[0] if stop is None else stop
-        frames = resize_bicubic_aa(self.frames[start * tp:stop * tp], *self.size)  # (n*tp, H, W, 3) uint8
-        mean = np.asarray([m / spec.rescale_factor for m in spec.image_mean], dtype=np.float32)
-        std = np.asarray([s / spec.rescale_factor for s in spec.image_std], dtype=np.float32)
-        values = ((frames.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)  # (n*tp, C, H, W)
-        return patchify(values, spec)
 
 
 def prepare_video(clip: VideoClip, spec: Qwen3VideoSpec, indices=None, source_fps: float | None = None,
