@@ -172,8 +172,9 @@ def _shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, in
     return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
-def _longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
-    # transformers' Idefics3 _resize_output_size_rescale_to_max_len + scale_below_upper_bound.
+def longest_edge_to(height: int, width: int, longest: int) -> tuple[int, int]:
+    """(height, width) with the longest edge at `longest` and the other side rounded up to even (transformers'
+    Idefics3 _resize_output_size_rescale_to_max_len; SmolVLM's video frames take the same first resize)."""
     aspect = width / height
     if width >= height:
         width = longest
@@ -183,7 +184,12 @@ def _longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]
         height = longest
         width = int(height * aspect)
         width += width % 2
-    height, width = max(height, 1), max(width, 1)
+    return max(height, 1), max(width, 1)
+
+
+def _longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    # transformers' Idefics3 _resize_output_size_rescale_to_max_len + scale_below_upper_bound.
+    height, width = longest_edge_to(height, width, longest)
     aspect = width / height
     if width >= height and width > MAX_TILE_SIDE_PIXELS:
         width, height = MAX_TILE_SIDE_PIXELS, int(MAX_TILE_SIDE_PIXELS / aspect)

@@ -20,7 +20,7 @@ from datetime import timedelta
 import numpy as np
 from PIL import Image
 
-from ..preprocess import RESAMPLE, RESAMPLE_NAMES, PreprocessedImage
+from ..preprocess import RESAMPLE, RESAMPLE_NAMES, PreprocessedImage, longest_edge_to
 
 VIDEO_INTRO = "You are provided the following series of {frame_count} frames from a {video_duration} [H:MM:SS] video.\n"
 MEDIA_OUTRO = "\n\n"
@@ -134,17 +134,7 @@ def sample_indices(total_frames: int, source_fps: float, spec: SmolVLMVideoSpec,
 
 def frame_size(height: int, width: int, spec: SmolVLMVideoSpec) -> tuple[int, int]:
     """The first resize's (height, width): the longest edge to video_size, the other side rounded up to even."""
-    longest = min(MAX_SIDE, spec.video_longest_edge)
-    aspect = width / height
-    if width >= height:
-        width = longest
-        height = int(width / aspect)
-        height += height % 2
-    else:
-        height = longest
-        width = int(height * aspect)
-        width += width % 2
-    return max(height, 1), max(width, 1)
+    return longest_edge_to(height, width, min(MAX_SIDE, spec.video_longest_edge))
 
 
 def frame_pixels(frame: np.ndarray, spec: SmolVLMVideoSpec) -> PreprocessedImage:
