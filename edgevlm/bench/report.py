@@ -66,17 +66,23 @@ def rows(result: dict) -> list[list[str]]:
 
 
 def print_table(result: dict, console) -> None:
+    s = result["scenario"]
+    show_table(console, f"{result['path']} | image {s['image_size'][0]}x{s['image_size'][1]}, ~{s['prompt_tokens']} "
+               f"prompt tokens, {s['new_tokens']} new, {s['threads']} threads, medians of {s['repeats']}",
+               columns(result), rows(result), ratios(result))
+
+
+def show_table(console, title: str, column_names, table_rows, ratio_lines) -> None:
+    """A bench's rich table and the ratio lines under it (the image and the video bench print the same way)."""
     from rich.table import Table
 
-    s = result["scenario"]
-    table = Table(title=f"{result['path']} | image {s['image_size'][0]}x{s['image_size'][1]}, ~{s['prompt_tokens']} prompt "
-                        f"tokens, {s['new_tokens']} new, {s['threads']} threads, medians of {s['repeats']}")
-    for column in columns(result):
+    table = Table(title=title)
+    for column in column_names:
         table.add_column(column)
-    for row in rows(result):
+    for row in table_rows:
         table.add_row(*row)
     console.print(table)
-    for line in ratios(result):
+    for line in ratio_lines:
         console.print(line)
 
 

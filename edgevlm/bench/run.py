@@ -20,6 +20,18 @@ def _list(text: str | None) -> list[str]:
     return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
+def checked_path_and_peers(path: str | Path, peers: str | None) -> tuple[Path, list[str]]:
+    """The bench's path (it must exist) and its --peers list (each one of PEERS), or a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path} does not exist; pass a checkpoint folder or a bundle")
+    peer_list = _list(peers)
+    for peer in peer_list:
+        if peer not in PEERS:
+            raise BadInputError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+    return path, peer_list
+
+
 def plan_pairs(path: Path, encoders: str | None, decoders: str | None, target: str | None) -> list[tuple[str, str]]:
     from ..loading import is_bundle
     from ..manifest import Manifest
@@ -275,13 +287,7 @@ def run_bench(path: str | Path, scenario: harness.Scenario, encoders: str | None
     peer_repeats: repeats of the other libraries' peers (mlx-vlm), default the scenario's."""
     from ..loading import is_bundle
 
-    path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"{path} does not exist; pass a checkpoint folder or a bundle")
-    peer_list = _list(peers)
-    for peer in peer_list:
-        if peer not in PEERS:
-            raise BadInputError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+    path, peer_list = checked_path_and_peers(path, peers)
     if target not in (None, "cpu", "cuda", "jetson-orin", "apple-silicon"):
         raise BadInputError(f"unknown target {target!r}; see `edgevlm targets`")
     if accuracy_n < 0:

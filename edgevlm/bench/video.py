@@ -135,15 +135,9 @@ def run_video_bench(path: str | Path, scenario: harness.Scenario, workload: Vide
                     llamacpp_bin: str | None = None, progress: Callable[[str], None] = lambda m: None,
                     isolate: bool = True) -> dict:
     from ..loading import is_bundle
-    from .run import PEERS, _list, plan_pairs, run_child
+    from .run import checked_path_and_peers, plan_pairs, run_child
 
-    path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"{path} does not exist; pass a checkpoint folder or a bundle")
-    peer_list = _list(peers)
-    for peer in peer_list:
-        if peer not in PEERS:
-            raise BadInputError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+    path, peer_list = checked_path_and_peers(path, peers)
     pairs = plan_pairs(path, encoders, decoders, target)
     runs = []
     for encoder, decoder in ([("torch", "torch")] if "torch" in peer_list or not pairs else []) + pairs:
@@ -244,16 +238,9 @@ def title(result: dict) -> str:
 
 
 def print_table(result: dict, console) -> None:
-    from rich.table import Table
+    from .report import show_table
 
-    table = Table(title=title(result))
-    for column in COLUMNS:
-        table.add_column(column)
-    for row in rows(result):
-        table.add_row(*row)
-    console.print(table)
-    for line in ratios(result):
-        console.print(line)
+    show_table(console, title(result), COLUMNS, rows(result), ratios(result))
 
 
 def write(result: dict, out: Path, command: str) -> dict[str, Path]:
