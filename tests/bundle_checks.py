@@ -1,4 +1,4 @@
-"""Checks several families' bundle tests make the same way: a one-line CLI refusal (exit 2, no traceback, nothing
+"""Checks several test files make the same way: a CLI run in process and its one-line error, a one-line refusal (exit 2, no traceback, nothing
 written), the mmproj refusal of a family llama.cpp has no projector for (export and inspect), the worst encoder error
 over images, and the disk tier surviving a restart."""
 from __future__ import annotations
@@ -9,6 +9,23 @@ import numpy as np
 
 from edgevlm.cli import main
 from edgevlm.metrics import cosine
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `edgevlm ARGV` run in this process."""
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_clean_error(code, err, *needles):
+    """Exit 2, no traceback, one line on stderr, naming each of `needles`."""
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in err, err
 
 
 def assert_refused_in_one_line(argv: list[str], message: str, out: Path, capsys) -> None:

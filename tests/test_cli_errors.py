@@ -6,22 +6,7 @@ import shutil
 
 import pytest
 
-from edgevlm.cli import main
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_clean_error(code, err, *needles):
-    assert code == 2
-    assert "Traceback" not in err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in err, err
+from bundle_checks import assert_clean_error, run_cli
 
 
 @pytest.fixture()

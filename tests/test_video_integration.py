@@ -17,6 +17,7 @@ import hf_video
 import video_clips
 from edgevlm.errors import BadInputError
 from edgevlm.video.qwen import QwenVideoSpec, read_video_processor_config, video_spec
+from bundle_checks import assert_clean_error, run_cli
 
 pytest.importorskip("av")
 pytestmark = pytest.mark.skipif(not hf_video.available(), reason="no torchvision for the HF video reference")
@@ -98,25 +99,10 @@ def test_the_bundle_records_the_qwen_video_section(qwen25, bundle, tmp_path):
     assert isinstance(qwen2, QwenVideoSpec) and qwen2.tokens_per_second is None
 
 
-def _cli(capsys, *argv):
-    from edgevlm.cli import main
-
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line_exit_2(code, err, *needles):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err)
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_cli_run_video_equals_model_generate(capsys, bundle, clips, reference):
     assert reference["shapes"] != reference["other"]  # the tiny model is discriminative: another clip, other tokens
     for name in ("shapes", "other"):
-        code, out, err = _cli(capsys, "run", str(bundle), "--video", str(clips[name]), "--prompt", QUESTION,
+        code, out, err = run_cli(capsys, "run", str(bundle), "--video", str(clips[name]), "--prompt", QUESTION,
                               "--max-tokens", str(MAX_TOKENS), "--encoder", "onnx:fp32", "--decoder", "mlx:fp32",
                               "--json")
         assert code == 0, err
@@ -168,17 +154,17 @@ def test_context_overflow_and_bad_limits_are_one_line(capsys, bundle, clips):
             "--decoder", "mlx:fp32"]
     # 4 temporal patches x 15 tokens + 60 text positions: 120 do not fit 100; said before any frame is decoded, with
     # the frames that fit: 2 temporal patches (a 90-position prompt)
-    code, _, err = _cli(capsys, *base, "--n-ctx", "100")
-    _one_line_exit_2(code, err, "4 temporal patches x 15 tokens) make a 120-token prompt, over the decoder context "
+    code, _, err = run_cli(capsys, *base, "--n-ctx", "100")
+    assert_clean_error(code, err, "4 temporal patches x 15 tokens) make a 120-token prompt, over the decoder context "
                      "of 100", "--max-frames 4 or less")
-    code, out, err = _cli(capsys, *base, "--n-ctx", "100", "--max-frames", "4", "--max-tokens", "1", "--json")
+    code, out, err = run_cli(capsys, *base, "--n-ctx", "100", "--max-frames", "4", "--max-tokens", "1", "--json")
     assert code == 0, err
     timings = json.loads(out.strip().splitlines()[-1])["timings"]
     assert (timings["video_units_encoded"], timings["n_prompt_tokens"]) == (2, 90)
-    code, _, err = _cli(capsys, *base, "--n-ctx", "70")
-    _one_line_exit_2(code, err, "even one temporal patch makes a", "raise --n-ctx")
-    code, _, err = _cli(capsys, *base, "--max-frames", "1")
-    _one_line_exit_2(code, err, "under one temporal patch", "--max-frames 2")
+    code, _, err = run_cli(capsys, *base, "--n-ctx", "70")
+    assert_clean_error(code, err, "even one temporal patch makes a", "raise --n-ctx")
+    code, _, err = run_cli(capsys, *base, "--max-frames", "1")
+    assert_clean_error(code, err, "under one temporal patch", "--max-frames 2")
 
 
 def test_llama_cpp_context_sized_with_the_video_and_its_refusal(capsys, bundle, clips):
@@ -194,9 +180,9 @@ def test_llama_cpp_context_sized_with_the_video_and_its_refusal(capsys, bundle, 
     assert Job((QUESTION,), (), 2, VideoRequest(clips["shapes"], max_frames=4)).positions(spec) == 90 + 2
     base = ["run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION, "--encoder", "onnx:fp32",
             "--decoder", "gguf:f32", "--max-tokens", "2"]
-    code, _, err = _cli(capsys, *base)
-    _one_line_exit_2(code, err, "llama.cpp cannot take text there")
-    code, out, err = _cli(capsys, *base, "--max-frames", "2", "--json")
+    code, _, err = run_cli(capsys, *base)
+    assert_clean_error(code, err, "llama.cpp cannot take text there")
+    code, out, err = run_cli(capsys, *base, "--max-frames", "2", "--json")
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["timings"]["n_image_tokens"] == 15
     import edgevlm
@@ -241,10 +227,10 @@ def test_chat_video_is_the_first_turns_attachment(capsys, monkeypatch, bundle, c
     from PIL import Image
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
-    code, _, err = _cli(capsys, "chat", str(bundle), "--video", str(clips["shapes"]), "--image",
+    code, _, err = run_cli(capsys, "chat", str(bundle), "--video", str(clips["shapes"]), "--image",
                         str(tmp_path / "red.png"))
-    _one_line_exit_2(code, err, "pass --video or --image, not both")
-    _one_line_exit_2(*_cli(capsys, "chat", str(bundle), "--fps", "1")[::2], "pass --video FILE")
+    assert_clean_error(code, err, "pass --video or --image, not both")
+    assert_clean_error(*run_cli(capsys, "chat", str(bundle), "--fps", "1")[::2], "pass --video FILE")
 
 
 def _hf_text_positions(ckpt_path) -> int:
@@ -275,7 +261,7 @@ def test_plan_counts_qwen_video_tokens_and_the_longest_clip(capsys, bundle, qwen
 
     def longest_in(context: int) -> float:
         return max(t / 10 for t in range(1, 3860) if text + 15 * units(t / 10) + 88 <= context)
-    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
+    code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
                           "--video-size", "131x75", "--context", "256", "--json")
     assert code == 0, err
     video = json.loads(out)["video"]
@@ -287,22 +273,22 @@ def test_plan_counts_qwen_video_tokens_and_the_longest_clip(capsys, bundle, qwen
     # the tiny model fits any device's memory: each option's longest clip is the context's
     assert all(value == longest for value in video["largest_clip_s"].values()) and video["any_length"] == []
     # without --context: the model's 1,024 positions, and the plan is sized to the clip's positions
-    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
+    code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
                           "--video-size", "131x75", "--json")
     result = json.loads(out)
     assert result["context"] == text + 148 and result["video"]["largest_clip_s"]["context"] == longest_in(1024)
     # --max-frames 6 (3 temporal patches) caps every clip: any length fits
-    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "60",
+    code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "60",
                           "--video-size", "131x75", "--max-frames", "6", "--json")
     video = json.loads(out)["video"]
     assert (video["frames"], video["video_tokens"]) == (6, 45) and "context" in video["any_length"]
     # the table, and the one-line refusals
-    code, out, _ = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
+    code, out, _ = run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "4",
                         "--video-size", "131x75", "--context", "256")
     assert code == 0 and "4 x 15 = 60" in out and "8 = 4 temporal patches" in out and f"{longest:g} s" in out
-    _one_line_exit_2(*_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--fps", "1")[::2],
+    assert_clean_error(*run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--fps", "1")[::2],
                      "pass --video-seconds S")
-    _one_line_exit_2(*_cli(capsys, "plan", str(qwen25), "--device", "jetson-orin-nano-8gb", "--video-seconds",
+    assert_clean_error(*run_cli(capsys, "plan", str(qwen25), "--device", "jetson-orin-nano-8gb", "--video-seconds",
                            "4")[::2], "pass an exported BUNDLE folder")
-    _one_line_exit_2(*_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds",
+    assert_clean_error(*run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds",
                            "0")[::2], "--video-seconds must be in")

@@ -16,6 +16,7 @@ import video_clips
 from edgevlm.video.clip import VideoClip
 from edgevlm.video.qwen import read_video_processor_config
 from edgevlm.video.qwen3 import Qwen3VideoSpec, patch_times, prepare_video, sample_indices, smart_resize, video_spec
+from bundle_checks import run_cli
 
 pytest.importorskip("av")
 pytestmark = pytest.mark.skipif(not hf_video.available(), reason="no torchvision for the HF video reference")
@@ -247,17 +248,9 @@ def test_a_window_advanced_by_one_patch_encodes_one(bundle, clips):
     assert cold.tokens == second.tokens and cold.timings["video_units_encoded"] == 4
 
 
-def _cli(capsys, *argv):
-    from edgevlm.cli import main
-
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_cli_run_video_on_gguf_equals_model_generate(capsys, bundle, clips, reference):
     """`run --video` sizes llama.cpp's context from the header (Job) and gives model.generate's tokens."""
-    code, out, err = _cli(capsys, "run", str(bundle), "--video", str(clips["other"]), "--prompt", QUESTION,
+    code, out, err = run_cli(capsys, "run", str(bundle), "--video", str(clips["other"]), "--prompt", QUESTION,
                           "--max-tokens", str(MAX_TOKENS), "--encoder", "onnx:fp32", "--decoder", "gguf:f32", "--json")
     assert code == 0, err
     answer = json.loads(out.strip().splitlines()[-1])
@@ -268,13 +261,13 @@ def test_cli_run_video_on_gguf_equals_model_generate(capsys, bundle, clips, refe
 def test_plan_counts_qwen3_video_tokens(capsys, bundle):
     """3.5 s of 131x75 at a nominal 30 fps: 105 frames, int(3.5 x 2) = 7 sampled -> 4 temporal patches of 64 x 128
     (2 x 4 = 8 tokens); 60 s: 120 frames share the 65,536-pixel budget -> 32 x 32 frames, 1 token a patch."""
-    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "3.5",
+    code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "3.5",
                           "--video-size", "131x75", "--json")
     assert code == 0, err
     video = json.loads(out)["video"]
     assert (video["frames"], video["unit"], video["units"], video["tokens_per_unit"], video["video_tokens"]) == \
         (7, "temporal patch", 4, 8, 32)
-    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "60",
+    code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds", "60",
                           "--video-size", "131x75", "--json")
     assert code == 0, err
     video = json.loads(out)["video"]

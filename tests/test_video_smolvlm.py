@@ -15,6 +15,7 @@ from edgevlm.families import load_checkpoint
 from edgevlm.loading import session_from_checkpoint
 from edgevlm.runtimes.video_prompt import VideoRequest, user_message
 from edgevlm.video.smolvlm import number_words
+from bundle_checks import assert_clean_error, run_cli
 
 pytest.importorskip("av")
 # the tiny checkpoint's video settings: 2 fps, at most 6 frames, frames to 48 px then to the 32 px tile
@@ -199,41 +200,26 @@ def test_a_window_advanced_by_k_frames_encodes_k_frames_and_answers_as_a_cold_ru
                          max_tokens=2).timings["embed_cache_misses"] == 0
 
 
-def _cli(capsys, *argv):
-    from edgevlm.cli import main
-
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line_exit_2(code, err, *needles):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err)
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_cli_run_video_and_its_one_line_errors(capsys, bundle, ckpt_path, clips, hf_tokens, tmp_path):
     import json
 
-    code, out, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+    code, out, err = run_cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
                           "--max-tokens", "8", "--encoder", "onnx:fp32", "--decoder", "gguf:f32", "--json")
     assert code == 0, err
     answer = json.loads(out.strip().splitlines()[-1])
     assert answer["tokens"][:len(hf_tokens["shapes"])] == hf_tokens["shapes"]
     assert answer["timings"]["embed_cache_misses"] == 6
     # the context: 6 frames (a 245-token prompt) do not fit 200 positions; said before any frame is decoded or encoded
-    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+    code, _, err = run_cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
                         "--n-ctx", "200", "--decoder", "gguf:f32")
-    _one_line_exit_2(code, err, "over the decoder context of 200", "--max-frames")
+    assert_clean_error(code, err, "over the decoder context of 200", "--max-frames")
     fit = int(err.split("--max-frames ")[1].split()[0])
-    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+    code, _, err = run_cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
                         "--n-ctx", "200", "--decoder", "gguf:f32", "--max-frames", str(fit), "--max-tokens", "1")
     assert code == 0 and 1 <= fit < 6, err  # the suggested frame count fits
-    code, _, err = _cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
+    code, _, err = run_cli(capsys, "run", str(bundle), "--video", str(clips["shapes"]), "--prompt", QUESTION,
                         "--n-ctx", "120", "--decoder", "gguf:f32")
-    _one_line_exit_2(code, err, "even one frame makes a", "raise --n-ctx")
+    assert_clean_error(code, err, "even one frame makes a", "raise --n-ctx")
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(clips["shapes"].read_bytes()[:300])
     for argv, needles in [
@@ -242,10 +228,10 @@ def test_cli_run_video_and_its_one_line_errors(capsys, bundle, ckpt_path, clips,
         (["--video", str(clips["shapes"]), "--max-frames", "0"], ["max_frames must be"]),
         (["--max-frames", "3"], ["pass --video FILE"]),
     ]:
-        _one_line_exit_2(*_cli(capsys, "run", str(bundle), "--prompt", QUESTION, *argv)[::2], *needles)
+        assert_clean_error(*run_cli(capsys, "run", str(bundle), "--prompt", QUESTION, *argv)[::2], *needles)
     idefics3 = builders.build_idefics3(tmp_path / "idefics3", seed=2)
-    code, _, err = _cli(capsys, "run", str(idefics3), "--video", str(clips["shapes"]), "--prompt", QUESTION)
-    _one_line_exit_2(code, err, "this model takes no video")
+    code, _, err = run_cli(capsys, "run", str(idefics3), "--video", str(clips["shapes"]), "--prompt", QUESTION)
+    assert_clean_error(code, err, "this model takes no video")
 
 
 def test_serve_video_url_data_and_local_paths(bundle, clips, hf_tokens):
@@ -291,13 +277,13 @@ def test_plan_counts_frames_and_finds_any_length_fits(capsys, bundle):
     from edgevlm.manifest import Manifest
 
     per_tile = Manifest.load(bundle).image_layout.tokens_per_tile
-    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--video-seconds", "10",
+    code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--video-seconds", "10",
                           "--json")
     assert code == 0, err
     video = json.loads(out)["video"]
     assert (video["frames"], video["unit"], video["units"], video["tokens_per_unit"], video["video_tokens"]) == \
         (6, "frame", 6, per_tile, 6 * per_tile)
     assert video["fits_context"] and "context" in video["any_length"]
-    code, out, err = _cli(capsys, "plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--video-seconds", "1",
+    code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--video-seconds", "1",
                           "--json")
     assert json.loads(out)["video"]["frames"] == 2  # round(2 x 1)

@@ -13,6 +13,7 @@ import pytest
 import builders
 import video_clips
 from edgevlm.video.window import FrameGrid, WindowPlan, parse_seconds
+from bundle_checks import assert_clean_error, run_cli
 
 pytest.importorskip("av")
 VIDEO_SAMPLING = {"fps": 2, "max_frames": 6, "video_size": {"longest_edge": 48}}  # as tests/test_video_smolvlm.py
@@ -49,21 +50,6 @@ def window_clip(frames: np.ndarray, start: int, n: int = 6):
     return VideoClip(frames[start:start + n], np.arange(n) / 2.0, 2.0, n / 2.0)
 
 
-def _cli(capsys, *argv):
-    from edgevlm.cli import main
-
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line_exit_2(code, err, *needles):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err)
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_durations_and_the_grid():
     assert [parse_seconds(t, "--every") for t in ("2s", "500ms", "1.5", "1m", 3)] == [2.0, 0.5, 1.5, 60.0, 3.0]
     grid = FrameGrid(2.0)  # 10 fps source: every 5th frame; a 1.5 fps source: every frame that passes a tick
@@ -76,7 +62,7 @@ def test_durations_and_the_grid():
 def test_watch_json_encodes_only_new_frames_and_answers_as_a_cold_run(capsys, bundle, clip):
     import edgevlm
 
-    code, out, err = _cli(capsys, "watch", str(bundle), str(clip), "--every", "1s", "--window", "3s", "--prompt",
+    code, out, err = run_cli(capsys, "watch", str(bundle), str(clip), "--every", "1s", "--window", "3s", "--prompt",
                           QUESTION, "--max-tokens", "6", "--json", *PAIR)
     assert code == 0, err
     lines = [json.loads(line) for line in out.strip().splitlines()]
@@ -145,7 +131,7 @@ def test_stdin_stream(bundle, clip, tmp_path, capsys):
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
     assert len(lines) == 2 and lines[0]["frames_encoded"] == 6 and lines[1]["summary"]["answers"] == 1
-    code, out, err = _cli(capsys, *[str(mkv) if a == "-" else a for a in argv])
+    code, out, err = run_cli(capsys, *[str(mkv) if a == "-" else a for a in argv])
     assert code == 0, err
     assert json.loads(out.splitlines()[0])["tokens"] == lines[0]["tokens"]
 
@@ -163,14 +149,14 @@ def test_one_line_errors(capsys, bundle, clip, tmp_path):
         ([str(clip), "--window", "3s", "--n-ctx", "200"], ["over the decoder context of 200", "--window"]),
         ([str(clip), "--max-answers", "0"], ["--max-answers must be"]),
     ]:
-        _one_line_exit_2(*_cli(capsys, "watch", str(bundle), *argv, *base)[::2], *needles)
+        assert_clean_error(*run_cli(capsys, "watch", str(bundle), *argv, *base)[::2], *needles)
     idefics3 = builders.build_idefics3(tmp_path / "idefics3", seed=2)
-    code, _, err = _cli(capsys, "watch", str(idefics3), str(clip), "--prompt", QUESTION)
-    _one_line_exit_2(code, err, "this model takes no video")
+    code, _, err = run_cli(capsys, "watch", str(idefics3), str(clip), "--prompt", QUESTION)
+    assert_clean_error(code, err, "this model takes no video")
 
 
 def test_watch_table_for_people(capsys, bundle, clip):
-    code, out, err = _cli(capsys, "watch", str(bundle), str(clip), "--every", "1s", "--window", "3s", "--prompt",
+    code, out, err = run_cli(capsys, "watch", str(bundle), str(clip), "--every", "1s", "--window", "3s", "--prompt",
                           QUESTION, "--max-tokens", "2", "--max-answers", "2", *PAIR)
     assert code == 0, err
     assert out.count("stream time") == 1 and out.count("TTFT ms") == 1  # one header, then a row per answer
