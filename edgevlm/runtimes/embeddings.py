@@ -63,7 +63,7 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
     cached = memory.get(image.key)
     if cached is not None:
         timings["embed_cache_hits"] += 1
-        _count_frame(timings, "video_units_reused", frame)
+        timings["video_units_reused"] += frame
         return cached
 
     def lead() -> tuple[np.ndarray, str]:
@@ -84,18 +84,12 @@ def image_embeddings(image: PreparedImage, encoder, preprocess_spec, memory: Byt
     (rows, source), led = flights.run(image.key, lead)
     if led and source == "encoded":
         timings["embed_cache_misses"] += 1
-        _count_frame(timings, "video_units_encoded", frame)
+        timings["video_units_encoded"] += frame
     else:
         timings["embed_cache_hits"] += 1
         timings["disk_cache_hits"] += int(led and source == "disk")
-        _count_frame(timings, "video_units_reused", frame)
+        timings["video_units_reused"] += frame
     return rows
-
-
-def _count_frame(timings: dict, counter: str, frame: int) -> None:
-    """A video frame's hit or miss; an image's touches no video counter (callers with images only need not have one)."""
-    if frame:
-        timings[counter] = timings.get(counter, 0) + frame
 
 
 def _encode(image: PreparedImage, encoder, preprocess_spec, timings: dict) -> np.ndarray:

@@ -15,8 +15,6 @@ import numpy as np
 from .cache import ByteLRU
 from .embeddings import SingleFlight
 
-VIDEO_COUNTERS = ("video_units_encoded", "video_units_reused")
-
 
 @dataclass(frozen=True)
 class PreparedVideo:
@@ -53,8 +51,6 @@ def video_embeddings(video: PreparedVideo, encoder, memory: ByteLRU, disk, fligh
                      timings: dict) -> np.ndarray:
     """(units * rows_per_unit, D) float32 rows of `video`; each unit found in a cache counts a hit and
     `video_units_reused`, each encoded one a miss and `video_units_encoded`."""
-    for name in VIDEO_COUNTERS:
-        timings.setdefault(name, 0)
     return np.concatenate([_unit_rows(video, k, encoder, memory, disk, flights, timings)
                            for k in range(video.n_units)])
 

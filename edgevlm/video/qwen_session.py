@@ -18,7 +18,7 @@ import numpy as np
 from ..positions import VideoSpan, plan_positions
 from ..runtimes.prompt import Prompt, RuntimeSpec
 from ..runtimes.requests import GenerationResult, Request
-from ..runtimes.video_embeddings import VIDEO_COUNTERS, PreparedVideo, unit_key
+from ..runtimes.video_embeddings import PreparedVideo, unit_key
 from .clip import VideoClip
 from .qwen import VIDEO_TOKEN, QwenVideo, QwenVideoSpec, expand_video_tokens, prepare_video
 
@@ -127,6 +127,4 @@ def generate_video(session, clip: VideoClip | QwenVideo, question: str, spec: Qw
                 result = item.result
     finally:
         steps.close()
-    for name in VIDEO_COUNTERS:  # a prompt restored whole from the prefix cache looked no unit up
-        result.timings.setdefault(name, 0)
     return result
