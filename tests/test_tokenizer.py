@@ -226,6 +226,13 @@ def test_mlx_vlm_is_installed_without_its_dependencies():
     script = (Path(__file__).parents[1] / "scripts" / "setup-venv.sh").read_text()
     install = [line for line in script.splitlines() if "install" in line and "mlx-vlm==" in line]
     assert len(install) == 1 and "--no-deps" in install[0] and "MLX_VLM_VERSION" in install[0]
+    # the version the line computes (its $(sed ...) read a file the pin had left, and pip got "mlx-vlm==")
+    import subprocess
+
+    command = re.search(r'mlx-vlm==\$\((.*)\)"', install[0]).group(1)
+    computed = subprocess.run(["bash", "-c", command], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert computed == MLX_VLM_VERSION, (command, computed)
     assert version("mlx-vlm") == MLX_VLM_VERSION
     declared = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requires("mlx-vlm") or []}
     assert {"opencv-python", "datasets", "transformers"} <= declared
