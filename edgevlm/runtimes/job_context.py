@@ -32,13 +32,13 @@ class Job:
 
     def positions(self, spec: prompts.RuntimeSpec) -> int:
         """The KV positions its longest request fills: prompt + answer."""
-        prepared = None
-        longest = 0
         if self.video is not None:
             from .video_prompt import user_message, video_prompt_length
 
             return max(video_prompt_length(spec, prompts.render(spec, [user_message(q)]), self.video)
                        for q in self.questions) + self.max_tokens
+        prepared = None
+        longest = 0
         for question in self.questions:
             text = prompts.render(spec, [prompts.user_message(spec, question, len(self.images))])
             if prepared is None or spec.instruction_tokenizer is not None:  # InstructBLIP's rows depend on the text
