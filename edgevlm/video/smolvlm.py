@@ -5,8 +5,9 @@ models/smolvlm/video_processing_smolvlm.py and processing_smolvlm.py):
   the first and last second when the clip is long enough (`sample_frames`, its quirk kept: the test compares the
   clip's length with max_frames x fps, not with the frames it will take);
 - each frame resized twice with LANCZOS on uint8 (longest edge to video_size, the odd side rounded up to even, then
-  stretched to the max_image_size square; torch's uint8 antialiased kernels are Pillow's), rescaled and normalized,
-  one unsplit tile per frame;
+  stretched to the max_image_size square) by torch's uint8 antialiased kernel (int16 weights, video/resize.py; not
+  Pillow's, whose int32 weights round 0.8% of values one level apart), rescaled and normalized as the processor's
+  fused step does, one unsplit tile per frame;
 - the prompt: "You are provided the following series of {count in words} frames from a {H:MM:SS} [H:MM:SS] video.\n",
   then per frame "\nFrame from MM:SS:" + the single-image block, then "\n\n".
 
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..preprocess import RESAMPLE, RESAMPLE_NAMES, PreprocessedImage, longest_edge_to
+from .resize import FILTERS, resize_aa
 
 VIDEO_INTRO = "You are provided the following series of {frame_count} frames from a {video_duration} [H:MM:SS] video.\n"
 MEDIA_OUTRO = "\n\n"
@@ -139,17 +141,24 @@ def frame_size(height: int, width: int, spec: SmolVLMVideoSpec) -> tuple[int, in
 
 def frame_pixels(frame: np.ndarray, spec: SmolVLMVideoSpec) -> PreprocessedImage:
     """One (H, W, 3) uint8 frame -> one (1, 3, S, S) float32 tile, as the video processor computes it."""
-    image = Image.fromarray(np.ascontiguousarray(frame), "RGB")
-    resample = RESAMPLE[spec.resample]
-    height, width = frame_size(image.height, image.width, spec)
-    for size in ((width, height), (spec.frame_size, spec.frame_size)):
-        if image.size != size:
-            image = image.resize(size, resample=resample)
-    array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    scaled = (array.astype(np.float64) * spec.rescale_factor).astype(np.float32)
-    mean = np.asarray(spec.image_mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(spec.image_std, dtype=np.float32)[:, None, None]
-    return PreprocessedImage(((scaled - mean) / std).astype(np.float32)[None], 0, 0)
+    height, width = frame_size(frame.shape[0], frame.shape[1], spec)
+    resized = _resize(_resize(frame, height, width, spec), spec.frame_size, spec.frame_size, spec)
+    # the processor's fused rescale + normalize: (x - mean / rescale) / (std / rescale), in float32
+    mean = np.asarray([m / spec.rescale_factor for m in spec.image_mean], dtype=np.float32)
+    std = np.asarray([s / spec.rescale_factor for s in spec.image_std], dtype=np.float32)
+    values = ((resized.astype(np.float32) - mean) / std).transpose(2, 0, 1)  # (3, S, S)
+    return PreprocessedImage(np.ascontiguousarray(values, dtype=np.float32)[None], 0, 0)
+
+
+def _resize(frame: np.ndarray, height: int, width: int, spec: SmolVLMVideoSpec) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) uint8 with torch's uint8 kernel where it has the filter (bicubic,
+    Lanczos: every SmolVLM2 checkpoint); Pillow's for the others, which torch would run in float."""
+    if frame.shape[:2] == (height, width):
+        return frame
+    if spec.resample in FILTERS:
+        return resize_aa(np.ascontiguousarray(frame)[None], height, width, spec.resample)[0]
+    image = Image.fromarray(np.ascontiguousarray(frame), "RGB").resize((width, height), resample=RESAMPLE[spec.resample])
+    return np.asarray(image, dtype=np.uint8)
 
 
 _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
