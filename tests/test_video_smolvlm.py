@@ -282,9 +282,23 @@ def test_plan_counts_frames_and_finds_any_length_fits(capsys, bundle):
     assert (video["frames"], video["unit"], video["units"], video["tokens_per_unit"], video["video_tokens"]) == \
         (6, "frame", 6, per_tile, 6 * per_tile)
     assert video["fits_context"] and "context" in video["any_length"]
+    ten = json.loads(out)
+    # the plan is the whole clip's: six frames encoded, their positions prefilled, held and decoded over
+    assert ten["images"]["count"] == 6 and ten["images"]["positions"] == video["prompt_positions"]
+    assert ten["ttft_prompt_positions"] == video["positions"] - 64 and ten["one_request"]["positions"] == \
+        video["positions"]
     code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "raspberry-pi-5-8gb", "--video-seconds", "1",
                           "--json")
-    assert json.loads(out)["video"]["frames"] == 2  # round(2 x 1)
+    one = json.loads(out)
+    assert one["video"]["frames"] == 2  # round(2 x 1)
+    assert (ten["images"]["encoder_calls"], one["images"]["encoder_calls"]) == (6, 2)
+    # on a device with a compute figure: TTFT's encode is 6 frames' against 2 (it counted one before)
+    encode = []
+    for seconds in ("10", "1"):
+        code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "jetson-orin-nano-8gb", "--video-seconds",
+                                 seconds, "--json")
+        encode.append([option["ttft"]["encode_s"] for option in json.loads(out)["options"]])
+    assert encode[0] and all(a == pytest.approx(3 * b) and b > 0 for a, b in zip(*encode))
 
 
 def test_resize_equals_torch_uint8_lanczos():

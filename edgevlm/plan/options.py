@@ -50,10 +50,15 @@ class PlanRequest:
     prompt_tokens: int = DEFAULT_PROMPT_TOKENS  # the one request: text tokens after the images, and tokens generated
     new_tokens: int = DEFAULT_NEW_TOKENS
     max_tiles: int | None = None  # the tile cap per image (budget.cap_tiles); None: the preprocessing's own
+    # positions the media take, counted by the caller where the images x positions per image is not the layout (a
+    # video: its frames' text and template, plan/video.py); None: images x positions per image
+    media_positions: int | None = None
 
     def __post_init__(self) -> None:
         if self.images < 0:
             raise BadInputError(f"--images must be 0 or more, got {self.images}")
+        if self.media_positions is not None and self.media_positions < 0:
+            raise ValueError(f"media_positions must be 0 or more, got {self.media_positions}")
         if self.parallel < 1:
             raise BadInputError(f"--parallel must be 1 or more, got {self.parallel}")
         if self.prompt_tokens < 0 or self.new_tokens < 0:
@@ -217,7 +222,7 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
         image = budget.image_tokens(model.layout, preprocess, width, height, model.count_text)
     except ValueError as exc:  # e.g. an aspect ratio Qwen2-VL's resize refuses
         raise BadInputError(f"--image-size {width}x{height}: {exc}; plan another size") from None
-    image_positions = request.images * image.positions
+    image_positions = request.images * image.positions if request.media_positions is None else request.media_positions
     if image_positions > context:
         hint = "or plan fewer or smaller images (--image-size WxH)" if model.layout.kind == "grid" else \
             "or plan fewer or smaller images"

@@ -108,30 +108,37 @@ def _largest(fits: Callable[[float], bool], low: float, high: float) -> float | 
 
 def plan_video(counter: VideoCounter, query: VideoQuery, plan: Callable, device, request) -> tuple[dict, dict, object]:
     """(the plan of one request about the clip, its "video" section, the PlanRequest planned). The request's context
-    is the clip's positions (--prompt-tokens of question, --new-tokens of answer) unless --context is given; its one
-    image is one unit's encode. The longest clip: where the positions fit the context (--context, else the model's),
+    is the clip's positions (--prompt-tokens of question, --new-tokens of answer) unless --context is given; its images
+    are the clip's units, each encoded as one image of the unit's size. The longest clip: where the positions fit the context (--context, else the model's),
     and per option, where the plan at that clip's positions still says "fits"."""
     size, tile_cap = counter.encoder_image(query)
     extra = request.prompt_tokens + request.new_tokens
     limit = request.context or counter.context_length
-    plans: dict[int, dict] = {}
+    plans: dict[tuple, dict] = {}
 
-    def request_at(positions: int):
+    def request_at(seconds: float):
+        """The request about `seconds` of clip: every unit encoded (one at a time, each an image of the unit's
+        size), the clip's prompt positions prefilled and held in the KV cache (at most the context: a clip that does
+        not fit is planned at the context's worth, and the section says it does not fit)."""
+        count = counter.count(query, seconds)
+        positions = count["prompt_positions"] + extra
         context = request.context or max(16, min(positions, counter.context_length))
-        return replace(request, images=1, image_size=size, max_tiles=tile_cap, context=context)
+        return replace(request, images=count["units"], image_size=size, max_tiles=tile_cap, context=context,
+                       media_positions=min(count["prompt_positions"], context))
 
-    def plan_at(positions: int) -> dict:
-        asked = request_at(positions)
-        if asked.context not in plans:
-            plans[asked.context] = plan(device, asked)
-        return plans[asked.context]
+    def plan_at(seconds: float) -> dict:
+        asked = request_at(seconds)
+        key = (asked.context, asked.images, asked.media_positions)
+        if key not in plans:
+            plans[key] = plan(device, asked)
+        return plans[key]
 
     def positions(seconds: float) -> int:
         return counter.count(query, seconds)["prompt_positions"] + extra
 
     count = counter.count(query)
     needed = count["prompt_positions"] + extra
-    result = plan_at(needed)
+    result = plan_at(query.seconds)
     # past this length the sampler takes no more frames (its max_frames), so no longer clip needs more positions
     video = counter.spec.video
     cap = (query.max_frames or video.max_frames) / (query.fps or video.fps) + 2 * getattr(video, "skip_secs", 0) + 1
@@ -140,8 +147,8 @@ def plan_video(counter: VideoCounter, query: VideoQuery, plan: Callable, device,
 
     def fits_option(name: str) -> Callable[[float], bool]:
         def fits(seconds: float) -> bool:
-            n = positions(seconds)
-            return n <= limit and next(o for o in plan_at(n)["options"] if _name(o) == name)["verdict"] == "fits"
+            return positions(seconds) <= limit and \
+                next(o for o in plan_at(seconds)["options"] if _name(o) == name)["verdict"] == "fits"
         return fits
 
     names = [_name(o) for o in result["options"]]
@@ -156,11 +163,12 @@ def plan_video(counter: VideoCounter, query: VideoQuery, plan: Callable, device,
         "any_length": [key for key, value in largest.items() if value is not None and value >= round(cap, 1)],
         "basis": (f"a source of {query.source_fps:g} fps, frames of {query.size[0]}x{query.size[1]}; positions "
                   f"counted with the bundle's tokenizer and template as the runtime counts them, plus "
-                  f"{request.prompt_tokens} question and {request.new_tokens} answer tokens; memory: the plan at "
-                  f"that context with one {video.unit_name}'s encode (units are encoded one at a time); a clip that "
-                  f"fits at {cap:.1f} s fits at any length (the sampler takes no more frames)"),
+                  f"{request.prompt_tokens} question and {request.new_tokens} answer tokens; the plan at that "
+                  f"context: every {video.unit_name} encoded (one at a time: one's activations, all their "
+                  f"embeddings held), the clip's positions prefilled and in the KV cache; a clip that fits at "
+                  f"{cap:.1f} s fits at any length (the sampler takes no more frames)"),
     }
-    return result, section, request_at(needed)
+    return result, section, request_at(query.seconds)
 
 
 def _name(option: dict) -> str:
