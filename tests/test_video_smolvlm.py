@@ -315,3 +315,30 @@ def test_resize_equals_torch_uint8_lanczos():
             assert np.array_equal(resize_aa(frames[:len(ref)], *size, "lanczos"), ref), size
     with pytest.raises(ValueError, match="resize filter 'box'"):
         resize_aa(frames, 8, 8, "box")
+
+
+def test_plan_recommends_a_shorter_clip_when_the_asked_one_does_not_fit(capsys, bundle, tmp_path):
+    """A device whose memory holds 2 frames' worth and not 6: the recommendation lowers the clip (the longest that
+    fits) instead of the image, whose size the video processor fixes."""
+    import json
+
+    from plan_checks import _device_file
+
+    def plan(seconds: str, device_file: str) -> dict:
+        code, out, err = run_cli(capsys, "plan", str(bundle), "--device", "fake-gpu", "--device-file", device_file,
+                                 "--video-seconds", seconds, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    roomy = _device_file(tmp_path, 8 << 30)
+    totals = [min(o["memory"]["total"] for o in plan(s, roomy)["options"]) for s in ("10", "1")]
+    assert totals[0] > totals[1]  # 6 frames' embeddings and positions against 2
+    tight = tmp_path / "tight"
+    tight.mkdir()
+    result = plan("10", _device_file(tight, sum(totals) / 2))
+    recommendation, longest = result["recommendation"], result["video"]["largest_clip_s"]
+    assert recommendation["status"] == "lowered", recommendation["line"]
+    pair = f"{recommendation['encoder']} + {recommendation['decoder']}"
+    assert 1 <= longest[pair] < 3 and recommendation["changes"] == [f"the clip to {longest[pair]:g} s"]
+    assert recommendation["total_bytes"] <= recommendation["usable_bytes"]
+    assert f"lower the clip to {longest[pair]:g} s" in recommendation["line"]

@@ -66,10 +66,10 @@ def main(args) -> int:
         from ..plan.video import VideoCounter, plan_video
 
         result, section, request = plan_video(VideoCounter(args.path), video, plan, device, request)
-        result["video"] = section
+        result["video"] = section  # its recommendation lowers the clip, not the image
     else:
         result = plan(device, request)
-    result["recommendation"] = recommend(lambda lowered: plan(device, lowered), request, result, preprocess)
+        result["recommendation"] = recommend(lambda lowered: plan(device, lowered), request, result, preprocess)
     if args.png:
         plot(result, args.png)
     if args.json:

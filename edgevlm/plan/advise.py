@@ -147,18 +147,20 @@ def recommend(plan: Plan, request: PlanRequest, result: dict, preprocess) -> dic
     """The recommendation for `result` (plan(request)); plan makes the plans of the lowered settings."""
     fit = most_accurate_fit(result)
     if fit is not None:
-        return _recommendation("fits", result, result, [], fit)
+        return recommendation_line("fits", result, result, [], fit)
     last = result
     for changes, lowered in _searched(plan, request, result, preprocess):
         last = lowered
         fit = most_accurate_fit(lowered)
         if fit is not None:
-            return _recommendation("lowered", result, lowered, changes, fit)
+            return recommendation_line("lowered", result, lowered, changes, fit)
     smallest = min(last["options"], key=lambda o: o["memory"]["total"])
-    return _recommendation("nothing fits", result, last, [], smallest)
+    return recommendation_line("nothing fits", result, last, [], smallest)
 
 
-def _recommendation(status: str, asked: dict, final: dict, changes: list[str], option: dict) -> dict:
+def recommendation_line(status: str, asked: dict, final: dict, changes: list[str], option: dict) -> dict:
+    """The recommendation's record: `status` fits / lowered / nothing fits, the plans asked and final, the changes
+    that lead from one to the other and the option recommended."""
     usable = final["usable_bytes"]
     total = option["memory"]["total"]
     pair = f"{option['encoder']} + {option['decoder']}"

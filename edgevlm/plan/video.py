@@ -168,7 +168,26 @@ def plan_video(counter: VideoCounter, query: VideoQuery, plan: Callable, device,
                   f"embeddings held), the clip's positions prefilled and in the KV cache; a clip that fits at "
                   f"{cap:.1f} s fits at any length (the sampler takes no more frames)"),
     }
+    result["recommendation"] = _recommend(result, largest, plan_at)
     return result, section, request_at(query.seconds)
+
+
+def _recommend(result: dict, largest: dict, plan_at: Callable[[float], dict]) -> dict:
+    """As asked if an option fits (plan/advise.py's first step); else a shorter clip, not a smaller image (a frame's
+    size is the processor's): the most accurate option that fits some clip, at its longest."""
+    from .advise import most_accurate_fit, recommendation_line
+
+    fit = most_accurate_fit(result)
+    if fit is not None:
+        return recommendation_line("fits", result, result, [], fit)
+    for option in result["options"]:  # most accurate first
+        seconds = largest[_name(option)]
+        if seconds is not None:
+            lowered = plan_at(seconds)
+            chosen = next(o for o in lowered["options"] if _name(o) == _name(option))
+            return recommendation_line("lowered", result, lowered, [f"the clip to {seconds:g} s"], chosen)
+    smallest = min(result["options"], key=lambda o: o["memory"]["total"])
+    return recommendation_line("nothing fits", result, result, [], smallest)
 
 
 def _name(option: dict) -> str:
