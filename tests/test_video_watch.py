@@ -245,3 +245,33 @@ def test_a_live_source_answers_the_newest_window_and_counts_the_frames_it_droppe
     assert behind[-1] - stride.answers[-1].stream_time_s == pytest.approx(11.0)  # 0.5 + 10 x 1.6 s: 11 s late
     by_end = {a.stream_time_s: a.tokens for a in stride.answers}
     assert all(a.tokens == by_end[a.stream_time_s] for a in answers)  # dropping frames changes no answer
+
+
+def test_run_video_reads_the_header_once_and_answers_as_before(capsys, bundle, clip, monkeypatch):
+    """`edgevlm run --video`: the file's header is read once (the check before the model loads); that probe sizes
+    llama.cpp's context, lays out the prompt and decodes the chosen frames (the old path read it 4 times). The answer
+    equals one about the whole clip decoded here and handed over decoded (no header involved)."""
+    import edgevlm
+    from edgevlm.video import decode
+
+    every = decode.decode_video(clip)  # all 60 frames at 10 fps, decoded before the count starts
+    reads: list[str] = []
+    read_header = decode._probe  # the one function that reads a header: probe_video and decode_video call it
+
+    def counted(container, name):
+        reads.append(name)
+        return read_header(container, name)
+
+    monkeypatch.setattr(decode, "_probe", counted)
+    code, out, err = run_cli(capsys, "run", str(bundle), "--video", str(clip), "--prompt", QUESTION, "--max-tokens",
+                          "6", "--json", *PAIR)
+    assert code == 0, err
+    assert reads == [str(clip)]
+    answer = json.loads(out.strip().splitlines()[-1])
+    assert answer["timings"]["embed_cache_misses"] == 6 and len(answer["tokens"]) == 6
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    decoded = session.generate(prompt=QUESTION, video=every, max_tokens=6)
+    assert reads == [str(clip)] and decoded.tokens == answer["tokens"] and decoded.text == answer["text"]
+    session.forget_sequence()
+    by_path = session.generate(prompt=QUESTION, video=clip, max_tokens=6)  # the Python API: one read as well
+    assert reads == [str(clip)] * 2 and by_path.tokens == answer["tokens"]
