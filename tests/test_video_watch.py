@@ -275,3 +275,33 @@ def test_run_video_reads_the_header_once_and_answers_as_before(capsys, bundle, c
     session.forget_sequence()
     by_path = session.generate(prompt=QUESTION, video=clip, max_tokens=6)  # the Python API: one read as well
     assert reads == [str(clip)] * 2 and by_path.tokens == answer["tokens"]
+
+
+def test_a_live_source_decoded_slower_than_real_time_is_still_answered(bundle, clip):
+    """Each source frame takes 0.15 s to read (1.5x slower than its 10 fps) and answers take no time: a due window is
+    passed over only while catching up on the frames that had arrived when the last answer was done, so answers keep
+    coming (a rule on the clock's present time would pass over every window until the stream ended)."""
+    import edgevlm
+    from edgevlm.video.clip import VideoClip
+    from edgevlm.video.decode import decode_video
+    from edgevlm.video.window import plan_window, watch
+
+    every: VideoClip = decode_video(clip)  # (60, H, W, 3) at 10 fps
+    clock = FakeClock()
+
+    def slow_source():
+        for i, frame in enumerate(every.frames):
+            clock.now = 0.15 * i  # the wall time frame i is read at
+            yield i / 10, (lambda frame=frame: frame)
+
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    plan = plan_window(session.spec.video, 1.0, 0.5)
+    result = watch(session, slow_source(), QUESTION, plan, generate_kwargs={"max_tokens": 1}, live=True, clock=clock,
+                   sleep=clock.sleep)
+    answers = result.answers
+    # after the answer at 2.0 s (read at 3.0 s of wall time) the kept frame at 2.5 s had arrived: passed over for the
+    # window ending at 3.0 s; after 3.0 s (read at 4.5 s) the windows ending at 3.5 and 4.0 s are passed over
+    assert [a.stream_time_s for a in answers] == [0.5, 1.0, 1.5, 2.0, 3.0, 4.5, 5.5]
+    assert [a.frames_dropped for a in answers] == [0, 0, 0, 0, 0, 1, 0]
+    answered = {round(a.window_start_s + i / plan.rate, 3) for a in answers for i in range(a.n_frames)}
+    assert len(answered) + sum(a.frames_dropped for a in answers) == 12

@@ -221,9 +221,11 @@ def watch(session, frames: Iterable[tuple[float, Callable[[], np.ndarray]]], pro
     frames: (stream time in s from the first frame, a callable giving the (H, W, 3) uint8 frame), in order; only
     kept frames are converted. A stream that ends before the window fills is answered once over what it held.
     realtime: pace a file as a camera would (sleep until each frame's time); a live source paces itself.
-    live: frames arrive at their stream time after the first (wall time by `clock`), so a due window is answered only
-    when no newer kept frame has arrived yet (else the loop reads on to the newest: the frames it passes over are
-    dropped, counted per answer); at the stream's end a due window is answered. Not live: every stride is answered.
+    live: frames arrive at their stream time after the first (wall time by `clock`), so after an answer a due window is
+    passed over while a newer kept frame had arrived by the time that answer was done (the loop reads on to the newest
+    window then: the frames it passes over are dropped, counted per answer); the target is fixed when the answer ends,
+    so a source that decodes slower than real time still gets answers. At the stream's end a due window is answered.
+    Not live: every stride is answered.
     clock, sleep: time.monotonic and time.sleep unless given (a test drives them)."""
     clock, sleep = clock or time.monotonic, sleep or time.sleep
     grid, window = FrameGrid(plan.rate), Window(plan)
@@ -231,11 +233,14 @@ def watch(session, frames: Iterable[tuple[float, Callable[[], np.ndarray]]], pro
     kwargs = dict(generate_kwargs or {})
     seen = 0
     started: float | None = None  # the wall time of stream time 0
+    arrived = -math.inf  # live: the stream time that had arrived when the last answer was done
 
     def answer() -> bool:
         """Answer the window; True when max_answers is reached."""
+        nonlocal arrived
         answers.append(ask(session, window, prompt, plan, len(answers) + 1, kwargs))
         on_answer(answers[-1])
+        arrived = clock() - started
         return max_answers is not None and len(answers) >= max_answers
 
     try:
@@ -249,8 +254,8 @@ def watch(session, frames: Iterable[tuple[float, Callable[[], np.ndarray]]], pro
             window.push(to_rgb(), t)
             if not window.due:
                 continue
-            if live and clock() - started + EPS_S >= grid.next_tick / plan.rate:
-                continue  # the next kept frame has already arrived: answer over the newest window, not this one
+            if live and grid.next_tick / plan.rate <= arrived + EPS_S:
+                continue  # the next kept frame had arrived while the last answer was computed: answer the newest
             if answer():
                 return WatchResult(answers, False, seen)
         if window.frames and (not answers or (live and window.due)):
