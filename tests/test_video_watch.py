@@ -73,7 +73,8 @@ def test_watch_json_encodes_only_new_frames_and_answers_as_a_cold_run(capsys, bu
     assert [(a["frames_encoded"], a["frames_reused"]) for a in answers] == [(6, 0), (2, 4), (2, 4), (2, 4)]
     assert all(a["reused_positions"] > 0 for a in answers[1:])  # the text before the first frame stays in the KV
     assert summary == {"answers": 4, "frames_decoded": 60, "frames_encoded": 12, "frames_reused": 12,
-                       "interrupted": False}
+                       "frames_dropped": 0, "live": False, "interrupted": False}
+    assert all(a["frames_dropped"] == 0 for a in answers)  # a file is answered at every stride
     frames = grid_frames(clip)
     cold = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
     for j, answer in enumerate(answers):
@@ -131,6 +132,7 @@ def test_stdin_stream(bundle, clip, tmp_path, capsys):
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.strip().splitlines()]
     assert len(lines) == 2 and lines[0]["frames_encoded"] == 6 and lines[1]["summary"]["answers"] == 1
+    assert lines[1]["summary"]["live"] is True  # stdin delivers frames as they are produced
     code, out, err = run_cli(capsys, *[str(mkv) if a == "-" else a for a in argv])
     assert code == 0, err
     assert json.loads(out.splitlines()[0])["tokens"] == lines[0]["tokens"]
@@ -160,6 +162,7 @@ def test_watch_table_for_people(capsys, bundle, clip):
                           QUESTION, "--max-tokens", "2", "--max-answers", "2", *PAIR)
     assert code == 0, err
     assert out.count("stream time") == 1 and out.count("TTFT ms") == 1  # one header, then a row per answer
+    assert out.count("dropped") == 1 and "live:" not in out  # the column; a file is not live
     assert "watching: a 6-frame window (3 s at 2 fps" in out and "2.5 s" in out and "3.5 s" in out
     assert "2 answers, 8 frames encoded, 4 reused" in err
 
@@ -180,3 +183,125 @@ def test_realtime_paces_each_kept_frame_to_its_stream_time(bundle, clip, monkeyp
                        max_answers=1, realtime=True, generate_kwargs={"max_tokens": 1})
     assert len(result.answers) == 1
     assert slept == pytest.approx([0.0, 0.5, 0.5, 0.5, 0.5, 0.5])  # the 6 kept frames, 0.5 s of stream apart
+
+
+class FakeClock:
+    """watch's wall time in seconds: moved on by its sleeps (a file read as a camera) and by the test's slow answerer,
+    standing still otherwise (frames decode in no time: the source is faster than the answerer)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_live_source_answers_the_newest_window_and_counts_the_frames_it_dropped(bundle, clip):
+    """A 2-frame window (1 s) due every kept frame (0.5 s), each answer taking 1.6 s of wall time: live, watch answers
+    over the newest window and drops the kept frames that left the window unanswered; a file answers every stride
+    and falls further behind with each answer (what a live source did before)."""
+    import edgevlm
+    from edgevlm.video.window import StreamSource, plan_window, watch
+
+    answer_s = 1.6
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    plan = plan_window(session.spec.video, 1.0, 0.5)
+    assert (plan.window_frames, plan.stride_frames, plan.rate) == (2, 1, 2.0)
+
+    def run(live: bool):
+        session.clear_caches()
+        clock, asked_at = FakeClock(), []
+
+        def slow(answer) -> None:
+            asked_at.append(clock.now)  # the fake clock stands still while the answer is computed
+            clock.now += answer_s
+
+        with StreamSource(clip) as source:
+            assert not source.live  # a file: live only as read here, at its own pace
+            result = watch(session, source.frames(), QUESTION, plan, slow, realtime=True,
+                           generate_kwargs={"max_tokens": 3}, live=live, clock=clock, sleep=clock.sleep)
+        return result, asked_at
+
+    live, asked_at = run(live=True)
+    answers = live.answers
+    # kept frames at 0, 0.5, ..., 5.5 s; the first answer at 0.5 s ends at 2.1 s of wall time, when 1.0, 1.5 and 2.0
+    # have arrived: the window [1.5, 2.0] is answered (1.0 dropped), and so on; the stream's last window at its end
+    assert [a.stream_time_s for a in answers] == [0.5, 2.0, 3.5, 5.0, 5.5]
+    assert [a.frames_dropped for a in answers] == [0, 1, 1, 1, 0]
+    assert asked_at == pytest.approx([0.5, 2.1, 3.7, 5.3, 6.9])
+    for answer, at in zip(answers[:-1], asked_at):  # the newest window: its last frame the newest that had arrived
+        assert answer.stream_time_s <= at < answer.stream_time_s + 1 / plan.rate
+    assert [(a.frames_encoded, a.frames_reused) for a in answers] == [(2, 0), (2, 0), (2, 0), (2, 0), (1, 1)]
+    # the counts add up: every kept frame was answered in some window or counted once as dropped
+    answered = {round(a.window_start_s + i / plan.rate, 3) for a in answers for i in range(a.n_frames)}
+    assert len(answered) + sum(a.frames_dropped for a in answers) == 12 and live.frames_seen == 60
+
+    stride, behind = run(live=False)
+    assert [a.stream_time_s for a in stride.answers] == [0.5 * i for i in range(1, 12)]
+    assert all(a.frames_dropped == 0 for a in stride.answers)
+    assert behind[-1] - stride.answers[-1].stream_time_s == pytest.approx(11.0)  # 0.5 + 10 x 1.6 s: 11 s late
+    by_end = {a.stream_time_s: a.tokens for a in stride.answers}
+    assert all(a.tokens == by_end[a.stream_time_s] for a in answers)  # dropping frames changes no answer
+
+
+def test_run_video_reads_the_header_once_and_answers_as_before(capsys, bundle, clip, monkeypatch):
+    """`edgevlm run --video`: the file's header is read once (the check before the model loads); that probe sizes
+    llama.cpp's context, lays out the prompt and decodes the chosen frames (the old path read it 4 times). The answer
+    equals one about the whole clip decoded here and handed over decoded (no header involved)."""
+    import edgevlm
+    from edgevlm.video import decode
+
+    every = decode.decode_video(clip)  # all 60 frames at 10 fps, decoded before the count starts
+    reads: list[str] = []
+    read_header = decode._probe  # the one function that reads a header: probe_video and decode_video call it
+
+    def counted(container, name):
+        reads.append(name)
+        return read_header(container, name)
+
+    monkeypatch.setattr(decode, "_probe", counted)
+    code, out, err = run_cli(capsys, "run", str(bundle), "--video", str(clip), "--prompt", QUESTION, "--max-tokens",
+                          "6", "--json", *PAIR)
+    assert code == 0, err
+    assert reads == [str(clip)]
+    answer = json.loads(out.strip().splitlines()[-1])
+    assert answer["timings"]["embed_cache_misses"] == 6 and len(answer["tokens"]) == 6
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    decoded = session.generate(prompt=QUESTION, video=every, max_tokens=6)
+    assert reads == [str(clip)] and decoded.tokens == answer["tokens"] and decoded.text == answer["text"]
+    session.forget_sequence()
+    by_path = session.generate(prompt=QUESTION, video=clip, max_tokens=6)  # the Python API: one read as well
+    assert reads == [str(clip)] * 2 and by_path.tokens == answer["tokens"]
+
+
+def test_a_live_source_decoded_slower_than_real_time_is_still_answered(bundle, clip):
+    """Each source frame takes 0.15 s to read (1.5x slower than its 10 fps) and answers take no time: a due window is
+    passed over only while catching up on the frames that had arrived when the last answer was done, so answers keep
+    coming (a rule on the clock's present time would pass over every window until the stream ended)."""
+    import edgevlm
+    from edgevlm.video.clip import VideoClip
+    from edgevlm.video.decode import decode_video
+    from edgevlm.video.window import plan_window, watch
+
+    every: VideoClip = decode_video(clip)  # (60, H, W, 3) at 10 fps
+    clock = FakeClock()
+
+    def slow_source():
+        for i, frame in enumerate(every.frames):
+            clock.now = 0.15 * i  # the wall time frame i is read at
+            yield i / 10, (lambda frame=frame: frame)
+
+    session = edgevlm.load(bundle, encoder="onnx:fp32", decoder="gguf:f32", threads=1)
+    plan = plan_window(session.spec.video, 1.0, 0.5)
+    result = watch(session, slow_source(), QUESTION, plan, generate_kwargs={"max_tokens": 1}, live=True, clock=clock,
+                   sleep=clock.sleep)
+    answers = result.answers
+    # after the answer at 2.0 s (read at 3.0 s of wall time) the kept frame at 2.5 s had arrived: passed over for the
+    # window ending at 3.0 s; after 3.0 s (read at 4.5 s) the windows ending at 3.5 and 4.0 s are passed over
+    assert [a.stream_time_s for a in answers] == [0.5, 1.0, 1.5, 2.0, 3.0, 4.5, 5.5]
+    assert [a.frames_dropped for a in answers] == [0, 0, 0, 0, 0, 1, 0]
+    answered = {round(a.window_start_s + i / plan.rate, 3) for a in answers for i in range(a.n_frames)}
+    assert len(answered) + sum(a.frames_dropped for a in answers) == 12

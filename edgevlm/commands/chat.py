@@ -18,18 +18,17 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from ..images import load_image
-    from .common import load_session_checked, sampling_kwargs, video_kwargs
+    from .common import load_session_checked, sampling_kwargs, video_request
 
     kwargs = sampling_kwargs(args)
     images = [load_image(p) for p in args.image]
-    video = video_kwargs(args, images)  # a bad video fails before the model loads
+    video = video_request(args, images)  # a bad video fails before the model loads
     session = load_session_checked(args, _options(args))
     conversation = None
-    if video:
-        from ..runtimes.video_prompt import VideoRequest
+    if video is not None:
         from ..video.chat import VideoConversation
 
-        conversation = VideoConversation(session, VideoRequest(video["video"], video["max_frames"], video["video_fps"]))
+        conversation = VideoConversation(session, video)
 
     def show(text: str) -> None:
         print(text, end="", flush=True)

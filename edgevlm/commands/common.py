@@ -57,22 +57,20 @@ def add_video_arguments(parser) -> None:
                         "processor's)")
 
 
-def video_kwargs(args, images=()) -> dict:
-    """generate()'s video arguments; the file's header is read now, so a bad video fails before a model loads."""
+def video_request(args, images=()):
+    """The --video request with its file's header read once, now (so a bad video fails before a model loads); the
+    context's size, the prompt's layout and the decoding reuse that probe. None without --video."""
     from ..errors import BadInputError
 
     if args.video is None:
         if args.max_frames is not None or args.fps is not None:
             raise BadInputError("--max-frames and --fps apply to a video; pass --video FILE")
-        return {}
+        return None
     if images:
         raise BadInputError("pass --video or --image, not both")
     from ..runtimes.video_prompt import VideoRequest
-    from ..video.decode import probe_video
 
-    VideoRequest(args.video, args.max_frames, args.fps)  # the limits' one-line errors
-    probe_video(args.video)
-    return {"video": args.video, "max_frames": args.max_frames, "video_fps": args.fps}
+    return VideoRequest(args.video, args.max_frames, args.fps).probed()  # the limits' one-line errors, then the header
 
 
 def sampling_kwargs(args) -> dict:

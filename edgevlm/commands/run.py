@@ -21,20 +21,18 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from ..errors import BadInputError
     from ..images import load_image
-    from .common import backend_options, load_session_checked, print_json, sampling_kwargs, table, video_kwargs
+    from .common import backend_options, load_session_checked, print_json, sampling_kwargs, table, video_request
 
     if not args.prompt.strip():
         raise BadInputError("the prompt is empty; pass a question with --prompt")
     kwargs = sampling_kwargs(args)
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading any model
-    video = video_kwargs(args, images)  # and on a bad video (its header is read, no frame decoded)
+    video = video_request(args, images)  # and on a bad video (its header is read once, here; no frame decoded)
     started = time.perf_counter()
     from ..runtimes.job_context import Job
-    from ..runtimes.video_prompt import VideoRequest
 
-    video_job = VideoRequest(video["video"], video["max_frames"], video["video_fps"]) if video else None
     # sizes llama.cpp's context unless --n-ctx (a video's positions counted from its header)
-    job = Job((args.prompt,), tuple(images), kwargs["max_tokens"], video_job)
+    job = Job((args.prompt,), tuple(images), kwargs["max_tokens"], video)
     session = load_session_checked(args, {**backend_options(args), "job": job})
     load_ms = (time.perf_counter() - started) * 1e3
     first_token: list[float] = []
@@ -45,7 +43,7 @@ def main(args) -> int:
         if not args.json:
             print(text, end="", flush=True)
 
-    result = session.generate(images or None, args.prompt, on_text=on_text, **video, **kwargs)
+    result = session.generate(images or None, args.prompt, on_text=on_text, video=video, **kwargs)
     # start-up as a user sees it: from the process's creation (the interpreter and imports included) to the first
     # streamed text, beside the load (fit check + bundle) it spent before the request (benchmarks/startup.py)
     timings = {**result.timings, "load_ms": load_ms}

@@ -35,7 +35,8 @@ class Job:
         if self.video is not None:
             from .video_prompt import user_message, video_prompt_length
 
-            return max(video_prompt_length(spec, prompts.render(spec, [user_message(q)]), self.video)
+            video = self.video.probed()  # one header read for every question (none when the request carries it)
+            return max(video_prompt_length(spec, prompts.render(spec, [user_message(q)]), video)
                        for q in self.questions) + self.max_tokens
         prepared = None
         longest = 0

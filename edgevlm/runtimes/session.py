@@ -363,10 +363,10 @@ class Session:
                  raw: bool = False, video=None, max_frames: int | None = None, video_fps: float | None = None,
                  **options) -> GenerationResult:
         """Answer one prompt about zero or more images, or about one `video` (a path, bytes, file-like or VideoClip;
-        `max_frames` and `video_fps` bound its sampling). It starts a new conversation that `chat` continues."""
+        `max_frames` and `video_fps` bound its sampling; or a VideoRequest). A new conversation `chat` continues."""
         messages, images = self._start_conversation(image, prompt, raw, video)
         if video is not None:
-            options["video"] = VideoRequest(video, max_frames, video_fps)
+            options["video"] = video_prompt.as_request(video, max_frames, video_fps)
         result = None
         for delta in self.respond(messages, images, raw_text=prompt if raw else None, **options):
             if delta.result is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,17 +28,38 @@ VIDEO_PLACEHOLDER = "<video>"
 
 @dataclass(frozen=True)
 class VideoRequest:
-    """A video source (path, bytes, file-like, or a decoded VideoClip) and the caller's sampling limits."""
+    """A video source (path, bytes, file-like, or a decoded VideoClip) and the caller's sampling limits; `probe` is the
+    source's header (video.decode.VideoProbe) once read (`probed`), so the steps after it (the context's size, the
+    prompt's layout, decoding) do not read it again."""
 
     source: Any
     max_frames: int | None = None
     fps: float | None = None
+    probe: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_frames is not None and not (isinstance(self.max_frames, int) and self.max_frames >= 1):
             raise BadInputError(f"max_frames must be a whole number >= 1, got {self.max_frames!r}")
         if self.fps is not None and not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 1000):
             raise BadInputError(f"the sampling fps must be in (0, 1000], got {self.fps!r}")
+
+    def probed(self) -> "VideoRequest":
+        """This request with its source's header read (one BadInputError line for a bad video); a decoded clip, or a
+        request already probed, as it is."""
+        if self.probe is not None or isinstance(self.source, VideoClip):
+            return self
+        from ..video.decode import probe_video
+
+        return replace(self, probe=probe_video(self.source))
+
+
+def as_request(video: Any, max_frames: int | None = None, fps: float | None = None) -> VideoRequest:
+    """generate()'s `video`: a source with its limits, or a VideoRequest that holds them (and maybe its probe)."""
+    if not isinstance(video, VideoRequest):
+        return VideoRequest(video, max_frames, fps)
+    if max_frames is not None or fps is not None:
+        raise BadInputError("pass max_frames and fps inside the VideoRequest, not beside it")
+    return video
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,7 @@ class VideoChoice:
     duration_s: float
     height: int
     width: int
+    probe: Any = None  # the source's VideoProbe (None for a decoded clip): decoding does not read the header again
 
     @property
     def timestamps_s(self) -> np.ndarray:
@@ -71,7 +93,7 @@ class VideoChoice:
             return self.source.select(self.indices)
         from ..video.decode import decode_video
 
-        return decode_video(self.source, lambda probe: self.indices)
+        return decode_video(self.source, lambda probe: self.indices, self.probe)
 
 
 def user_message(prompt: str) -> dict:
@@ -95,22 +117,21 @@ def _refuse_no_video(spec: RuntimeSpec) -> None:
 
 
 def choose(spec: RuntimeSpec, request: VideoRequest) -> VideoChoice:
-    """Probe the source (or read a decoded clip's numbers) and sample, decoding nothing."""
+    """Probe the source unless the request carries its probe (or read a decoded clip's numbers) and sample, decoding
+    nothing."""
     _refuse_no_video(spec)
-    source = request.source
+    source, probe = request.source, request.probed().probe
     if isinstance(source, VideoClip):  # already decoded (a stream's window): sample its frames
         total, fps, duration = source.num_frames, source.source_fps, source.duration_s
         height, width = source.frames.shape[1:3]
     else:
-        from ..video.decode import probe_video
-
-        probe = probe_video(source)
         total, fps, duration, height, width = probe.total_frames, probe.fps, probe.duration_s, probe.height, probe.width
     try:
         indices = spec.video.sample(total, fps, request.max_frames, request.fps)
     except ValueError as exc:  # a clip shorter than one temporal patch, a --max-frames under one
         raise BadInputError(str(exc)) from None
-    return VideoChoice(source, np.asarray(indices), int(total), float(fps), float(duration), int(height), int(width))
+    return VideoChoice(source, np.asarray(indices), int(total), float(fps), float(duration), int(height), int(width),
+                       probe)
 
 
 class FrameLayout:

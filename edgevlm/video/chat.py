@@ -16,7 +16,8 @@ class VideoConversation:
 
     def __init__(self, session, video) -> None:
         self.session = session
-        self.video = video if isinstance(video, VideoRequest) else VideoRequest(video)
+        # the header read once, here (a bad video fails before the first turn), not again each turn
+        self.video = (video if isinstance(video, VideoRequest) else VideoRequest(video)).probed()
         self.messages: list[dict] = []
 
     def ask(self, prompt: str, on_text: Callable[[str], None] | None = None, **options) -> GenerationResult:

@@ -188,15 +188,20 @@ def _check_indices(indices: np.ndarray, probe: VideoProbe) -> np.ndarray:
     return indices
 
 
-def decode_video(source, choose: IndexChooser | None = None) -> VideoClip:
+def decode_video(source, choose: IndexChooser | None = None, probe: VideoProbe | None = None) -> VideoClip:
     """Decode the frames `choose(probe)` picks (sorted frame indices; None: every frame) into a VideoClip.
 
-    Frames after the last chosen one are not decoded, and unchosen frames are never converted to RGB."""
+    Frames after the last chosen one are not decoded, and unchosen frames are never converted to RGB. probe: this
+    source's `probe_video`, when the caller has it (its header is then not read again: a header without a frame count
+    costs a pass over every packet)."""
     av = _av()
     name = _name(source)
     container = _open(source, name)
     try:
-        probe = _probe(container, name)
+        if probe is None:
+            probe = _probe(container, name)
+        else:
+            _video_stream(container, name)
         indices = _check_indices(np.arange(probe.total_frames) if choose is None else choose(probe), probe)
         return VideoClip(_decode_frames(av, container, probe, indices), indices / probe.fps, probe.fps,
                          probe.duration_s)

@@ -10,7 +10,12 @@ Each window is laid out as a clip of its own (timestamps from 0, duration N / ra
 the same frames as a clip; the decoder's KV of shared frames is not reusable (their positions and timestamps in the
 prompt move), only the text before the first frame is (the session's prefix reuse).
 
-Torch-free; PyAV only inside `stream_frames`.
+A live source (stdin, a URL, or a file read with --realtime) answers over the newest window each time: frames
+arrive at their stream time whether or not an answer is being computed, so a window that became due while a newer
+kept frame had already arrived is skipped, and the kept frames that left the window unanswered are counted as
+dropped. A file read as fast as answers allow answers every stride (deterministic).
+
+Torch-free; PyAV only inside `StreamSource`.
 """
 from __future__ import annotations
 
@@ -147,11 +152,13 @@ class Window:
         full = len(self.frames) == self.plan.window_frames
         return full and (not self.answered or self.since_answer >= self.plan.stride_frames)
 
-    def clip(self) -> VideoClip:
-        """The window as a clip of its own: (n, H, W, 3) uint8, timestamps from 0 at the grid's rate."""
+    def take(self) -> tuple[VideoClip, int]:
+        """(the window as a clip of its own: (n, H, W, 3) uint8, timestamps from 0 at the grid's rate; the kept frames
+        pushed since the last answer that left the window unanswered: what a live source dropped)."""
         n = len(self.frames)
+        dropped = max(0, self.since_answer - n)
         self.answered, self.since_answer = True, 0
-        return VideoClip(np.stack(self.frames), self.plan.timestamps(n), self.plan.rate, n / self.plan.rate)
+        return VideoClip(np.stack(self.frames), self.plan.timestamps(n), self.plan.rate, n / self.plan.rate), dropped
 
 
 @dataclass(frozen=True)
@@ -169,11 +176,13 @@ class Answer:
     text: str
     tokens: list[int]
     total_ms: float
+    frames_dropped: int = 0  # kept frames that came after the last answer and left the window before this one (live)
 
     def to_dict(self) -> dict:
         return {"answer": self.index, "stream_time_s": round(self.stream_time_s, 4),
                 "window_s": [round(self.window_start_s, 4), round(self.stream_time_s, 4)], "frames": self.n_frames,
                 "ttft_ms": self.ttft_ms, "frames_encoded": self.frames_encoded, "frames_reused": self.frames_reused,
+                "frames_dropped": self.frames_dropped,
                 "reused_positions": self.reused_positions, "total_ms": self.total_ms, "text": self.text,
                 "tokens": self.tokens}
 
@@ -194,44 +203,65 @@ class WatchResult:
 
 
 def ask(session, window: Window, prompt: str, plan: WindowPlan, index: int, generate_kwargs: dict) -> Answer:
-    clip = window.clip()
+    clip, dropped = window.take()
     result = session.generate(prompt=prompt, video=clip, max_frames=clip.num_frames, video_fps=plan.rate,
                               **generate_kwargs)
     encoded, reused = frame_counts(result.timings)
     return Answer(index, window.times[-1], window.times[0], clip.num_frames, float(result.timings["ttft_ms"]),
                   encoded, reused, int(result.timings.get("n_reused_positions", 0)), result.text, list(result.tokens),
-                  float(result.timings["total_ms"]))
+                  float(result.timings["total_ms"]), dropped)
 
 
 def watch(session, frames: Iterable[tuple[float, Callable[[], np.ndarray]]], prompt: str, plan: WindowPlan,
           on_answer: Callable[[Answer], None] = lambda a: None, max_answers: int | None = None,
-          realtime: bool = False, generate_kwargs: dict | None = None) -> WatchResult:
+          realtime: bool = False, generate_kwargs: dict | None = None, live: bool = False,
+          clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> WatchResult:
     """Answer `prompt` over the last `plan.window_frames` kept frames each time `plan.stride_frames` new ones came.
 
     frames: (stream time in s from the first frame, a callable giving the (H, W, 3) uint8 frame), in order; only
     kept frames are converted. A stream that ends before the window fills is answered once over what it held.
-    realtime: pace a file as a camera would (sleep until each frame's time); a live source paces itself."""
+    realtime: pace a file as a camera would (sleep until each frame's time); a live source paces itself.
+    live: frames arrive at their stream time after the first (wall time by `clock`), so after an answer a due window is
+    passed over while a newer kept frame had arrived by the time that answer was done (the loop reads on to the newest
+    window then: the frames it passes over are dropped, counted per answer); the target is fixed when the answer ends,
+    so a source that decodes slower than real time still gets answers. At the stream's end a due window is answered.
+    Not live: every stride is answered.
+    clock, sleep: time.monotonic and time.sleep unless given (a test drives them)."""
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
     grid, window = FrameGrid(plan.rate), Window(plan)
     answers: list[Answer] = []
     kwargs = dict(generate_kwargs or {})
     seen = 0
-    started = time.monotonic()
+    started: float | None = None  # the wall time of stream time 0
+    arrived = -math.inf  # live: the stream time that had arrived when the last answer was done
+
+    def answer() -> bool:
+        """Answer the window; True when max_answers is reached."""
+        nonlocal arrived
+        answers.append(ask(session, window, prompt, plan, len(answers) + 1, kwargs))
+        on_answer(answers[-1])
+        arrived = clock() - started
+        return max_answers is not None and len(answers) >= max_answers
+
     try:
         for t, to_rgb in frames:
             seen += 1
+            started = clock() - t if started is None else started
             if not grid.keep(t):
                 continue
             if realtime:
-                time.sleep(max(0.0, started + t - time.monotonic()))
+                sleep(max(0.0, started + t - clock()))
             window.push(to_rgb(), t)
-            if window.due:
-                answers.append(ask(session, window, prompt, plan, len(answers) + 1, kwargs))
-                on_answer(answers[-1])
-                if max_answers is not None and len(answers) >= max_answers:
-                    break
-        if not answers and window.frames:  # a stream shorter than the window: one answer over all of it
-            answers.append(ask(session, window, prompt, plan, 1, kwargs))
-            on_answer(answers[-1])
+            if not window.due:
+                continue
+            if live and grid.next_tick / plan.rate <= arrived + EPS_S:
+                continue  # the next kept frame had arrived while the last answer was computed: answer the newest
+            if answer():
+                return WatchResult(answers, False, seen)
+        if window.frames and (not answers or (live and window.due)):
+            # a stream shorter than the window: one answer over all of it; a live stream's last window, passed over
+            # while an answer was computed
+            answer()
     except KeyboardInterrupt:
         return WatchResult(answers, True, seen)
     return WatchResult(answers, False, seen)
@@ -248,9 +278,12 @@ class StreamSource:
         self._decode = decode
         self.av = decode._av()
         self.name = "(stdin)" if source == "-" else decode._name(source)
+        # stdin and URLs deliver frames as they are produced (a camera, ffmpeg -re, rtsp): watch drops what it has no
+        # time for; a file waits for the reader
+        self.live = source == "-" or (isinstance(source, str) and "://" in source)
         if source == "-":
             self.container = self._open_raw((stdin or sys.stdin).buffer)
-        elif isinstance(source, str) and "://" in source:
+        elif self.live:
             self.container = self._open_raw(source)
         else:
             self.container = decode._open(source, self.name)
