@@ -9,7 +9,7 @@ from pathlib import Path
 RESULTS = "benchmarks/results"
 PLAN_OOS_NOTE = (
     "Derived from the committed bench files named in each row (their own headers above give each run's command, "
-    "commit, CPU and flags; W2 ran on an Intel Xeon VM, the others on AMD EPYC VMs), nothing re-measured. The "
+    "commit, CPU and flags; W2 and W6 ran on Intel Xeon VMs, the others on AMD EPYC VMs), nothing re-measured. The "
     "planner predicts decode as efficiency x copy bandwidth / bytes read per token, with 0.55 for 8-bit weights and "
     "0.38 below, fitted on small models (plan/budget.py). \"refit\" is the same form with its two efficiencies "
     "refitted on the fit rows only; \"time model\" is seconds per token = a x bytes / copy bandwidth + c x layers, "

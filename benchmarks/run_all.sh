@@ -101,5 +101,5 @@ $EV bench "$WORK/b1-bundle" --image-size 640x480 --prompt-tokens 24 --new-tokens
 $EV bench "$WORK/b2-bundle" --image-size 448x448 --prompt-tokens 24 --new-tokens 64 --threads 2 --repeats 2 \
   --encoder onnx:int8 --decoder gguf:q4_k_m -o benchmarks/results/bridges-paligemma | tail -n 1 > /dev/null
 # the planner's decode and memory predictions against the runs above it was not fitted on (no measurement)
-.venv/bin/python benchmarks/plan_out_of_sample.py --check w3-q4
+.venv/bin/python benchmarks/plan_out_of_sample.py --check w3-q4 w6-q4
 echo "results in benchmarks/results/"
