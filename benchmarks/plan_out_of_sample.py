@@ -35,7 +35,7 @@ PLANNER_EFFICIENCY = {"wide": 0.55, "sub8bit": 0.38}  # plan/budget.py DECODE_EF
 # decoder layers of each workload's model (the bundles' manifest decoder.n_layers; W2: the reference model's config):
 # the bench files do not record them
 LAYERS = {"w1": 30, "w1-split": 30, "w3": 28, "w3-q4": 28, "w4": 34, "bridges-onevision": 24,
-          "bridges-paligemma": 26, "w2": 3}
+          "bridges-paligemma": 26, "w2": 3, "w6-q4": 24}
 
 
 def precision_class(decoder: str) -> str:
@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
               for r in fit_rows + check_rows if r["planned_peak_mib"]]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None
+    # one --check naming them all: argparse keeps only the last of repeated ones, so the command would not re-run
+    check_flag = f" --check {' '.join(args.check)}" if args.check else ""
     result = {"schema": "edgevlm-plan-oos/1", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python benchmarks/plan_out_of_sample.py" + "".join(f" --check {c}" for c in args.check),
+              "command": "python benchmarks/plan_out_of_sample.py" + check_flag,
               "commit": commit, "fit": list(FIT), "check": list(check),
               "planner_efficiency": PLANNER_EFFICIENCY, "refit_efficiency": refit,
               "time_model": {"a": a, "ms_per_layer": c * 1e3}, "decode": decode, "memory": memory}

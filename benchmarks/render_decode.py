@@ -1,4 +1,4 @@
-"""The decode sections' notes of docs/benchmarks.md (W1 at default settings, W3 at q4_k_m) and the planner's
+"""The decode sections' notes of docs/benchmarks.md (W1 at default settings, W3 and W6 at q4_k_m) and the planner's
 out-of-sample error table from benchmarks/plan_out_of_sample.py's results file. Used by render_docs.py; standard
 library only."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 RESULTS = "benchmarks/results"
 PLAN_OOS_NOTE = (
     "Derived from the committed bench files named in each row (their own headers above give each run's command, "
-    "commit, CPU and flags; W2 ran on an Intel Xeon VM, the others on AMD EPYC VMs), nothing re-measured. The "
+    "commit, CPU and flags; W2 and W6 ran on Intel Xeon VMs, the others on AMD EPYC VMs), nothing re-measured. The "
     "planner predicts decode as efficiency x copy bandwidth / bytes read per token, with 0.55 for 8-bit weights and "
     "0.38 below, fitted on small models (plan/budget.py). \"refit\" is the same form with its two efficiencies "
     "refitted on the fit rows only; \"time model\" is seconds per token = a x bytes / copy bandwidth + c x layers, "
@@ -50,6 +50,20 @@ W3_Q4_NOTE = (
     "mean depth, against the read bandwidth measured on the run's 2 threads. The llama-bench row at edgevlm's depth "
     "runs at the same depth, flash-attention setting and (after llama.cpp's padding to 256) context. No mmproj in "
     "this bundle, so no mtmd peer. A 2-core VM shared with other sessions' work.")
+
+W6_Q4_NOTE = (
+    "Issue 32's second 2B-class decode row: SmolVLM2-2.2B shapes (`edgevlm preset smolvlm2-2.2b --single-tile`, "
+    "random weights; 24 layers of 2,048 with 32 KV heads of 64 and an untied output head) exported with `--encoder "
+    "onnx:int8 --decoder gguf:q4_k_m --max-tiles 1`, one 384x384 tile (81 image tokens), run as W3 at q4_k_m: no "
+    "PyTorch peer, 32 new tokens, 3 repeats. The roofline counts the same bytes as W3's (every weight tensor but the "
+    "token-embedding table, which is untied here and only gathered from, plus the f16 KV cache at the run's mean "
+    "depth). It ran on an Intel Xeon VM, not W3's AMD EPYC: llama-bench runs a W3 q4_k_m GGUF (the same 980 MB a "
+    "token reads) at half W3's AMD rate on this CPU (16.2 against 32.1 tok/s at W3's depth), 48% of this machine's "
+    "read roofline (33.2 GB/s in the same sweep). The roofline miss is llama.cpp's per-core q4_K kernel here, not the"
+    " bytes: one thread decodes 8.0 tok/s, reading 8.6 GB/s of a single core's 16.4 GB/s, and two threads scale it "
+    "1.8x (docs/notes/2026-12-07-smol22.md has the llama-bench sweep over threads, flash attention, depth and "
+    "quantization). The earlier run of the same command (retired below) gave 14.1 tok/s with both llama-bench rows "
+    "lower too (13.3 and 14.0): the VM's run-to-run spread. No mmproj in this bundle, so no mtmd peer.")
 
 W1_NOTE = (
     "At the default settings: the llama.cpp context sized to the job (prompt + image + new tokens, rounded up "

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_fuzz.py besid
 
 from render_fuzz import FUZZ_END, FUZZ_START, fuzz_body, readme_with_fuzz, render_fuzz  # noqa: E402,F401
 from render_fusion import FUSION_NOTE, onnx_fusion_body  # noqa: E402
-from render_decode import PLAN_OOS_NOTE, W1_NOTE, W3_Q4_NOTE, plan_oos_body  # noqa: E402
+from render_decode import PLAN_OOS_NOTE, W1_NOTE, W3_Q4_NOTE, W6_Q4_NOTE, plan_oos_body  # noqa: E402
 from render_interop import (INTEROP_NOTE, SERVE_ENCODE_NOTE, SERVE_VS_NOTE, SERVE_VS_W3_NOTE,  # noqa: E402
                             interop_body, serve_vs_body)
 from render_peers import PEERS_END, PEERS_NOTE, PEERS_START, readme_with_peers, render_peers  # noqa: E402,F401
@@ -72,6 +72,8 @@ SHOWN = (
           "table is the output head and is read whole every token). edgevlm wrote no mmproj for Qwen2-VL when this ran, so there is no llama.cpp mtmd peer."),
     Shown("w3-q4", "W3 at gguf:q4_k_m: Qwen2-VL-2B shapes (random weights), one 448x448 image, 24-token prompt, 32 "
           "new tokens, 2 threads, 3 repeats", "bench", W3_Q4_NOTE),
+    Shown("w6-q4", "W6 at gguf:q4_k_m: SmolVLM2-2.2B shapes (random weights), one 384x384 tile, 24-token prompt, "
+          "32 new tokens, 2 threads, 3 repeats", "bench", W6_Q4_NOTE),
     Shown("plan-out-of-sample/plan-oos.json", "The planner out of sample: decode and memory predictions against "
           "committed runs it was not fitted on", "plan-oos", PLAN_OOS_NOTE),
     Shown("w4", "W4: Gemma 3 4B shapes (random weights, bf16 on disk), one 896x896 image, 24-token prompt, 64 new "
@@ -202,6 +204,8 @@ RETIRED = (
             "llama-bench's default row (120.1), 0.94x llama-bench at the same depth (112.4)"),
     Retired("w3-q4-first", "w3-q4", "the same W3 q4_k_m command 15 minutes earlier, while the VM was busier: 26.2 "
             "tok/s, 79% of a 33.0 GB/s read roofline, 0.93x llama-bench at the same depth (28.2)"),
+    Retired("w6-q4-first", "w6-q4", "the same W6 q4_k_m command 6 minutes earlier: 14.1 tok/s, 42% of a 36.3 GB/s "
+            "read roofline, 1.06x llama-bench at the same depth (13.3), 1.01x its default row (14.0)"),
     Retired("w1-ctx256", "w1", "W1 at `--n-ctx 256` on the AVX2 EPYC: the default context is now sized to the job "
             "(256 positions for W1), so W1's own run measures it"),
     Retired("w1-avx512", "w1", "an earlier run of W1's command (another AMD EPYC VM), before ONNX Runtime's CPU "
@@ -409,7 +413,8 @@ def render_benchmarks(root: Path = ROOT) -> str:
            "ratios within one table (measured in the same run); tables from different dates and machines are not "
            "comparable with each other. Nothing here ran on a GPU, a Jetson or a Mac.", "",
            "To re-measure: `make bench` (benchmarks/run_all.sh) re-runs W1, the encoder alone, W1-split, W2, W3 at "
-           "q4_k_m, W4 (with W4's export memory) and W5 (video) into benchmarks/results/, then the planner's out-of-sample "
+           "q4_k_m, W4 (with W4's export memory), W5 (video) and W6 (SmolVLM2-2.2B shapes) at q4_k_m into "
+           "benchmarks/results/, then the planner's out-of-sample "
            "table; the other results come from the commands in their header lines. Then run `python benchmarks/render_docs.py`: it refuses to render while a "
            "results file is neither shown nor retired, or while a retired result is newer than the one that replaces "
            "it.", ""]
