@@ -22,7 +22,9 @@ METRICS = ("edgevlm_conversation_cache_hits_total", "edgevlm_conversation_cache_
            "edgevlm_conversation_disk_hits_total", "edgevlm_prefix_cache_hits_total")
 
 DETAIL = ("preprocess_ms", "encode_ms", "prefill_ms", "snapshot_ms", "n_prompt_tokens", "n_reused_positions", "conversation_cache_hits",
-          "prefix_cache_hits", "cache_n", "prompt_n", "prompt_ms")  # per request, from each server's timings
+          "prefix_cache_hits", "cache_n", "prompt_n", "prompt_ms",
+          # edgevlm serve's own stages: the server's ttft_ms counts to the first token, first_text_ms to the first text
+          "receive_ms", "queue_ms", "first_text_ms")  # per request, from each server's timings
 
 
 def notes(user: int) -> str:
@@ -103,7 +105,8 @@ def summarize_returning(outcomes: list, before: dict, after: dict, pct) -> dict:
     if any(o.timings and "conversation_cache_hits" in o.timings for o in later):
         out["turns23_conversation_hits"] = sum(hits)
     out["metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after}
-    out["per_request"] = [{"label": o.label, "ttft_ms": round(o.ttft_ms, 1),
+    out["per_request"] = [{"label": o.label, "ttft_ms": round(o.ttft_ms, 1),  # the client's: to its first text
+                           **({"server_ttft_ms": o.timings["ttft_ms"]} if "ttft_ms" in (o.timings or {}) else {}),
                            **{k: v for k, v in (o.timings or {}).items() if k in DETAIL}} for o in ok]
     return out
 

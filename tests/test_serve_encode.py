@@ -1,7 +1,7 @@
 """`edgevlm serve --parallel N` encodes images off the decode path (issue 32): while one request streams, another
 request's new image is encoded on the encode worker and the first stream's tokens keep being decoded during that
-encode (counted by the server's batched decode rows inside the encode's window: the random-weight model's text is
-mostly partial UTF-8, which the detokenizer holds back, so the client sees few chunks); the decoder runs its share
+encode (counted by the server's batched decode rows inside the encode's window, not by the client's chunks: a
+random-weight model's text has bytes a chunk may wait for, see runtimes/detokenize.py); the decoder runs its share
 of the threads meanwhile (--encode-threads) and all of them after; greedy answers equal the answers given alone.
 Timing is asserted by structure (what happens inside the encode's window), never by speed. Servers on 127.0.0.1,
 bounded counts."""

@@ -92,6 +92,10 @@ class BundleTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}
 
+    def id_to_token(self, token: int) -> str | None:
+        """The token's vocabulary string (a byte-fallback token is "<0xNN>"), None outside the vocabulary."""
+        return self._tokenizer.id_to_token(int(token))
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text

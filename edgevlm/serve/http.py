@@ -217,6 +217,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/v1/chat/completions":
             self._error(404, f"no route {self.path}; try POST /v1/chat/completions", "not_found")
             return
+        received = time.monotonic()  # the request line and headers are in; the body is not read yet
         if not self._authorized():
             return
         body = self._read_body()
@@ -229,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         engine = self.server.engine
         try:
-            job = engine.submit(Job(body))
+            job = engine.submit(Job(body, received=received))
         except QueueFull:
             self._error(429, f"the server is busy ({engine.limit} requests answering or waiting: --parallel "
                              f"{len(engine.slots)} + --queue {engine.capacity}); retry shortly",
@@ -274,18 +275,21 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def _whole(self, job: Job, completion_id: str) -> None:
-        event = self._next(job)
+        event, first_text = self._next(job), None
         while not isinstance(event, tuple):
+            first_text = first_text or time.monotonic()
             event = self._next(job)
         if event[0] == "error":
             self._error(event[1], event[2])
             return
+        event[1].timings.update(job.stages(first_text or time.monotonic()))
         self.server.engine.metrics.count("200")
         self._json(200, self.server.service.response(event[1], completion_id))
 
     def _stream(self, job: Job, completion_id: str, include_usage: bool) -> None:
         # the first event is awaited before the headers go out, so bad input still gets a plain 4xx
         event = self._next(job)
+        first_text = None if isinstance(event, tuple) else time.monotonic()
         if isinstance(event, tuple) and event[0] == "error":
             self._error(event[1], event[2])
             return
@@ -309,6 +313,7 @@ class Handler(BaseHTTPRequestHandler):
             send(error_body(event[1], event[2], "server_error"))
             self.server.engine.metrics.count(str(event[1]))
         else:
+            event[1].timings.update(job.stages(first_text or time.monotonic()))
             for last in final_chunks(event[1], completion_id, model, include_usage):  # timings, usage
                 send(last)
             self.server.engine.metrics.count("200")

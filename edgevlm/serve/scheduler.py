@@ -47,6 +47,21 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     counted: bool = False  # holds one place of the engine's admission count until it leaves the engine
+    received: float | None = None  # time.monotonic() when its handler had the request's headers
+    picked: float | None = None  # time.monotonic() when the engine took it from the queue
+
+    def stages(self, first_text: float) -> dict[str, float]:
+        """Its time outside the session's own timings, ms: `receive_ms` (the handler reading and parsing the body),
+        `queue_ms` (submitted until the engine took it: other requests ahead, or the engine's wake-up) and
+        `first_text_ms` (submitted until its first text, or its end, reached the handler: a streaming client's TTFT
+        less the network). The session's `ttft_ms` counts to the first token; text can come tokens later, e.g. a
+        character split over byte tokens."""
+        out = {"first_text_ms": (first_text - self.submitted) * 1e3}
+        if self.received is not None:
+            out["receive_ms"] = (self.submitted - self.received) * 1e3
+        if self.picked is not None:
+            out["queue_ms"] = (self.picked - self.submitted) * 1e3
+        return out
 
 
 @dataclass
@@ -171,6 +186,7 @@ class Scheduler(threading.Thread):
                 if job is None:
                     self._stopping = True
                     return
+                job.picked = time.monotonic()
                 self._held = self._prepare(job)
                 if self._held is None:
                     continue
