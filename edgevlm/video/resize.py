@@ -63,53 +63,34 @@ def _taps(in_size: int, out_size: int, kind: str = "bicubic") -> tuple[np.ndarra
     return np.where(used, j[None, :] + xmin[:, None], 0), fixed, precision
 
 
-# float32 sums of integers are exact below 2^24: with each int16 weight split as 256 * high + low (high in
-# [-128, 127], low in [0, 255]) a row of up to this many taps sums exactly in either half
-MAX_FLOAT_TAPS = (1 << 24) // (255 * 256)
 BAND_ROWS = 64  # output rows per matmul: a band of the weight matrix, not the whole (mostly zero) matrix
 
 
 def _resample_rows(values: np.ndarray, out_size: int, kind: str) -> np.ndarray:
-    """Resample axis 1 of (N, A, B, C) uint8 exactly as ATen's integer loop does, as float32 matmuls over bands of
-    output rows (BLAS: 2x the per-tap integer gather below, which was itself 6x Pillow on a 720p frame)."""
+    """Resample axis 1 of (N, A, B, C) uint8 exactly as ATen's integer loop does, as float64 matmuls over bands of
+    output rows: the int16 weights times uint8 pixels sum to integers far below 2^53, so BLAS gives ATen's exact
+    sums; rounding, the shift and the clamp are done per band into uint8 (a tap-by-tap integer gather was 4x slower
+    than Pillow on a frame, and float32 needs two matmuls and int64 temporaries to stay exact: 3x this)."""
     index, weights, precision = _taps(values.shape[1], out_size, kind)
-    if index.shape[1] > MAX_FLOAT_TAPS:
-        return _resample_rows_int(values, index, weights, precision)
     n, rows = values.shape[:2]
-    flat = values.reshape(n, rows, -1).astype(np.float32)  # (N, A, B*C)
-    high = np.floor_divide(weights, 256)
-    low = weights - 256 * high
-    acc = np.empty((n, out_size, flat.shape[2]), dtype=np.int64)  # (N, out, B*C)
+    flat = values.reshape(n, rows, -1)  # (N, A, B*C)
+    out = np.empty((n, out_size, flat.shape[2]), dtype=np.uint8)
+    half, scale = float(1 << (precision - 1)) if precision else 0.0, 1.0 / (1 << precision)
+    weights64 = weights.astype(np.float64)
     for start in range(0, out_size, BAND_ROWS):
         stop = min(start + BAND_ROWS, out_size)
         taps, used = index[start:stop], weights[start:stop] != 0
         first = int(taps[used].min(initial=rows - 1))
         last = int(taps[used].max(initial=first))
-        band = (np.repeat(np.arange(stop - start), taps.shape[1]), np.clip(taps - first, 0, last - first).ravel())
-        band_high = np.zeros((stop - start, last - first + 1), dtype=np.float32)
-        band_low = np.zeros_like(band_high)
-        np.add.at(band_high, band, high[start:stop].ravel())  # unused taps add weight 0
-        np.add.at(band_low, band, low[start:stop].ravel())
-        source = flat[:, first:last + 1]
-        acc[:, start:stop] = (np.matmul(band_high, source).astype(np.int64) << 8) + \
-            np.matmul(band_low, source).astype(np.int64)
-    acc += 1 << (precision - 1) if precision else 0
-    out = np.clip(acc >> precision, 0, 255).astype(np.uint8)  # negative lobes clamp to 0
+        band = np.zeros((stop - start, last - first + 1), dtype=np.float64)  # (band, span)
+        cells = (np.repeat(np.arange(stop - start), taps.shape[1]), np.clip(taps - first, 0, last - first).ravel())
+        np.add.at(band, cells, weights64[start:stop].ravel())  # unused taps add weight 0
+        acc = np.matmul(band, flat[:, first:last + 1].astype(np.float64))  # (N, band, B*C), exact integers
+        acc += half  # + half an LSB, then >> precision: a power-of-two scale and floor, exact in float64
+        acc *= scale
+        np.floor(acc, out=acc)
+        out[:, start:stop] = np.clip(acc, 0, 255, out=acc)  # negative lobes clamp to 0
     return out.reshape((n, out_size) + values.shape[2:])
-
-
-def _resample_rows_int(values: np.ndarray, index: np.ndarray, weights: np.ndarray, precision: int) -> np.ndarray:
-    """The same in integers, one tap at a time, gathering whole contiguous (B, C) rows: for downscales too large
-    for exact float32 sums."""
-    wide, weights = values.astype(np.int64), weights.astype(np.int64)
-    acc = np.full((values.shape[0], index.shape[0]) + values.shape[2:], 1 << (precision - 1) if precision else 0,
-                  dtype=np.int64)
-    tap = np.empty_like(acc)  # (N, out, B, C)
-    for k in range(index.shape[1]):
-        np.take(wide, index[:, k], axis=1, out=tap)
-        tap *= weights[:, k][None, :, None, None]
-        acc += tap
-    return np.clip(acc >> precision, 0, 255).astype(np.uint8)
 
 
 def resize_bicubic_aa(frames: np.ndarray, height: int, width: int) -> np.ndarray:
