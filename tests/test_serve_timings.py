@@ -54,3 +54,20 @@ def test_answers_carry_the_stages_before_the_engine(session, urls, stream):  # n
     finally:
         gate.set()
         stop(server)
+
+
+def test_a_tokens_text_goes_out_before_the_next_decode(session, images):
+    """At each decode step the generator asks for (StepRequest), the text of every token sampled so far, this step's
+    included, has already been handed out: a client's first text does not wait for the second token's decode."""
+    from edgevlm.runtimes.detokenize import IncrementalDetokenizer
+    from edgevlm.runtimes.requests import Delta, StepRequest
+
+    request = session.prepare_conversation([session.user_message(QUESTION, 1)], [images["small"]], max_tokens=8)
+    sent, reference, steps_with_new_text = "", IncrementalDetokenizer(session.spec.tokenizer), 0
+    for event in session.generation(request):
+        if isinstance(event, Delta):
+            sent += event.text
+        elif isinstance(event, StepRequest):
+            steps_with_new_text += bool(reference.add(event.token))
+            assert sent == reference.emitted, (sent, reference.emitted)
+    assert steps_with_new_text >= 1  # the tokens had text to hand out, so the test can fail

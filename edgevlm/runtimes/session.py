@@ -321,14 +321,16 @@ class Session:
                     if piece:
                         yield Delta(piece)
                     break
+                if piece:  # the text goes out before the next decode, not one step late; the consumer's time is not
+                    spent = time.perf_counter() - t0  # the step's
+                    yield Delta(piece)
+                    t0 = time.perf_counter() - spent
                 logits = yield StepRequest(token, position)
                 if logits is None:  # one position per text token: the 1-D position, or an M-RoPE text token's t
                     logits = self.decoder.step(token, position, step_logits)
                 self._kv_keys.append(token)
                 position += 1
                 step_ms.append((time.perf_counter() - t0) * 1e3)  # decode, sampling, detokenizing: not the consumer
-                if piece:
-                    yield Delta(piece)
         except GeneratorExit:  # the consumer stopped reading: the KV record is true at every yield
             raise
         except BaseException:
