@@ -114,6 +114,16 @@ def test_flash_attention_is_measured_once_and_read_back(bundles, fa_cache):
     assert len(json.loads(files[0].read_text())["choices"]) == 2
 
 
+def test_a_shared_pool_of_sequences_gets_flash_attention_without_measuring(bundles, fa_cache):
+    """serve --parallel N: the sequences share one KV pool, where the flash kernel skips the others' (masked) cells and
+    the plain path does not: on, whatever a one-sequence measurement would say; an override still wins."""
+    gguf = _gguf(bundles)
+    before = flash_choice.measurements_run
+    assert _enabled(open_decoder(gguf, n_ctx=256, threads=1, n_seq=4))
+    assert not _enabled(open_decoder(gguf, n_ctx=256, threads=1, n_seq=4, flash_attn=False))
+    assert flash_choice.measurements_run == before and not fa_cache.exists()
+
+
 def test_the_override_and_parity_mode_measure_nothing(bundles, fa_cache):
     gguf = _gguf(bundles)
     before = flash_choice.measurements_run

@@ -100,7 +100,8 @@ def add_backend_arguments(parser) -> None:
 def add_flash_attn_argument(parser) -> None:
     parser.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
                         help="llama.cpp flash attention (default auto: on a CPU, the faster of on and off as measured "
-                             "once on this CPU and cached under ~/.cache/edgevlm/flash-attn; on a GPU, llama.cpp's own)")
+                             "once on this CPU and cached under ~/.cache/edgevlm/flash-attn, and on for serve "
+                             "--parallel N > 1, whose sequences share one KV pool; on a GPU, llama.cpp's own)")
 
 
 def flash_attn_option(args) -> dict:

@@ -237,9 +237,11 @@ def plan_options(model: PlanModel, decoders: list[DecoderChoice], encoders: list
     caches = embed_bound + prefix_bound
     shared = dict(
         kv_cache=sliding.kv_bytes(spec, n_ctx, KV_TYPE, n_ubatch=DEFAULT_N_BATCH),  # local layers: their window
-        # flash attention: on where llama.cpp offloads to a GPU, off on CPU builds (runtimes/llamacpp/context.py)
+        # flash attention: on where llama.cpp offloads to a GPU and for a pool of sequences (--parallel N > 1), off
+        # for one sequence on CPU builds (runtimes/llamacpp/__init__.py; its per-CPU measurement is not known here)
         compute_buffer=budget.llama_cpp_compute_buffer_bytes(spec.vocab_size, spec.hidden_size, spec.n_heads, n_ctx,
-                                                             DEFAULT_N_BATCH, flash_attn=not cpu,
+                                                             DEFAULT_N_BATCH,
+                                                             flash_attn=not cpu or request.parallel > 1,
                                                              n_outputs=request.parallel),
         caches=0 if device.kind == "discrete-gpu" else caches,
         runtime_overhead=budget.runtime_overhead_bytes(device.target, spec.vocab_size),
