@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_fuzz.py besid
 
 from render_fuzz import FUZZ_END, FUZZ_START, fuzz_body, readme_with_fuzz, render_fuzz  # noqa: E402,F401
 from render_fusion import FUSION_NOTE, onnx_fusion_body  # noqa: E402
+from render_bridges import ONEVISION_NOTE, PALIGEMMA_NOTE  # noqa: E402
 from render_decode import PLAN_OOS_NOTE, W1_NOTE, W3_Q4_NOTE, plan_oos_body  # noqa: E402
 from render_interop import (INTEROP_NOTE, SERVE_ENCODE_NOTE, SERVE_VS_NOTE, SERVE_VS_W3_NOTE,  # noqa: E402
                             interop_body, serve_vs_body)
@@ -109,21 +110,10 @@ SHOWN = (
           "slide a window without encoding every frame again."),
     Shown("bridges-onevision", "Bridges: LLaVA-OneVision 0.5B shapes (random weights, `edgevlm preset "
           "llava-onevision-0.5b`), one 640x480 image (anyres-max: 4 tiles + the base view, 2,929 image rows), "
-          "24-token prompt, 64 new tokens, 2 threads", "bench",
-          "Issue 31's bench row for the anyres-max bridge: onnx:int8 + gguf:q4_k_m against PyTorch eager (float32) "
-          "in the same run, two repeats after a warm-up. llama.cpp has no LLaVA-OneVision projector, so there is "
-          "no mtmd peer; the llama-cpp-python row decodes after a short text prompt, not after 2,963 positions, so "
-          "its decode figure is not like for like. Random weights: the top-1 column says nothing about quality."),
+          "24-token prompt, 64 new tokens, 2 threads", "bench", ONEVISION_NOTE),
     Shown("bridges-paligemma", "Bridges: PaliGemma 2 3B-448 shapes (random weights, `edgevlm preset "
           "paligemma2-3b-448`), one 448x448 image (1,024 image rows), 24-token prompt, 64 new tokens, 2 threads",
-          "bench",
-          "Issue 31's bench row for the prefix-LM bridge: onnx:int8 + gguf:q4_k_m against PyTorch eager (float32) in "
-          "the same run, two repeats after a warm-up. Warm TTFT stays near cold by design: a prefix-LM prompt is "
-          "re-prefilled whole (image rows from the cache), since a new question changes what the prefix attends to. "
-          "llama.cpp has no PaliGemma projector, so there is no mtmd peer. The roofline of this run is against the "
-          "one-core copy bandwidth, which two cores reading outrun, so it can read above 100% (the tied embedding "
-          "table is the output head, read whole every token). Random weights: the top-1 column says "
-          "nothing about quality."),
+          "bench", PALIGEMMA_NOTE),
     Shown("startup", "Start-up: `edgevlm run` on W3 (Qwen2-VL-2B shapes, onnx:int8 + gguf:q8_0), one 448x448 image, "
           "4 new tokens, 2 threads", "startup",
           "Each run is a fresh process, after one warm-up run (page cache warm, hash stamps written). \"before\" is "
