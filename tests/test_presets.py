@@ -106,3 +106,33 @@ def test_smolvlm2_presets_carry_the_video_sampling(tmp_path):
         ("smolvlm", 1.0, 64, 4 * 64, 64)
     idefics3 = replace(tiny, architecture=PRESETS["smolvlm-256m"].architecture)
     assert load_checkpoint(_build_smolvlm(idefics3, tmp_path / "smolvlm", single_tile=False)).spec.video is None
+
+
+def test_instructblip_preset_features_depend_on_the_image(tmp_path):
+    """transformers starts InstructBLIP's query tokens at zero and its ViT at std 1e-10, so the preset's Q-Former
+    output did not depend on the image (the int8 encoder's cosine to fp32 then measures nothing on the 7B bench): the
+    preset randomises both. Two different images must give different projected features (5e-8 apart before the fix,
+    ~1e-2 after: at random init the learned queries dominate the Q-Former's output; the image still moves it)."""
+    import torch
+    from transformers import InstructBlipForConditionalGeneration
+
+    from edgevlm.reference.preset_instructblip import InstructBlipShape, build_instructblip
+    from edgevlm.reference.presets import _CORPUS
+
+    tiny = InstructBlipShape(text_hidden=32, text_layers=1, text_heads=2, text_kv_heads=2, text_mlp=64,
+                             vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64, image=28, queries=4,
+                             qformer_hidden=32, qformer_layers=2, qformer_heads=2, qformer_mlp=64, qformer_positions=64)
+    torch.manual_seed(0)
+    out = build_instructblip(tiny, tmp_path / "instructblip", _CORPUS[:8])
+    model = InstructBlipForConditionalGeneration.from_pretrained(out).eval()
+    assert model.query_tokens.abs().max() > 0
+    pixels = torch.stack([torch.zeros(3, 28, 28), torch.linspace(-2, 2, 3 * 28 * 28).reshape(3, 28, 28)])  # (2, 3, H, W)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with torch.no_grad():
+        vision = model.vision_model(pixel_values=pixels).last_hidden_state  # (2, 1 + 4, 32)
+        query = model.qformer(input_ids=ids, attention_mask=torch.ones_like(ids),
+                              query_embeds=model.query_tokens.expand(2, -1, -1),
+                              encoder_hidden_states=vision).last_hidden_state[:, : tiny.queries]  # (2, 4, 32)
+        features = model.language_projection(query)  # (2, 4, 32)
+    gap = (features[0] - features[1]).norm() / features[0].norm()
+    assert gap > 1e-3, f"the two images' features are {gap:.2e} apart (relative): the image does not reach the bridge"

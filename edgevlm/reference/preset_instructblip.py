@@ -72,6 +72,20 @@ def files(shape: InstructBlipShape) -> tuple[dict, dict]:
     return config, processor
 
 
+def randomise_bridge_inputs(model, std: float = 0.02) -> None:
+    """transformers starts InstructBLIP's query tokens at zero and its ViT at the published initializer_range 1e-10:
+    the ViT's LayerNorms then return ~0 for every image and the Q-Former's output does not depend on the image (the
+    int8 encoder's held-out cosine measures nothing). The trained model has neither, so the preset draws both at the
+    Q-Former's std (biases and norms keep their init)."""
+    import torch
+
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, std)
+        for _, param in model.vision_model.named_parameters():
+            if param.ndim > 1:  # patch conv, class/position embeddings, every projection
+                param.normal_(0.0, std)
+
+
 def build_instructblip(shape: InstructBlipShape, out: Path, corpus: list[str]) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import (BertTokenizerFast, InstructBlipConfig, InstructBlipForConditionalGeneration,
@@ -97,7 +111,9 @@ def build_instructblip(shape: InstructBlipShape, out: Path, corpus: list[str]) -
                        eos_token_id=2, pad_token_id=32000)
     config = InstructBlipConfig(vision_config=config_json["vision_config"], qformer_config=config_json["qformer_config"],
                                 text_config=text, num_query_tokens=shape.queries, image_token_index=32001)
-    InstructBlipForConditionalGeneration(config).eval().save_pretrained(out)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    randomise_bridge_inputs(model)
+    model.save_pretrained(out)
     image_processor = BlipImageProcessorPil(size={"height": shape.image, "width": shape.image})
     InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
                           num_query_tokens=shape.queries).save_pretrained(out)
