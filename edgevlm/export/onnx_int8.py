@@ -64,12 +64,52 @@ def quantize_static_qdq_int8(fp32_path: Path, path: Path, calibration, weight: s
 
     restore = _quiet_root_logger()
     try:
+        # the calibrator saves an augmented copy of the fp32 graph: over protobuf's 2 GB (idefics2-8b's tower) that
+        # fails with "Failed to serialize proto" unless it goes to external data (the output then does too: _place)
         quantize_static(str(fp32_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                        **_weight_options(weight))
+                        use_external_data_format=_needs_external_data(fp32_path), **_weight_options(weight))
     finally:
         restore()
     return path
+
+
+def _needs_external_data(graph: Path) -> bool:
+    from .onnx import EXTERNAL_DATA_BYTES
+
+    return sum(f.stat().st_size for f in {graph, *_external_files(graph)}) > EXTERNAL_DATA_BYTES
+
+
+def _external_files(graph: Path) -> set[Path]:
+    """The external data files a graph's initializers name (none for a self-contained graph)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return {graph.parent / entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+            if entry.key == "location"}
+
+
+def _place(candidate: Path, path: Path) -> None:
+    """Move the chosen int8 graph to `path`; one with external data (ORT names its file at random) is saved again
+    with its data beside it as `<name>.data`, the name the bundle's file list and the fp32 graph use."""
+    import onnx
+
+    files = _external_files(candidate)
+    if not files:
+        candidate.replace(path)
+        return
+    model = onnx.load(str(candidate))  # with its external data
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")
+    del model
+    _remove(candidate)
+
+
+def _remove(graph: Path) -> None:
+    if graph.exists():
+        for data in _external_files(graph):
+            data.unlink(missing_ok=True)
+    graph.unlink(missing_ok=True)
 
 
 # method -> (quantizer, weight form), in the order they run fastest on every x86 path
@@ -221,13 +261,13 @@ def quantize_int8(fp32_path: Path, path: Path, manifest, log=print) -> dict:
     chosen = choose_int8({m: c["cosine"] for m, c in candidates.items()})
     if chosen is None:
         for c in candidates.values():
-            c["graph"].unlink(missing_ok=True)
+            _remove(c["graph"])
         best = max(c["cosine"] for c in candidates.values())
         raise ExportError(f"the int8 encoder reaches cosine {best:.4f} < {INT8_MIN_COSINE} against fp32 on held-out "
                           f"{unit}s; this model does not quantize well to int8: export onnx:fp16 or onnx:fp32")
-    candidates[chosen]["graph"].replace(path)
+    _place(candidates[chosen]["graph"], path)
     for c in candidates.values():
-        c.pop("graph").unlink(missing_ok=True)
+        _remove(c.pop("graph"))
     return {"quantization": chosen, "weight_type": candidates[chosen]["weight_type"], "candidates": candidates,
             "rule": f"the first of {', '.join(INT8_METHODS)} with cosine >= {INT8_PREFERRED_COSINE}, else the most "
                     f"accurate if >= {INT8_MIN_COSINE} (timings are information only)",
