@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 
-from edgevlm.export import onnx as onnx_export
 from edgevlm.export import onnx_int8
 from edgevlm.manifest import Manifest
 from edgevlm.verify import cosine
@@ -35,7 +34,7 @@ def test_static_int8_of_a_graph_past_the_threshold_ships_one_data_file(bundles, 
     onnx_int8.quantize_int8(fp32, one_file, manifest, log=lambda *_: None)
     assert sorted(p.name for p in one_file.parent.iterdir()) == ["int8.onnx"]
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # every graph is "over 2 GB"
+    monkeypatch.setattr(onnx_int8, "EXTERNAL_DATA_BYTES", 0)  # every graph is "over 2 GB"
     external = tmp_path / "external" / "int8.onnx"
     external.parent.mkdir()
     details = onnx_int8.quantize_int8(fp32, external, manifest, log=lambda *_: None)

@@ -13,9 +13,7 @@ import torch
 
 from ..manifest import Artifact
 from .bundle import BundleWriter
-from .onnx_int8 import instruction_feeds, quantize_int8
-
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph itself
+from .onnx_int8 import EXTERNAL_DATA_BYTES, instruction_feeds, quantize_int8
 
 
 def _quiet_exporter() -> None:

@@ -10,6 +10,9 @@ from ..errors import ExportError
 from .memory import release_memory
 
 CALIBRATION_TILES = 16  # reference-scene tiles for static QDQ calibration and for choosing the int8 method
+# protobuf's 2 GiB limit, with room for the graph itself: larger graphs keep their weights in external data (onnx.py
+# exports fp32 so; the static quantizer's calibration copy must too). Here, not in onnx.py, which imports this module.
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def _quiet_root_logger():
@@ -75,8 +78,6 @@ def quantize_static_qdq_int8(fp32_path: Path, path: Path, calibration, weight: s
 
 
 def _needs_external_data(graph: Path) -> bool:
-    from .onnx import EXTERNAL_DATA_BYTES
-
     return sum(f.stat().st_size for f in {graph, *_external_files(graph)}) > EXTERNAL_DATA_BYTES
 
 
