@@ -1,4 +1,4 @@
-"""Helpers the plan tests share: a one-GPU device file and a GGUF's tensor bytes."""
+"""Helpers the plan tests share: a one-GPU device file, a GGUF's tensor bytes, a checkpoint plan run without torch."""
 from __future__ import annotations
 
 import json
@@ -18,3 +18,16 @@ def _device_file(tmp_path, usable_bytes: float, memory_gib: float = 16) -> str:
 
 def _gguf_bytes(path) -> int:
     return sum(t.n_bytes for t in budget.read_gguf_tensors(path))
+
+
+def plan_without_torch(checkpoint) -> dict:
+    """`edgevlm plan CHECKPOINT --json` in a fresh interpreter, asserting torch was never imported; its JSON."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from edgevlm.cli import main; "
+            f"assert main(['plan', {str(checkpoint)!r}, '--device', 'rtx-4060-8gb', '--json']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
