@@ -109,18 +109,25 @@ def _largest(fits: Callable[[float], bool], low: float, high: float) -> float | 
 def plan_video(counter: VideoCounter, query: VideoQuery, plan: Callable, device, request) -> tuple[dict, dict, object]:
     """(the plan of one request about the clip, its "video" section, the PlanRequest planned). The request's context
     is the clip's positions (--prompt-tokens of question, --new-tokens of answer) unless --context is given; its images
-    are the clip's units, each encoded as one image of the unit's size. The longest clip: where the positions fit the context (--context, else the model's),
-    and per option, where the plan at that clip's positions still says "fits"."""
+    are the clip's units, each encoded as one image of the unit's size. The longest clip: where the positions fit the
+    context (--context, else the model's), and per option, where the plan at that clip's positions still says
+    "fits"."""
     size, tile_cap = counter.encoder_image(query)
     extra = request.prompt_tokens + request.new_tokens
     limit = request.context or counter.context_length
     plans: dict[tuple, dict] = {}
+    counts: dict[float, dict] = {}
+
+    def count_at(seconds: float) -> dict:  # the search asks each length for its positions and then its plan
+        if seconds not in counts:
+            counts[seconds] = counter.count(query, seconds)
+        return counts[seconds]
 
     def request_at(seconds: float):
         """The request about `seconds` of clip: every unit encoded (one at a time, each an image of the unit's
         size), the clip's prompt positions prefilled and held in the KV cache (at most the context: a clip that does
         not fit is planned at the context's worth, and the section says it does not fit)."""
-        count = counter.count(query, seconds)
+        count = count_at(seconds)
         positions = count["prompt_positions"] + extra
         context = request.context or max(16, min(positions, counter.context_length))
         return replace(request, images=count["units"], image_size=size, max_tiles=tile_cap, context=context,
@@ -134,9 +141,9 @@ def plan_video(counter: VideoCounter, query: VideoQuery, plan: Callable, device,
         return plans[key]
 
     def positions(seconds: float) -> int:
-        return counter.count(query, seconds)["prompt_positions"] + extra
+        return count_at(seconds)["prompt_positions"] + extra
 
-    count = counter.count(query)
+    count = count_at(query.seconds)
     needed = count["prompt_positions"] + extra
     result = plan_at(query.seconds)
     # past this length the sampler takes no more frames (its max_frames), so no longer clip needs more positions

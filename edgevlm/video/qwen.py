@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 
 from .clip import VideoClip
-from .resize import resize_bicubic_aa
+from .resize import fused_normalize, resize_bicubic_aa
 
 VIDEO_TOKEN, VIDEO_TOKEN_ID = "<|video_pad|>", 151656
 # Qwen2VLVideoProcessor's class defaults (size.shortest_edge / longest_edge, min/max frames); qwen-vl-utils' fps
@@ -205,10 +205,8 @@ class TemporalPatches:
         spec, tp = self.spec, self.spec.temporal_patch_size
         stop = self.grid[0] if stop is None else stop
         frames = resize_bicubic_aa(self.frames[start * tp:stop * tp], *self.size)  # (n*tp, H, W, 3) uint8
-        # the processor's fused rescale + normalize: (x - mean / rescale) / (std / rescale), in float32
-        mean = np.asarray([m / spec.rescale_factor for m in spec.image_mean], dtype=np.float32)
-        std = np.asarray([s / spec.rescale_factor for s in spec.image_std], dtype=np.float32)
-        values = ((frames.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2)  # (n*tp, C, H, W)
+        values = fused_normalize(frames, spec.rescale_factor, spec.image_mean, spec.image_std)
+        values = values.transpose(0, 3, 1, 2)  # (n*tp, C, H, W)
         return patchify(values, spec)
 
 

@@ -114,3 +114,11 @@ def resize_aa(frames: np.ndarray, height: int, width: int, kind: str) -> np.ndar
     if frames.shape[1] != height:
         out = _resample_rows(np.ascontiguousarray(out), height, kind)
     return out
+
+
+def fused_normalize(frames: np.ndarray, rescale_factor: float, mean, std) -> np.ndarray:
+    """(..., H, W, C) uint8 -> float32, as the video processors' fused rescale + normalize computes it in float32:
+    (x - mean / rescale) / (std / rescale)."""
+    mean = np.asarray([m / rescale_factor for m in mean], dtype=np.float32)
+    std = np.asarray([s / rescale_factor for s in std], dtype=np.float32)
+    return (frames.astype(np.float32) - mean) / std

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..preprocess import RESAMPLE, RESAMPLE_NAMES, PreprocessedImage, longest_edge_to
-from .resize import FILTERS, resize_aa
+from .resize import FILTERS, fused_normalize, resize_aa
 
 VIDEO_INTRO = "You are provided the following series of {frame_count} frames from a {video_duration} [H:MM:SS] video.\n"
 MEDIA_OUTRO = "\n\n"
@@ -143,11 +143,8 @@ def frame_pixels(frame: np.ndarray, spec: SmolVLMVideoSpec) -> PreprocessedImage
     """One (H, W, 3) uint8 frame -> one (1, 3, S, S) float32 tile, as the video processor computes it."""
     height, width = frame_size(frame.shape[0], frame.shape[1], spec)
     resized = _resize(_resize(frame, height, width, spec), spec.frame_size, spec.frame_size, spec)
-    # the processor's fused rescale + normalize: (x - mean / rescale) / (std / rescale), in float32
-    mean = np.asarray([m / spec.rescale_factor for m in spec.image_mean], dtype=np.float32)
-    std = np.asarray([s / spec.rescale_factor for s in spec.image_std], dtype=np.float32)
-    values = ((resized.astype(np.float32) - mean) / std).transpose(2, 0, 1)  # (3, S, S)
-    return PreprocessedImage(np.ascontiguousarray(values, dtype=np.float32)[None], 0, 0)
+    values = fused_normalize(resized, spec.rescale_factor, spec.image_mean, spec.image_std)  # (S, S, 3)
+    return PreprocessedImage(np.ascontiguousarray(values.transpose(2, 0, 1))[None], 0, 0)  # (1, 3, S, S)
 
 
 def _resize(frame: np.ndarray, height: int, width: int, spec: SmolVLMVideoSpec) -> np.ndarray:
@@ -157,8 +154,8 @@ def _resize(frame: np.ndarray, height: int, width: int, spec: SmolVLMVideoSpec) 
         return frame
     if spec.resample in FILTERS:
         return resize_aa(np.ascontiguousarray(frame)[None], height, width, spec.resample)[0]
-    image = Image.fromarray(np.ascontiguousarray(frame), "RGB").resize((width, height), resample=RESAMPLE[spec.resample])
-    return np.asarray(image, dtype=np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(frame), "RGB")
+    return np.asarray(image.resize((width, height), resample=RESAMPLE[spec.resample]), dtype=np.uint8)
 
 
 _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
