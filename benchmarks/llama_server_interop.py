@@ -64,7 +64,7 @@ FAMILIES = (
     Family("qwen2.5-vl", "qwen2.5vl_merger", "build_qwen25_vl_mtmd_windows", (("seed", 11),), (224, 168)),
     Family("internvl", "internvl", "build_internvl_unit_text", (("seed", 8),), (64, 32)),
     Family("qwen3-vl", "qwen3vl_merger", "build_qwen3_vl", (("seed", 3),), (300, 200)),
-    Family("gemma3", "gemma3", "build_gemma3", (("seed", 5),), (64, 64)),
+    Family("gemma3", "gemma3", "builders_gemma3.build_gemma3", (("seed", 5),), (64, 64)),
 )
 
 
@@ -75,10 +75,12 @@ def noise_image(seed: int, width: int, height: int):
 
 
 def export_bundle(family: Family, work: Path) -> Path:
-    import builders
+    import importlib
+
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
-    ckpt = getattr(builders, family.builder)(work / "ckpt", **dict(family.kwargs))
+    module, _, name = family.builder.rpartition(".")  # "build_x" lives in tests/builders.py, "m.build_x" in tests/m.py
+    ckpt = getattr(importlib.import_module(module or "builders"), name)(work / "ckpt", **dict(family.kwargs))
     encoders = [ArtifactRequest("onnx", "fp32"), ArtifactRequest("mmproj", "f16")]
     return export_checkpoint(ckpt, work / "bundle", encoders, [ArtifactRequest("gguf", "f32")], max_tiles=8)
 
@@ -199,7 +201,7 @@ def check_family(family: Family, binary: Path, tokens: int, timeout: float, work
     from edgevlm.runtimes.prompt import prepare_image
 
     row: dict = {"family": family.name, "projector": family.projector, "image": "x".join(map(str, family.size)),
-                 "builder": f"tests/builders.py {family.builder}({', '.join(f'{k}={v!r}' for k, v in family.kwargs)})"}
+                 "builder": f"tests/{family.builder.rpartition('.')[0] or 'builders'}.py {family.builder.rpartition('.')[2]}({', '.join(f'{k}={v!r}' for k, v in family.kwargs)})"}
     bundle = export_bundle(family, work)
     manifest = Manifest.load(bundle)
     mmproj = manifest.find("encoder", "mmproj:f16")

@@ -64,9 +64,9 @@ def qwen_ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gemma_ckpt(tmp_path_factory):
-    import builders
+    import builders_gemma3
 
-    return builders.build_gemma3(tmp_path_factory.mktemp("gemma-spec") / "gemma3", pan_and_scan=True)
+    return builders_gemma3.build_gemma3(tmp_path_factory.mktemp("gemma-spec") / "gemma3", pan_and_scan=True)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_request_bodies_fuzz(bundles, images):
 def test_request_bodies_over_http_get_a_4xx_or_a_200_and_the_server_keeps_serving(bundles, images, capfd):
     """Deep nesting, huge arrays, wrong types at every level of the chat request, sent to a server on 127.0.0.1:
     each answer is a 200 or a 4xx with a one-line message (a 500 counts as a traceback), nothing in the log."""
-    from test_server import QUESTION, post, start, stop
+    from server_client import QUESTION, post, start, stop
 
     session = edgevlm.load(bundles["llava-clip"], encoder="onnx:fp32", decoder="gguf:q8_0", threads=1, n_ctx=96)
     server, base = start(session)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import random_image
 
-import builders
+import builders_gemma3
 from edgevlm.families import describe_checkpoint, load_checkpoint
 from edgevlm.loading import session_from_checkpoint
 from edgevlm.preprocess import preprocess
@@ -20,8 +20,8 @@ BOI = "<start_of_image>"
 @pytest.fixture(scope="module")
 def gemma_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("gemma3")
-    return {"plain": builders.build_gemma3(root / "plain", seed=5),
-            "pas": builders.build_gemma3(root / "pas", seed=5, pan_and_scan=True)}
+    return {"plain": builders_gemma3.build_gemma3(root / "plain", seed=5),
+            "pas": builders_gemma3.build_gemma3(root / "pas", seed=5, pan_and_scan=True)}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def pics():
 def _hf_inputs(path, images, text):
     """Gemma3Processor's own defaults (pan-and-scan off, 256-px crops) outrank the image processor's saved settings,
     so the checkpoint's settings are passed as a caller would."""
-    processor = builders.gemma3_processor(path)
+    processor = builders_gemma3.gemma3_processor(path)
     saved = processor.image_processor
     options = {k: getattr(saved, k) for k in ("do_pan_and_scan", "pan_and_scan_min_crop_size",
                                               "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")}
@@ -47,7 +47,7 @@ def test_pixels_and_ids_equal_hf(kind, gemma_ckpts, pics):
     ckpt = load_checkpoint(path)
     assert ckpt.family == "gemma3" and ckpt.spec.image_attention == "bidirectional"
     session = session_from_checkpoint(ckpt)
-    processor = builders.gemma3_processor(path)
+    processor = builders_gemma3.gemma3_processor(path)
     crops = []
     for name in ("square", "wide", "tall", "near"):
         image = pics[name]
@@ -215,8 +215,8 @@ def swa(tmp_path_factory):
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
 
     root = tmp_path_factory.mktemp("gemma3-swa")
-    small = builders.build_gemma3(root / "w8", seed=5, sliding_window=8)
-    wide = builders.build_gemma3(root / "w1024", seed=5, sliding_window=1024)
+    small = builders_gemma3.build_gemma3(root / "w8", seed=5, sliding_window=8)
+    wide = builders_gemma3.build_gemma3(root / "w1024", seed=5, sliding_window=1024)
     bundle = export_checkpoint(small, root / "bundle", [ArtifactRequest("onnx", "fp32")], [ArtifactRequest("gguf", "f32")])
     return {"small": small, "wide": wide, "bundle": bundle}
 
@@ -415,8 +415,8 @@ def test_linear_rope_scaling_on_the_global_layers(tmp_path, pics):
     from edgevlm.export.exporter import ArtifactRequest, export_checkpoint
     from edgevlm.verify import DECODER_NMSE, nmse
 
-    scaled = builders.build_gemma3(tmp_path / "x4", seed=5, global_rope_factor=4.0)
-    plain = builders.build_gemma3(tmp_path / "x1", seed=5)
+    scaled = builders_gemma3.build_gemma3(tmp_path / "x4", seed=5, global_rope_factor=4.0)
+    plain = builders_gemma3.build_gemma3(tmp_path / "x1", seed=5)
     bundle = export_checkpoint(scaled, tmp_path / "b", [ArtifactRequest("onnx", "fp32")],
                                [ArtifactRequest("gguf", "f32"), ArtifactRequest("mlx", "fp32")])
     question = "Describe the image. " * 6

@@ -16,7 +16,7 @@ import pytest
 
 import edgevlm
 from edgevlm.runtimes.base import Segment
-from test_server import QUESTION, metric, post, start, stop, user
+from server_client import QUESTION, metric, post, start, stop, user
 
 
 @pytest.fixture(scope="module")

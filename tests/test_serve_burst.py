@@ -13,7 +13,7 @@ import pytest
 
 import edgevlm
 from test_parallel import ask, health, urls, wait_for  # noqa: F401 - urls is a fixture
-from test_server import QUESTION, metric, start, stop, user
+from server_client import QUESTION, metric, start, stop, user
 
 SLOTS, QUEUE = 4, 8
 

@@ -18,7 +18,7 @@ import pytest
 import edgevlm
 from test_parallel import ask, wait_for
 from test_serve_burst import data_url
-from test_server import QUESTION, metric, start, stop, user
+from server_client import QUESTION, metric, start, stop, user
 
 LONG = 48  # tokens of the streaming answer: it must still be streaming when the other image is encoded
 ENCODE_PAUSE_S = 0.6  # the watched encoder is slowed by this much, so the encode window is wide on any CPU

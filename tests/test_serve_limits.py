@@ -19,7 +19,7 @@ import pytest
 import edgevlm
 from edgevlm.errors import BadInputError
 from edgevlm.serve import openai
-from test_server import QUESTION, SlowSession, metric, post, raw_request, start, stop, user
+from server_client import QUESTION, SlowSession, metric, post, raw_request, start, stop, user
 
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
 

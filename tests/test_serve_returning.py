@@ -9,7 +9,7 @@ import edgevlm
 from edgevlm.runtimes.base import DecoderState
 from edgevlm.runtimes.parked import ParkedSequences
 from test_parallel import ask, urls  # noqa: F401 - urls is a fixture
-from test_server import QUESTION, metric, start, stop, user
+from server_client import QUESTION, metric, start, stop, user
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 import edgevlm
 from test_parallel import ask, health, urls, wait_for  # noqa: F401 - urls is a fixture
-from test_server import QUESTION, start, stop, user
+from server_client import QUESTION, start, stop, user
 
 STAGES = ("receive_ms", "queue_ms", "first_text_ms")
 

@@ -54,9 +54,19 @@ def quantize_dynamic_int8(fp32_path: Path, path: Path, _calibration=None, weight
     return path
 
 
-def quantize_static_qdq_int8(fp32_path: Path, path: Path, calibration, weight: str = "s7") -> Path:
-    """QDQ int8 with activation ranges calibrated on reference-scene tiles (same preprocessing as at run time)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+STATIC_OP_TYPES = ["MatMul", "Gemm", "Conv"]
+
+
+def calibrate_ranges(fp32_path: Path, calibration, cache: Path) -> Path:
+    """Activation ranges on `calibration` (a list of feeds) by ONNX Runtime's MinMax calibrator, as quantize_static
+    runs it, written as ORT's calibration cache (JSON) for quantize_static to read. One change: the calibrator puts a
+    ReduceMin/ReduceMax pair on every tensor into or out of a MatMul, and ORT's default execution order runs those
+    pairs late, so every attention layer's (heads, T, T) scores stay alive at once (idefics2-8b's tower at 980x980:
+    27 layers of 1.5 GB, killed at 24 GiB); in priority-based order each tensor is reduced as it is made (8.4 GB)."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, MinMaxCalibrater, save_tensors_data
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -65,15 +75,44 @@ def quantize_static_qdq_int8(fp32_path: Path, path: Path, calibration, weight: s
         def get_next(self):
             return next(self.items, None)
 
+    class Calibrater(MinMaxCalibrater):
+        def create_inference_session(self):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's own calibrator
+            options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+            self.infer_session = ort.InferenceSession(self.augmented_model_path, options,
+                                                      providers=self.execution_providers)
+
+    # the augmented copy goes beside the output, not to /tmp: it is as large as the fp32 graph
+    with tempfile.TemporaryDirectory(prefix=".calibrate-", dir=cache.parent) as work:
+        # over protobuf's 2 GB (idefics2-8b's tower) the augmented copy must be saved with external data
+        calibrator = Calibrater(fp32_path, STATIC_OP_TYPES, str(Path(work) / "augmented.onnx"),
+                                use_external_data_format=_needs_external_data(fp32_path))
+        calibrator.augment_graph()
+        calibrator.create_inference_session()
+        calibrator.collect_data(Reader())
+        ranges = calibrator.compute_data()
+        del calibrator  # its model and session before the quantizer loads the graph again
+    save_tensors_data(ranges, cache)
+    return cache
+
+
+def quantize_static_qdq_int8(fp32_path: Path, path: Path, calibration, weight: str = "s7") -> Path:
+    """QDQ int8 with activation ranges calibrated on reference-scene tiles (same preprocessing as at run time)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    cache = path.with_name(path.name + ".ranges.json")
     restore = _quiet_root_logger()
     try:
-        # the calibrator saves an augmented copy of the fp32 graph: over protobuf's 2 GB (idefics2-8b's tower) that
-        # fails with "Failed to serialize proto" unless it goes to external data (the output then does too: _place)
-        quantize_static(str(fp32_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                        use_external_data_format=_needs_external_data(fp32_path), **_weight_options(weight))
+        calibrate_ranges(fp32_path, calibration, cache)
+        # over 2 GB the output goes to external data too (_place)
+        quantize_static(str(fp32_path), str(path), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, op_types_to_quantize=STATIC_OP_TYPES,
+                        use_external_data_format=_needs_external_data(fp32_path), calibration_cache_path=cache,
+                        **_weight_options(weight))
     finally:
         restore()
+        cache.unlink(missing_ok=True)
     return path
 
 

@@ -1,11 +1,12 @@
 """The session: preprocess -> encode (cached) -> prefill the prompt's segments at their positions into one sequence
 (reusing what the KV already holds or a cached image prefix) -> sample and stream -> stop.
 
-Prompt building lives in prompt.py and reuse planning in reuse.py (both pure); this module orchestrates and runs the
-generation loop. One primitive, `respond`, yields text deltas and then the final GenerationResult; `generate`,
-`stream`, `chat`, `stream_conversation` and the one-at-a-time server are built on it. It drives `generation`, the
-same loop as a cooperative generator that also yields its decode steps (StepRequest) and prefill pauses, which the
---parallel server answers with one batched decode for all its sequences (one Session per sequence, `sibling`).
+Prompt building lives in prompt.py and reuse planning in reuse.py (both pure), a prefix's stored state in
+prefix_state.py; this module orchestrates and runs the generation loop. One primitive, `respond`, yields text deltas and
+then the final GenerationResult; `generate`, `stream`, `chat`, `stream_conversation` and the one-at-a-time server are
+built on it. It drives `generation`, the same loop as a cooperative generator that also yields its decode steps
+(StepRequest) and prefill pauses, which the --parallel server answers with one batched decode for all its sequences
+(one Session per sequence, `sibling`).
 The record of what the decoder's KV holds (`_kv_keys`) is only ever extended after a prefill succeeded, and any
 failure empties the sequence, so a later request can never reuse KV that belongs to another prompt."""
 from __future__ import annotations
@@ -20,18 +21,19 @@ from ..errors import BadInputError
 from ..positions import text_positions
 from . import prompt as prompts
 from . import video_prompt
-from .base import Decoder, DecoderState, Encoder, Segment
+from .base import Decoder, Encoder, Segment
 from .cache import ByteLRU
 from .detokenize import IncrementalDetokenizer
 from .embeddings import SingleFlight, image_embeddings
 from .encode_worker import embeddings_between
 from .parked import ParkedSequences, park, unpark
+from .prefix_state import restore_prefix, store_prefix
 from .prompt import PreparedImage, Prompt, RuntimeSpec  # noqa: F401 - RuntimeSpec is part of this module's API
 from .requests import (  # noqa: F401 - part of this module's API
     COUNTER_KEYS, PAUSE, TIMING_KEYS, Delta, GenerationResult, Pause, Request, StepRequest, _as_list,
     _check_conversation, _new_timings,
 )
-from .reuse import common_prefix, plan_reuse, prefix_key
+from .reuse import common_prefix, plan_reuse
 from .sampling import SamplingConfig
 from .video_prompt import VideoRequest
 from .stop import StopFilter
@@ -129,28 +131,6 @@ class Session:
             segments.append(Segment(positions[pos:stop], token_ids=prompt.ids[pos:stop]))
         return segments
 
-    def _restore(self, key: str, boundary: int) -> bool:
-        """Restore a cached prefix; a state that is not the boundary it was stored for, or that the decoder refuses,
-        is dropped and the sequence starts empty."""
-        state = self.prefix_cache.peek(key)
-        if state is None and self._state_namespace is not None:
-            found = self.disk_cache.get(self._state_namespace, key)
-            if found is not None:
-                header, payload = found
-                state = DecoderState(payload, header.get("n_past"), len(payload), header.get("next_position"))
-                self.prefix_cache.put(key, state)
-        if state is None or state.n_past != boundary:
-            self.prefix_cache.pop(key)
-            return False
-        try:
-            self.decoder.restore(state)
-        except RuntimeError:
-            self.prefix_cache.pop(key)
-            self.forget_sequence()
-            return False
-        self._kv_keys = []  # the decoder now holds exactly the restored prefix
-        return True
-
     def _prefill(self, prompt: Prompt, images: list[PreparedImage], timings: dict,
                  interleave: bool = False) -> Iterator["Pause"]:
         """Bring the sequence to the whole prompt (reuse, restore, encode, prefill, snapshot); `return`s the last
@@ -167,8 +147,8 @@ class Session:
                           prefix_lm=self.spec.image_attention == "prefix")
         reuse, store_at = plan.reuse, plan.store_at
         if plan.restore_key is not None:
-            from_disk = plan.restore_key not in self.prefix_cache  # _restore brings it up from the disk tier
-            if self._restore(plan.restore_key, reuse):
+            from_disk = plan.restore_key not in self.prefix_cache  # restore_prefix brings it up from disk
+            if restore_prefix(self, plan.restore_key, reuse):
                 timings["prefix_cache_hits"] += 1
                 timings["disk_cache_hits"] += int(from_disk)
                 self._kv_keys = list(prompt.keys[:reuse])
@@ -200,18 +180,9 @@ class Session:
                     yield PAUSE
             logits = self.decoder.logits()
             if stop == store_at:
-                t0 = time.perf_counter()
-                state, key = self.decoder.snapshot(), self._prefix_cache_key(prompt, stop)
-                self.prefix_cache.put(key, state)
-                if namespace is not None:
-                    self.disk_cache.put(namespace, key, bytes(state.payload), n_past=state.n_past,
-                                        next_position=state.next_position)
-                timings["snapshot_ms"] += (time.perf_counter() - t0) * 1e3
+                store_prefix(self, prompt, stop, timings)
         timings["n_prefilled_positions"] = n - reuse
         return logits
-
-    def _prefix_cache_key(self, prompt: Prompt, stop: int) -> str:
-        return prefix_key(self._decoder_id, prompt.keys, stop)
 
     # ---- the one generation primitive ------------------------------------------------------------------------
     def prepare(
