@@ -1,5 +1,5 @@
-"""The bridge families' sections of docs/benchmarks.md (issue 31): the note under each bench table, one constant per
-row. Used by render_docs.py; standard library only."""
+"""The bridge families' sections of docs/benchmarks.md (issue 31): each bench row and export-memory run as render_docs.py's
+Shown arguments (results path, title, kind, note), the note one constant per row. Standard library only."""
 from __future__ import annotations
 
 ONEVISION_NOTE = (
@@ -34,3 +34,21 @@ INSTRUCTBLIP_EXPORT_NOTE = (
     "preset too: 1.17x, highest while writing the BF16 GGUF that llama.cpp's quantizer reads; the quantizer "
     "(3.4 min) runs after the decoder is freed, the vision export and int8 choice (3.2 min; dynamic int8, cosine "
     "0.9985 on held-out inputs, 384 ms a 224x224 image) after that.")
+
+# (path under benchmarks/results, section title, kind, note): render_docs.py makes each a Shown
+BRIDGE_BENCH_ROWS = (
+    ("bridges-onevision", "Bridges: LLaVA-OneVision 0.5B shapes (random weights, `edgevlm preset "
+     "llava-onevision-0.5b`), one 640x480 image (anyres-max: 4 tiles + the base view, 2,929 image rows), "
+     "24-token prompt, 64 new tokens, 2 threads", "bench", ONEVISION_NOTE),
+    ("bridges-paligemma", "Bridges: PaliGemma 2 3B-448 shapes (random weights, `edgevlm preset "
+     "paligemma2-3b-448`), one 448x448 image (1,024 image rows), 24-token prompt, 64 new tokens, 2 threads",
+     "bench", PALIGEMMA_NOTE),
+    ("bridges-instructblip", "Bridges: InstructBLIP-Vicuna-7B shapes (random weights, bf16 on disk), one "
+     "224x224 image (Q-Former: 32 image rows), 24-token prompt, 64 new tokens, 2 threads", "bench",
+     INSTRUCTBLIP_NOTE),
+)
+BRIDGE_EXPORT_ROWS = (
+    ("export-memory/instructblip-vicuna-7b-bf16.json", "Export memory: InstructBLIP-Vicuna-7B shapes (random "
+     "weights, bf16 on disk), ONNX int8 encoder (ViT-g + Q-Former), GGUF q4_k_m decoder, one process",
+     "export-memory", INSTRUCTBLIP_EXPORT_NOTE),
+)

@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # render_fuzz.py besid
 
 from render_fuzz import FUZZ_END, FUZZ_START, fuzz_body, readme_with_fuzz, render_fuzz  # noqa: E402,F401
 from render_fusion import FUSION_NOTE, onnx_fusion_body  # noqa: E402
-from render_bridges import (INSTRUCTBLIP_EXPORT_NOTE, INSTRUCTBLIP_NOTE, ONEVISION_NOTE,  # noqa: E402
-                            PALIGEMMA_NOTE)
+from render_bridges import BRIDGE_BENCH_ROWS, BRIDGE_EXPORT_ROWS  # noqa: E402
 from render_decode import PLAN_OOS_NOTE, W1_NOTE, W3_Q4_NOTE, W6_Q4_NOTE, plan_oos_body  # noqa: E402
 from render_interop import (INTEROP_NOTE, SERVE_ENCODE_NOTE, SERVE_VS_NOTE, SERVE_VS_W3_NOTE,  # noqa: E402
                             interop_body, serve_vs_body)
@@ -113,15 +112,7 @@ SHOWN = (
           "start is 29.6 s, 5.0x edgevlm's 5.9 s, 25.6 s of it encoding the 20 views with the f16 mmproj; it decodes "
           "at 62 tok/s against edgevlm's 72, peak RSS 659 MB against 821. It cannot answer a second question or "
           "slide a window without encoding every frame again."),
-    Shown("bridges-onevision", "Bridges: LLaVA-OneVision 0.5B shapes (random weights, `edgevlm preset "
-          "llava-onevision-0.5b`), one 640x480 image (anyres-max: 4 tiles + the base view, 2,929 image rows), "
-          "24-token prompt, 64 new tokens, 2 threads", "bench", ONEVISION_NOTE),
-    Shown("bridges-paligemma", "Bridges: PaliGemma 2 3B-448 shapes (random weights, `edgevlm preset "
-          "paligemma2-3b-448`), one 448x448 image (1,024 image rows), 24-token prompt, 64 new tokens, 2 threads",
-          "bench", PALIGEMMA_NOTE),
-    Shown("bridges-instructblip", "Bridges: InstructBLIP-Vicuna-7B shapes (random weights, bf16 on disk), one "
-          "224x224 image (Q-Former: 32 image rows), 24-token prompt, 64 new tokens, 2 threads", "bench",
-          INSTRUCTBLIP_NOTE),
+    *(Shown(*row) for row in BRIDGE_BENCH_ROWS),
     Shown("startup", "Start-up: `edgevlm run` on W3 (Qwen2-VL-2B shapes, onnx:int8 + gguf:q8_0), one 448x448 image, "
           "4 new tokens, 2 threads", "startup",
           "Each run is a fresh process, after one warm-up run (page cache warm, hash stamps written). \"before\" is "
@@ -175,9 +166,7 @@ SHOWN = (
           "others were not built) run on 12 held-out 896x896 tiles plus a warm-up each, 26.8 s a tile for int8 "
           "here. The checkpoint was built by the commit that randomises Gemma 3's projector (the preset wrote it as "
           "zeros before: the int8 cosine is then 0 and export refuses it)."),
-    Shown("export-memory/instructblip-vicuna-7b-bf16.json", "Export memory: InstructBLIP-Vicuna-7B shapes (random "
-          "weights, bf16 on disk), ONNX int8 encoder (ViT-g + Q-Former), GGUF q4_k_m decoder, one process",
-          "export-memory", INSTRUCTBLIP_EXPORT_NOTE),
+    *(Shown(*row) for row in BRIDGE_EXPORT_ROWS),
     Shown("onnx-fusion/w1-fp32.json", "Attention fusion A/B: W1's fp32 encoder (SigLIP, one 512x512 tile), "
           "edgevlm's matcher against ONNX Runtime's transformer optimizer", "onnx-fusion", FUSION_NOTE),
     Shown("onnx-fusion/w1-int8.json", "Attention fusion A/B: W1's int8 encoder, same run conditions", "onnx-fusion",
