@@ -7,18 +7,12 @@ from pathlib import Path
 import torch
 
 from builders import CORPUS, PARAGRAPHS
+# Gemma 3's chat template (the Hub's, without the system-message branch): <bos>, turns as <start_of_turn>role\n ...
+# <end_of_turn>\n, each image as <start_of_image>, which the processor expands (Gemma3Processor.full_image_sequence)
+from edgevlm.reference.preset_gemma3 import GEMMA3_TEMPLATE
 from edgevlm.reference.tokenizers import train_bpe, wrap
 
 
-# Gemma 3's chat template (the Hub's, without the system-message branch): <bos>, turns as <start_of_turn>role\n ...
-# <end_of_turn>\n, each image as <start_of_image>, which the processor expands (Gemma3Processor.full_image_sequence)
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}<start_of_turn>{{ role }}\n{% if message['content'] is string %}"
-    "{{ message['content'] | trim }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
-    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
 GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
                    "<image_soft_token>"]
 

@@ -13,7 +13,7 @@ from .tokenizers import bpe_with_pinned_ids, wrap
 GEMMA3_SPECIAL_IDS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<start_of_turn>", 106: "<end_of_turn>",
                       255999: "<start_of_image>", 256000: "<end_of_image>", 262144: "<image_soft_token>"}
 TEXT_ONLY_PRESETS = {"gemma3-1b": "Gemma3ForCausalLM"}
-# the chat template of the published checkpoints, less its system-message branch (as tests/builders.py's)
+# the chat template of the published checkpoints, less its system-message branch (tests/builders_gemma3.py uses it too)
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
     "{% else %}{% set role = message['role'] %}{% endif %}<start_of_turn>{{ role }}\n{% if message['content'] is string %}"
